@@ -1,0 +1,460 @@
+"""Read any checkpoint lazily, tensor by tensor.
+
+One entry point, :func:`open_checkpoint`, opens a ``.safetensors`` file, a model or adapter
+folder (single file or sharded with an ``*.index.json``), a PyTorch ``.bin``/``.pt`` file or
+sharded folder, or a Hub id. Names, dtypes, shapes and byte sizes come from the headers alone
+(safetensors headers are parsed here, in plain Python, so listing never imports torch); tensor
+data is read one tensor at a time with ``pread``-style reads, so memory stays near one tensor
+whatever the checkpoint's size.
+
+Example::
+
+    ckpt = open_checkpoint("path/to/model")
+    for info in ckpt.infos():
+        w = ckpt.load(info.name, dtype=torch.float32)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import FormatError, InputError, UnsafeFileError
+
+if TYPE_CHECKING:  # torch is imported lazily: header-only work must not pay for it
+    import torch
+
+# safetensors dtype code -> (bytes per element, torch dtype name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "C64": (8, "complex64"),
+}
+TORCH_TO_CODE: dict[str, str] = {name: code for code, (_, name) in DTYPES.items()}
+
+# safetensors refuses headers above 100 MB; a larger length field means a damaged file
+MAX_HEADER_BYTES = 100_000_000
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor: no data is read to build this."""
+
+    name: str
+    dtype: str  # safetensors code: "BF16", "F32", …
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+    offset: int = -1  # absolute byte offset of the data in a safetensors file; -1 otherwise
+
+    @property
+    def params(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def natural_key(s: str) -> list[tuple[int, Any]]:
+    """Sort key that puts ``layers.10`` after ``layers.9``."""
+    return [(1, int(p)) if p.isdigit() else (0, p) for p in re.split(r"(\d+)", s)]
+
+
+def dtype_bytes(code: str) -> int:
+    """Bytes per element of a safetensors dtype code."""
+    return DTYPES[code][0]
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype for a safetensors dtype code."""
+    import torch
+
+    dt = getattr(torch, DTYPES[code][1], None)
+    if dt is None:
+        raise FormatError(f"dtype {code} is not supported by torch {torch.__version__}; "
+                          "upgrade torch to read this tensor")
+    return dt
+
+
+def dtype_code(dtype: "torch.dtype") -> str:
+    """The safetensors dtype code for a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in TORCH_TO_CODE:
+        raise FormatError(f"tensors of dtype {name} cannot be stored in safetensors")
+    return TORCH_TO_CODE[name]
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header; returns tensor infos (file order) and metadata.
+
+    Every check that the safetensors library makes is made here too, with a message that
+    names the file and the tensor, so that a damaged file fails before anything is written.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: file is {size} bytes, too short to be safetensors "
+                                  "(truncated download? fetch it again)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise FormatError(f"{path}: header length {n} is larger than the file "
+                                  f"({size} bytes): the file is truncated or not safetensors")
+            raw = f.read(n)
+    except OSError as e:
+        raise _os_error(path, e) from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: safetensors header is not valid JSON ({e}): "
+                          "the file is damaged or not safetensors") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    base = 8 + n
+    data_len = size - base
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise FormatError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets")
+        code, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code not in DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
+                              f"(known: {', '.join(DTYPES)})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise FormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise FormatError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+        nbytes = offs[1] - offs[0]
+        want = math.prod(shape) * DTYPES[code][0]
+        if nbytes != want:
+            raise FormatError(f"{path}: tensor {name!r} shape {shape} of {code} needs {want} "
+                              f"bytes but its data_offsets hold {nbytes}: the header is damaged")
+        if offs[1] > data_len:
+            raise FormatError(f"{path}: tensor {name!r} data ends at byte {base + offs[1]} but "
+                              f"the file has {size}: the file is truncated (fetch it again)")
+        infos.append(TensorInfo(name, code, tuple(shape), nbytes, path, base + offs[0]))
+    # Overlapping data would make two tensors share bytes: a damaged or hostile header.
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos if i.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"{path}: tensors {a!r} and {b!r} overlap in the file: "
+                              "the header is damaged")
+    return infos, dict(meta)
+
+
+def _read_exact(info: TensorInfo) -> bytearray:
+    """Read one tensor's bytes with a positioned read (no mmap: RSS stays near one tensor)."""
+    buf = bytearray(info.nbytes)
+    view = memoryview(buf)
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < info.nbytes:
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+                if got == 0:
+                    raise FormatError(f"{info.file}: ended while reading tensor {info.name!r}: "
+                                      "the file is truncated or changed while being read")
+                done += got
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _os_error(info.file, e) from e
+    return buf
+
+
+# --------------------------------------------------------------------------- PyTorch pickles
+
+
+def _torch_load(path: Path) -> dict[str, "torch.Tensor"]:
+    """Load a ``.bin``/``.pt`` state dict with ``weights_only=True``: pickled code never runs."""
+    import pickle
+
+    import torch
+
+    def load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(True)  # zip checkpoints map lazily: memory stays near one tensor
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            obj = load(False)  # legacy (pre-1.6) format cannot be mapped
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            f"{path}: refused to load: it holds pickled objects other than tensors, and "
+            "loading them would run code from the file. Convert it to safetensors with a "
+            "tool you trust, or get a safetensors copy") from e
+    except OSError as e:
+        raise _os_error(path, e) from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise FormatError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})"
+                          ) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # Lightning-style wrapper
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _os_error(path: Path, e: OSError) -> InputError:
+    if e.errno == errno.ELOOP:
+        return InputError(f"{path}: symlink loop; point the path at a real file or folder")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return InputError(f"{path}: permission denied; make it readable (chmod +r) and retry")
+    if e.errno == errno.ENOENT:
+        return InputError(f"{path}: no such file or folder")
+    if e.errno == errno.EISDIR:
+        return InputError(f"{path}: is a folder where a file was expected")
+    return InputError(f"{path}: cannot read ({e.strerror or e})")
+
+
+def check_exists(path: Path) -> None:
+    """Raise a clear error for a missing path, a broken link or a symlink loop."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise InputError(f"{path}: broken symlink (its target does not exist)") from e
+        raise _os_error(path, e) from e
+
+
+def _safe_member(folder: Path, rel: str, index: Path) -> Path:
+    """A file named by an index must stay inside the folder: no absolute paths, no ``..``."""
+    p = Path(rel)
+    if not rel or p.is_absolute() or ".." in p.parts:
+        raise FormatError(f"{index}: names file {rel!r} outside its folder; refusing to read it")
+    return folder / p
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _os_error(path, e) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from e
+
+
+def _find_weights(folder: Path) -> tuple[list[Path], Path | None]:
+    """Pick the weight files of a folder the way transformers and PEFT do."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise _os_error(folder, e) from e
+    files = [n for n in names if (folder / n).is_file() or (folder / n).is_symlink()]
+    # Sharded: an index names the shards. Prefer safetensors over pickles, as transformers does.
+    for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
+        idx = [n for n in files if n.endswith(suffix)]
+        if len(idx) > 1 and "model" + suffix in idx:
+            idx = ["model" + suffix]
+        if len(idx) == 1:
+            return [], folder / idx[0]
+        if len(idx) > 1:
+            raise InputError(f"{folder}: several index files ({', '.join(idx)}); "
+                             "pass the one to use as the path")
+    if ADAPTER_CONFIG in files:
+        for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"):
+            if n in files:
+                return [folder / n], None
+        raise InputError(f"{folder}: has {ADAPTER_CONFIG} but no adapter_model.safetensors "
+                         "or adapter_model.bin; the adapter's weights are missing")
+    for suffixes in ((".safetensors",), (".bin", ".pt", ".pth")):
+        found = [n for n in files if n.endswith(suffixes)]
+        preferred = [n for n in found if n.startswith(("model.", "pytorch_model."))]
+        if len(found) == 1 or len(preferred) == 1:
+            return [folder / (found[0] if len(found) == 1 else preferred[0])], None
+        if found:
+            raise InputError(f"{folder}: several weight files and no index ({', '.join(found)}); "
+                             "pass the file to use as the path")
+    raise InputError(f"{folder}: no weights found (expected *.safetensors, *.bin or an "
+                     "*.index.json); point at a model or adapter folder")
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened lazily: headers are read, tensor data is read on :meth:`load`."""
+
+    path: Path  # the file or folder that was opened
+    folder: Path  # where config.json and the other non-weight files live
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    index: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] | None = None  # config.json
+    adapter_config: dict[str, Any] | None = None  # adapter_config.json
+    source: str = ""  # what the user typed (a path or a Hub id)
+    _pickles: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def container(self) -> str:
+        """``safetensors`` or ``pytorch``: how the tensors are stored."""
+        return "safetensors" if all(f.suffix == ".safetensors" for f in self.files) else "pytorch"
+
+    @property
+    def total_params(self) -> int:
+        return sum(i.params for i in self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def infos(self) -> Iterator[TensorInfo]:
+        """Tensor infos in file order."""
+        return iter(self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        """The info of one tensor; a clear error if the name is absent."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.source or self.path}: has no tensor {name!r}") from None
+
+    def load(self, name: str, device: Any = None, dtype: Any = None) -> "torch.Tensor":
+        """Read one tensor, optionally moved to ``device`` and cast to ``dtype``.
+
+        The returned tensor owns its memory (never a view of a mapped file), so writing to it
+        can never change an input.
+        """
+        import torch
+
+        info = self.info(name)
+        if info.offset >= 0:
+            dt = torch_dtype(info.dtype)
+            if info.nbytes == 0:
+                t = torch.empty(info.shape, dtype=dt)
+            else:
+                t = torch.frombuffer(_read_exact(info), dtype=dt).reshape(info.shape)
+        else:
+            state = self._pickles.get(info.file)
+            if state is None:
+                self._pickles.clear()  # keep one pickled shard mapped at a time
+                state = self._pickles[info.file] = _torch_load(info.file)
+            t = state[name].clone()
+        if dtype is not None or device is not None:
+            t = t.to(device=device, dtype=dtype)
+        return t
+
+
+def _infos_from_pickle(path: Path, state: dict[str, Any]) -> list[TensorInfo]:
+    out = []
+    for name, t in state.items():
+        code = dtype_code(t.dtype)
+        out.append(TensorInfo(name, code, tuple(t.shape), t.numel() * t.element_size(), path))
+    return out
+
+
+def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[TensorInfo], dict]:
+    with open(path, "rb") as f:  # detect by content, not by name
+        magic = f.read(8)
+    if path.suffix == ".safetensors" or (len(magic) == 8 and magic[:2] != b"PK"
+                                          and magic[0] != 0x80):
+        return read_safetensors_header(path)
+    state = _torch_load(path)
+    pickles.clear()
+    pickles[path] = state
+    return _infos_from_pickle(path, state), {}
+
+
+def open_checkpoint(spec: str | os.PathLike[str], *, allow_patterns: list[str] | None = None
+                    ) -> Checkpoint:
+    """Open a checkpoint or adapter from a local path or a Hub id (``org/name[@rev]``).
+
+    A local path always wins over a Hub id. Only headers are read here.
+    """
+    from .sources import resolve_input
+
+    path = resolve_input(str(spec), allow_patterns=allow_patterns)
+    check_exists(path)
+    pickles: dict[Path, dict[str, Any]] = {}
+    index: Path | None = None
+    if path.is_dir():
+        folder = path
+        files, index = _find_weights(path)
+    elif path.name.endswith(".index.json"):
+        folder, index, files = path.parent, path, []
+    else:
+        folder, files = path.parent, [path]
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    if index is not None:
+        data = _read_json(index)
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise FormatError(f"{index}: has no weight_map of tensor names to files")
+        files = list(dict.fromkeys(_safe_member(folder, v, index) for v in wmap.values()))
+        for f in files:
+            if not f.exists():
+                check_exists(f)  # names a loop or a broken link precisely
+        for f in files:
+            infos, meta = _open_file(f, pickles)
+            metadata = metadata or meta
+            for i in infos:
+                tensors[i.name] = i
+        for name, rel in wmap.items():
+            if name not in tensors:
+                raise FormatError(f"{index}: names tensor {name!r} in {rel}, which lacks it; "
+                                  "the index and the shards do not match")
+    else:
+        for f in files:
+            check_exists(f)
+            try:
+                infos, metadata = _open_file(f, pickles)
+            except OSError as e:
+                raise _os_error(f, e) from e
+            tensors = {i.name: i for i in infos}
+    config = adapter_config = None
+    if (folder / "config.json").is_file():
+        config = _read_json(folder / "config.json")
+    if (folder / ADAPTER_CONFIG).is_file():
+        adapter_config = _read_json(folder / ADAPTER_CONFIG)
+    return Checkpoint(path=path, folder=folder, files=files, tensors=tensors, index=index,
+                      metadata=metadata, config=config if isinstance(config, dict) else None,
+                      adapter_config=adapter_config if isinstance(adapter_config, dict) else None,
+                      source=str(spec), _pickles=pickles)
+
+
+def weight_file_names(folder: Path) -> set[str]:
+    """Names of the files in a folder that hold weights (not to be copied beside new ones)."""
+    out = set()
+    for n in os.listdir(folder):
+        if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") or n.endswith(".gguf"):
+            out.add(n)
+    return out

@@ -1,0 +1,137 @@
+"""The command line: a thin click group, and the one error boundary in :func:`main`.
+
+Commands parse flags, call a verb module, and print what it returns. Only this module prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import LoraToolError
+
+
+class State:
+    """Options of the group that every command sees."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+
+def _progress(ctx: click.Context) -> bool:
+    return not ctx.find_object(State).quiet and sys.stderr.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loratool")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """Model surgery and LoRA adapter management.
+
+    Inputs may be local paths or Hub ids (org/name or org/name@revision).
+    Run `loratool demo` for a tour on a small built-in model.
+    """
+    ctx.obj = State(quiet)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (see docs/cli.md).")
+@click.option("--filter", "filters", multiple=True, metavar="GLOB",
+              help="Only tensors/modules whose name matches GLOB (repeatable).")
+@click.option("--against", metavar="OTHER",
+              help="Compare with another checkpoint tensor by tensor (reads tensor data).")
+@click.option("--all", "expand", is_flag=True, help="List every tensor instead of groups.")
+@click.pass_context
+def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ...],
+            against: str | None, expand: bool) -> None:
+    """Show what is in a checkpoint or adapter, from its headers alone.
+
+    \b
+    Examples:
+      loratool inspect ./Llama-3.2-1B
+      loratool inspect ./my-adapter --json
+      loratool inspect base/ --against tuned/ --filter '*layers.0.*'
+    """
+    from .checkpoint import open_checkpoint
+    from .summary import compare, format_compare, format_summary, summarize
+
+    ckpt = open_checkpoint(path)
+    data = summarize(ckpt, list(filters) or None)
+    cmp = None
+    if against:
+        cmp = compare(ckpt, open_checkpoint(against), list(filters) or None,
+                      progress=_progress(ctx))
+        data["compare"] = cmp
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(format_summary(data, expand=expand))
+    if cmp is not None:
+        click.echo("")
+        click.echo(format_compare(data, cmp, expand=expand))
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("loratool-demo"),
+              show_default=True, help="Where the demo models and results are written.")
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path) -> None:
+    """Build a small Llama-style model and a fine-tune of it, and run every command on them.
+
+    Nothing is downloaded. Example: loratool demo --workdir /tmp/demo
+    """
+    from .demo import run_demo
+
+    for section in run_demo(workdir):
+        click.echo(section)
+
+
+def _debug() -> bool:
+    return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # Turn SIGTERM into KeyboardInterrupt so writers remove their temporary output.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI inside the one error boundary."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("loratool: interrupted; no output was left behind", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("loratool: interrupted; no output was left behind", err=True)
+        sys.exit(130)
+    except click.ClickException as e:  # usage errors: click's message, exit 2
+        e.show()
+        sys.exit(e.exit_code)
+    except LoraToolError as e:
+        if _debug():
+            traceback.print_exc()
+        click.echo(f"loratool: error: {e}", err=True)
+        sys.exit(1)
+    except BrokenPipeError:
+        sys.stderr.close()  # `loratool inspect … | head` is not an error
+        sys.exit(0)
+    except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if _debug():
+            traceback.print_exc()
+        first = (str(e).splitlines() or [""])[0]
+        click.echo(f"loratool: internal error: {type(e).__name__}: {first} (set "
+                   "LORATOOL_DEBUG=1 for the traceback, and please report it)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,302 @@
+"""``loratool inspect``: what is in a checkpoint or adapter, from headers alone.
+
+:func:`summarize` builds the documented JSON object (docs/cli.md, "inspect --json");
+:func:`compare` adds the tensor-by-tensor comparison of ``--against``; the ``format_*``
+functions turn both into the human tables. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+from . import __version__
+from .checkpoint import Checkpoint, TensorInfo, natural_key
+from .formats import detect
+
+SCHEMA_VERSION = 1
+_LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def _matches(name: str, globs: Iterable[str] | None) -> bool:
+    globs = list(globs or [])
+    return not globs or any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _tensor_entry(ckpt: Checkpoint, i: TensorInfo) -> dict[str, Any]:
+    return {"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "params": i.params,
+            "bytes": i.nbytes, "file": i.file.name}
+
+
+def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, Any]:
+    """The ``inspect --json`` object for a checkpoint (headers only; torch is not imported).
+
+    Example: ``summarize(open_checkpoint("model/"))["total_params"]``.
+    """
+    kind, fmt = detect(ckpt)
+    dtypes: Counter[str] = Counter()
+    for i in ckpt.infos():
+        dtypes[i.dtype] += i.params
+    cfg = ckpt.config or {}
+    arch = cfg.get("architectures") or []
+    data: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "loratool_version": __version__,
+        "source": ckpt.source,
+        "path": str(ckpt.path),
+        "kind": kind,
+        "format": fmt,
+        "container": ckpt.container,
+        "files": [f.name for f in ckpt.files],
+        "shards": len(ckpt.files),
+        "index": ckpt.index.name if ckpt.index else None,
+        "architecture": arch[0] if arch else None,
+        "model_type": cfg.get("model_type"),
+        "num_tensors": len(ckpt.tensors),
+        "total_params": ckpt.total_params,
+        "total_bytes": ckpt.total_bytes,
+        "dtypes": dict(dtypes.most_common()),
+        "metadata": ckpt.metadata,
+        "filter": filters or None,
+        "tensors": [_tensor_entry(ckpt, i)
+                    for i in sorted(ckpt.infos(), key=lambda i: natural_key(i.name))
+                    if _matches(i.name, filters)],
+    }
+    if kind == "adapter":
+        if fmt == "peft":
+            from .formats import peft
+
+            facts = peft.describe(ckpt)
+            data["modules"] = [m for m in facts.pop("modules") if _matches(m["name"], filters)]
+            data["adapter"] = facts
+        else:
+            # Reading kohya and diffusers adapters in detail comes with their readers.
+            data["modules"] = []
+            data["adapter"] = {"note": f"{fmt} adapter: per-module details not read yet"}
+    return data
+
+
+def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
+            progress: bool = False) -> dict[str, Any]:
+    """Compare two checkpoints tensor by tensor: names, shapes, dtypes and ‖B−A‖/‖A‖.
+
+    Norms are accumulated in float64 over row chunks, so memory stays near one tensor.
+    Example: ``compare(open_checkpoint(base), open_checkpoint(tuned))["changed"]``.
+    """
+    import torch
+
+    na = [n for n in a.tensors if _matches(n, filters)]
+    nb = [n for n in b.tensors if _matches(n, filters)]
+    sb = set(nb)
+    sa = set(na)
+    only_a = [n for n in na if n not in sb]
+    only_b = [n for n in nb if n not in sa]
+    shape_diff, dtype_diff, changed = [], [], []
+    unchanged = 0
+    common = [n for n in na if n in sb]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(common), desc="comparing", unit="tensor", leave=False)
+    for n in common:
+        ia, ib = a.tensors[n], b.tensors[n]
+        if bar:
+            bar.update(1)
+        if ia.shape != ib.shape:
+            shape_diff.append({"name": n, "shape": list(ia.shape), "other_shape": list(ib.shape)})
+            continue
+        if ia.dtype != ib.dtype:
+            dtype_diff.append({"name": n, "dtype": ia.dtype, "other_dtype": ib.dtype})
+        ta, tb = a.load(n), b.load(n)
+        if ia.dtype == ib.dtype and torch.equal(ta, tb):
+            unchanged += 1
+            continue
+        ss_d = ss_a = 0.0
+        max_abs = 0.0
+        fa, fb = ta.reshape(-1), tb.reshape(-1)
+        step = 1 << 22  # 4M elements: 32 MB of float64 per chunk
+        for s in range(0, fa.numel(), step):
+            ca, cb = fa[s:s + step].double(), fb[s:s + step].double()
+            d = cb - ca
+            ss_d += float(d.square().sum())
+            ss_a += float(ca.square().sum())
+            if d.numel():
+                max_abs = max(max_abs, float(d.abs().max()))
+        if ss_d == 0.0 and ia.dtype != ib.dtype:
+            unchanged += 1
+            continue
+        norm_a = math.sqrt(ss_a)
+        changed.append({"name": n, "shape": list(ia.shape), "diff_norm": math.sqrt(ss_d),
+                        "norm": norm_a,
+                        "rel_diff": math.sqrt(ss_d) / norm_a if norm_a else math.inf,
+                        "max_abs_diff": max_abs})
+        del ta, tb
+    if bar:
+        bar.close()
+    return {"other": b.source, "only_in_path": only_a, "only_in_other": only_b,
+            "shape_mismatch": shape_diff, "dtype_mismatch": dtype_diff, "changed": changed,
+            "unchanged": unchanged, "compared": len(common)}
+
+
+# --------------------------------------------------------------------------- human output
+
+
+def human_count(n: float) -> str:
+    """``163_840_000`` → ``163.8M``."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:g}"
+
+
+def human_bytes(n: float) -> str:
+    """``1_500_000`` → ``1.50 MB`` (powers of 1000, as the Hub shows sizes)."""
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c])
+                 for c in range(len(r))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def group_tensors(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold names that differ only in layer numbers: ``layers.*.mlp.up_proj.weight ×32``."""
+    groups: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        key = _LAYER.sub("*", t["name"])
+        g = groups.setdefault(key, {"name": key, "count": 0, "dtypes": [], "shapes": [],
+                                    "params": 0, "first": t["name"]})
+        g["count"] += 1
+        g["params"] += t["params"]
+        if t["dtype"] not in g["dtypes"]:
+            g["dtypes"].append(t["dtype"])
+        if t["shape"] not in g["shapes"]:
+            g["shapes"].append(t["shape"])
+    for g in groups.values():
+        if g["count"] == 1:
+            g["name"] = g["first"]
+    return list(groups.values())
+
+
+def _shape(s: list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in s) + "]"
+
+
+def format_summary(data: dict[str, Any], expand: bool = False) -> str:
+    """The human view of :func:`summarize`; ``expand`` lists every tensor instead of groups."""
+    lines = []
+    what = data["architecture"] or data["model_type"] or "unknown architecture"
+    lines.append(f"{data['source']}: {data['kind']} ({data['format']}), {what}")
+    shard_note = f"{data['shards']} file" + ("s" if data["shards"] != 1 else "")
+    if data["index"]:
+        shard_note += f" via {data['index']}"
+    dts = ", ".join(f"{k} {human_count(v)}" for k, v in data["dtypes"].items())
+    lines.append(f"  {data['num_tensors']} tensors, {human_count(data['total_params'])} "
+                 f"parameters ({data['total_params']:,}), {human_bytes(data['total_bytes'])}, "
+                 f"{shard_note}")
+    lines.append(f"  dtypes: {dts or 'none'}")
+    tensors = data["tensors"]
+    if data.get("filter"):
+        lines.append(f"  filter {' '.join(data['filter'])}: {len(tensors)} tensors match")
+    if data["kind"] == "adapter":
+        lines += _format_adapter(data)
+    if tensors:
+        lines.append("")
+        if expand or data.get("filter"):
+            rows = [["name", "dtype", "shape", "params"]]
+            rows += [[t["name"], t["dtype"], _shape(t["shape"]), human_count(t["params"])]
+                     for t in tensors]
+        else:
+            rows = [["name", "count", "dtype", "shape", "params"]]
+            for g in group_tensors(tensors):
+                shapes = " | ".join(_shape(s) for s in g["shapes"][:3])
+                if len(g["shapes"]) > 3:
+                    shapes += f" | … ({len(g['shapes'])} shapes)"
+                rows.append([g["name"], f"×{g['count']}" if g["count"] > 1 else "", "/".join(g["dtypes"]), shapes,
+                             human_count(g["params"])])
+        lines += _table(rows, right={len(rows[0]) - 1})
+        if not expand and not data.get("filter") and len(rows) - 1 < len(tensors):
+            lines.append(f"({len(tensors)} tensors in {len(rows) - 1} groups; --all lists "
+                         "each, --filter GLOB selects)")
+    return "\n".join(lines)
+
+
+def _format_adapter(data: dict[str, Any]) -> list[str]:
+    a = data.get("adapter") or {}
+    mods = data.get("modules") or []
+    lines = []
+    if "note" in a:
+        return [f"  {a['note']}"]
+    base = a.get("base_model") or "not named"
+    if a.get("base_model_revision"):
+        base += f"@{a['base_model_revision']}"
+    flags = [f for f, on in (("rsLoRA", a.get("use_rslora")), ("DoRA", a.get("use_dora"))) if on]
+    lines.append(f"  base model: {base}; peft_type {a.get('peft_type')}; task "
+                 f"{a.get('task_type') or '-'}" + (f"; {', '.join(flags)}" if flags else ""))
+    tm = a.get("target_modules")
+    lines.append(f"  target modules: {', '.join(tm) if isinstance(tm, list) else tm}")
+    if a.get("modules_to_save") or a.get("full_tensors"):
+        lines.append(f"  full tensors (modules_to_save): {len(a.get('full_tensors') or [])}")
+    if mods:
+        ranks = Counter(m["rank"] for m in mods)
+        lines.append(f"  {len(mods)} LoRA modules; ranks: "
+                     + ", ".join(f"{r} ×{c}" for r, c in sorted(ranks.items())))
+        rows = [["module", "count", "rank", "alpha", "scale", "layout", "in→out"]]
+        grouped: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for m in mods:
+            key = (_LAYER.sub("*", m["name"]), m["rank"], m["alpha"], m["scale"], m["layout"],
+                   m["in_features"], m["out_features"])
+            g = grouped.setdefault(key, {"count": 0, "first": m["name"]})
+            g["count"] += 1
+        for key, g in grouped.items():
+            name = key[0] if g["count"] > 1 else g["first"]
+            rows.append([name, f"×{g['count']}", str(key[1]), f"{key[2]:g}", f"{key[3]:.4g}",
+                         key[4], f"{key[5]}→{key[6]}"])
+        lines.append("")
+        lines += ["  " + r for r in _table(rows, right={1, 2, 3, 4})]
+    return lines
+
+
+def format_compare(data: dict[str, Any], cmp: dict[str, Any], expand: bool = False) -> str:
+    """The human view of :func:`compare`."""
+    lines = [f"{data['source']} vs {cmp['other']}: {cmp['compared']} tensors in both, "
+             f"{len(cmp['changed'])} changed, {cmp['unchanged']} identical"]
+    for key, label in (("only_in_path", f"only in {data['source']}"),
+                       ("only_in_other", f"only in {cmp['other']}")):
+        if cmp[key]:
+            shown = ", ".join(cmp[key][:8]) + (" …" if len(cmp[key]) > 8 else "")
+            lines.append(f"  {len(cmp[key])} {label}: {shown}")
+    for m in cmp["shape_mismatch"]:
+        lines.append(f"  shape differs: {m['name']} {_shape(m['shape'])} vs "
+                     f"{_shape(m['other_shape'])}")
+    if cmp["dtype_mismatch"]:
+        lines.append(f"  {len(cmp['dtype_mismatch'])} tensors differ in dtype, e.g. "
+                     f"{cmp['dtype_mismatch'][0]['name']} {cmp['dtype_mismatch'][0]['dtype']} vs "
+                     f"{cmp['dtype_mismatch'][0]['other_dtype']}")
+    if not cmp["changed"]:
+        return "\n".join(lines)
+    lines.append("")
+    if expand or len(cmp["changed"]) <= 40:
+        rows = [["changed tensor", "shape", "‖ΔW‖/‖W‖", "max |ΔW|"]]
+        rows += [[c["name"], _shape(c["shape"]), f"{c['rel_diff']:.3e}",
+                  f"{c['max_abs_diff']:.3e}"] for c in cmp["changed"]]
+    else:
+        rows = [["changed tensors", "count", "min ‖ΔW‖/‖W‖", "max ‖ΔW‖/‖W‖"]]
+        groups: dict[str, list[float]] = {}
+        for c in cmp["changed"]:
+            groups.setdefault(_LAYER.sub("*", c["name"]), []).append(c["rel_diff"])
+        rows += [[k, f"×{len(v)}", f"{min(v):.3e}", f"{max(v):.3e}"] for k, v in groups.items()]
+    lines += _table(rows, right={2, 3})
+    return "\n".join(lines)
