@@ -202,7 +202,11 @@ def _torch_load(path: Path) -> dict[str, "torch.Tensor"]:
     import torch
 
     def load(mmap: bool) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        import warnings
+
+        with warnings.catch_warnings():  # torch warns about pickle protocols it reads fine
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
         try:

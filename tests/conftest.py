@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models built in code (transformers configs), never downloaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
+
+
+class Result(NamedTuple):
+    rc: int
+    out: str
+    err: str
+
+
+def run_cli(*args: object) -> Result:
+    """Run the CLI in-process through its real entry point and error boundary."""
+    from loratool.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    rc = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: to prove that nothing changed."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def llama_config(**kw: object):
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                max_position_embeddings=64, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tiny_llama) -> Path:
+    """A single-file safetensors model saved by transformers."""
+    d = tmp_path_factory.mktemp("llama")
+    tiny_llama.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def sharded_dir(tmp_path_factory, tiny_llama) -> Path:
+    """The same model, sharded by transformers into several files with an index."""
+    d = tmp_path_factory.mktemp("llama_sharded")
+    tiny_llama.save_pretrained(d, max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").exists()
+    return d
+
+
+@pytest.fixture(scope="session")
+def bin_dir(tmp_path_factory, tiny_llama) -> Path:
+    """A legacy PyTorch checkpoint folder: pytorch_model.bin + config.json."""
+    d = tmp_path_factory.mktemp("llama_bin")
+    torch.save(tiny_llama.state_dict(), d / "pytorch_model.bin")
+    tiny_llama.config.to_json_file(d / "config.json")
+    return d
+
+
+@pytest.fixture(scope="session")
+def sharded_bin_dir(tmp_path_factory, tiny_llama) -> Path:
+    """A sharded PyTorch checkpoint: two .bin shards and pytorch_model.bin.index.json."""
+    d = tmp_path_factory.mktemp("llama_bin_sharded")
+    sd = tiny_llama.state_dict()
+    names = list(sd)
+    half = len(names) // 2
+    wmap = {}
+    for i, part in enumerate((names[:half], names[half:]), 1):
+        fname = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({n: sd[n] for n in part}, d / fname)
+        wmap.update(dict.fromkeys(part, fname))
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wmap}))
+    tiny_llama.config.to_json_file(d / "config.json")
+    return d
+
+
+@pytest.fixture(scope="session")
+def peft_dir(tmp_path_factory, tiny_llama) -> Path:
+    """A PEFT adapter saved by peft itself: q/v targets, a rank and an alpha pattern."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 16},
+                     init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(tiny_llama), cfg)
+    d = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(d)
+    return d

@@ -1,0 +1,121 @@
+"""Reading checkpoints: every container, headers only, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from loratool.checkpoint import open_checkpoint, read_safetensors_header
+from loratool.errors import FormatError
+
+
+def _same_state(ckpt, state: dict[str, torch.Tensor]) -> None:
+    assert set(ckpt.tensors) == set(state)
+    for name, ref in state.items():
+        info = ckpt.info(name)
+        assert info.shape == tuple(ref.shape)
+        assert info.nbytes == ref.numel() * ref.element_size()
+        got = ckpt.load(name)
+        assert got.dtype == ref.dtype
+        assert torch.equal(got, ref), name
+
+
+def test_single_file_folder(llama_dir, tiny_llama):
+    ckpt = open_checkpoint(llama_dir)
+    assert ckpt.container == "safetensors" and len(ckpt.files) == 1 and ckpt.index is None
+    assert ckpt.config["model_type"] == "llama"
+    _same_state(ckpt, tiny_llama.state_dict())
+
+
+def test_single_file_path(llama_dir, tiny_llama):
+    ckpt = open_checkpoint(llama_dir / "model.safetensors")
+    _same_state(ckpt, tiny_llama.state_dict())
+
+
+def test_sharded_folder(sharded_dir, tiny_llama):
+    ckpt = open_checkpoint(sharded_dir)
+    assert ckpt.index is not None and len(ckpt.files) > 2
+    _same_state(ckpt, tiny_llama.state_dict())
+    # the index file itself is also accepted as the path
+    assert set(open_checkpoint(ckpt.index).tensors) == set(ckpt.tensors)
+
+
+def test_bin_file_and_sharded_bin(bin_dir, sharded_bin_dir, tiny_llama):
+    for d in (bin_dir, sharded_bin_dir):
+        ckpt = open_checkpoint(d)
+        assert ckpt.container == "pytorch"
+        _same_state(ckpt, tiny_llama.state_dict())
+    assert len(open_checkpoint(sharded_bin_dir).files) == 2
+
+
+def test_adapter_folder(peft_dir):
+    ckpt = open_checkpoint(peft_dir)
+    assert ckpt.adapter_config["peft_type"] == "LORA"
+    assert ckpt.files[0].name == "adapter_model.safetensors"
+    assert any(".lora_A." in n for n in ckpt.tensors)
+
+
+def test_load_casts_and_owns_its_memory(llama_dir):
+    ckpt = open_checkpoint(llama_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    before = (llama_dir / "model.safetensors").read_bytes()
+    t = ckpt.load(name, device="cpu", dtype=torch.float64)
+    assert t.dtype == torch.float64
+    t.add_(1.0)  # writing to a loaded tensor must never reach the file
+    assert (llama_dir / "model.safetensors").read_bytes() == before
+    assert not torch.equal(ckpt.load(name, dtype=torch.float64), t)
+
+
+def test_listing_does_not_import_torch(sharded_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from loratool.checkpoint import open_checkpoint; "
+            "from loratool.summary import summarize; "
+            f"d = summarize(open_checkpoint({str(sharded_dir)!r})); "
+            "assert d['num_tensors'] > 0; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_header_of_our_own_parse_matches_safetensors(llama_dir):
+    """The hand parser agrees with the safetensors library on every tensor."""
+    from safetensors import safe_open
+
+    infos, meta = read_safetensors_header(llama_dir / "model.safetensors")
+    with safe_open(llama_dir / "model.safetensors", "pt") as f:
+        assert {i.name for i in infos} == set(f.keys())
+        assert meta == f.metadata()
+        for i in infos:
+            assert list(i.shape) == list(f.get_slice(i.name).get_shape())
+
+
+def _write_raw(path, header: dict, data: bytes, pad: bool = True) -> None:
+    raw = json.dumps(header).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_gaps_between_tensors_are_tolerated(tmp_path):
+    p = tmp_path / "x.safetensors"
+    _write_raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+               struct.pack("<ff", 9.0, 2.5))
+    assert open_checkpoint(p).load("a").tolist() == [2.5]
+
+
+def test_index_naming_missing_tensor(sharded_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(sharded_dir, d)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    first = next(iter(idx["weight_map"].values()))
+    idx["weight_map"]["model.ghost.weight"] = first
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(FormatError, match="ghost"):
+        open_checkpoint(d)

@@ -1,0 +1,181 @@
+"""Writing checkpoints: shards, index, transformers compatibility, atomicity, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from loratool.checkpoint import open_checkpoint
+from loratool.errors import LoraToolError, OutputError
+from loratool.writer import CheckpointWriter, parse_size
+
+
+def _write(out, state, **kw):
+    with CheckpointWriter(out, **kw) as w:
+        for name, t in state.items():
+            w.add(name, t)
+    return out
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("500kb") == 500_000
+    assert parse_size("1000") == 1000
+    assert parse_size(" 1.5 MB ") == 1_500_000
+    with pytest.raises(LoraToolError, match="cannot read size"):
+        parse_size("five gigs")
+
+
+def test_single_file_loads_in_safetensors_and_transformers(tmp_path, llama_dir, tiny_llama):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    state = tiny_llama.state_dict()
+    out = _write(tmp_path / "out", state, copy_from=llama_dir)
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
+                                       "model.safetensors"]
+    ref = load_file(out / "model.safetensors")
+    assert all(torch.equal(ref[k], v) for k, v in state.items()) and set(ref) == set(state)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, tiny_llama(ids).logits)
+
+
+def test_sharding_index_and_names(tmp_path, llama_dir, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    state = tiny_llama.state_dict()
+    limit = 50_000
+    out = _write(tmp_path / "out", state, copy_from=llama_dir, max_shard_size=limit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    n = len(shards)
+    assert n > 2
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert set(index["weight_map"]) == set(state)
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in state.values())
+    for s in shards:  # a shard passes the limit only when one tensor alone is larger
+        infos = [i for i in open_checkpoint(out / s).infos()]
+        size = sum(i.nbytes for i in infos)
+        assert size <= limit or len(infos) == 1
+    m = AutoModelForCausalLM.from_pretrained(out)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_all_dtypes_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    state = {str(dt): (torch.arange(12).reshape(3, 4) % 3).to(dt)
+             for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                        torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool)}
+    state["scalar"] = torch.tensor(3.5)
+    state["empty"] = torch.zeros(0, 4)
+    state["strided"] = torch.arange(20.0).reshape(4, 5).t()  # non-contiguous
+    out = _write(tmp_path / "o", state)
+    ref = load_file(out / "model.safetensors")
+    ours = open_checkpoint(out)
+    for k, v in state.items():
+        assert torch.equal(ref[k], v) and ref[k].dtype == v.dtype, k
+        assert torch.equal(ours.load(k), v), k
+
+
+def test_exception_mid_write_leaves_nothing(tmp_path, tiny_llama):
+    state = tiny_llama.state_dict()
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out", max_shard_size=20_000) as w:
+            for i, (name, t) in enumerate(state.items()):
+                w.add(name, t)
+                if i == 7:
+                    raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupt_mid_write_leaves_nothing(tmp_path, tiny_llama):
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.add("a", torch.zeros(10))
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_leaves_nothing(tmp_path):
+    """A real process killed with SIGTERM mid-write removes its temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = f"""
+import sys, time, torch
+from loratool.cli import main, _on_sigterm
+import signal; signal.signal(signal.SIGTERM, _on_sigterm)
+from loratool.writer import CheckpointWriter
+try:
+    with CheckpointWriter({str(tmp_path / 'out')!r}) as w:
+        w.add("a", torch.zeros(1000))
+        print("writing", flush=True)
+        time.sleep(60)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    assert any(n.endswith(".partial") for n in os.listdir(tmp_path))
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 130
+    time.sleep(0.1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_refused_then_forced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputError, match="--force"):
+        CheckpointWriter(out)
+    assert (out / "keep.txt").exists()
+    _write(out, {"a": torch.ones(2)}, force=True)
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the old folder is gone too
+
+
+def test_output_that_is_or_overlaps_an_input_is_refused(tmp_path, llama_dir):
+    d = tmp_path / "m"
+    shutil.copytree(llama_dir, d)
+    for out in (d, d / "sub", tmp_path):
+        with pytest.raises(OutputError, match="overlaps input"):
+            CheckpointWriter(out, inputs=[d], force=True)
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(OutputError, match="overlaps input"):
+        CheckpointWriter(link, inputs=[d], force=True)
+
+
+def test_copies_non_weight_files_only(tmp_path, sharded_dir):
+    src = tmp_path / "src"
+    shutil.copytree(sharded_dir, src)
+    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "README.md", ".gitattributes", "tokenizer.model"):
+        (src / extra).write_text("x")
+    (src / "pytorch_model.bin").write_bytes(b"junk")
+    out = _write(tmp_path / "out", {"a": torch.ones(1)}, copy_from=src)
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+         "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"])
+
+
+def test_duplicate_name_is_an_error(tmp_path):
+    with pytest.raises(LoraToolError, match="twice"):
+        with CheckpointWriter(tmp_path / "o") as w:
+            w.add("a", torch.ones(1))
+            w.add("a", torch.ones(1))
+    assert os.listdir(tmp_path) == []
