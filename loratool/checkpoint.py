@@ -24,7 +24,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FormatError, InputError, UnsafeFileError
 
@@ -57,6 +57,7 @@ TORCH_TO_CODE: dict[str, str] = {name: code for code, (_, name) in DTYPES.items(
 MAX_HEADER_BYTES = 100_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ADAPTER_CONFIG = "adapter_config.json"
+REMOTE = -2  # TensorInfo.offset of a tensor whose file is still on the Hub
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def dtype_code(dtype: "torch.dtype") -> str:
 
 
 def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header; returns tensor infos (file order) and metadata.
+    """Parse and check a local safetensors header; tensor infos (file order) and metadata.
 
     Every check that the safetensors library makes is made here too, with a message that
     names the file and the tensor, so that a damaged file fails before anything is written.
@@ -118,16 +119,27 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorInfo], dict[str, str
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{path}: file is {size} bytes, too short to be safetensors "
-                                  "(truncated download? fetch it again)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise FormatError(f"{path}: header length {n} is larger than the file "
-                                  f"({size} bytes): the file is truncated or not safetensors")
+            n = _header_length(head, size, path)
             raw = f.read(n)
     except OSError as e:
         raise _os_error(path, e) from e
+    return parse_safetensors_header(raw, n, size, path)
+
+
+def _header_length(head: bytes, size: int, path: Path | str) -> int:
+    if len(head) < 8:
+        raise FormatError(f"{path}: file is {size} bytes, too short to be safetensors "
+                          "(truncated download? fetch it again)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise FormatError(f"{path}: header length {n} is larger than the file "
+                          f"({size} bytes): the file is truncated or not safetensors")
+    return n
+
+
+def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
+                             ) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Check the JSON header ``raw`` (``n`` bytes) of a safetensors file of ``size`` bytes."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -274,39 +286,43 @@ def _read_json(path: Path) -> Any:
         raise FormatError(f"{path}: not valid JSON ({e})") from e
 
 
-def _find_weights(folder: Path) -> tuple[list[Path], Path | None]:
-    """Pick the weight files of a folder the way transformers and PEFT do."""
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError as e:
-        raise _os_error(folder, e) from e
-    files = [n for n in names if (folder / n).is_file() or (folder / n).is_symlink()]
+def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]:
+    """Pick the weight files among a folder's (or Hub repo's) file names, as transformers and
+    PEFT do: ``(files, None)`` or ``([], index)`` for a sharded checkpoint."""
+    names = sorted(names)
     # Sharded: an index names the shards. Prefer safetensors over pickles, as transformers does.
     for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
-        idx = [n for n in files if n.endswith(suffix)]
+        idx = [n for n in names if n.endswith(suffix)]
         if len(idx) > 1 and "model" + suffix in idx:
             idx = ["model" + suffix]
         if len(idx) == 1:
-            return [], folder / idx[0]
+            return [], idx[0]
         if len(idx) > 1:
-            raise InputError(f"{folder}: several index files ({', '.join(idx)}); "
+            raise InputError(f"{where}: several index files ({', '.join(idx)}); "
                              "pass the one to use as the path")
-    if ADAPTER_CONFIG in files:
+    if ADAPTER_CONFIG in names:
         for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"):
-            if n in files:
-                return [folder / n], None
-        raise InputError(f"{folder}: has {ADAPTER_CONFIG} but no adapter_model.safetensors "
+            if n in names:
+                return [n], None
+        raise InputError(f"{where}: has {ADAPTER_CONFIG} but no adapter_model.safetensors "
                          "or adapter_model.bin; the adapter's weights are missing")
     for suffixes in ((".safetensors",), (".bin", ".pt", ".pth")):
-        found = [n for n in files if n.endswith(suffixes)]
+        found = [n for n in names if n.endswith(suffixes)]
         preferred = [n for n in found if n.startswith(("model.", "pytorch_model."))]
         if len(found) == 1 or len(preferred) == 1:
-            return [folder / (found[0] if len(found) == 1 else preferred[0])], None
+            return [found[0] if len(found) == 1 else preferred[0]], None
         if found:
-            raise InputError(f"{folder}: several weight files and no index ({', '.join(found)}); "
+            raise InputError(f"{where}: several weight files and no index ({', '.join(found)}); "
                              "pass the file to use as the path")
-    raise InputError(f"{folder}: no weights found (expected *.safetensors, *.bin or an "
+    raise InputError(f"{where}: no weights found (expected *.safetensors, *.bin or an "
                      "*.index.json); point at a model or adapter folder")
+
+
+def _local_names(folder: Path) -> list[str]:
+    try:
+        return [n for n in os.listdir(folder) if (folder / n).is_file() or (folder / n).is_symlink()]
+    except OSError as e:
+        raise _os_error(folder, e) from e
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -326,6 +342,8 @@ class Checkpoint:
     adapter_config: dict[str, Any] | None = None  # adapter_config.json
     source: str = ""  # what the user typed (a path or a Hub id)
     _pickles: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # For a Hub checkpoint: downloads one file (path relative to ``folder``) on first use.
+    _fetch: Callable[[str], Path] | None = field(default=None, repr=False)
 
     @property
     def container(self) -> str:
@@ -360,6 +378,9 @@ class Checkpoint:
         import torch
 
         info = self.info(name)
+        if info.offset == REMOTE:
+            self._download(info.file)
+            info = self.info(name)
         if info.offset >= 0:
             dt = torch_dtype(info.dtype)
             if info.nbytes == 0:
@@ -376,6 +397,15 @@ class Checkpoint:
             t = t.to(device=device, dtype=dtype)
         return t
 
+    def _download(self, file: Path) -> None:
+        """Fetch a Hub shard whose header was read remotely, and re-read it locally."""
+        assert self._fetch is not None
+        local = self._fetch(file.relative_to(self.folder).as_posix())
+        infos, _ = _open_file(local, self._pickles)
+        for i in infos:
+            if i.name in self.tensors:
+                self.tensors[i.name] = i
+
 
 def _infos_from_pickle(path: Path, state: dict[str, Any]) -> list[TensorInfo]:
     out = []
@@ -386,8 +416,11 @@ def _infos_from_pickle(path: Path, state: dict[str, Any]) -> list[TensorInfo]:
 
 
 def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[TensorInfo], dict]:
-    with open(path, "rb") as f:  # detect by content, not by name
-        magic = f.read(8)
+    try:
+        with open(path, "rb") as f:  # detect by content, not by name
+            magic = f.read(8)
+    except OSError as e:
+        raise _os_error(path, e) from e
     if path.suffix == ".safetensors" or (len(magic) == 8 and magic[:2] != b"PK"
                                           and magic[0] != 0x80):
         return read_safetensors_header(path)
@@ -397,62 +430,97 @@ def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[Te
     return _infos_from_pickle(path, state), {}
 
 
-def open_checkpoint(spec: str | os.PathLike[str], *, allow_patterns: list[str] | None = None
-                    ) -> Checkpoint:
+def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint or adapter from a local path or a Hub id (``org/name[@rev]``).
 
-    A local path always wins over a Hub id. Only headers are read here.
+    Only headers are read here. A local path always wins over a Hub id; from the Hub, configs
+    and the index are downloaded, safetensors headers are read with ranged requests, and each
+    weight file is downloaded only when one of its tensors is first loaded.
     """
-    from .sources import resolve_input
+    from .sources import HubRepo, resolve_input
 
-    path = resolve_input(str(spec), allow_patterns=allow_patterns)
+    target = resolve_input(str(spec))
+    if isinstance(target, HubRepo):
+        return _open_hub(target, str(spec))
+    path = target
     check_exists(path)
     pickles: dict[Path, dict[str, Any]] = {}
-    index: Path | None = None
     if path.is_dir():
         folder = path
-        files, index = _find_weights(path)
+        rels, index = choose_weights(_local_names(path), str(path))
     elif path.name.endswith(".index.json"):
-        folder, index, files = path.parent, path, []
+        folder, rels, index = path.parent, [], path.name
     else:
-        folder, files = path.parent, [path]
+        folder, rels, index = path.parent, [path.name], None
+
+    def opener(rel: str) -> tuple[list[TensorInfo], dict[str, str]]:
+        f = folder / rel
+        check_exists(f)  # names a loop or a broken link precisely
+        return _open_file(f, pickles)
+
+    return _assemble(path, folder, rels, index, opener, str(spec), pickles, None)
+
+
+def _open_hub(repo: Any, spec: str) -> Checkpoint:
+    from .sources import CONFIG_PATTERNS
+
+    folder = repo.snapshot(CONFIG_PATTERNS)  # configs, tokenizer files, the index: small
+    names = repo.list_files()
+    if names is None:  # offline: what the cache holds
+        names = _local_names(folder)
+    rels, index = choose_weights(names, spec)
+    pickles: dict[Path, dict[str, Any]] = {}
+    if index is not None and not (folder / index).exists():
+        repo.fetch(index)
+
+    def opener(rel: str) -> tuple[list[TensorInfo], dict[str, str]]:
+        local = folder / rel
+        if os.path.exists(local):
+            return _open_file(local, pickles)
+        if rel.endswith(".safetensors"):
+            raw, n, size = repo.read_header(rel)
+            infos, meta = parse_safetensors_header(raw, n, size, local)
+            return [TensorInfo(i.name, i.dtype, i.shape, i.nbytes, local, REMOTE)
+                    for i in infos], meta
+        return _open_file(repo.fetch(rel), pickles)  # pickles have no header to peek at
+
+    return _assemble(folder, folder, rels, index, opener, spec, pickles, repo.fetch)
+
+
+def _assemble(path: Path, folder: Path, rels: list[str], index: str | None,
+              opener: Callable[[str], tuple[list[TensorInfo], dict[str, str]]], spec: str,
+              pickles: dict[Path, dict[str, Any]], fetch: Callable[[str], Path] | None
+              ) -> Checkpoint:
+    """Read the headers of the chosen files (or of an index's shards) into one Checkpoint."""
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
-    if index is not None:
-        data = _read_json(index)
+    wmap: dict[str, str] = {}
+    index_path = folder / index if index else None
+    if index_path is not None:
+        data = _read_json(index_path)
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-            raise FormatError(f"{index}: has no weight_map of tensor names to files")
-        files = list(dict.fromkeys(_safe_member(folder, v, index) for v in wmap.values()))
-        for f in files:
-            if not f.exists():
-                check_exists(f)  # names a loop or a broken link precisely
-        for f in files:
-            infos, meta = _open_file(f, pickles)
-            metadata = metadata or meta
-            for i in infos:
-                tensors[i.name] = i
-        for name, rel in wmap.items():
-            if name not in tensors:
-                raise FormatError(f"{index}: names tensor {name!r} in {rel}, which lacks it; "
-                                  "the index and the shards do not match")
-    else:
-        for f in files:
-            check_exists(f)
-            try:
-                infos, metadata = _open_file(f, pickles)
-            except OSError as e:
-                raise _os_error(f, e) from e
-            tensors = {i.name: i for i in infos}
-    config = adapter_config = None
-    if (folder / "config.json").is_file():
-        config = _read_json(folder / "config.json")
-    if (folder / ADAPTER_CONFIG).is_file():
-        adapter_config = _read_json(folder / ADAPTER_CONFIG)
-    return Checkpoint(path=path, folder=folder, files=files, tensors=tensors, index=index,
-                      metadata=metadata, config=config if isinstance(config, dict) else None,
+            raise FormatError(f"{index_path}: has no weight_map of tensor names to files")
+        for v in wmap.values():
+            _safe_member(folder, v, index_path)
+        rels = list(dict.fromkeys(wmap.values()))
+    for rel in rels:
+        infos, meta = opener(rel)
+        metadata = metadata or meta
+        for i in infos:
+            tensors[i.name] = i
+    for name, rel in wmap.items():
+        if name not in tensors:
+            raise FormatError(f"{index_path}: names tensor {name!r} in {rel}, which lacks it; "
+                              "the index and the shards do not match")
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    adapter_config = (_read_json(folder / ADAPTER_CONFIG)
+                      if (folder / ADAPTER_CONFIG).is_file() else None)
+    return Checkpoint(path=path, folder=folder, files=[folder / r for r in rels],
+                      tensors=tensors, index=index_path, metadata=metadata,
+                      config=config if isinstance(config, dict) else None,
                       adapter_config=adapter_config if isinstance(adapter_config, dict) else None,
-                      source=str(spec), _pickles=pickles)
+                      source=spec, _pickles=pickles, _fetch=fetch)
 
 
 def weight_file_names(folder: Path) -> set[str]:

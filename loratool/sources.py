@@ -1,23 +1,24 @@
-"""Turn what the user typed (a local path or a Hub id) into a local path.
+"""Turn what the user typed (a local path or a Hub id) into something to read.
 
-A local path always wins. Otherwise ``org/name`` or ``org/name@revision`` is fetched through
-``huggingface_hub`` (its cache, ``HF_TOKEN``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply),
-downloading only configs, tokenizer files and the weights: never code.
+A local path always wins. Otherwise ``org/name`` or ``org/name@revision`` names a Hub repo,
+reached through ``huggingface_hub`` (its cache, ``HF_TOKEN``, ``HF_ENDPOINT`` and
+``HF_HUB_OFFLINE`` apply). Only configs, tokenizer files and weights are ever downloaded, and
+weights only when a command reads them; safetensors headers are read with ranged requests.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 from pathlib import Path
+from typing import Iterator
 
 from .errors import HubError, InputError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-# What a command needs from a model or adapter repo: configs, tokenizer files, weights.
-CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
-SAFETENSORS_PATTERNS = ["*.safetensors"]
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+# What a command needs from a model or adapter repo besides weights: small, never code.
+CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+HEADER_PROBE = 100_000  # bytes asked for first: most safetensors headers fit (as the Hub does)
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
@@ -28,43 +29,41 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return m.group("repo"), m.group("rev")
 
 
-def resolve_input(spec: str, allow_patterns: list[str] | None = None) -> Path:
-    """A local path for ``spec``, downloading a Hub repo's needed files when it is not local."""
+def resolve_input(spec: str) -> "Path | HubRepo":
+    """A local path for ``spec`` when it exists, else the Hub repo it names."""
     path = Path(spec).expanduser()
-    if os.path.lexists(path):
+    if path.exists() or path.is_symlink():
         return path
     hub = parse_hub_id(spec)
     if hub is None:
         raise InputError(f"{spec}: no such file or folder (and not a Hub id like org/name)")
-    repo, rev = hub
-    folder = download(repo, rev, allow_patterns or CONFIG_PATTERNS + SAFETENSORS_PATTERNS)
-    if allow_patterns is None and not any(folder.glob("*.safetensors")):
-        # Old repos ship only pickles; they are read with weights_only=True, never executed.
-        folder = download(repo, rev, CONFIG_PATTERNS + PICKLE_PATTERNS)
-    return folder
+    return HubRepo(*hub)
 
 
-def download(repo: str, revision: str | None, allow_patterns: list[str]) -> Path:
-    """``snapshot_download`` with one clear line for every way it can fail."""
-    import huggingface_hub as hf
+@contextlib.contextmanager
+def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
+    """One clear line for every way a Hub call fails; the token never appears in it."""
     from huggingface_hub import errors as hfe
 
-    where = f"{repo}@{revision}" if revision else repo
     try:
-        return Path(hf.snapshot_download(repo, revision=revision, allow_patterns=allow_patterns))
-    except hfe.RepositoryNotFoundError as e:
+        yield
+    except hfe.GatedRepoError as e:
+        raise HubError(f"{where}: gated repository; accept its terms on the Hub and set "
+                       "HF_TOKEN") from e
+    except hfe.RepositoryNotFoundError as e:  # after GatedRepoError, its subclass
         raise HubError(f"{where}: repository not found on the Hub, or private and your token "
                        "has no access (check the name; set HF_TOKEN or run `hf auth login`)"
                        ) from e
     except hfe.RevisionNotFoundError as e:
         raise HubError(f"{where}: revision {revision!r} not found (check the branch, tag or "
                        "commit)") from e
-    except hfe.GatedRepoError as e:
-        raise HubError(f"{where}: gated repository; accept its terms on the Hub and set "
-                       "HF_TOKEN") from e
     except hfe.LocalEntryNotFoundError as e:
         raise HubError(f"{where}: not in the local cache and the Hub cannot be reached "
                        "(offline?); connect, or unset HF_HUB_OFFLINE") from e
+    except hfe.EntryNotFoundError as e:
+        raise HubError(f"{where}: file not found in the repo at this revision") from e
+    except hfe.OfflineModeIsEnabled as e:
+        raise HubError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set") from e
     except hfe.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", "?")
         raise HubError(f"{where}: the Hub answered HTTP {status}; retry, or check "
@@ -72,8 +71,71 @@ def download(repo: str, revision: str | None, allow_patterns: list[str]) -> Path
     except OSError as e:
         raise HubError(f"{where}: cannot reach the Hub ({type(e).__name__}); check the "
                        "network or use a local path") from e
-    except Exception as e:  # httpx errors do not share a base class with the above
+    except Exception as e:  # httpx errors share no base class with the above
         if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
             raise HubError(f"{where}: cannot reach the Hub ({type(e).__name__}); check the "
                            "network or use a local path") from e
         raise
+
+
+class HubRepo:
+    """A model or adapter repo on the Hub, read file by file through the local cache."""
+
+    def __init__(self, repo: str, revision: str | None = None) -> None:
+        self.repo = repo
+        self.revision = revision
+        self.where = f"{repo}@{revision}" if revision else repo
+        self.commit: str | None = None  # pinned on the first snapshot, so files agree
+
+    def snapshot(self, patterns: list[str]) -> Path:
+        """Download the files matching ``patterns`` (cached); the snapshot folder."""
+        import huggingface_hub as hf
+
+        with hub_errors(self.where, self.revision):
+            folder = Path(hf.snapshot_download(self.repo, revision=self.commit or self.revision,
+                                               allow_patterns=patterns))
+        self.commit = self.commit or folder.name
+        return folder
+
+    def list_files(self) -> list[str] | None:
+        """All file names of the repo at this revision; None when offline."""
+        import huggingface_hub as hf
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        with hub_errors(self.where, self.revision):
+            return hf.list_repo_files(self.repo, revision=self.commit or self.revision)
+
+    def fetch(self, filename: str) -> Path:
+        """Download one file (or find it in the cache); its local path."""
+        import huggingface_hub as hf
+
+        with hub_errors(f"{self.where}: {filename}", self.revision):
+            return Path(hf.hf_hub_download(self.repo, filename,
+                                           revision=self.commit or self.revision))
+
+    def read_header(self, filename: str) -> tuple[bytes, int, int]:
+        """A remote safetensors file's JSON header with ranged GETs: ``(raw, length, size)``."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        from .checkpoint import _header_length
+
+        url = hf_hub_url(self.repo, filename, revision=self.commit or self.revision)
+        headers = build_hf_headers()
+        label = f"{self.where}: {filename}"
+        with hub_errors(label, self.revision):
+            r = get_session().get(url, headers={**headers, "Range": f"bytes=0-{HEADER_PROBE}"})
+            hf_raise_for_status(r)
+            body = r.content
+            total = r.headers.get("Content-Range", "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else len(body)
+            n = _header_length(body[:8], size, label)
+            if 8 + n > len(body):
+                r = get_session().get(url, headers={**headers, "Range": f"bytes=8-{n + 7}"})
+                hf_raise_for_status(r)
+                body = body[:8] + r.content
+        if len(body) < 8 + n:
+            raise HubError(f"{label}: the Hub sent a short header ({len(body)} bytes)")
+        return body[8:8 + n], n, size

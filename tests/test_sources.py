@@ -87,3 +87,87 @@ def test_hub_errors_are_one_line(hub_env):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("loratool: error: ") and spec in lines[0]
         assert "Traceback" not in res.stderr
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+from hub_server import HubServer  # noqa: E402
+
+
+@pytest.fixture
+def hub(tmp_path, sharded_dir, bin_dir, peft_dir):
+    with HubServer() as server:
+        server.add("acme/sharded", sharded_dir)
+        server.add("acme/sharded", sharded_dir, ref="v1")
+        server.add("acme/pickles", bin_dir)
+        server.add("acme/adapter", peft_dir)
+        server.env = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
+                      "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                      "HF_HUB_DISABLE_TELEMETRY": "1", "CWD": str(tmp_path)}
+        yield server
+
+
+def _run(env, args, code=None):
+    env = {**os.environ, **env}
+    env.pop("HF_TOKEN", None)
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "loratool", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=env["CWD"])
+
+
+def test_inspect_over_http_reads_headers_only(hub, sharded_dir):
+    res = _run(hub.env, ["inspect", "acme/sharded", "--json"])
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stdout)
+    local = json.loads(_run(hub.env, ["inspect", str(sharded_dir), "--json"]).stdout)
+    assert d["tensors"] == local["tensors"] and d["total_bytes"] == local["total_bytes"]
+    assert d["architecture"] == "LlamaForCausalLM"
+    assert hub.downloads(".safetensors") == []  # no weights downloaded, only ranged reads
+    ranged = [p for m, p, r in hub.log if r and p.endswith(".safetensors")]
+    assert len(ranged) == d["shards"]
+    assert hub.downloads("config.json") and hub.downloads("model.safetensors.index.json")
+
+
+def test_loading_one_tensor_downloads_one_shard(hub, sharded_dir):
+    code = f"""
+import torch
+from loratool.checkpoint import open_checkpoint
+remote, local = open_checkpoint("acme/sharded@v1"), open_checkpoint({str(sharded_dir)!r})
+name = "model.layers.1.mlp.down_proj.weight"
+assert torch.equal(remote.load(name), local.load(name))
+assert torch.equal(remote.load(name), local.load(name))
+print(remote.info(name).file.name)
+"""
+    res = _run(hub.env, [], code)
+    assert res.returncode == 0, res.stderr
+    shard = res.stdout.strip()
+    assert [p.rsplit("/", 1)[1] for p in hub.downloads(".safetensors")] == [shard]
+
+
+def test_pickled_repo_and_adapter_over_http(hub, peft_dir):
+    res = _run(hub.env, ["inspect", "acme/pickles", "--json"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["format"] == "pytorch"
+    assert len(hub.downloads(".bin")) == 1  # a pickle has no header to read remotely
+    res = _run(hub.env, ["inspect", "acme/adapter", "--json"])
+    d = json.loads(res.stdout)
+    assert d["kind"] == "adapter" and len(d["modules"]) == 6
+
+
+def test_against_hub_model_and_errors(hub, sharded_dir):
+    res = _run(hub.env, ["inspect", str(sharded_dir), "--against", "acme/sharded", "--json"])
+    assert res.returncode == 0, res.stderr
+    c = json.loads(res.stdout)["compare"]
+    assert c["changed"] == [] and c["unchanged"] == c["compared"] > 0
+    for spec, needle in (("acme/nothing", "repository not found"),
+                         ("acme/sharded@v9", "revision 'v9' not found")):
+        res = _run(hub.env, ["inspect", spec])
+        assert res.returncode == 1
+        assert res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_hub_down_is_one_line(hub):
+    env = {**hub.env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+    res = _run(env, ["inspect", "acme/sharded"])
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "cannot be reached" in res.stderr or "cannot reach the Hub" in res.stderr

@@ -1,0 +1,159 @@
+"""A small read-only Hub server on 127.0.0.1 for tests: the real ``huggingface_hub`` client
+talks HTTP to it, and it records every request so that tests can check what was downloaded.
+
+It serves the endpoints the client uses to read a model repo:
+  GET  /api/models/{repo}/revision/{rev}        repo info (sha, siblings)
+  GET  /api/models/{repo}/tree/{rev}[/{path}]   file listing
+  HEAD /{repo}/resolve/{rev}/{file}             metadata (commit, etag, size)
+  GET  /{repo}/resolve/{rev}/{file}             content, with Range support (206)
+Errors carry the ``X-Error-Code`` header the client maps to its exceptions. It checks nothing
+else (no auth, no write API): a stand-in for the Hub's read side, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Repo:
+    refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files
+
+
+class HubServer:
+    """Start with ``with HubServer() as hub:``; add repos with :meth:`add`."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, range)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep test output clean
+                pass
+
+            def do_HEAD(self) -> None:
+                server._handle(self, head=True)
+
+            def do_GET(self) -> None:
+                server._handle(self, head=False)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "HubServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def add(self, repo: str, folder: Path, ref: str = "main") -> str:
+        """Publish every file of ``folder`` as a commit of ``repo`` on ``ref``; its sha."""
+        files = {p.relative_to(folder).as_posix(): p.read_bytes()
+                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        digest = hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest())
+                                                for k, v in files.items())).encode())
+        sha = digest.hexdigest()
+        r = self.repos.setdefault(repo, Repo())
+        r.commits[sha] = files
+        r.refs[ref] = sha
+        return sha
+
+    def downloads(self, suffix: str = "") -> list[str]:
+        """Files fetched whole (GET without Range) whose name ends with ``suffix``."""
+        return [p for m, p, rng in self.log if m == "GET" and rng is None and "/resolve/" in p
+                and p.endswith(suffix)]
+
+    # ------------------------------------------------------------------ request handling
+
+    def _resolve(self, repo: str, rev: str) -> tuple[str, dict[str, bytes]] | str:
+        if repo not in self.repos:
+            return "RepoNotFound"
+        r = self.repos[repo]
+        sha = r.refs.get(rev, rev if rev in r.commits else None)
+        if sha is None:
+            return "RevisionNotFound"
+        return sha, r.commits[sha]
+
+    def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = unquote(urlsplit(h.path).path)
+        self.log.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
+        if m:
+            got = self._resolve(m.group(1), m.group(2))
+            if isinstance(got, str):
+                return self._error(h, got)
+            sha, files = got
+            return self._json(h, {"id": m.group(1), "modelId": m.group(1), "sha": sha,
+                                  "private": False, "siblings": [{"rfilename": f}
+                                                                 for f in files]})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
+        if m:
+            got = self._resolve(m.group(1), m.group(2))
+            if isinstance(got, str):
+                return self._error(h, got)
+            prefix = (m.group(3) or "").strip("/")
+            entries = [{"type": "file", "path": f, "size": len(b),
+                        "oid": hashlib.sha1(b).hexdigest()}
+                       for f, b in got[1].items() if not prefix or f.startswith(prefix + "/")]
+            return self._json(h, entries)
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m:
+            got = self._resolve(m.group(1), m.group(2))
+            if isinstance(got, str):
+                return self._error(h, got)
+            sha, files = got
+            if m.group(3) not in files:
+                return self._error(h, "EntryNotFound")
+            return self._file(h, files[m.group(3)], sha, head)
+        return self._error(h, "RepoNotFound")
+
+    def _json(self, h: BaseHTTPRequestHandler, obj: object) -> None:
+        body = json.dumps(obj).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _error(self, h: BaseHTTPRequestHandler, code: str) -> None:
+        body = json.dumps({"error": code}).encode()
+        h.send_response(404)
+        h.send_header("X-Error-Code", code)
+        h.send_header("X-Error-Message", code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(body)
+
+    def _file(self, h: BaseHTTPRequestHandler, data: bytes, sha: str, head: bool) -> None:
+        rng = h.headers.get("Range")
+        status, start, end = 200, 0, len(data) - 1
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
+        if m and not head:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
+            status = 206
+        body = data[start:end + 1]
+        h.send_response(status)
+        h.send_header("X-Repo-Commit", sha)
+        h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        h.send_header("Accept-Ranges", "bytes")
+        h.send_header("Content-Length", str(len(body) if not head else len(data)))
+        if status == 206:
+            h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
