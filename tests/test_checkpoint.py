@@ -119,3 +119,33 @@ def test_index_naming_missing_tensor(sharded_dir, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(FormatError, match="ghost"):
         open_checkpoint(d)
+
+
+def test_memory_stays_near_one_tensor(tmp_path):
+    """Reading every tensor of a 192 MB checkpoint raises peak RSS by about one tensor (8 MB),
+    not by the file size as a memory map would (file pages count in RSS)."""
+    import subprocess
+    import sys
+
+    from loratool.writer import CheckpointWriter
+
+    with CheckpointWriter(tmp_path / "big", max_shard_size="64MB") as w:
+        for i in range(24):
+            w.add(f"layers.{i}.weight", torch.full((2048, 1024), float(i)))
+    code = f"""
+import resource, torch
+from loratool.checkpoint import open_checkpoint
+ck = open_checkpoint({str(tmp_path / 'big')!r})
+names = list(ck.tensors)
+ck.load(names[0]).sum()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+total = 0.0
+for n in names:
+    total += float(ck.load(n, dtype=torch.float32).sum())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(total, (peak - base) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert float(out[0]) == sum(i * 2048 * 1024 for i in range(24))
+    assert float(out[1]) < 40, f"peak RSS grew by {out[1]} MiB reading 192 MB"
