@@ -82,6 +82,52 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
 
 
 @cli.command()
+@click.argument("adapter")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output: a folder (PEFT), a .safetensors file or folder (kohya, diffusers), "
+                   "a .gguf file or folder (GGUF).")
+@click.option("--to", "to", required=True,
+              type=click.Choice(["peft", "kohya", "diffusers", "gguf"]), help="Target format.")
+@click.option("--base", metavar="BASE",
+              help="The base model (path or Hub id): resolves kohya names, gives GGUF its "
+                   "architecture, and checks that the adapter fits.")
+@click.option("--drop-unsupported", is_flag=True,
+              help="Drop what the target format cannot hold (named in the report) instead of "
+                   "refusing.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported: bool,
+            force: bool, as_json: bool) -> None:
+    """Convert an adapter between PEFT, kohya, diffusers and llama.cpp GGUF.
+
+    The format of ADAPTER is detected from its content. Lossless where the target can hold the
+    adapter; otherwise refused with what would be lost, unless --drop-unsupported.
+
+    \b
+    Examples:
+      loratool convert ./my-peft-adapter --to kohya -o my-lora.safetensors
+      loratool convert my-lora.safetensors --to peft -o ./peft-adapter --base ./sd15/unet
+      loratool convert ./my-peft-adapter --to gguf -o adapter.gguf --base meta-llama/Llama-3.2-1B
+    """
+    from .convert import convert as run
+
+    report = run(adapter, out, to, base=base, force=force, drop=drop_unsupported)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"wrote {report['output']}: {report['format']} adapter, {report['modules']} LoRA "
+               f"modules, {report['full_tensors']} full tensors (from {report['source_format']})")
+    for lost in report["dropped"]:
+        click.echo(f"  dropped (--drop-unsupported): {lost}")
+    g = report.get("gguf")
+    if g:
+        click.echo(f"  adapter.lora.alpha = {g['alpha']:g}; {g['rescaled']} modules' lora_b "
+                   f"rescaled to share it" + (f" ({len(g['inexact'])} by a factor that is not a "
+                                               "power of two: one rounding)" if g["inexact"]
+                                               else " (exactly: powers of two)"))
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("loratool-demo"),
               show_default=True, help="Where the demo models and results are written.")
 @click.pass_context

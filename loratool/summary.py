@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 from . import __version__
-from .checkpoint import Checkpoint, TensorInfo, natural_key
+from .checkpoint import Checkpoint, TensorInfo, dtype_code, natural_key
 from .formats import detect
 
 SCHEMA_VERSION = 1
@@ -73,10 +73,42 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
             data["modules"] = [m for m in facts.pop("modules") if _matches(m["name"], filters)]
             data["adapter"] = facts
         else:
-            # Reading kohya and diffusers adapters in detail comes with their readers.
-            data["modules"] = []
-            data["adapter"] = {"note": f"{fmt} adapter: per-module details not read yet"}
+            # kohya alphas and diffusers configs live in tensors and metadata: read the
+            # (small) adapter itself
+            from .formats import read_any
+
+            ad = read_any(str(ckpt.path))
+            data["modules"] = [m for m in describe_modules(ad) if _matches(m["name"], filters)]
+            r, alpha = ad.common()
+            data["adapter"] = {
+                "peft_type": "LORA", "base_model": ad.base_model, "base_model_revision": None,
+                "task_type": None, "r": r, "lora_alpha": alpha,
+                "target_modules": sorted({m.name.rsplit(".", 1)[-1]
+                                          for m in ad.modules.values()}),
+                "use_rslora": any(m.rslora for m in ad.modules.values()),
+                "use_dora": any(m.magnitude is not None for m in ad.modules.values()),
+                "modules_to_save": None, "full_tensors": sorted(ad.full),
+                "components": [c for c in ad.components if c],
+                "unresolved_names": bool(getattr(ad, "unresolved", [])),
+            }
     return data
+
+
+def describe_modules(ad: Any) -> list[dict[str, Any]]:
+    """The ``modules`` entries of ``inspect --json`` for an adapter read into memory."""
+    out = []
+    for m in ad.modules.values():
+        shape = m.base_shape
+        in_f, out_f = ((shape[0], shape[1]) if m.layout in ("fan_in_fan_out", "embedding")
+                       else (shape[1] if len(shape) > 1 else None, shape[0]))
+        e = {"name": m.key, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
+             "layout": m.layout, "in_features": in_f, "out_features": out_f,
+             "rslora": m.rslora, "dora": m.magnitude is not None, "bias": m.bias is not None,
+             "dtype": dtype_code(m.A.dtype)}
+        if m.kernel:
+            e["kernel"] = m.kernel
+        out.append(e)
+    return out
 
 
 def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,

@@ -111,8 +111,13 @@ class CheckpointWriter:
     def __init__(self, out: Path | str, *, inputs: list[Path] | None = None, force: bool = False,
                  max_shard_size: int | str = DEFAULT_MAX_SHARD, copy_from: Path | None = None,
                  filename: str = "model.safetensors",
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, single_file: bool = False) -> None:
         self.out = Path(out)
+        # single_file: ``out`` is the .safetensors file itself (kohya, diffusers), never sharded
+        self.single_file = single_file
+        if single_file:
+            filename = self.out.name
+            max_shard_size = 1 << 62
         self.inputs = list(inputs or [])
         self.force = force
         self.max_shard_size = parse_size(max_shard_size)
@@ -190,6 +195,13 @@ class CheckpointWriter:
                 shutil.copyfile(src, self.tmp / entry)  # follows Hub-cache symlinks
         for name, content in self.extra_files.items():
             (self.tmp / name).write_bytes(content)
+        if self.single_file:
+            if os.path.isdir(self.out) and not os.path.islink(self.out):
+                shutil.rmtree(self.out)  # --force replacing a folder with a file
+            os.replace(self.tmp / self.filename, self.out)  # atomic for a file
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+            return
         self._move_into_place()
 
     def _move_into_place(self) -> None:

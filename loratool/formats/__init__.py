@@ -1,14 +1,26 @@
-"""Adapter formats: detection by content, and (per format) readers and writers.
+"""Adapter formats: detection by content, and one reader and writer per format.
 
 ``detect`` looks at tensor names, header metadata and configs, never at file names alone.
+``read_any`` reads any supported adapter into the one in-memory model (``LoraAdapter``);
+``write_any`` writes it in a chosen format, refusing (or, when asked, dropping) what the target
+format cannot hold.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 from ..checkpoint import Checkpoint
+from ..errors import FormatError
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
                    ".lora_down.", ".lora_up.", ".lora_a", ".lora_b")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.",
+                      "text_encoder_3.", "prior.", "decoder.")
+FORMATS = ("peft", "kohya", "diffusers", "gguf")
 
 
 def detect(ckpt: Checkpoint) -> tuple[str, str]:
@@ -21,9 +33,129 @@ def detect(ckpt: Checkpoint) -> tuple[str, str]:
         m in n for n in names for m in ADAPTER_MARKERS)
     if not is_adapter:
         return "model", ckpt.container
-    if any(n.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for n in names):
+    kohya = any(n.startswith(KOHYA_PREFIXES) for n in names)
+    peftish = any(".lora_A." in n or ".lora_embedding_A" in n for n in names)
+    if kohya and peftish:
+        raise FormatError(f"{ckpt.source or ckpt.path}: mixes kohya (lora_down/lora_up) and PEFT "
+                          "(lora_A/lora_B) keys; split it into one file per format")
+    if kohya:
         return "adapter", "kohya"
-    if "lora_adapter_metadata" in ckpt.metadata or any(
-            n.startswith(("unet.", "transformer.", "text_encoder.")) for n in names):
+    if ckpt.adapter_config is None and ("lora_adapter_metadata" in ckpt.metadata or all(
+            n.startswith(DIFFUSERS_PREFIXES) for n in names)):
         return "adapter", "diffusers"
     return "adapter", "peft"
+
+
+def _check_one_format(folder: Path) -> None:
+    """A folder holding adapters of two formats is ambiguous: refuse rather than guess."""
+    found = []
+    names = set(os.listdir(folder))
+    if "adapter_config.json" in names:
+        found.append("PEFT (adapter_config.json)")
+    if "pytorch_lora_weights.safetensors" in names:
+        found.append("diffusers (pytorch_lora_weights.safetensors)")
+    if any(n.endswith(".gguf") for n in names):
+        found.append("GGUF (*.gguf)")
+    if len(found) > 1:
+        raise FormatError(f"{folder}: holds adapters of several formats ({'; '.join(found)}); "
+                          "pass the file to read, or move the others out")
+
+
+def base_resolver(base: str) -> Any:
+    """A function (component, underscored name) → dotted module name, from a base's headers.
+
+    ``base`` is a model folder, file or Hub id; a diffusers pipeline folder (model_index.json)
+    resolves each component against its own subfolder.
+    """
+    from ..checkpoint import open_checkpoint
+    from ..sources import resolve_input
+
+    target = resolve_input(base)
+    tables: dict[str | None, dict[str, str | None]] = {}
+
+    def table(ckpt: Checkpoint) -> dict[str, str | None]:
+        t: dict[str, str | None] = {}
+        for n in ckpt.tensors:
+            if n.endswith(".weight"):
+                mod = n[: -len(".weight")]
+                key = mod.replace(".", "_")
+                t[key] = None if key in t and t[key] != mod else mod  # None: ambiguous
+        return t
+
+    pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+    if pipeline:
+        for sub in sorted(p.name for p in target.iterdir() if p.is_dir()):
+            try:
+                tables[sub] = table(open_checkpoint(target / sub))
+            except FormatError:
+                continue
+            except Exception:  # not a weights folder (scheduler/, tokenizer/ …)
+                continue
+    else:
+        tables[None] = table(open_checkpoint(base))
+
+    def resolve(component: str | None, underscored: str) -> str | None:
+        t = tables.get(component if pipeline else None)
+        if t is None:
+            raise FormatError(f"base {base} has no component {component}")
+        if underscored in t and t[underscored] is None:
+            raise FormatError(f"kohya name {underscored} matches several modules of {base}")
+        return t.get(underscored)
+
+    resolve.single_model = not pipeline  # type: ignore[attr-defined]
+    return resolve
+
+
+def read_any(spec: str, base: str | None = None) -> Any:
+    """Read an adapter of any supported format into a LoraAdapter."""
+    from ..checkpoint import open_checkpoint
+    from ..sources import resolve_input
+    from . import diffusers, kohya, peft
+
+    target = resolve_input(spec)
+    if isinstance(target, Path):
+        if target.is_dir():
+            _check_one_format(target)
+        if target.suffix == ".gguf":
+            raise FormatError(f"{spec}: reading GGUF adapters is not supported; convert from "
+                              "the adapter the GGUF was made from")
+    ckpt = open_checkpoint(spec)
+    kind, fmt = detect(ckpt)
+    if kind != "adapter":
+        raise FormatError(f"{spec}: is a model checkpoint, not an adapter (no lora_A/lora_B or "
+                          "lora_down/lora_up tensors); to make an adapter from a fine-tune use "
+                          "`loratool extract`")
+    if fmt == "kohya":
+        return kohya.read(ckpt, base_resolver(base) if base else None)
+    if fmt == "diffusers":
+        return diffusers.read(ckpt)
+    return peft.read(ckpt)
+
+
+def lossy(ad: Any, fmt: str) -> list[str]:
+    """What ``fmt`` cannot hold of ``ad``: one phrase per kind of loss."""
+    from . import diffusers, gguf, kohya
+
+    return {"peft": lambda a: [], "kohya": kohya.lossy, "diffusers": diffusers.lossy,
+            "gguf": gguf.lossy}[fmt](ad)
+
+
+def drop_unsupported(ad: Any, fmt: str) -> Any:
+    """A copy of ``ad`` without what ``fmt`` cannot hold (only when the user asked)."""
+    import copy
+
+    out = copy.copy(ad)
+    out.modules = {}
+    out.full = {} if fmt in ("kohya", "diffusers", "gguf") else dict(ad.full)
+    for k, m in ad.modules.items():
+        m = copy.copy(m)
+        if fmt == "gguf" and m.layout in ("embedding", "conv"):
+            continue
+        if fmt == "kohya" and m.layout == "embedding":
+            continue
+        if fmt in ("kohya", "gguf"):
+            m.bias = None
+        if fmt == "gguf":
+            m.magnitude = None
+        out.modules[k] = m
+    return out

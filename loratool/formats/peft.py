@@ -8,15 +8,19 @@ and ``alpha_pattern`` override per module with PEFT's matching rule (:func:`patt
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint, natural_key
+from ..errors import FormatError
 
 PREFIX = "base_model.model."
 _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
-                    r"|lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))?(?:\.(?P<leaf>weight|bias))?$")
+                    r"|lora_magnitude_vector)(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?"
+                    r"(?:\.(?P<leaf>weight|bias))?$")
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -100,3 +104,225 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "full_tensors": full,
         "modules": out,
     }
+
+
+# --------------------------------------------------------------------------- read / write
+# (these need torch; describe() above stays header-only for inspect)
+
+_KNOWN_LORA = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def split_key(key: str) -> tuple[str, str, str | None] | None:
+    """``model.x.q_proj.lora_A.weight`` → (``model.x.q_proj``, ``lora_A``, ``weight``)."""
+    m = _PARTS.match(key)
+    if not m:
+        return None
+    return m.group("module"), m.group("part"), m.group("leaf")
+
+
+def config_number(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> float:
+    """A numeric config value, or a clear error naming the file and the key."""
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FormatError(f"{where}: {key} must be a number, got {v!r}")
+    return v
+
+
+def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
+                       component: str | None = None, prefix: str = PREFIX) -> tuple[list, dict]:
+    """Group PEFT-style keys into LoraModules (+ full tensors), applying the config's rules.
+
+    Shared by the PEFT and diffusers readers (diffusers keys are PEFT keys per component).
+    """
+    from ..adapter import LoraModule
+
+    if "r" not in cfg:
+        raise FormatError(f"{where}: adapter config has no 'r'; add the rank the adapter was "
+                          "trained with")
+    config_number(cfg, "r", where)
+    default_alpha = config_number(cfg, "lora_alpha", where, 8)
+    for pat in ("rank_pattern", "alpha_pattern"):
+        for k, v in (cfg.get(pat) or {}).items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise FormatError(f"{where}: {pat}[{k!r}] must be a number, got {v!r}")
+    rslora = bool(cfg.get("use_rslora", False))
+    fan = bool(cfg.get("fan_in_fan_out", False))
+    parts: dict[str, dict[str, Any]] = {}
+    full: dict[str, Any] = {}
+    for key, t in state.items():
+        rel = key[len(prefix):] if key.startswith(prefix) else key
+        sk = split_key(rel)
+        if sk is None:
+            if "lora_" in rel or "hada_" in rel or "lokr_" in rel:
+                raise FormatError(f"{where}: unknown key pattern {key!r} (LoHa, LoKr, AdaLoRA "
+                                  "and other non-LoRA adapters are not supported)")
+            full[rel] = t  # modules_to_save and other full tensors
+            continue
+        mod, part, leaf = sk
+        d = parts.setdefault(mod, {})
+        if part in ("lora_A", "lora_embedding_A"):
+            if leaf == "bias":
+                raise FormatError(f"{where}: {key!r}: lora_A has no bias in LoRA")
+            d["A"], d["emb"] = t, part == "lora_embedding_A"
+        elif part in ("lora_B", "lora_embedding_B"):
+            d["bias" if leaf == "bias" else "B"] = t
+        else:
+            d["magnitude"] = t
+    modules = []
+    for mod in sorted(parts, key=natural_key):
+        d = parts[mod]
+        if "A" not in d or "B" not in d:
+            have, miss = ("lora_A", "lora_B") if "A" in d else ("lora_B", "lora_A")
+            if "A" not in d and "B" not in d:
+                have = "a magnitude or bias"
+            raise FormatError(f"{where}: module {mod} has {have} but no {miss}; the adapter "
+                              "file is incomplete")
+        A, B = d["A"], d["B"]
+        if d["emb"]:
+            layout = "embedding"
+        elif A.dim() > 2:
+            layout = "conv"
+        else:
+            layout = "fan_in_fan_out" if fan else "linear"
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod, default_alpha)
+        mag = d.get("magnitude")
+        modules.append(LoraModule(mod, A, B, float(alpha), rslora, layout,
+                                  mag.reshape(-1) if mag is not None else None, d.get("bias"),
+                                  component))
+    return modules, full
+
+
+def read(ckpt: Checkpoint) -> Any:
+    """A PEFT adapter folder (or bare PEFT safetensors beside its config) → LoraAdapter."""
+    from ..adapter import LoraAdapter
+
+    where = str(ckpt.source or ckpt.path)
+    if ckpt.adapter_config is None:
+        raise FormatError(f"{where}: PEFT adapter weights without adapter_config.json: its "
+                          "alpha is unknown; put the adapter_config.json beside the weights")
+    cfg = ckpt.adapter_config
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise FormatError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LoRA; only LoRA "
+                          "adapters are supported")
+    state = {n: ckpt.load(n) for n in ckpt.tensors}
+    modules, full = modules_from_state(state, cfg, where)
+    ad = LoraAdapter(full=full, base_model=cfg.get("base_model_name_or_path"),
+                     base_revision=cfg.get("revision"), source_format="peft",
+                     task_type=cfg.get("task_type"), peft_config=cfg,
+                     source_modules={m.name for m in modules})
+    for m in modules:
+        ad.add(m)
+    return ad
+
+
+def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, Any], list]:
+    """The adapter_config for ``ad``'s modules (of one component): minimal, complete, exact.
+
+    rank_pattern/alpha_pattern carry per-module values; keys are escaped full module names, so
+    PEFT's rule ``(.*\.)?(k)$`` matches exactly one module.
+    """
+    mods = [m for m in ad.modules.values() if m.component == component]
+    if not mods:
+        raise FormatError("the adapter has no LoRA modules to write")
+    rslora = all(m.rslora for m in mods)
+    # a mix of rsLoRA and plain modules: restate alphas so that every scale is kept
+    alphas = {m.name: (m.alpha if m.rslora == rslora else
+                       (m.scale * (math.sqrt(m.rank) if rslora else m.rank))) for m in mods}
+    ranks = {m.name: m.rank for m in mods}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    dora = [m.magnitude is not None for m in mods]
+    if any(dora) and not all(dora):
+        raise FormatError("some modules have a DoRA magnitude and others do not; PEFT applies "
+                          "DoRA to all modules of an adapter or none")
+    names = {m.name for m in mods}
+    orig = ad.peft_config or {}
+    target: Any = sorted(names, key=natural_key)
+    if orig.get("target_modules") and ad.source_modules == names:
+        # unchanged since read: keep the original (often shorter, suffix-style) targets
+        target = orig["target_modules"]
+    full_modules = sorted({n.rsplit(".", 1)[0] for n in ad.full}, key=natural_key)
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": ad.task_type,
+        "base_model_name_or_path": ad.base_model,
+        "revision": ad.base_revision,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": target,
+        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "use_rslora": rslora,
+        "use_dora": all(dora),
+        "lora_bias": any(m.bias is not None for m in mods),
+        "fan_in_fan_out": any(m.layout == "fan_in_fan_out" for m in mods),
+        "modules_to_save": full_modules or None,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    return cfg, sorted(mods, key=lambda m: natural_key(m.name))
+
+
+def state_for(mods: list, full: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+    """PEFT keys for modules (and full tensors), in natural order."""
+    out: dict[str, Any] = {}
+    for m in mods:
+        p = prefix + m.name
+        if m.layout == "embedding":
+            out[p + ".lora_embedding_A"], out[p + ".lora_embedding_B"] = m.A, m.B
+        else:
+            out[p + ".lora_A.weight"], out[p + ".lora_B.weight"] = m.A, m.B
+            if m.bias is not None:
+                out[p + ".lora_B.bias"] = m.bias
+        if m.magnitude is not None:
+            out[p + ".lora_magnitude_vector"] = m.magnitude
+    for name in sorted(full, key=natural_key):
+        out[prefix + name] = full[name]
+    return out
+
+
+def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
+    """A README.md with the Hub's metadata: base_model, library_name: peft, tags."""
+    lines = ["---"]
+    if ad.base_model:
+        lines.append(f"base_model: {ad.base_model}")
+        lines.append("base_model_relation: adapter")
+    lines += ["library_name: peft", "tags:", "- lora", "- loratool", "---", ""]
+    title = f"LoRA adapter for {ad.base_model}" if ad.base_model else "LoRA adapter"
+    ranks = sorted({m.rank for m in ad.modules.values()})
+    lines += [f"# {title}", "", note, "",
+              f"- LoRA modules: {len(ad.modules)}; ranks: {', '.join(map(str, ranks))}; "
+              f"lora_alpha: {cfg['lora_alpha']:g}" + ("; rsLoRA" if cfg["use_rslora"] else "")
+              + ("; DoRA" if cfg["use_dora"] else ""),
+              f"- full tensors (modules_to_save): {len(ad.full)}",
+              f"- parameters: {ad.num_params():,}", ""]
+    if ad.base_model:
+        lines += ["```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{ad.base_model}")',
+                  'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_ADAPTER")',
+                  "```", ""]
+    return "\n".join(lines)
+
+
+def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "") -> Path:
+    """Write a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as it is."""
+    from ..writer import CheckpointWriter
+
+    comps = ad.components
+    if len(comps) > 1:
+        raise FormatError(f"the adapter spans components {', '.join(str(c) for c in comps)}; a "
+                          "PEFT folder holds one model: write it --to diffusers or --to kohya")
+    cfg, mods = peft_config_for(ad, comps[0] if comps else None)
+    cfg = {k: v for k, v in cfg.items() if v is not None or k in ("task_type",
+                                                                   "base_model_name_or_path")}
+    with CheckpointWriter(out, inputs=inputs, force=force, filename="adapter_model.safetensors",
+                          max_shard_size=1 << 62) as w:
+        for name, t in state_for(mods, ad.full).items():
+            w.add(name, t)
+        w.add_file("adapter_config.json", json.dumps(cfg, indent=2) + "\n")
+        w.add_file("README.md", model_card(ad, cfg, note or "Written by loratool."))
+    return out

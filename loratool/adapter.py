@@ -1,0 +1,183 @@
+"""The one in-memory adapter model that every format is read into and written from.
+
+``LoraModule`` holds one module's factors (A [r, in], B [out, r]; conv: A [r, in, kh, kw],
+B [out, r, 1, 1]; embedding: A [r, vocab], B [dim, r]), its alpha, rsLoRA flag, layout, and the
+optional DoRA magnitude and lora bias. ``scale`` and ``delta`` are defined here once.
+
+Example::
+
+    ad = read_adapter("my-adapter/")
+    for m in ad.modules.values():
+        print(m.name, m.rank, m.scale, m.delta().shape)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import ops
+from .errors import FormatError
+
+
+@dataclass
+class LoraModule:
+    """One adapted module. ``name`` is the module path in the base model (no ``.weight``);
+    ``component`` names the sub-model of a pipeline (``unet``, ``text_encoder`` …) or is None."""
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    rslora: bool = False
+    layout: str = "linear"
+    magnitude: torch.Tensor | None = None  # DoRA: per output row
+    bias: torch.Tensor | None = None  # lora_B.bias: b' = b + scale·bias
+    component: str | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """The factor in front of B@A."""
+        return ops.lora_scale(self.alpha, self.rank, self.rslora)
+
+    @property
+    def key(self) -> str:
+        """Unique within an adapter: ``component.name`` or ``name``."""
+        return f"{self.component}.{self.name}" if self.component else self.name
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this module changes."""
+        return ops.base_shape(tuple(self.A.shape), tuple(self.B.shape), self.layout)
+
+    @property
+    def kernel(self) -> list[int] | None:
+        return list(self.A.shape[2:]) if self.layout == "conv" else None
+
+    def delta(self, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+        """Dense ΔW = scale·B@A in the base weight's layout (no DoRA normalisation)."""
+        return ops.lora_delta(self.A.to(device=device, dtype=dtype),
+                              self.B.to(device=device, dtype=dtype), self.scale, self.layout)
+
+
+@dataclass
+class LoraAdapter:
+    """A whole adapter: LoRA modules, full tensors (``modules_to_save``) and provenance."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # by LoraModule.key
+    full: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name -> tensor
+    base_model: str | None = None
+    base_revision: str | None = None
+    source_format: str = ""
+    task_type: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # header metadata to keep (kohya ss_*)
+    peft_config: dict[str, Any] | None = None  # the original PEFT config, when read from one
+    source_modules: set[str] | None = None  # module names as read, to know if they changed
+
+    def add(self, m: LoraModule) -> None:
+        """Add a module after checking its factors agree."""
+        check_module(m)
+        if m.key in self.modules:
+            raise FormatError(f"module {m.key} appears twice in the adapter")
+        self.modules[m.key] = m
+
+    @property
+    def components(self) -> list[str | None]:
+        return sorted({m.component for m in self.modules.values()}, key=lambda c: c or "")
+
+    def common(self) -> tuple[int, float]:
+        """The most common (rank, alpha): what a config states once, patterns override."""
+        ranks = Counter(m.rank for m in self.modules.values())
+        alphas = Counter(m.alpha for m in self.modules.values())
+        return (ranks.most_common(1)[0][0] if ranks else 8,
+                alphas.most_common(1)[0][0] if alphas else 8.0)
+
+    def num_params(self) -> int:
+        n = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        n += sum(t.numel() for t in self.full.values())
+        return n
+
+
+def check_module(m: LoraModule) -> None:
+    """Factor shapes agree, alpha is a finite number, no NaN/Inf: else a clear error."""
+    where = f"module {m.key}"
+    if m.layout not in ops.LAYOUTS:
+        raise FormatError(f"{where}: unknown layout {m.layout!r}")
+    if m.A.dim() < 2 or m.B.dim() < 2:
+        raise FormatError(f"{where}: factors must be at least 2-D, got A {list(m.A.shape)} "
+                          f"and B {list(m.B.shape)}")
+    if m.A.shape[0] != m.B.shape[1]:
+        raise FormatError(f"{where}: rank of A ({m.A.shape[0]}, shape {list(m.A.shape)}) differs "
+                          f"from rank of B ({m.B.shape[1]}, shape {list(m.B.shape)})")
+    if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(
+            m.alpha):
+        raise FormatError(f"{where}: alpha {m.alpha!r} is not a finite number")
+    for label, t in (("A", m.A), ("B", m.B), ("magnitude", m.magnitude), ("bias", m.bias)):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{where}: {label} holds NaN or Inf values; the adapter is damaged "
+                              "(retrain or re-export it)")
+    out = m.base_shape[1] if m.layout in ("fan_in_fan_out", "embedding") else m.base_shape[0]
+    for label, t in (("magnitude", m.magnitude), ("bias", m.bias)):
+        if t is not None and t.numel() != out:
+            raise FormatError(f"{where}: {label} has {t.numel()} values for {out} outputs")
+
+
+def read_adapter(spec: str, base: str | None = None) -> LoraAdapter:
+    """Read an adapter in any supported format (detected by content) into a LoraAdapter.
+
+    ``base`` (path or Hub id) resolves kohya names that cannot be mapped back alone.
+    """
+    from .formats import read_any
+
+    return read_any(spec, base)
+
+
+def _base_candidates(name: str) -> list[str]:
+    """Tensor names a module may have in a base checkpoint: as is, then with the wrapper
+    prefixes transformers adds or drops between versions and model classes."""
+    parts = name.split(".")
+    out = [name + ".weight"]
+    out += [".".join(parts[i:]) + ".weight" for i in range(1, len(parts))]
+    out += [p + name + ".weight" for p in ("model.", "transformer.", "model.language_model.")]
+    return out
+
+
+def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
+    """Map each module to its base tensor (``module key → tensor name``) and check shapes.
+
+    A linear module whose base weight is stored transposed (GPT-2's Conv1D) becomes
+    fan_in_fan_out: the base's shape is trusted over old configs. The first module that does
+    not fit is a clear error naming it and both shapes.
+    """
+    names = base.tensors
+    where = base.source or base.path
+    out: dict[str, str] = {}
+    for key, m in ad.modules.items():
+        found = next((c for c in _base_candidates(m.name) if c in names), None)
+        if found is None:
+            tail = "." + m.name + ".weight"
+            hits = [n for n in names if n.endswith(tail)]
+            found = hits[0] if len(hits) == 1 else None
+        if found is None:
+            raise FormatError(f"module {key}: the base {where} has no tensor {m.name}.weight; is "
+                              "it the model this adapter was trained for?")
+        have, want = tuple(names[found].shape), m.base_shape
+        if have != want and len(want) == 2 and have == want[::-1] and m.layout in (
+                "linear", "fan_in_fan_out"):
+            m.layout = "fan_in_fan_out" if m.layout == "linear" else "linear"
+        elif have != want:
+            raise FormatError(f"module {key}: the adapter needs a base weight of shape "
+                              f"{list(want)} but {found} in {where} is {list(have)}")
+        out[key] = found
+    for name, t in ad.full.items():
+        if name not in names:
+            raise FormatError(f"full tensor {name} (modules_to_save) is not in the base {where}")
+    return out

@@ -1,0 +1,68 @@
+"""``loratool convert``: any adapter format to any other, lossless or refused.
+
+Reads with the format readers into the one ``LoraAdapter`` model and writes with the target's
+writer. What the target cannot hold is named and refused, unless ``drop`` says to drop it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError
+
+
+def _local(spec: str | None) -> list[Path]:
+    return [Path(spec)] if spec and Path(spec).exists() else []
+
+
+def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool = False,
+            drop: bool = False) -> dict[str, Any]:
+    """Convert ``spec`` to format ``to`` in ``out``; returns a report for the CLI.
+
+    Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
+    """
+    from .adapter import match_base
+    from .checkpoint import open_checkpoint
+    from .formats import FORMATS, diffusers, drop_unsupported, gguf, kohya, lossy, peft, read_any
+
+    if to not in FORMATS:
+        raise FormatError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    ad = read_any(spec, base)
+    unresolved = getattr(ad, "unresolved", [])
+    if unresolved and to != "kohya":
+        raise FormatError(f"{spec}: kohya names like {unresolved[0]} cannot be mapped back to "
+                          "module paths without the base model (dots and underscores are "
+                          "ambiguous); pass --base BASE")
+    lost = lossy(ad, to)
+    if lost and not drop:
+        raise FormatError(f"converting to {to} would lose {'; '.join(lost)}; pass "
+                          "--drop-unsupported to write the rest without them")
+    if lost:
+        ad = drop_unsupported(ad, to)
+    if not ad.modules:
+        raise FormatError(f"{spec}: no LoRA modules left to write")
+    base_ckpt = None
+    if base and to != "kohya":
+        base_ckpt = open_checkpoint(base)
+        if ad.components in ([None],):
+            match_base(ad, base_ckpt)  # the adapter must fit the base it is converted for
+    inputs = _local(spec) + _local(base)
+    report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
+                              "modules": len(ad.modules), "full_tensors": len(ad.full),
+                              "dropped": lost}
+    note = f"Converted by loratool from a {ad.source_format} adapter."
+    if to == "peft":
+        report["output"] = str(peft.write(ad, out, force=force, inputs=inputs, note=note))
+    elif to == "kohya":
+        report["output"] = str(kohya.write(ad, out, force=force, inputs=inputs))
+    elif to == "diffusers":
+        report["output"] = str(diffusers.write(ad, out, force=force, inputs=inputs))
+    else:
+        if base_ckpt is None or base_ckpt.config is None:
+            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
+                              "config.json): llama.cpp names tensors by architecture")
+        path, info = gguf.write(ad, out, base_ckpt.config, force=force, inputs=inputs)
+        report["output"] = str(path)
+        report["gguf"] = info
+    return report

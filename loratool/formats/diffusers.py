@@ -1,0 +1,106 @@
+"""diffusers LoRA files: ``pytorch_lora_weights.safetensors``.
+
+Keys are PEFT keys behind a component prefix (``unet.``, ``transformer.``, ``text_encoder.``,
+``text_encoder_2.``): ``unet.down_blocks.0.….to_q.lora_A.weight``. The PEFT config of each
+component sits, prefixed the same way, as JSON under the header key ``lora_adapter_metadata``
+(diffusers ≥ 0.33). Without it diffusers takes alpha = r (scale 1), and so does loratool.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..errors import FormatError
+from . import peft
+
+META_KEY = "lora_adapter_metadata"
+COMPONENTS_KEY = "loratool.components"  # {written prefix: original component or null}
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
+              "prior", "decoder")
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def read(ckpt: Checkpoint) -> Any:
+    """A diffusers LoRA file → LoraAdapter (one component per key prefix)."""
+    from ..adapter import LoraAdapter
+
+    where = str(ckpt.source or ckpt.path)
+    meta = dict(ckpt.metadata)
+    try:
+        packed = json.loads(meta.pop(META_KEY)) if META_KEY in meta else None
+        renamed = json.loads(meta.pop(COMPONENTS_KEY, "{}"))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: header metadata {META_KEY} is not JSON") from e
+    by_comp: dict[str, dict[str, Any]] = {}
+    for key in ckpt.tensors:
+        comp, _, rest = key.partition(".")
+        if comp not in COMPONENTS or not rest:
+            raise FormatError(f"{where}: unknown key pattern {key!r} (diffusers keys start with "
+                              f"one of {', '.join(COMPONENTS)})")
+        by_comp.setdefault(comp, {})[rest] = ckpt.load(key)
+    ad = LoraAdapter(source_format="diffusers", metadata=meta)
+    for comp, state in by_comp.items():
+        if packed is not None:
+            cfg = {k[len(comp) + 1:]: v for k, v in packed.items() if k.startswith(comp + ".")}
+            if not cfg:
+                raise FormatError(f"{where}: {META_KEY} has no config for component {comp}")
+            modules, full = peft.modules_from_state(state, cfg, where, comp, prefix="")
+        else:
+            modules, full = peft.modules_from_state(state, {"r": 0, "lora_alpha": 0}, where,
+                                                    comp, prefix="")
+            for m in modules:
+                m.alpha = float(m.rank)  # diffusers' default without metadata: scale 1
+        if full:
+            raise FormatError(f"{where}: {comp} holds full tensors ({next(iter(full))} …), "
+                              "which diffusers LoRA files do not carry")
+        original = renamed.get(comp, comp)
+        for m in modules:
+            m.component = original
+            ad.add(m)
+        if packed is not None:
+            ad.base_model = ad.base_model or cfg.get("base_model_name_or_path")
+    return ad
+
+
+def lossy(ad: Any) -> list[str]:
+    """What a diffusers LoRA file cannot hold."""
+    return [f"{len(ad.full)} full tensors (modules_to_save)"] if ad.full else []
+
+
+def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None) -> Path:
+    """``out`` ending in .safetensors, else ``out/pytorch_lora_weights.safetensors``."""
+    from ..writer import CheckpointWriter
+
+    packed: dict[str, Any] = {}
+    renamed: dict[str, str | None] = {}
+    tensors: dict[str, Any] = {}
+    for comp in ad.components:
+        # an adapter for a plain model (no component) is written as the pipeline's denoiser
+        written = comp if comp is not None else "transformer"
+        if written in renamed:
+            raise FormatError(f"components {renamed[written]} and {comp} would share prefix "
+                              f"{written}")
+        renamed[written] = comp
+        cfg, mods = peft.peft_config_for(ad, comp)
+        cfg.pop("modules_to_save")
+        packed.update({f"{written}.{k}": (list(v) if isinstance(v, (set, tuple)) else v)
+                       for k, v in cfg.items()})
+        for k, t in peft.state_for(mods, {}, prefix=written + ".").items():
+            tensors[k] = t
+    meta = {k: v for k, v in ad.metadata.items() if k not in (META_KEY, COMPONENTS_KEY)}
+    meta[META_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+    if any(k != v for k, v in renamed.items()):
+        meta[COMPONENTS_KEY] = json.dumps(renamed)
+    target = out if out.suffix == ".safetensors" else out / WEIGHTS
+    if target is out:
+        w = CheckpointWriter(out, inputs=inputs, force=force, metadata=meta, single_file=True)
+    else:
+        w = CheckpointWriter(out, inputs=inputs, force=force, metadata=meta, filename=WEIGHTS,
+                             max_shard_size=1 << 62)
+    with w:
+        for k, t in tensors.items():
+            w.add(k, t)
+    return target
