@@ -32,7 +32,8 @@ import json, sys
 from pathlib import Path
 from safetensors import safe_open
 d = Path(sys.argv[1])
-files = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))
+index = json.loads((d / "model.safetensors.index.json").read_text())
+files = sorted(set(index["weight_map"].values()))
 n = 0
 for f in files:
     with safe_open(d / f, "pt") as h:

@@ -320,7 +320,8 @@ def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]
 
 def _local_names(folder: Path) -> list[str]:
     try:
-        return [n for n in os.listdir(folder) if (folder / n).is_file() or (folder / n).is_symlink()]
+        return [n for n in os.listdir(folder)
+                if (folder / n).is_file() or (folder / n).is_symlink()]
     except OSError as e:
         raise _os_error(folder, e) from e
 

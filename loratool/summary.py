@@ -256,7 +256,8 @@ def format_summary(data: dict[str, Any], expand: bool = False) -> str:
                 shapes = " | ".join(_shape(s) for s in g["shapes"][:3])
                 if len(g["shapes"]) > 3:
                     shapes += f" | … ({len(g['shapes'])} shapes)"
-                rows.append([g["name"], f"×{g['count']}" if g["count"] > 1 else "", "/".join(g["dtypes"]), shapes,
+                count = f"×{g['count']}" if g["count"] > 1 else ""
+                rows.append([g["name"], count, "/".join(g["dtypes"]), shapes,
                              human_count(g["params"])])
         lines += _table(rows, right={len(rows[0]) - 1})
         if not expand and not data.get("filter") and len(rows) - 1 < len(tensors):

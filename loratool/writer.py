@@ -38,7 +38,8 @@ NOT_COPIED = {"README.md", ".gitattributes", "adapter_config.json"}
 
 
 def parse_size(text: str | int) -> int:
-    """``"5GB"`` → 5·10⁹ bytes, ``"2GiB"`` → 2·2³⁰, ``"1000"`` → 1000 (as transformers reads them)."""
+    """``"5GB"`` → 5·10⁹ bytes, ``"2GiB"`` → 2·2³⁰, ``"1000"`` → 1000, as transformers reads
+    sizes."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())

@@ -37,8 +37,8 @@ CASES = {
     "lora+patterns": (lambda: _llama64(), dict(r=4, lora_alpha=8, target_modules=[
         "q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
         alpha_pattern={"layers.1.self_attn.q_proj": 16})),
-    "rslora+bias": (lambda: _llama64(attention_bias=True), dict(r=4, lora_alpha=8, target_modules=["o_proj"],
-                                               use_rslora=True, lora_bias=True)),
+    "rslora+bias": (lambda: _llama64(attention_bias=True), dict(
+        r=4, lora_alpha=8, target_modules=["o_proj"], use_rslora=True, lora_bias=True)),
     "gpt2-conv1d+embedding+modules_to_save": (_gpt2, dict(
         r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "wte"],
         modules_to_save=["ln_f"])),

@@ -10,7 +10,6 @@ import struct
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import run_cli, tree

@@ -83,6 +83,7 @@ def base_resolver(base: str) -> Any:
         return t
 
     pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+    transformers_model = False
     if pipeline:
         for sub in sorted(p.name for p in target.iterdir() if p.is_dir()):
             try:
@@ -92,7 +93,10 @@ def base_resolver(base: str) -> Any:
             except Exception:  # not a weights folder (scheduler/, tokenizer/ …)
                 continue
     else:
-        tables[None] = table(open_checkpoint(base))
+        ckpt = open_checkpoint(base)
+        tables[None] = table(ckpt)
+        # a transformers model has one name space: its modules get no pipeline component
+        transformers_model = bool(ckpt.config and "model_type" in ckpt.config)
 
     def resolve(component: str | None, underscored: str) -> str | None:
         t = tables.get(component if pipeline else None)
@@ -102,7 +106,7 @@ def base_resolver(base: str) -> Any:
             raise FormatError(f"kohya name {underscored} matches several modules of {base}")
         return t.get(underscored)
 
-    resolve.single_model = not pipeline  # type: ignore[attr-defined]
+    resolve.single_model = transformers_model  # type: ignore[attr-defined]
     return resolve
 
 

@@ -50,9 +50,13 @@ def permute_rows(w: Any, n_head: int) -> Any:
 
 def plan(ad: Any, config: dict[str, Any]) -> tuple[float, list[tuple[str, Any, Any, float]]]:
     """The file's alpha and, per module, (gguf name, lora_a, lora_b, factor baked into b)."""
-    import gguf
     import torch
 
+    try:
+        import gguf  # noqa: F811
+    except ImportError as e:
+        raise FormatError("writing GGUF needs the gguf package: pip install 'loratool[gguf]'"
+                          ) from e
     model_type = config.get("model_type")
     if model_type not in ARCHES:
         raise FormatError(f"GGUF adapters for model_type {model_type!r} are not supported yet "

@@ -121,7 +121,8 @@ def lossy(ad: Any) -> list[str]:
 
 
 def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None) -> Path:
-    """One kohya safetensors file (``out`` ending in .safetensors, else ``out/lora.safetensors``)."""
+    """One kohya safetensors file: ``out`` if it ends in .safetensors, else
+    ``out/lora.safetensors``."""
     import torch
 
     from ..writer import CheckpointWriter

@@ -216,7 +216,7 @@ def read(ckpt: Checkpoint) -> Any:
 
 
 def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, Any], list]:
-    """The adapter_config for ``ad``'s modules (of one component): minimal, complete, exact.
+    r"""The adapter_config for ``ad``'s modules (of one component): minimal, complete, exact.
 
     rank_pattern/alpha_pattern carry per-module values; keys are escaped full module names, so
     PEFT's rule ``(.*\.)?(k)$`` matches exactly one module.
