@@ -57,15 +57,22 @@ def llama_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int = 0,
-               max_shard_size: str = "2MB") -> tuple[Path, Path]:
-    """Write ``workdir/base`` and ``workdir/tuned`` (sharded safetensors, bf16).
+               max_shard_size: str = "2MB") -> tuple[Path, Path, Path]:
+    """Write ``workdir/base``, ``workdir/tuned`` (sharded safetensors, bf16) and
+    ``workdir/adapter`` (PEFT).
 
     The tuned model changes every attention and MLP matrix by a rank-``rank`` update plus
-    noise 1 % of its size; embeddings, norms and lm_head are unchanged.
+    noise 1 % of its size; embeddings, norms and lm_head are unchanged. The adapter holds the
+    rank-``rank`` updates alone (what a LoRA fine-tune would have trained).
     """
     import torch
 
+    from .adapter import LoraAdapter, LoraModule
+    from .formats import peft
     from .writer import CheckpointWriter
+
+    adapter = LoraAdapter(base_model=str(workdir / "base"), task_type="CAUSAL_LM",
+                          source_format="peft")
 
     cfg = dict(cfg or CONFIG)
     g = torch.Generator().manual_seed(seed)
@@ -86,14 +93,19 @@ def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int 
             if len(shape) == 2 and (".self_attn." in name or ".mlp." in name):
                 b = torch.randn(shape[0], rank, generator=g)
                 a = torch.randn(rank, shape[1], generator=g)
+                gain = (0.05 * base.norm() / (b @ a).norm()).sqrt()
+                b, a = b * gain, a * gain
                 delta = b @ a
-                delta *= 0.05 * base.norm() / delta.norm()
+                adapter.add(LoraModule(name.removesuffix(".weight"), a.to(torch.bfloat16),
+                                       b.to(torch.bfloat16), float(rank)))
                 noise = torch.randn(shape, generator=g)
                 noise *= 0.01 * delta.norm() / noise.norm()
                 tuned = base + delta + noise
             wb.add(name, base.to(torch.bfloat16))
             wt.add(name, tuned.to(torch.bfloat16))
-    return paths
+    peft.write(adapter, workdir / "adapter", force=True,
+               note="The demo adapter of `loratool demo`.")
+    return (*paths, workdir / "adapter")
 
 
 def run_demo(workdir: Path) -> Iterator[str]:
@@ -106,14 +118,34 @@ def run_demo(workdir: Path) -> Iterator[str]:
                           "--workdir (the demo only overwrites its own folder)")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("written by `loratool demo`; safe to delete\n")
-    base, tuned = build_pair(workdir)
-    yield (f"Built a small Llama-style model in {base} and a fine-tuned copy in {tuned}\n"
-           "(bf16, sharded; every attention and MLP matrix changed by a rank-8 update).\n")
+    base, tuned, adapter = build_pair(workdir)
+    yield (f"Built a small Llama-style model in {base}, a fine-tuned copy in {tuned}\n"
+           "(bf16, sharded; every attention and MLP matrix changed by a rank-8 update and a\n"
+           f"little noise) and a PEFT adapter holding those rank-8 updates in {adapter}.\n")
     ckpt = open_checkpoint(base)
     yield f"$ loratool inspect {base}\n" + format_summary(summarize(ckpt)) + "\n"
     data = summarize(open_checkpoint(tuned), ["*layers.0.*"])
     cmp = compare(open_checkpoint(tuned), ckpt, ["*layers.0.*"])
     yield (f"$ loratool inspect {tuned} --against {base} --filter '*layers.0.*'\n"
            + format_compare(data, cmp) + "\n")
-    yield ("Next: extract an adapter from the difference, merge it back, convert it — those "
-           "commands arrive in later releases.")
+    data = summarize(open_checkpoint(adapter), ["*layers.0.*"])
+    yield (f"$ loratool inspect {adapter} --filter '*layers.0.*'\n"
+           + format_summary(data) + "\n")
+    from .convert import convert
+
+    lines = []
+    for to, out in (("kohya", workdir / "adapter-kohya.safetensors"),
+                    ("diffusers", workdir / "adapter-diffusers"),
+                    ("gguf", workdir / "adapter.gguf")):
+        rep = convert(str(adapter), out, to, base=str(base), force=True)
+        lines.append(f"$ loratool convert {adapter} --to {to} -o {out}"
+                     + (f" --base {base}" if to != "kohya" else "")
+                     + f"\nwrote {rep['output']}: {rep['modules']} LoRA modules")
+    back = convert(str(workdir / "adapter-kohya.safetensors"), workdir / "adapter-back", "peft",
+                   force=True)
+    lines.append(f"$ loratool convert {workdir / 'adapter-kohya.safetensors'} --to peft -o "
+                 f"{workdir / 'adapter-back'}\nwrote {back['output']}: {back['modules']} LoRA "
+                 "modules (names restored from the kohya file's header)")
+    yield "\n".join(lines) + "\n"
+    yield ("Next: extract an adapter from base and tuned, merge and unmerge it, combine and "
+           "resize adapters, export to ONNX — those commands arrive in later releases.")

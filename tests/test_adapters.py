@@ -162,3 +162,45 @@ def test_match_base_fixes_fan_in_fan_out_and_names_mismatch(tmp_path):
     ad.modules = {"x.y": LoraModule("x.y", torch.zeros(2, 4), torch.zeros(4, 2), 2.0)}
     with pytest.raises(FormatError, match="has no tensor x.y.weight"):
         match_base(ad, open_checkpoint(tmp_path / "gpt2"))
+
+
+def test_mergekit_style_adapter_reads(tmp_path):
+    """mergekit's extract-lora folders: lora_alpha = r (scale 1) with equal rank/alpha
+    patterns, bias deltas as lora_B.bias without the lora_bias flag, full embeddings and norms."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(attention_bias=True)).eval()
+    p = "base_model.model.model.layers.0.self_attn."
+    state = {p + "q_proj.lora_A.weight": torch.randn(8, 64), p + "q_proj.lora_B.weight":
+             torch.randn(64, 8), p + "q_proj.lora_B.bias": torch.randn(64),
+             p + "k_proj.lora_A.weight": torch.randn(4, 64), p + "k_proj.lora_B.weight":
+             torch.randn(32, 4), "base_model.model.model.embed_tokens.weight":
+             torch.randn(128, 64), "base_model.model.model.norm.weight": torch.randn(64)}
+    d = tmp_path / "mk"
+    d.mkdir()
+    save_file(state, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": "base", "peft_type": "LORA", "use_rslora": False,
+        "target_modules": ["q_proj", "k_proj"], "modules_to_save": ["embed_tokens", "norm"],
+        "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 8,
+        "rank_pattern": {"model.layers.0.self_attn.k_proj": 4},
+        "alpha_pattern": {"model.layers.0.self_attn.k_proj": 4}, "lora_dropout": 0.0,
+        "fan_in_fan_out": False, "inference_mode": True}))
+    ad = read_adapter(str(d))
+    assert {m.scale for m in ad.modules.values()} == {1.0}
+    assert ad.modules["model.layers.0.self_attn.q_proj"].bias is not None
+    assert sorted(ad.full) == ["model.embed_tokens.weight", "model.norm.weight"]
+    # written as PEFT it states lora_bias, and PEFT applies the bias as mergekit meant it
+    assert run_cli("convert", d, "--to", "peft", "-o", tmp_path / "p").rc == 0
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["lora_bias"] is True and cfg["modules_to_save"] == ["model.embed_tokens",
+                                                                   "model.norm"]
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").merge_and_unload()
+    q = "model.layers.0.self_attn.q_proj"
+    want_b = base.state_dict()[q + ".bias"] + state[p + "q_proj.lora_B.bias"]
+    assert torch.allclose(merged.state_dict()[q + ".bias"], want_b, atol=1e-6)
+    assert torch.equal(merged.state_dict()["model.norm.weight"],
+                       state["base_model.model.model.norm.weight"])

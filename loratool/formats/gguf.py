@@ -55,7 +55,7 @@ def plan(ad: Any, config: dict[str, Any]) -> tuple[float, list[tuple[str, Any, A
     try:
         import gguf  # noqa: F811
     except ImportError as e:
-        raise FormatError("writing GGUF needs the gguf package: pip install 'loratool[gguf]'"
+        raise FormatError("writing GGUF needs the gguf package: pip install gguf"
                           ) from e
     model_type = config.get("model_type")
     if model_type not in ARCHES:
