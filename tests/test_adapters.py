@@ -204,3 +204,39 @@ def test_mergekit_style_adapter_reads(tmp_path):
     assert torch.allclose(merged.state_dict()[q + ".bias"], want_b, atol=1e-6)
     assert torch.equal(merged.state_dict()["model.norm.weight"],
                        state["base_model.model.model.norm.weight"])
+
+
+def test_dora_written_loads_in_peft_and_survives_kohya(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = _llama64()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True,
+        init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "dora")
+    assert run_cli("convert", tmp_path / "dora", "--to", "kohya", "-o",
+                   tmp_path / "k.safetensors").rc == 0
+    res = run_cli("convert", tmp_path / "k.safetensors", "--to", "peft", "-o", tmp_path / "p")
+    assert res.rc == 0, res.err
+    orig, back = read_adapter(str(tmp_path / "dora")), read_adapter(str(tmp_path / "p"))
+    for k, m in orig.modules.items():
+        assert torch.equal(back.modules[k].magnitude, m.magnitude)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    res = run_cli("convert", tmp_path / "dora", "--to", "gguf", "-o", tmp_path / "a.gguf")
+    assert res.rc == 1 and "DoRA magnitude" in res.err
+
+
+def test_legacy_bin_adapter(tmp_path, peft_dir):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "legacy"
+    d.mkdir()
+    torch.save(load_file(peft_dir / "adapter_model.safetensors"), d / "adapter_model.bin")
+    (d / "adapter_config.json").write_text((peft_dir / "adapter_config.json").read_text())
+    a, b = read_adapter(str(peft_dir)), read_adapter(str(d))
+    assert set(a.modules) == set(b.modules)
+    for k in a.modules:
+        assert torch.equal(a.modules[k].delta(), b.modules[k].delta())
