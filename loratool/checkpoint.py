@@ -22,11 +22,16 @@ import math
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FormatError, InputError, UnsafeFileError
+
+if sys.byteorder != "little":  # safetensors data is little-endian; so is every host we know
+    raise ImportError("loratool reads and writes safetensors data as little-endian, the "
+                      "byte order of this machine is not")
 
 if TYPE_CHECKING:  # torch is imported lazily: header-only work must not pay for it
     import torch
@@ -49,6 +54,8 @@ DTYPES: dict[str, tuple[int, str]] = {
     "F8_E4M3": (1, "float8_e4m3fn"),
     "F8_E5M2": (1, "float8_e5m2"),
     "F8_E8M0": (1, "float8_e8m0fnu"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
     "C64": (8, "complex64"),
 }
 TORCH_TO_CODE: dict[str, str] = {name: code for code, (_, name) in DTYPES.items()}
@@ -142,7 +149,7 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
     """Check the JSON header ``raw`` (``n`` bytes) of a safetensors file of ``size`` bytes."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: safetensors header is not valid JSON ({e}): "
                           "the file is damaged or not safetensors") from e
     if not isinstance(header, dict):
@@ -160,10 +167,10 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
         if code not in DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
                               f"(known: {', '.join(DTYPES)})")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise FormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2
-                and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+                and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
             raise FormatError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
         nbytes = offs[1] - offs[0]
         want = math.prod(shape) * DTYPES[code][0]
@@ -174,12 +181,21 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
             raise FormatError(f"{path}: tensor {name!r} data ends at byte {base + offs[1]} but "
                               f"the file has {size}: the file is truncated (fetch it again)")
         infos.append(TensorInfo(name, code, tuple(shape), nbytes, path, base + offs[0]))
-    # Overlapping data would make two tensors share bytes: a damaged or hostile header.
-    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos if i.nbytes)
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        if start < end:
-            raise FormatError(f"{path}: tensors {a!r} and {b!r} overlap in the file: "
+    # As the safetensors library requires: the tensors' data tile the buffer exactly, with no
+    # overlap (two tensors sharing bytes), no gap and nothing after the last one.
+    pos, prev = 0, None
+    for start, end, name in sorted((i.offset - base, i.offset - base + i.nbytes, i.name)
+                                   for i in infos):
+        if start < pos:
+            raise FormatError(f"{path}: tensors {prev!r} and {name!r} overlap in the file: "
                               "the header is damaged")
+        if start > pos:
+            raise FormatError(f"{path}: {start - pos} bytes before tensor {name!r} belong to no "
+                              "tensor: the header is damaged")
+        pos, prev = end, name
+    if pos != data_len:
+        raise FormatError(f"{path}: {data_len - pos} bytes after the last tensor belong to no "
+                          "tensor: the file is damaged or was appended to")
     return infos, dict(meta)
 
 
@@ -228,6 +244,9 @@ def _torch_load(path: Path) -> dict[str, "torch.Tensor"]:
                 raise
             obj = load(False)  # legacy (pre-1.6) format cannot be mapped
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise FormatError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({str(e).splitlines()[0]})") from e
         raise UnsafeFileError(
             f"{path}: refused to load: it holds pickled objects other than tensors, and "
             "loading them would run code from the file. Convert it to safetensors with a "
@@ -290,30 +309,35 @@ def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]
     """Pick the weight files among a folder's (or Hub repo's) file names, as transformers and
     PEFT do: ``(files, None)`` or ``([], index)`` for a sharded checkpoint."""
     names = sorted(names)
-    # Sharded: an index names the shards. Prefer safetensors over pickles, as transformers does.
-    for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
-        idx = [n for n in names if n.endswith(suffix)]
-        if len(idx) > 1 and "model" + suffix in idx:
-            idx = ["model" + suffix]
-        if len(idx) == 1:
-            return [], idx[0]
-        if len(idx) > 1:
-            raise InputError(f"{where}: several index files ({', '.join(idx)}); "
-                             "pass the one to use as the path")
     if ADAPTER_CONFIG in names:
         for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"):
             if n in names:
                 return [n], None
         raise InputError(f"{where}: has {ADAPTER_CONFIG} but no adapter_model.safetensors "
                          "or adapter_model.bin; the adapter's weights are missing")
-    for suffixes in ((".safetensors",), (".bin", ".pt", ".pth")):
+    # As transformers: safetensors before pickles; the standard single file before an index.
+    for single, suffixes in (("model.safetensors", (".safetensors",)),
+                             ("pytorch_model.bin", (".bin", ".pt", ".pth"))):
+        if single in names:
+            return [single], None
+        index_suffixes = tuple(s + ".index.json" for s in suffixes)
+        idx = [n for n in names if n.endswith(index_suffixes)]
+        if len(idx) > 1 and "model" + index_suffixes[0] in idx:
+            idx = ["model" + index_suffixes[0]]
+        if len(idx) == 1:
+            return [], idx[0]
+        if len(idx) > 1:
+            raise InputError(f"{where}: several index files ({', '.join(idx)}); "
+                             "pass the one to use as the path")
         found = [n for n in names if n.endswith(suffixes)]
-        preferred = [n for n in found if n.startswith(("model.", "pytorch_model."))]
-        if len(found) == 1 or len(preferred) == 1:
-            return [found[0] if len(found) == 1 else preferred[0]], None
+        if len(found) == 1:
+            return found, None
         if found:
             raise InputError(f"{where}: several weight files and no index ({', '.join(found)}); "
                              "pass the file to use as the path")
+    idx = [n for n in names if n.endswith(".index.json")]
+    if len(idx) == 1:
+        return [], idx[0]
     raise InputError(f"{where}: no weights found (expected *.safetensors, *.bin or an "
                      "*.index.json); point at a model or adapter folder")
 
@@ -488,6 +512,20 @@ def _open_hub(repo: Any, spec: str) -> Checkpoint:
     return _assemble(folder, folder, rels, index, opener, spec, pickles, repo.fetch)
 
 
+def _config(path: Path, lenient: bool) -> dict[str, Any] | None:
+    """A JSON config beside the weights; for a single file named directly, a broken config in
+    its folder is not the user's input, so it is ignored rather than fatal."""
+    if not path.is_file():
+        return None
+    try:
+        data = _read_json(path)
+    except (FormatError, InputError):
+        if lenient:
+            return None
+        raise
+    return data if isinstance(data, dict) else None
+
+
 def _assemble(path: Path, folder: Path, rels: list[str], index: str | None,
               opener: Callable[[str], tuple[list[TensorInfo], dict[str, str]]], spec: str,
               pickles: dict[Path, dict[str, Any]], fetch: Callable[[str], Path] | None
@@ -509,25 +547,35 @@ def _assemble(path: Path, folder: Path, rels: list[str], index: str | None,
         infos, meta = opener(rel)
         metadata = metadata or meta
         for i in infos:
-            tensors[i.name] = i
+            # with an index, the index decides which shard a tensor is read from
+            if not wmap or wmap.get(i.name) == rel:
+                tensors[i.name] = i
     for name, rel in wmap.items():
         if name not in tensors:
             raise FormatError(f"{index_path}: names tensor {name!r} in {rel}, which lacks it; "
                               "the index and the shards do not match")
-    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-    adapter_config = (_read_json(folder / ADAPTER_CONFIG)
-                      if (folder / ADAPTER_CONFIG).is_file() else None)
+    if wmap:  # file order: shard by shard, then by position in the shard
+        order = {folder / r: k for k, r in enumerate(rels)}
+        tensors = dict(sorted(tensors.items(),
+                              key=lambda kv: (order.get(kv[1].file, 0), kv[1].offset)))
+    single_file = path.is_file() and index is None
+    config = _config(folder / "config.json", lenient=single_file)
+    adapter_config = _config(folder / ADAPTER_CONFIG, lenient=single_file)
+    if single_file and adapter_config is not None and not any(
+            p in n for n in tensors for p in (".lora_", "lora_A", "lora_B")):
+        adapter_config = None  # a model file that happens to sit beside an adapter
     return Checkpoint(path=path, folder=folder, files=[folder / r for r in rels],
                       tensors=tensors, index=index_path, metadata=metadata,
-                      config=config if isinstance(config, dict) else None,
-                      adapter_config=adapter_config if isinstance(adapter_config, dict) else None,
+                      config=config, adapter_config=adapter_config,
                       source=spec, _pickles=pickles, _fetch=fetch)
+
+
+# Weights of any framework: never copied beside new weights (they would contradict them).
+NOT_CONFIG_SUFFIXES = WEIGHT_SUFFIXES + (".index.json", ".gguf", ".ckpt", ".h5", ".msgpack",
+                                         ".onnx", ".onnx_data", ".onnx.data", ".npz", ".pb",
+                                         ".tflite", ".ot", ".mlmodel", ".data")
 
 
 def weight_file_names(folder: Path) -> set[str]:
     """Names of the files in a folder that hold weights (not to be copied beside new ones)."""
-    out = set()
-    for n in os.listdir(folder):
-        if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") or n.endswith(".gguf"):
-            out.add(n)
-    return out
+    return {n for n in os.listdir(folder) if n.endswith(NOT_CONFIG_SUFFIXES)}

@@ -41,6 +41,9 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     Run `loratool demo` for a tour on a small built-in model.
     """
     ctx.obj = State(quiet)
+    from . import sources
+
+    sources.SHOW_PROGRESS = not quiet and sys.stderr.isatty()
 
 
 @cli.command()
@@ -73,7 +76,7 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
                       progress=_progress(ctx))
         data["compare"] = cmp
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data, indent=2, allow_nan=False))
         return
     click.echo(format_summary(data, expand=expand))
     if cmp is not None:

@@ -113,6 +113,8 @@ def run_demo(workdir: Path) -> Iterator[str]:
     from .checkpoint import open_checkpoint
     from .summary import compare, format_compare, format_summary, summarize
 
+    if workdir.exists() and not workdir.is_dir():
+        raise OutputError(f"--workdir {workdir} is a file; pass a folder")
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
         raise OutputError(f"{workdir} exists and is not a loratool demo folder; pass another "
                           "--workdir (the demo only overwrites its own folder)")

@@ -9,6 +9,7 @@ weights only when a command reads them; safetensors headers are read with ranged
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -31,13 +32,35 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
 
 def resolve_input(spec: str) -> "Path | HubRepo":
     """A local path for ``spec`` when it exists, else the Hub repo it names."""
+    from .checkpoint import NOT_CONFIG_SUFFIXES, _os_error
+
     path = Path(spec).expanduser()
-    if path.exists() or path.is_symlink():
+    try:
+        os.lstat(path)
         return path
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a parent folder that cannot be searched, a name too long …
+        raise _os_error(path, e) from e
+    if spec.endswith(NOT_CONFIG_SUFFIXES + (".json",)):
+        # names a file: a Hub id never ends in .safetensors, so do not ask the network
+        raise InputError(f"{spec}: no such file or folder")
     hub = parse_hub_id(spec)
     if hub is None:
         raise InputError(f"{spec}: no such file or folder (and not a Hub id like org/name)")
     return HubRepo(*hub)
+
+
+SHOW_PROGRESS = False  # the CLI turns download bars on for an interactive, non-quiet run
+
+
+def _quiet_hub() -> None:
+    """huggingface_hub's bars and warnings would break the one-line error contract."""
+    from huggingface_hub import utils
+
+    if not SHOW_PROGRESS:
+        utils.disable_progress_bars()
+    utils.logging.set_verbosity_error()
 
 
 @contextlib.contextmanager
@@ -45,21 +68,23 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
     """One clear line for every way a Hub call fails; the token never appears in it."""
     from huggingface_hub import errors as hfe
 
+    _quiet_hub()
     try:
         yield
     except hfe.GatedRepoError as e:
         raise HubError(f"{where}: gated repository; accept its terms on the Hub and set "
                        "HF_TOKEN") from e
     except hfe.RepositoryNotFoundError as e:  # after GatedRepoError, its subclass
-        raise HubError(f"{where}: repository not found on the Hub, or private and your token "
-                       "has no access (check the name; set HF_TOKEN or run `hf auth login`)"
-                       ) from e
+        raise HubError(f"{where}: no such local path, and no such repository on the Hub (or it "
+                       "is private and your token has no access: set HF_TOKEN or run `hf auth "
+                       "login`)") from e
     except hfe.RevisionNotFoundError as e:
         raise HubError(f"{where}: revision {revision!r} not found (check the branch, tag or "
                        "commit)") from e
     except hfe.LocalEntryNotFoundError as e:
-        raise HubError(f"{where}: not in the local cache and the Hub cannot be reached "
-                       "(offline?); connect, or unset HF_HUB_OFFLINE") from e
+        raise HubError(f"{where}: no such local path; as a Hub id it is not in the local cache "
+                       "and the Hub cannot be reached (offline?): connect, or unset "
+                       "HF_HUB_OFFLINE") from e
     except hfe.EntryNotFoundError as e:
         raise HubError(f"{where}: file not found in the repo at this revision") from e
     except hfe.OfflineModeIsEnabled as e:

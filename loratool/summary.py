@@ -75,9 +75,9 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
         else:
             # kohya alphas and diffusers configs live in tensors and metadata: read the
             # (small) adapter itself
-            from .formats import read_any
+            from .formats import read_checkpoint
 
-            ad = read_any(str(ckpt.path))
+            ad = read_checkpoint(ckpt)
             data["modules"] = [m for m in describe_modules(ad) if _matches(m["name"], filters)]
             r, alpha = ad.common()
             data["adapter"] = {
@@ -144,7 +144,9 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
         if ia.dtype != ib.dtype:
             dtype_diff.append({"name": n, "dtype": ia.dtype, "other_dtype": ib.dtype})
         ta, tb = a.load(n), b.load(n)
-        if ia.dtype == ib.dtype and torch.equal(ta, tb):
+        if ia.dtype == ib.dtype and (torch.equal(ta, tb) or (
+                ta.is_floating_point() and torch.equal(ta.isnan(), tb.isnan())
+                and torch.equal(ta.nan_to_num(0.0), tb.nan_to_num(0.0)))):
             unchanged += 1
             continue
         ss_d = ss_a = 0.0
@@ -162,16 +164,21 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
             unchanged += 1
             continue
         norm_a = math.sqrt(ss_a)
-        changed.append({"name": n, "shape": list(ia.shape), "diff_norm": math.sqrt(ss_d),
-                        "norm": norm_a,
-                        "rel_diff": math.sqrt(ss_d) / norm_a if norm_a else math.inf,
-                        "max_abs_diff": max_abs})
+        # JSON has no inf or NaN: a zero base norm or NaN data gives null
+        changed.append({"name": n, "shape": list(ia.shape), "diff_norm": _finite(math.sqrt(ss_d)),
+                        "norm": _finite(norm_a),
+                        "rel_diff": _finite(math.sqrt(ss_d) / norm_a) if norm_a else None,
+                        "max_abs_diff": _finite(max_abs)})
         del ta, tb
     if bar:
         bar.close()
     return {"other": b.source, "only_in_path": only_a, "only_in_other": only_b,
             "shape_mismatch": shape_diff, "dtype_mismatch": dtype_diff, "changed": changed,
             "unchanged": unchanged, "compared": len(common)}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 # --------------------------------------------------------------------------- human output
@@ -302,6 +309,10 @@ def _format_adapter(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3e}"
+
+
 def format_compare(data: dict[str, Any], cmp: dict[str, Any], expand: bool = False) -> str:
     """The human view of :func:`compare`."""
     lines = [f"{data['source']} vs {cmp['other']}: {cmp['compared']} tensors in both, "
@@ -323,13 +334,14 @@ def format_compare(data: dict[str, Any], cmp: dict[str, Any], expand: bool = Fal
     lines.append("")
     if expand or len(cmp["changed"]) <= 40:
         rows = [["changed tensor", "shape", "‖ΔW‖/‖W‖", "max |ΔW|"]]
-        rows += [[c["name"], _shape(c["shape"]), f"{c['rel_diff']:.3e}",
-                  f"{c['max_abs_diff']:.3e}"] for c in cmp["changed"]]
+        rows += [[c["name"], _shape(c["shape"]), _num(c["rel_diff"]), _num(c["max_abs_diff"])]
+                 for c in cmp["changed"]]
     else:
         rows = [["changed tensors", "count", "min ‖ΔW‖/‖W‖", "max ‖ΔW‖/‖W‖"]]
         groups: dict[str, list[float]] = {}
         for c in cmp["changed"]:
-            groups.setdefault(_LAYER.sub("*", c["name"]), []).append(c["rel_diff"])
-        rows += [[k, f"×{len(v)}", f"{min(v):.3e}", f"{max(v):.3e}"] for k, v in groups.items()]
+            rel = c["rel_diff"] if c["rel_diff"] is not None else math.inf
+            groups.setdefault(_LAYER.sub("*", c["name"]), []).append(rel)
+        rows += [[k, f"×{len(v)}", _num(min(v)), _num(max(v))] for k, v in groups.items()]
     lines += _table(rows, right={2, 3})
     return "\n".join(lines)

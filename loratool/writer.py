@@ -56,8 +56,8 @@ def _resolve(p: Path) -> Path:
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that is, holds or lies inside an input; refuse an existing one unless
-    ``force``."""
+    """Refuse an output that is, holds or lies inside an input, or that holds the current
+    folder; refuse an existing one unless ``force``."""
     o = _resolve(out)
     for i in inputs:
         r = _resolve(i)
@@ -67,6 +67,9 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
     if os.path.lexists(out) and not force:
         raise OutputError(f"output {out} already exists; pass --force to replace it or choose "
                           "another -o")
+    if force and os.path.lexists(out) and (Path(os.getcwd()).resolve().is_relative_to(o)
+                                           or o == Path(o.anchor)):
+        raise OutputError(f"output {out} holds the current folder; refusing to replace it")
 
 
 def tensor_bytes(t: "torch.Tensor") -> memoryview:
@@ -77,43 +80,81 @@ def tensor_bytes(t: "torch.Tensor") -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-class _Shard:
-    """One shard being written: data goes to a side file, the header is written at close."""
+def _header_bytes(metadata: dict[str, str], header: dict[str, Any]) -> bytes:
+    raw = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
 
-    def __init__(self, folder: Path, number: int) -> None:
-        self.data_path = folder / f".shard-{number:05d}.data"
+
+class _Shard:
+    """One shard. Streaming: data goes to a side file and the header is written at close.
+    Planned (names, dtypes and shapes known up front): the header is written first and data
+    goes straight after it, so every byte is written once."""
+
+    def __init__(self, folder: Path, number: int, metadata: dict[str, str],
+                 planned: dict[str, Any] | None = None) -> None:
         self.path = folder / f".shard-{number:05d}.safetensors"
-        self.f: BinaryIO = open(self.data_path, "wb")
-        self.header: dict[str, Any] = {}
+        self.metadata = metadata
+        self.header: dict[str, Any] = dict(planned or {})
+        self.planned = planned is not None
         self.size = 0
+        if self.planned:
+            self.data_path = None
+            self.f: BinaryIO = open(self.path, "wb")
+            raw = _header_bytes(metadata, self.header)
+            self.f.write(len(raw).to_bytes(8, "little") + raw)
+        else:
+            self.data_path = folder / f".shard-{number:05d}.data"
+            self.f = open(self.data_path, "wb")
 
     def add(self, name: str, t: "torch.Tensor") -> None:
         view = tensor_bytes(t)
+        if self.planned:
+            want = self.header.get(name)
+            if want is None or want["data_offsets"][0] != self.size or want["dtype"] != \
+                    dtype_code(t.dtype) or want["shape"] != list(t.shape):
+                raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
+        else:
+            self.header[name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
+                                 "data_offsets": [self.size, self.size + len(view)]}
         self.f.write(view)
-        self.header[name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
-                             "data_offsets": [self.size, self.size + len(view)]}
         self.size += len(view)
 
-    def close(self, metadata: dict[str, str]) -> None:
+    def close(self) -> None:
         self.f.close()
-        head = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":"))
-        raw = head.encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        if self.planned:
+            end = max((v["data_offsets"][1] for v in self.header.values()), default=0)
+            if self.size != end:
+                raise LoraToolError(f"shard {self.path.name}: {self.size} of {end} bytes written")
+            return
+        assert self.data_path is not None
+        raw = _header_bytes(self.metadata, self.header)
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(len(raw).to_bytes(8, "little"))
-            out.write(raw)
+            out.write(len(raw).to_bytes(8, "little") + raw)
             shutil.copyfileobj(data, out, 16 * 2**20)
         self.data_path.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class CheckpointWriter:
-    """Stream tensors into a new checkpoint folder that appears only when complete."""
+    """Stream tensors into a new checkpoint folder (or file) that appears only when complete.
+
+    ``plan`` (optional): the ``(name, dtype code, shape)`` of every tensor, in the order they
+    will be added; then shards are laid out up front and each byte is written once.
+    """
 
     def __init__(self, out: Path | str, *, inputs: list[Path] | None = None, force: bool = False,
                  max_shard_size: int | str = DEFAULT_MAX_SHARD, copy_from: Path | None = None,
                  filename: str = "model.safetensors",
-                 metadata: dict[str, str] | None = None, single_file: bool = False) -> None:
-        self.out = Path(out)
+                 metadata: dict[str, str] | None = None, single_file: bool = False,
+                 plan: list[tuple[str, str, tuple[int, ...]]] | None = None) -> None:
+        self.out = Path(os.path.abspath(out))
+        if self.out.name in ("", ".", ".."):
+            raise OutputError(f"output {out} is not a usable file or folder name")
         # single_file: ``out`` is the .safetensors file itself (kohya, diffusers), never sharded
         self.single_file = single_file
         if single_file:
@@ -126,20 +167,48 @@ class CheckpointWriter:
         self.filename = filename
         self.metadata = {"format": "pt", **(metadata or {})}
         self.tmp: Path | None = None
+        self.created: list[Path] = []  # parent folders made here, removed again on failure
         self.shards: list[_Shard] = []
         self.names: set[str] = set()
         self.extra_files: dict[str, bytes] = {}
         self.total_size = 0
         self.total_params = 0
+        self.plan = self._layout(plan) if plan is not None else None
         check_output(self.out, self.inputs, force)
 
+    def _layout(self, plan: list[tuple[str, str, tuple[int, ...]]]) -> list[dict[str, Any]]:
+        """Cut a known tensor list into shards exactly as streaming would."""
+        from .checkpoint import dtype_bytes
+
+        shards: list[dict[str, Any]] = []
+        size = 0
+        for name, code, shape in plan:
+            n = dtype_bytes(code)
+            for d in shape:
+                n *= d
+            if not shards or (size and size + n > self.max_shard_size):
+                shards.append({})
+                size = 0
+            shards[-1][name] = {"dtype": code, "shape": list(shape),
+                                "data_offsets": [size, size + n]}
+            size += n
+        return shards
+
     def __enter__(self) -> "CheckpointWriter":
-        parent = self.out.parent if str(self.out.parent) else Path(".")
+        parent = self.out.parent
         try:
+            missing = []
+            p = parent
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
             parent.mkdir(parents=True, exist_ok=True)
+            self.created = missing
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial",
                                              dir=parent))
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
         except OSError as e:
+            self.abort()
             raise OutputError(f"cannot create output beside {self.out}: {e.strerror or e}") from e
         return self
 
@@ -154,11 +223,19 @@ class CheckpointWriter:
             t = t.cpu()
         t = t.contiguous()
         nbytes = t.numel() * t.element_size()
-        if not self.shards or (self.shards[-1].size and
-                               self.shards[-1].size + nbytes > self.max_shard_size):
+        if self.plan is not None:
+            if not self.shards or name not in self.shards[-1].header:
+                if self.shards:
+                    self.shards[-1].close()
+                k = len(self.shards)
+                if k >= len(self.plan) or name not in self.plan[k]:
+                    raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
+                self.shards.append(_Shard(self.tmp, k + 1, self.metadata, self.plan[k]))
+        elif not self.shards or (self.shards[-1].size and
+                                 self.shards[-1].size + nbytes > self.max_shard_size):
             if self.shards:
-                self.shards[-1].close(self.metadata)
-            self.shards.append(_Shard(self.tmp, len(self.shards) + 1))
+                self.shards[-1].close()
+            self.shards.append(_Shard(self.tmp, len(self.shards) + 1, self.metadata))
         self.shards[-1].add(name, t)
         self.total_size += nbytes
         self.total_params += t.numel()
@@ -169,13 +246,16 @@ class CheckpointWriter:
 
     def _finish(self) -> None:
         assert self.tmp is not None
+        if self.plan is not None and (len(self.shards) != len(self.plan) or sum(
+                len(p) for p in self.plan) != len(self.names)):
+            raise LoraToolError("fewer tensors were written than planned")
         if not self.shards:
-            self.shards.append(_Shard(self.tmp, 1))  # an empty checkpoint is still valid
-        self.shards[-1].close(self.metadata)
-        stem, ext = self.filename.rsplit(".", 1)
+            self.shards.append(_Shard(self.tmp, 1, self.metadata))  # empty is still valid
+        self.shards[-1].close()
         if len(self.shards) == 1:
             self.shards[0].path.rename(self.tmp / self.filename)
         else:
+            stem, _, ext = self.filename.rpartition(".")
             n = len(self.shards)
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(self.shards, 1):
@@ -196,24 +276,28 @@ class CheckpointWriter:
                 shutil.copyfile(src, self.tmp / entry)  # follows Hub-cache symlinks
         for name, content in self.extra_files.items():
             (self.tmp / name).write_bytes(content)
-        if self.single_file:
-            if os.path.isdir(self.out) and not os.path.islink(self.out):
-                shutil.rmtree(self.out)  # --force replacing a folder with a file
-            os.replace(self.tmp / self.filename, self.out)  # atomic for a file
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-            return
         self._move_into_place()
 
     def _move_into_place(self) -> None:
+        """Rename the finished output into place; with --force the old one is moved aside
+        first and put back if anything fails, so the user never ends up with neither."""
         assert self.tmp is not None
+        new = self.tmp / self.filename if self.single_file else self.tmp
         old: Path | None = None
-        if os.path.lexists(self.out):  # --force: swap, then delete the old one
+        if os.path.lexists(self.out):
             check_output(self.out, self.inputs, True)
             old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
             os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        try:
+            os.rename(new, self.out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.out)
+            raise
+        if self.single_file:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp = None
+        self.created = []
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -221,13 +305,19 @@ class CheckpointWriter:
                 old.unlink()
 
     def abort(self) -> None:
-        """Remove everything written so far."""
+        """Remove everything written so far, and the parent folders this writer made."""
         for shard in self.shards:
             if not shard.f.closed:
                 shard.f.close()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+        for d in self.created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self.created = []
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:

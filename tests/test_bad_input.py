@@ -32,7 +32,11 @@ def _assert_clean_error(tmp_path: Path, args: list[object], *needles: str) -> st
     assert "Traceback" not in res.err
     for n in needles:
         assert n in lines[0], (n, lines[0])
-    assert tree(tmp_path) == before  # nothing written, inputs untouched
+    assert tree(tmp_path) == before  # inputs untouched
+    if args[0] == "inspect":  # the same input to a command that writes: nothing is written
+        res = run_cli("convert", args[1], "--to", "kohya", "-o", tmp_path / "o" / "x.safetensors")
+        assert res.rc == 1 and len(res.err.strip().splitlines()) == 1, res.err
+        assert tree(tmp_path) == before and not (tmp_path / "o").exists()
     return lines[0]
 
 

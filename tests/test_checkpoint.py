@@ -101,11 +101,53 @@ def _write_raw(path, header: dict, data: bytes, pad: bool = True) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-def test_gaps_between_tensors_are_tolerated(tmp_path):
+def test_gaps_and_trailing_bytes_are_refused_as_safetensors_refuses_them(tmp_path):
+    from safetensors import SafetensorError, safe_open
+
     p = tmp_path / "x.safetensors"
-    _write_raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
-               struct.pack("<ff", 9.0, 2.5))
-    assert open_checkpoint(p).load("a").tolist() == [2.5]
+    hdr = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    for data, msg in ((struct.pack("<ff", 9.0, 2.5), "belong to no tensor"),
+                      (struct.pack("<fff", 9.0, 2.5, 1.0), "belong to no tensor")):
+        _write_raw(p, hdr if len(data) == 8 else {"a": {"dtype": "F32", "shape": [2],
+                                                         "data_offsets": [0, 8]}}, data)
+        with pytest.raises(FormatError, match=msg):
+            open_checkpoint(p)
+        with pytest.raises(SafetensorError):  # the reference refuses the same files
+            with safe_open(p, "pt") as f:
+                f.get_tensor("a")
+
+
+def test_index_decides_the_shard(tmp_path):
+    """Two shards both holding 'a': the one the index names is read, as transformers does."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2), "b": torch.zeros(1)}, tmp_path / "s1.safetensors")
+    save_file({"a": torch.full((3,), 7.0), "c": torch.zeros(1)}, tmp_path / "s2.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}}))
+    ck = open_checkpoint(tmp_path)
+    assert torch.equal(ck.load("a"), torch.ones(2)) and sorted(ck.tensors) == ["a", "b", "c"]
+
+
+def test_folder_with_safetensors_and_pickles_prefers_safetensors(tmp_path, llama_dir,
+                                                                  sharded_bin_dir):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(sharded_bin_dir, d)
+    shutil.copy(llama_dir / "model.safetensors", d)
+    ck = open_checkpoint(d)
+    assert ck.container == "safetensors" and ck.index is None
+
+
+def test_single_file_ignores_a_broken_config_beside_it(tmp_path, llama_dir):
+    import shutil
+
+    shutil.copy(llama_dir / "model.safetensors", tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    ck = open_checkpoint(tmp_path / "model.safetensors")
+    assert ck.config is None and ck.adapter_config is None
 
 
 def test_index_naming_missing_tensor(sharded_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import torch
 
@@ -151,3 +152,44 @@ def test_against_itself_across_containers(llama_dir, bin_dir):
     d = _json(llama_dir, "--against", bin_dir)
     c = d["compare"]
     assert c["changed"] == [] and c["unchanged"] == c["compared"] == d["num_tensors"]
+
+
+def test_adapter_listing_does_not_import_torch(peft_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from loratool.cli import main\n"
+            f"try: main(['inspect', {str(peft_dir)!r}, '--json'])\n"
+            "except SystemExit: pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert json.loads(res.stdout)["kind"] == "adapter"
+    assert res.stderr.strip() == "False"
+
+
+def test_missing_lora_alpha_means_peft_default_8(tmp_path, peft_dir):
+    d = tmp_path / "a"
+    shutil.copytree(peft_dir, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["lora_alpha"], cfg["alpha_pattern"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    mods = {m["name"]: m for m in _json(d)["modules"]}
+    assert mods["model.layers.0.self_attn.q_proj"]["scale"] == 2.0  # 8 / 4, as PEFT
+    from loratool.adapter import read_adapter
+
+    assert read_adapter(str(d)).modules["model.layers.0.self_attn.q_proj"].scale == 2.0
+
+
+def test_against_zero_norm_and_nan_stay_valid_json(tmp_path):
+    from safetensors.torch import save_file
+
+    nan = torch.tensor([1.0, float("nan")])
+    save_file({"z": torch.zeros(4), "n": nan}, tmp_path / "a.safetensors")
+    save_file({"z": torch.ones(4), "n": nan.clone()}, tmp_path / "b.safetensors")
+    res = run_cli("inspect", tmp_path / "a.safetensors", "--against", tmp_path / "b.safetensors",
+                  "--json")
+    assert res.rc == 0, res.err
+    c = json.loads(res.out)["compare"]  # json.loads would accept NaN; check the text too
+    assert "NaN" not in res.out and "Infinity" not in res.out
+    assert [x["name"] for x in c["changed"]] == ["z"] and c["changed"][0]["rel_diff"] is None
+    assert c["unchanged"] == 1

@@ -101,6 +101,12 @@ def hub(tmp_path, sharded_dir, bin_dir, peft_dir):
         server.add("acme/sharded", sharded_dir, ref="v1")
         server.add("acme/pickles", bin_dir)
         server.add("acme/adapter", peft_dir)
+        from conftest import run_cli
+
+        (tmp_path / "kohya").mkdir()
+        assert run_cli("convert", peft_dir, "--to", "kohya", "-o",
+                       tmp_path / "kohya" / "lora.safetensors").rc == 0
+        server.add("acme/kohya", tmp_path / "kohya")
         server.env = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
                       "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
                       "HF_HUB_DISABLE_TELEMETRY": "1", "CWD": str(tmp_path)}
@@ -151,6 +157,10 @@ def test_pickled_repo_and_adapter_over_http(hub, peft_dir):
     res = _run(hub.env, ["inspect", "acme/adapter", "--json"])
     d = json.loads(res.stdout)
     assert d["kind"] == "adapter" and len(d["modules"]) == 6
+    res = _run(hub.env, ["inspect", "acme/kohya", "--json"])
+    assert res.returncode == 0 and res.stderr == "", res.stderr  # no hub bars or warnings
+    d = json.loads(res.stdout)
+    assert d["format"] == "kohya" and len(d["modules"]) == 6
 
 
 def test_against_hub_model_and_errors(hub, sharded_dir):
@@ -158,7 +168,7 @@ def test_against_hub_model_and_errors(hub, sharded_dir):
     assert res.returncode == 0, res.stderr
     c = json.loads(res.stdout)["compare"]
     assert c["changed"] == [] and c["unchanged"] == c["compared"] > 0
-    for spec, needle in (("acme/nothing", "repository not found"),
+    for spec, needle in (("acme/nothing", "no such repository"),
                          ("acme/sharded@v9", "revision 'v9' not found")):
         res = _run(hub.env, ["inspect", spec])
         assert res.returncode == 1

@@ -11,7 +11,8 @@ import torch
 
 from loratool.checkpoint import open_checkpoint
 from loratool.errors import LoraToolError, OutputError
-from loratool.writer import CheckpointWriter, parse_size
+from conftest import tree
+from loratool.writer import CheckpointWriter, _umask, parse_size
 
 
 def _write(out, state, **kw):
@@ -108,32 +109,32 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, tiny_llama):
 
 
 def test_sigterm_leaves_nothing(tmp_path):
-    """A real process killed with SIGTERM mid-write removes its temporary folder."""
+    """A real `loratool` process killed with SIGTERM mid-write removes its temporary folder:
+    the writer is slowed down so that the signal lands while shards are being written."""
     import signal
     import subprocess
     import sys
     import time
 
     code = f"""
-import sys, time, torch
-from loratool.cli import main, _on_sigterm
-import signal; signal.signal(signal.SIGTERM, _on_sigterm)
-from loratool.writer import CheckpointWriter
-try:
-    with CheckpointWriter({str(tmp_path / 'out')!r}) as w:
-        w.add("a", torch.zeros(1000))
-        print("writing", flush=True)
-        time.sleep(60)
-except KeyboardInterrupt:
-    sys.exit(130)
+import sys, time
+import loratool.writer as w
+add = w.CheckpointWriter.add
+def slow_add(self, name, t):
+    add(self, name, t)
+    print("writing", flush=True)
+    time.sleep(60)
+w.CheckpointWriter.add = slow_add
+from loratool.cli import main
+main(["demo", "--workdir", {str(tmp_path / 'demo')!r}])
 """
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
-    assert any(n.endswith(".partial") for n in os.listdir(tmp_path))
+    assert any(n.endswith(".partial") for n in os.listdir(tmp_path / "demo"))
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 130
     time.sleep(0.1)
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(tmp_path / "demo")) == [".loratool-demo"]
 
 
 def test_existing_output_refused_then_forced(tmp_path):
@@ -179,3 +180,61 @@ def test_duplicate_name_is_an_error(tmp_path):
             w.add("a", torch.ones(1))
             w.add("a", torch.ones(1))
     assert os.listdir(tmp_path) == []
+
+
+def test_force_swap_failure_puts_the_old_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _write(out, {"old": torch.ones(2)})
+    real = os.rename
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OutputError, match="No space left"):
+        _write(out, {"new": torch.zeros(2)}, force=True)
+    monkeypatch.undo()
+    assert list(open_checkpoint(out).tensors) == ["old"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_single_file_force_over_folder_and_file(tmp_path):
+    out = tmp_path / "x.safetensors"
+    out.mkdir()
+    (out / "junk").write_text("x")
+    _write(out, {"a": torch.ones(1)}, single_file=True, force=True)
+    assert out.is_file() and sorted(os.listdir(tmp_path)) == ["x.safetensors"]
+    _write(out, {"b": torch.ones(1)}, single_file=True, force=True)
+    assert list(open_checkpoint(out).tensors) == ["b"]
+
+
+def test_planned_layout_writes_once_and_matches_streaming(tmp_path, tiny_llama):
+    from loratool.checkpoint import dtype_code
+
+    state = tiny_llama.state_dict()
+    plan = [(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in state.items()]
+    a = _write(tmp_path / "a", state, max_shard_size=50_000)
+    b = _write(tmp_path / "b", state, max_shard_size=50_000, plan=plan)
+    assert tree(a) == tree(b)  # byte for byte the same files
+    with pytest.raises(LoraToolError, match="planned layout"):
+        _write(tmp_path / "c", {"x": torch.ones(3)}, plan=plan)
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_parents_are_created_and_removed_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "p" / "q" / "out") as w:
+            w.add("a", torch.ones(1))
+            raise RuntimeError("x")
+    assert os.listdir(tmp_path) == []
+    _write(tmp_path / "p" / "q" / "out", {"a": torch.ones(1)})
+    mode = (tmp_path / "p" / "q" / "out").stat().st_mode & 0o777
+    assert mode == 0o777 & ~_umask()
+
+
+def test_dot_output_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError):
+        CheckpointWriter(".", force=True)

@@ -114,7 +114,6 @@ def read_any(spec: str, base: str | None = None) -> Any:
     """Read an adapter of any supported format into a LoraAdapter."""
     from ..checkpoint import open_checkpoint
     from ..sources import resolve_input
-    from . import diffusers, kohya, peft
 
     target = resolve_input(spec)
     if isinstance(target, Path):
@@ -123,7 +122,14 @@ def read_any(spec: str, base: str | None = None) -> Any:
         if target.suffix == ".gguf":
             raise FormatError(f"{spec}: reading GGUF adapters is not supported; convert from "
                               "the adapter the GGUF was made from")
-    ckpt = open_checkpoint(spec)
+    return read_checkpoint(open_checkpoint(spec), base)
+
+
+def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
+    """Read an already opened adapter checkpoint into a LoraAdapter."""
+    from . import diffusers, kohya, peft
+
+    spec = ckpt.source or str(ckpt.path)
     kind, fmt = detect(ckpt)
     if kind != "adapter":
         raise FormatError(f"{spec}: is a model checkpoint, not an adapter (no lora_A/lora_B or "

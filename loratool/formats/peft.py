@@ -25,9 +25,16 @@ _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|l
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rule: the first key k with ``re.match(rf"(.*\\.)?({k})$", module)`` wins."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+    if not isinstance(patterns, dict):
+        raise FormatError(f"rank_pattern/alpha_pattern must map names to numbers, got "
+                          f"{type(patterns).__name__}")
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise FormatError(f"pattern {key!r} in the adapter config is not a valid regular "
+                              f"expression ({e})") from e
     return default
 
 
@@ -46,7 +53,8 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.adapter_config or {}
     rslora = bool(cfg.get("use_rslora", False))
     dora = bool(cfg.get("use_dora", False))
-    default_alpha = cfg.get("lora_alpha", cfg.get("r", 8))
+    where = str(ckpt.source or ckpt.path)
+    default_alpha = config_number(cfg, "lora_alpha", where, 8)  # PEFT's default is 8
     modules: dict[str, dict[str, Any]] = {}
     full: list[str] = []
     for name, info in ckpt.tensors.items():
@@ -76,9 +84,12 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
     out = []
     for mod_name in sorted(modules, key=natural_key):
         mod = modules[mod_name]
-        rank = int(mod.get("rank", pattern_value(cfg.get("rank_pattern", {}), mod_name,
-                                                 cfg.get("r", 0))))
-        alpha = float(pattern_value(cfg.get("alpha_pattern", {}), mod_name, default_alpha))
+        rank = int(mod.get("rank", 0))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod_name, default_alpha)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise FormatError(f"{where}: alpha_pattern gives {mod_name} the alpha {alpha!r}, "
+                              "not a number")
+        alpha = float(alpha)
         layout = mod.get("layout") or ("fan_in_fan_out" if cfg.get("fan_in_fan_out")
                                        else "linear")
         entry = {"name": mod_name, "rank": rank, "alpha": alpha,
@@ -95,7 +106,7 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "base_model": cfg.get("base_model_name_or_path"),
         "base_model_revision": cfg.get("revision"),
         "task_type": cfg.get("task_type"),
-        "target_modules": sorted(target) if isinstance(target, list) else target,
+        "target_modules": sorted(map(str, target)) if isinstance(target, list) else target,
         "r": cfg.get("r"),
         "lora_alpha": cfg.get("lora_alpha"),
         "use_rslora": rslora,
