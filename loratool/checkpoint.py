@@ -422,6 +422,14 @@ class Checkpoint:
             t = t.to(device=device, dtype=dtype)
         return t
 
+    def local_info(self, name: str) -> TensorInfo:
+        """The info of a tensor whose file is on disk (downloading a Hub shard if needed)."""
+        info = self.info(name)
+        if info.offset == REMOTE:
+            self._download(info.file)
+            info = self.info(name)
+        return info
+
     def _download(self, file: Path) -> None:
         """Fetch a Hub shard whose header was read remotely, and re-read it locally."""
         assert self._fetch is not None

@@ -84,6 +84,111 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
         click.echo(format_compare(data, cmp, expand=expand))
 
 
+def _merge_options(f: Any) -> Any:
+    """The flags merge and unmerge share."""
+    for opt in reversed([
+        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+                     help="Output model folder."),
+        click.option("--weight", "weights", multiple=True, type=float, metavar="W",
+                     help="Scale of each adapter's delta, one per adapter in order "
+                          "(default 1; negative allowed)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N: where the math runs."),
+        click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
+                     default="keep", show_default=True, help="Output dtype of float tensors."),
+        click.option("--max-shard-size", default="5GB", show_default=True,
+                     help="Cut output shards at this size (5GB, 500MB, 2GiB)."),
+        click.option("--untie", is_flag=True,
+                     help="An adapter on a tied lm_head: write a separate lm_head instead of "
+                          "refusing."),
+        click.option("--verify", is_flag=True,
+                     help="Re-read the output and check every changed tensor against a "
+                          "float64 reference."),
+        click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
+               out: Path, weights: tuple[float, ...], device: str, dtype: str,
+               max_shard_size: str, untie: bool, verify: bool, force: bool,
+               as_json: bool) -> None:
+    from .merge import run
+
+    bar = None
+    if _progress(ctx):
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, desc="merge" if sign > 0 else "unmerge",
+                   leave=False)
+    try:
+        report = run(base, list(adapters), out, weights=list(weights), sign=sign,
+                     device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                     untie=untie, verify=verify, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in report["adapters"])
+    click.echo(f"wrote {report['output']}: {report['operation']}d {names} into {base}")
+    click.echo(f"  {report['tensors_changed']} of {report['tensors']} tensors changed, max "
+               f"|ΔW| {report['max_abs_delta']:.3g}; {report['seconds']:.2f} s, "
+               f"{report['gb_per_s']:.2f} GB/s on {report['device']}, peak RSS "
+               f"{report['peak_rss_mb']:.0f} MiB"
+               + (f", peak GPU {report['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in report
+                  else ""))
+    if report["dora_norms_recorded"]:
+        click.echo(f"  recorded DoRA row norms of {report['dora_norms_recorded']} tensors for "
+                   "unmerge")
+    v = report.get("verify")
+    if v:
+        click.echo(f"  verify: {v['checked']} changed tensors within the rounding bound; worst "
+                   f"{v['name']} at {v['ratio']:.3f}× the bound (max error "
+                   f"{v['max_abs_error']:.3g})")
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@_merge_options
+@click.pass_context
+def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], **kw: Any) -> None:
+    """Fold one or more adapters into BASE and write a model folder transformers loads.
+
+    Streams tensor by tensor (memory stays near one tensor); math in float32 on the chosen
+    device, rounded once to the output dtype; in float32 the result equals PEFT's
+    merge_and_unload bit for bit.
+
+    \b
+    Examples:
+      loratool merge ./Llama-3.2-1B ./my-adapter -o ./merged
+      loratool merge base/ style/ task/ --weight 0.7 --weight 1.0 -o merged/ --dtype bf16
+      loratool merge base/ adapter/ -o merged/ --device cuda --verify
+    """
+    _run_merge(ctx, 1.0, base, adapters, **kw)
+
+
+@cli.command()
+@click.argument("merged")
+@click.argument("adapters", nargs=-1, required=True)
+@_merge_options
+@click.pass_context
+def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: Any) -> None:
+    """Take adapters back out of a merged model (the same deltas, subtracted in float32).
+
+    DoRA merges are undone with the row norms `loratool merge` recorded beside the model.
+
+    \b
+    Example:
+      loratool unmerge ./merged ./my-adapter -o ./base-again
+    """
+    _run_merge(ctx, -1.0, merged, adapters, **kw)
+
+
 @cli.command()
 @click.argument("adapter")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),

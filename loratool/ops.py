@@ -46,3 +46,44 @@ def base_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str
     if layout in ("fan_in_fan_out", "embedding"):
         return (a_shape[1], b_shape[0])
     return (b_shape[0], a_shape[1])
+
+
+def dora_merge(W: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, layout: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA merge as PEFT does it: V = W + ΔW, W' = (m / ‖V‖) · V with the norm over the input
+    dimension of each output row. Returns W' and ‖V‖ (needed to undo the merge)."""
+    if layout == "conv":
+        v = W + 1 * delta
+        norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
+        factor = (magnitude.reshape(1, -1, *[1] * (v.dim() - 2)) / norm).transpose(1, 0)
+        return factor * (W + delta), norm.reshape(-1)
+    fan = layout == "fan_in_fan_out"
+    v = (W.T if fan else W) + 1 * (delta.T if fan else delta)
+    norm = torch.linalg.norm(v, dim=1).to(v.dtype)
+    factor = (magnitude / norm).view(-1, 1)
+    if fan:
+        factor = factor.T
+    return factor * (W + delta), norm
+
+
+def dora_unmerge(W: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+                 norm: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`dora_merge` given the recorded ‖V‖: W = W' / (m / ‖V‖) − ΔW."""
+    factor = magnitude.reshape(-1) / norm.reshape(-1)
+    if layout == "conv":
+        factor = factor.reshape(-1, *[1] * (W.dim() - 1))
+    else:
+        factor = factor.view(-1, 1)
+        if layout == "fan_in_fan_out":
+            factor = factor.T
+    return W / factor - delta
+
+
+def lora_abs_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str) -> torch.Tensor:
+    """|scale|·(|B| @ |A|) in the base layout: a bound on |ΔW| used for rounding-error bounds."""
+    return lora_delta(A.abs(), B.abs(), abs(scale), layout)
+
+
+def mantissa_bits(dtype: torch.dtype) -> int:
+    """Significand bits (with the implicit one) of a float dtype: fp32 24, bf16 8, fp16 11."""
+    return 1 - int(math.log2(torch.finfo(dtype).eps))

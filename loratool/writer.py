@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .checkpoint import dtype_code, weight_file_names
+from .checkpoint import dtype_bytes, dtype_code, weight_file_names
 from .errors import LoraToolError, OutputError
 
 if TYPE_CHECKING:
@@ -80,6 +80,13 @@ def tensor_bytes(t: "torch.Tensor") -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
+def _write_all(f: BinaryIO, view: memoryview) -> None:
+    """An unbuffered write may be partial: loop until every byte is out."""
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:]) or 0
+
+
 def _header_bytes(metadata: dict[str, str], header: dict[str, Any]) -> bytes:
     raw = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
@@ -99,9 +106,10 @@ class _Shard:
         self.size = 0
         if self.planned:
             self.data_path = None
-            self.f: BinaryIO = open(self.path, "wb")
+            # unbuffered: data also arrives by copy_file_range on the same descriptor
+            self.f: BinaryIO = open(self.path, "wb", buffering=0)
             raw = _header_bytes(metadata, self.header)
-            self.f.write(len(raw).to_bytes(8, "little") + raw)
+            _write_all(self.f, memoryview(len(raw).to_bytes(8, "little") + raw))
         else:
             self.data_path = folder / f".shard-{number:05d}.data"
             self.f = open(self.data_path, "wb")
@@ -116,8 +124,30 @@ class _Shard:
         else:
             self.header[name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
                                  "data_offsets": [self.size, self.size + len(view)]}
-        self.f.write(view)
+        _write_all(self.f, view) if self.planned else self.f.write(view)
         self.size += len(view)
+
+    def add_raw(self, name: str, code: str, shape: list[int], src: Path, offset: int,
+                nbytes: int) -> None:
+        """Copy a tensor's bytes straight from a source file (in the kernel where it can)."""
+        want = self.header.get(name)
+        if not self.planned or want is None or want["data_offsets"] != [
+                self.size, self.size + nbytes] or want["dtype"] != code or want["shape"] != shape:
+            raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
+        with open(src, "rb", buffering=0) as fin:
+            done = 0
+            while done < nbytes:
+                try:
+                    n = os.copy_file_range(fin.fileno(), self.f.fileno(), nbytes - done,
+                                           offset + done)
+                except OSError:  # another file system, or no kernel support: read and write
+                    n = len(chunk := os.pread(fin.fileno(), min(nbytes - done, 1 << 24),
+                                              offset + done))
+                    _write_all(self.f, memoryview(chunk))
+                if n == 0:
+                    raise LoraToolError(f"{src}: ended while copying tensor {name!r}")
+                done += n
+        self.size += nbytes
 
     def close(self) -> None:
         self.f.close()
@@ -224,13 +254,7 @@ class CheckpointWriter:
         t = t.contiguous()
         nbytes = t.numel() * t.element_size()
         if self.plan is not None:
-            if not self.shards or name not in self.shards[-1].header:
-                if self.shards:
-                    self.shards[-1].close()
-                k = len(self.shards)
-                if k >= len(self.plan) or name not in self.plan[k]:
-                    raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
-                self.shards.append(_Shard(self.tmp, k + 1, self.metadata, self.plan[k]))
+            self._shard_for(name)
         elif not self.shards or (self.shards[-1].size and
                                  self.shards[-1].size + nbytes > self.max_shard_size):
             if self.shards:
@@ -239,6 +263,29 @@ class CheckpointWriter:
         self.shards[-1].add(name, t)
         self.total_size += nbytes
         self.total_params += t.numel()
+
+    def add_raw(self, name: str, code: str, shape: tuple[int, ...], src: Path, offset: int,
+                nbytes: int) -> None:
+        """Copy an unchanged tensor byte for byte from a safetensors source (planned mode)."""
+        assert self.tmp is not None and self.plan is not None, "add_raw needs a planned layout"
+        if name in self.names:
+            raise LoraToolError(f"tensor {name!r} written twice")
+        self.names.add(name)
+        self._shard_for(name)
+        self.shards[-1].add_raw(name, code, list(shape), src, offset, nbytes)
+        self.total_size += nbytes
+        self.total_params += nbytes // dtype_bytes(code)
+
+    def _shard_for(self, name: str) -> None:
+        """Planned mode: open the shard that holds ``name`` (closing the previous one)."""
+        assert self.plan is not None and self.tmp is not None
+        if not self.shards or name not in self.shards[-1].header:
+            if self.shards:
+                self.shards[-1].close()
+            k = len(self.shards)
+            if k >= len(self.plan) or name not in self.plan[k]:
+                raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
+            self.shards.append(_Shard(self.tmp, k + 1, self.metadata, self.plan[k]))
 
     def add_file(self, name: str, content: bytes | str) -> None:
         """A small non-weight file (config, model card …) written with the output."""

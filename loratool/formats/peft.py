@@ -167,7 +167,9 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
             if "lora_" in rel or "hada_" in rel or "lokr_" in rel:
                 raise FormatError(f"{where}: unknown key pattern {key!r} (LoHa, LoKr, AdaLoRA "
                                   "and other non-LoRA adapters are not supported)")
-            full[rel] = t  # modules_to_save and other full tensors
+            # modules_to_save and other full tensors; PEFT saves the embedding it adapts (for a
+            # resized vocabulary) as <module>.base_layer.weight: it replaces <module>.weight
+            full[rel.replace(".base_layer.", ".")] = t
             continue
         mod, part, leaf = sk
         d = parts.setdefault(mod, {})
@@ -289,8 +291,12 @@ def state_for(mods: list, full: dict[str, Any], prefix: str = PREFIX) -> dict[st
                 out[p + ".lora_B.bias"] = m.bias
         if m.magnitude is not None:
             out[p + ".lora_magnitude_vector"] = m.magnitude
+    lora_names = {m.name for m in mods}
     for name in sorted(full, key=natural_key):
-        out[prefix + name] = full[name]
+        mod, _, leaf = name.rpartition(".")
+        # a full tensor of a module that also has LoRA is its base layer, as PEFT saves it
+        key = f"{mod}.base_layer.{leaf}" if mod in lora_names else name
+        out[prefix + key] = full[name]
     return out
 
 
