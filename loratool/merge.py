@@ -216,7 +216,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     """Merge (sign +1) or unmerge (sign −1) adapters; returns the report."""
     import torch
 
-    from .checkpoint import dtype_code, open_checkpoint, torch_dtype
+    from .checkpoint import open_checkpoint, torch_dtype
     from .formats import read_any
     from .writer import CheckpointWriter
 
