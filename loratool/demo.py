@@ -149,5 +149,28 @@ def run_demo(workdir: Path) -> Iterator[str]:
                  f"{workdir / 'adapter-back'}\nwrote {back['output']}: {back['modules']} LoRA "
                  "modules (names restored from the kohya file's header)")
     yield "\n".join(lines) + "\n"
-    yield ("Next: extract an adapter from base and tuned, merge and unmerge it, combine and "
-           "resize adapters, export to ONNX — those commands arrive in later releases.")
+    from .merge import run as merge_run
+
+    merged, again = workdir / "merged", workdir / "unmerged"
+    rep = merge_run(str(base), [str(adapter)], merged, weights=None, sign=1.0, force=True,
+                    verify=True, device="cpu")
+    v = rep["verify"]
+    yield (f"$ loratool merge {base} {adapter} -o {merged} --verify\n"
+           f"wrote {merged}: {rep['tensors_changed']} of {rep['tensors']} tensors changed, max "
+           f"|ΔW| {rep['max_abs_delta']:.3g}; verify: worst {v['name']} at {v['ratio']:.3f}× "
+           "the bf16 rounding bound\n")
+    rep = merge_run(str(merged), [str(adapter)], again, weights=None, sign=-1.0, force=True,
+                    device="cpu")
+    cmp = compare(open_checkpoint(again), ckpt)
+    same = total = 0
+    for name in ckpt.tensors:
+        a, b = open_checkpoint(again).load(name), ckpt.load(name)
+        same += int((a == b).sum())
+        total += a.numel()
+    yield (f"$ loratool unmerge {merged} {adapter} -o {again}\n"
+           f"{again} vs {base}: {cmp['unchanged']} of {cmp['compared']} tensors identical; "
+           f"{same / total:.2%} of all values bit for bit the base's after a bf16 merge → "
+           "unmerge round trip (the rest lost low bits when the merged values were rounded "
+           "to bf16)\n")
+    yield ("Next: extract an adapter from base and tuned, combine and resize adapters, export "
+           "to ONNX — those commands arrive in later releases.")

@@ -140,15 +140,16 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
 
 
 def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
-           out_name: str, dora_norms: dict[str, Any] | None) -> Any:
-    """The merged (sign +1) or unmerged (sign −1) float32 tensor on ``device``."""
+           out_name: str, dora_norms: dict[str, Any] | None, stats: dict[str, float]) -> Any:
+    """The merged (sign +1) or unmerged (sign −1) float32 tensor on ``device``; ``W`` is the
+    caller's own float32 copy and may be changed in place."""
     import torch
 
     from . import ops
 
     if e.full is not None:
         t, w = e.full
-        F = t.to(device=device, dtype=torch.float32)
+        F = t.to(device=device, dtype=torch.float32, copy=True)  # W is changed in place
         if sign < 0:
             raise FormatError(f"{out_name}: a full replacement (modules_to_save) cannot be "
                               "unmerged: the base tensor it replaced is not recoverable")
@@ -159,16 +160,22 @@ def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
         else:
             W = F if w == 1.0 else W + w * (F - W)
     for m, w in e.lora:
+        # in place: W holds its own copy, and peak memory stays near three tensors
         d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
                            m.scale, m.layout)
         if w != 1.0:
-            d = d * w
-        W = W + d if sign > 0 else W - d
+            d.mul_(w)
+        if d.numel():
+            lo, hi = torch.aminmax(d)
+            stats["max_abs_delta"] = max(stats["max_abs_delta"], -float(lo), float(hi))
+        W.add_(d) if sign > 0 else W.sub_(d)
+        del d
     if e.dora is not None:
         m, w = e.dora
         d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
                            m.scale, m.layout)
         mag = m.magnitude.to(device, torch.float32)
+        stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
         if sign > 0:
             merged, norm = ops.dora_merge(W, d, mag, m.layout)
             norms[out_name] = norm.cpu()
@@ -186,18 +193,66 @@ def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
         b = m.bias.to(device, torch.float32) * m.scale
         if w != 1.0:
             b = b * w
-        W = W + b if sign > 0 else W - b
+        W.add_(b) if sign > 0 else W.sub_(b)
     return W
 
 
-def _check_range(t: Any, out_dtype: Any, name: str) -> None:
+ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
+
+
+def _apply_rows(t: Any, e: Edit, sign: float, out_dtype: Any, name: str,
+                stats: dict[str, float]) -> Any:
+    """The CPU path for plain LoRA: the same additions as :func:`_apply`, in PEFT's order,
+    done a block of rows at a time so that the float32 copy, the check and the rounding stay
+    in cache instead of streaming whole float32 tensors through memory several times."""
     import torch
 
-    if not bool(torch.isfinite(t).all()):
+    from . import ops
+
+    deltas = []
+    for m, w in e.lora:
+        d = ops.lora_delta(m.A.to(torch.float32), m.B.to(torch.float32), m.scale, m.layout)
+        if w != 1.0:
+            d.mul_(w)
+        deltas.append(d)
+    out = torch.empty(t.shape, dtype=out_dtype)
+    rows = max(1, ROW_CHUNK // max(1, t[0].numel()))
+    lo_all, hi_all = math.inf, -math.inf
+    for s in range(0, t.shape[0], rows):
+        W = t[s:s + rows].to(torch.float32, copy=True)
+        for d in deltas:
+            dc = d[s:s + rows]
+            lo, hi = torch.aminmax(dc)
+            stats["max_abs_delta"] = max(stats["max_abs_delta"], -float(lo), float(hi))
+            W.add_(dc) if sign > 0 else W.sub_(dc)
+        lo, hi = (float(x) for x in torch.aminmax(W))
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN
+            raise LoraToolError(f"{name}: the result holds NaN or Inf; nothing was written "
+                                "(check the base, the adapter's values and --weight)")
+        lo_all, hi_all = min(lo_all, lo), max(hi_all, hi)
+        out[s:s + rows].copy_(W)
+    if out_dtype in (torch.float16, torch.bfloat16) and max(-lo_all, hi_all) > torch.finfo(
+            out_dtype).max:
+        raise LoraToolError(f"{name}: a value of {max(-lo_all, hi_all):.4g} exceeds the "
+                            f"largest {str(out_dtype).removeprefix('torch.')} "
+                            f"({torch.finfo(out_dtype).max:.4g}); write with --dtype fp32 or "
+                            "bf16")
+    return out
+
+
+def _check_range(t: Any, out_dtype: Any, name: str) -> None:
+    """Non-finite values and values out of range for fp16/bf16 are errors. One pass:
+    ``aminmax`` propagates NaN, so finite extremes mean every value is finite."""
+    import torch
+
+    if not t.numel() or not t.is_floating_point():
+        return
+    lo, hi = (float(x) for x in torch.aminmax(t))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise LoraToolError(f"{name}: the result holds NaN or Inf; nothing was written (check "
                             "the adapter's values and --weight)")
     if out_dtype in (torch.float16, torch.bfloat16):
-        big = float(t.abs().max()) if t.numel() else 0.0
+        big = max(-lo, hi)
         limit = torch.finfo(out_dtype).max
         if big > limit:
             raise LoraToolError(f"{name}: a value of {big:.4g} exceeds the largest "
@@ -298,16 +353,22 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
                 w.add(name, t)
             else:
                 e = edits[name]
-                W = t.to(device=dev, dtype=torch.float32)
-                new = _apply(W, e, sign, dev, norms, name, dora_norms)
+                stats = {"max_abs_delta": 0.0}
                 odt = torch_dtype(code)
-                _check_range(new, odt, name)
-                res = new.to(odt).cpu()
-                d = (new - W) if new.shape == W.shape else None
-                changed.append({"name": name, "max_abs_delta": float(d.abs().max())
-                                if d is not None and d.numel() else None})
+                if dev.type == "cpu" and e.full is None and e.dora is None and not e.bias \
+                        and t.dim() >= 2:
+                    res = _apply_rows(t, e, sign, odt, name, stats)
+                else:
+                    W = t.to(device=dev, dtype=torch.float32, copy=True)
+                    del t
+                    new = _apply(W, e, sign, dev, norms, name, dora_norms, stats)
+                    del W
+                    _check_range(new, odt, name)
+                    res = new.to(odt).cpu()
+                    del new
+                changed.append({"name": name, "max_abs_delta": stats["max_abs_delta"]})
                 w.add(name, res)
-                del W, new, d
+                del res
             if progress:
                 progress(info.nbytes)
         if norms:

@@ -31,11 +31,11 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str) -> t
         if B.dim() > 2 and math.prod(B.shape[2:]) != 1:
             raise ValueError("conv lora_B must have a 1×1 kernel")
         d = B.reshape(out, r) @ A.reshape(A.shape[0], -1)
-        return (d * scale).reshape(out, *A.shape[1:])
+        return d.mul_(scale).reshape(out, *A.shape[1:])
     d = B @ A
     if layout in ("fan_in_fan_out", "embedding"):
         d = d.T
-    return d * scale
+    return d.mul_(scale)  # in place on the fresh product: same values as d * scale
 
 
 def base_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str

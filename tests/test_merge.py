@@ -286,16 +286,18 @@ def test_sigkill_leaves_no_complete_looking_output_and_rerun_succeeds(tmp_path):
     out = tmp_path / "merged"
     cmd = [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out),
            "--max-shard-size", "300KB"]
-    code = ("import time, loratool.writer as w\n"
+    code = ("import sys, time, loratool.writer as w\n"
             "add = w.CheckpointWriter.add\n"
-            "def slow(self, *a):\n    time.sleep(0.02)\n    add(self, *a)\n"
+            "def slow(self, *a):\n    print('writing', flush=True)\n    time.sleep(0.05)\n"
+            "    add(self, *a)\n"
             "w.CheckpointWriter.add = slow\n"
             "from loratool.cli import main\nmain(" + repr(cmd[3:]) + ")\n")
-    p = subprocess.Popen([sys.executable, "-c", code])
-    time.sleep(random.uniform(1.0, 1.6))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"  # killed while shards are being written
+    time.sleep(random.uniform(0.0, 0.8))
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not out.exists() or (out / "config.json").exists() and open_checkpoint(out)
+    assert not out.exists()
     leftovers = [n for n in os.listdir(tmp_path) if n not in ("w", "merged")]
     assert all(n.startswith(".merged.") and n.endswith(".partial") for n in leftovers)
     assert tree(tmp_path / "w") == before
@@ -315,3 +317,17 @@ def test_cuda_equals_cpu(tmp_path):
     a, b = open_checkpoint(tmp_path / "cpu"), open_checkpoint(tmp_path / "cuda")
     for name in a.tensors:
         assert torch.allclose(a.load(name), b.load(name), rtol=1e-6, atol=1e-6), name
+
+
+def test_nan_in_the_base_is_caught(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _setup(tmp_path, "lora+patterns")
+    p = tmp_path / "base" / "model.safetensors"
+    state = load_file(p)
+    key = "model.layers.1.self_attn.q_proj.weight"
+    state[key][40, 3] = float("nan")
+    save_file(state, p, metadata={"format": "pt"})
+    res = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m")
+    assert res.rc == 1 and key in res.err and "NaN" in res.err
+    assert not (tmp_path / "m").exists()

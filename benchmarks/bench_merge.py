@@ -1,0 +1,155 @@
+"""Benchmark ``loratool merge`` side by side with the I/O floor and the peer tools.
+
+In one run, alternating, each a fresh process, on synthetic Llama-shaped bf16 pairs (base +
+rank-16 PEFT adapter on every attention and MLP matrix):
+  * ``cp -r BASE OUT``                                   the I/O floor
+  * ``loratool merge BASE ADAPTER -o OUT``
+  * PEFT: ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
+  * mergekit: ``mergekit-yaml`` with the ``BASE+ADAPTER`` model syntax (passthrough)
+Reports median wall time and peak RSS (``wait4``) per tool and model size.
+
+The peers run from a separate virtual environment (``--peers-python``) so that their pinned
+dependencies do not touch loratool's:
+    python3 -m venv bench-work/peers && bench-work/peers/bin/pip install torch==2.13.0 \\
+        mergekit==0.1.5 peft
+Usage: python benchmarks/bench_merge.py [--layers 8 20] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PEFT_MERGE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+m.save_pretrained(out)
+"""
+
+
+def config(layers: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "head_dim": 128, "vocab_size": 32000,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+            "tie_word_embeddings": False, "dtype": "bfloat16", "rope_theta": 10000.0}
+
+
+def build(work: Path, layers: int, rank: int = 16) -> tuple[Path, Path]:
+    """Base model (bf16, 5GB shards as transformers writes them) and a PEFT adapter."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from loratool.adapter import LoraAdapter, LoraModule
+    from loratool.demo import llama_shapes
+    from loratool.formats import peft
+    from loratool.writer import CheckpointWriter
+
+    base, adapter = work / f"base-{layers}", work / f"adapter-{layers}"
+    if (adapter / "adapter_config.json").exists():
+        return base, adapter
+    cfg = config(layers)
+    g = torch.Generator().manual_seed(0)
+    ad = LoraAdapter(base_model=str(base), task_type="CAUSAL_LM")
+    with CheckpointWriter(base, force=True, max_shard_size="1GB") as w:
+        w.add_file("config.json", json.dumps(cfg, indent=2))
+        for name, shape in llama_shapes(cfg):
+            t = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)
+            w.add(name, t.to(torch.bfloat16))
+            if len(shape) == 2 and ".layers." in name:
+                a = torch.randn(rank, shape[1], generator=g) * 0.01
+                b = torch.randn(shape[0], rank, generator=g) * 0.01
+                ad.add(LoraModule(name.removesuffix(".weight"), a.to(torch.bfloat16),
+                                  b.to(torch.bfloat16), float(rank)))
+    peft.write(ad, adapter, force=True)
+    return base, adapter
+
+
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "merge")
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 20])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--peers-python", default=str(ROOT / "bench-work" / "peers" / "bin" /
+                                                 "python"))
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.build_only:
+        for n in args.layers:
+            build(args.work, n)
+        return
+    # build in a child: a parent holding torch would inflate the children's peak RSS
+    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work),
+                    "--layers", *map(str, args.layers)], check=True)
+    peers = Path(args.peers_python)
+    mergekit = peers.parent / "mergekit-yaml"
+    out = args.work / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count())}
+    rows = []
+    for n in args.layers:
+        base, adapter = args.work / f"base-{n}", args.work / f"adapter-{n}"
+        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        yml = args.work / f"mergekit-{n}.yml"
+        yml.write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\n"
+                       "dtype: bfloat16\n")
+        cases = {
+            "cp -r (I/O floor)": ["cp", "-r", str(base), str(out)],
+            "loratool merge": [sys.executable, "-m", "loratool", "merge", str(base),
+                               str(adapter), "-o", str(out)],
+            "PEFT merge_and_unload": [str(peers), "-c", PEFT_MERGE, str(base), str(adapter),
+                                      str(out)],
+            "mergekit-yaml (base+lora)": [str(mergekit), str(yml), str(out), "--lazy-unpickle",
+                                          "--allow-crimes", "--lora-merge-cache",
+                                          str(args.work / "mk-cache")],
+        }
+        if not peers.exists():
+            cases = {k: v for k, v in cases.items() if not k.startswith(("PEFT", "mergekit"))}
+        results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+        for _ in range(args.repeat):
+            for name, cmd in cases.items():
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(args.work / "mk-cache", ignore_errors=True)  # no warm cache
+                results[name].append(run(cmd, env))
+        shutil.rmtree(out, ignore_errors=True)
+        floor = statistics.median(w for w, _ in results["cp -r (I/O floor)"])
+        for name, rs in results.items():
+            wall = statistics.median(w for w, _ in rs)
+            rows.append((n, size, name, wall, wall / floor, max(m for _, m in rs)))
+    print(f"{args.repeat} runs each, alternating; median wall, max peak RSS\n")
+    print("| layers | base size | command | wall (s) | × cp | peak RSS (MiB) |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for n, size, name, wall, ratio, rss in rows:
+        print(f"| {n} | {size / 1e9:.2f} GB | {name} | {wall:.2f} | {ratio:.2f} | {rss:.0f} |")
+    lt = {n: w for n, _, name, w, _, _ in rows if name == "loratool merge"}
+    for n, size, name, wall, _, rss in rows:
+        if name != "loratool merge" and not name.startswith("cp"):
+            print(f"loratool vs {name} at {n} layers: {wall / lt[n]:.2f}× faster")
+
+
+if __name__ == "__main__":
+    main()
