@@ -199,9 +199,11 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
     return infos, dict(meta)
 
 
-def _read_exact(info: TensorInfo) -> bytearray:
-    """Read one tensor's bytes with a positioned read (no mmap: RSS stays near one tensor)."""
-    buf = bytearray(info.nbytes)
+def _read_exact(info: TensorInfo, into: memoryview | None = None) -> bytearray | memoryview:
+    """Read one tensor's bytes with a positioned read (no mmap: RSS stays near one tensor),
+    into a new buffer or into ``into`` (a caller's reused buffer: fresh memory costs a page
+    fault per 4 KiB, which on some machines is slower than the read itself)."""
+    buf = bytearray(info.nbytes) if into is None else into[: info.nbytes]
     view = memoryview(buf)
     try:
         fd = os.open(info.file, os.O_RDONLY)
@@ -394,11 +396,13 @@ class Checkpoint:
         except KeyError:
             raise FormatError(f"{self.source or self.path}: has no tensor {name!r}") from None
 
-    def load(self, name: str, device: Any = None, dtype: Any = None) -> "torch.Tensor":
+    def load(self, name: str, device: Any = None, dtype: Any = None,
+             buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
         """Read one tensor, optionally moved to ``device`` and cast to ``dtype``.
 
         The returned tensor owns its memory (never a view of a mapped file), so writing to it
-        can never change an input.
+        can never change an input. ``buffer`` (a uint8 CPU tensor at least as large) is reused
+        to hold the data instead of fresh memory; the result is then a view of it.
         """
         import torch
 
@@ -410,6 +414,11 @@ class Checkpoint:
             dt = torch_dtype(info.dtype)
             if info.nbytes == 0:
                 t = torch.empty(info.shape, dtype=dt)
+            elif buffer is not None and buffer.numel() >= info.nbytes:
+                from .writer import tensor_bytes
+
+                _read_exact(info, tensor_bytes(buffer))
+                t = buffer[: info.nbytes].view(dt).reshape(info.shape)
             else:
                 t = torch.frombuffer(_read_exact(info), dtype=dt).reshape(info.shape)
         else:

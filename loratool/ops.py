@@ -20,22 +20,31 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str) -> torch.Tensor:
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str,
+               out: torch.Tensor | None = None, scaled: bool = True) -> torch.Tensor:
     """ΔW for one module in the base weight's layout, computed in A's dtype.
 
     linear: (B@A)·s [out, in]; fan_in_fan_out and embedding: (B@A)ᵀ·s; conv:
-    (B.view(out, r) @ A.view(r, -1)).view(out, in, *kernel)·s.
+    (B.view(out, r) @ A.view(r, -1)).view(out, in, *kernel)·s. ``out``: a reused buffer of at
+    least that many elements (the same matmul, written in place). ``scaled=False`` leaves the
+    multiplication by the scale to the caller (the same product, applied later).
     """
+    def mm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if out is None:
+            return b @ a
+        return torch.matmul(b, a, out=out[: b.shape[0] * a.shape[1]].view(b.shape[0],
+                                                                           a.shape[1]))
+
     if layout == "conv":
-        out, r = B.shape[0], B.shape[1]
+        rows, r = B.shape[0], B.shape[1]
         if B.dim() > 2 and math.prod(B.shape[2:]) != 1:
             raise ValueError("conv lora_B must have a 1×1 kernel")
-        d = B.reshape(out, r) @ A.reshape(A.shape[0], -1)
-        return d.mul_(scale).reshape(out, *A.shape[1:])
-    d = B @ A
+        d = mm(B.reshape(rows, r), A.reshape(A.shape[0], -1))
+        return (d.mul_(scale) if scaled else d).reshape(rows, *A.shape[1:])
+    d = mm(B, A)
     if layout in ("fan_in_fan_out", "embedding"):
         d = d.T
-    return d.mul_(scale)  # in place on the fresh product: same values as d * scale
+    return d.mul_(scale) if scaled else d  # in place on the fresh product: same as d * scale
 
 
 def base_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str
