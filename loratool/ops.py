@@ -96,3 +96,84 @@ def lora_abs_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str) 
 def mantissa_bits(dtype: torch.dtype) -> int:
     """Significand bits (with the implicit one) of a float dtype: fp32 24, bf16 8, fp16 11."""
     return 1 - int(math.log2(torch.finfo(dtype).eps))
+
+
+# --------------------------------------------------------------------------- low-rank factors
+
+
+def randomized_svd(M: torch.Tensor, k: int, oversample: int = 10, power_iters: int = 2,
+                   generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k + oversample`` singular triplets of M (Halko, Martinsson & Tropp 2011):
+    a Gaussian range finder with QR-stabilised power iterations, then an exact SVD of the
+    small projected matrix. Returns U [m, l], S [l], Vh [l, n] with l ≤ min(m, n).
+
+    U·diag(S)·Vh is the orthogonal projection of M onto span(U), so for any j ≤ l the
+    rank-j truncation has error² exactly ‖M‖² − Σ_{i≤j} S_i².
+    """
+    m, n = M.shape
+    l = min(k + oversample, m, n)
+    omega = torch.randn(n, l, generator=generator, device=M.device, dtype=M.dtype)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(M.T @ Q).Q
+        Q = torch.linalg.qr(M @ Q).Q
+    Uc, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ Uc, S, Vh
+
+
+def exact_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full (thin) SVD."""
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def rank_for_energy(S: torch.Tensor, total_sq: float, fraction: float) -> int | None:
+    """Smallest k with Σ_{i≤k} S_i² ≥ fraction·total_sq; None when these S do not reach it."""
+    if total_sq == 0.0:
+        return 0
+    cum = torch.cumsum(S.double() ** 2, 0)
+    hit = torch.nonzero(cum >= fraction * total_sq)
+    return int(hit[0]) + 1 if hit.numel() else None
+
+
+def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U_k·√S_k [m, k], A = √S_k·Vh_k [k, n]: both factors of similar magnitude, which
+    bf16 and fp16 storage prefer (kohya puts all of S in B, mergekit splits it as here)."""
+    r = S[:k].sqrt()
+    return U[:, :k] * r, r[:, None] * Vh[:k]
+
+
+def residual_norm(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                  rows: int = 1024) -> float:
+    """‖M − B@A‖_F computed in blocks of rows (float32 products, float64 sums): the measured
+    error of the factors as stored, not an estimate."""
+    total = 0.0
+    for s in range(0, M.shape[0], rows):
+        R = M[s:s + rows] - B[s:s + rows] @ A
+        total += float(torch.linalg.vector_norm(R, dtype=torch.float64) ** 2)
+    return math.sqrt(total)
+
+
+def allocate_budget(spectra: list[torch.Tensor], costs: list[int], budget: int,
+                    caps: list[int]) -> list[int]:
+    """Ranks that minimise Σ residual² under Σ rank·cost ≤ budget: take rank-one components
+    greedily by σ² per parameter. Within a module σ² does not increase, so every module's next
+    component is its best, and the greedy choice is optimal up to the last, partly fitting
+    component (the classic fractional-knapsack argument)."""
+    import heapq
+
+    ranks = [0] * len(spectra)
+    heap = [(-float(s[0]) ** 2 / c, j) for j, (s, c) in enumerate(zip(spectra, costs))
+            if len(s) and caps[j] > 0]
+    heapq.heapify(heap)
+    left = budget
+    while heap:
+        _, j = heapq.heappop(heap)
+        if costs[j] > left:
+            continue  # does not fit; a cheaper module's component may still
+        left -= costs[j]
+        ranks[j] += 1
+        if ranks[j] < min(len(spectra[j]), caps[j]):
+            heapq.heappush(heap, (-float(spectra[j][ranks[j]]) ** 2 / costs[j], j))
+    return ranks
