@@ -84,6 +84,24 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
         click.echo(format_compare(data, cmp, expand=expand))
 
 
+def rank_policy_options(f: Any) -> Any:
+    """The rank-policy flags extract, combine and resize share."""
+    for opt in reversed([
+        click.option("--rank", type=int, help="Fixed rank (default 16), capped at min(out, in)."),
+        click.option("--energy", type=float, metavar="F",
+                     help="Smallest rank keeping a fraction F of Σσ² per module."),
+        click.option("--max-error", type=float, metavar="E",
+                     help="Smallest rank whose measured relative error ‖ΔW − BA‖/‖ΔW‖ ≤ E, "
+                          "per module (a guarantee)."),
+        click.option("--budget", metavar="P",
+                     help="Total adapter parameters (5000000) or size (50MB), split across "
+                          "modules to minimise the total squared error."),
+        click.option("--max-rank", type=int, metavar="N", help="Cap on any policy's rank."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def _merge_options(f: Any) -> Any:
     """The flags merge and unmerge share."""
     for opt in reversed([
@@ -187,6 +205,80 @@ def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: An
       loratool unmerge ./merged ./my-adapter -o ./base-again
     """
     _run_merge(ctx, -1.0, merged, adapters, **kw)
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output adapter: a folder (peft), a .safetensors file (kohya), a .gguf "
+                   "file (gguf).")
+@rank_policy_options
+@click.option("--target", "targets", multiple=True, metavar="GLOB",
+              help="Only tensors whose name matches (repeatable).")
+@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
+              help="Leave out tensors whose name matches (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "gguf"]), default="peft",
+              show_default=True, help="Output format.")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep",
+              show_default=True, help="dtype of the stored factors (keep: the tuned model's).")
+@click.option("--exact-svd", is_flag=True, help="Full SVD instead of the randomized one.")
+@click.option("--embed-lora", is_flag=True,
+              help="Factorise embeddings and lm_head too (default: store them in full).")
+@click.option("--skip-full", is_flag=True,
+              help="Drop changed tensors that are not LoRA-able (norms) instead of storing "
+                   "them in full.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the randomized SVD: the same inputs and seed give the same adapter.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Also write the report as JSON to this file.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | None,
+            energy: float | None, max_error: float | None, budget: str | None,
+            max_rank: int | None, targets: tuple[str, ...], excludes: tuple[str, ...],
+            device: str, fmt: str, dtype: str, exact_svd: bool, embed_lora: bool,
+            skip_full: bool, seed: int, report_path: Path | None, force: bool,
+            as_json: bool) -> None:
+    """Extract a LoRA adapter from a fine-tuned model: ΔW = TUNED − BASE, factorised.
+
+    A randomized SVD per changed weight at the rank the policy picks; the error of the stored
+    factors is measured and reported per module.
+
+    \b
+    Examples:
+      loratool extract ./base ./tuned -o ./adapter --rank 32
+      loratool extract ./base ./tuned -o ./adapter --max-error 0.05 --max-rank 128
+      loratool extract ./base ./tuned -o ./adapter --budget 50MB --report report.json
+    """
+    from .extract import extract as run
+    from .extract import report_json
+    from .policy import RankPolicy
+
+    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
+    bar = None
+    if _progress(ctx):
+        from tqdm import tqdm
+
+        bar = tqdm(unit="tensor", desc="extract", leave=False)
+    try:
+        report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
+                     device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
+                     skip_full=skip_full, seed=seed, dtype=dtype, force=force,
+                     progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if report_path:
+        report_path.write_text(report_json(report) + "\n")
+    if as_json:
+        click.echo(report_json(report))
+        return
+    from .summary import format_extract
+
+    click.echo(format_extract(report))
 
 
 @cli.command()

@@ -172,5 +172,14 @@ def run_demo(workdir: Path) -> Iterator[str]:
            f"{same / total:.2%} of all values bit for bit the base's after a bf16 merge → "
            "unmerge round trip (the rest lost low bits when the merged values were rounded "
            "to bf16)\n")
-    yield ("Next: extract an adapter from base and tuned, combine and resize adapters, export "
-           "to ONNX — those commands arrive in later releases.")
+    from .extract import extract
+    from .policy import RankPolicy
+    from .summary import format_extract
+
+    rep = extract(str(base), str(tuned), workdir / "extracted", RankPolicy.from_options(
+        8, None, None, None), force=True, device="cpu")
+    yield (f"$ loratool extract {base} {tuned} -o {workdir / 'extracted'} --rank 8\n"
+           + format_extract(rep) + "\n(the fine-tune is a rank-8 change plus noise: the error "
+           "left is that noise and the bf16 rounding of both models)\n")
+    yield ("Next: combine and resize adapters, export to ONNX, push and pull — those commands "
+           "arrive in later releases.")

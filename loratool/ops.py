@@ -112,8 +112,8 @@ def randomized_svd(M: torch.Tensor, k: int, oversample: int = 10, power_iters: i
     rank-j truncation has error² exactly ‖M‖² − Σ_{i≤j} S_i².
     """
     m, n = M.shape
-    l = min(k + oversample, m, n)
-    omega = torch.randn(n, l, generator=generator, device=M.device, dtype=M.dtype)
+    width = min(k + oversample, m, n)
+    omega = torch.randn(n, width, generator=generator, device=M.device, dtype=M.dtype)
     Q = torch.linalg.qr(M @ omega).Q
     for _ in range(power_iters):
         Q = torch.linalg.qr(M.T @ Q).Q

@@ -345,3 +345,41 @@ def format_compare(data: dict[str, Any], cmp: dict[str, Any], expand: bool = Fal
         rows += [[k, f"×{len(v)}", _num(min(v)), _num(max(v))] for k, v in groups.items()]
     lines += _table(rows, right={2, 3})
     return "\n".join(lines)
+
+
+def format_extract(r: dict[str, Any], expand: bool = False) -> str:
+    """The human view of an extract report: per (folded) module rank and errors, totals."""
+    t = r["totals"]
+    lines = [f"wrote {r['output']}: {r['format']} adapter, {t['lora_modules']} LoRA modules, "
+             f"{len(r['full_tensors'])} full tensors, {t['parameters']:,} parameters "
+             f"({human_bytes(t['bytes'])}); {r['policy']}, {r['svd']} SVD, seed {r['seed']}, "
+             f"{r['seconds']:.2f} s on {r['device']}"]
+    rows = [["module", "count", "rank", "rel. error", "kept energy", "‖ΔW‖/‖W‖"]]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for m in r["modules"]:
+        groups.setdefault((_LAYER.sub("*", m["name"]), m["rank"] if expand else None),
+                          []).append(m)
+    for (name, _), ms in groups.items():
+        ranks = sorted({m["rank"] for m in ms})
+        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        rows.append([ms[0]["name"] if len(ms) == 1 else name, f"×{len(ms)}" if len(ms) > 1
+                     else "", rank, _num(max(m["rel_error"] for m in ms)),
+                     f"{min(m['kept_energy'] for m in ms):.4f}",
+                     _num(max(m["rel_delta"] or 0.0 for m in ms))])
+    if len(rows) > 1:
+        lines.append("")
+        lines += _table(rows, right={1, 2, 3, 4, 5})
+        lines.append("(per group: largest error, smallest kept energy, largest ‖ΔW‖/‖W‖)")
+    lines.append("")
+    lines.append(f"error ‖ΔW − BA‖/‖ΔW‖ measured on the stored factors: max "
+                 f"{t['max_rel_error']:.4g}, over all modules {t['total_rel_error']:.4g}")
+    if r["full_tensors"]:
+        lines.append(f"stored in full (modules_to_save): {', '.join(r['full_tensors'][:6])}"
+                     + (" …" if len(r["full_tensors"]) > 6 else "")
+                     + " — not LoRA-able; --skip-full drops norms")
+    if r["bias_deltas"]:
+        lines.append(f"bias changes as lora_B.bias: {len(r['bias_deltas'])}")
+    if r["dropped"]:
+        lines.append(f"dropped (--skip-full): {', '.join(r['dropped'][:6])}")
+    lines.append(f"unchanged tensors skipped: {r['unchanged_tensors']}")
+    return "\n".join(lines)

@@ -181,3 +181,21 @@ def test_hub_down_is_one_line(hub):
     res = _run(env, ["inspect", "acme/sharded"])
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert "cannot be reached" in res.stderr or "cannot reach the Hub" in res.stderr
+
+
+def test_extract_with_a_hub_id_from_the_offline_cache(hub_env, llama_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(llama_dir, tuned)
+    state = load_file(tuned / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    state[key] = state[key] + torch.randn(64, 2) @ torch.randn(2, 64) * 0.01
+    save_file(state, tuned / "model.safetensors", metadata={"format": "pt"})
+    res = _cli(hub_env, "extract", "acme/tiny-llama", tuned, "-o", tmp_path / "ad", "--rank",
+               "2", "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert [m["name"] for m in rep["modules"]] == ["model.layers.0.self_attn.q_proj"]
+    assert rep["modules"][0]["rel_error"] < 1e-5
