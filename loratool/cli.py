@@ -169,6 +169,99 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                    f"{v['max_abs_error']:.3g})")
 
 
+def _combine_common(f: Any) -> Any:
+    for opt in reversed([
+        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+                     help="Output adapter (folder, or file for kohya/diffusers/gguf)."),
+        rank_policy_options,
+        click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers",
+                                                           "gguf"]),
+                     help="Output format (default: the first input's)."),
+        click.option("--base", metavar="BASE",
+                     help="Base model: resolves kohya names; GGUF needs its config."),
+        click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
+                     default="keep", show_default=True,
+                     help="dtype of the written factors (keep: the first input's)."),
+        click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _print_combine(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
+        return
+    t = report["totals"]
+    click.echo(f"wrote {report['output']}: {report['format']} adapter, {t['lora_modules']} LoRA "
+               f"modules, ranks {', '.join(map(str, t['ranks']))}, {t['parameters']:,} "
+               f"parameters; method {report['method']}"
+               + (f", {report['policy']}" if report["policy"] else "")
+               + f"; {report['seconds']:.2f} s")
+    if report["method"] != "cat":
+        what = "the exact weighted sum" if report["method"] == "svd" else "its dense result"
+        click.echo(f"  largest relative error against {what}: "
+                   f"{t['max_rel_error']:.4g}")
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--method", required=True, type=click.Choice(
+    ["cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
+    help="cat: exact sum; svd: exact sum recompressed; ties/dare/magnitude_prune: see docs.")
+@click.option("--weight", "weights", multiple=True, type=float, metavar="W",
+              help="Weight of each adapter's delta, one per adapter in order (default 1).")
+@click.option("--density", type=float, default=0.5, show_default=True,
+              help="Fraction of entries kept by ties, dare_* and magnitude_prune.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's drops.")
+@click.option("--exact-svd", is_flag=True, help="Full SVD when factorising dense results.")
+@_combine_common
+def combine(adapters: tuple[str, ...], method: str, weights: tuple[float, ...], density: float,
+            seed: int, exact_svd: bool, out: Path, rank: int | None, energy: float | None,
+            max_error: float | None, budget: str | None, max_rank: int | None,
+            fmt: str | None, base: str | None, dtype: str, force: bool,
+            as_json: bool) -> None:
+    """Combine adapters: exact weighted sums (cat), recompressed without dense matrices (svd),
+    or TIES / DARE / magnitude pruning.
+
+    \b
+    Examples:
+      loratool combine style/ task/ --method cat --weight 0.7 --weight 1 -o both/
+      loratool combine a/ b/ c/ d/ --method svd --rank 16 -o merged-16/
+      loratool combine a/ b/ --method ties --density 0.3 --rank 32 -o ties/
+    """
+    from .combine import combine as run
+    from .policy import RankPolicy
+
+    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
+    _print_combine(run(list(adapters), out, method, weights=list(weights), policy=policy,
+                       density=density, seed=seed, fmt=fmt, dtype=dtype, exact_svd=exact_svd,
+                       base=base, force=force), as_json)
+
+
+@cli.command()
+@click.argument("adapter")
+@_combine_common
+def resize(adapter: str, out: Path, rank: int | None, energy: float | None,
+           max_error: float | None, budget: str | None, max_rank: int | None,
+           fmt: str | None, base: str | None, dtype: str, force: bool, as_json: bool) -> None:
+    """Reduce an adapter's rank optimally (the truncated SVD of each module's B@A, computed
+    from the factors), reporting the error per module.
+
+    \b
+    Examples:
+      loratool resize ./adapter-r64 --rank 16 -o ./adapter-r16
+      loratool resize ./adapter --energy 0.99 -o ./smaller
+    """
+    from .combine import combine as run
+    from .policy import RankPolicy
+
+    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
+    _print_combine(run([adapter], out, "svd", weights=None, policy=policy, fmt=fmt,
+                       dtype=dtype, base=base, force=force, resize=True), as_json)
+
+
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)

@@ -23,8 +23,7 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
     from .adapter import match_base
-    from .checkpoint import open_checkpoint
-    from .formats import FORMATS, diffusers, drop_unsupported, gguf, kohya, lossy, peft, read_any
+    from .formats import FORMATS, drop_unsupported, lossy, read_any
 
     if to not in FORMATS:
         raise FormatError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
@@ -42,27 +41,45 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
         ad = drop_unsupported(ad, to)
     if not ad.modules:
         raise FormatError(f"{spec}: no LoRA modules left to write")
-    base_ckpt = None
-    if base and to != "kohya":
-        base_ckpt = open_checkpoint(base)
-        if ad.components in ([None],):
-            match_base(ad, base_ckpt)  # the adapter must fit the base it is converted for
+    if base and to != "kohya" and ad.components in ([None],):
+        from .checkpoint import open_checkpoint
+
+        match_base(ad, open_checkpoint(base))  # the adapter must fit the base it is for
     inputs = _local(spec) + _local(base)
     report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
                               "modules": len(ad.modules), "full_tensors": len(ad.full),
                               "dropped": lost}
     note = f"Converted by loratool from a {ad.source_format} adapter."
-    if to == "peft":
-        report["output"] = str(peft.write(ad, out, force=force, inputs=inputs, note=note))
-    elif to == "kohya":
-        report["output"] = str(kohya.write(ad, out, force=force, inputs=inputs))
-    elif to == "diffusers":
-        report["output"] = str(diffusers.write(ad, out, force=force, inputs=inputs))
-    else:
-        if base_ckpt is None or base_ckpt.config is None:
-            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
-                              "config.json): llama.cpp names tensors by architecture")
-        path, info = gguf.write(ad, out, base_ckpt.config, force=force, inputs=inputs)
-        report["output"] = str(path)
+    out_path, info = write_adapter(ad, out, to, base=base, force=force, inputs=inputs, note=note,
+                                   with_info=True)
+    report["output"] = out_path
+    if info:
         report["gguf"] = info
     return report
+
+
+def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
+                  force: bool = False, inputs: list[Path] | None = None, note: str = "",
+                  with_info: bool = False) -> Any:
+    """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
+    with ``with_info``, the GGUF details)."""
+    from .checkpoint import open_checkpoint
+    from .formats import diffusers, gguf, kohya, lossy, peft
+
+    lost = lossy(ad, fmt)
+    if lost:
+        raise FormatError(f"{fmt} cannot hold {'; '.join(lost)}; choose another format")
+    info = None
+    if fmt == "peft":
+        path = peft.write(ad, out, force=force, inputs=inputs, note=note)
+    elif fmt == "kohya":
+        path = kohya.write(ad, out, force=force, inputs=inputs)
+    elif fmt == "diffusers":
+        path = diffusers.write(ad, out, force=force, inputs=inputs)
+    else:
+        cfg = open_checkpoint(base).config if base else None
+        if cfg is None:
+            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
+                              "config.json): llama.cpp names tensors by architecture")
+        path, info = gguf.write(ad, out, cfg, force=force, inputs=inputs)
+    return (str(path), info) if with_info else str(path)

@@ -257,3 +257,17 @@ def test_max_error_unreachable_in_bf16_is_a_clear_error(tmp_path):
     res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "o",
                   "--max-error", "0.0001", "--dtype", "bf16")
     assert res.rc == 1 and "cannot be met" in res.err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_extract_matches_cpu(tmp_path):
+    _pair(tmp_path, rank=8, noise=0.3)
+    reps = {}
+    for dev in ("cpu", "cuda"):
+        res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / dev,
+                      "--rank", "6", "--device", dev, "--json")
+        assert res.rc == 0, res.err
+        reps[dev] = {m["name"]: m["rel_error"] for m in json.loads(res.out)["modules"]}
+    for name, err in reps["cpu"].items():
+        assert math.isclose(reps["cuda"][name], err, rel_tol=1e-3), name

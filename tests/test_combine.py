@@ -1,0 +1,195 @@
+"""combine and resize against dense float64 references written here from the definitions."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import llama_config, run_cli, tree
+from loratool.adapter import read_adapter
+
+
+def _adapter(tmp_path, name, seed, **kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config()).eval()
+    torch.manual_seed(seed)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    cfg.update(kw)
+    get_peft_model(copy.deepcopy(base), LoraConfig(**cfg)).save_pretrained(tmp_path / name)
+    return base
+
+
+def _dense_sum(tmp_path, names, weights):
+    """Σ wᵢ·ΔWᵢ per module, float64, from each adapter's own factors."""
+    out: dict[str, torch.Tensor] = {}
+    for n, w in zip(names, weights):
+        for m in read_adapter(str(tmp_path / n)).modules.values():
+            d = w * m.delta(torch.float64)
+            out[m.name] = out[m.name] + d if m.name in out else d
+    return out
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Mixed ranks, rsLoRA, an alpha pattern and partly disjoint modules."""
+    base = _adapter(tmp_path, "a", 1)
+    _adapter(tmp_path, "b", 2, r=8, use_rslora=True, target_modules=["q_proj", "down_proj"])
+    _adapter(tmp_path, "c", 3, r=2, alpha_pattern={"v_proj": 32})
+    return base
+
+
+def test_cat_is_the_exact_weighted_sum(tmp_path, three):
+    from peft import PeftModel
+
+    names, weights = ["a", "b", "c"], [0.5, -1.25, 2.0]
+    res = run_cli("combine", *(tmp_path / n for n in names), "--method", "cat", *sum(
+        (["--weight", str(w)] for w in weights), []), "-o", tmp_path / "out", "--json")
+    assert res.rc == 0, res.err
+    ref = _dense_sum(tmp_path, names, weights)
+    got = read_adapter(str(tmp_path / "out"))
+    assert set(got.modules) == set(ref)  # modules of only some adapters are kept
+    for k, m in got.modules.items():
+        assert m.scale == 1.0
+        assert torch.allclose(m.delta(torch.float64), ref[k], rtol=0, atol=1e-5), k
+    q = got.modules["model.layers.0.self_attn.q_proj"]
+    assert q.rank == 4 + 8 + 2
+    PeftModel.from_pretrained(copy.deepcopy(three), tmp_path / "out")  # PEFT loads it
+
+
+@pytest.mark.parametrize("rank", [3, 6])
+def test_svd_is_optimal_without_dense_matrices(tmp_path, three, rank):
+    names, weights = ["a", "b", "c"], [1.0, 0.5, -1.0]
+    res = run_cli("combine", *(tmp_path / n for n in names), "--method", "svd", "--rank",
+                  str(rank), *sum((["--weight", str(w)] for w in weights), []), "-o",
+                  tmp_path / "out", "--dtype", "fp32", "--json")
+    assert res.rc == 0, res.err
+    ref = _dense_sum(tmp_path, names, weights)
+    got = read_adapter(str(tmp_path / "out"))
+    reported = {m["name"]: m["rel_error"] for m in json.loads(res.out)["modules"]}
+    for k, d in ref.items():
+        s = torch.linalg.svdvals(d)
+        optimum = float(s[rank:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt())
+        err = float((got.modules[k].delta(torch.float64) - d).norm() / d.norm())
+        assert err <= 1.001 * optimum + 1e-7, (k, err, optimum)
+        assert math.isclose(reported[k], err, rel_tol=1e-3, abs_tol=1e-6)
+
+
+def test_resize(tmp_path, three):
+    res = run_cli("resize", tmp_path / "b", "--rank", "3", "-o", tmp_path / "r", "--dtype",
+                  "fp32", "--json")
+    assert res.rc == 0, res.err
+    ref = _dense_sum(tmp_path, ["b"], [1.0])
+    got = read_adapter(str(tmp_path / "r"))
+    for k, d in ref.items():
+        s = torch.linalg.svdvals(d)
+        optimum = float(s[3:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt())
+        err = float((got.modules[k].delta(torch.float64) - d).norm() / d.norm())
+        assert got.modules[k].rank == 3 and err <= 1.001 * optimum, (k, err, optimum)
+    res = run_cli("resize", tmp_path / "b", "--energy", "0.9", "-o", tmp_path / "e", "--json")
+    for m in json.loads(res.out)["modules"]:
+        assert m["kept_energy"] >= 0.9
+
+
+# ------------------------------------------------------------------ TIES / DARE references
+
+
+def _trim_ref(t, density):
+    """Keep the top ceil(density·n) entries by magnitude (Yadav et al. 2023, 'trim')."""
+    k = math.ceil(density * t.numel())
+    idx = t.abs().flatten().argsort(descending=True)[:k]
+    out = torch.zeros(t.numel(), dtype=t.dtype)
+    out[idx] = t.flatten()[idx]
+    return out.view_as(t)
+
+
+def _elect_merge_ref(ts):
+    """Elect γ = sign(Σ τ̂ᵢ); average the entries agreeing with γ (zeros excluded)."""
+    total = sum(ts)
+    out = torch.zeros_like(total)
+    for i in range(total.numel()):
+        g = torch.sign(total.flatten()[i])
+        vals = [float(t.flatten()[i]) for t in ts
+                if t.flatten()[i] != 0 and torch.sign(t.flatten()[i]) == g]
+        out.view(-1)[i] = sum(vals) / len(vals) if vals else 0.0
+    return out
+
+
+def _vectors(tmp_path, names, weights, key):
+    ads = [read_adapter(str(tmp_path / n)) for n in names]
+    out = []
+    for ad, w in zip(ads, weights):
+        m = ad.modules[key]
+        out.append((m.B.double() @ m.A.double()) * (m.scale * w))  # factor orientation
+    return out
+
+
+def _result(tmp_path, out, key):
+    m = read_adapter(str(tmp_path / out)).modules[key]
+    return (m.B.double() @ m.A.double()) * m.scale
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "dare_ties"])
+def test_elementwise_methods_match_the_papers(tmp_path, method):
+    from loratool.policy import module_seed
+
+    _adapter(tmp_path, "a", 1)
+    _adapter(tmp_path, "b", 2, r=8)
+    names, weights, density = ["a", "b"], [1.0, 0.7], 0.3
+    args = ["combine", tmp_path / "a", tmp_path / "b", "--method", method, "--weight", "1.0",
+            "--weight", "0.7", "--density", str(density), "--rank", "64", "--dtype", "fp32",
+            "--seed", "5"]
+    res = run_cli(*args, "-o", tmp_path / "out")
+    assert res.rc == 0, res.err
+    key = "model.layers.1.self_attn.v_proj"
+    taus = _vectors(tmp_path, names, weights, key)
+    if method in ("dare_linear", "dare_ties"):
+        kept = []
+        for i, t in enumerate(taus):
+            g = torch.Generator().manual_seed(module_seed(5 + i, key))
+            mask = torch.rand(t.shape, generator=g, dtype=torch.float32) < density
+            kept.append(torch.where(mask, t / density, torch.zeros_like(t)))
+        ref = sum(kept) if method == "dare_linear" else _elect_merge_ref(kept)
+    elif method == "ties":
+        ref = _elect_merge_ref([_trim_ref(t, density) for t in taus])
+    else:
+        ref = sum(_trim_ref(t, density) for t in taus)
+    got = _result(tmp_path, "out", key)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    if method.startswith("dare"):  # seeded: same seed, same bytes; another seed differs
+        assert run_cli(*args, "-o", tmp_path / "again").rc == 0
+        assert tree(tmp_path / "out")["adapter_model.safetensors"] == tree(
+            tmp_path / "again")["adapter_model.safetensors"]
+        args[args.index("--seed") + 1] = "6"
+        assert run_cli(*args, "-o", tmp_path / "other").rc == 0
+        assert not torch.allclose(_result(tmp_path, "other", key), got)
+
+
+def test_bad_combines(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    _adapter(tmp_path, "a", 1)
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(llama_config(hidden_size=32, num_attention_heads=2,
+                                          num_key_value_heads=1))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "other")
+    _adapter(tmp_path, "dora", 4, use_dora=True)
+    before = tree(tmp_path)
+    for args, code, needle in (
+            ([tmp_path / "a", tmp_path / "other", "--method", "cat"], 1, "different bases"),
+            ([tmp_path / "a", tmp_path / "dora", "--method", "svd"], 1, "DoRA"),
+            ([tmp_path / "a", tmp_path / "a", "--method", "bogus"], 2, "bogus"),
+            ([tmp_path / "a", tmp_path / "a", "--method", "ties", "--density", "0"], 1,
+             "--density")):
+        res = run_cli("combine", *args, "-o", tmp_path / "out")
+        assert res.rc == code, (args, res)
+        assert needle in res.err, res.err
+        assert tree(tmp_path) == before
