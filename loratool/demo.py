@@ -181,5 +181,18 @@ def run_demo(workdir: Path) -> Iterator[str]:
     yield (f"$ loratool extract {base} {tuned} -o {workdir / 'extracted'} --rank 8\n"
            + format_extract(rep) + "\n(the fine-tune is a rank-8 change plus noise: the error "
            "left is that noise and the bf16 rounding of both models)\n")
-    yield ("Next: combine and resize adapters, export to ONNX, push and pull — those commands "
-           "arrive in later releases.")
+    from .combine import combine
+
+    both = combine([str(adapter), str(workdir / "extracted")], workdir / "combined", "cat",
+                   weights=[0.5, 0.5], policy=None, force=True)
+    small = combine([str(workdir / "combined")], workdir / "resized", "svd", weights=None,
+                    policy=RankPolicy.from_options(8, None, None, None), force=True,
+                    resize=True)
+    yield (f"$ loratool combine {adapter} {workdir / 'extracted'} --method cat --weight 0.5 "
+           f"--weight 0.5 -o {workdir / 'combined'}\n"
+           f"wrote {both['output']}: ranks {both['totals']['ranks']} (the exact weighted sum)\n"
+           f"$ loratool resize {workdir / 'combined'} --rank 8 -o {workdir / 'resized'}\n"
+           f"wrote {small['output']}: rank 8, largest relative error "
+           f"{small['totals']['max_rel_error']:.4f} (exact, from the sum's spectrum: both "
+           "adapters span nearly the same rank-8 subspace)\n")
+    yield ("Next: export to ONNX, push and pull — those commands arrive in later releases.")

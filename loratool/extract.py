@@ -134,13 +134,23 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
                                   f"base and {list(ti.shape)} in the tuned model")
             if not (ti.dtype.startswith(("F", "BF"))):
                 continue  # integer buffers are not weights
-            w_base = base.load(name, device=dev, dtype=torch.float32)
-            w_tuned = tuned.load(name, device=dev, dtype=torch.float32)
-            delta = w_tuned.sub_(w_base)
+            # compare in the stored dtype first: unchanged tensors (often the largest, the
+            # embeddings) are skipped without float32 copies
+            raw_base, raw_tuned = base.load(name), tuned.load(name)
+            if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
+                yield name, None, None, ti
+                continue
+            w_base = raw_base.to(device=dev, dtype=torch.float32)
+            del raw_base
+            delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
+            del raw_tuned
             yield name, w_base, delta, ti
 
     pending: list[tuple[str, str, Any, float, Any]] = []
     for name, w_base, delta, ti in deltas():
+        if w_base is None and delta is None:
+            skipped += 1
+            continue
         if w_base is None:
             full[name] = delta.to(store_dtype(ti.dtype))
             continue
