@@ -421,6 +421,55 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
 
 
 @cli.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output folder: model.onnx (+ model.onnx.data), config, tokenizer files, "
+                   "export.json.")
+@click.option("--weight", "weights", multiple=True, type=float, metavar="W",
+              help="Weight of each adapter, in order (default 1).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--task", type=click.Choice(["auto", "causal-lm", "feature-extraction"]),
+              default="auto", show_default=True,
+              help="causal-lm exports logits; feature-extraction the last hidden state.")
+@click.option("--atol", type=float,
+              help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float, ...],
+           dtype: str, opset: int | None, task: str, atol: float | None, no_verify: bool,
+           force: bool, as_json: bool) -> None:
+    """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
+
+    Needs the extra: pip install 'loratool[onnx]'.
+
+    \b
+    Examples:
+      loratool export ./Llama-3.2-1B ./my-adapter -o ./onnx
+      loratool export ./all-MiniLM-L6-v2 ./adapter -o ./onnx --dtype fp16
+    """
+    from .export import export as run
+
+    report = run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
+                 task=task, atol=atol, verify=not no_verify, force=force)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    v = report["verification"]
+    click.echo(f"wrote {report['output']}: {', '.join(report['files'])}")
+    click.echo(f"  {report['architecture']} ({report['task']}, {report['dtype']}), "
+               f"{len(report['adapters'])} adapter(s) merged in memory "
+               f"({report['tensors_changed_by_adapters']} tensors); {report['seconds']:.1f} s")
+    if v["checked"]:
+        click.echo(f"  verified in onnxruntime on shapes {v['shapes']} (one padded): max "
+                   f"|ONNX − PyTorch| {v['max_abs_diff']:.3g} ≤ {v['atol']:g}")
+    else:
+        click.echo("  not verified (--no-verify)")
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("loratool-demo"),
               show_default=True, help="Where the demo models and results are written.")
 @click.pass_context

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import LoraToolError, OutputError
 
 MARKER = ".loratool-demo"
 CONFIG = {
@@ -195,4 +195,16 @@ def run_demo(workdir: Path) -> Iterator[str]:
            f"wrote {small['output']}: rank 8, largest relative error "
            f"{small['totals']['max_rel_error']:.4f} (exact, from the sum's spectrum: both "
            "adapters span nearly the same rank-8 subspace)\n")
-    yield ("Next: export to ONNX, push and pull — those commands arrive in later releases.")
+    try:
+        from .export import export
+
+        rep = export(str(base), [str(adapter)], workdir / "onnx", force=True)
+        v = rep["verification"]
+        yield (f"$ loratool export {base} {adapter} -o {workdir / 'onnx'}\n"
+               f"wrote {rep['output']}: {', '.join(rep['files'])}; verified in onnxruntime, max "
+               f"|ONNX − PyTorch| {v['max_abs_diff']:.3g}\n")
+    except LoraToolError as e:
+        if "loratool[onnx]" not in str(e):
+            raise
+        yield f"(export skipped: {e})\n"
+    yield "Next: push and pull to the Hub — that command arrives in a later release."

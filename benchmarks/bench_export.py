@@ -1,0 +1,63 @@
+"""Benchmark ``loratool export`` on a ~500M-parameter Llama-shaped model with a rank-16
+adapter: wall time (with its phases from the report) and peak RSS, one fresh process.
+
+Usage: python benchmarks/bench_export.py [--work bench-work/export]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "export")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.build_only:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import bench_merge
+
+        def cfg(layers: int) -> dict:  # hidden 1536, 20 layers: ~500M parameters
+            c = bench_merge.config(layers)
+            c.update(hidden_size=1536, intermediate_size=4096, num_attention_heads=12,
+                     num_key_value_heads=12, head_dim=128)
+            return c
+
+        bench_merge.config = cfg
+        bench_merge.build(args.work, 20)
+        return
+    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work)],
+                   check=True)
+    base, adapter = args.work / "base-20", args.work / "adapter-20"
+    out = args.work / "onnx"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, "-m", "loratool",
+                        "export", str(base), str(adapter), "-o", str(out), "--json"],
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(p.stderr)
+    stdout = p.stdout
+    peak = int(p.stderr.strip().splitlines()[-1].split()[1]) / 1024
+    rep = json.loads(stdout)
+    params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"][
+        "total_parameters"]
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"parameters {params / 1e6:.0f}M (bf16 on disk); export {wall:.1f} s wall, "
+          f"{rep['seconds']:.1f} s in process; peak RSS {peak:.0f} MiB; ONNX folder "
+          f"{size / 1e9:.2f} GB; max |ONNX − "
+          f"PyTorch| {rep['verification']['max_abs_diff']:.3g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""``loratool export``: base + adapters → a verified ONNX model.
+
+The architecture comes from the base's ``config.json`` (transformers; no remote code), the
+weights from the base with the adapters merged in memory by the merge code, the graph from
+``torch.onnx.export(dynamo=True)`` with dynamic batch and sequence axes. Verification always
+runs (unless ``verify=False``): random token batches of two shapes other than the traced one,
+one of them padded, through PyTorch and onnxruntime; above ``atol`` the export fails and its
+output is removed.
+
+Example::
+
+    report = export("base/", ["adapter/"], Path("onnx-out"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError, LoraToolError
+
+ATOL = {"fp32": 1e-4, "fp16": 2e-2}
+EXTRA = "pip install 'loratool[onnx]' (transformers, onnx, onnxscript, onnxruntime)"
+
+
+def _need_extra() -> None:
+    missing = []
+    for mod in ("transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise LoraToolError(f"export needs {', '.join(missing)}: {EXTRA}")
+
+
+def _task(config: Any, task: str) -> str:
+    if task != "auto":
+        return task
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal-lm"
+    return "feature-extraction"
+
+
+def _load_model(folder: Path, task: str, config: Any) -> Any:
+    import torch
+    import transformers
+
+    cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with _quiet():
+            model = cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    except ValueError as e:
+        raise FormatError(f"{folder}: transformers cannot build {config.model_type!r} for "
+                          f"task {task} ({str(e).splitlines()[0]})") from e
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporter and transformers print progress and warnings; only cli.py prints."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export",
+                                              "transformers", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+class _Wrapper:
+    """Builds the traced module: logits (causal LM) or last hidden state, no cache."""
+
+    @staticmethod
+    def make(model: Any, task: str) -> Any:
+        import torch
+
+        class Logits(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False)
+                return out.logits
+
+        class Hidden(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                return self.model(input_ids=input_ids,
+                                  attention_mask=attention_mask).last_hidden_state
+
+        return (Logits if task == "causal-lm" else Hidden)().eval()
+
+
+def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[float],
+                     specs: list[str]) -> int:
+    """Apply the adapters to the model's parameters with the merge code's math."""
+    import torch
+
+    from .merge import _apply, plan_edits
+
+    if not adapters:
+        return 0
+    edits, _ = plan_edits(base, adapters, weights, specs)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+
+    def find(name: str) -> Any:
+        if name in params:
+            return params[name]
+        hits = [p for n, p in params.items() if n.endswith("." + name) or name.endswith(
+            "." + n)]
+        if len(hits) == 1:
+            return hits[0]
+        raise FormatError(f"cannot find {name} among the model's parameters")
+
+    with torch.no_grad():
+        for name, e in edits.items():
+            p = find(name)
+            W = p.data.to(torch.float32, copy=True)
+            new = _apply(W, e, 1.0, torch.device("cpu"), {}, name, None,
+                         {"max_abs_delta": 0.0})
+            if new.shape != p.shape:
+                raise FormatError(f"{name}: a resized full tensor cannot be exported in place")
+            p.data.copy_(new.to(p.dtype))
+    return len(edits)
+
+
+def _batches(vocab: int, pad_id: int, seed: int) -> list[tuple[Any, Any]]:
+    """Two shapes unlike the traced (2, 8) one; the second right-padded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch, seq in ((1, 5), (3, 17)):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if batch > 1:
+            mask[1, 11:] = 0
+            mask[2, 6:] = 0
+            ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
+        out.append((ids, mask))
+    return out
+
+
+def export(base_spec: str, adapter_specs: list[str], out: Path, *,
+           weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
+           task: str = "auto", atol: float | None = None, verify: bool = True,
+           force: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
+    _need_extra()
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from .checkpoint import open_checkpoint
+    from .formats import read_any
+    from .writer import NOT_COPIED, check_output
+
+    t0 = time.perf_counter()
+    if dtype not in ATOL:
+        raise LoraToolError("--dtype must be fp32 or fp16 (bf16 does not run on "
+                            "onnxruntime's CPU provider)")
+    if task not in ("auto", "causal-lm", "feature-extraction"):
+        raise LoraToolError(f"unknown --task {task}; use auto, causal-lm or feature-extraction")
+    weights = list(weights or [])
+    if weights and len(weights) != len(adapter_specs):
+        raise LoraToolError(f"{len(weights)} --weight for {len(adapter_specs)} adapters")
+    weights = weights or [1.0] * len(adapter_specs)
+    atol = ATOL[dtype] if atol is None else atol
+    base = open_checkpoint(base_spec)
+    if base.config is None:
+        raise FormatError(f"{base_spec}: no config.json beside the weights; export needs the "
+                          "architecture")
+    inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
+    check_output(out, inputs, force)
+    for name in base.tensors:  # a Hub base: make every weight file local first
+        base.local_info(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(base.folder, trust_remote_code=False)
+    except (ValueError, KeyError) as e:
+        raise FormatError(f"{base_spec}: transformers does not know this architecture "
+                          f"({str(e).splitlines()[0]}); custom code is never run") from e
+    task = _task(config, task)
+    adapters = [read_any(s, base_spec) for s in adapter_specs]
+    model = _load_model(base.folder, task, config)
+    changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
+    if dtype == "fp16":
+        model = model.half()
+    wrapper = _Wrapper.make(model, task)
+    vocab = int(getattr(config, "vocab_size", 1000))
+    pad = getattr(config, "pad_token_id", None)
+    pad = int(pad) if isinstance(pad, int) else 0
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    try:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (2, 8), generator=g)  # seq ≥ 2 (NOTES: 1 bakes a branch)
+        mask = torch.ones_like(ids)
+        dyn = {"input_ids": {0: "batch", 1: "sequence"},
+               "attention_mask": {0: "batch", 1: "sequence"}}
+        output = "logits" if task == "causal-lm" else "last_hidden_state"
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(wrapper, (ids, mask), str(tmp / "model.onnx"), dynamo=True,
+                                  dynamic_shapes=dyn, input_names=["input_ids",
+                                                                   "attention_mask"],
+                                  output_names=[output], opset_version=opset,
+                                  external_data=True)
+        except Exception as e:  # the exporter's errors are long; keep the first line
+            raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
+                                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                                ) from e
+        result: dict[str, Any] = {"checked": False}
+        if verify:
+            sess = ort.InferenceSession(str(tmp / "model.onnx"),
+                                        providers=["CPUExecutionProvider"])
+            worst = 0.0
+            shapes = []
+            for b_ids, b_mask in _batches(vocab, pad, seed + 1):
+                with torch.no_grad():
+                    ref = wrapper(b_ids, b_mask).float().numpy()
+                got = sess.run(None, {"input_ids": b_ids.numpy(),
+                                      "attention_mask": b_mask.numpy()})[0].astype(np.float32)
+                keep = b_mask.numpy().astype(bool)  # padded positions are not compared
+                diff = float(np.abs(got - ref)[keep].max())
+                worst = max(worst, diff)
+                shapes.append(list(b_ids.shape))
+            result = {"checked": True, "shapes": shapes, "max_abs_diff": worst, "atol": atol,
+                      "ok": worst <= atol}
+            if worst > atol:
+                raise LoraToolError(f"verification failed: ONNX and PyTorch outputs differ by "
+                                    f"{worst:.3g} > --atol {atol:g}; nothing was written")
+        if base.folder.is_dir():
+            from .checkpoint import weight_file_names
+
+            skip = weight_file_names(base.folder) | NOT_COPIED
+            for entry in sorted(os.listdir(base.folder)):
+                src = base.folder / entry
+                if entry not in skip and not entry.startswith(".") and src.is_file():
+                    shutil.copyfile(src, tmp / entry)
+        report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,
+                  "task": task, "architecture": (config.architectures or [None])[0],
+                  "inputs": ["input_ids", "attention_mask"], "outputs": [output],
+                  "dynamic_axes": {"batch": 0, "sequence": 1}, "dtype": dtype,
+                  "opset": opset, "tensors_changed_by_adapters": changed,
+                  "verification": result,
+                  "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["files"] = sorted(p.name for p in tmp.iterdir())
+        if os.path.lexists(out):
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report["output"] = str(out)
+    report["seconds"] = time.perf_counter() - t0
+    return report

