@@ -26,8 +26,10 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import bench_merge
 
+        llama = bench_merge.config
+
         def cfg(layers: int) -> dict:  # hidden 1536, 20 layers: ~500M parameters
-            c = bench_merge.config(layers)
+            c = llama(layers)
             c.update(hidden_size=1536, intermediate_size=4096, num_attention_heads=12,
                      num_key_value_heads=12, head_dim=128)
             return c
