@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_merge import run  # noqa: E402  (one child-process timer for all benchmarks)
 PAIRS = {"350M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                       num_attention_heads=16, num_key_value_heads=16, head_dim=64),
          "7B-layers": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
@@ -103,16 +104,6 @@ def build(work: Path, pair: str) -> tuple[Path, Path]:
                 t = t + d + n * (0.05 * d.norm() / n.norm())
             wt.add(name, t.to(torch.bfloat16))
     return base, tuned
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
 def main() -> None:

@@ -154,22 +154,15 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     from .adapter import LoraAdapter
     from .checkpoint import torch_dtype
     from .formats import read_any
-    from .merge import DTYPES
+    from .merge import DTYPES, check_dtype, check_weights
 
     t0 = time.perf_counter()
     if method not in METHODS:
         raise LoraToolError(f"unknown --method {method}; choose one of {', '.join(METHODS)}")
     if not 0.0 < density <= 1.0:
         raise LoraToolError("--density must be in (0, 1]")
-    weights = list(weights or [])
-    if weights and len(weights) != len(specs):
-        raise LoraToolError(f"{len(weights)} --weight for {len(specs)} adapters; give one per "
-                            "adapter, in order, or none")
-    weights = weights or [1.0] * len(specs)
-    if not all(math.isfinite(w) for w in weights):
-        raise LoraToolError("--weight must be a finite number")
-    if dtype not in DTYPES:
-        raise LoraToolError(f"unknown --dtype {dtype}; use keep, fp32, bf16 or fp16")
+    weights = check_weights(weights, len(specs))
+    check_dtype(dtype)
     adapters = [read_any(s, base) for s in specs]
     _check_compatible(adapters, specs)
     from .writer import check_output

@@ -185,10 +185,9 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                             "onnxruntime's CPU provider)")
     if task not in ("auto", "causal-lm", "feature-extraction"):
         raise LoraToolError(f"unknown --task {task}; use auto, causal-lm or feature-extraction")
-    weights = list(weights or [])
-    if weights and len(weights) != len(adapter_specs):
-        raise LoraToolError(f"{len(weights)} --weight for {len(adapter_specs)} adapters")
-    weights = weights or [1.0] * len(adapter_specs)
+    from .merge import check_weights
+
+    weights = check_weights(weights, len(adapter_specs))
     atol = ATOL[dtype] if atol is None else atol
     base = open_checkpoint(base_spec)
     if base.config is None:

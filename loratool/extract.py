@@ -93,13 +93,12 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
 
     from .adapter import LoraAdapter, LoraModule
     from .checkpoint import open_checkpoint, torch_dtype
-    from .merge import DTYPES, resolve_device
+    from .merge import DTYPES, check_dtype, resolve_device
 
     t0 = time.perf_counter()
     if fmt not in ("peft", "kohya", "gguf"):
         raise LoraToolError(f"unknown --format {fmt}; use peft, kohya or gguf")
-    if dtype not in DTYPES:
-        raise LoraToolError(f"unknown --dtype {dtype}; use keep, fp32, bf16 or fp16")
+    check_dtype(dtype)
     dev = resolve_device(device)
     base, tuned = open_checkpoint(base_spec), open_checkpoint(tuned_spec)
     names = _pairs(base, tuned, list(targets or []), list(excludes or []))

@@ -58,6 +58,22 @@ def resolve_device(device: str) -> Any:
     return dev
 
 
+def check_weights(weights: list[float] | None, n: int) -> list[float]:
+    """One finite --weight per adapter, or none (all 1)."""
+    weights = list(weights or [])
+    if weights and len(weights) != n:
+        raise LoraToolError(f"{len(weights)} --weight for {n} adapters; give one per adapter, "
+                            "in order, or none")
+    if not all(math.isfinite(w) for w in weights):
+        raise LoraToolError("--weight must be a finite number")
+    return weights or [1.0] * n
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise LoraToolError(f"unknown --dtype {dtype}; use keep, fp32, bf16 or fp16")
+
+
 def _single_model(ad: Any, spec: str) -> None:
     comps = ad.components
     if len(comps) > 1:
@@ -296,15 +312,8 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     t0 = time.perf_counter()
     if not adapter_specs:
         raise LoraToolError("name at least one ADAPTER")
-    weights = list(weights or [])
-    if weights and len(weights) != len(adapter_specs):
-        raise LoraToolError(f"{len(weights)} --weight for {len(adapter_specs)} adapters; give "
-                            "one per adapter, in order, or none")
-    weights = weights or [1.0] * len(adapter_specs)
-    if not all(math.isfinite(w) for w in weights):
-        raise LoraToolError("--weight must be a finite number")
-    if dtype not in DTYPES:
-        raise LoraToolError(f"unknown --dtype {dtype}; use keep, fp32, bf16 or fp16")
+    weights = check_weights(weights, len(adapter_specs))
+    check_dtype(dtype)
     dev = resolve_device(device)
     base = open_checkpoint(base_spec)
     adapters = [read_any(s, base_spec) for s in adapter_specs]
