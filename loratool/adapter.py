@@ -101,7 +101,9 @@ class LoraAdapter:
                 alphas.most_common(1)[0][0] if alphas else 8.0)
 
     def num_params(self) -> int:
-        n = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        n = sum(m.A.numel() + m.B.numel() + (m.bias.numel() if m.bias is not None else 0)
+                + (m.magnitude.numel() if m.magnitude is not None else 0)
+                for m in self.modules.values())
         n += sum(t.numel() for t in self.full.values())
         return n
 

@@ -360,12 +360,10 @@ def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | No
         report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
                      device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
                      skip_full=skip_full, seed=seed, dtype=dtype, force=force,
-                     progress=bar.update if bar else None)
+                     report_path=report_path, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
-    if report_path:
-        report_path.write_text(report_json(report) + "\n")
     if as_json:
         click.echo(report_json(report))
         return

@@ -125,7 +125,8 @@ def dense_method(method: str, parts: list[tuple[Any, float]], density: float,
         return sum(_trim(d, density) for d in ds)
     if method == "ties":
         return _ties_merge([_trim(d, density) for d in ds])
-    gens = [torch.Generator().manual_seed(module_seed(seed + i, key)) for i in range(len(ds))]
+    gens = [torch.Generator().manual_seed(module_seed(seed, f"{i}:{key}"))
+            for i in range(len(ds))]
     dropped = [_dare(d, density, g) for d, g in zip(ds, gens)]
     if method == "dare_linear":
         return sum(dropped)
@@ -150,6 +151,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
             base: str | None = None, force: bool = False,
             resize: bool = False) -> dict[str, Any]:
     """Combine adapters (or resize one); writes ``out`` and returns the report."""
+    import torch
 
     from .adapter import LoraAdapter
     from .checkpoint import torch_dtype
@@ -164,6 +166,10 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     weights = check_weights(weights, len(specs))
     check_dtype(dtype)
     adapters = [read_any(s, base) for s in specs]
+    for ad, spec in zip(adapters, specs):
+        if getattr(ad, "unresolved", None):
+            raise FormatError(f"{spec}: kohya names like {ad.unresolved[0]} cannot be mapped back "
+                              "to module paths without the base model; pass --base BASE")
     _check_compatible(adapters, specs)
     from .writer import check_output
 
@@ -173,8 +179,8 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     keys: list[str] = []
     for ad in adapters:
         keys += [k for k in ad.modules if k not in keys]
-    store = (torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else
-             next(iter(first.modules.values())).A.dtype)
+    factors = [m.A.dtype for m in first.modules.values()] or [torch.float32]
+    store = torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else factors[0]
     result = LoraAdapter(base_model=first.base_model, base_revision=first.base_revision,
                          source_format=first.source_format, task_type=first.task_type,
                          metadata={k: v for k, v in first.metadata.items()
@@ -189,12 +195,14 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
         if method == "cat":
             B, A = stacked(parts)
             result.add(_to_module(like.name, like, B, A, store, like.component))
-            entry.update(rank=B.shape[1], rel_error=0.0)
+            total = factored_residual(B, A, torch.zeros(B.shape[0], 0),
+                                      torch.zeros(0, A.shape[1]))
+            err = factored_residual(B, A, B.to(store).float(), A.to(store).float())
+            entry.update(rank=B.shape[1], rel_error=err / total if total else 0.0)
         elif method == "svd":
             B, A = stacked(parts)
             U, S, Vh = factored_svd(B, A)
-            spectra[key] = (U, S, Vh, like, sum(like.base_shape[:1]) + (
-                math.prod(like.A.shape[1:])))
+            spectra[key] = (U, S, Vh, like, B.shape[0] + A.shape[1], B, A)
             entry["total_norm"] = float(S.double().pow(2).sum().sqrt())
         else:
             D = dense_method(method, parts, density, seed, key)
@@ -203,14 +211,19 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
             result.add(_to_module(like.name, like, f.B.float(), f.A.float(), store,
                                   like.component))
             entry.update(rank=f.rank, rel_error=f.rel_error, kept_energy=f.kept_energy)
-        bias = [(m, w) for m, w in parts if m.bias is not None]
-        if bias and key in result.modules:
-            result.modules[key].bias = sum(m.bias.float() * (m.scale * w) for m, w in
-                                           bias).to(store)
         report_modules.append(entry)
     if method == "svd":
         _choose_svd_ranks(spectra, policy or RankPolicy("rank", 16.0), result, report_modules,
                           store)
+    for key in keys:  # lora biases add exactly: Σ wᵢ·sᵢ·biasᵢ on the module's new scale 1
+        bias = [(ad.modules[key], w) for ad, w in zip(adapters, weights)
+                if key in ad.modules and ad.modules[key].bias is not None]
+        if not bias:
+            continue
+        if key not in result.modules:
+            raise FormatError(f"{key}: its lora bias would be lost (the module got rank 0); "
+                              "raise the rank or the budget")
+        result.modules[key].bias = sum(m.bias.float() * (m.scale * w) for m, w in bias).to(store)
     for ad, w, spec in zip(adapters, weights, specs):
         for name, t in ad.full.items():
             if name in result.full:
@@ -251,7 +264,7 @@ def _choose_svd_ranks(spectra: dict[str, Any], policy: RankPolicy, result: Any,
                                     [policy.cap(len(spectra[k][1])) for k in keys])
         chosen = dict(zip(keys, ranks))
     for key in keys:
-        U, S, Vh, like, _ = spectra[key]
+        U, S, Vh, like, _, B_sum, A_sum = spectra[key]
         total = float(S.double().pow(2).sum())
         cap = policy.cap(len(S))
         if policy.kind == "budget":
@@ -262,10 +275,37 @@ def _choose_svd_ranks(spectra: dict[str, Any], policy: RankPolicy, result: Any,
             frac = policy.value if policy.kind == "energy" else 1.0 - policy.value ** 2
             k = min(ops.rank_for_energy(S, total, frac - 1e-12) or len(S), cap)
         entry = next(e for e in report_modules if e["name"] == key)
+
+        def stored(k: int) -> tuple[Any, Any, float]:
+            """Factors as they will be written, and their measured error against the sum."""
+            B, A = ops.split_factors(U, S.float(), Vh, k)
+            B, A = B.to(store), A.to(store)
+            res = factored_residual(B_sum, A_sum, B.float(), A.float())
+            return B, A, res / math.sqrt(total) if total else 0.0
+
+        B, A, err = stored(k)
+        if policy.kind == "max_error":  # a guarantee, measured on the stored factors
+            while err > policy.value and k < cap:
+                k += 1
+                B, A, err = stored(k)
+            if err > policy.value:
+                raise LoraToolError(f"{key}: --max-error {policy.value:g} cannot be met with "
+                                    f"{str(store).removeprefix('torch.')} factors (error "
+                                    f"{err:.3g} at rank {k}); use --dtype fp32")
         tail = float(S[k:].double().pow(2).sum())
-        entry.update(rank=k, rel_error=math.sqrt(tail / total) if total else 0.0,
-                     kept_energy=1 - tail / total if total else 1.0)
+        entry.update(rank=k, rel_error=err, kept_energy=1 - tail / total if total else 1.0)
         if k == 0:
             continue
-        B, A = ops.split_factors(U, S.float(), Vh, k)
-        result.add(_to_module(like.name, like, B, A, store, like.component))
+        result.add(_to_module(like.name, like, B.float(), A.float(), store, like.component))
+
+
+def factored_residual(B1: Any, A1: Any, B2: Any, A2: Any) -> float:
+    """‖B1·A1 − B2·A2‖_F without forming either product: with [B1, −B2] = Q_L·R_L and
+    [A1; A2]ᵀ = Q_R·R_R, the difference is Q_L·(R_L·R_Rᵀ)·Q_Rᵀ and has the core's norm."""
+    import torch
+
+    left = torch.cat([B1.double(), -B2.double()], 1)
+    right = torch.cat([A1.double(), A2.double()], 0)
+    rl = torch.linalg.qr(left).R
+    rr = torch.linalg.qr(right.T).R
+    return float(torch.linalg.matrix_norm(rl @ rr.T))

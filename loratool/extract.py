@@ -25,8 +25,9 @@ from typing import Any, Callable
 from .errors import FormatError, LoraToolError
 from .policy import Factored, RankPolicy, factorize, module_seed
 
-EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|"
-                       r"shared|embeddings)\.weight$")
+# lookup tables (token, position, relative-position): a LoRA on them is PEFT's embedding
+# LoRA, never a linear one; by default they are stored in full
+EMBEDDING = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared|relative_attention_bias)\.weight$")
 HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
 CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
@@ -38,10 +39,10 @@ def _matches(name: str, globs: list[str]) -> bool:
 
 def _kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
     """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
-    if EMBEDDING.search(name) and len(shape) == 2:
-        return "embedding" if embed_lora else "full"
     if HEAD.search(name) and len(shape) == 2:
         return "linear" if embed_lora else "full"
+    if EMBEDDING.search(name) and len(shape) == 2:
+        return "embedding" if embed_lora else "full"
     if not name.endswith(".weight"):
         return "full"
     if len(shape) == 2:
@@ -86,7 +87,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             targets: list[str] | None = None, excludes: list[str] | None = None,
             device: str = "auto", fmt: str = "peft", exact_svd: bool = False,
             embed_lora: bool = False, skip_full: bool = False, seed: int = 0,
-            dtype: str = "keep", force: bool = False,
+            dtype: str = "keep", force: bool = False, report_path: Path | None = None,
             progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Extract an adapter; returns the report (also what the model card summarises)."""
     import torch
@@ -108,6 +109,11 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     from .writer import check_output
 
     check_output(out, inputs, force)  # fail before the work, not after it
+    if report_path is not None:
+        check_output(report_path, inputs + [out], force)
+        if not report_path.parent.is_dir():
+            raise LoraToolError(f"--report {report_path}: folder {report_path.parent} does not "
+                                "exist")
 
     def store_dtype(code: str) -> Any:
         return torch_dtype(DTYPES[dtype] or code)
@@ -142,11 +148,16 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             w_base = raw_base.to(device=dev, dtype=torch.float32)
             del raw_base
             delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
-            del raw_tuned
-            yield name, w_base, delta, ti
+            if delta.numel():
+                lo, hi = (float(x) for x in torch.aminmax(delta))
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in "
+                                      "one of the models); nothing was written")
+            yield name, w_base, delta, raw_tuned
 
     pending: list[tuple[str, str, Any, float, Any]] = []
-    for name, w_base, delta, ti in deltas():
+    for name, w_base, delta, raw_tuned in deltas():
+        ti = tuned.info(name)
         if w_base is None and delta is None:
             skipped += 1
             continue
@@ -163,7 +174,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             elif skip_full:
                 dropped.append(name)
             else:
-                full[name] = (w_base + delta).to(store_dtype(ti.dtype)).cpu()
+                full[name] = raw_tuned.to(store_dtype(ti.dtype)).cpu()  # the tuned values
             continue
         M = _matrix(delta, kind)
         rel_w = float(torch.linalg.vector_norm(delta, dtype=torch.float64) /
@@ -185,11 +196,32 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
         del M, delta, w_base
     if policy.kind == "budget":
         from .ops import allocate_budget
+        from .policy import parse_budget
 
         order = list(budget_spectra)
+        if order and policy.budget_text and not policy.budget_text.strip().isdigit():
+            # a size: count parameters at the bytes of the dtype they will be stored in
+            nbytes = store_dtype(pending[0][4].dtype).itemsize
+            policy = RankPolicy("budget", float(parse_budget(policy.budget_text, nbytes)),
+                                policy.max_rank, policy.budget_text)
+        # full tensors and bias deltas are stored whatever the ranks: they come off the top
+        fixed = sum(t.numel() for t in full.values()) + sum(
+            d.numel() for b, d in biases.items() if b[: -len(".bias")] + ".weight" in
+            budget_spectra)
+        left = int(policy.value) - fixed
+        if left < 0:
+            raise LoraToolError(f"--budget {policy.budget_text} ({int(policy.value):,} "
+                                f"parameters) is smaller than the {fixed:,} that full tensors and "
+                                "bias changes need; --skip-full drops norms, --exclude leaves "
+                                "tensors out")
         ranks = allocate_budget([budget_spectra[n][0] for n in order],
-                                [budget_spectra[n][1] for n in order], int(policy.value),
+                                [budget_spectra[n][1] for n in order], left,
                                 [budget_spectra[n][2] for n in order])
+        if order and not any(ranks):
+            cheapest = min(budget_spectra[n][1] for n in order)
+            raise LoraToolError(f"--budget {policy.budget_text} leaves {left:,} parameters for "
+                                f"LoRA factors, less than one rank-1 component needs "
+                                f"({cheapest:,})")
         chosen = dict(zip(order, ranks))
         for name, kind, _, rel_w, ti in pending:  # pass 2: the same SVDs, at the chosen rank
             w_base = base.load(name, device=dev, dtype=torch.float32)
@@ -199,7 +231,8 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
                           rank=chosen[name])
             modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
     ad = LoraAdapter(base_model=base_spec, source_format="extract",
-                     task_type="CAUSAL_LM" if "ForCausalLM" in str(cfg.get("architectures"))
+                     task_type="CAUSAL_LM" if any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                                                  for a in cfg.get("architectures") or [])
                      else None)
     for m in modules:
         if m["rank"] == 0:
@@ -226,13 +259,16 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
         elif skip_full:
             dropped.append(bname)
         else:
-            full[bname] = (base.load(bname) .to(torch.float32) + d).to(
-                store_dtype(base.info(bname).dtype))
+            full[bname] = tuned.load(bname).to(store_dtype(tuned.info(bname).dtype))
     ad.full = full
     report = _report(base_spec, tuned_spec, out, fmt, policy, seed, exact_svd, modules, full,
                      dropped, kept_bias, skipped, ad, time.perf_counter() - t0, dev)
     _write(ad, out, fmt, report, base, force, inputs)
     report["seconds"] = time.perf_counter() - t0
+    if report_path is not None:  # beside the adapter, written whole or not at all
+        tmp = report_path.with_name(f".{report_path.name}.partial")
+        tmp.write_text(report_json(report) + "\n")
+        tmp.replace(report_path)
     return report
 
 

@@ -94,7 +94,8 @@ class Factored:
     svd: str  # "randomized" or "exact"
 
 
-def spectrum(M: Any, want: int, exact: bool, seed: int) -> tuple[Any, Any, Any, str]:
+def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2
+             ) -> tuple[Any, Any, Any, str]:
     """At least ``want`` singular triplets of M (all of them when exact or when ``want`` is
     close to full rank)."""
     import torch
@@ -106,7 +107,8 @@ def spectrum(M: Any, want: int, exact: bool, seed: int) -> tuple[Any, Any, Any, 
         U, S, Vh = ops.exact_svd(M)
         return U, S, Vh, "exact"
     g = torch.Generator(device=M.device).manual_seed(seed)
-    U, S, Vh = ops.randomized_svd(M, want, generator=g)
+    U, S, Vh = ops.randomized_svd(M, want, generator=g, power_iters=power_iters,
+                                  oversample=max(10, want // 2))
     return U, S, Vh, "randomized"
 
 
@@ -129,14 +131,17 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
         want = min(int(policy.value), cap)
     else:
         want = min(max(32, 2 * (policy.max_rank or 0)), cap)
-    U, S, Vh, how = spectrum(M, want, exact, seed)
+    # energy and max-error read ranks off the spectrum's tail, which a sketch underestimates
+    # most: more power iterations there bring the rank close to the exact SVD's
+    iters = 5 if policy.kind in ("energy", "max_error") and rank is None else 2
+    U, S, Vh, how = spectrum(M, want, exact, seed, iters)
     if rank is None and policy.kind in ("energy", "max_error"):
         frac = policy.value if policy.kind == "energy" else 1.0 - policy.value ** 2
         while True:
             k = ops.rank_for_energy(S, total_sq, frac)
             if k is not None or how == "exact" or len(S) >= cap:
                 break
-            U, S, Vh, how = spectrum(M, min(2 * len(S), cap), exact, seed)  # grow
+            U, S, Vh, how = spectrum(M, min(2 * len(S), cap), exact, seed, iters)  # grow
         k = min(k if k is not None else len(S), cap)
     else:
         k = min(want, len(S))
@@ -153,7 +158,7 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
         while err > policy.value and k < cap:
             k += 1
             if k > len(S):
-                U, S, Vh, how = spectrum(M, min(2 * k, cap), exact, seed)
+                U, S, Vh, how = spectrum(M, min(2 * k, cap), exact, seed, iters)
             B, A, err = build(k)
         if err > policy.value:
             raise LoraToolError(

@@ -152,7 +152,7 @@ def test_elementwise_methods_match_the_papers(tmp_path, method):
     if method in ("dare_linear", "dare_ties"):
         kept = []
         for i, t in enumerate(taus):
-            g = torch.Generator().manual_seed(module_seed(5 + i, key))
+            g = torch.Generator().manual_seed(module_seed(5, f"{i}:{key}"))
             mask = torch.rand(t.shape, generator=g, dtype=torch.float32) < density
             kept.append(torch.where(mask, t / density, torch.zeros_like(t)))
         ref = sum(kept) if method == "dare_linear" else _elect_merge_ref(kept)
@@ -193,3 +193,51 @@ def test_bad_combines(tmp_path):
         assert res.rc == code, (args, res)
         assert needle in res.err, res.err
         assert tree(tmp_path) == before
+
+
+def test_biases_survive_resize_and_svd(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    _adapter(tmp_path, "bias", 7, lora_bias=True, target_modules=["o_proj"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(attention_bias=True))  # (the adapter targets biased layers)
+    for cmd in (["resize", tmp_path / "bias", "--rank", "2"],
+                ["combine", tmp_path / "bias", tmp_path / "bias", "--method", "svd",
+                 "--rank", "2"]):
+        out = tmp_path / cmd[0]
+        res = run_cli(*cmd, "-o", out)
+        assert res.rc == 0, res.err
+        orig = read_adapter(str(tmp_path / "bias"))
+        got = read_adapter(str(out))
+        n = 1 if cmd[0] == "resize" else 2
+        for k, m in orig.modules.items():
+            want = n * m.scale * m.bias.double()
+            assert torch.allclose(got.modules[k].scale * got.modules[k].bias.double(), want,
+                                  atol=1e-6), k
+
+
+def test_max_error_on_stored_factors_and_full_only_adapter(tmp_path, three):
+    res = run_cli("resize", tmp_path / "b", "--max-error", "0.01", "-o", tmp_path / "r",
+                  "--json")
+    assert res.rc == 0, res.err
+    ref = _dense_sum(tmp_path, ["b"], [1.0])
+    got = read_adapter(str(tmp_path / "r"))
+    for m in json.loads(res.out)["modules"]:
+        d = ref[m["name"]]
+        err = float((got.modules[m["name"]].delta(torch.float64) - d).norm() / d.norm())
+        assert err <= 0.01 and math.isclose(err, m["rel_error"], rel_tol=1e-3, abs_tol=1e-7)
+
+
+def test_adapter_with_only_full_tensors_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "full"
+    d.mkdir()
+    save_file({"base_model.model.model.norm.weight": torch.ones(64)},
+              d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "modules_to_save": ["model.norm"]}))
+    res = run_cli("resize", d, "--rank", "2", "-o", tmp_path / "o")
+    assert res.rc == 1 and "internal error" not in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

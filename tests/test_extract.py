@@ -271,3 +271,106 @@ def test_cuda_extract_matches_cpu(tmp_path):
         reps[dev] = {m["name"]: m["rel_error"] for m in json.loads(res.out)["modules"]}
     for name, err in reps["cpu"].items():
         assert math.isclose(reps["cuda"][name], err, rel_tol=1e-3), name
+
+
+def test_position_embeddings_are_stored_in_full(tmp_path):
+    """GPT-2's wpe is a lookup table: a linear LoRA on it would be silently ignored by PEFT."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                      n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.transformer.wpe.weight.add_(torch.randn(32, 2) @ torch.randn(2, 32) * 0.1)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "a",
+                  "--rank", "2", "--json")
+    assert res.rc == 1 and "nothing to extract" in res.err  # no LoRA-able change at all
+    with torch.no_grad():
+        tuned.transformer.h[0].mlp.c_fc.weight.add_(torch.randn(32, 2) @ torch.randn(2, 128))
+    tuned.save_pretrained(tmp_path / "tuned")
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "a",
+                  "--rank", "2", "--json")
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["full_tensors"] == ["transformer.wpe.weight"]
+    m = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, tuned(ids).logits, atol=1e-5)
+
+
+def test_nan_in_a_model_and_report_path_checks(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _pair(tmp_path)
+    before = tree(tmp_path)
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "o",
+                  "--report", tmp_path / "base" / "r.json")
+    assert res.rc == 1 and "overlaps input" in res.err and tree(tmp_path) == before
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "o",
+                  "--report", tmp_path / "nowhere" / "r.json")
+    assert res.rc == 1 and "does not exist" in res.err and tree(tmp_path) == before
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "o",
+                  "--report", tmp_path / "r.json")
+    assert res.rc == 0 and json.loads((tmp_path / "r.json").read_text())["totals"]
+    for f in (tmp_path / "tuned").glob("model*.safetensors"):
+        state = load_file(f)
+        key = next((k for k in state if "q_proj" in k), None)
+        if key:
+            state[key][0, 0] = float("nan")
+            save_file(state, f, metadata={"format": "pt"})
+            break
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "o2")
+    assert res.rc == 1 and "NaN" in res.err and key in res.err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_budget_counts_biases_and_full_tensors_and_dtype_bytes(tmp_path):
+    base, tuned = _pair(tmp_path, norm_change=True)
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "b",
+                  "--budget", "3000", "--json")
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["full_tensors"] == ["model.norm.weight"]
+    assert read_adapter(str(tmp_path / "b")).num_params() <= 3000
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "c",
+                  "--budget", "8KB", "--dtype", "fp32", "--json")
+    assert res.rc == 0, res.err
+    size = (tmp_path / "c" / "adapter_model.safetensors").stat().st_size
+    assert size <= 8000 + 4096  # parameters counted at 4 bytes (plus the header)
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "d",
+                  "--budget", "10")
+    assert res.rc == 1 and "smaller than" in res.err
+
+
+def test_randomized_energy_rank_is_close_to_exact(tmp_path):
+    """On 256-wide matrices the sketch (not a full SVD) picks the ranks."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=4, num_hidden_layers=1)
+    base = LlamaForCausalLM(cfg).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "q_proj" in name or "down_proj" in name:
+                d = torch.randn(p.shape[0], 24) @ torch.randn(24, p.shape[1])
+                d *= torch.linspace(1, 0.05, p.shape[1])  # a decaying spectrum
+                p.add_(d * 0.05 * p.norm() / d.norm())
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    ranks = {}
+    for how in ("randomized", "exact"):
+        res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / how,
+                      "--energy", "0.99", "--dtype", "fp32", "--json",
+                      *(["--exact-svd"] if how == "exact" else []))
+        assert res.rc == 0, res.err
+        mods = json.loads(res.out)["modules"]
+        assert {m["svd"] for m in mods} == {how}
+        ranks[how] = {m["name"]: m["rank"] for m in mods}
+    for name, k in ranks["exact"].items():
+        assert k <= ranks["randomized"][name] <= k + 1, (name, ranks)
