@@ -468,6 +468,62 @@ def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float
 
 
 @cli.command()
+@click.argument("repo_id")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Download into this folder (default: the Hub cache).")
+@click.option("--revision", help="Branch, tag or commit.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Only files matching (default: weights, configs, tokenizer, adapter files).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching.")
+@click.option("--repo-type", type=click.Choice(["model", "dataset"]), default="model",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | None,
+         include: tuple[str, ...], exclude: tuple[str, ...], repo_type: str,
+         as_json: bool) -> None:
+    """Download a model or adapter from the Hub and print its local path.
+
+    \b
+    Examples:
+      loratool pull meta-llama/Llama-3.2-1B
+      loratool pull org/adapter --revision v2 -o ./adapter
+    """
+    from .hub import pull as run
+
+    r = run(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
+            repo_type=repo_type, progress=_progress(ctx))
+    click.echo(json.dumps(r, indent=2) if as_json else r["path"])
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to push to (created if missing).")
+@click.option("--message", help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def push(path: Path, repo_id: str, private: bool, revision: str | None, message: str | None,
+         create_pr: bool, include: tuple[str, ...], exclude: tuple[str, ...],
+         as_json: bool) -> None:
+    """Upload a folder to the Hub in one commit, with a model card; print the commit URL.
+
+    \b
+    Examples:
+      loratool push ./adapter me/my-adapter --private
+      loratool push ./merged me/merged-model --revision v2 --message "rank 32"
+    """
+    from .hub import push as run
+
+    r = run(path, repo_id, private=private, revision=revision, message=message,
+            create_pr=create_pr, include=list(include), exclude=list(exclude))
+    click.echo(json.dumps(r, indent=2) if as_json else (r["pr_url"] or r["commit_url"]))
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("loratool-demo"),
               show_default=True, help="Where the demo models and results are written.")
 @click.pass_context

@@ -207,4 +207,5 @@ def run_demo(workdir: Path) -> Iterator[str]:
         if "loratool[onnx]" not in str(e):
             raise
         yield f"(export skipped: {e})\n"
-    yield "Next: push and pull to the Hub — that command arrives in a later release."
+    yield ("Next: `loratool push <folder> <you>/<repo>` publishes any of these folders with a "
+           "model card; `loratool pull` brings one back.")

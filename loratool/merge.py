@@ -361,7 +361,11 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
 
     writer = CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
                               copy_from=base.folder, plan=plan,
-                              metadata={"loratool": "merge" if sign > 0 else "unmerge"})
+                              metadata={"loratool": "merge" if sign > 0 else "unmerge",
+                                        "loratool.base": base_spec,
+                                        "loratool.adapters": json.dumps(
+                                            [{"adapter": a, "weight": wt} for a, wt in
+                                             zip(adapter_specs, weights)])})
     with writer as w, ThreadPoolExecutor(1) as pool:
         if cfg_text is not None:
             w.add_file("config.json", cfg_text)

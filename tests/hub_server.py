@@ -6,12 +6,18 @@ It serves the endpoints the client uses to read a model repo:
   GET  /api/models/{repo}/tree/{rev}[/{path}]   file listing
   HEAD /{repo}/resolve/{rev}/{file}             metadata (commit, etag, size)
   GET  /{repo}/resolve/{rev}/{file}             content, with Range support (206)
-Errors carry the ``X-Error-Code`` header the client maps to its exceptions. It checks nothing
-else (no auth, no write API): a stand-in for the Hub's read side, not a copy of it.
+and the ones it uses to write, for files it is told to send inline ("regular" upload mode; the
+LFS and Xet paths are not served):
+  POST /api/repos/create, /api/models/{repo}/branch/{name}, /api/models/{repo}/preupload/{rev},
+       /api/models/{repo}/commit/{rev} (NDJSON), /api/validate-yaml
+Errors carry the ``X-Error-Code`` header the client maps to its exceptions. Writes need an
+Authorization header; private repos are invisible without one. Nothing else is checked: a
+stand-in for the Hub's HTTP interface, not a copy of it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -26,6 +32,8 @@ from urllib.parse import unquote, urlsplit
 class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files
+    private: bool = False
+    messages: dict[str, str] = field(default_factory=dict)  # sha -> commit message
 
 
 class HubServer:
@@ -45,6 +53,9 @@ class HubServer:
 
             def do_GET(self) -> None:
                 server._handle(self, head=False)
+
+            def do_POST(self) -> None:
+                server._post(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -77,8 +88,9 @@ class HubServer:
 
     # ------------------------------------------------------------------ request handling
 
-    def _resolve(self, repo: str, rev: str) -> tuple[str, dict[str, bytes]] | str:
-        if repo not in self.repos:
+    def _resolve(self, repo: str, rev: str, auth: bool = True
+                 ) -> tuple[str, dict[str, bytes]] | str:
+        if repo not in self.repos or (self.repos[repo].private and not auth):
             return "RepoNotFound"
         r = self.repos[repo]
         sha = r.refs.get(rev, rev if rev in r.commits else None)
@@ -89,9 +101,12 @@ class HubServer:
     def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlsplit(h.path).path)
         self.log.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        self._read(h, path, head, bool(h.headers.get("Authorization")))
+
+    def _read(self, h: BaseHTTPRequestHandler, path: str, head: bool, auth: bool) -> None:
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
         if m:
-            got = self._resolve(m.group(1), m.group(2))
+            got = self._resolve(m.group(1), m.group(2), auth)
             if isinstance(got, str):
                 return self._error(h, got)
             sha, files = got
@@ -100,7 +115,7 @@ class HubServer:
                                                                  for f in files]})
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if m:
-            got = self._resolve(m.group(1), m.group(2))
+            got = self._resolve(m.group(1), m.group(2), auth)
             if isinstance(got, str):
                 return self._error(h, got)
             prefix = (m.group(3) or "").strip("/")
@@ -110,7 +125,7 @@ class HubServer:
             return self._json(h, entries)
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m:
-            got = self._resolve(m.group(1), m.group(2))
+            got = self._resolve(m.group(1), m.group(2), auth)
             if isinstance(got, str):
                 return self._error(h, got)
             sha, files = got
@@ -127,9 +142,9 @@ class HubServer:
         h.end_headers()
         h.wfile.write(body)
 
-    def _error(self, h: BaseHTTPRequestHandler, code: str) -> None:
+    def _error(self, h: BaseHTTPRequestHandler, code: str, status: int = 404) -> None:
         body = json.dumps({"error": code}).encode()
-        h.send_response(404)
+        h.send_response(status)
         h.send_header("X-Error-Code", code)
         h.send_header("X-Error-Message", code)
         h.send_header("Content-Type", "application/json")
@@ -157,3 +172,77 @@ class HubServer:
         h.end_headers()
         if not head:
             h.wfile.write(body)
+
+    # ------------------------------------------------------------------ writes
+
+    def _commit(self, repo: str, ref: str, files: dict[str, bytes], message: str) -> str:
+        r = self.repos[repo]
+        digest = hashlib.sha1(json.dumps([ref, message, len(r.commits), sorted(
+            (k, hashlib.sha1(v).hexdigest()) for k, v in files.items())]).encode())
+        sha = digest.hexdigest()
+        r.commits[sha] = files
+        r.messages[sha] = message
+        r.refs[ref] = sha
+        return sha
+
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        url = urlsplit(h.path)
+        path = unquote(url.path)
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        self.log.append(("POST", path, None))
+        if not h.headers.get("Authorization"):
+            return self._error(h, "RepoNotFound", 401)
+        if path == "/api/validate-yaml":
+            return self._json(h, {"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo = f"{req.get('organization') or 'user'}/{req['name']}"
+            if repo in self.repos:  # the client reads the url from the conflict, as the Hub's
+                body = json.dumps({"error": "You already created this model repo",
+                                   "url": f"{self.url}/{repo}"}).encode()
+                h.send_response(409)
+                h.send_header("Content-Type", "application/json")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+                return None
+            self.repos[repo] = Repo(private=bool(req.get("private"))
+                                    or req.get("visibility") == "private")
+            self._commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs\n"},
+                         "initial commit")
+            return self._json(h, {"url": f"{self.url}/{repo}", "name": repo})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)", path)
+        if not m or m.group(1) not in self.repos:
+            return self._error(h, "RepoNotFound")
+        repo, verb, rev = m.group(1), m.group(2), m.group(3)
+        r = self.repos[repo]
+        if verb == "branch":
+            if rev in r.refs:
+                return self._error(h, "BranchExists", 409)
+            r.refs[rev] = r.refs["main"]
+            return self._json(h, {})
+        if rev not in r.refs and rev not in r.commits:
+            return self._error(h, "RevisionNotFound")
+        if verb == "preupload":
+            files = json.loads(body)["files"]
+            return self._json(h, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                             "shouldIgnore": False} for f in files]})
+        lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
+        header = next(x["value"] for x in lines if x["key"] == "header")
+        parent = r.refs.get(rev, rev)
+        files = dict(r.commits[parent])
+        for x in lines:
+            if x["key"] == "file":
+                files[x["value"]["path"]] = base64.b64decode(x["value"]["content"])
+            elif x["key"] in ("deletedFile", "deletedFolder"):
+                files.pop(x["value"]["path"], None)
+            elif x["key"] == "lfsFile":
+                return self._error(h, "LfsNotServed", 400)
+        pr = None
+        ref = rev
+        if "create_pr" in url.query:
+            n = sum(1 for k in r.refs if k.startswith("refs/pr/")) + 1
+            ref, pr = f"refs/pr/{n}", f"{self.url}/{repo}/discussions/{n}"
+        sha = self._commit(repo, ref, files, header.get("summary", ""))
+        return self._json(h, {"commitUrl": f"{self.url}/{repo}/commit/{sha}", "commitOid": sha,
+                              "pullRequestUrl": pr})

@@ -1,0 +1,174 @@
+"""``loratool pull`` and ``push``: the Hugging Face Hub, with proper model cards.
+
+Both go through ``huggingface_hub`` (its cache, ``HF_TOKEN``, ``HF_ENDPOINT``,
+``HF_HUB_OFFLINE``); errors become one line each (``sources.hub_errors``), and the token never
+appears in them. ``pull`` downloads only weights, configs, tokenizer and adapter files unless
+told otherwise, and refuses file names that would escape the target folder. ``push`` uploads a
+folder in one commit, writing the model card in the commit (the local folder is not changed).
+
+Example::
+
+    pull("org/adapter", Path("adapter"))
+    push(Path("adapter"), "me/my-adapter", private=True)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import HubError, InputError
+from .sources import hub_errors
+
+PULL_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.model",
+                 "*.txt", "*.tiktoken", "*.jinja", "tokenizer*", "README.md", "*/*.json",
+                 "*/*.safetensors", "*/*.txt", "*/tokenizer*"]
+NEVER_PUSHED = (".partial", ".old", ".pyc")
+
+
+def _check_names(names: list[str], repo: str) -> None:
+    for n in names:
+        p = PurePosixPath(n)
+        if p.is_absolute() or ".." in p.parts or "\\" in n:
+            raise HubError(f"{repo}: holds a file named {n!r}, which would land outside the "
+                           "target folder; refusing to download")
+
+
+def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
+         include: list[str] | None = None, exclude: list[str] | None = None,
+         repo_type: str = "model", progress: bool = False) -> dict[str, Any]:
+    """Download a repo (its model-relevant files by default); returns its local path."""
+    import huggingface_hub as hf
+
+    from . import sources
+
+    sources.SHOW_PROGRESS = progress
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    patterns = list(include or PULL_PATTERNS)
+    with hub_errors(where, revision):
+        from huggingface_hub import constants
+
+        if not constants.HF_HUB_OFFLINE:
+            names = hf.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
+            _check_names(names, where)
+        path = hf.snapshot_download(repo_id, revision=revision, repo_type=repo_type,
+                                    allow_patterns=patterns, ignore_patterns=exclude or None,
+                                    local_dir=str(out) if out else None)
+    root = Path(path)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                   if p.is_file() and ".cache" not in p.parts)
+    return {"repo": repo_id, "revision": revision, "path": str(root), "files": files}
+
+
+def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
+    """YAML metadata and a short description for the folder's model card."""
+    from .checkpoint import open_checkpoint
+    from .formats import detect
+
+    meta: dict[str, Any] = {}
+    try:
+        ckpt = open_checkpoint(folder)
+    except Exception:  # not weights loratool reads: upload as is, with a minimal card
+        return {"tags": ["loratool"]}, "Uploaded with loratool."
+    kind, fmt = detect(ckpt)
+    if kind == "adapter":
+        cfg = ckpt.adapter_config or {}
+        base = cfg.get("base_model_name_or_path")
+        if base:
+            meta["base_model"] = base
+            meta["base_model_relation"] = "adapter"
+        meta["library_name"] = "peft" if fmt == "peft" else "diffusers" if fmt == "diffusers" \
+            else None
+        meta["tags"] = ["lora", "loratool"]
+        revision = cfg.get("revision")
+        text = f"LoRA adapter ({fmt})" + (f" for [{base}](https://huggingface.co/{base})"
+                                           if base else "") + \
+            (f", base revision `{revision}`" if revision else "") + "."
+    else:
+        info = ckpt.metadata
+        meta["tags"] = ["loratool"]
+        meta["library_name"] = "transformers" if ckpt.config else None
+        text = "Model weights."
+        if info.get("loratool") == "merge" and info.get("loratool.base"):
+            meta["base_model"] = info["loratool.base"]
+            meta["base_model_relation"] = "merge"
+            adapters = json.loads(info.get("loratool.adapters", "[]"))
+            text = (f"Merged by loratool: base `{info['loratool.base']}` with the adapters "
+                    + ", ".join(f"`{a['adapter']}` × {a['weight']:g}" for a in adapters) + ".")
+    return {k: v for k, v in meta.items() if v is not None}, text
+
+
+def model_card(folder: Path) -> str:
+    """The README.md to push: the folder's own card with its metadata brought up to date, or a
+    new one."""
+    import huggingface_hub as hf
+
+    meta, text = card_metadata(folder)
+    readme = folder / "README.md"
+    if readme.is_file():
+        card = hf.ModelCard(readme.read_text(encoding="utf-8"))
+        data = card.data.to_dict()
+        tags = list(dict.fromkeys((data.get("tags") or []) + meta.pop("tags", [])))
+        data.update(meta)
+        data["tags"] = tags
+        return hf.ModelCard(f"---\n{_yaml(data)}---\n{card.text}").content
+    return f"---\n{_yaml(meta)}---\n\n# {folder.name}\n\n{text}\n"
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _files(folder: Path, include: list[str], exclude: list[str]) -> list[Path]:
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue  # hidden files, .cache, temporary .partial folders
+        if rel.endswith(NEVER_PUSHED) or rel == "README.md":
+            continue
+        if include and not any(fnmatch.fnmatch(rel, g) for g in include):
+            continue
+        if any(fnmatch.fnmatch(rel, g) for g in exclude):
+            continue
+        out.append(p)
+    return out
+
+
+def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         message: str | None = None, create_pr: bool = False,
+         include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, Any]:
+    """Create the repo if needed and upload the folder in one commit; returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; push uploads a model or adapter folder")
+    files = _files(folder, list(include or []), list(exclude or []))
+    if not files:
+        raise InputError(f"{folder}: nothing to upload (check --include/--exclude)")
+    card = model_card(folder)
+    api = HfApi()
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    with hub_errors(where, revision):
+        if not api.token and not os.environ.get("HF_TOKEN"):
+            from huggingface_hub import get_token
+
+            if not get_token():
+                raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(),
+                                  path_or_fileobj=str(p)) for p in files]
+        ops.append(CommitOperationAdd(path_in_repo="README.md",
+                                      path_or_fileobj=card.encode("utf-8")))
+        info = api.create_commit(repo_id, operations=ops, revision=revision,
+                                 commit_message=message or f"Upload {folder.name} with loratool",
+                                 create_pr=create_pr)
+    return {"repo": repo_id, "revision": revision, "files": len(ops),
+            "commit_url": info.commit_url, "pr_url": info.pr_url, "commit": info.oid}

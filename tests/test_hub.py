@@ -1,0 +1,109 @@
+"""push and pull with the real huggingface_hub client over HTTP against tests/hub_server.py.
+
+Not yet: pull tests against olah serving real git repositories, and the LFS upload path (the
+test server asks for every file inline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli, tree
+from hub_server import HubServer
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with HubServer() as server:
+        server.env = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
+                      "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                      "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": "hf_secret_test_token",
+                      "CWD": str(tmp_path)}
+        yield server
+
+
+def _run(env, *args, token=True):
+    e = {**os.environ, **env}
+    if not token:
+        e.pop("HF_TOKEN")
+        e["HF_TOKEN_PATH"] = "/nonexistent/token"
+    return subprocess.run([sys.executable, "-m", "loratool", *map(str, args)],
+                          capture_output=True, text=True, env=e, cwd=env["CWD"])
+
+
+def test_push_then_pull_round_trip_with_card(hub, tmp_path, peft_dir):
+    res = _run(hub.env, "push", peft_dir, "me/adapter", "--private", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["commit_url"].startswith(hub.url) and "hf_secret" not in res.stdout + res.stderr
+    assert hub.repos["me/adapter"].private
+    res = _run(hub.env, "pull", "me/adapter", "-o", tmp_path / "back", "--json")
+    assert res.returncode == 0, res.stderr
+    back = tmp_path / "back"
+    for name, data in tree(peft_dir).items():
+        if name != "README.md":
+            assert (back / name).read_bytes() == data, name  # bytes identical
+    card = (back / "README.md").read_text()
+    assert "base_model_relation: adapter" not in card or "base_model:" in card
+    assert "library_name: peft" in card and "- lora" in card and "- loratool" in card
+    # a private repo is invisible without a token
+    res = _run(hub.env, "pull", "me/adapter", "-o", tmp_path / "anon", token=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_merged_model_card_branch_and_second_push(hub, tmp_path):
+    from loratool.demo import build_pair
+
+    base, _, adapter = build_pair(tmp_path / "w")
+    assert run_cli("merge", base, adapter, "-o", tmp_path / "merged").rc == 0
+    res = _run(hub.env, "push", tmp_path / "merged", "me/merged", "--revision", "v1",
+               "--message", "first")
+    assert res.returncode == 0, res.stderr
+    card = hub.repos["me/merged"].commits[hub.repos["me/merged"].refs["v1"]]["README.md"].decode()
+    assert "base_model_relation: merge" in card and str(adapter) in card
+    assert "main" in hub.repos["me/merged"].refs
+    first = hub.repos["me/merged"].refs["v1"]
+    (tmp_path / "merged" / "extra.json").write_text("{}")
+    res = _run(hub.env, "push", tmp_path / "merged", "me/merged", "--revision", "v1")
+    assert res.returncode == 0, res.stderr
+    second = hub.repos["me/merged"].refs["v1"]
+    assert second != first and "extra.json" in hub.repos["me/merged"].commits[second]
+    assert not any(".partial" in n for n in hub.repos["me/merged"].commits[second])
+
+
+def test_hub_errors_are_one_line_and_never_show_the_token(hub, tmp_path, peft_dir):
+    for args, needle in ((["pull", "me/nothing"], "no such repository"),
+                         (["push", peft_dir, "me/x"], "token")):
+        res = _run(hub.env, *args, token=args[0] == "pull")
+        assert res.returncode == 1, res
+        assert res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+        assert "hf_secret" not in res.stderr
+    env = {**hub.env, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    res = _run(env, "pull", "me/adapter")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_pull_refuses_names_escaping_the_folder(hub, tmp_path):
+    hub.add("me/evil", tmp_path)  # an empty commit to start from
+    sha = hub._commit("me/evil", "main", {"../escape.json": b"{}", "config.json": b"{}"}, "x")
+    assert sha
+    res = _run(hub.env, "pull", "me/evil", "-o", tmp_path / "o")
+    assert res.returncode == 1 and "outside the target folder" in res.stderr, res.stderr
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_pull_offline_from_a_warm_cache(hub, tmp_path, peft_dir):
+    assert _run(hub.env, "push", peft_dir, "me/adapter").returncode == 0
+    res = _run(hub.env, "pull", "me/adapter")
+    assert res.returncode == 0, res.stderr
+    path = res.stdout.strip()
+    offline = {**hub.env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    res = _run(offline, "pull", "me/adapter")
+    assert res.returncode == 0 and res.stdout.strip() == path, res.stderr
+    res = _run(offline, "inspect", "me/adapter", "--json")
+    assert json.loads(res.stdout)["kind"] == "adapter"
