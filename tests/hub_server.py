@@ -21,6 +21,8 @@ import base64
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,9 +39,12 @@ class Repo:
 
 
 class HubServer:
-    """Start with ``with HubServer() as hub:``; add repos with :meth:`add`."""
+    """Start with ``with HubServer() as hub:``; add repos with :meth:`add`. With ``git_root``,
+    every commit is also made as a real git commit in ``git_root/models/<org>/<name>``, the
+    layout olah serves as a local mirror."""
 
-    def __init__(self) -> None:
+    def __init__(self, git_root: Path | None = None) -> None:
+        self.git_root = git_root
         self.repos: dict[str, Repo] = {}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, range)
         server = self
@@ -183,7 +188,36 @@ class HubServer:
         r.commits[sha] = files
         r.messages[sha] = message
         r.refs[ref] = sha
+        if self.git_root is not None and not ref.startswith("refs/"):
+            self._git_commit(repo, ref, files, message)
         return sha
+
+    def _git(self, d: Path, *args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=hub", "-c", "user.email=hub@localhost", *args],
+                       cwd=d, check=True, capture_output=True)
+
+    def _git_commit(self, repo: str, ref: str, files: dict[str, bytes], message: str) -> None:
+        assert self.git_root is not None
+        d = self.git_root / "models" / repo
+        if not (d / ".git").exists():
+            d.mkdir(parents=True)
+            self._git(d, "init", "-q", "-b", "main")
+        else:
+            self._git(d, "checkout", "-q", ref if ref in self._branches(d) else "-b", *(
+                [] if ref in self._branches(d) else [ref]))
+        for p in d.iterdir():
+            if p.name != ".git":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for name, data in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_bytes(data)
+        self._git(d, "add", "-A")
+        self._git(d, "commit", "-q", "--allow-empty", "-m", message or "commit")
+
+    def _branches(self, d: Path) -> list[str]:
+        out = subprocess.run(["git", "branch", "--format=%(refname:short)"], cwd=d,
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()
 
     def _post(self, h: BaseHTTPRequestHandler) -> None:
         url = urlsplit(h.path)
@@ -220,6 +254,8 @@ class HubServer:
             if rev in r.refs:
                 return self._error(h, "BranchExists", 409)
             r.refs[rev] = r.refs["main"]
+            if self.git_root is not None:
+                self._git(self.git_root / "models" / repo, "branch", rev, "main")
             return self._json(h, {})
         if rev not in r.refs and rev not in r.commits:
             return self._error(h, "RevisionNotFound")

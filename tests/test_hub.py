@@ -107,3 +107,55 @@ def test_pull_offline_from_a_warm_cache(hub, tmp_path, peft_dir):
     assert res.returncode == 0 and res.stdout.strip() == path, res.stderr
     res = _run(offline, "inspect", "me/adapter", "--json")
     assert json.loads(res.stdout)["kind"] == "adapter"
+
+
+# ------------------------------------------------------------------ pull through olah
+
+from olah_server import Olah, olah_cli  # noqa: E402
+
+needs_olah = pytest.mark.skipif(olah_cli() is None, reason="olah not installed (.ci/run makes "
+                                                           ".ci-olah)")
+
+
+@pytest.fixture
+def mirrored(tmp_path):
+    """Our write server keeping real git commits, and olah serving them back."""
+    mirror = tmp_path / "mirror"
+    with HubServer(git_root=mirror) as writer, Olah(mirror, tmp_path) as olah_url:
+        base = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_TOKEN": "hf_secret_test_token", "CWD": str(tmp_path)}
+        yield {**base, "HF_ENDPOINT": writer.url}, {**base, "HF_ENDPOINT": olah_url}
+
+
+@needs_olah
+def test_push_then_pull_through_olah(mirrored, tmp_path, peft_dir):
+    write, read = mirrored
+    assert _run(write, "push", peft_dir, "acme/adapter", "--message", "v1").returncode == 0
+    res = _run(read, "pull", "acme/adapter", "-o", tmp_path / "a", "--json")
+    assert res.returncode == 0, res.stderr
+    for name, data in tree(peft_dir).items():
+        if name != "README.md":
+            assert (tmp_path / "a" / name).read_bytes() == data, name
+    assert "library_name: peft" in (tmp_path / "a" / "README.md").read_text()
+    # a branch, and a second push that updates it
+    assert _run(write, "push", peft_dir, "acme/adapter", "--revision", "exp").returncode == 0
+    (tmp_path / "more").mkdir()
+    import shutil
+
+    shutil.copytree(peft_dir, tmp_path / "more", dirs_exist_ok=True)
+    (tmp_path / "more" / "notes.txt").write_text("second push")
+    assert _run(write, "push", tmp_path / "more", "acme/adapter", "--revision",
+                "exp").returncode == 0
+    res = _run(read, "pull", "acme/adapter", "--revision", "exp", "-o", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "b" / "notes.txt").read_text() == "second push"
+    res = _run(read, "pull", "acme/adapter", "-o", tmp_path / "c")
+    assert res.returncode == 0 and not (tmp_path / "c" / "notes.txt").exists()
+    # what olah serves loratool reads directly, as a Hub id
+    res = _run(read, "inspect", "acme/adapter@exp", "--json")
+    assert json.loads(res.stdout)["kind"] == "adapter"
+    for spec in ("acme/missing", "acme/adapter@no-such-branch"):
+        res = _run(read, "pull", spec, "-o", tmp_path / "x")
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert not (tmp_path / "x").exists()
