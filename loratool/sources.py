@@ -91,6 +91,9 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
         raise HubError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set") from e
     except hfe.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", "?")
+        if status in (401, 403):
+            raise HubError(f"{where}: no permission (HTTP {status}); use a token with write "
+                           "access to this repo (HF_TOKEN or `hf auth login`)") from e
         raise HubError(f"{where}: the Hub answered HTTP {status}; retry, or check "
                        "HF_ENDPOINT and your token") from e
     except OSError as e:

@@ -226,6 +226,8 @@ class HubServer:
         self.log.append(("POST", path, None))
         if not h.headers.get("Authorization"):
             return self._error(h, "RepoNotFound", 401)
+        if getattr(self, "forbid", False) and path != "/api/validate-yaml":
+            return self._error(h, "Forbidden", 403)
         if path == "/api/validate-yaml":
             return self._json(h, {"errors": [], "warnings": []})
         if path == "/api/repos/create":

@@ -159,3 +159,14 @@ def test_push_then_pull_through_olah(mirrored, tmp_path, peft_dir):
         res = _run(read, "pull", spec, "-o", tmp_path / "x")
         assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_create_pr_and_no_permission(hub, tmp_path, peft_dir):
+    assert _run(hub.env, "push", peft_dir, "me/adapter").returncode == 0
+    res = _run(hub.env, "push", peft_dir, "me/adapter", "--create-pr", "--message", "proposal")
+    assert res.returncode == 0, res.stderr
+    assert "/discussions/1" in res.stdout and "refs/pr/1" in hub.repos["me/adapter"].refs
+    hub.forbid = True  # the server now answers writes with 403
+    res = _run(hub.env, "push", peft_dir, "me/adapter")
+    assert res.returncode == 1 and "no permission" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "hf_secret" not in res.stderr
