@@ -99,6 +99,12 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
     except OSError as e:
         raise HubError(f"{where}: cannot reach the Hub ({type(e).__name__}); check the "
                        "network or use a local path") from e
+    except RuntimeError as e:
+        if "uploading" not in str(e):
+            raise
+        cause = e.__cause__ or e
+        raise HubError(f"{where}: the upload failed ({str(cause).splitlines()[0][:200]}); "
+                       "retry") from e
     except Exception as e:  # httpx errors share no base class with the above
         if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
             raise HubError(f"{where}: cannot reach the Hub ({type(e).__name__}); check the "

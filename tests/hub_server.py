@@ -6,10 +6,12 @@ It serves the endpoints the client uses to read a model repo:
   GET  /api/models/{repo}/tree/{rev}[/{path}]   file listing
   HEAD /{repo}/resolve/{rev}/{file}             metadata (commit, etag, size)
   GET  /{repo}/resolve/{rev}/{file}             content, with Range support (206)
-and the ones it uses to write, for files it is told to send inline ("regular" upload mode; the
-LFS and Xet paths are not served):
+and the ones it uses to write:
   POST /api/repos/create, /api/models/{repo}/branch/{name}, /api/models/{repo}/preupload/{rev},
        /api/models/{repo}/commit/{rev} (NDJSON), /api/validate-yaml
+  POST /{repo}.git/info/lfs/objects/batch, PUT /lfs-upload/{oid}: the basic LFS transfer, for
+       *.safetensors and files over 1 MB (others are sent inline, as the Hub decides); the Xet
+       path is not served (tests set HF_HUB_DISABLE_XET=1)
 Errors carry the ``X-Error-Code`` header the client maps to its exceptions. Writes need an
 Authorization header; private repos are invisible without one. Nothing else is checked: a
 stand-in for the Hub's HTTP interface, not a copy of it.
@@ -46,6 +48,7 @@ class HubServer:
     def __init__(self, git_root: Path | None = None) -> None:
         self.git_root = git_root
         self.repos: dict[str, Repo] = {}
+        self.lfs: dict[str, bytes] = {}  # sha256 -> uploaded LFS object
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, range)
         server = self
 
@@ -61,6 +64,9 @@ class HubServer:
 
             def do_POST(self) -> None:
                 server._post(self)
+
+            def do_PUT(self) -> None:
+                server._put(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -219,10 +225,36 @@ class HubServer:
                              capture_output=True, text=True, check=True).stdout
         return out.split()
 
+    @staticmethod
+    def _body(h: BaseHTTPRequestHandler) -> bytes:
+        """The request body, with Content-Length or chunked (how the client streams files)."""
+        if h.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        out = bytearray()
+        while True:
+            size = int(h.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                h.rfile.readline()
+                return bytes(out)
+            out += h.rfile.read(size)
+            h.rfile.readline()
+
+    def _put(self, h: BaseHTTPRequestHandler) -> None:
+        path = unquote(urlsplit(h.path).path)
+        body = self._body(h)
+        self.log.append(("PUT", path, None))
+        m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", path)
+        if not m or hashlib.sha256(body).hexdigest() != m.group(1):
+            return self._error(h, "LfsChecksum", 400)
+        self.lfs[m.group(1)] = body
+        h.send_response(200)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
     def _post(self, h: BaseHTTPRequestHandler) -> None:
         url = urlsplit(h.path)
         path = unquote(url.path)
-        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        body = self._body(h)
         self.log.append(("POST", path, None))
         if not h.headers.get("Authorization"):
             return self._error(h, "RepoNotFound", 401)
@@ -230,6 +262,15 @@ class HubServer:
             return self._error(h, "Forbidden", 403)
         if path == "/api/validate-yaml":
             return self._json(h, {"errors": [], "warnings": []})
+        m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+        if m:
+            req = json.loads(body)
+            # an object the server already has gets no actions: the client skips its upload
+            return self._json(h, {"transfer": "basic", "objects": [
+                {"oid": o["oid"], "size": o["size"], "authenticated": True,
+                 **({} if o["oid"] in self.lfs else {"actions": {
+                     "upload": {"href": f"{self.url}/lfs-upload/{o['oid']}"}}})}
+                for o in req["objects"]]})
         if path == "/api/repos/create":
             req = json.loads(body)
             repo = f"{req.get('organization') or 'user'}/{req['name']}"
@@ -263,8 +304,10 @@ class HubServer:
             return self._error(h, "RevisionNotFound")
         if verb == "preupload":
             files = json.loads(body)["files"]
-            return self._json(h, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                             "shouldIgnore": False} for f in files]})
+            return self._json(h, {"files": [
+                {"path": f["path"], "shouldIgnore": False,
+                 "uploadMode": "lfs" if f["path"].endswith(".safetensors") or f["size"] > 2**20
+                 else "regular"} for f in files]})
         lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
         header = next(x["value"] for x in lines if x["key"] == "header")
         parent = r.refs.get(rev, rev)
@@ -275,7 +318,10 @@ class HubServer:
             elif x["key"] in ("deletedFile", "deletedFolder"):
                 files.pop(x["value"]["path"], None)
             elif x["key"] == "lfsFile":
-                return self._error(h, "LfsNotServed", 400)
+                oid = x["value"]["oid"]
+                if oid not in self.lfs:
+                    return self._error(h, "LfsObjectMissing", 400)
+                files[x["value"]["path"]] = self.lfs[oid]
         pr = None
         ref = rev
         if "create_pr" in url.query:

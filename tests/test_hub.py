@@ -42,6 +42,7 @@ def test_push_then_pull_round_trip_with_card(hub, tmp_path, peft_dir):
     r = json.loads(res.stdout)
     assert r["commit_url"].startswith(hub.url) and "hf_secret" not in res.stdout + res.stderr
     assert hub.repos["me/adapter"].private
+    assert [m for m, p, _ in hub.log if m == "PUT"]  # the weights went through LFS
     res = _run(hub.env, "pull", "me/adapter", "-o", tmp_path / "back", "--json")
     assert res.returncode == 0, res.stderr
     back = tmp_path / "back"
