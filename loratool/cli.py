@@ -433,12 +433,14 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
               help="causal-lm exports logits; feature-extraction the last hidden state.")
 @click.option("--atol", type=float,
               help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
+@click.option("--with-past", is_flag=True,
+              help="Also export prefill.onnx and decode.onnx with a KV cache (causal LMs).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
 @click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float, ...],
-           dtype: str, opset: int | None, task: str, atol: float | None, no_verify: bool,
-           force: bool, as_json: bool) -> None:
+           dtype: str, opset: int | None, task: str, atol: float | None, with_past: bool,
+           no_verify: bool, force: bool, as_json: bool) -> None:
     """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
 
     Needs the extra: pip install 'loratool[onnx]'.
@@ -451,7 +453,7 @@ def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float
     from .export import export as run
 
     report = run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
-                 task=task, atol=atol, verify=not no_verify, force=force)
+                 task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -465,6 +467,11 @@ def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float
                    f"|ONNX − PyTorch| {v['max_abs_diff']:.3g} ≤ {v['atol']:g}")
     else:
         click.echo("  not verified (--no-verify)")
+    past = report.get("with_past")
+    if past and past["verification"]["checked"]:
+        click.echo(f"  prefill.onnx + decode.onnx (KV cache): a prefill and one decode step "
+                   f"match PyTorch's full-sequence logits to "
+                   f"{past['verification']['max_abs_diff']:.3g}")
 
 
 @cli.command()

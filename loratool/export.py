@@ -113,6 +113,119 @@ class _Wrapper:
         return (Logits if task == "causal-lm" else Hidden)().eval()
 
 
+def _cache_layout(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder's KV cache."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(cfg.num_hidden_layers)
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return layers, kv, head_dim
+
+
+def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
+    """Prefill (ids, mask → logits, present.*) and decode (ids, mask, past.* → logits,
+    present.*) modules over a DynamicCache, flattened to plain tensors for ONNX."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
+
+    def flat(cache: Any) -> list[Any]:
+        out = []
+        for i in range(layers):
+            layer = cache.layers[i]
+            out += [layer.keys, layer.values]
+        return out
+
+    class Prefill(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=True, **{kw: DynamicCache()})
+            return (out.logits, *flat(out.past_key_values))
+
+    class Decode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, *past: Any) -> Any:
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=True, **{kw: cache})
+            return (out.logits, *flat(out.past_key_values))
+
+    return Prefill().eval(), Decode().eval()
+
+
+def _export_with_past(model: Any, config: Any, tmp: Path, vocab: int, opset: int | None,
+                      seed: int, verify: bool, atol: float) -> dict[str, Any]:
+    """prefill.onnx and decode.onnx; verified by a prefill and one decode step in
+    onnxruntime against PyTorch's logits for the whole sequence."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    layers, kv, head_dim = _cache_layout(config)
+    prefill, decode = _cached_wrappers(model, layers)
+    names = [f"past.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    presents = [n.replace("past.", "present.") for n in names]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    dt = next(model.parameters()).dtype
+    past = [torch.randn(2, kv, 5, head_dim, generator=g).to(dt) for _ in names]
+    step = torch.randint(0, vocab, (2, 2), generator=g)  # seq ≥ 2 when tracing
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(prefill, (ids, mask), str(tmp / "prefill.onnx"), dynamo=True,
+                          dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"},
+                                          "attention_mask": {0: "batch", 1: "sequence"}},
+                          input_names=["input_ids", "attention_mask"],
+                          output_names=["logits", *presents], opset_version=opset,
+                          external_data=True)
+        torch.onnx.export(decode, (step, torch.ones(2, 7, dtype=torch.long), *past),
+                          str(tmp / "decode.onnx"), dynamo=True,
+                          dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"},
+                                          "attention_mask": {0: "batch", 1: "total"},
+                                          "past": tuple({0: "batch", 2: "past_sequence"}
+                                                        for _ in names)},
+                          input_names=["input_ids", "attention_mask", *names],
+                          output_names=["logits", *presents], opset_version=opset,
+                          external_data=True)
+    result: dict[str, Any] = {"checked": False}
+    if verify:
+        pre = ort.InferenceSession(str(tmp / "prefill.onnx"), providers=["CPUExecutionProvider"])
+        dec = ort.InferenceSession(str(tmp / "decode.onnx"), providers=["CPUExecutionProvider"])
+        prompt = torch.randint(0, vocab, (3, 6), generator=g)
+        nxt = torch.randint(0, vocab, (3, 1), generator=g)
+        outs = pre.run(None, {"input_ids": prompt.numpy(),
+                              "attention_mask": np.ones((3, 6), dtype=np.int64)})
+        step_out = dec.run(None, {"input_ids": nxt.numpy(),
+                                  "attention_mask": np.ones((3, 7), dtype=np.int64),
+                                  **dict(zip(names, outs[1:]))})
+        full = torch.cat([prompt, nxt], 1)
+        with torch.no_grad():  # the reference: one forward pass over the whole sequence
+            ref = model(input_ids=full, attention_mask=torch.ones_like(full),
+                        use_cache=False).logits.float().numpy()
+        worst = max(float(np.abs(outs[0].astype(np.float32) - ref[:, :6]).max()),
+                    float(np.abs(step_out[0].astype(np.float32) - ref[:, 6:]).max()))
+        result = {"checked": True, "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
+        if worst > atol:
+            raise LoraToolError(f"verification failed: the prefill/decode graphs differ from "
+                                f"PyTorch by {worst:.3g} > --atol {atol:g}; nothing was written")
+    return {"graphs": ["prefill.onnx", "decode.onnx"], "past_inputs": names,
+            "present_outputs": presents, "verification": result}
+
+
 def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[float],
                      specs: list[str]) -> int:
     """Apply the adapters to the model's parameters with the merge code's math."""
@@ -167,7 +280,7 @@ def _batches(vocab: int, pad_id: int, seed: int) -> list[tuple[Any, Any]]:
 def export(base_spec: str, adapter_specs: list[str], out: Path, *,
            weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
            task: str = "auto", atol: float | None = None, verify: bool = True,
-           force: bool = False, seed: int = 0) -> dict[str, Any]:
+           force: bool = False, seed: int = 0, with_past: bool = False) -> dict[str, Any]:
     """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
     _need_extra()
     import numpy as np
@@ -203,6 +316,8 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
         raise FormatError(f"{base_spec}: transformers does not know this architecture "
                           f"({str(e).splitlines()[0]}); custom code is never run") from e
     task = _task(config, task)
+    if with_past and task != "causal-lm":
+        raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
     adapters = [read_any(s, base_spec) for s in adapter_specs]
     model = _load_model(base.folder, task, config)
     changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
@@ -253,6 +368,17 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
             if worst > atol:
                 raise LoraToolError(f"verification failed: ONNX and PyTorch outputs differ by "
                                     f"{worst:.3g} > --atol {atol:g}; nothing was written")
+        cached = None
+        if with_past:
+            try:
+                cached = _export_with_past(model, config, tmp, vocab, opset, seed + 2, verify,
+                                           atol)
+            except LoraToolError:
+                raise
+            except Exception as e:
+                raise LoraToolError(f"--with-past export failed for {config.model_type}: "
+                                    f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                                    ) from e
         if base.folder.is_dir():
             from .checkpoint import weight_file_names
 
@@ -266,7 +392,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                   "inputs": ["input_ids", "attention_mask"], "outputs": [output],
                   "dynamic_axes": {"batch": 0, "sequence": 1}, "dtype": dtype,
                   "opset": opset, "tensors_changed_by_adapters": changed,
-                  "verification": result,
+                  "verification": result, "with_past": cached,
                   "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         report["files"] = sorted(p.name for p in tmp.iterdir())

@@ -160,3 +160,38 @@ def test_missing_extra_is_a_clear_error(tmp_path, llama_dir):
                           str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert res.returncode == 1 and "loratool[onnx]" in res.stderr and "onnxruntime" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_with_past_decodes_like_the_full_forward(tmp_path, arch):
+    """Prefill in ONNX, then three greedy decode steps feeding the cache back: each step's
+    logits equal PyTorch's forward over the whole sequence so far."""
+    import onnxruntime as ort
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(llama_config()) if arch == "llama" else GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+                   bos_token_id=0, eos_token_id=0))).eval()
+    merged = _with_adapter(tmp_path, model, ["q_proj", "v_proj"] if arch == "llama"
+                           else ["c_attn"])
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",
+                  "--with-past", "--json")
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["with_past"]["verification"]["ok"]
+    names = rep["with_past"]["past_inputs"]
+    opts = {"providers": ["CPUExecutionProvider"]}
+    pre = ort.InferenceSession(str(tmp_path / "onnx" / "prefill.onnx"), **opts)
+    dec = ort.InferenceSession(str(tmp_path / "onnx" / "decode.onnx"), **opts)
+    seq = torch.tensor([[3, 9, 4, 7, 1], [5, 2, 8, 6, 2]])
+    outs = pre.run(None, {"input_ids": seq.numpy(), "attention_mask": np.ones_like(seq.numpy())})
+    for _ in range(3):
+        with torch.no_grad():
+            ref = merged(input_ids=seq, use_cache=False).logits[:, -1].numpy()
+        assert np.abs(outs[0][:, -1] - ref).max() <= 1e-4
+        nxt = torch.from_numpy(outs[0][:, -1].argmax(-1))[:, None]
+        seq = torch.cat([seq, nxt], 1)
+        outs = dec.run(None, {"input_ids": nxt.numpy(),
+                              "attention_mask": np.ones(seq.shape, dtype=np.int64),
+                              **dict(zip(names, outs[1:]))})
