@@ -60,10 +60,16 @@ def _load_model(folder: Path, task: str, config: Any) -> Any:
     transformers.utils.logging.disable_progress_bar()
     try:
         with _quiet():
-            model = cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+            model, info = cls.from_pretrained(folder, dtype=torch.float32,
+                                              trust_remote_code=False,
+                                              output_loading_info=True)
     except ValueError as e:
         raise FormatError(f"{folder}: transformers cannot build {config.model_type!r} for "
                           f"task {task} ({str(e).splitlines()[0]})") from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values: never export those
+        raise FormatError(f"{folder}: the checkpoint lacks {len(missing)} weights the "
+                          f"architecture needs (first: {missing[0]}); is it complete?")
     return model.eval()
 
 
@@ -219,7 +225,7 @@ def _export_with_past(model: Any, config: Any, tmp: Path, vocab: int, opset: int
         worst = max(float(np.abs(outs[0].astype(np.float32) - ref[:, :6]).max()),
                     float(np.abs(step_out[0].astype(np.float32) - ref[:, 6:]).max()))
         result = {"checked": True, "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
-        if worst > atol:
+        if not worst <= atol:
             raise LoraToolError(f"verification failed: the prefill/decode graphs differ from "
                                 f"PyTorch by {worst:.3g} > --atol {atol:g}; nothing was written")
     return {"graphs": ["prefill.onnx", "decode.onnx"], "past_inputs": names,
@@ -302,6 +308,8 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
 
     weights = check_weights(weights, len(adapter_specs))
     atol = ATOL[dtype] if atol is None else atol
+    if not (atol >= 0 and atol < float("inf")):
+        raise LoraToolError(f"--atol must be a finite number ≥ 0, got {atol}")
     base = open_checkpoint(base_spec)
     if base.config is None:
         raise FormatError(f"{base_spec}: no config.json beside the weights; export needs the "
@@ -328,8 +336,16 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     pad = getattr(config, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) else 0
     parent = out.parent if str(out.parent) else Path(".")
+    created = []
+    p = parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    from .writer import _umask
+
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
     try:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (2, 8), generator=g)  # seq ≥ 2 (NOTES: 1 bakes a branch)
@@ -360,12 +376,15 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                 got = sess.run(None, {"input_ids": b_ids.numpy(),
                                       "attention_mask": b_mask.numpy()})[0].astype(np.float32)
                 keep = b_mask.numpy().astype(bool)  # padded positions are not compared
+                if not (np.isfinite(ref[keep]).all() and np.isfinite(got[keep]).all()):
+                    raise LoraToolError("verification failed: the outputs hold NaN or Inf (in "
+                                        "PyTorch or ONNX; fp16 overflow?); nothing was written")
                 diff = float(np.abs(got - ref)[keep].max())
                 worst = max(worst, diff)
                 shapes.append(list(b_ids.shape))
             result = {"checked": True, "shapes": shapes, "max_abs_diff": worst, "atol": atol,
                       "ok": worst <= atol}
-            if worst > atol:
+            if not worst <= atol:
                 raise LoraToolError(f"verification failed: ONNX and PyTorch outputs differ by "
                                     f"{worst:.3g} > --atol {atol:g}; nothing was written")
         cached = None
@@ -387,11 +406,16 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                 src = base.folder / entry
                 if entry not in skip and not entry.startswith(".") and src.is_file():
                     shutil.copyfile(src, tmp / entry)
+        import onnx
+
+        graph_opset = next((o.version for o in onnx.load(
+            str(tmp / "model.onnx"), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")), None)
         report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,
                   "task": task, "architecture": (config.architectures or [None])[0],
                   "inputs": ["input_ids", "attention_mask"], "outputs": [output],
                   "dynamic_axes": {"batch": 0, "sequence": 1}, "dtype": dtype,
-                  "opset": opset, "tensors_changed_by_adapters": changed,
+                  "opset": graph_opset, "tensors_changed_by_adapters": changed,
                   "verification": result, "with_past": cached,
                   "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -405,6 +429,11 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # parent folders this run made, innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     report["output"] = str(out)
     report["seconds"] = time.perf_counter() - t0

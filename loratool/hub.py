@@ -23,10 +23,19 @@ from typing import Any
 from .errors import HubError, InputError
 from .sources import hub_errors
 
-PULL_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.model",
-                 "*.txt", "*.tiktoken", "*.jinja", "tokenizer*", "README.md", "*/*.json",
-                 "*/*.safetensors", "*/*.txt", "*/tokenizer*"]
-NEVER_PUSHED = (".partial", ".old", ".pyc")
+CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*", "README.md",
+                "*/*.json", "*/*.txt", "*/tokenizer*"]
+NOT_PULLED = ["optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin",
+              "*/optimizer.pt"]
+NEVER_PUSHED = (".partial", ".old", ".pyc", ".tmp", "~", ".incomplete", ".lock", ".swp")
+
+
+def default_patterns(names: list[str] | None) -> list[str]:
+    """Configs, tokenizer and adapter files, and one copy of the weights: safetensors when the
+    repo has them, pickles only when it has nothing else (never both)."""
+    if names is not None and not any(n.endswith(".safetensors") for n in names):
+        return CONFIG_FILES + ["*.bin", "*.pt", "*.pth", "*/*.bin"]
+    return CONFIG_FILES + ["*.safetensors", "*/*.safetensors"]
 
 
 def _check_names(names: list[str], repo: str) -> None:
@@ -46,21 +55,40 @@ def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
     from . import sources
 
     sources.SHOW_PROGRESS = progress
+    parsed = sources.parse_hub_id(repo_id)
+    if parsed is None:
+        raise InputError(f"{repo_id}: not a Hub id (org/name or org/name@revision)")
+    repo_id, at = parsed
+    revision = revision or at
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"-o {out}: exists and is not a folder")
     where = f"{repo_id}@{revision}" if revision else repo_id
-    patterns = list(include or PULL_PATTERNS)
     with hub_errors(where, revision):
         from huggingface_hub import constants
 
+        names = None
         if not constants.HF_HUB_OFFLINE:
             names = hf.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
             _check_names(names, where)
+        patterns = list(include or default_patterns(names))
         path = hf.snapshot_download(repo_id, revision=revision, repo_type=repo_type,
-                                    allow_patterns=patterns, ignore_patterns=exclude or None,
+                                    allow_patterns=patterns,
+                                    ignore_patterns=list(exclude or []) + NOT_PULLED,
                                     local_dir=str(out) if out else None)
     root = Path(path)
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                    if p.is_file() and ".cache" not in p.parts)
     return {"repo": repo_id, "revision": revision, "path": str(root), "files": files}
+
+
+def _hub_base(spec: str | None) -> tuple[str | None, str | None]:
+    """(repo id, revision) when ``spec`` names a Hub repo; local paths are not Hub ids."""
+    from .sources import parse_hub_id
+
+    if not spec or os.path.exists(spec):
+        return None, None
+    parsed = parse_hub_id(spec)
+    return parsed if parsed else (None, None)
 
 
 def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
@@ -76,14 +104,14 @@ def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
     kind, fmt = detect(ckpt)
     if kind == "adapter":
         cfg = ckpt.adapter_config or {}
-        base = cfg.get("base_model_name_or_path")
+        base, at = _hub_base(cfg.get("base_model_name_or_path"))
         if base:
             meta["base_model"] = base
             meta["base_model_relation"] = "adapter"
         meta["library_name"] = "peft" if fmt == "peft" else "diffusers" if fmt == "diffusers" \
             else None
         meta["tags"] = ["lora", "loratool"]
-        revision = cfg.get("revision")
+        revision = cfg.get("revision") or at
         text = f"LoRA adapter ({fmt})" + (f" for [{base}](https://huggingface.co/{base})"
                                            if base else "") + \
             (f", base revision `{revision}`" if revision else "") + "."
@@ -93,8 +121,10 @@ def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
         meta["library_name"] = "transformers" if ckpt.config else None
         text = "Model weights."
         if info.get("loratool") == "merge" and info.get("loratool.base"):
-            meta["base_model"] = info["loratool.base"]
-            meta["base_model_relation"] = "merge"
+            hub_base, _ = _hub_base(info["loratool.base"])
+            if hub_base:
+                meta["base_model"] = hub_base
+                meta["base_model_relation"] = "merge"
             adapters = json.loads(info.get("loratool.adapters", "[]"))
             text = (f"Merged by loratool: base `{info['loratool.base']}` with the adapters "
                     + ", ".join(f"`{a['adapter']}` × {a['weight']:g}" for a in adapters) + ".")
@@ -110,11 +140,18 @@ def model_card(folder: Path) -> str:
     readme = folder / "README.md"
     if readme.is_file():
         card = hf.ModelCard(readme.read_text(encoding="utf-8"))
-        data = card.data.to_dict()
+        data = {k: v for k, v in card.data.to_dict().items() if v not in (None, "", [])}
         tags = list(dict.fromkeys((data.get("tags") or []) + meta.pop("tags", [])))
         data.update(meta)
-        data["tags"] = tags
-        return hf.ModelCard(f"---\n{_yaml(data)}---\n{card.text}").content
+        if not data.get("base_model"):  # no Hub base: drop what would point at nothing
+            data.pop("base_model", None)
+            data.pop("base_model_relation", None)
+            tags = [t for t in tags if not str(t).startswith("base_model:")]
+        data["tags"] = [t for t in tags if not str(t).endswith(":")]  # e.g. "base_model:adapter:"
+        body = card.text
+        if text not in body:
+            body = f"\n{text}\n{body}"
+        return hf.ModelCard(f"---\n{_yaml(data)}---\n{body}").content
     return f"---\n{_yaml(meta)}---\n\n# {folder.name}\n\n{text}\n"
 
 
@@ -126,6 +163,7 @@ def _yaml(data: dict[str, Any]) -> str:
 
 def _files(folder: Path, include: list[str], exclude: list[str]) -> list[Path]:
     out = []
+    root = Path(os.path.realpath(folder))
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
@@ -136,6 +174,11 @@ def _files(folder: Path, include: list[str], exclude: list[str]) -> list[Path]:
             continue
         if any(fnmatch.fnmatch(rel, g) for g in exclude):
             continue
+        target = Path(os.path.realpath(p))
+        if not target.is_relative_to(root) and "blobs" not in target.parts:
+            # a link out of the folder (a Hub cache snapshot's links into blobs/ are fine)
+            raise InputError(f"{p}: links to {target}, outside the folder; refusing to upload "
+                             "it (--exclude it, or copy the file in)")
         out.append(p)
     return out
 
@@ -161,7 +204,10 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
             if not get_token():
                 raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
+        if private and not api.repo_info(repo_id).private:
+            raise HubError(f"{repo_id}: exists and is public; --private does not change an "
+                           "existing repo (make it private on the Hub, or drop --private)")
+        if revision and not create_pr:  # a pull request targets an existing revision
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(),
                                   path_or_fileobj=str(p)) for p in files]

@@ -71,6 +71,8 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
     _quiet_hub()
     try:
         yield
+    except hfe.HFValidationError as e:
+        raise HubError(f"{where}: not a valid Hub id ({str(e).splitlines()[0][:120]})") from e
     except hfe.GatedRepoError as e:
         raise HubError(f"{where}: gated repository; accept its terms on the Hub and set "
                        "HF_TOKEN") from e

@@ -115,14 +115,15 @@ class HubServer:
         self._read(h, path, head, bool(h.headers.get("Authorization")))
 
     def _read(self, h: BaseHTTPRequestHandler, path: str, head: bool, auth: bool) -> None:
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m:
-            got = self._resolve(m.group(1), m.group(2), auth)
+            got = self._resolve(m.group(1), m.group(2) or "main", auth)
             if isinstance(got, str):
                 return self._error(h, got)
             sha, files = got
             return self._json(h, {"id": m.group(1), "modelId": m.group(1), "sha": sha,
-                                  "private": False, "siblings": [{"rfilename": f}
+                                  "private": self.repos[m.group(1)].private,
+                                  "siblings": [{"rfilename": f}
                                                                  for f in files]})
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if m:

@@ -195,3 +195,24 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, arch):
         outs = dec.run(None, {"input_ids": nxt.numpy(),
                               "attention_mask": np.ones(seq.shape, dtype=np.int64),
                               **dict(zip(names, outs[1:]))})
+
+
+def test_missing_weights_and_nan_outputs_fail(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    _with_adapter(tmp_path, LlamaForCausalLM(llama_config()).eval(), ["q_proj"])
+    p = tmp_path / "base" / "model.safetensors"
+    full = load_file(p)
+    save_file({k: v for k, v in full.items() if ".layers.1." not in k}, p,
+              metadata={"format": "pt"})
+    res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx")
+    assert res.rc == 1 and "lacks" in res.err and "layers.1" in res.err, res.err
+    big = {k: (v * 3000 if "mlp" in k else v) for k, v in full.items()}
+    save_file(big, p, metadata={"format": "pt"})
+    res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx", "--dtype", "fp16")
+    assert res.rc == 1 and "NaN or Inf" in res.err, res.err
+    res = run_cli("export", tmp_path / "base", "-o", tmp_path / "x" / "y", "--atol", "nan")
+    assert res.rc == 1 and "--atol" in res.err and not (tmp_path / "x").exists()
+    assert not (tmp_path / "onnx").exists()

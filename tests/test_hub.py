@@ -1,8 +1,6 @@
-"""push and pull with the real huggingface_hub client over HTTP against tests/hub_server.py.
-
-Not yet: pull tests against olah serving real git repositories, and the LFS upload path (the
-test server asks for every file inline).
-"""
+"""push and pull with the real huggingface_hub client over HTTP: against tests/hub_server.py
+(the write API, LFS uploads, private repos, errors) and, for pulls, against olah serving the
+real git commits that server writes (tests/olah_server.py)."""
 
 from __future__ import annotations
 
@@ -66,7 +64,8 @@ def test_merged_model_card_branch_and_second_push(hub, tmp_path):
                "--message", "first")
     assert res.returncode == 0, res.stderr
     card = hub.repos["me/merged"].commits[hub.repos["me/merged"].refs["v1"]]["README.md"].decode()
-    assert "base_model_relation: merge" in card and str(adapter) in card
+    assert "Merged by loratool" in card and str(adapter) in card
+    assert "base_model:" not in card  # a local base path is not a Hub id
     assert "main" in hub.repos["me/merged"].refs
     first = hub.repos["me/merged"].refs["v1"]
     (tmp_path / "merged" / "extra.json").write_text("{}")
@@ -171,3 +170,46 @@ def test_create_pr_and_no_permission(hub, tmp_path, peft_dir):
     res = _run(hub.env, "push", peft_dir, "me/adapter")
     assert res.returncode == 1 and "no permission" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1 and "hf_secret" not in res.stderr
+
+
+def test_card_metadata_for_hub_bases(tmp_path, peft_dir):
+    import shutil
+
+    import torch
+
+    from loratool.hub import model_card
+    from loratool.writer import CheckpointWriter
+
+    with CheckpointWriter(tmp_path / "merged", metadata={
+            "loratool": "merge", "loratool.base": "acme/base-model",
+            "loratool.adapters": json.dumps([{"adapter": "acme/style", "weight": 0.5}])}) as w:
+        w.add("w", torch.zeros(2))
+    card = model_card(tmp_path / "merged")
+    assert "base_model: acme/base-model" in card and "base_model_relation: merge" in card
+    assert "`acme/style` × 0.5" in card
+    shutil.copytree(peft_dir, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "acme/llama@v2"
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    card = model_card(tmp_path / "ad")
+    assert "base_model: acme/llama\n" in card and "base_model_relation: adapter" in card
+    assert "`v2`" in card and "- loratool" in card
+
+
+def test_push_refuses_links_out_of_the_folder_and_temporary_files(hub, tmp_path, peft_dir):
+    import shutil
+
+    d = tmp_path / "ad"
+    shutil.copytree(peft_dir, d)
+    (d / "notes.tmp").write_text("x")
+    (d / "draft.json~").write_text("x")
+    res = _run(hub.env, "push", d, "me/ad")
+    assert res.returncode == 0, res.stderr
+    files = hub.repos["me/ad"].commits[hub.repos["me/ad"].refs["main"]]
+    assert "notes.tmp" not in files and "draft.json~" not in files
+    (tmp_path / "secret.txt").write_text("do not upload")
+    (d / "link.json").symlink_to(tmp_path / "secret.txt")
+    res = _run(hub.env, "push", d, "me/ad")
+    assert res.returncode == 1 and "outside the folder" in res.stderr, res.stderr
+    res = _run(hub.env, "push", d, "bad id!")
+    assert res.returncode == 1 and "internal error" not in res.stderr, res.stderr
