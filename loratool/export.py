@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -335,17 +334,9 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     vocab = int(getattr(config, "vocab_size", 1000))
     pad = getattr(config, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) else 0
-    parent = out.parent if str(out.parent) else Path(".")
-    created = []
-    p = parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
-    from .writer import _umask
+    from .writer import remove_created, temp_beside
 
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
+    tmp, created = temp_beside(out)
     try:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (2, 8), generator=g)  # seq ≥ 2 (NOTES: 1 bakes a branch)
@@ -429,11 +420,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # parent folders this run made, innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_created(created)
         raise
     report["output"] = str(out)
     report["seconds"] = time.perf_counter() - t0

@@ -170,6 +170,30 @@ def _umask() -> int:
     return mask
 
 
+def temp_beside(out: Path) -> tuple[Path, list[Path]]:
+    """A temporary folder next to ``out`` (same file system, so the final rename is atomic),
+    with the usual permissions, and the parent folders that had to be made for it."""
+    parent = out.parent if str(out.parent) else Path(".")
+    created = []
+    p = parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
+    return tmp, created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove parent folders made for an output that failed, innermost first, if empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 class CheckpointWriter:
     """Stream tensors into a new checkpoint folder (or file) that appears only when complete.
 
@@ -225,18 +249,8 @@ class CheckpointWriter:
         return shards
 
     def __enter__(self) -> "CheckpointWriter":
-        parent = self.out.parent
         try:
-            missing = []
-            p = parent
-            while not p.exists():
-                missing.append(p)
-                p = p.parent
-            parent.mkdir(parents=True, exist_ok=True)
-            self.created = missing
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial",
-                                             dir=parent))
-            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
+            self.tmp, self.created = temp_beside(self.out)
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot create output beside {self.out}: {e.strerror or e}") from e
@@ -359,11 +373,7 @@ class CheckpointWriter:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
-        for d in self.created:  # innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_created(self.created)
         self.created = []
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
