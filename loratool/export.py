@@ -28,7 +28,7 @@ from typing import Any
 from .errors import FormatError, LoraToolError
 
 ATOL = {"fp32": 1e-4, "fp16": 2e-2}
-EXTRA = "pip install 'loratool[onnx]' (transformers, onnx, onnxscript, onnxruntime)"
+EXTRA = "pip install 'loratool[onnx]'"
 
 
 def _need_extra() -> None:
