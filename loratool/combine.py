@@ -156,7 +156,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     from .adapter import LoraAdapter
     from .checkpoint import torch_dtype
     from .formats import read_any
-    from .merge import DTYPES, check_dtype, check_weights
+    from .options import DTYPES, check_dtype, check_weights
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -234,7 +234,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
             result.full[name] = t
     fmt = fmt or (first.source_format if first.source_format in ("peft", "kohya", "diffusers")
                   else "peft")
-    from .convert import write_adapter
+    from .formats import write_adapter
 
     path = write_adapter(result, out, fmt, base=base, force=force, inputs=inputs,
                          note=f"{'Resized' if resize else 'Combined'} by loratool "

@@ -23,7 +23,7 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
     from .adapter import match_base
-    from .formats import FORMATS, drop_unsupported, lossy, read_any
+    from .formats import FORMATS, drop_unsupported, lossy, read_any, write_adapter
 
     if to not in FORMATS:
         raise FormatError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
@@ -56,30 +56,3 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     if info:
         report["gguf"] = info
     return report
-
-
-def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
-                  force: bool = False, inputs: list[Path] | None = None, note: str = "",
-                  with_info: bool = False) -> Any:
-    """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
-    with ``with_info``, the GGUF details)."""
-    from .checkpoint import open_checkpoint
-    from .formats import diffusers, gguf, kohya, lossy, peft
-
-    lost = lossy(ad, fmt)
-    if lost:
-        raise FormatError(f"{fmt} cannot hold {'; '.join(lost)}; choose another format")
-    info = None
-    if fmt == "peft":
-        path = peft.write(ad, out, force=force, inputs=inputs, note=note)
-    elif fmt == "kohya":
-        path = kohya.write(ad, out, force=force, inputs=inputs)
-    elif fmt == "diffusers":
-        path = diffusers.write(ad, out, force=force, inputs=inputs)
-    else:
-        cfg = open_checkpoint(base).config if base else None
-        if cfg is None:
-            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
-                              "config.json): llama.cpp names tensors by architecture")
-        path, info = gguf.write(ad, out, cfg, force=force, inputs=inputs)
-    return (str(path), info) if with_info else str(path)

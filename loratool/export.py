@@ -303,7 +303,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                             "onnxruntime's CPU provider)")
     if task not in ("auto", "causal-lm", "feature-extraction"):
         raise LoraToolError(f"unknown --task {task}; use auto, causal-lm or feature-extraction")
-    from .merge import check_weights
+    from .options import check_weights
 
     weights = check_weights(weights, len(adapter_specs))
     atol = ATOL[dtype] if atol is None else atol

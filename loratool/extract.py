@@ -94,7 +94,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
 
     from .adapter import LoraAdapter, LoraModule
     from .checkpoint import open_checkpoint, torch_dtype
-    from .merge import DTYPES, check_dtype, resolve_device
+    from .options import DTYPES, check_dtype, resolve_device
 
     t0 = time.perf_counter()
     if fmt not in ("peft", "kohya", "gguf"):

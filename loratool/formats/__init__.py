@@ -169,3 +169,30 @@ def drop_unsupported(ad: Any, fmt: str) -> Any:
             m.magnitude = None
         out.modules[k] = m
     return out
+
+
+def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
+                  force: bool = False, inputs: list[Path] | None = None, note: str = "",
+                  with_info: bool = False) -> Any:
+    """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
+    with ``with_info``, the GGUF details)."""
+    from ..checkpoint import open_checkpoint
+    from . import diffusers, gguf, kohya, peft
+
+    lost = lossy(ad, fmt)
+    if lost:
+        raise FormatError(f"{fmt} cannot hold {'; '.join(lost)}; choose another format")
+    info = None
+    if fmt == "peft":
+        path = peft.write(ad, out, force=force, inputs=inputs, note=note)
+    elif fmt == "kohya":
+        path = kohya.write(ad, out, force=force, inputs=inputs)
+    elif fmt == "diffusers":
+        path = diffusers.write(ad, out, force=force, inputs=inputs)
+    else:
+        cfg = open_checkpoint(base).config if base else None
+        if cfg is None:
+            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
+                              "config.json): llama.cpp names tensors by architecture")
+        path, info = gguf.write(ad, out, cfg, force=force, inputs=inputs)
+    return (str(path), info) if with_info else str(path)
