@@ -155,7 +155,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
 
     from .adapter import LoraAdapter
     from .checkpoint import torch_dtype
-    from .formats import read_any
+    from .formats import read_any, require_resolved
     from .options import DTYPES, check_dtype, check_weights
 
     t0 = time.perf_counter()
@@ -167,9 +167,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     check_dtype(dtype)
     adapters = [read_any(s, base) for s in specs]
     for ad, spec in zip(adapters, specs):
-        if getattr(ad, "unresolved", None):
-            raise FormatError(f"{spec}: kohya names like {ad.unresolved[0]} cannot be mapped back "
-                              "to module paths without the base model; pass --base BASE")
+        require_resolved(ad, spec)
     _check_compatible(adapters, specs)
     from .writer import check_output
 

@@ -23,16 +23,14 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
     from .adapter import match_base
-    from .formats import FORMATS, drop_unsupported, lossy, read_any, write_adapter
+    from .formats import (FORMATS, drop_unsupported, lossy, read_any, require_resolved,
+                          write_adapter)
 
     if to not in FORMATS:
         raise FormatError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     ad = read_any(spec, base)
-    unresolved = getattr(ad, "unresolved", [])
-    if unresolved and to != "kohya":
-        raise FormatError(f"{spec}: kohya names like {unresolved[0]} cannot be mapped back to "
-                          "module paths without the base model (dots and underscores are "
-                          "ambiguous); pass --base BASE")
+    if to != "kohya":
+        require_resolved(ad, spec)
     lost = lossy(ad, to)
     if lost and not drop:
         raise FormatError(f"converting to {to} would lose {'; '.join(lost)}; pass "

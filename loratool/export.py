@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -89,33 +88,23 @@ def _quiet() -> Any:
             lg.setLevel(lv)
 
 
-class _Wrapper:
-    """Builds the traced module: logits (causal LM) or last hidden state, no cache."""
+def _wrapper(model: Any, task: str) -> Any:
+    """The traced module: logits (causal LM) or last hidden state, no cache."""
+    import torch
 
-    @staticmethod
-    def make(model: Any, task: str) -> Any:
-        import torch
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class Logits(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            if task == "causal-lm":
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).logits
+            return self.model(input_ids=input_ids,
+                              attention_mask=attention_mask).last_hidden_state
 
-            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                 use_cache=False)
-                return out.logits
-
-        class Hidden(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                return self.model(input_ids=input_ids,
-                                  attention_mask=attention_mask).last_hidden_state
-
-        return (Logits if task == "causal-lm" else Hidden)().eval()
+    return Wrapper().eval()
 
 
 def _cache_layout(config: Any) -> tuple[int, int, int]:
@@ -295,7 +284,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
 
     from .checkpoint import open_checkpoint
     from .formats import read_any
-    from .writer import NOT_COPIED, check_output
+    from .writer import check_output
 
     t0 = time.perf_counter()
     if dtype not in ATOL:
@@ -330,11 +319,11 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
     if dtype == "fp16":
         model = model.half()
-    wrapper = _Wrapper.make(model, task)
+    wrapper = _wrapper(model, task)
     vocab = int(getattr(config, "vocab_size", 1000))
     pad = getattr(config, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) else 0
-    from .writer import remove_created, temp_beside
+    from .writer import copy_config_files, move_into_place, remove_created, temp_beside
 
     tmp, created = temp_beside(out)
     try:
@@ -389,14 +378,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                 raise LoraToolError(f"--with-past export failed for {config.model_type}: "
                                     f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                                     ) from e
-        if base.folder.is_dir():
-            from .checkpoint import weight_file_names
-
-            skip = weight_file_names(base.folder) | NOT_COPIED
-            for entry in sorted(os.listdir(base.folder)):
-                src = base.folder / entry
-                if entry not in skip and not entry.startswith(".") and src.is_file():
-                    shutil.copyfile(src, tmp / entry)
+        copy_config_files(base.folder, tmp)
         import onnx
 
         graph_opset = next((o.version for o in onnx.load(
@@ -411,13 +393,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                   "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         report["files"] = sorted(p.name for p in tmp.iterdir())
-        if os.path.lexists(out):
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_created(created)

@@ -216,7 +216,6 @@ def _apply_rows(t: Any, e: Edit, sign: float, out_dtype: Any, name: str,
         deltas.append((d, m.scale, w))
     out = bufs.get("out", out_dtype, t.numel())[: t.numel()].view(t.shape)
     rows = max(1, ROW_CHUNK // max(1, t[0].numel()))
-    lo_all, hi_all = math.inf, -math.inf
     for s in range(0, t.shape[0], rows):
         W = t[s:s + rows].to(torch.float32, copy=True)
         for d, scale, wt in deltas:
@@ -227,31 +226,28 @@ def _apply_rows(t: Any, e: Edit, sign: float, out_dtype: Any, name: str,
             stats["max_abs_delta"] = max(stats["max_abs_delta"], -float(lo), float(hi))
             W.add_(dc) if sign > 0 else W.sub_(dc)
         lo, hi = (float(x) for x in torch.aminmax(W))
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN
-            raise LoraToolError(f"{name}: the result holds NaN or Inf; nothing was written "
-                                "(check the base, the adapter's values and --weight)")
-        lo_all, hi_all = min(lo_all, lo), max(hi_all, hi)
+        _check_extremes(lo, hi, out_dtype, name)  # per block: min()/max() would skip a NaN
         out[s:s + rows].copy_(W)
-    if out_dtype in (torch.float16, torch.bfloat16) and max(-lo_all, hi_all) > torch.finfo(
-            out_dtype).max:
-        raise LoraToolError(f"{name}: a value of {max(-lo_all, hi_all):.4g} exceeds the "
-                            f"largest {str(out_dtype).removeprefix('torch.')} "
-                            f"({torch.finfo(out_dtype).max:.4g}); write with --dtype fp32 or "
-                            "bf16")
     return out
 
 
 def _check_range(t: Any, out_dtype: Any, name: str) -> None:
-    """Non-finite values and values out of range for fp16/bf16 are errors. One pass:
-    ``aminmax`` propagates NaN, so finite extremes mean every value is finite."""
+    """Non-finite values and values out of range for fp16/bf16 are errors."""
     import torch
 
-    if not t.numel() or not t.is_floating_point():
-        return
-    lo, hi = (float(x) for x in torch.aminmax(t))
+    if t.numel() and t.is_floating_point():
+        lo, hi = (float(x) for x in torch.aminmax(t))
+        _check_extremes(lo, hi, out_dtype, name)
+
+
+def _check_extremes(lo: float, hi: float, out_dtype: Any, name: str) -> None:
+    """From a tensor's min and max: ``aminmax`` propagates NaN, so finite extremes mean every
+    value is finite; the larger magnitude must fit the output dtype."""
+    import torch
+
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise LoraToolError(f"{name}: the result holds NaN or Inf; nothing was written (check "
-                            "the adapter's values and --weight)")
+                            "the base, the adapter's values and --weight)")
     if out_dtype in (torch.float16, torch.bfloat16):
         big = max(-lo, hi)
         limit = torch.finfo(out_dtype).max

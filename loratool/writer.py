@@ -185,6 +185,39 @@ def temp_beside(out: Path) -> tuple[Path, list[Path]]:
     return tmp, created
 
 
+def move_into_place(new: Path, out: Path, inputs: list[Path]) -> None:
+    """Rename a finished output (file or folder) onto ``out``. An existing ``out`` (--force)
+    is moved aside first and put back if the rename fails, so the user never ends up with
+    neither; then it is deleted."""
+    old: Path | None = None
+    if os.path.lexists(out):
+        check_output(out, inputs, True)
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def copy_config_files(src: Path, dst: Path) -> None:
+    """Copy a source folder's non-weight files (config, tokenizer, generation config …)."""
+    if not src.is_dir():
+        return
+    skip = weight_file_names(src) | NOT_COPIED
+    for entry in sorted(os.listdir(src)):
+        f = src / entry
+        if entry not in skip and not entry.startswith(".") and f.is_file():
+            shutil.copyfile(f, dst / entry)  # follows Hub-cache symlinks
+
+
 def remove_created(created: list[Path]) -> None:
     """Remove parent folders made for an output that failed, innermost first, if empty."""
     for d in created:
@@ -255,6 +288,15 @@ class CheckpointWriter:
             self.abort()
             raise OutputError(f"cannot create output beside {self.out}: {e.strerror or e}") from e
         return self
+
+    @classmethod
+    def file_or_folder(cls, out: Path, default_name: str, **kw: Any
+                       ) -> tuple["CheckpointWriter", Path]:
+        """One unsharded file: ``out`` itself when it ends like ``default_name`` (e.g.
+        ``.safetensors``), else ``out/default_name``. Returns the writer and the file's path."""
+        if out.suffix == Path(default_name).suffix:
+            return cls(out, single_file=True, **kw), out
+        return cls(out, filename=default_name, max_shard_size=1 << 62, **kw), out / default_name
 
     def add(self, name: str, tensor: "torch.Tensor") -> None:
         """Append one tensor; a new shard starts when this one would pass the size limit."""
@@ -328,42 +370,20 @@ class CheckpointWriter:
                      "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / f"{self.filename}.index.json").write_text(json.dumps(index, indent=2)
                                                                   + "\n")
-        if self.copy_from is not None and self.copy_from.is_dir():
-            skip = weight_file_names(self.copy_from) | NOT_COPIED
-            for entry in sorted(os.listdir(self.copy_from)):
-                src = self.copy_from / entry
-                if entry in skip or entry.startswith(".") or not src.is_file():
-                    continue
-                shutil.copyfile(src, self.tmp / entry)  # follows Hub-cache symlinks
+        if self.copy_from is not None:
+            copy_config_files(self.copy_from, self.tmp)
         for name, content in self.extra_files.items():
             (self.tmp / name).write_bytes(content)
         self._move_into_place()
 
     def _move_into_place(self) -> None:
-        """Rename the finished output into place; with --force the old one is moved aside
-        first and put back if anything fails, so the user never ends up with neither."""
         assert self.tmp is not None
         new = self.tmp / self.filename if self.single_file else self.tmp
-        old: Path | None = None
-        if os.path.lexists(self.out):
-            check_output(self.out, self.inputs, True)
-            old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
-            os.rename(self.out, old)
-        try:
-            os.rename(new, self.out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.out)
-            raise
+        move_into_place(new, self.out, self.inputs)
         if self.single_file:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp = None
         self.created = []
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
 
     def abort(self) -> None:
         """Remove everything written so far, and the parent folders this writer made."""

@@ -51,6 +51,16 @@ def llama_config(**kw: object):
     return LlamaConfig(**base)
 
 
+def tiny_gpt2(n_layer: int = 2, dtype: torch.dtype = torch.float32, **kw: object):
+    """A tiny GPT-2 (Conv1D weights stored [in, out]), seeded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=n_layer, n_head=2, vocab_size=64, n_positions=32,
+                     bos_token_id=0, eos_token_id=0, **kw)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from transformers import LlamaForCausalLM

@@ -8,18 +8,14 @@ import json
 import pytest
 import torch
 
-from conftest import llama_config, run_cli
+from conftest import llama_config, run_cli, tiny_gpt2
 from loratool.adapter import match_base, read_adapter
 from loratool.checkpoint import open_checkpoint
 from loratool.errors import FormatError
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
-                                      n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    return tiny_gpt2()
 
 
 class Convs(torch.nn.Module):

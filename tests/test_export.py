@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import llama_config, run_cli, tree
+from conftest import llama_config, run_cli, tiny_gpt2, tree
 
 
 def _ort(path, ids, mask):
@@ -73,11 +73,7 @@ def test_llama(tmp_path):
 
 
 def test_gpt2_conv1d(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
-                                       n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    model = tiny_gpt2()
     merged = _with_adapter(tmp_path, model, ["c_attn", "c_fc"])
     _check(tmp_path, merged, 64)
 
@@ -167,12 +163,10 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, arch):
     """Prefill in ONNX, then three greedy decode steps feeding the cache back: each step's
     logits equal PyTorch's forward over the whole sequence so far."""
     import onnxruntime as ort
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = (LlamaForCausalLM(llama_config()) if arch == "llama" else GPT2LMHeadModel(
-        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-                   bos_token_id=0, eos_token_id=0))).eval()
+    model = (LlamaForCausalLM(llama_config()).eval() if arch == "llama" else tiny_gpt2())
     merged = _with_adapter(tmp_path, model, ["q_proj", "v_proj"] if arch == "llama"
                            else ["c_attn"])
     res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",

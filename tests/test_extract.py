@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import llama_config, run_cli, tree
+from conftest import llama_config, run_cli, tiny_gpt2, tree
 from loratool.adapter import read_adapter
 
 
@@ -192,11 +192,8 @@ def test_full_tensors_embeddings_and_skip_full(tmp_path):
 
 def test_gpt2_conv1d_and_biases(tmp_path):
     from peft import PeftModel
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
-                                      n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    base = tiny_gpt2()
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         w = tuned.transformer.h[0].attn.c_attn
@@ -276,11 +273,8 @@ def test_cuda_extract_matches_cpu(tmp_path):
 def test_position_embeddings_are_stored_in_full(tmp_path):
     """GPT-2's wpe is a lookup table: a linear LoRA on it would be silently ignored by PEFT."""
     from peft import PeftModel
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
-                                      n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    base = tiny_gpt2(n_layer=1)
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         tuned.transformer.wpe.weight.add_(torch.randn(32, 2) @ torch.randn(2, 32) * 0.1)

@@ -10,17 +10,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import llama_config, run_cli, tree
+from conftest import llama_config, run_cli, tiny_gpt2, tree
 from loratool.checkpoint import open_checkpoint
 
 
 def _gpt2(dtype=torch.float32):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
-                                      n_positions=32, bos_token_id=0, eos_token_id=0,
-                                      tie_word_embeddings=False)).to(dtype).eval()
+    return tiny_gpt2(dtype=dtype, tie_word_embeddings=False)
 
 
 def _llama(dtype=torch.float32, **kw):

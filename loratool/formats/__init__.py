@@ -142,6 +142,15 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
     return peft.read(ckpt)
 
 
+def require_resolved(ad: Any, spec: str) -> None:
+    """kohya names read without --base stay underscored; nothing but kohya can use them."""
+    unresolved = getattr(ad, "unresolved", None)
+    if unresolved:
+        raise FormatError(f"{spec}: kohya names like {unresolved[0]} cannot be mapped back to "
+                          "module paths without the base model (dots and underscores are "
+                          "ambiguous); pass --base BASE")
+
+
 def lossy(ad: Any, fmt: str) -> list[str]:
     """What ``fmt`` cannot hold of ``ad``: one phrase per kind of loss."""
     from . import diffusers, gguf, kohya

@@ -94,12 +94,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     meta[META_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     if any(k != v for k, v in renamed.items()):
         meta[COMPONENTS_KEY] = json.dumps(renamed)
-    target = out if out.suffix == ".safetensors" else out / WEIGHTS
-    if target is out:
-        w = CheckpointWriter(out, inputs=inputs, force=force, metadata=meta, single_file=True)
-    else:
-        w = CheckpointWriter(out, inputs=inputs, force=force, metadata=meta, filename=WEIGHTS,
-                             max_shard_size=1 << 62)
+    w, target = CheckpointWriter.file_or_folder(out, WEIGHTS, inputs=inputs, force=force,
+                                                metadata=meta)
     with w:
         for k, t in tensors.items():
             w.add(k, t)

@@ -14,8 +14,7 @@ with their rows permuted for its RoPE layout; ``lora_b`` rows are permuted the s
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -94,17 +93,14 @@ def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
     import numpy as np
     import torch
 
-    from ..writer import check_output
+    from ..writer import check_output, move_into_place, remove_created, temp_beside
 
     alpha, rows = plan(ad, config)
     target = out if out.suffix == ".gguf" else out / "adapter.gguf"
     check_output(out, inputs or [], force)
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=parent)
-    os.close(fd)
+    tmp, created = temp_beside(out)
     try:
-        w = gguf.GGUFWriter(tmp, ARCHES[config["model_type"]][0])
+        w = gguf.GGUFWriter(str(tmp / target.name), ARCHES[config["model_type"]][0])
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(alpha))
@@ -120,12 +116,13 @@ def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        if target is not out:
-            out.mkdir(exist_ok=True)
-        os.replace(tmp, target)
+        # a .gguf file, or a folder holding adapter.gguf: the same swap as every output
+        move_into_place(tmp / target.name if target is out else tmp, out, inputs or [])
+        if target is out:
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
         raise
     inexact = [n for n, _, _, f in rows if f != 1.0 and math.frexp(f)[0] != 0.5]
     return target, {"alpha": alpha, "modules": len(rows),

@@ -159,12 +159,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     if ad.base_model:
         meta.setdefault("ss_base_model_version", ad.base_model)
     meta[NAMES_KEY] = json.dumps(names, separators=(",", ":"))
-    target = out if out.suffix == ".safetensors" else out / "lora.safetensors"
-    if target is out:
-        w = CheckpointWriter(out, inputs=inputs, force=force, metadata=meta, single_file=True)
-    else:
-        w = CheckpointWriter(out, inputs=inputs, force=force, metadata=meta,
-                             filename="lora.safetensors", max_shard_size=1 << 62)
+    w, target = CheckpointWriter.file_or_folder(out, "lora.safetensors", inputs=inputs,
+                                                force=force, metadata=meta)
     with w:
         for k, t in tensors.items():
             w.add(k, t)

@@ -39,7 +39,8 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
-    """The factor in front of B@A: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+    """The factor in front of B@A: alpha/r, or alpha/sqrt(r) for rsLoRA. (``ops.lora_scale``
+    is the same formula; this copy keeps header-only ``inspect`` free of torch.)"""
     if rank == 0:
         return 0.0
     return alpha / math.sqrt(rank) if rslora else alpha / rank
