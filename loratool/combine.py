@@ -213,6 +213,9 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     if method == "svd":
         _choose_svd_ranks(spectra, policy or RankPolicy("rank", 16.0), result, report_modules,
                           store)
+        if spectra and not result.modules:
+            raise LoraToolError(f"{(policy or RankPolicy('rank', 16.0)).describe()} leaves every "
+                                "module at rank 0; raise --budget or --rank")
     for key in keys:  # lora biases add exactly: Σ wᵢ·sᵢ·biasᵢ on the module's new scale 1
         bias = [(ad.modules[key], w) for ad, w in zip(adapters, weights)
                 if key in ad.modules and ad.modules[key].bias is not None]

@@ -241,3 +241,8 @@ def test_adapter_with_only_full_tensors_is_a_clear_error(tmp_path):
     res = run_cli("resize", d, "--rank", "2", "-o", tmp_path / "o")
     assert res.rc == 1 and "internal error" not in res.err, res.err
     assert len(res.err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_budget_too_small_for_any_rank(tmp_path, three):
+    res = run_cli("resize", tmp_path / "a", "--budget", "1", "-o", tmp_path / "r")
+    assert res.rc == 1 and "raise --budget" in res.err and not (tmp_path / "r").exists()
