@@ -46,12 +46,18 @@ def _run(d, inputs, load):
 
 
 def test_diffusers_output_loads_in_diffusers(sd, tmp_path):
+    """diffusers' own save → reload is the standard: it differs from the in-memory model by
+    rounding that depends on the diffusers version (8e-7 with 0.42), so ours must give what
+    diffusers' own file gives, bit for bit, and nothing tighter is asked of it."""
     d, inputs, ref = sd
     res = run_cli("convert", d / "lora", "--to", "diffusers", "-o", tmp_path / "out")
     assert res.rc == 0, res.err
-    out = _run(d, inputs, lambda u: u.load_lora_adapter(
+    ours = _run(d, inputs, lambda u: u.load_lora_adapter(
         tmp_path / "out", prefix="unet", weight_name="pytorch_lora_weights.safetensors"))
-    assert torch.equal(out, ref)
+    theirs = _run(d, inputs, lambda u: u.load_lora_adapter(
+        d / "lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors"))
+    assert torch.equal(ours, theirs)
+    assert torch.allclose(theirs, ref, atol=1e-5)  # and that is the adapter that was trained
 
 
 @pytest.mark.parametrize("strip_names", [False, True])
