@@ -81,6 +81,9 @@ class LoraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)  # header metadata to keep (kohya ss_*)
     peft_config: dict[str, Any] | None = None  # the original PEFT config, when read from one
     source_modules: set[str] | None = None  # module names as read, to know if they changed
+    # the base ties its output head to the input embeddings: a loader must tie what the
+    # adapter changes in one to the other (PEFT's ensure_weight_tying)
+    tie_embeddings: bool = False
 
     def add(self, m: LoraModule) -> None:
         """Add a module after checking its factors agree."""
@@ -130,6 +133,66 @@ def check_module(m: LoraModule) -> None:
     for label, t in (("magnitude", m.magnitude), ("bias", m.bias)):
         if t is not None and t.numel() != out:
             raise FormatError(f"{where}: {label} has {t.numel()} values for {out} outputs")
+
+
+HEAD_ARCHS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")
+
+
+def ties_embeddings(config: dict[str, Any] | None, tensor_names: Any) -> bool:
+    """Whether a model's output head shares the input embeddings' weight: a language model
+    whose checkpoint holds no head tensor (transformers saves a tied head once), unless its
+    config says otherwise."""
+    cfg = config or {}
+    archs = cfg.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith(HEAD_ARCHS) for a in archs):
+        return False
+    if any(n.endswith(("lm_head.weight", "embed_out.weight")) for n in tensor_names):
+        return False
+    return bool(cfg.get("tie_word_embeddings", True))
+
+
+HEAD = "lm_head"  # the name transformers gives a tied output head (GPT-2, Llama, BLOOM …)
+_INPUT_EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                    "embed_in.weight", "shared.weight")
+
+
+def input_embedding(tensor_names: Any) -> str | None:
+    """The name of a model's token-embedding tensor, or None."""
+    return next((n for n in tensor_names if n.endswith(_INPUT_EMBEDDING)), None)
+
+
+def add_head_mirror(ad: LoraAdapter, embedding: str) -> None:
+    """For a base whose head is tied to its embeddings: give the head the embedding's change
+    too, as PEFT needs it (with ensure_weight_tying it expects ``lm_head`` entries; without,
+    for names it does not tie such as GPT-2's ``wte``, the head would keep its old weights).
+    A full embedding is copied; an embedding LoRA becomes the head's linear LoRA with the
+    factors swapped and transposed (ΔW_head = ΔE = s·(B@A)ᵀ = s·Aᵀ@Bᵀ)."""
+    if embedding in ad.full:
+        ad.full[HEAD + ".weight"] = ad.full[embedding]
+    m = ad.modules.get(embedding[: -len(".weight")])
+    if m is not None and m.layout == "embedding":
+        ad.add(LoraModule(HEAD, m.B.T.contiguous(), m.A.T.contiguous(), m.alpha, m.rslora,
+                          "linear", component=m.component))
+
+
+def drop_head_mirror(ad: LoraAdapter, embedding: str) -> None:
+    """Undo :func:`add_head_mirror` for a merge into a tied base, where tying alone gives the
+    head the embedding's change; a head change that is not an exact mirror stays (and then
+    needs --untie)."""
+    import torch
+
+    name = HEAD + ".weight"
+    if name in ad.full and embedding in ad.full and torch.equal(ad.full[name],
+                                                                ad.full[embedding]):
+        del ad.full[name]
+    h, e = ad.modules.get(HEAD), ad.modules.get(embedding[: -len(".weight")])
+    # the head's layout label may say fan_in_fan_out (a PEFT config's global flag for GPT-2):
+    # its factors decide, as PEFT itself decides by module type
+    if h is not None and e is not None and e.layout == "embedding" and h.layout in (
+            "linear", "fan_in_fan_out") and h.scale == e.scale and h.A.shape == e.B.T.shape \
+            and h.B.shape == e.A.T.shape and torch.equal(h.A, e.B.T) \
+            and torch.equal(h.B, e.A.T):
+        del ad.modules[HEAD]
 
 
 def read_adapter(spec: str, base: str | None = None) -> LoraAdapter:

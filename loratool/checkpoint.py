@@ -439,6 +439,16 @@ class Checkpoint:
             info = self.info(name)
         return info
 
+    def extra_file(self, rel: str) -> Path | None:
+        """A file beside the weights (a record, a config), downloaded from the Hub if needed;
+        None when there is no such file."""
+        local = self.folder / rel
+        if local.is_file():
+            return local
+        if self._fetch is None:
+            return None
+        return self._fetch(rel)
+
     def _download(self, file: Path) -> None:
         """Fetch a Hub shard whose header was read remotely, and re-read it locally."""
         assert self._fetch is not None
@@ -592,7 +602,3 @@ NOT_CONFIG_SUFFIXES = WEIGHT_SUFFIXES + (".index.json", ".gguf", ".ckpt", ".h5",
                                          ".onnx", ".onnx_data", ".onnx.data", ".npz", ".pb",
                                          ".tflite", ".ot", ".mlmodel", ".data")
 
-
-def weight_file_names(folder: Path) -> set[str]:
-    """Names of the files in a folder that hold weights (not to be copied beside new ones)."""
-    return {n for n in os.listdir(folder) if n.endswith(NOT_CONFIG_SUFFIXES)}

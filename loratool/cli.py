@@ -26,8 +26,12 @@ class State:
         self.quiet = quiet
 
 
-def _progress(ctx: click.Context) -> bool:
-    return not ctx.find_object(State).quiet and sys.stderr.isatty()
+def _progress(ctx: click.Context) -> Any:
+    """Drawn bars when a person watches (stderr is a terminal, no --quiet), else silence."""
+    from .progress import SILENT, TqdmProgress
+
+    state = ctx.find_object(State)
+    return TqdmProgress() if not (state and state.quiet) and sys.stderr.isatty() else SILENT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,22 +136,12 @@ def _merge_options(f: Any) -> Any:
 def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
                out: Path, weights: tuple[float, ...], device: str, dtype: str,
                max_shard_size: str, untie: bool, verify: bool, force: bool,
-               as_json: bool) -> None:
+               as_json: bool, record: bool = True) -> None:
     from .merge import run
 
-    bar = None
-    if _progress(ctx):
-        from tqdm import tqdm
-
-        bar = tqdm(unit="B", unit_scale=True, desc="merge" if sign > 0 else "unmerge",
-                   leave=False)
-    try:
-        report = run(base, list(adapters), out, weights=list(weights), sign=sign,
-                     device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                     untie=untie, verify=verify, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    report = run(base, list(adapters), out, weights=list(weights), sign=sign,
+                 device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                 untie=untie, verify=verify, record=record, progress=_progress(ctx))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -159,9 +153,15 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                f"{report['peak_rss_mb']:.0f} MiB"
                + (f", peak GPU {report['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in report
                   else ""))
-    if report["dora_norms_recorded"]:
-        click.echo(f"  recorded DoRA row norms of {report['dora_norms_recorded']} tensors for "
-                   "unmerge")
+    kept = [f"{n} tensors replaced in full" for n in [report["replaced_recorded"]] if n] + [
+        f"DoRA row norms of {n} tensors" for n in [report["dora_norms_recorded"]] if n]
+    if kept:
+        click.echo(f"  recorded {' and '.join(kept)} in {report['record']}, so that unmerge "
+                   "gives the base back")
+    if report["not_copied"]:
+        left = report["not_copied"]
+        click.echo(f"  left out {len(left)} file(s) of the base that hold its old weights in "
+                   f"another format: {', '.join(left[:4])}" + (" …" if len(left) > 4 else ""))
     v = report.get("verify")
     if v:
         click.echo(f"  verify: {v['checked']} changed tensors within the rounding bound; worst "
@@ -217,7 +217,8 @@ def _print_combine(report: dict[str, Any], as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's drops.")
 @click.option("--exact-svd", is_flag=True, help="Full SVD when factorising dense results.")
 @_combine_common
-def combine(adapters: tuple[str, ...], method: str, weights: tuple[float, ...], density: float,
+@click.pass_context
+def combine(ctx: click.Context, adapters: tuple[str, ...], method: str, weights: tuple[float, ...], density: float,
             seed: int, exact_svd: bool, out: Path, rank: int | None, energy: float | None,
             max_error: float | None, budget: str | None, max_rank: int | None,
             fmt: str | None, base: str | None, dtype: str, force: bool,
@@ -237,13 +238,14 @@ def combine(adapters: tuple[str, ...], method: str, weights: tuple[float, ...], 
     policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
     _print_combine(run(list(adapters), out, method, weights=list(weights), policy=policy,
                        density=density, seed=seed, fmt=fmt, dtype=dtype, exact_svd=exact_svd,
-                       base=base, force=force), as_json)
+                       base=base, force=force, progress=_progress(ctx)), as_json)
 
 
 @cli.command()
 @click.argument("adapter")
 @_combine_common
-def resize(adapter: str, out: Path, rank: int | None, energy: float | None,
+@click.pass_context
+def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None, energy: float | None,
            max_error: float | None, budget: str | None, max_rank: int | None,
            fmt: str | None, base: str | None, dtype: str, force: bool, as_json: bool) -> None:
     """Reduce an adapter's rank optimally (the truncated SVD of each module's B@A, computed
@@ -259,15 +261,20 @@ def resize(adapter: str, out: Path, rank: int | None, energy: float | None,
 
     policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
     _print_combine(run([adapter], out, "svd", weights=None, policy=policy, fmt=fmt,
-                       dtype=dtype, base=base, force=force, resize=True), as_json)
+                       dtype=dtype, base=base, force=force, resize=True,
+                       progress=_progress(ctx)), as_json)
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @_merge_options
+@click.option("--no-record", is_flag=True,
+              help="Do not write loratool-unmerge.safetensors (the base tensors that full "
+                   "tensors replace, DoRA row norms); unmerge then refuses those.")
 @click.pass_context
-def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], **kw: Any) -> None:
+def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: bool,
+          **kw: Any) -> None:
     """Fold one or more adapters into BASE and write a model folder transformers loads.
 
     Streams tensor by tensor (memory stays near one tensor); math in float32 on the chosen
@@ -280,7 +287,7 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], **kw: Any) -
       loratool merge base/ style/ task/ --weight 0.7 --weight 1.0 -o merged/ --dtype bf16
       loratool merge base/ adapter/ -o merged/ --device cuda --verify
     """
-    _run_merge(ctx, 1.0, base, adapters, **kw)
+    _run_merge(ctx, 1.0, base, adapters, record=not no_record, **kw)
 
 
 @cli.command()
@@ -291,7 +298,8 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], **kw: Any) -
 def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: Any) -> None:
     """Take adapters back out of a merged model (the same deltas, subtracted in float32).
 
-    DoRA merges are undone with the row norms `loratool merge` recorded beside the model.
+    Tensors an adapter replaced in full, and DoRA merges, are undone exactly with what
+    `loratool merge` recorded beside the model (loratool-unmerge.safetensors).
 
     \b
     Example:
@@ -351,19 +359,10 @@ def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | No
     from .policy import RankPolicy
 
     policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
-    bar = None
-    if _progress(ctx):
-        from tqdm import tqdm
-
-        bar = tqdm(unit="tensor", desc="extract", leave=False)
-    try:
-        report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
-                     device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
-                     skip_full=skip_full, seed=seed, dtype=dtype, force=force,
-                     report_path=report_path, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
+                 device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
+                 skip_full=skip_full, seed=seed, dtype=dtype, force=force,
+                 report_path=report_path, progress=_progress(ctx))
     if as_json:
         click.echo(report_json(report))
         return
@@ -410,12 +409,19 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
                f"modules, {report['full_tensors']} full tensors (from {report['source_format']})")
     for lost in report["dropped"]:
         click.echo(f"  dropped (--drop-unsupported): {lost}")
+    if report["base_copies_left_out"]:
+        click.echo(f"  left out {len(report['base_copies_left_out'])} full tensor(s) equal to "
+                   f"the base's ({report['base_copies_left_out'][0]} …): merging them changes "
+                   "nothing")
     g = report.get("gguf")
-    if g:
-        click.echo(f"  adapter.lora.alpha = {g['alpha']:g}; {g['rescaled']} modules' lora_b "
-                   f"rescaled to share it" + (f" ({len(g['inexact'])} by a factor that is not a "
-                                               "power of two: one rounding)" if g["inexact"]
-                                               else " (exactly: powers of two)"))
+    if g and g["rescaled"]:
+        click.echo(f"  adapter.lora.alpha = {g['alpha']:g}; lora_b of {g['rescaled']} modules "
+                   "rescaled to share it" + (f" ({len(g['inexact'])} by a factor that is not a "
+                                             "power of two: one rounding)" if g["inexact"]
+                                             else " (exactly: powers of two)"))
+    elif g:
+        click.echo(f"  adapter.lora.alpha = {g['alpha']:g}: every module's scale is alpha / "
+                   "rank, nothing rescaled")
 
 
 @cli.command()
@@ -438,7 +444,8 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
 @click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float, ...],
+@click.pass_context
+def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float, ...],
            dtype: str, opset: int | None, task: str, atol: float | None, with_past: bool,
            no_verify: bool, force: bool, as_json: bool) -> None:
     """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
@@ -453,7 +460,8 @@ def export(base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float
     from .export import export as run
 
     report = run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
-                 task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past)
+                 task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
+                 progress=_progress(ctx))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -499,7 +507,7 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
     from .hub import pull as run
 
     r = run(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
-            repo_type=repo_type, progress=_progress(ctx))
+            repo_type=repo_type, progress=_progress(ctx).hub_bars)
     click.echo(json.dumps(r, indent=2) if as_json else r["path"])
 
 
@@ -541,7 +549,7 @@ def demo(ctx: click.Context, workdir: Path) -> None:
     """
     from .demo import run_demo
 
-    for section in run_demo(workdir):
+    for section in run_demo(workdir, progress=_progress(ctx)):
         click.echo(section)
 
 

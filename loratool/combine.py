@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import FormatError, LoraToolError
 from .policy import RankPolicy, factorize, module_seed
+from .progress import SILENT, Progress
 
 METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -149,7 +150,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
             policy: RankPolicy | None, density: float = 0.5, seed: int = 0,
             fmt: str | None = None, dtype: str = "keep", exact_svd: bool = False,
             base: str | None = None, force: bool = False,
-            resize: bool = False) -> dict[str, Any]:
+            resize: bool = False, progress: Progress = SILENT) -> dict[str, Any]:
     """Combine adapters (or resize one); writes ``out`` and returns the report."""
     import torch
 
@@ -181,11 +182,14 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     store = torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else factors[0]
     result = LoraAdapter(base_model=first.base_model, base_revision=first.base_revision,
                          source_format=first.source_format, task_type=first.task_type,
+                         tie_embeddings=any(a.tie_embeddings for a in adapters),
                          metadata={k: v for k, v in first.metadata.items()
                                    if not k.startswith("loratool.")})
     report_modules = []
     spectra: dict[str, Any] = {}
+    bar = progress.bar("resize" if resize else "combine", total=len(keys), unit="module")
     for key in keys:
+        bar.update(1)
         parts = [(ad.modules[key], w) for ad, w in zip(adapters, weights) if key in ad.modules]
         like = parts[0][0]
         entry: dict[str, Any] = {"name": key, "inputs": len(parts),
@@ -210,6 +214,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
                                   like.component))
             entry.update(rank=f.rank, rel_error=f.rel_error, kept_energy=f.kept_energy)
         report_modules.append(entry)
+    bar.close()
     if method == "svd":
         _choose_svd_ranks(spectra, policy or RankPolicy("rank", 16.0), result, report_modules,
                           store)

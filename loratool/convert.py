@@ -23,14 +23,21 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
     from .adapter import match_base
-    from .formats import (FORMATS, drop_unsupported, lossy, read_any, require_resolved,
-                          write_adapter)
+    from .formats import (FORMATS, drop_base_copies, drop_unsupported, lossy, read_any,
+                          require_resolved, write_adapter)
 
     if to not in FORMATS:
         raise FormatError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     ad = read_any(spec, base)
     if to != "kohya":
         require_resolved(ad, spec)
+    base_ckpt = None
+    same: list[str] = []
+    if base:
+        from .checkpoint import open_checkpoint
+
+        base_ckpt = open_checkpoint(base)
+        same = drop_base_copies(ad, base_ckpt)
     lost = lossy(ad, to)
     if lost and not drop:
         raise FormatError(f"converting to {to} would lose {'; '.join(lost)}; pass "
@@ -39,14 +46,12 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
         ad = drop_unsupported(ad, to)
     if not ad.modules:
         raise FormatError(f"{spec}: no LoRA modules left to write")
-    if base and to != "kohya" and ad.components in ([None],):
-        from .checkpoint import open_checkpoint
-
-        match_base(ad, open_checkpoint(base))  # the adapter must fit the base it is for
+    if base_ckpt is not None and to != "kohya" and ad.components in ([None],):
+        match_base(ad, base_ckpt)  # the adapter must fit the base it is for
     inputs = _local(spec) + _local(base)
     report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
                               "modules": len(ad.modules), "full_tensors": len(ad.full),
-                              "dropped": lost}
+                              "dropped": lost, "base_copies_left_out": same}
     note = f"Converted by loratool from a {ad.source_format} adapter."
     out_path, info = write_adapter(ad, out, to, base=base, force=force, inputs=inputs, note=note,
                                    with_info=True)

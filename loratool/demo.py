@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import LoraToolError, OutputError
+from .progress import SILENT, Progress
 
 MARKER = ".loratool-demo"
 CONFIG = {
@@ -108,7 +109,7 @@ def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int 
     return (*paths, workdir / "adapter")
 
 
-def run_demo(workdir: Path) -> Iterator[str]:
+def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
     """Build the demo models in ``workdir`` and yield a report section per command."""
     from .checkpoint import open_checkpoint
     from .summary import compare, format_compare, format_summary, summarize
@@ -127,7 +128,7 @@ def run_demo(workdir: Path) -> Iterator[str]:
     ckpt = open_checkpoint(base)
     yield f"$ loratool inspect {base}\n" + format_summary(summarize(ckpt)) + "\n"
     data = summarize(open_checkpoint(tuned), ["*layers.0.*"])
-    cmp = compare(open_checkpoint(tuned), ckpt, ["*layers.0.*"])
+    cmp = compare(open_checkpoint(tuned), ckpt, ["*layers.0.*"], progress=progress)
     yield (f"$ loratool inspect {tuned} --against {base} --filter '*layers.0.*'\n"
            + format_compare(data, cmp) + "\n")
     data = summarize(open_checkpoint(adapter), ["*layers.0.*"])
@@ -153,14 +154,14 @@ def run_demo(workdir: Path) -> Iterator[str]:
 
     merged, again = workdir / "merged", workdir / "unmerged"
     rep = merge_run(str(base), [str(adapter)], merged, weights=None, sign=1.0, force=True,
-                    verify=True, device="cpu")
+                    verify=True, device="cpu", progress=progress)
     v = rep["verify"]
     yield (f"$ loratool merge {base} {adapter} -o {merged} --verify\n"
            f"wrote {merged}: {rep['tensors_changed']} of {rep['tensors']} tensors changed, max "
            f"|ΔW| {rep['max_abs_delta']:.3g}; verify: worst {v['name']} at {v['ratio']:.3f}× "
            "the bf16 rounding bound\n")
     rep = merge_run(str(merged), [str(adapter)], again, weights=None, sign=-1.0, force=True,
-                    device="cpu")
+                    device="cpu", progress=progress)
     cmp = compare(open_checkpoint(again), ckpt)
     same = total = 0
     for name in ckpt.tensors:
@@ -177,7 +178,7 @@ def run_demo(workdir: Path) -> Iterator[str]:
     from .summary import format_extract
 
     rep = extract(str(base), str(tuned), workdir / "extracted", RankPolicy.from_options(
-        8, None, None, None), force=True, device="cpu")
+        8, None, None, None), force=True, device="cpu", progress=progress)
     yield (f"$ loratool extract {base} {tuned} -o {workdir / 'extracted'} --rank 8\n"
            + format_extract(rep) + "\n(the fine-tune is a rank-8 change plus noise: the error "
            "left is that noise and the bf16 rounding of both models)\n")
@@ -187,7 +188,7 @@ def run_demo(workdir: Path) -> Iterator[str]:
                    weights=[0.5, 0.5], policy=None, force=True)
     small = combine([str(workdir / "combined")], workdir / "resized", "svd", weights=None,
                     policy=RankPolicy.from_options(8, None, None, None), force=True,
-                    resize=True)
+                    resize=True, progress=progress)
     yield (f"$ loratool combine {adapter} {workdir / 'extracted'} --method cat --weight 0.5 "
            f"--weight 0.5 -o {workdir / 'combined'}\n"
            f"wrote {both['output']}: ranks {both['totals']['ranks']} (the exact weighted sum)\n"
@@ -198,7 +199,8 @@ def run_demo(workdir: Path) -> Iterator[str]:
     try:
         from .export import export
 
-        rep = export(str(base), [str(adapter)], workdir / "onnx", force=True)
+        rep = export(str(base), [str(adapter)], workdir / "onnx", force=True,
+                     progress=progress)
         v = rep["verification"]
         yield (f"$ loratool export {base} {adapter} -o {workdir / 'onnx'}\n"
                f"wrote {rep['output']}: {', '.join(rep['files'])}; verified in onnxruntime, max "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, LoraToolError
+from .progress import SILENT, Progress
 
 ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 EXTRA = "pip install 'loratool[onnx]'"
@@ -88,6 +89,18 @@ def _quiet() -> Any:
             lg.setLevel(lv)
 
 
+def input_names(model: Any, config: Any) -> list[str]:
+    """The inputs a tokenizer gives this model: ids and mask, and token_type_ids where the
+    model has token types (BERT and its kin; GPT-2 takes the argument but has no types)."""
+    import inspect
+
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in inspect.signature(model.forward).parameters and int(
+            getattr(config, "type_vocab_size", 0) or 0) > 0:
+        names.append("token_type_ids")
+    return names
+
+
 def _wrapper(model: Any, task: str) -> Any:
     """The traced module: logits (causal LM) or last hidden state, no cache."""
     import torch
@@ -97,12 +110,14 @@ def _wrapper(model: Any, task: str) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
+                    ) -> Any:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             if task == "causal-lm":
                 return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).logits
-            return self.model(input_ids=input_ids,
-                              attention_mask=attention_mask).last_hidden_state
+                                  use_cache=False, **extra).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              **extra).last_hidden_state
 
     return Wrapper().eval()
 
@@ -254,36 +269,62 @@ def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[f
     return len(edits)
 
 
-def _batches(vocab: int, pad_id: int, seed: int) -> list[tuple[Any, Any]]:
-    """Two shapes unlike the traced (2, 8) one; the second right-padded."""
+def _batch(names: list[str], batch: int, seq: int, vocab: int, types: int, pad_id: int,
+           g: Any, padded: bool = False) -> dict[str, Any]:
+    """Random inputs by name; ``padded`` right-pads rows 1 and 2 as a tokenizer would."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for batch, seq in ((1, 5), (3, 17)):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        mask = torch.ones_like(ids)
-        if batch > 1:
-            mask[1, 11:] = 0
-            mask[2, 6:] = 0
-            ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
-        out.append((ids, mask))
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 11:] = 0
+        mask[2, 6:] = 0
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
+    out = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in names:  # a second segment in the later half of each row
+        out["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq) \
+            .clone() % max(types, 1)
     return out
+
+
+def _verify(wrapper: Any, path: Path, names: list[str], vocab: int, types: int, pad: int,
+            seed: int, atol: float) -> dict[str, Any]:
+    """Two shapes unlike the traced (2, 8) one, the second right-padded, through PyTorch and
+    onnxruntime; padded positions are not compared."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    worst, shapes = 0.0, []
+    for batch, seq in ((1, 5), (3, 17)):
+        b = _batch(names, batch, seq, vocab, types, pad, g, padded=batch > 1)
+        with torch.no_grad():
+            ref = wrapper(**b).float().numpy()
+        got = sess.run(None, {k: v.numpy() for k, v in b.items()})[0].astype(np.float32)
+        keep = b["attention_mask"].numpy().astype(bool)
+        if not (np.isfinite(ref[keep]).all() and np.isfinite(got[keep]).all()):
+            raise LoraToolError("verification failed: the outputs hold NaN or Inf (in "
+                                "PyTorch or ONNX; fp16 overflow?); nothing was written")
+        worst = max(worst, float(np.abs(got - ref)[keep].max()))
+        shapes.append([batch, seq])
+    if not worst <= atol:
+        raise LoraToolError(f"verification failed: ONNX and PyTorch outputs differ by "
+                            f"{worst:.3g} > --atol {atol:g}; nothing was written")
+    return {"checked": True, "shapes": shapes, "max_abs_diff": worst, "atol": atol, "ok": True}
 
 
 def export(base_spec: str, adapter_specs: list[str], out: Path, *,
            weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
            task: str = "auto", atol: float | None = None, verify: bool = True,
-           force: bool = False, seed: int = 0, with_past: bool = False) -> dict[str, Any]:
+           force: bool = False, seed: int = 0, with_past: bool = False,
+           progress: Progress = SILENT) -> dict[str, Any]:
     """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
     _need_extra()
-    import numpy as np
-    import onnxruntime as ort
-    import torch
     import transformers
 
     from .checkpoint import open_checkpoint
-    from .formats import read_any
     from .writer import check_output
 
     t0 = time.perf_counter()
@@ -314,13 +355,30 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     task = _task(config, task)
     if with_past and task != "causal-lm":
         raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
+    with progress.bar("export", total=4 if with_past else 3, unit="step") as bar:
+        return _export(base, base_spec, adapter_specs, out, inputs, config, task, weights,
+                       dtype, opset, atol, verify, seed, with_past, bar, t0)
+
+
+def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inputs: list[Path],
+            config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
+            atol: float, verify: bool, seed: int, with_past: bool, bar: Any, t0: float
+            ) -> dict[str, Any]:
+    """load → merge in memory → trace → verify → (KV-cache graphs) → publish."""
+    import torch
+
+    from .formats import read_any
+
     adapters = [read_any(s, base_spec) for s in adapter_specs]
     model = _load_model(base.folder, task, config)
     changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
     if dtype == "fp16":
         model = model.half()
+    bar.update(1)
     wrapper = _wrapper(model, task)
+    names = input_names(model, config)
     vocab = int(getattr(config, "vocab_size", 1000))
+    types = int(getattr(config, "type_vocab_size", 0) or 0)
     pad = getattr(config, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) else 0
     from .writer import copy_config_files, move_into_place, remove_created, temp_beside
@@ -328,45 +386,25 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     tmp, created = temp_beside(out)
     try:
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (2, 8), generator=g)  # seq ≥ 2 (NOTES: 1 bakes a branch)
-        mask = torch.ones_like(ids)
-        dyn = {"input_ids": {0: "batch", 1: "sequence"},
-               "attention_mask": {0: "batch", 1: "sequence"}}
+        example = _batch(names, 2, 8, vocab, types, pad, g)  # seq ≥ 2 (NOTES: 1 bakes a branch)
+        dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
         output = "logits" if task == "causal-lm" else "last_hidden_state"
         try:
             with _quiet(), torch.no_grad():
-                torch.onnx.export(wrapper, (ids, mask), str(tmp / "model.onnx"), dynamo=True,
-                                  dynamic_shapes=dyn, input_names=["input_ids",
-                                                                   "attention_mask"],
-                                  output_names=[output], opset_version=opset,
-                                  external_data=True)
+                torch.onnx.export(wrapper, tuple(example[n] for n in names),
+                                  str(tmp / "model.onnx"), dynamo=True, dynamic_shapes=dyn,
+                                  input_names=names, output_names=[output],
+                                  opset_version=opset, external_data=True)
         except Exception as e:  # the exporter's errors are long; keep the first line
             raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
                                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                                 ) from e
+        bar.update(1)
         result: dict[str, Any] = {"checked": False}
         if verify:
-            sess = ort.InferenceSession(str(tmp / "model.onnx"),
-                                        providers=["CPUExecutionProvider"])
-            worst = 0.0
-            shapes = []
-            for b_ids, b_mask in _batches(vocab, pad, seed + 1):
-                with torch.no_grad():
-                    ref = wrapper(b_ids, b_mask).float().numpy()
-                got = sess.run(None, {"input_ids": b_ids.numpy(),
-                                      "attention_mask": b_mask.numpy()})[0].astype(np.float32)
-                keep = b_mask.numpy().astype(bool)  # padded positions are not compared
-                if not (np.isfinite(ref[keep]).all() and np.isfinite(got[keep]).all()):
-                    raise LoraToolError("verification failed: the outputs hold NaN or Inf (in "
-                                        "PyTorch or ONNX; fp16 overflow?); nothing was written")
-                diff = float(np.abs(got - ref)[keep].max())
-                worst = max(worst, diff)
-                shapes.append(list(b_ids.shape))
-            result = {"checked": True, "shapes": shapes, "max_abs_diff": worst, "atol": atol,
-                      "ok": worst <= atol}
-            if not worst <= atol:
-                raise LoraToolError(f"verification failed: ONNX and PyTorch outputs differ by "
-                                    f"{worst:.3g} > --atol {atol:g}; nothing was written")
+            result = _verify(wrapper, tmp / "model.onnx", names, vocab, types, pad, seed + 1,
+                             atol)
+        bar.update(1)
         cached = None
         if with_past:
             try:
@@ -378,7 +416,8 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                 raise LoraToolError(f"--with-past export failed for {config.model_type}: "
                                     f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                                     ) from e
-        copy_config_files(base.folder, tmp)
+            bar.update(1)
+        not_copied = copy_config_files(base.folder, tmp)
         import onnx
 
         graph_opset = next((o.version for o in onnx.load(
@@ -386,10 +425,10 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
             if o.domain in ("", "ai.onnx")), None)
         report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,
                   "task": task, "architecture": (config.architectures or [None])[0],
-                  "inputs": ["input_ids", "attention_mask"], "outputs": [output],
+                  "inputs": names, "outputs": [output],
                   "dynamic_axes": {"batch": 0, "sequence": 1}, "dtype": dtype,
                   "opset": graph_opset, "tensors_changed_by_adapters": changed,
-                  "verification": result, "with_past": cached,
+                  "verification": result, "with_past": cached, "not_copied": not_copied,
                   "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         report["files"] = sorted(p.name for p in tmp.iterdir())

@@ -20,10 +20,11 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import FormatError, LoraToolError
 from .policy import Factored, RankPolicy, factorize, module_seed
+from .progress import SILENT, Progress
 
 # lookup tables (token, position, relative-position): a LoRA on them is PEFT's embedding
 # LoRA, never a linear one; by default they are stored in full
@@ -69,8 +70,14 @@ def _pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
     def keep(n: str) -> bool:
         return (not targets or _matches(n, targets)) and not _matches(n, excludes)
 
-    names = [n for n in base.tensors if keep(n)]
-    only_tuned = [n for n in tuned.tensors if keep(n) and n not in base.tensors]
+    def weight(ckpt: Any, n: str) -> bool:
+        # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
+        # not weights: one model having them and the other not is no mismatch
+        return ckpt.tensors[n].dtype.startswith(("F", "BF"))
+
+    names = [n for n in base.tensors if keep(n) and (n in tuned.tensors or weight(base, n))]
+    only_tuned = [n for n in tuned.tensors if keep(n) and n not in base.tensors
+                  and weight(tuned, n)]
     only_base = [n for n in names if n not in tuned.tensors]
     if only_base or only_tuned:
         which = (f"{only_base[0]} is in the base but not the tuned model" if only_base else
@@ -88,11 +95,12 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             device: str = "auto", fmt: str = "peft", exact_svd: bool = False,
             embed_lora: bool = False, skip_full: bool = False, seed: int = 0,
             dtype: str = "keep", force: bool = False, report_path: Path | None = None,
-            progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+            progress: Progress = SILENT) -> dict[str, Any]:
     """Extract an adapter; returns the report (also what the model card summarises)."""
     import torch
 
-    from .adapter import LoraAdapter, LoraModule
+    from .adapter import (LoraAdapter, LoraModule, add_head_mirror, input_embedding,
+                          ties_embeddings)
     from .checkpoint import open_checkpoint, torch_dtype
     from .options import DTYPES, check_dtype, resolve_device
 
@@ -115,6 +123,10 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             raise LoraToolError(f"--report {report_path}: folder {report_path.parent} does not "
                                 "exist")
 
+    # a head tied to the embeddings carries a copy of their change (see add_head_mirror)
+    tied = ties_embeddings(cfg, base.tensors)
+    embedding = input_embedding(base.tensors) if tied else None
+
     def store_dtype(code: str) -> Any:
         return torch_dtype(DTYPES[dtype] or code)
 
@@ -126,11 +138,12 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     skipped = 0
     budget_spectra: dict[str, Any] = {}
 
+    bar = progress.bar("extract", total=len(names), unit="tensor")
+
     def deltas() -> Any:
         for name in names:
             bi, ti = base.info(name), tuned.info(name)
-            if progress:
-                progress(1)
+            bar.update(1)
             if bi.shape != ti.shape:
                 if EMBEDDING.search(name) or HEAD.search(name):
                     yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
@@ -187,13 +200,15 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             from .policy import spectrum
 
             _, S, _, _ = spectrum(M, cap, exact_svd, module_seed(seed, name))
-            budget_spectra[name] = (S[:cap].cpu(), sum(M.shape), cap)
+            mirrors = 2 if name == embedding else 1  # the tied head's copy costs as much
+            budget_spectra[name] = (S[:cap].cpu(), sum(M.shape) * mirrors, cap)
             pending.append((name, kind, None, rel_w, ti))
             continue
         f = factorize(M, policy, exact=exact_svd, seed=module_seed(seed, name),
                       store_dtype=store_dtype(ti.dtype))
         modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
         del M, delta, w_base
+    bar.close()
     if policy.kind == "budget":
         from .ops import allocate_budget
         from .policy import parse_budget
@@ -205,7 +220,8 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             policy = RankPolicy("budget", float(parse_budget(policy.budget_text, nbytes)),
                                 policy.max_rank, policy.budget_text)
         # full tensors and bias deltas are stored whatever the ranks: they come off the top
-        fixed = sum(t.numel() for t in full.values()) + sum(
+        fixed = sum(t.numel() for t in full.values()) + (
+            full[embedding].numel() if embedding in full else 0) + sum(
             d.numel() for b, d in biases.items() if b[: -len(".bias")] + ".weight" in
             budget_spectra)
         left = int(policy.value) - fixed
@@ -223,17 +239,21 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
                                 f"LoRA factors, less than one rank-1 component needs "
                                 f"({cheapest:,})")
         chosen = dict(zip(order, ranks))
-        for name, kind, _, rel_w, ti in pending:  # pass 2: the same SVDs, at the chosen rank
-            w_base = base.load(name, device=dev, dtype=torch.float32)
-            delta = tuned.load(name, device=dev, dtype=torch.float32).sub_(w_base)
-            f = factorize(_matrix(delta, kind), policy, exact=exact_svd,
-                          seed=module_seed(seed, name), store_dtype=store_dtype(ti.dtype),
-                          rank=chosen[name])
-            modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
+        with progress.bar("extract at the budget's ranks", total=len(pending),
+                          unit="tensor") as bar2:
+            for name, kind, _, rel_w, ti in pending:  # pass 2: the same SVDs, chosen ranks
+                bar2.update(1)
+                w_base = base.load(name, device=dev, dtype=torch.float32)
+                delta = tuned.load(name, device=dev, dtype=torch.float32).sub_(w_base)
+                f = factorize(_matrix(delta, kind), policy, exact=exact_svd,
+                              seed=module_seed(seed, name), store_dtype=store_dtype(ti.dtype),
+                              rank=chosen[name])
+                modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
+    from .formats.peft import task_type_for
+
     ad = LoraAdapter(base_model=base_spec, source_format="extract",
-                     task_type="CAUSAL_LM" if any(a.endswith(("ForCausalLM", "LMHeadModel"))
-                                                  for a in cfg.get("architectures") or [])
-                     else None)
+                     task_type=task_type_for(cfg.get("architectures")),
+                     tie_embeddings=tied)
     for m in modules:
         if m["rank"] == 0:
             continue
@@ -251,9 +271,12 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
         m.pop("_factors", None)
         m.pop("_shape", None)
     kept_bias = []
+    # PEFT's lora_bias is one flag for the whole adapter and refuses embedding modules: with
+    # embedding LoRA, bias changes are stored as the tuned biases in full instead
+    lora_bias = not any(m.layout == "embedding" for m in ad.modules.values())
     for bname, d in biases.items():
         mod = bname[: -len(".bias")]
-        if mod in ad.modules and ad.modules[mod].layout != "embedding":
+        if mod in ad.modules and lora_bias:
             ad.modules[mod].bias = d.to(ad.modules[mod].A.dtype)  # scale 1: b' = b + Δb
             kept_bias.append(bname)
         elif skip_full:
@@ -261,6 +284,8 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
         else:
             full[bname] = tuned.load(bname).to(store_dtype(tuned.info(bname).dtype))
     ad.full = full
+    if ad.tie_embeddings and embedding is not None:
+        add_head_mirror(ad, embedding)
     report = _report(base_spec, tuned_spec, out, fmt, policy, seed, exact_svd, modules, full,
                      dropped, kept_bias, skipped, ad, time.perf_counter() - t0, dev)
     _write(ad, out, fmt, report, base, force, inputs)

@@ -81,14 +81,11 @@ def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
     return {"repo": repo_id, "revision": revision, "path": str(root), "files": files}
 
 
-def _hub_base(spec: str | None) -> tuple[str | None, str | None]:
+def _hub_base(spec: Any) -> tuple[str | None, str | None]:
     """(repo id, revision) when ``spec`` names a Hub repo; local paths are not Hub ids."""
-    from .sources import parse_hub_id
+    from .sources import hub_repo_of
 
-    if not spec or os.path.exists(spec):
-        return None, None
-    parsed = parse_hub_id(spec)
-    return parsed if parsed else (None, None)
+    return (hub_repo_of(spec) if isinstance(spec, str) else None) or (None, None)
 
 
 def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
@@ -143,7 +140,7 @@ def model_card(folder: Path) -> str:
         data = {k: v for k, v in card.data.to_dict().items() if v not in (None, "", [])}
         tags = list(dict.fromkeys((data.get("tags") or []) + meta.pop("tags", [])))
         data.update(meta)
-        if not data.get("base_model"):  # no Hub base: drop what would point at nothing
+        if not _hub_base(data.get("base_model"))[0]:  # a local path or nothing: drop it
             data.pop("base_model", None)
             data.pop("base_model_relation", None)
             tags = [t for t in tags if not str(t).startswith("base_model:")]

@@ -5,7 +5,8 @@ background thread while the current one is computed and written; unchanged tenso
 byte for byte (in the kernel where possible). Math is float32 on the chosen device, in PEFT's
 order of operations (so fp32 results equal PEFT's ``merge_and_unload`` bit for bit), rounded
 once to the output dtype. DoRA norms are recorded beside the output so that unmerge can undo
-them.
+them, and the base tensors that adapters replaced in full, so that unmerge gives the base back
+exactly.
 
 Example::
 
@@ -14,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import resource
@@ -21,12 +23,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .errors import FormatError, LoraToolError
+from .errors import FormatError, HubError, LoraToolError
 from .options import DTYPES, check_dtype, check_weights, resolve_device
+from .progress import SILENT, Progress
 
-DORA_SIDECAR = "loratool-dora-norms.safetensors"
+# What merge writes beside a merged model for unmerge: the base tensors that full tensors
+# (modules_to_save) replaced, as ``replaced.<name>``, and DoRA's row norms ‖V‖, as
+# ``dora_norm.<name>``; neither can be recovered from the merged weights alone.
+RECORD = "loratool-unmerge.safetensors"
+LEGACY_DORA_RECORD = "loratool-dora-norms.safetensors"  # loratool 0.1: DoRA norms only
 
 
 @dataclass
@@ -41,6 +48,38 @@ class Edit:
     dora: tuple[Any, float] | None = None  # the one DoRA module on this tensor
 
 
+class UnmergeRecord:
+    """The record a merged model carries for unmerge (see ``RECORD``); empty when absent."""
+
+    def __init__(self, merged: Any) -> None:
+        from .checkpoint import open_checkpoint
+
+        self.files: list[tuple[Any, str]] = []
+        for filename, prefix in ((RECORD, ""), (LEGACY_DORA_RECORD, "dora_norm.")):
+            try:
+                path = merged.extra_file(filename)
+            except HubError:
+                path = None  # not on the Hub, or offline: as if absent
+            if path is not None:
+                self.files.append((open_checkpoint(path), prefix))
+
+    def _find(self, kind: str, name: str) -> tuple[Any, str] | None:
+        for ckpt, prefix in self.files:
+            key = f"{kind}.{name}" if not prefix else (name if prefix == kind + "." else None)
+            if key is not None and key in ckpt.tensors:
+                return ckpt, key
+        return None
+
+    def shape(self, kind: str, name: str) -> tuple[int, ...] | None:
+        hit = self._find(kind, name)
+        return None if hit is None else hit[0].info(hit[1]).shape
+
+    def load(self, kind: str, name: str, **kw: Any) -> Any:
+        """The recorded tensor, or None."""
+        hit = self._find(kind, name)
+        return None if hit is None else hit[0].load(hit[1], **kw)
+
+
 def _single_model(ad: Any, spec: str) -> None:
     comps = ad.components
     if len(comps) > 1:
@@ -53,28 +92,32 @@ def _single_model(ad: Any, spec: str) -> None:
 def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
                untie: bool = False) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
     """Which output tensors change and how, and the output tensor list ``(name, source)``."""
-    from .adapter import match_base
+    from .adapter import drop_head_mirror, input_embedding, match_base, ties_embeddings
 
     edits: dict[str, Edit] = {}
-    cfg = base.config or {}
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = ties_embeddings(base.config, base.tensors)
+    emb = input_embedding(base.tensors)
     order = [(n, n) for n in base.tensors]
     extra: list[tuple[str, str]] = []
-    for ad, w, spec in zip(adapters, weights, specs):
+    adapters = list(adapters)
+    for i, (ad, w, spec) in enumerate(zip(adapters, weights, specs)):
         _single_model(ad, spec)
-        lm = [k for k, m in ad.modules.items() if m.name.endswith("lm_head")
-              and m.name + ".weight" not in base.tensors]
-        if lm and tied:
+        if tied and emb is not None:
+            ad = adapters[i] = copy.copy(ad)  # the caller's adapter stays as it was read
+            ad.modules, ad.full = dict(ad.modules), dict(ad.full)
+            drop_head_mirror(ad, emb)  # tying gives the head the embedding's change
+        heads = [m.name + ".weight" for m in ad.modules.values() if m.name.endswith("lm_head")]
+        heads += [n for n in ad.full if n.endswith("lm_head.weight")]
+        heads = [n for n in heads if n not in base.tensors]
+        if heads and tied:
             if not untie:
-                raise FormatError(f"{spec}: adapts {lm[0]}, which this base ties to its input "
-                                  "embeddings (tie_word_embeddings): merging would change the "
-                                  "embeddings too. Pass --untie to write a separate lm_head")
-            emb = next((n for n in base.tensors if n.endswith("embed_tokens.weight")
-                        or n.endswith("wte.weight")), None)
+                raise FormatError(f"{spec}: changes {heads[0][: -len('.weight')]}, which this "
+                                  "base ties to its input embeddings (tie_word_embeddings): "
+                                  "merging would change the embeddings too. Pass --untie to "
+                                  "write a separate lm_head")
             if emb is None:
                 raise FormatError(f"{spec}: cannot find the tied input embedding to untie from")
-            for k in lm:
-                name = ad.modules[k].name + ".weight"
+            for name in heads:
                 if name not in [e[0] for e in extra]:
                     extra.append((name, emb))
         names = dict(base.tensors)
@@ -88,7 +131,7 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
 
         mapping = match_base(ad, View)
         for name, t in ad.full.items():
-            e = edits.setdefault(name, Edit(name))
+            e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
             if e.full is not None or e.lora or e.dora:
                 raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
                                   "a tensor another adapter also changes")
@@ -123,9 +166,10 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
 
 
 def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
-           out_name: str, dora_norms: dict[str, Any] | None, stats: dict[str, float]) -> Any:
+           out_name: str, record: UnmergeRecord | None, stats: dict[str, float]) -> Any:
     """The merged (sign +1) or unmerged (sign −1) float32 tensor on ``device``; ``W`` is the
-    caller's own float32 copy and may be changed in place."""
+    caller's own float32 copy and may be changed in place. Full replacements are undone by
+    :func:`_restore`, not here."""
     import torch
 
     from . import ops
@@ -133,9 +177,6 @@ def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
     if e.full is not None:
         t, w = e.full
         F = t.to(device=device, dtype=torch.float32, copy=True)  # W is changed in place
-        if sign < 0:
-            raise FormatError(f"{out_name}: a full replacement (modules_to_save) cannot be "
-                              "unmerged: the base tensor it replaced is not recoverable")
         if F.shape != W.shape:
             if w != 1.0:
                 raise FormatError(f"{out_name}: a resized full tensor cannot be weighted")
@@ -164,14 +205,15 @@ def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
             norms[out_name] = norm.cpu()
             W = merged if w == 1.0 else W + w * (merged - W)
         else:
-            if dora_norms is None or out_name not in dora_norms:
+            norm = record.load("dora_norm", out_name) if record is not None else None
+            if norm is None:
                 raise FormatError(f"{out_name}: DoRA cannot be undone from merged weights alone "
-                                  f"(the row norms are lost); the merged folder lacks "
-                                  f"{DORA_SIDECAR} written by `loratool merge`")
+                                  f"(the row norms are lost) and the merged folder has no "
+                                  f"{RECORD} with them: merge with `loratool merge`, which "
+                                  "records them, then unmerge that output")
             if w != 1.0:
                 raise FormatError(f"{out_name}: unmerging a weighted DoRA merge is not supported")
-            W = ops.dora_unmerge(W, d, mag, dora_norms[out_name].to(device, torch.float32),
-                                 m.layout)
+            W = ops.dora_unmerge(W, d, mag, norm.to(device, torch.float32), m.layout)
     for m, w in e.bias:
         b = m.bias.to(device, torch.float32) * m.scale
         if w != 1.0:
@@ -261,11 +303,60 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _restore(t: Any, e: Edit, name: str, record: UnmergeRecord | None, dev: Any,
+             stats: dict[str, float]) -> Any:
+    """Unmerge of a tensor an adapter replaced in full: the base tensor the merge recorded,
+    after checking that merging it again gives exactly the merged tensor (else this is not
+    the merge of this adapter, and the record would restore the wrong thing)."""
+    import torch
+
+    original = record.load("replaced", name) if record is not None else None
+    if original is None:
+        raise FormatError(f"{name}: the adapter replaces it in full (modules_to_save) and the "
+                          f"merged folder has no {RECORD} with the tensor it replaced: merge "
+                          "with `loratool merge`, which records it, then unmerge that output "
+                          "(or extract with --skip-full, so that no tensor is replaced)")
+    again = _apply(original.to(dev, torch.float32, copy=True), e, 1.0, dev, {}, name, None,
+                   stats)
+    if tuple(again.shape) != tuple(t.shape) or not torch.equal(again.to(t.dtype).cpu(), t):
+        raise FormatError(f"{name}: merging the recorded base tensor with these adapters does "
+                          "not give the merged tensor; unmerge exactly the adapters and "
+                          "--weight values that were merged")
+    return original
+
+
+def _plan_shapes(base: Any, order: list[tuple[str, str]], edits: dict[str, Edit], sign: float,
+                 record: UnmergeRecord | None, out_code: str | None
+                 ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Each output tensor's (name, dtype code, shape), known before anything is read."""
+    plan = []
+    for name, src in order:
+        info = base.info(src)
+        e = edits.get(name)
+        shape = info.shape
+        if e is not None and e.full is not None:
+            if sign > 0:
+                shape = tuple(e.full[0].shape)
+            elif record is not None and record.shape("replaced", name) is not None:
+                shape = record.shape("replaced", name)
+        plan.append((name, _out_code(out_code, info.dtype), shape))
+    return plan
+
+
+def _out_code(out_code: str | None, code: str) -> str:
+    """``--dtype`` applies to float tensors; integer buffers keep theirs."""
+    return out_code if out_code and code in ("F32", "BF16", "F16", "F64") else code
+
+
 def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
         sign: float, device: str = "auto", dtype: str = "keep",
         max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,
-        verify: bool = False, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Merge (sign +1) or unmerge (sign −1) adapters; returns the report."""
+        verify: bool = False, record: bool = True,
+        progress: Progress = SILENT) -> dict[str, Any]:
+    """Merge (sign +1) or unmerge (sign −1) adapters; returns the report.
+
+    ``record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
+    """
     import torch
 
     from .checkpoint import open_checkpoint, torch_dtype
@@ -281,28 +372,11 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     base = open_checkpoint(base_spec)
     adapters = [read_any(s, base_spec) for s in adapter_specs]
     edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
-    dora_norms = None
-    if sign < 0 and any(e.dora for e in edits.values()):
-        side = base.folder / DORA_SIDECAR
-        if side.is_file():
-            from safetensors.torch import load_file
-
-            dora_norms = load_file(side)
+    rec = UnmergeRecord(base) if sign < 0 else None
     inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
     out_code = DTYPES[dtype]
-
-    def out_code_for(code: str) -> str:
-        return out_code if out_code and code in ("F32", "BF16", "F16", "F64") else code
-
-    plan = []
-    for name, src in order:
-        info = base.info(src)
-        e = edits.get(name)
-        shape = info.shape
-        if e is not None and e.full is not None and tuple(e.full[0].shape) != shape:
-            shape = tuple(e.full[0].shape)
-        plan.append((name, out_code_for(info.dtype), shape))
-    norms: dict[str, Any] = {}
+    plan = _plan_shapes(base, order, edits, sign, rec, out_code)
+    recorded = {"dora_norm": 0, "replaced": 0}
     changed: list[dict[str, Any]] = []
     bytes_in = 0
     cfg_text = None
@@ -317,7 +391,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     def fetch(i: int, name: str, src: str) -> Any:
         """Read the next tensor (runs in the prefetch thread)."""
         info = base.info(src)
-        if name in edits or info.offset < 0 or out_code_for(info.dtype) != info.dtype:
+        if name in edits or info.offset < 0 or _out_code(out_code, info.dtype) != info.dtype:
             return base.load(src, buffer=read_bufs[i % 2].get("read", torch.uint8,
                                                             info.nbytes))
         return None  # unchanged and same dtype: copied raw, nothing to read here
@@ -329,7 +403,16 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
                                         "loratool.adapters": json.dumps(
                                             [{"adapter": a, "weight": wt} for a, wt in
                                              zip(adapter_specs, weights)])})
-    with writer as w, ThreadPoolExecutor(1) as pool:
+    report: dict[str, Any] = {}
+    if verify:
+        def check(folder: Path) -> None:
+            """Runs on the temporary folder: only a verified output is ever published."""
+            report["verify"] = verify_output(base, folder, edits, sign, rec, progress)
+
+        writer.before_publish = check
+    total = sum(base.info(src).nbytes for _, src in order)
+    with writer as w, ThreadPoolExecutor(1) as pool, progress.bar(
+            "merge" if sign > 0 else "unmerge", total=total, unit="B") as bar:
         if cfg_text is not None:
             w.add_file("config.json", cfg_text)
         pending = pool.submit(fetch, 0, *order[0]) if order else None
@@ -339,7 +422,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
                        else None)
             info = base.info(src)
             bytes_in += info.nbytes
-            code = out_code_for(info.dtype)
+            code = _out_code(out_code, info.dtype)
             if t is None:
                 info = base.local_info(src)
                 w.add_raw(name, info.dtype, info.shape, info.file, info.offset, info.nbytes)
@@ -354,28 +437,37 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
                 e = edits[name]
                 stats = {"max_abs_delta": 0.0}
                 odt = torch_dtype(code)
-                if dev.type == "cpu" and e.full is None and e.dora is None and not e.bias \
+                norms: dict[str, Any] = {}
+                if sign > 0 and e.full is not None and record:
+                    w.add_side(RECORD, "replaced." + name, t)
+                    recorded["replaced"] += 1
+                if sign < 0 and e.full is not None:
+                    res = _restore(t, e, name, rec, dev, stats)
+                    if res.dtype != odt:
+                        r32 = res.to(torch.float32)
+                        _check_range(r32, odt, name)
+                        res = r32.to(odt)
+                elif dev.type == "cpu" and e.full is None and e.dora is None and not e.bias \
                         and t.dim() >= 2:
                     res = _apply_rows(t, e, sign, odt, name, stats, bufs)
                 else:
                     W = t.to(device=dev, dtype=torch.float32, copy=True)
                     del t
-                    new = _apply(W, e, sign, dev, norms, name, dora_norms, stats)
+                    new = _apply(W, e, sign, dev, norms, name, rec, stats)
                     del W
                     _check_range(new, odt, name)
                     res = new.to(odt).cpu()
                     del new
+                if record:
+                    for k, v in norms.items():
+                        w.add_side(RECORD, "dora_norm." + k, v)
+                        recorded["dora_norm"] += 1
                 changed.append({"name": name, "max_abs_delta": stats["max_abs_delta"]})
                 w.add(name, res)
                 del res
-            if progress:
-                progress(info.nbytes)
-        if norms:
-            from safetensors.torch import save
-
-            w.add_file(DORA_SIDECAR, save({k: v.contiguous() for k, v in norms.items()}))
+            bar.update(info.nbytes)
     elapsed = time.perf_counter() - t0
-    report: dict[str, Any] = {
+    report.update({
         "operation": "merge" if sign > 0 else "unmerge", "base": base_spec,
         "adapters": [{"adapter": s, "weight": wt, "modules": len(a.modules),
                       "full_tensors": len(a.full), "format": a.source_format}
@@ -383,30 +475,26 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
         "output": str(out), "device": str(dev), "dtype": dtype,
         "tensors": len(order), "tensors_changed": len(changed),
         "max_abs_delta": max((c["max_abs_delta"] or 0.0 for c in changed), default=0.0),
-        "dora_norms_recorded": len(norms), "seconds": elapsed,
+        "dora_norms_recorded": recorded["dora_norm"],
+        "replaced_recorded": recorded["replaced"], "record": RECORD if any(
+            recorded.values()) else None,
+        "not_copied": writer.not_copied, "seconds": elapsed,
         "gb_per_s": bytes_in / 1e9 / elapsed if elapsed > 0 else None,
         "bytes": bytes_in, "peak_rss_mb": _peak_rss_mb(),
-    }
+    })
     if dev.type == "cuda":
         report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    if verify:
-        try:
-            report["verify"] = verify_output(base, out, edits, sign, dora_norms, norms)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)  # a wrong output must not stay behind
-            raise
     return report
 
 
 def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
-                  dora_norms: dict[str, Any] | None, norms: dict[str, Any]) -> dict[str, Any]:
+                  record: UnmergeRecord | None, progress: Progress = SILENT) -> dict[str, Any]:
     """Re-read the output and check every changed tensor against a float64 reference.
 
     The bound per element is half an ulp of the output dtype at the reference value plus the
     float32 arithmetic error of the merge, ``(r + 3)·2⁻²⁴ · (|W| + Σ|w·s|·|B|@|A|)``. Reports
-    the worst tensor (largest error / bound); a ratio above 1 is an error.
+    the worst tensor (largest error / bound); a ratio above 1 is an error. A tensor that
+    unmerge restored from the record must equal the record exactly.
     """
     import torch
 
@@ -415,51 +503,72 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
 
     merged = open_checkpoint(out)
     worst: dict[str, Any] = {"name": None, "ratio": 0.0, "max_abs_error": 0.0}
-    for name, e in edits.items():
-        got = merged.load(name, dtype=torch.float64)
-        W = base.load(e.source, dtype=torch.float64)
-        bound_abs = W.abs()
-        ref = W
-        if e.full is not None:
-            t, wt = e.full
-            F = t.to(torch.float64)
-            ref = F if F.shape != W.shape or wt == 1.0 else W + wt * (F - W)
-            W = ref
-            bound_abs = ref.abs()
-        for m, wt in e.lora:
-            d = ops.lora_delta(m.A.double(), m.B.double(), m.scale, m.layout) * wt
-            ref = ref + sign * d
-            bound_abs = bound_abs + abs(wt) * ops.lora_abs_delta(
-                m.A.double(), m.B.double(), m.scale, m.layout)
-        if e.dora is not None:
-            m, wt = e.dora
-            d = ops.lora_delta(m.A.double(), m.B.double(), m.scale, m.layout)
-            if sign > 0:
-                mg, _ = ops.dora_merge(W, d, m.magnitude.double(), m.layout)
-                ref = mg if wt == 1.0 else W + wt * (mg - W)
-            else:
-                ref = ops.dora_unmerge(W, d, m.magnitude.double(),
-                                       dora_norms[name].double(), m.layout)
-            bound_abs = ref.abs() + W.abs() + ops.lora_abs_delta(
-                m.A.double(), m.B.double(), m.scale, m.layout)
-        for m, wt in e.bias:
-            ref = ref + sign * wt * m.scale * m.bias.double()
-            bound_abs = bound_abs + abs(wt * m.scale) * m.bias.double().abs()
-        out_dtype = merged.load(name).dtype
-        half_ulp = 2.0 ** -ops.mantissa_bits(out_dtype)
-        tiny = torch.finfo(out_dtype).tiny
-        # float32 error of an r-term dot product, the scale, the weight and the addition:
-        # at most (r + 3)·u relative to the absolute-value sum (Higham's γ bound), u = 2⁻²⁴
-        r = max([m.rank for m, _ in e.lora] + [e.dora[0].rank if e.dora else 1])
-        bound = half_ulp * ref.abs() + (r + 3) * 2.0 ** -24 * bound_abs + tiny
-        err = (got - ref).abs()
-        ratio = float((err / bound).max()) if err.numel() else 0.0
-        if ratio > worst["ratio"]:
-            worst = {"name": name, "ratio": ratio, "max_abs_error": float(err.max())}
+    with progress.bar("verify", total=len(edits), unit="tensor") as bar:
+        for name, e in edits.items():
+            bar.update(1)
+            got = merged.load(name, dtype=torch.float64)
+            if sign < 0 and e.full is not None:
+                ref = record.load("replaced", name, dtype=torch.float64)  # type: ignore
+                if not torch.equal(got, ref):
+                    worst = {"name": name, "ratio": math.inf,
+                             "max_abs_error": float((got - ref).abs().max())}
+                    break
+                continue
+            ref, bound_abs, r = _reference(base.load(e.source, dtype=torch.float64), e, sign,
+                                           record, name)
+            out_dtype = merged.load(name).dtype
+            half_ulp = 2.0 ** -ops.mantissa_bits(out_dtype)
+            tiny = torch.finfo(out_dtype).tiny
+            # float32 error of an r-term dot product, the scale, the weight and the addition:
+            # at most (r + 3)·u relative to the absolute-value sum (Higham's γ bound), u = 2⁻²⁴
+            bound = half_ulp * ref.abs() + (r + 3) * 2.0 ** -24 * bound_abs + tiny
+            err = (got - ref).abs()
+            ratio = float((err / bound).max()) if err.numel() else 0.0
+            if ratio > worst["ratio"]:
+                worst = {"name": name, "ratio": ratio, "max_abs_error": float(err.max())}
     worst["checked"] = len(edits)
     worst["ok"] = worst["ratio"] <= 1.0
     if not worst["ok"]:
         raise LoraToolError(f"--verify: {worst['name']} is off by {worst['max_abs_error']:.3g}, "
                             f"{worst['ratio']:.2f}× the rounding bound; the output is wrong "
-                            "(please report this)")
+                            "and was not written (please report this)")
     return worst
+
+
+def _reference(W: Any, e: Edit, sign: float, record: UnmergeRecord | None, name: str
+               ) -> tuple[Any, Any, int]:
+    """The float64 result of one edit, the absolute-value sum that bounds its float32
+    rounding, and the largest rank involved."""
+    import torch
+
+    from . import ops
+
+    bound_abs = W.abs()
+    ref = W
+    if e.full is not None:
+        t, wt = e.full
+        F = t.to(torch.float64)
+        ref = F if F.shape != W.shape or wt == 1.0 else W + wt * (F - W)
+        W = ref
+        bound_abs = ref.abs()
+    for m, wt in e.lora:
+        d = ops.lora_delta(m.A.double(), m.B.double(), m.scale, m.layout) * wt
+        ref = ref + sign * d
+        bound_abs = bound_abs + abs(wt) * ops.lora_abs_delta(
+            m.A.double(), m.B.double(), m.scale, m.layout)
+    if e.dora is not None:
+        m, wt = e.dora
+        d = ops.lora_delta(m.A.double(), m.B.double(), m.scale, m.layout)
+        if sign > 0:
+            mg, _ = ops.dora_merge(W, d, m.magnitude.double(), m.layout)
+            ref = mg if wt == 1.0 else W + wt * (mg - W)
+        else:
+            norm = record.load("dora_norm", name, dtype=torch.float64)  # type: ignore
+            ref = ops.dora_unmerge(W, d, m.magnitude.double(), norm, m.layout)
+        bound_abs = ref.abs() + W.abs() + ops.lora_abs_delta(
+            m.A.double(), m.B.double(), m.scale, m.layout)
+    for m, wt in e.bias:
+        ref = ref + sign * wt * m.scale * m.bias.double()
+        bound_abs = bound_abs + abs(wt * m.scale) * m.bias.double().abs()
+    r = max([m.rank for m, _ in e.lora] + [e.dora[0].rank if e.dora else 1])
+    return ref, bound_abs, r

@@ -30,6 +30,14 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return m.group("repo"), m.group("rev")
 
 
+def hub_repo_of(spec: str | None) -> tuple[str, str | None] | None:
+    """``(repo, revision)`` when ``spec`` names a Hub repo and not an existing local path:
+    only these may appear as ``base_model`` in a model card."""
+    if not spec or os.path.lexists(os.path.expanduser(spec)):
+        return None
+    return parse_hub_id(spec)
+
+
 def resolve_input(spec: str) -> "Path | HubRepo":
     """A local path for ``spec`` when it exists, else the Hub repo it names."""
     from .checkpoint import NOT_CONFIG_SUFFIXES, _os_error

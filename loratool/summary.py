@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from . import __version__
 from .checkpoint import Checkpoint, TensorInfo, dtype_code, natural_key
 from .formats import detect
+from .progress import SILENT, Progress
 
 SCHEMA_VERSION = 1
 _LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -112,7 +113,7 @@ def describe_modules(ad: Any) -> list[dict[str, Any]]:
 
 
 def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
-            progress: bool = False) -> dict[str, Any]:
+            progress: Progress = SILENT) -> dict[str, Any]:
     """Compare two checkpoints tensor by tensor: names, shapes, dtypes and ‖B−A‖/‖A‖.
 
     Norms are accumulated in float64 over row chunks, so memory stays near one tensor.
@@ -129,15 +130,10 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
     shape_diff, dtype_diff, changed = [], [], []
     unchanged = 0
     common = [n for n in na if n in sb]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(common), desc="comparing", unit="tensor", leave=False)
+    bar = progress.bar("compare", total=sum(a.tensors[n].nbytes for n in common), unit="B")
     for n in common:
         ia, ib = a.tensors[n], b.tensors[n]
-        if bar:
-            bar.update(1)
+        bar.update(ia.nbytes)
         if ia.shape != ib.shape:
             shape_diff.append({"name": n, "shape": list(ia.shape), "other_shape": list(ib.shape)})
             continue
@@ -170,8 +166,7 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
                         "rel_diff": _finite(math.sqrt(ss_d) / norm_a) if norm_a else None,
                         "max_abs_diff": _finite(max_abs)})
         del ta, tb
-    if bar:
-        bar.close()
+    bar.close()
     return {"other": b.source, "only_in_path": only_a, "only_in_other": only_b,
             "shape_mismatch": shape_diff, "dtype_mismatch": dtype_diff, "changed": changed,
             "unchanged": unchanged, "compared": len(common)}

@@ -22,9 +22,9 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-from .checkpoint import dtype_bytes, dtype_code, weight_file_names
+from .checkpoint import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code
 from .errors import LoraToolError, OutputError
 
 if TYPE_CHECKING:
@@ -97,9 +97,9 @@ class _Shard:
     Planned (names, dtypes and shapes known up front): the header is written first and data
     goes straight after it, so every byte is written once."""
 
-    def __init__(self, folder: Path, number: int, metadata: dict[str, str],
+    def __init__(self, folder: Path, number: int | str, metadata: dict[str, str],
                  planned: dict[str, Any] | None = None) -> None:
-        self.path = folder / f".shard-{number:05d}.safetensors"
+        self.path = folder / f".shard-{number}.safetensors"
         self.metadata = metadata
         self.header: dict[str, Any] = dict(planned or {})
         self.planned = planned is not None
@@ -111,7 +111,7 @@ class _Shard:
             raw = _header_bytes(metadata, self.header)
             _write_all(self.f, memoryview(len(raw).to_bytes(8, "little") + raw))
         else:
-            self.data_path = folder / f".shard-{number:05d}.data"
+            self.data_path = folder / f".shard-{number}.data"
             self.f = open(self.data_path, "wb")
 
     def add(self, name: str, t: "torch.Tensor") -> None:
@@ -207,15 +207,53 @@ def move_into_place(new: Path, out: Path, inputs: list[Path]) -> None:
             old.unlink()
 
 
-def copy_config_files(src: Path, dst: Path) -> None:
-    """Copy a source folder's non-weight files (config, tokenizer, generation config …)."""
+# Files that hold the model's weights in another framework's format (an ONNX or OpenVINO
+# export, TensorFlow, Flax, GGUF): beside new weights they would be stale copies of the old ones.
+EXPORT_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data", ".gguf", ".h5", ".msgpack", ".tflite",
+                   ".mlmodel", ".ot", ".pb", ".ckpt", ".npz")
+
+
+def _st_module_folders(src: Path) -> set[str]:
+    """Subfolders that sentence-transformers' modules.json names (1_Pooling, 2_Dense …): their
+    files, weights included, belong to other layers of the model and travel as they are."""
+    try:
+        data = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return set()
+    if not isinstance(data, list):
+        return set()
+    return {m["path"].strip("/") for m in data if isinstance(m, dict)
+            and isinstance(m.get("path"), str) and m["path"].strip("/")}
+
+
+def copy_config_files(src: Path, dst: Path) -> list[str]:
+    """Carry a model folder's other files into a new one: configs, tokenizer files, chat
+    templates, generation config, and every subfolder (``1_Pooling/`` …). Left out, and
+    returned: the weights the new ones replace, weights of the same model in other formats
+    (an ``onnx/`` export, ``original/consolidated.pth``) that would contradict them, the model
+    card, and hidden files."""
     if not src.is_dir():
-        return
-    skip = weight_file_names(src) | NOT_COPIED
-    for entry in sorted(os.listdir(src)):
-        f = src / entry
-        if entry not in skip and not entry.startswith(".") and f.is_file():
-            shutil.copyfile(f, dst / entry)  # follows Hub-cache symlinks
+        return []
+    modules = _st_module_folders(src)
+    left_out: list[str] = []
+    for root, dirs, files in os.walk(src):
+        rel_root = Path(root).relative_to(src)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        top = rel_root == Path(".")
+        own_weights = not top and rel_root.parts[0] in modules
+        for entry in sorted(files):
+            rel = (rel_root / entry).as_posix()
+            f = Path(root) / entry
+            if entry.startswith(".") or (top and entry in NOT_COPIED) or not f.is_file():
+                continue
+            weights = entry.endswith(NOT_CONFIG_SUFFIXES) or entry.startswith("openvino_")
+            if weights and not (own_weights and not entry.endswith(EXPORT_SUFFIXES)):
+                if not top:
+                    left_out.append(rel)
+                continue
+            (dst / rel_root).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst / rel)  # follows Hub-cache symlinks
+    return left_out
 
 
 def remove_created(created: list[Path]) -> None:
@@ -258,6 +296,10 @@ class CheckpointWriter:
         self.shards: list[_Shard] = []
         self.names: set[str] = set()
         self.extra_files: dict[str, bytes] = {}
+        self.side_files: dict[str, _Shard] = {}  # name -> a second safetensors file, streamed
+        self.not_copied: list[str] = []  # files of copy_from left out (see copy_config_files)
+        # called with the finished temporary folder before it is published (verification)
+        self.before_publish: Callable[[Path], None] | None = None
         self.total_size = 0
         self.total_params = 0
         self.plan = self._layout(plan) if plan is not None else None
@@ -315,7 +357,7 @@ class CheckpointWriter:
                                  self.shards[-1].size + nbytes > self.max_shard_size):
             if self.shards:
                 self.shards[-1].close()
-            self.shards.append(_Shard(self.tmp, len(self.shards) + 1, self.metadata))
+            self.shards.append(_Shard(self.tmp, f"{len(self.shards) + 1:05d}", self.metadata))
         self.shards[-1].add(name, t)
         self.total_size += nbytes
         self.total_params += t.numel()
@@ -341,7 +383,20 @@ class CheckpointWriter:
             k = len(self.shards)
             if k >= len(self.plan) or name not in self.plan[k]:
                 raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
-            self.shards.append(_Shard(self.tmp, k + 1, self.metadata, self.plan[k]))
+            self.shards.append(_Shard(self.tmp, f"{k + 1:05d}", self.metadata, self.plan[k]))
+
+    def add_side(self, filename: str, name: str, tensor: "torch.Tensor") -> None:
+        """Stream a tensor into a second safetensors file of the output (``filename``), such as
+        the record unmerge needs; it appears only when it receives a tensor."""
+        assert self.tmp is not None, "use CheckpointWriter as a context manager"
+        side = self.side_files.get(filename)
+        if side is None:
+            side = self.side_files[filename] = _Shard(self.tmp, f"side-{len(self.side_files)}",
+                                                      {"format": "pt"})
+        t = tensor.detach().cpu().contiguous()
+        if name in side.header:
+            raise LoraToolError(f"tensor {name!r} written twice to {filename}")
+        side.add(name, t)
 
     def add_file(self, name: str, content: bytes | str) -> None:
         """A small non-weight file (config, model card …) written with the output."""
@@ -353,7 +408,7 @@ class CheckpointWriter:
                 len(p) for p in self.plan) != len(self.names)):
             raise LoraToolError("fewer tensors were written than planned")
         if not self.shards:
-            self.shards.append(_Shard(self.tmp, 1, self.metadata))  # empty is still valid
+            self.shards.append(_Shard(self.tmp, "00001", self.metadata))  # empty is valid
         self.shards[-1].close()
         if len(self.shards) == 1:
             self.shards[0].path.rename(self.tmp / self.filename)
@@ -370,10 +425,15 @@ class CheckpointWriter:
                      "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / f"{self.filename}.index.json").write_text(json.dumps(index, indent=2)
                                                                   + "\n")
+        for filename, side in self.side_files.items():
+            side.close()
+            side.path.rename(self.tmp / filename)
         if self.copy_from is not None:
-            copy_config_files(self.copy_from, self.tmp)
+            self.not_copied = copy_config_files(self.copy_from, self.tmp)
         for name, content in self.extra_files.items():
             (self.tmp / name).write_bytes(content)
+        if self.before_publish is not None:
+            self.before_publish(self.tmp)
         self._move_into_place()
 
     def _move_into_place(self) -> None:
@@ -387,7 +447,7 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Remove everything written so far, and the parent folders this writer made."""
-        for shard in self.shards:
+        for shard in [*self.shards, *self.side_files.values()]:
             if not shard.f.closed:
                 shard.f.close()
         if self.tmp is not None:

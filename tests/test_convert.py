@@ -306,3 +306,69 @@ def test_kohya_missing_or_zero_alpha_means_rank(tmp_path):
                "lora_unet_y.alpha": torch.tensor(0.0)}, tmp_path / "k.safetensors")
     ad = read_adapter(str(tmp_path / "k.safetensors"))
     assert {m.scale for m in ad.modules.values()} == {1.0}
+
+
+def test_gguf_as_llama_cpp_reads_it(tmp_path, tiny_llama, llama_dir):
+    """Embedding LoRA in llama.cpp's layout, PEFT's base_layer copies left out as llama.cpp's
+    converter leaves them, and base-model metadata only for a Hub id."""
+    import gguf
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    model = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"],
+        init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    saved = open_checkpoint(tmp_path / "a").tensors
+    assert any(".base_layer." in n for n in saved)  # the copies PEFT adds
+    merged = model.merge_and_unload().state_dict()
+    res = run_cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "a.gguf",
+                  "--base", llama_dir)
+    assert res.rc == 0, res.err
+    assert "equal to the base" in res.out and "nothing rescaled" in res.out
+    r = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert not [k for k in r.fields if k.startswith("general.base_model")]  # a local base
+    t = {x.name: torch.from_numpy(x.data.copy()).double() for x in r.tensors}
+    alpha = float(r.fields["adapter.lora.alpha"].parts[-1][0])
+    a, b = t["token_embd.weight.lora_a"], t["token_embd.weight.lora_b"]
+    assert tuple(a.shape) == (128, 4) and tuple(b.shape) == (64, 4)  # [vocab, r], [dim, r]
+    # llama.cpp: delta of token i = scale · lora_b @ lora_a[i]
+    want = merged["model.embed_tokens.weight"].double() - tiny_llama.state_dict()[
+        "model.embed_tokens.weight"].double()
+    assert torch.allclose(alpha / 4 * a @ b.T, want, atol=1e-6)
+    a, b = t["output.weight.lora_a"], t["output.weight.lora_b"]
+    want = merged["lm_head.weight"].double() - tiny_llama.state_dict()["lm_head.weight"].double()
+    assert torch.allclose(alpha / 4 * b @ a, want, atol=1e-6)
+    # a Hub id as the base model: general.base_model.* as llama.cpp's converter writes it
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    res = run_cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "h.gguf",
+                  "--base", llama_dir)
+    assert res.rc == 0, res.err
+    f = gguf.GGUFReader(tmp_path / "h.gguf").fields
+
+    def text(k):
+        return bytes(f[k].parts[f[k].data[0]]).decode()
+
+    assert int(f["general.base_model.count"].parts[-1][0]) == 1
+    assert text("general.base_model.0.repo_url") == "https://huggingface.co/meta-llama/Llama-3.2-1B"
+    assert text("general.base_model.0.name") == "Llama-3.2-1B"
+
+
+def test_gguf_refuses_what_llama_cpp_would_misapply(tmp_path, tiny_llama):
+    """A tied base: llama.cpp has one tensor for embeddings and head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    tied.save_pretrained(tmp_path / "base")
+    get_peft_model(copy.deepcopy(tied), LoraConfig(
+        r=2, target_modules=["embed_tokens"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "a")
+    before = tree(tmp_path)
+    res = run_cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "a.gguf",
+                  "--base", tmp_path / "base")
+    assert res.rc == 1 and "ties its output layer" in res.err, res.err
+    assert tree(tmp_path) == before

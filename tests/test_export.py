@@ -18,11 +18,11 @@ import torch
 from conftest import llama_config, run_cli, tiny_gpt2, tree
 
 
-def _ort(path, ids, mask):
+def _ort(path, feed):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    return sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
 
 
 def _batch(vocab, batch=2, seq=11, pad_from=7, seed=3):
@@ -44,7 +44,7 @@ def _with_adapter(tmp_path, model, targets, **kw):
     return peft_model.merge_and_unload().eval()
 
 
-def _check(tmp_path, merged, vocab, output="logits"):
+def _check(tmp_path, merged, vocab, output="logits", token_types=False):
     before = tree(tmp_path / "base")
     res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",
                   "--json")
@@ -53,12 +53,17 @@ def _check(tmp_path, merged, vocab, output="logits"):
     assert rep["verification"]["ok"] and rep["outputs"] == [output]
     assert {"model.onnx", "config.json", "export.json"} <= set(os.listdir(tmp_path / "onnx"))
     assert tree(tmp_path / "base") == before
+    assert rep["inputs"] == ["input_ids", "attention_mask"] + (
+        ["token_type_ids"] if token_types else [])
     for batch, seq in ((1, 4), (2, 11)):  # not the traced (2, 8); the second one padded
         ids, mask = _batch(vocab, batch, seq)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if token_types:  # two segments, as a tokenizer gives for a pair of texts
+            feed["token_type_ids"] = (torch.arange(seq) >= 2).long().expand(batch, seq)
         with torch.no_grad():
-            out = merged(input_ids=ids, attention_mask=mask)
+            out = merged(**feed)
             ref = (out.logits if output == "logits" else out.last_hidden_state).numpy()
-        got = _ort(tmp_path / "onnx", ids, mask)
+        got = _ort(tmp_path / "onnx", feed)
         keep = mask.numpy().astype(bool)
         assert np.abs(got - ref)[keep].max() <= 1e-4
 
@@ -86,7 +91,7 @@ def test_bert_feature_extraction(tmp_path):
                                  intermediate_size=64, vocab_size=100,
                                  max_position_embeddings=64)).eval()
     merged = _with_adapter(tmp_path, model, ["query", "value"])
-    _check(tmp_path, merged, 100, output="last_hidden_state")
+    _check(tmp_path, merged, 100, output="last_hidden_state", token_types=True)
 
 
 def _minilm() -> Path | None:
@@ -103,10 +108,26 @@ def test_real_minilm_weights_with_an_adapter(tmp_path):
     merged = _with_adapter(tmp_path, model, ["query", "value"])
     import shutil
 
-    for f in ("tokenizer.json", "vocab.txt"):  # tokenizer files travel with the export
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json"):  # tokenizer files travel with the export
         shutil.copy(_minilm() / f, tmp_path / "base" / f)
-    _check(tmp_path, merged, 30522, output="last_hidden_state")
+    _check(tmp_path, merged, 30522, output="last_hidden_state", token_types=True)
     assert (tmp_path / "onnx" / "tokenizer.json").exists()
+    # as a user runs it: the tokenizer's own output, fed to onnxruntime unchanged
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "onnx")
+    pairs = (["How do I merge a LoRA adapter?", "Short one."], ["Into the base.", "Yes."])
+    enc = tok(*pairs, padding=True, return_tensors="np")
+    assert set(enc) == {"input_ids", "attention_mask", "token_type_ids"}
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(enc))[0]
+    with torch.no_grad():
+        ref = merged(**tok(*pairs, padding=True, return_tensors="pt")).last_hidden_state.numpy()
+    keep = enc["attention_mask"].astype(bool)
+    assert np.abs(got - ref)[keep].max() <= 1e-4
 
 
 def test_fp16(tmp_path):

@@ -213,3 +213,46 @@ def test_push_refuses_links_out_of_the_folder_and_temporary_files(hub, tmp_path,
     assert res.returncode == 1 and "outside the folder" in res.stderr, res.stderr
     res = _run(hub.env, "push", d, "bad id!")
     assert res.returncode == 1 and "internal error" not in res.stderr, res.stderr
+
+
+def test_cards_name_only_hub_bases_and_the_right_class(tmp_path):
+    """A local base never becomes base_model (not in the adapter's card, not when pushed); the
+    loading snippet uses the class of the base's task; a hostile name cannot add keys."""
+    import yaml
+    from transformers import BertConfig, BertModel
+
+    from conftest import finetuned
+    from loratool.hub import model_card
+
+    import torch
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=50)).eval()
+    base.save_pretrained(tmp_path / "base")
+    finetuned(base).save_pretrained(tmp_path / "tuned")
+    res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad")
+    assert res.rc == 0, res.err
+    card = (tmp_path / "ad" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front and front["library_name"] == "peft"
+    assert "from transformers import AutoModel\n" in card and "AutoModel.from_pretrained(" in card
+    assert "AutoModelForCausalLM" not in card
+    pushed = yaml.safe_load(model_card(tmp_path / "ad").split("---")[1])
+    assert "base_model" not in pushed and "base_model_relation" not in pushed
+
+    from loratool.adapter import LoraAdapter, LoraModule
+    from loratool.formats import peft
+
+    for name, hub in (("acme/llama@v2", "acme/llama"),
+                      ("evil\nlibrary_name: evil\n", None), ("x/y\nimport os", None)):
+        ad = LoraAdapter(base_model=name, task_type="CAUSAL_LM")
+        ad.add(LoraModule("q", torch.zeros(2, 4), torch.zeros(4, 2), 2.0))
+        card = peft.model_card(ad, {"lora_alpha": 2, "use_rslora": False, "use_dora": False},
+                               "note")
+        front = yaml.safe_load(card.split("---")[1])
+        assert front.get("base_model") == hub and front["library_name"] == "peft"
+        assert set(front) <= {"base_model", "base_model_relation", "library_name", "tags"}
+        assert "import os" not in card and "evil" not in card
+        if hub:
+            assert f'AutoModelForCausalLM.from_pretrained("{hub}", revision="v2")' in card

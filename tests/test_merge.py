@@ -174,19 +174,60 @@ def test_several_adapters_with_weights(tmp_path):
 def test_dora_unmerge_uses_recorded_norms_and_refuses_without(tmp_path):
     base, _ = _setup(tmp_path, "dora")
     assert run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m").rc == 0
-    assert (tmp_path / "m" / "loratool-dora-norms.safetensors").exists()
+    assert (tmp_path / "m" / "loratool-unmerge.safetensors").exists()
     res = run_cli("unmerge", tmp_path / "m", tmp_path / "adapter", "-o", tmp_path / "u",
                   "--verify")
     assert res.rc == 0, res.err
     out = open_checkpoint(tmp_path / "u")
-    assert not (tmp_path / "u" / "loratool-dora-norms.safetensors").exists()
+    assert not (tmp_path / "u" / "loratool-unmerge.safetensors").exists()
     for name, want in base.state_dict().items():
         assert torch.allclose(out.load(name), want, atol=1e-5), name
-    os.remove(tmp_path / "m" / "loratool-dora-norms.safetensors")
+    os.remove(tmp_path / "m" / "loratool-unmerge.safetensors")
     before = tree(tmp_path)
     res = run_cli("unmerge", tmp_path / "m", tmp_path / "adapter", "-o", tmp_path / "u2")
     assert res.rc == 1 and "DoRA cannot be undone" in res.err
     assert tree(tmp_path) == before
+
+
+def test_replaced_tensors_are_recorded_and_restored_exactly(tmp_path):
+    """modules_to_save replaces tensors: merge records the ones it replaced, unmerge puts
+    them back bit for bit, and refuses (saying how to fix it) without the record or for an
+    adapter that is not the one merged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config()).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head", "model.norm"],
+        init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.25)
+    model.save_pretrained(tmp_path / "a")
+    res = run_cli("merge", tmp_path / "base", tmp_path / "a", "-o", tmp_path / "m")
+    assert res.rc == 0 and "recorded 2 tensors replaced in full" in res.out, res.out + res.err
+    res = run_cli("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "u", "--verify")
+    assert res.rc == 0, res.err
+    back = open_checkpoint(tmp_path / "u")
+    for name in ("lm_head.weight", "model.norm.weight"):
+        assert torch.equal(back.load(name), base.state_dict()[name]), name
+    # another adapter than the one merged: refused, nothing written
+    other = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    other.save_pretrained(tmp_path / "b")
+    res = run_cli("unmerge", tmp_path / "m", tmp_path / "b", "-o", tmp_path / "u2")
+    assert res.rc == 1 and "does not give the merged tensor" in res.err, res.err
+    assert not (tmp_path / "u2").exists()
+    # without the record: what to do instead
+    res = run_cli("merge", tmp_path / "base", tmp_path / "a", "-o", tmp_path / "m2",
+                  "--no-record")
+    assert res.rc == 0 and not (tmp_path / "m2" / "loratool-unmerge.safetensors").exists()
+    res = run_cli("unmerge", tmp_path / "m2", tmp_path / "a", "-o", tmp_path / "u3")
+    assert res.rc == 1 and "merge with `loratool merge`" in res.err, res.err
+    assert not (tmp_path / "u3").exists()
 
 
 def test_dora_with_another_adapter_on_the_same_module_is_refused(tmp_path):

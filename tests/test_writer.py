@@ -238,3 +238,33 @@ def test_dot_output_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OutputError):
         CheckpointWriter(".", force=True)
+
+
+def test_model_folder_stays_whole(tmp_path, sharded_dir):
+    """Subfolders travel (sentence-transformers' 1_Pooling/, a 2_Dense/ layer named in
+    modules.json with its own weights); copies of the old weights in other formats do not."""
+    src = tmp_path / "src"
+    shutil.copytree(sharded_dir, src)
+    files = {"1_Pooling/config.json": "{}", "2_Dense/config.json": "{}",
+             "2_Dense/model.safetensors": "dense weights", "chat_template.jinja": "{{x}}",
+             "onnx/model.onnx": "old graph", "onnx/config.json": "{}",
+             "original/consolidated.00.pth": "old weights", "original/params.json": "{}",
+             "openvino/openvino_model.bin": "old", ".git/HEAD": "ref", ".cache/x": "x"}
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    (src / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "x.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "x.Dense"}]))
+    w = CheckpointWriter(tmp_path / "out", copy_from=src)
+    with w:
+        w.add("a", torch.ones(1))
+    got = set(tree(tmp_path / "out"))
+    for rel in ("1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors",
+                "chat_template.jinja", "modules.json", "onnx/config.json",
+                "original/params.json"):
+        assert rel in got, rel
+    left = ["onnx/model.onnx", "openvino/openvino_model.bin", "original/consolidated.00.pth"]
+    assert not got & set(left) and not any(r.startswith((".git", ".cache")) for r in got)
+    assert sorted(w.not_copied) == left

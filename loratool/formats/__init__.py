@@ -168,7 +168,7 @@ def drop_unsupported(ad: Any, fmt: str) -> Any:
     out.full = {} if fmt in ("kohya", "diffusers", "gguf") else dict(ad.full)
     for k, m in ad.modules.items():
         m = copy.copy(m)
-        if fmt == "gguf" and m.layout in ("embedding", "conv"):
+        if fmt == "gguf" and m.layout == "conv":
             continue
         if fmt == "kohya" and m.layout == "embedding":
             continue
@@ -178,6 +178,22 @@ def drop_unsupported(ad: Any, fmt: str) -> Any:
             m.magnitude = None
         out.modules[k] = m
     return out
+
+
+def drop_base_copies(ad: Any, base: Checkpoint) -> list[str]:
+    """Remove the full tensors that equal the base's own (PEFT saves ``base_layer.weight``
+    copies of adapted embeddings and heads); they change nothing when merged, and formats
+    without full tensors (kohya, GGUF) can then hold the adapter. Returns their names."""
+    import torch
+
+    same = []
+    for name, t in list(ad.full.items()):
+        info = base.tensors.get(name)
+        if info is not None and tuple(info.shape) == tuple(t.shape) and torch.equal(
+                base.load(name, dtype=t.dtype), t):
+            del ad.full[name]
+            same.append(name)
+    return same
 
 
 def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,

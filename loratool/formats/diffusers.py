@@ -86,6 +86,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         renamed[written] = comp
         cfg, mods = peft.peft_config_for(ad, comp)
         cfg.pop("modules_to_save")
+        if cfg.get("ensure_weight_tying") is None:
+            cfg.pop("ensure_weight_tying")
         packed.update({f"{written}.{k}": (list(v) if isinstance(v, (set, tuple)) else v)
                        for k, v in cfg.items()})
         for k, t in peft.state_for(mods, {}, prefix=written + ".").items():

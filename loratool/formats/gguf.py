@@ -2,7 +2,10 @@
 
 Tensors ``<gguf tensor name>.lora_a`` [r, in] and ``.lora_b`` [out, r] (numpy order; GGUF
 stores the dimensions reversed), named by llama.cpp's HF→GGUF map (``blk.0.attn_q.weight``);
-metadata ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``.
+metadata ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and the
+base model (``general.base_model.*``) when it is a Hub id. Token-embedding LoRA is
+``token_embd.weight.lora_a`` [vocab, r] (PEFT's lora_embedding_A transposed: llama.cpp gathers
+its rows by token) and ``.lora_b`` [dim, r].
 
 llama.cpp scales every module by ``alpha / r`` with one alpha for the file and r read from the
 tensor shape. loratool picks the alpha that most modules need (``scale · r``) and multiplies
@@ -31,7 +34,6 @@ def lossy(ad: Any) -> list[str]:
     out = []
     for label, pred in (("DoRA magnitude", lambda m: m.magnitude is not None),
                         ("lora_B bias", lambda m: m.bias is not None),
-                        ("embedding LoRA", lambda m: m.layout == "embedding"),
                         ("conv LoRA", lambda m: m.layout == "conv")):
         hit = [m.key for m in ad.modules.values() if pred(m)]
         if hit:
@@ -39,6 +41,28 @@ def lossy(ad: Any) -> list[str]:
     if ad.full:
         out.append(f"{len(ad.full)} full tensors (modules_to_save)")
     return out
+
+
+def _for_tied_base(ad: Any) -> Any:
+    """A base that ties its head to the token embeddings: llama.cpp's model has one tensor,
+    token_embd, for both, and looks LoRA pairs up by tensor name, so it would apply a token
+    embedding LoRA to the output layer too, in a layout that does not fit."""
+    import copy
+
+    from ..adapter import drop_head_mirror
+
+    ad = copy.copy(ad)
+    ad.modules = dict(ad.modules)
+    drop_head_mirror(ad, "model.embed_tokens.weight")  # a copy made for PEFT: not needed here
+    if any(m.name.endswith("lm_head") for m in ad.modules.values()):
+        raise FormatError("the adapter changes lm_head, which this base ties to its token "
+                          "embeddings: a llama.cpp model of it has no separate output tensor "
+                          "(merge with `loratool merge --untie` instead)")
+    if any(m.layout == "embedding" for m in ad.modules.values()):
+        raise FormatError("the base ties its output layer to the token embeddings, and "
+                          "llama.cpp would apply a token-embedding LoRA to both, which it "
+                          "cannot: extract without --embed-lora, or merge with `loratool merge`")
+    return ad
 
 
 def permute_rows(w: Any, n_head: int) -> Any:
@@ -66,6 +90,8 @@ def plan(ad: Any, config: dict[str, Any]) -> tuple[float, list[tuple[str, Any, A
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     tmap = gguf.get_tensor_name_map(arch, n_layers)
+    if config.get("tie_word_embeddings"):
+        ad = _for_tied_base(ad)
     need = Counter(m.scale * m.rank for m in ad.modules.values())
     alpha = need.most_common(1)[0][0] if need else 1.0
     rows = []
@@ -75,6 +101,8 @@ def plan(ad: Any, config: dict[str, Any]) -> tuple[float, list[tuple[str, Any, A
             raise FormatError(f"module {m.name}: no llama.cpp tensor name for it in the "
                               f"{arch_name} map")
         a, b = m.A, m.B
+        if m.layout == "embedding":
+            a = a.T  # llama.cpp gathers lora_a's rows by token id
         factor = m.scale * m.rank / alpha
         if factor != 1.0:
             b = (b.to(torch.float32) * factor).to(b.dtype)
@@ -84,6 +112,23 @@ def plan(ad: Any, config: dict[str, Any]) -> tuple[float, list[tuple[str, Any, A
             b = permute_rows(b, n_kv)
         rows.append((name, a, b, factor))
     return alpha, rows
+
+
+def _base_model(w: Any, spec: str | None) -> None:
+    """``general.base_model.*`` as llama.cpp's converter writes it, for a Hub id only (a local
+    path means nothing to whoever loads the file)."""
+    from ..sources import hub_repo_of
+
+    hub = hub_repo_of(spec)
+    if hub is None:
+        return
+    org, name = hub[0].split("/", 1)
+    w.add_base_model_count(1)
+    w.add_base_model_name(0, name)
+    w.add_base_model_organization(0, org)
+    w.add_base_model_repo_url(0, f"https://huggingface.co/{hub[0]}")
+    if hub[1]:
+        w.add_base_model_version(0, hub[1])
 
 
 def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
@@ -104,8 +149,7 @@ def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(alpha))
-        if ad.base_model:
-            w.add_string("general.base_model.0.repo_url", f"https://huggingface.co/{ad.base_model}")
+        _base_model(w, ad.base_model)
         for name, a, b, _ in rows:
             for suffix, t in ((".lora_a", a), (".lora_b", b)):
                 # bf16 is widened to f32 (exact); f16 and f32 are kept as they are

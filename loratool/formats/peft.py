@@ -223,7 +223,8 @@ def read(ckpt: Checkpoint) -> Any:
     ad = LoraAdapter(full=full, base_model=cfg.get("base_model_name_or_path"),
                      base_revision=cfg.get("revision"), source_format="peft",
                      task_type=cfg.get("task_type"), peft_config=cfg,
-                     source_modules={m.name for m in modules})
+                     source_modules={m.name for m in modules},
+                     tie_embeddings=cfg.get("ensure_weight_tying") is True)
     for m in modules:
         ad.add(m)
     return ad
@@ -255,7 +256,15 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
     if orig.get("target_modules") and ad.source_modules == names:
         # unchanged since read: keep the original (often shorter, suffix-style) targets
         target = orig["target_modules"]
-    full_modules = sorted({n.rsplit(".", 1)[0] for n in ad.full}, key=natural_key)
+    if any(m.bias is not None for m in mods) and any(m.layout == "embedding" for m in mods):
+        raise FormatError("PEFT cannot load lora_B biases in an adapter that also has embedding "
+                          "LoRA (its lora_bias flag covers every module and refuses embeddings); "
+                          "write the biases as full tensors (extract does this itself), or "
+                          "choose --format kohya/diffusers without the embeddings")
+    # a full tensor of a module that has LoRA is saved as its base layer (base_layer.bias, as
+    # PEFT's bias="lora_only" saves it); other full tensors are modules_to_save
+    full_modules = sorted({n.rsplit(".", 1)[0] for n in ad.full} - names, key=natural_key)
+    base_layer_full = any(n.rsplit(".", 1)[0] in names for n in ad.full)
     cfg = {
         "peft_type": "LORA",
         "task_type": ad.task_type,
@@ -271,7 +280,8 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
         "lora_bias": any(m.bias is not None for m in mods),
         "fan_in_fan_out": any(m.layout == "fan_in_fan_out" for m in mods),
         "modules_to_save": full_modules or None,
-        "bias": "none",
+        "bias": "lora_only" if base_layer_full else "none",
+        "ensure_weight_tying": True if ad.tie_embeddings else None,
         "lora_dropout": 0.0,
         "inference_mode": True,
         "init_lora_weights": True,
@@ -301,27 +311,54 @@ def state_for(mods: list, full: dict[str, Any], prefix: str = PREFIX) -> dict[st
     return out
 
 
+# architecture name suffix → (PEFT task_type, the transformers class that loads the base)
+TASKS = (("ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM"),
+         ("LMHeadModel", "CAUSAL_LM", "AutoModelForCausalLM"),
+         ("ForConditionalGeneration", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM"),
+         ("ForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification"),
+         ("ForTokenClassification", "TOKEN_CLS", "AutoModelForTokenClassification"),
+         ("ForQuestionAnswering", "QUESTION_ANS", "AutoModelForQuestionAnswering"),
+         ("Model", "FEATURE_EXTRACTION", "AutoModel"))
+AUTO_CLASS = {task: cls for _, task, cls in TASKS}
+
+
+def task_type_for(architectures: Any) -> str | None:
+    """PEFT's task_type for a config's ``architectures`` (``BertModel`` → FEATURE_EXTRACTION)."""
+    for arch in architectures if isinstance(architectures, list) else []:
+        for suffix, task, _ in TASKS:
+            if isinstance(arch, str) and arch.endswith(suffix):
+                return task
+    return None
+
+
 def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
-    """A README.md with the Hub's metadata: base_model, library_name: peft, tags."""
-    lines = ["---"]
-    if ad.base_model:
-        lines.append(f"base_model: {ad.base_model}")
-        lines.append("base_model_relation: adapter")
-    lines += ["library_name: peft", "tags:", "- lora", "- loratool", "---", ""]
-    title = f"LoRA adapter for {ad.base_model}" if ad.base_model else "LoRA adapter"
+    """A README.md with the Hub's metadata: base_model (only a Hub id, never a local path),
+    library_name: peft, tags; the loading snippet uses the class that fits the task."""
+    import yaml
+
+    from ..sources import hub_repo_of
+
+    hub = hub_repo_of(ad.base_model)
+    meta: dict[str, Any] = {}
+    if hub:
+        meta.update(base_model=hub[0], base_model_relation="adapter")
+    meta.update(library_name="peft", tags=["lora", "loratool"])
+    title = f"LoRA adapter for {hub[0]}" if hub else "LoRA adapter"
     ranks = sorted({m.rank for m in ad.modules.values()})
-    lines += [f"# {title}", "", note, "",
-              f"- LoRA modules: {len(ad.modules)}; ranks: {', '.join(map(str, ranks))}; "
-              f"lora_alpha: {cfg['lora_alpha']:g}" + ("; rsLoRA" if cfg["use_rslora"] else "")
-              + ("; DoRA" if cfg["use_dora"] else ""),
-              f"- full tensors (modules_to_save): {len(ad.full)}",
-              f"- parameters: {ad.num_params():,}", ""]
-    if ad.base_model:
-        lines += ["```python", "from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM", "",
-                  f'base = AutoModelForCausalLM.from_pretrained("{ad.base_model}")',
-                  'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_ADAPTER")',
-                  "```", ""]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# {title}", "", note, "",
+             f"- LoRA modules: {len(ad.modules)}; ranks: {', '.join(map(str, ranks))}; "
+             f"lora_alpha: {cfg['lora_alpha']:g}" + ("; rsLoRA" if cfg["use_rslora"] else "")
+             + ("; DoRA" if cfg["use_dora"] else ""),
+             f"- full tensors (modules_to_save): {len(ad.full)}",
+             f"- parameters: {ad.num_params():,}", ""]
+    cls = AUTO_CLASS.get(ad.task_type or "", "AutoModel")
+    base = json.dumps(hub[0] if hub else "PATH_OR_HUB_ID_OF_THE_BASE_MODEL")
+    lines += ["```python", "from peft import PeftModel", f"from transformers import {cls}", "",
+              f"base = {cls}.from_pretrained({base}"
+              + (f", revision={json.dumps(hub[1])})" if hub and hub[1] else ")"),
+              'model = PeftModel.from_pretrained(base, "PATH_OR_HUB_ID_OF_THIS_ADAPTER")',
+              "```", ""]
     return "\n".join(lines)
 
 
