@@ -103,6 +103,12 @@ class LoraAdapter:
         return (ranks.most_common(1)[0][0] if ranks else 8,
                 alphas.most_common(1)[0][0] if alphas else 8.0)
 
+    def num_bytes(self) -> int:
+        """Bytes of every tensor the adapter holds, each at its own dtype."""
+        ts = [t for m in self.modules.values() for t in (m.A, m.B, m.bias, m.magnitude)
+              if t is not None] + list(self.full.values())
+        return sum(t.numel() * t.element_size() for t in ts)
+
     def num_params(self) -> int:
         n = sum(m.A.numel() + m.B.numel() + (m.bias.numel() if m.bias is not None else 0)
                 + (m.magnitude.numel() if m.magnitude is not None else 0)

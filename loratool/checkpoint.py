@@ -467,14 +467,50 @@ def _infos_from_pickle(path: Path, state: dict[str, Any]) -> list[TensorInfo]:
     return out
 
 
+def sniff(head: bytes) -> str:
+    """What a file's first bytes say it is: ``safetensors``, ``zip`` (a PyTorch checkpoint),
+    ``pickle``, ``gguf``, ``json``, ``text`` or ``unknown``."""
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) > 8 and head[8:9] == b"{":  # before the pickle test: a length may start 0x80
+        return "safetensors"
+    if head[:2] == b"PK":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "json"
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = ""
+    if decoded and all(c.isprintable() or c in "\r\n\t" for c in decoded):
+        return "text"
+    return "unknown"
+
+
+_NOT_WEIGHTS = {
+    "gguf": "a GGUF file (llama.cpp): loratool writes GGUF adapters but does not read GGUF; "
+            "point at the safetensors model or adapter it was made from",
+    "json": "a JSON file, not weights: point at the folder that holds it and the weights",
+    "text": "a text file, not weights: point at a .safetensors, .bin or model folder",
+    "unknown": "not a checkpoint loratool reads (safetensors, or a PyTorch .bin/.pt); is it "
+               "complete, and the file you meant?",
+}
+
+
 def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[TensorInfo], dict]:
     try:
         with open(path, "rb") as f:  # detect by content, not by name
-            magic = f.read(8)
+            head = f.read(64)
     except OSError as e:
         raise _os_error(path, e) from e
-    if path.suffix == ".safetensors" or (len(magic) == 8 and magic[:2] != b"PK"
-                                          and magic[0] != 0x80):
+    kind = sniff(head)
+    if kind in ("gguf", "json", "text") or (kind == "unknown" and path.suffix != ".safetensors"
+                                            and len(head) >= 8):
+        raise FormatError(f"{path}: {_NOT_WEIGHTS[kind]}")
+    if kind not in ("zip", "pickle"):  # safetensors, or a damaged one: its own messages
         return read_safetensors_header(path)
     state = _torch_load(path)
     pickles.clear()
@@ -482,16 +518,17 @@ def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[Te
     return _infos_from_pickle(path, state), {}
 
 
-def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
+def open_checkpoint(spec: str | os.PathLike[str], progress: Any = None) -> Checkpoint:
     """Open a checkpoint or adapter from a local path or a Hub id (``org/name[@rev]``).
 
     Only headers are read here. A local path always wins over a Hub id; from the Hub, configs
     and the index are downloaded, safetensors headers are read with ranged requests, and each
-    weight file is downloaded only when one of its tensors is first loaded.
+    weight file is downloaded only when one of its tensors is first loaded (with download bars
+    when ``progress`` draws them).
     """
     from .sources import HubRepo, resolve_input
 
-    target = resolve_input(str(spec))
+    target = resolve_input(str(spec), bars=bool(getattr(progress, "hub_bars", False)))
     if isinstance(target, HubRepo):
         return _open_hub(target, str(spec))
     path = target

@@ -1,22 +1,29 @@
 """The command line: a thin click group, and the one error boundary in :func:`main`.
 
-Commands parse flags, call a verb module, and print what it returns. Only this module prints.
+Commands parse flags (ranges and forms are checked by click's types: a bad value is a usage
+error, exit 2), call a verb, and print what ``render.py`` makes of its report. Only this module
+prints.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from . import __version__
-from .errors import LoraToolError
+from .errors import LoraToolError, UsageError
+
+FORMATS = ["peft", "kohya", "diffusers", "gguf"]
+DTYPES = ["keep", "fp32", "bf16", "fp16"]
 
 
 class State:
@@ -26,15 +33,147 @@ class State:
         self.quiet = quiet
 
 
+# --------------------------------------------------------------------------- option types
+
+
+class _Finite(click.ParamType):
+    """A finite float (no nan, no inf)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return x
+
+
+class _Checked(click.ParamType):
+    """A string that a loratool parser accepts (sizes, budgets, devices); kept as typed."""
+
+    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
+        self.name = name
+        self.check = check
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        try:
+            self.check(str(value))
+        except UsageError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
+def _check_budget(text: str) -> None:
+    from .policy import parse_budget
+
+    parse_budget(text)
+
+
+def _check_size(text: str) -> None:
+    from .units import parse_size
+
+    parse_size(text)
+
+
+def _check_device(text: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", text):
+        raise UsageError(f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+FINITE = _Finite()
+BUDGET = _Checked("budget", _check_budget)
+SIZE = _Checked("size", _check_size)
+DEVICE = _Checked("device", _check_device)
+RANK = click.IntRange(min=1)
+
+
+def _set_quiet(ctx: click.Context, param: Any, value: bool) -> None:
+    if value:
+        state = ctx.find_object(State)
+        if state is not None:
+            state.quiet = True
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False,
+                            callback=_set_quiet,
+                            help="No progress bars or notes on stderr (as `loratool -q`).")
+
+
 def _progress(ctx: click.Context) -> Any:
     """Drawn bars when a person watches (stderr is a terminal, no --quiet), else silence."""
     from .progress import SILENT, TqdmProgress
 
+    return SILENT if _quiet(ctx) or not sys.stderr.isatty() else TqdmProgress()
+
+
+def _quiet(ctx: click.Context) -> bool:
     state = ctx.find_object(State)
-    return TqdmProgress() if not (state and state.quiet) and sys.stderr.isatty() else SILENT
+    return bool(state and state.quiet)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _notes(ctx: click.Context, notes: list[str]) -> None:
+    """Things a user should know about a result, on stderr (not with --quiet)."""
+    if not _quiet(ctx):
+        for note in notes:
+            click.echo(f"loratool: note: {note}", err=True)
+
+
+def _print(report: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]
+           ) -> None:
+    click.echo(json.dumps(report, indent=2, allow_nan=False, default=str) if as_json
+               else human(report))
+
+
+def _options(*opts: Any) -> Callable[[Any], Any]:
+    """Apply several click options in the order written."""
+    def wrap(f: Any) -> Any:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return wrap
+
+
+def _output(help_text: str, required: bool = True) -> Any:
+    return click.option("-o", "--output", "out", required=required,
+                        type=click.Path(path_type=Path), help=help_text)
+
+
+FORCE = click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+WEIGHTS = click.option("--weight", "weights", multiple=True, type=FINITE, metavar="W",
+                       help="Scale of each adapter's delta, one per adapter in order (default "
+                            "1; negative allowed).")
+rank_policy_options = _options(
+    click.option("--rank", type=RANK, help="Fixed rank (default 16), capped at min(out, in)."),
+    click.option("--energy", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+                 help="Smallest rank keeping a fraction F of Σσ² per module, 0 < F ≤ 1."),
+    click.option("--max-error", type=click.FloatRange(0, 1, max_open=True), metavar="E",
+                 help="Smallest rank whose measured relative error ‖ΔW − BA‖/‖ΔW‖ ≤ E, per "
+                      "module (a guarantee), 0 ≤ E < 1."),
+    click.option("--budget", type=BUDGET, metavar="P",
+                 help="Total adapter parameters (5000000) or bytes of the dtype written "
+                      "(50MB), split across modules to minimise the total squared error."),
+    click.option("--max-rank", type=RANK, metavar="N", help="Cap on any policy's rank."))
+
+
+def _policy(rank: int | None, energy: float | None, max_error: float | None,
+            budget: str | None, max_rank: int | None) -> Any:
+    """The rank policy the flags give, or None when none was given."""
+    from .policy import RankPolicy
+
+    if all(v is None for v in (rank, energy, max_error, budget, max_rank)):
+        return None
+    return RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             invoke_without_command=True)
 @click.version_option(__version__, prog_name="loratool")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr.")
 @click.pass_context
@@ -45,9 +184,8 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     Run `loratool demo` for a tour on a small built-in model.
     """
     ctx.obj = State(quiet)
-    from . import sources
-
-    sources.SHOW_PROGRESS = not quiet and sys.stderr.isatty()
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @cli.command()
@@ -58,6 +196,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 @click.option("--against", metavar="OTHER",
               help="Compare with another checkpoint tensor by tensor (reads tensor data).")
 @click.option("--all", "expand", is_flag=True, help="List every tensor instead of groups.")
+@quiet_option
 @click.pass_context
 def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ...],
             against: str | None, expand: bool) -> None:
@@ -70,14 +209,16 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
       loratool inspect base/ --against tuned/ --filter '*layers.0.*'
     """
     from .checkpoint import open_checkpoint
-    from .summary import compare, format_compare, format_summary, summarize
+    from .render import format_compare, format_summary
+    from .summary import compare, summarize
 
-    ckpt = open_checkpoint(path)
+    progress = _progress(ctx)
+    ckpt = open_checkpoint(path, progress)
     data = summarize(ckpt, list(filters) or None)
     cmp = None
     if against:
-        cmp = compare(ckpt, open_checkpoint(against), list(filters) or None,
-                      progress=_progress(ctx))
+        cmp = compare(ckpt, open_checkpoint(against, progress), list(filters) or None,
+                      progress=progress)
         data["compare"] = cmp
     if as_json:
         click.echo(json.dumps(data, indent=2, allow_nan=False))
@@ -88,49 +229,82 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
         click.echo(format_compare(data, cmp, expand=expand))
 
 
-def rank_policy_options(f: Any) -> Any:
-    """The rank-policy flags extract, combine and resize share."""
-    for opt in reversed([
-        click.option("--rank", type=int, help="Fixed rank (default 16), capped at min(out, in)."),
-        click.option("--energy", type=float, metavar="F",
-                     help="Smallest rank keeping a fraction F of Σσ² per module."),
-        click.option("--max-error", type=float, metavar="E",
-                     help="Smallest rank whose measured relative error ‖ΔW − BA‖/‖ΔW‖ ≤ E, "
-                          "per module (a guarantee)."),
-        click.option("--budget", metavar="P",
-                     help="Total adapter parameters (5000000) or size (50MB), split across "
-                          "modules to minimise the total squared error."),
-        click.option("--max-rank", type=int, metavar="N", help="Cap on any policy's rank."),
-    ]):
-        f = opt(f)
-    return f
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@_output("Output adapter: a folder (peft), a .safetensors file (kohya), a .gguf file (gguf); "
+         "the suffix chooses the format when --format is not given.")
+@rank_policy_options
+@click.option("--target", "targets", multiple=True, metavar="GLOB",
+              help="Only tensors whose name matches (repeatable).")
+@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
+              help="Leave out tensors whose name matches (repeatable).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE,
+              help="auto, cpu, cuda, cuda:N or mps: where the SVDs run.")
+@click.option("--format", "--to", "fmt", type=click.Choice(["peft", "kohya", "gguf"]),
+              help="Output format (default: from -o's suffix, else peft).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
+              help="dtype of the stored factors (keep: the tuned model's).")
+@click.option("--exact-svd", is_flag=True, help="Full SVD instead of the randomized one.")
+@click.option("--embed-lora", is_flag=True,
+              help="Factorise embeddings and lm_head too (default: store them in full).")
+@click.option("--skip-full", is_flag=True,
+              help="Drop changed tensors that are not LoRA-able (norms) instead of storing "
+                   "them in full.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the randomized SVD: the same inputs and seed give the same adapter.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Also write the report as JSON to this file.")
+@FORCE
+@JSON
+@quiet_option
+@click.pass_context
+def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | None,
+            energy: float | None, max_error: float | None, budget: str | None,
+            max_rank: int | None, targets: tuple[str, ...], excludes: tuple[str, ...],
+            device: str, fmt: str | None, dtype: str, exact_svd: bool, embed_lora: bool,
+            skip_full: bool, seed: int, report_path: Path | None, force: bool,
+            as_json: bool) -> None:
+    """Extract a LoRA adapter from a fine-tuned model: ΔW = TUNED − BASE, factorised.
+
+    A randomized SVD per changed weight at the rank the policy picks; the error of the stored
+    factors is measured and reported per module.
+
+    \b
+    Examples:
+      loratool extract ./base ./tuned -o ./adapter --rank 32
+      loratool extract ./base ./tuned -o ./adapter --max-error 0.05 --max-rank 128
+      loratool extract ./base ./tuned -o ./adapter --budget 50MB --report report.json
+    """
+    from .extract import extract as run
+    from .policy import RankPolicy
+    from .render import format_extract
+
+    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
+    report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
+                 device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
+                 skip_full=skip_full, seed=seed, dtype=dtype, force=force,
+                 report_path=report_path, progress=_progress(ctx))
+    _print(report, as_json, format_extract)
+    _notes(ctx, report["notes"])
 
 
-def _merge_options(f: Any) -> Any:
-    """The flags merge and unmerge share."""
-    for opt in reversed([
-        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-                     help="Output model folder."),
-        click.option("--weight", "weights", multiple=True, type=float, metavar="W",
-                     help="Scale of each adapter's delta, one per adapter in order "
-                          "(default 1; negative allowed)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda or cuda:N: where the math runs."),
-        click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
-                     default="keep", show_default=True, help="Output dtype of float tensors."),
-        click.option("--max-shard-size", default="5GB", show_default=True,
-                     help="Cut output shards at this size (5GB, 500MB, 2GiB)."),
-        click.option("--untie", is_flag=True,
-                     help="An adapter on a tied lm_head: write a separate lm_head instead of "
-                          "refusing."),
-        click.option("--verify", is_flag=True,
-                     help="Re-read the output and check every changed tensor against a "
-                          "float64 reference."),
-        click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-    ]):
-        f = opt(f)
-    return f
+merge_options = _options(
+    _output("Output model folder."),
+    WEIGHTS,
+    click.option("--device", default="auto", show_default=True, type=DEVICE,
+                 help="auto, cpu, cuda, cuda:N or mps: where the math runs."),
+    click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
+                 help="Output dtype of float tensors."),
+    click.option("--max-shard-size", default="5GB", show_default=True, type=SIZE,
+                 help="Cut output shards at this size (5GB, 500MB, 2GiB)."),
+    click.option("--untie", is_flag=True,
+                 help="An adapter on a tied lm_head: write a separate lm_head instead of "
+                      "refusing."),
+    click.option("--verify", is_flag=True,
+                 help="Check every changed tensor of the output against a float64 reference "
+                      "before it is published."),
+    FORCE, JSON, quiet_option)
 
 
 def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
@@ -138,137 +312,17 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                max_shard_size: str, untie: bool, verify: bool, force: bool,
                as_json: bool, record: bool = True) -> None:
     from .merge import run
+    from .render import format_merge
 
-    report = run(base, list(adapters), out, weights=list(weights), sign=sign,
-                 device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                 untie=untie, verify=verify, record=record, progress=_progress(ctx))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in report["adapters"])
-    click.echo(f"wrote {report['output']}: {report['operation']}d {names} into {base}")
-    click.echo(f"  {report['tensors_changed']} of {report['tensors']} tensors changed, max "
-               f"|ΔW| {report['max_abs_delta']:.3g}; {report['seconds']:.2f} s, "
-               f"{report['gb_per_s']:.2f} GB/s on {report['device']}, peak RSS "
-               f"{report['peak_rss_mb']:.0f} MiB"
-               + (f", peak GPU {report['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in report
-                  else ""))
-    kept = [f"{n} tensors replaced in full" for n in [report["replaced_recorded"]] if n] + [
-        f"DoRA row norms of {n} tensors" for n in [report["dora_norms_recorded"]] if n]
-    if kept:
-        click.echo(f"  recorded {' and '.join(kept)} in {report['record']}, so that unmerge "
-                   "gives the base back")
-    if report["not_copied"]:
-        left = report["not_copied"]
-        click.echo(f"  left out {len(left)} file(s) of the base that hold its old weights in "
-                   f"another format: {', '.join(left[:4])}" + (" …" if len(left) > 4 else ""))
-    v = report.get("verify")
-    if v:
-        click.echo(f"  verify: {v['checked']} changed tensors within the rounding bound; worst "
-                   f"{v['name']} at {v['ratio']:.3f}× the bound (max error "
-                   f"{v['max_abs_error']:.3g})")
-
-
-def _combine_common(f: Any) -> Any:
-    for opt in reversed([
-        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-                     help="Output adapter (folder, or file for kohya/diffusers/gguf)."),
-        rank_policy_options,
-        click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers",
-                                                           "gguf"]),
-                     help="Output format (default: the first input's)."),
-        click.option("--base", metavar="BASE",
-                     help="Base model: resolves kohya names; GGUF needs its config."),
-        click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
-                     default="keep", show_default=True,
-                     help="dtype of the written factors (keep: the first input's)."),
-        click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _print_combine(report: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report, indent=2, allow_nan=False))
-        return
-    t = report["totals"]
-    click.echo(f"wrote {report['output']}: {report['format']} adapter, {t['lora_modules']} LoRA "
-               f"modules, ranks {', '.join(map(str, t['ranks']))}, {t['parameters']:,} "
-               f"parameters; method {report['method']}"
-               + (f", {report['policy']}" if report["policy"] else "")
-               + f"; {report['seconds']:.2f} s")
-    if report["method"] != "cat":
-        what = "the exact weighted sum" if report["method"] == "svd" else "its dense result"
-        click.echo(f"  largest relative error against {what}: "
-                   f"{t['max_rel_error']:.4g}")
-
-
-@cli.command()
-@click.argument("adapters", nargs=-1, required=True)
-@click.option("--method", required=True, type=click.Choice(
-    ["cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
-    help="cat: exact sum; svd: exact sum recompressed; ties/dare/magnitude_prune: see docs.")
-@click.option("--weight", "weights", multiple=True, type=float, metavar="W",
-              help="Weight of each adapter's delta, one per adapter in order (default 1).")
-@click.option("--density", type=float, default=0.5, show_default=True,
-              help="Fraction of entries kept by ties, dare_* and magnitude_prune.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's drops.")
-@click.option("--exact-svd", is_flag=True, help="Full SVD when factorising dense results.")
-@_combine_common
-@click.pass_context
-def combine(ctx: click.Context, adapters: tuple[str, ...], method: str, weights: tuple[float, ...], density: float,
-            seed: int, exact_svd: bool, out: Path, rank: int | None, energy: float | None,
-            max_error: float | None, budget: str | None, max_rank: int | None,
-            fmt: str | None, base: str | None, dtype: str, force: bool,
-            as_json: bool) -> None:
-    """Combine adapters: exact weighted sums (cat), recompressed without dense matrices (svd),
-    or TIES / DARE / magnitude pruning.
-
-    \b
-    Examples:
-      loratool combine style/ task/ --method cat --weight 0.7 --weight 1 -o both/
-      loratool combine a/ b/ c/ d/ --method svd --rank 16 -o merged-16/
-      loratool combine a/ b/ --method ties --density 0.3 --rank 32 -o ties/
-    """
-    from .combine import combine as run
-    from .policy import RankPolicy
-
-    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
-    _print_combine(run(list(adapters), out, method, weights=list(weights), policy=policy,
-                       density=density, seed=seed, fmt=fmt, dtype=dtype, exact_svd=exact_svd,
-                       base=base, force=force, progress=_progress(ctx)), as_json)
-
-
-@cli.command()
-@click.argument("adapter")
-@_combine_common
-@click.pass_context
-def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None, energy: float | None,
-           max_error: float | None, budget: str | None, max_rank: int | None,
-           fmt: str | None, base: str | None, dtype: str, force: bool, as_json: bool) -> None:
-    """Reduce an adapter's rank optimally (the truncated SVD of each module's B@A, computed
-    from the factors), reporting the error per module.
-
-    \b
-    Examples:
-      loratool resize ./adapter-r64 --rank 16 -o ./adapter-r16
-      loratool resize ./adapter --energy 0.99 -o ./smaller
-    """
-    from .combine import combine as run
-    from .policy import RankPolicy
-
-    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
-    _print_combine(run([adapter], out, "svd", weights=None, policy=policy, fmt=fmt,
-                       dtype=dtype, base=base, force=force, resize=True,
-                       progress=_progress(ctx)), as_json)
+    _print(run(base, list(adapters), out, weights=list(weights), sign=sign, device=device,
+               dtype=dtype, max_shard_size=max_shard_size, force=force, untie=untie,
+               verify=verify, record=record, progress=_progress(ctx)), as_json, format_merge)
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@_merge_options
+@merge_options
 @click.option("--no-record", is_flag=True,
               help="Do not write loratool-unmerge.safetensors (the base tensors that full "
                    "tensors replace, DoRA row norms); unmerge then refuses those.")
@@ -293,7 +347,7 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: b
 @cli.command()
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
-@_merge_options
+@merge_options
 @click.pass_context
 def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: Any) -> None:
     """Take adapters back out of a merged model (the same deltas, subtracted in float32).
@@ -308,84 +362,102 @@ def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: An
     _run_merge(ctx, -1.0, merged, adapters, **kw)
 
 
-@cli.command()
-@click.argument("base")
-@click.argument("tuned")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Output adapter: a folder (peft), a .safetensors file (kohya), a .gguf "
-                   "file (gguf).")
-@rank_policy_options
-@click.option("--target", "targets", multiple=True, metavar="GLOB",
-              help="Only tensors whose name matches (repeatable).")
-@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
-              help="Leave out tensors whose name matches (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "gguf"]), default="peft",
-              show_default=True, help="Output format.")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep",
-              show_default=True, help="dtype of the stored factors (keep: the tuned model's).")
-@click.option("--exact-svd", is_flag=True, help="Full SVD instead of the randomized one.")
-@click.option("--embed-lora", is_flag=True,
-              help="Factorise embeddings and lm_head too (default: store them in full).")
-@click.option("--skip-full", is_flag=True,
-              help="Drop changed tensors that are not LoRA-able (norms) instead of storing "
-                   "them in full.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the randomized SVD: the same inputs and seed give the same adapter.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Also write the report as JSON to this file.")
-@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | None,
-            energy: float | None, max_error: float | None, budget: str | None,
-            max_rank: int | None, targets: tuple[str, ...], excludes: tuple[str, ...],
-            device: str, fmt: str, dtype: str, exact_svd: bool, embed_lora: bool,
-            skip_full: bool, seed: int, report_path: Path | None, force: bool,
-            as_json: bool) -> None:
-    """Extract a LoRA adapter from a fine-tuned model: ΔW = TUNED − BASE, factorised.
+def _adapter_out_options(one: bool) -> Callable[[Any], Any]:
+    """The output flags combine and resize share (``one``: resize's single input)."""
+    source = "the input's" if one else "the first input's"
+    return _options(
+        _output("Output adapter: a folder (peft), a .safetensors file (kohya, diffusers) or a "
+                ".gguf file; the suffix chooses the format when --format is not given."),
+        rank_policy_options,
+        click.option("--format", "--to", "fmt", type=click.Choice(FORMATS),
+                     help=f"Output format (default: from -o's suffix, else {source})."),
+        click.option("--base", metavar="BASE",
+                     help="Base model: resolves kohya names; GGUF needs its config."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
+                     help=f"dtype of the written factors (keep: {source})."),
+        FORCE, JSON, quiet_option)
 
-    A randomized SVD per changed weight at the rank the policy picks; the error of the stored
-    factors is measured and reported per module.
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--method", required=True, type=click.Choice(
+    ["cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
+    help="cat: exact sum; svd: exact sum recompressed; ties/dare/magnitude_prune: see docs.")
+@WEIGHTS
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.5,
+              show_default=True,
+              help="Fraction of entries kept by ties, dare_* and magnitude_prune, 0 < D ≤ 1.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of DARE's drops.")
+@click.option("--exact-svd", is_flag=True, help="Full SVD when factorising dense results.")
+@_adapter_out_options(one=False)
+@click.pass_context
+def combine(ctx: click.Context, adapters: tuple[str, ...], method: str,
+            weights: tuple[float, ...], density: float, seed: int, exact_svd: bool, out: Path,
+            rank: int | None, energy: float | None, max_error: float | None,
+            budget: str | None, max_rank: int | None, fmt: str | None, base: str | None,
+            dtype: str, force: bool, as_json: bool) -> None:
+    """Combine adapters: exact weighted sums (cat), recompressed without dense matrices (svd),
+    or TIES / DARE / magnitude pruning.
 
     \b
     Examples:
-      loratool extract ./base ./tuned -o ./adapter --rank 32
-      loratool extract ./base ./tuned -o ./adapter --max-error 0.05 --max-rank 128
-      loratool extract ./base ./tuned -o ./adapter --budget 50MB --report report.json
+      loratool combine style/ task/ --method cat --weight 0.7 --weight 1 -o both/
+      loratool combine a/ b/ c/ d/ --method svd --rank 16 -o merged-16/
+      loratool combine a/ b/ --method ties --density 0.3 --rank 32 -o ties/
     """
-    from .extract import extract as run
-    from .extract import report_json
-    from .policy import RankPolicy
+    from .combine import combine as run
+    from .render import format_combine
 
-    policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
-    report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
-                 device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
-                 skip_full=skip_full, seed=seed, dtype=dtype, force=force,
-                 report_path=report_path, progress=_progress(ctx))
-    if as_json:
-        click.echo(report_json(report))
-        return
-    from .summary import format_extract
-
-    click.echo(format_extract(report))
+    policy = _policy(rank, energy, max_error, budget, max_rank)
+    report = run(list(adapters), out, method, weights=list(weights), policy=policy,
+                 density=density, seed=seed, fmt=fmt, dtype=dtype, exact_svd=exact_svd,
+                 base=base, force=force, progress=_progress(ctx))
+    _print(report, as_json, format_combine)
+    _notes(ctx, report["notes"])
 
 
 @cli.command()
 @click.argument("adapter")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Output: a folder (PEFT), a .safetensors file or folder (kohya, diffusers), "
-                   "a .gguf file or folder (GGUF).")
-@click.option("--to", "to", required=True,
-              type=click.Choice(["peft", "kohya", "diffusers", "gguf"]), help="Target format.")
+@_adapter_out_options(one=True)
+@click.pass_context
+def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None,
+           energy: float | None, max_error: float | None, budget: str | None,
+           max_rank: int | None, fmt: str | None, base: str | None, dtype: str, force: bool,
+           as_json: bool) -> None:
+    """Reduce an adapter's rank optimally (the truncated SVD of each module's B@A, computed
+    from the factors), reporting the rank and the error per module.
+
+    \b
+    Examples:
+      loratool resize ./adapter-r64 --rank 16 -o ./adapter-r16
+      loratool resize ./adapter --energy 0.99 -o ./smaller
+    """
+    from .combine import combine as run
+    from .render import format_combine
+
+    policy = _policy(rank, energy, max_error, budget, max_rank)
+    report = run([adapter], out, "svd", weights=None, policy=policy, fmt=fmt, dtype=dtype,
+                 base=base, force=force, resize=True, progress=_progress(ctx))
+    _print(report, as_json, format_combine)
+    _notes(ctx, report["notes"])
+
+
+@cli.command()
+@click.argument("adapter")
+@_output("Output: a folder (PEFT), a .safetensors file or folder (kohya, diffusers), a .gguf "
+         "file or folder (GGUF).")
+@click.option("--format", "--to", "to", required=True, type=click.Choice(FORMATS),
+              help="Target format.")
 @click.option("--base", metavar="BASE",
               help="The base model (path or Hub id): resolves kohya names, gives GGUF its "
                    "architecture, and checks that the adapter fits.")
 @click.option("--drop-unsupported", is_flag=True,
               help="Drop what the target format cannot hold (named in the report) instead of "
                    "refusing.")
-@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@FORCE
+@JSON
+@quiet_option
 def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported: bool,
             force: bool, as_json: bool) -> None:
     """Convert an adapter between PEFT, kohya, diffusers and llama.cpp GGUF.
@@ -395,59 +467,44 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
 
     \b
     Examples:
-      loratool convert ./my-peft-adapter --to kohya -o my-lora.safetensors
-      loratool convert my-lora.safetensors --to peft -o ./peft-adapter --base ./sd15/unet
-      loratool convert ./my-peft-adapter --to gguf -o adapter.gguf --base meta-llama/Llama-3.2-1B
+      loratool convert ./my-peft-adapter --format kohya -o my-lora.safetensors
+      loratool convert my-lora.safetensors --format peft -o ./peft-adapter --base ./sd15/unet
+      loratool convert ./my-peft-adapter --format gguf -o adapter.gguf --base org/Llama-3.2-1B
     """
     from .convert import convert as run
+    from .render import format_convert
 
-    report = run(adapter, out, to, base=base, force=force, drop=drop_unsupported)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    click.echo(f"wrote {report['output']}: {report['format']} adapter, {report['modules']} LoRA "
-               f"modules, {report['full_tensors']} full tensors (from {report['source_format']})")
-    for lost in report["dropped"]:
-        click.echo(f"  dropped (--drop-unsupported): {lost}")
-    if report["base_copies_left_out"]:
-        click.echo(f"  left out {len(report['base_copies_left_out'])} full tensor(s) equal to "
-                   f"the base's ({report['base_copies_left_out'][0]} …): merging them changes "
-                   "nothing")
-    g = report.get("gguf")
-    if g and g["rescaled"]:
-        click.echo(f"  adapter.lora.alpha = {g['alpha']:g}; lora_b of {g['rescaled']} modules "
-                   "rescaled to share it" + (f" ({len(g['inexact'])} by a factor that is not a "
-                                             "power of two: one rounding)" if g["inexact"]
-                                             else " (exactly: powers of two)"))
-    elif g:
-        click.echo(f"  adapter.lora.alpha = {g['alpha']:g}: every module's scale is alpha / "
-                   "rank, nothing rescaled")
+    _print(run(adapter, out, to, base=base, force=force, drop=drop_unsupported), as_json,
+           format_convert)
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1)
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Output folder: model.onnx (+ model.onnx.data), config, tokenizer files, "
-                   "export.json.")
-@click.option("--weight", "weights", multiple=True, type=float, metavar="W",
-              help="Weight of each adapter, in order (default 1).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
+@_output("Output folder: model.onnx (+ model.onnx.data), config, tokenizer files, "
+         "export.json.")
+@WEIGHTS
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the graph's weights and activations (bf16 does not run on "
+                   "onnxruntime's CPU provider).")
+@click.option("--opset", type=click.IntRange(min=18), help="ONNX opset (default: the "
+              "exporter's; the exporter needs 18 or newer).")
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "feature-extraction"]),
               default="auto", show_default=True,
               help="causal-lm exports logits; feature-extraction the last hidden state.")
-@click.option("--atol", type=float,
+@click.option("--atol", type=click.FloatRange(min=0, max=1e30),
               help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
 @click.option("--with-past", is_flag=True,
               help="Also export prefill.onnx and decode.onnx with a KV cache (causal LMs).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
-@click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@FORCE
+@JSON
+@quiet_option
 @click.pass_context
-def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path, weights: tuple[float, ...],
-           dtype: str, opset: int | None, task: str, atol: float | None, with_past: bool,
-           no_verify: bool, force: bool, as_json: bool) -> None:
+def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
+           weights: tuple[float, ...], dtype: str, opset: int | None, task: str,
+           atol: float | None, with_past: bool, no_verify: bool, force: bool,
+           as_json: bool) -> None:
     """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
 
     Needs the extra: pip install 'loratool[onnx]'.
@@ -458,44 +515,31 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path, 
       loratool export ./all-MiniLM-L6-v2 ./adapter -o ./onnx --dtype fp16
     """
     from .export import export as run
+    from .render import format_export
 
-    report = run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
-                 task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
-                 progress=_progress(ctx))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    v = report["verification"]
-    click.echo(f"wrote {report['output']}: {', '.join(report['files'])}")
-    click.echo(f"  {report['architecture']} ({report['task']}, {report['dtype']}), "
-               f"{len(report['adapters'])} adapter(s) merged in memory "
-               f"({report['tensors_changed_by_adapters']} tensors); {report['seconds']:.1f} s")
-    if v["checked"]:
-        click.echo(f"  verified in onnxruntime on shapes {v['shapes']} (one padded): max "
-                   f"|ONNX − PyTorch| {v['max_abs_diff']:.3g} ≤ {v['atol']:g}")
-    else:
-        click.echo("  not verified (--no-verify)")
-    past = report.get("with_past")
-    if past and past["verification"]["checked"]:
-        click.echo(f"  prefill.onnx + decode.onnx (KV cache): a prefill and one decode step "
-                   f"match PyTorch's full-sequence logits to "
-                   f"{past['verification']['max_abs_diff']:.3g}")
+    _print(run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
+               task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
+               progress=_progress(ctx)), as_json, format_export)
+
+
+REPO_TYPE = click.option("--repo-type", type=click.Choice(["model", "dataset"]),
+                         default="model", show_default=True, help="The kind of Hub repo.")
 
 
 @cli.command()
 @click.argument("repo_id")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
-              help="Download into this folder (default: the Hub cache).")
+@_output("Download into this folder (default: the Hub cache).", required=False)
 @click.option("--revision", help="Branch, tag or commit.")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Only files matching (default: weights, configs, tokenizer, adapter files).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching.")
-@click.option("--repo-type", type=click.Choice(["model", "dataset"]), default="model",
-              show_default=True)
+@REPO_TYPE
+@FORCE
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
 @click.pass_context
 def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | None,
-         include: tuple[str, ...], exclude: tuple[str, ...], repo_type: str,
+         include: tuple[str, ...], exclude: tuple[str, ...], repo_type: str, force: bool,
          as_json: bool) -> None:
     """Download a model or adapter from the Hub and print its local path.
 
@@ -507,7 +551,7 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
     from .hub import pull as run
 
     r = run(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
-            repo_type=repo_type, progress=_progress(ctx).hub_bars)
+            repo_type=repo_type, force=force, progress=_progress(ctx))
     click.echo(json.dumps(r, indent=2) if as_json else r["path"])
 
 
@@ -520,10 +564,13 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching.")
+@REPO_TYPE
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def push(path: Path, repo_id: str, private: bool, revision: str | None, message: str | None,
-         create_pr: bool, include: tuple[str, ...], exclude: tuple[str, ...],
-         as_json: bool) -> None:
+@quiet_option
+@click.pass_context
+def push(ctx: click.Context, path: Path, repo_id: str, private: bool, revision: str | None,
+         message: str | None, create_pr: bool, include: tuple[str, ...],
+         exclude: tuple[str, ...], repo_type: str, as_json: bool) -> None:
     """Upload a folder to the Hub in one commit, with a model card; print the commit URL.
 
     \b
@@ -534,13 +581,15 @@ def push(path: Path, repo_id: str, private: bool, revision: str | None, message:
     from .hub import push as run
 
     r = run(path, repo_id, private=private, revision=revision, message=message,
-            create_pr=create_pr, include=list(include), exclude=list(exclude))
+            create_pr=create_pr, include=list(include), exclude=list(exclude),
+            repo_type=repo_type, progress=_progress(ctx))
     click.echo(json.dumps(r, indent=2) if as_json else (r["pr_url"] or r["commit_url"]))
 
 
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("loratool-demo"),
               show_default=True, help="Where the demo models and results are written.")
+@quiet_option
 @click.pass_context
 def demo(ctx: click.Context, workdir: Path) -> None:
     """Build a small Llama-style model and a fine-tune of it, and run every command on them.
@@ -551,6 +600,9 @@ def demo(ctx: click.Context, workdir: Path) -> None:
 
     for section in run_demo(workdir, progress=_progress(ctx)):
         click.echo(section)
+
+
+# --------------------------------------------------------------------------- the boundary
 
 
 def _debug() -> bool:
@@ -567,15 +619,15 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("loratool: interrupted; no output was left behind", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("loratool: interrupted; no output was left behind", err=True)
         sys.exit(130)
     except click.ClickException as e:  # usage errors: click's message, exit 2
         e.show()
         sys.exit(e.exit_code)
+    except UsageError as e:  # options that cannot work together, found by a verb
+        click.echo(f"loratool: usage error: {e}", err=True)
+        sys.exit(2)
     except LoraToolError as e:
         if _debug():
             traceback.print_exc()

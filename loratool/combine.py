@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, LoraToolError
-from .policy import RankPolicy, factorize, module_seed
+from .errors import FormatError, LoraToolError, UsageError
+from .policy import (BudgetItem, Fixed, RankPolicy, allocate, check_fixed, factorize,
+                     module_seed, rank_from_spectrum, smallest_rank_meeting, spectrum,
+                     spectrum_cap, unreachable_message)
 from .progress import SILENT, Progress
 
 METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -151,126 +154,272 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
             fmt: str | None = None, dtype: str = "keep", exact_svd: bool = False,
             base: str | None = None, force: bool = False,
             resize: bool = False, progress: Progress = SILENT) -> dict[str, Any]:
-    """Combine adapters (or resize one); writes ``out`` and returns the report."""
-    import torch
+    """Combine adapters (or resize one); writes ``out`` and returns the report.
 
-    from .adapter import LoraAdapter
-    from .checkpoint import torch_dtype
-    from .formats import read_any, require_resolved
-    from .options import DTYPES, check_dtype, check_weights
+    read and check everything the headers tell → combine each module (spectra first for a
+    budget) → ranks → biases → write → report. ``policy`` None: rank 16 (cat takes none).
+    """
+    from .formats import FORMATS, output_format, write_adapter
+    from .options import check_dtype, check_weights
+    from .writer import check_output
 
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise LoraToolError(f"unknown --method {method}; choose one of {', '.join(METHODS)}")
-    if not 0.0 < density <= 1.0:
-        raise LoraToolError("--density must be in (0, 1]")
+    _check_options(method, density, policy)
     weights = check_weights(weights, len(specs))
     check_dtype(dtype)
+    adapters = _read(specs, base)
+    full = _full_tensors(adapters, weights, specs)  # refused before any math, not after it
+    first = adapters[0]
+    fmt = output_format(out, fmt, first.source_format if first.source_format in FORMATS
+                        else "peft", FORMATS)
+    inputs = [Path(s) for s in specs if Path(s).exists()]
+    check_output(out, inputs, force)
+    job = _Combine(adapters, weights, method, policy or RankPolicy("rank", 16.0), density,
+                   seed, exact_svd, _store_dtype(first, dtype))
+    job.result.full = full
+    job.fixed = _fixed_costs(job)
+    check_fixed(job.policy, job.fixed)
+    with progress.bar("resize" if resize else "combine", total=len(job.keys),
+                      unit="module") as bar:
+        for key in job.keys:
+            bar.update(1)
+            job.entries.append(_module(job, key))
+    if method == "svd":
+        _choose_svd_ranks(job)
+    elif job.pending:
+        _dense_at_budget_ranks(job)
+    if job.keys and not job.result.modules:
+        raise LoraToolError(f"{job.policy.describe()} leaves every module at rank 0; raise "
+                            "--budget or --rank")
+    _biases(job)
+    path = write_adapter(job.result, out, fmt, base=base, force=force, inputs=inputs,
+                         note=f"{'Resized' if resize else 'Combined'} by loratool "
+                              f"(method {method}).")
+    return _report(job, specs, path, fmt, resize, policy, time.perf_counter() - t0)
+
+
+@dataclass
+class _Combine:
+    """One combine run: inputs, options, and the modules made so far."""
+
+    adapters: list[Any]
+    weights: list[float]
+    method: str
+    policy: RankPolicy
+    density: float
+    seed: int
+    exact: bool
+    store: Any  # dtype of the written factors
+    result: Any = None
+    keys: list[str] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    spectra: dict[str, Any] = field(default_factory=dict)  # svd: per key U, S, Vh, sums
+    items: list[Any] = field(default_factory=list)  # BudgetItem per module (budget)
+    pending: list[str] = field(default_factory=list)  # dense modules awaiting their rank
+    fixed: list[Fixed] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from .adapter import LoraAdapter
+
+        first = self.adapters[0]
+        self.result = LoraAdapter(base_model=first.base_model,
+                                  base_revision=first.base_revision,
+                                  source_format=first.source_format, task_type=first.task_type,
+                                  tie_embeddings=any(a.tie_embeddings for a in self.adapters),
+                                  metadata={k: v for k, v in first.metadata.items()
+                                            if not k.startswith("loratool.")})
+        for ad in self.adapters:
+            self.keys += [k for k in ad.modules if k not in self.keys]
+
+    def parts(self, key: str) -> list[tuple[Any, float]]:
+        return [(ad.modules[key], w) for ad, w in zip(self.adapters, self.weights)
+                if key in ad.modules]
+
+    def per_rank(self, m: Any) -> int:
+        """What one rank of a module shaped like ``m`` costs of the budget."""
+        n = m.B.shape[0] + math.prod(m.A.shape[1:])
+        return self.policy.budget.cost(n, self.store.itemsize) if self.policy.budget else n
+
+
+def _check_options(method: str, density: float, policy: RankPolicy | None) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown --method {method}; choose one of {', '.join(METHODS)}")
+    if not 0.0 < density <= 1.0:
+        raise UsageError("--density must be in (0, 1]")
+    if method == "cat" and policy is not None:
+        raise UsageError(f"--method cat writes the exact sum at rank Σ rᵢ and takes no rank "
+                         f"policy ({policy.describe()}); use --method svd to recompress it")
+
+
+def _read(specs: list[str], base: str | None) -> list[Any]:
+    from .formats import read_any, require_resolved
+
     adapters = [read_any(s, base) for s in specs]
     for ad, spec in zip(adapters, specs):
         require_resolved(ad, spec)
     _check_compatible(adapters, specs)
-    from .writer import check_output
+    return adapters
 
-    inputs = [Path(s) for s in specs if Path(s).exists()]
-    check_output(out, inputs, force)
-    first = adapters[0]
-    keys: list[str] = []
-    for ad in adapters:
-        keys += [k for k in ad.modules if k not in keys]
-    factors = [m.A.dtype for m in first.modules.values()] or [torch.float32]
-    store = torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else factors[0]
-    result = LoraAdapter(base_model=first.base_model, base_revision=first.base_revision,
-                         source_format=first.source_format, task_type=first.task_type,
-                         tie_embeddings=any(a.tie_embeddings for a in adapters),
-                         metadata={k: v for k, v in first.metadata.items()
-                                   if not k.startswith("loratool.")})
-    report_modules = []
-    spectra: dict[str, Any] = {}
-    bar = progress.bar("resize" if resize else "combine", total=len(keys), unit="module")
-    for key in keys:
-        bar.update(1)
-        parts = [(ad.modules[key], w) for ad, w in zip(adapters, weights) if key in ad.modules]
-        like = parts[0][0]
-        entry: dict[str, Any] = {"name": key, "inputs": len(parts),
-                                 "input_ranks": [m.rank for m, _ in parts]}
-        if method == "cat":
-            B, A = stacked(parts)
-            result.add(_to_module(like.name, like, B, A, store, like.component))
-            total = factored_residual(B, A, torch.zeros(B.shape[0], 0),
-                                      torch.zeros(0, A.shape[1]))
-            err = factored_residual(B, A, B.to(store).float(), A.to(store).float())
-            entry.update(rank=B.shape[1], rel_error=err / total if total else 0.0)
-        elif method == "svd":
-            B, A = stacked(parts)
-            U, S, Vh = factored_svd(B, A)
-            spectra[key] = (U, S, Vh, like, B.shape[0] + A.shape[1], B, A)
-            entry["total_norm"] = float(S.double().pow(2).sum().sqrt())
-        else:
-            D = dense_method(method, parts, density, seed, key)
-            f = factorize(D, policy or RankPolicy("rank", 16.0), exact=exact_svd,
-                          seed=module_seed(seed, key), store_dtype=store)
-            result.add(_to_module(like.name, like, f.B.float(), f.A.float(), store,
-                                  like.component))
-            entry.update(rank=f.rank, rel_error=f.rel_error, kept_energy=f.kept_energy)
-        report_modules.append(entry)
-    bar.close()
-    if method == "svd":
-        _choose_svd_ranks(spectra, policy or RankPolicy("rank", 16.0), result, report_modules,
-                          store)
-        if spectra and not result.modules:
-            raise LoraToolError(f"{(policy or RankPolicy('rank', 16.0)).describe()} leaves every "
-                                "module at rank 0; raise --budget or --rank")
-    for key in keys:  # lora biases add exactly: Σ wᵢ·sᵢ·biasᵢ on the module's new scale 1
-        bias = [(ad.modules[key], w) for ad, w in zip(adapters, weights)
-                if key in ad.modules and ad.modules[key].bias is not None]
-        if not bias:
-            continue
-        if key not in result.modules:
-            raise FormatError(f"{key}: its lora bias would be lost (the module got rank 0); "
-                              "raise the rank or the budget")
-        result.modules[key].bias = sum(m.bias.float() * (m.scale * w) for m, w in bias).to(store)
+
+def _full_tensors(adapters: list[Any], weights: list[float], specs: list[str]
+                  ) -> dict[str, Any]:
+    """Full tensors replace, they do not add: each may come from one adapter, unweighted."""
+    full: dict[str, Any] = {}
+    owner: dict[str, str] = {}
     for ad, w, spec in zip(adapters, weights, specs):
         for name, t in ad.full.items():
-            if name in result.full:
-                raise FormatError(f"{spec}: full tensor {name} (modules_to_save) is in several "
-                                  "adapters; full tensors replace, they do not add")
+            if name in full:
+                raise FormatError(f"{spec} and {owner[name]} both replace {name} in full "
+                                  "(modules_to_save); full tensors replace, they do not add: "
+                                  "combine one of them without it (convert "
+                                  "--drop-unsupported to kohya and back drops full tensors)")
             if w != 1.0:
-                raise FormatError(f"{spec}: a full tensor ({name}) cannot be weighted")
-            result.full[name] = t
-    fmt = fmt or (first.source_format if first.source_format in ("peft", "kohya", "diffusers")
-                  else "peft")
-    from .formats import write_adapter
+                raise FormatError(f"{spec}: a full tensor ({name}) cannot be weighted; give "
+                                  "this adapter --weight 1")
+            full[name], owner[name] = t, spec
+    return full
 
-    path = write_adapter(result, out, fmt, base=base, force=force, inputs=inputs,
-                         note=f"{'Resized' if resize else 'Combined'} by loratool "
-                              f"(method {method}).")
-    errs = [m["rel_error"] for m in report_modules if m.get("rel_error") is not None]
-    return {"inputs": specs, "weights": weights, "method": method, "output": path,
-            "format": fmt, "policy": policy.describe() if policy and method != "cat" else None,
-            "density": density if method in ("ties", "dare_linear", "dare_ties",
-                                              "magnitude_prune") else None,
-            "seed": seed, "modules": report_modules,
-            "totals": {"lora_modules": len(result.modules), "parameters": result.num_params(),
+
+def _store_dtype(first: Any, dtype: str) -> Any:
+    import torch
+
+    from .checkpoint import torch_dtype
+    from .options import DTYPES
+
+    factors = [m.A.dtype for m in first.modules.values()] or [torch.float32]
+    return torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else factors[0]
+
+
+def _fixed_costs(job: _Combine) -> list[Fixed]:
+    """What is written whatever the ranks: full tensors and the modules' lora biases."""
+    budget = job.policy.budget
+    if budget is None:
+        return []
+    fixed = [Fixed("full tensors", budget.cost(t.numel(), t.element_size()), None)
+             for t in job.result.full.values()]
+    for key in job.keys:
+        bias = [m for m, _ in job.parts(key) if m.bias is not None]
+        if bias:
+            fixed.append(Fixed("lora biases", budget.cost(bias[0].bias.numel(),
+                                                          job.store.itemsize), None))
+    return fixed
+
+
+def _module(job: _Combine, key: str) -> dict[str, Any]:
+    """Combine one module: cat and dense results now, svd spectra (and budget spectra) for
+    the ranks chosen afterwards."""
+    import torch
+
+    parts = job.parts(key)
+    like = parts[0][0]
+    entry: dict[str, Any] = {"name": key, "inputs": len(parts),
+                             "input_ranks": [m.rank for m, _ in parts]}
+    if job.method == "cat":
+        B, A = stacked(parts)
+        job.result.add(_to_module(like.name, like, B, A, job.store, like.component))
+        total = factored_residual(B, A, torch.zeros(B.shape[0], 0), torch.zeros(0, A.shape[1]))
+        err = factored_residual(B, A, B.to(job.store).float(), A.to(job.store).float())
+        entry.update(rank=B.shape[1], rel_error=err / total if total else 0.0)
+    elif job.method == "svd":
+        B, A = stacked(parts)
+        U, S, Vh = factored_svd(B, A)
+        job.spectra[key] = (U, S, Vh, like, B, A)
+        if job.policy.budget is not None:
+            job.items.append(BudgetItem(key, S, job.per_rank(like), job.policy.cap(len(S)),
+                                        _needs_rank(parts)))
+        entry["total_norm"] = float(S.double().pow(2).sum().sqrt())
+    else:
+        D = dense_method(job.method, parts, job.density, job.seed, key)
+        if job.policy.budget is not None:  # spectrum now, factors at the budget's rank
+            cap = spectrum_cap(job.policy, min(D.shape))
+            _, S, _, _ = spectrum(D, cap, job.exact, module_seed(job.seed, key))
+            job.items.append(BudgetItem(key, S[:cap], job.per_rank(like), cap,
+                                        _needs_rank(parts)))
+            job.pending.append(key)
+        else:
+            entry.update(_factor_dense(job, key, D))
+    return entry
+
+
+def _needs_rank(parts: list[tuple[Any, float]]) -> int:
+    """A module whose inputs carry lora biases keeps at least rank 1: the bias lives on it."""
+    return int(any(m.bias is not None for m, _ in parts))
+
+
+def _factor_dense(job: _Combine, key: str, D: Any, rank: int | None = None) -> dict[str, Any]:
+    like = job.parts(key)[0][0]
+    f = factorize(D, job.policy, exact=job.exact, seed=module_seed(job.seed, key),
+                  store_dtype=job.store, rank=rank, name=key)
+    if f.rank:
+        job.result.add(_to_module(like.name, like, f.B.float(), f.A.float(), job.store,
+                                  like.component))
+    return {"rank": f.rank, "rel_error": f.rel_error, "kept_energy": f.kept_energy}
+
+
+def _dense_at_budget_ranks(job: _Combine) -> None:
+    """Pass 2 of a budget for ties/dare/magnitude_prune: the same (seeded) dense results,
+    factorised at the ranks the budget gives them."""
+    chosen = allocate(job.policy, job.items, job.fixed)
+    for key in job.pending:
+        D = dense_method(job.method, job.parts(key), job.density, job.seed, key)
+        entry = next(e for e in job.entries if e["name"] == key)
+        entry.update(_factor_dense(job, key, D, rank=chosen[key]))
+
+
+def _biases(job: _Combine) -> None:
+    """lora biases add exactly: Σ wᵢ·sᵢ·biasᵢ on the module's new scale 1."""
+    for key in job.keys:
+        bias = [(m, w) for m, w in job.parts(key) if m.bias is not None]
+        if not bias:
+            continue
+        if key not in job.result.modules:
+            raise FormatError(f"{key}: its lora bias would be lost (the module got rank 0); "
+                              "raise the rank or the budget")
+        job.result.modules[key].bias = sum(m.bias.float() * (m.scale * w)
+                                           for m, w in bias).to(job.store)
+
+
+def _report(job: _Combine, specs: list[str], path: str, fmt: str, resize: bool,
+            policy: RankPolicy | None, seconds: float) -> dict[str, Any]:
+    errs = [m["rel_error"] for m in job.entries if m.get("rel_error") is not None]
+    return {"operation": "resize" if resize else "combine", "inputs": specs,
+            "weights": job.weights, "method": job.method, "output": path, "format": fmt,
+            "policy": job.policy.describe() if job.method != "cat" else None,
+            "density": job.density if job.method in ("ties", "dare_linear", "dare_ties",
+                                                     "magnitude_prune") else None,
+            "seed": job.seed, "modules": job.entries, "notes": _notes(job),
+            "totals": {"lora_modules": len(job.result.modules),
+                       "parameters": job.result.num_params(),
+                       "bytes": job.result.num_bytes(),
                        "max_rel_error": max(errs, default=0.0),
-                       "ranks": sorted({m.rank for m in result.modules.values()})},
-            "seconds": time.perf_counter() - t0}
+                       "input_ranks": sorted({r for e in job.entries
+                                              for r in e["input_ranks"]}),
+                       "ranks": sorted({m.rank for m in job.result.modules.values()})},
+            "seconds": seconds}
 
 
-def _choose_svd_ranks(spectra: dict[str, Any], policy: RankPolicy, result: Any,
-                      report_modules: list[dict[str, Any]], store: Any) -> None:
-    """Ranks from the exact spectra of the sums (all singular values are known here)."""
+def _notes(job: _Combine) -> list[str]:
+    """Ranks a fixed --rank could not reach: the sum has fewer directions than asked for."""
+    p = job.policy
+    if p.kind != "rank" or job.method == "cat":
+        return []
+    short = [e for e in job.entries if e.get("rank", 0) < p.value and (
+        p.max_rank is None or e.get("rank", 0) < p.max_rank)]
+    if not short:
+        return []
+    return [f"--rank {int(p.value)} is above what {len(short)} module(s) hold (e.g. "
+            f"{short[0]['name']}: rank {short[0].get('rank', 0)}, the rank of the exact "
+            "result); they are stored at that rank, exactly"]
+
+
+def _choose_svd_ranks(job: _Combine) -> None:
+    """Ranks from the exact spectra of the sums (all singular values are known here), the
+    factors' error measured against the sum without dense matrices."""
     from . import ops
 
-    chosen: dict[str, int] = {}
-    keys = list(spectra)
-    if policy.kind == "budget":
-        ranks = ops.allocate_budget([spectra[k][1] for k in keys],
-                                    [spectra[k][4] for k in keys], int(policy.value),
-                                    [policy.cap(len(spectra[k][1])) for k in keys])
-        chosen = dict(zip(keys, ranks))
-    for key in keys:
-        U, S, Vh, like, _, B_sum, A_sum = spectra[key]
+    policy = job.policy
+    chosen = allocate(policy, job.items, job.fixed) if policy.budget is not None else {}
+    for key, (U, S, Vh, like, B_sum, A_sum) in job.spectra.items():
         total = float(S.double().pow(2).sum())
         cap = policy.cap(len(S))
         if policy.kind == "budget":
@@ -278,31 +427,33 @@ def _choose_svd_ranks(spectra: dict[str, Any], policy: RankPolicy, result: Any,
         elif policy.kind == "rank":
             k = min(int(policy.value), cap)
         else:
-            frac = policy.value if policy.kind == "energy" else 1.0 - policy.value ** 2
-            k = min(ops.rank_for_energy(S, total, frac - 1e-12) or len(S), cap)
-        entry = next(e for e in report_modules if e["name"] == key)
+            r = rank_from_spectrum(policy, S, total)
+            k = min(r if r is not None else len(S), cap)
 
-        def stored(k: int) -> tuple[Any, Any, float]:
+        def stored(k: int, dtype: Any = job.store) -> tuple[Any, Any, float]:
             """Factors as they will be written, and their measured error against the sum."""
             B, A = ops.split_factors(U, S.float(), Vh, k)
-            B, A = B.to(store), A.to(store)
+            B, A = B.to(dtype), A.to(dtype)
             res = factored_residual(B_sum, A_sum, B.float(), A.float())
             return B, A, res / math.sqrt(total) if total else 0.0
 
         B, A, err = stored(k)
-        if policy.kind == "max_error":  # a guarantee, measured on the stored factors
-            while err > policy.value and k < cap:
-                k += 1
-                B, A, err = stored(k)
-            if err > policy.value:
-                raise LoraToolError(f"{key}: --max-error {policy.value:g} cannot be met with "
-                                    f"{str(store).removeprefix('torch.')} factors (error "
-                                    f"{err:.3g} at rank {k}); use --dtype fp32")
+        if policy.kind == "max_error" and err > policy.value:  # a measured guarantee
+            found = smallest_rank_meeting(stored, k, cap, policy.value)
+            if found is None:
+                import torch
+
+                raise LoraToolError(unreachable_message(
+                    policy, key, cap, len(S), stored(cap)[2],
+                    float(S[cap:].double().pow(2).sum().sqrt()) / math.sqrt(total),
+                    job.store, lambda: stored(cap, torch.float32)[2]))
+            k, B, A, err = found
         tail = float(S[k:].double().pow(2).sum())
+        entry = next(e for e in job.entries if e["name"] == key)
         entry.update(rank=k, rel_error=err, kept_energy=1 - tail / total if total else 1.0)
-        if k == 0:
-            continue
-        result.add(_to_module(like.name, like, B.float(), A.float(), store, like.component))
+        if k:
+            job.result.add(_to_module(like.name, like, B.float(), A.float(), job.store,
+                                      like.component))
 
 
 def factored_residual(B1: Any, A1: Any, B2: Any, A2: Any) -> float:

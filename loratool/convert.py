@@ -23,11 +23,10 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
     from .adapter import match_base
-    from .formats import (FORMATS, drop_base_copies, drop_unsupported, lossy, read_any,
-                          require_resolved, write_adapter)
+    from .formats import (FORMATS, drop_base_copies, drop_unsupported, lossy, output_format,
+                          read_any, require_resolved, write_adapter)
 
-    if to not in FORMATS:
-        raise FormatError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    to = output_format(out, to, to, FORMATS)  # refuses -o x.safetensors for PEFT and the like
     ad = read_any(spec, base)
     if to != "kohya":
         require_resolved(ad, spec)

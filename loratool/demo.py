@@ -112,7 +112,8 @@ def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int 
 def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
     """Build the demo models in ``workdir`` and yield a report section per command."""
     from .checkpoint import open_checkpoint
-    from .summary import compare, format_compare, format_summary, summarize
+    from .render import format_compare, format_summary
+    from .summary import compare, summarize
 
     if workdir.exists() and not workdir.is_dir():
         raise OutputError(f"--workdir {workdir} is a file; pass a folder")
@@ -175,7 +176,7 @@ def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
            "to bf16)\n")
     from .extract import extract
     from .policy import RankPolicy
-    from .summary import format_extract
+    from .render import format_extract
 
     rep = extract(str(base), str(tuned), workdir / "extracted", RankPolicy.from_options(
         8, None, None, None), force=True, device="cpu", progress=progress)

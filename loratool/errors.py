@@ -11,6 +11,11 @@ class LoraToolError(Exception):
     """A user mistake or a bad file: the message is shown to the user as it is."""
 
 
+class UsageError(LoraToolError):
+    """Options that cannot work together or a value out of range: exit code 2, as click's own
+    usage errors."""
+
+
 class InputError(LoraToolError):
     """An input path or Hub id that cannot be found or opened."""
 

@@ -339,7 +339,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     atol = ATOL[dtype] if atol is None else atol
     if not (atol >= 0 and atol < float("inf")):
         raise LoraToolError(f"--atol must be a finite number ≥ 0, got {atol}")
-    base = open_checkpoint(base_spec)
+    base = open_checkpoint(base_spec, progress)
     if base.config is None:
         raise FormatError(f"{base_spec}: no config.json beside the weights; export needs the "
                           "architecture")

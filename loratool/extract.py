@@ -19,11 +19,13 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, LoraToolError
-from .policy import Factored, RankPolicy, factorize, module_seed
+from .policy import (BudgetItem, Factored, Fixed, RankPolicy, allocate, check_fixed, factorize,
+                     module_seed, spectrum, spectrum_cap)
 from .progress import SILENT, Progress
 
 # lookup tables (token, position, relative-position): a LoRA on them is PEFT's embedding
@@ -90,204 +92,84 @@ def _pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
     return names
 
 
+@dataclass
+class _Job:
+    """One extract run: the inputs, the options, and what the scan has found so far."""
+
+    base: Any
+    tuned: Any
+    dev: Any
+    policy: RankPolicy
+    dtype: str
+    exact: bool
+    seed: int
+    embed_lora: bool
+    skip_full: bool
+    model_type: str | None
+    embedding: str | None  # the input embedding of a tied base: the head gets its change too
+    fmt: str = "peft"
+    modules: list[dict[str, Any]] = field(default_factory=list)  # report entries, factors
+    full: dict[str, Any] = field(default_factory=dict)
+    biases: dict[str, Any] = field(default_factory=dict)  # bias name -> delta
+    dropped: list[str] = field(default_factory=list)
+    skipped: int = 0
+    items: list[Any] = field(default_factory=list)  # BudgetItem per module (budget only)
+    pending: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, rel)
+    fixed: list[Fixed] = field(default_factory=list)  # written whatever the ranks
+
+    def store_dtype(self, code: str) -> Any:
+        from .checkpoint import torch_dtype
+        from .options import DTYPES
+
+        return torch_dtype(DTYPES[self.dtype] or code)
+
+    def cost(self, numel: int, code: str) -> int:
+        """What ``numel`` values stored from a tensor of dtype ``code`` take of the budget."""
+        b = self.policy.budget
+        return b.cost(numel, self.store_dtype(code).itemsize) if b else 0
+
+    def fix(self, label: str, numel: int, code: str, hint: str | None) -> None:
+        """Count something written whatever the ranks; refuse as soon as it cannot fit."""
+        if self.policy.budget is not None:
+            self.fixed.append(Fixed(label, self.cost(numel, code), hint))
+            check_fixed(self.policy, self.fixed)
+
+
 def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
             targets: list[str] | None = None, excludes: list[str] | None = None,
-            device: str = "auto", fmt: str = "peft", exact_svd: bool = False,
+            device: str = "auto", fmt: str | None = None, exact_svd: bool = False,
             embed_lora: bool = False, skip_full: bool = False, seed: int = 0,
             dtype: str = "keep", force: bool = False, report_path: Path | None = None,
             progress: Progress = SILENT) -> dict[str, Any]:
-    """Extract an adapter; returns the report (also what the model card summarises)."""
-    import torch
+    """Extract an adapter; returns the report (also what the model card summarises).
 
-    from .adapter import (LoraAdapter, LoraModule, add_head_mirror, input_embedding,
-                          ties_embeddings)
-    from .checkpoint import open_checkpoint, torch_dtype
-    from .options import DTYPES, check_dtype, resolve_device
+    read → diff and factorise (two passes for a budget) → adapter → report → write.
+    """
+    from .adapter import input_embedding, ties_embeddings
+    from .checkpoint import open_checkpoint
+    from .formats import output_format
+    from .options import check_dtype, resolve_device
 
     t0 = time.perf_counter()
-    if fmt not in ("peft", "kohya", "gguf"):
-        raise LoraToolError(f"unknown --format {fmt}; use peft, kohya or gguf")
+    fmt = output_format(out, fmt, "peft", ("peft", "kohya", "gguf"))
     check_dtype(dtype)
     dev = resolve_device(device)
-    base, tuned = open_checkpoint(base_spec), open_checkpoint(tuned_spec)
+    base = open_checkpoint(base_spec, progress)
+    tuned = open_checkpoint(tuned_spec, progress)
     names = _pairs(base, tuned, list(targets or []), list(excludes or []))
     cfg = tuned.config or base.config or {}
-    model_type = cfg.get("model_type")
     inputs = [p for p in (Path(base_spec), Path(tuned_spec)) if p.exists()]
-    from .writer import check_output
-
-    check_output(out, inputs, force)  # fail before the work, not after it
-    if report_path is not None:
-        check_output(report_path, inputs + [out], force)
-        if not report_path.parent.is_dir():
-            raise LoraToolError(f"--report {report_path}: folder {report_path.parent} does not "
-                                "exist")
-
-    # a head tied to the embeddings carries a copy of their change (see add_head_mirror)
+    _check_outputs(out, report_path, inputs, force)
     tied = ties_embeddings(cfg, base.tensors)
-    embedding = input_embedding(base.tensors) if tied else None
-
-    def store_dtype(code: str) -> Any:
-        return torch_dtype(DTYPES[dtype] or code)
-
-    # pass 1 (pass 2 too for --budget): read, diff, classify, factorise
-    modules: list[dict[str, Any]] = []
-    full: dict[str, Any] = {}
-    dropped: list[str] = []
-    biases: dict[str, Any] = {}
-    skipped = 0
-    budget_spectra: dict[str, Any] = {}
-
-    bar = progress.bar("extract", total=len(names), unit="tensor")
-
-    def deltas() -> Any:
-        for name in names:
-            bi, ti = base.info(name), tuned.info(name)
-            bar.update(1)
-            if bi.shape != ti.shape:
-                if EMBEDDING.search(name) or HEAD.search(name):
-                    yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
-                    continue
-                raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in the "
-                                  f"base and {list(ti.shape)} in the tuned model")
-            if not (ti.dtype.startswith(("F", "BF"))):
-                continue  # integer buffers are not weights
-            # compare in the stored dtype first: unchanged tensors (often the largest, the
-            # embeddings) are skipped without float32 copies
-            raw_base, raw_tuned = base.load(name), tuned.load(name)
-            if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
-                yield name, None, None, ti
-                continue
-            w_base = raw_base.to(device=dev, dtype=torch.float32)
-            del raw_base
-            delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
-            if delta.numel():
-                lo, hi = (float(x) for x in torch.aminmax(delta))
-                if not (math.isfinite(lo) and math.isfinite(hi)):
-                    raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in "
-                                      "one of the models); nothing was written")
-            yield name, w_base, delta, raw_tuned
-
-    pending: list[tuple[str, str, Any, float, Any]] = []
-    for name, w_base, delta, raw_tuned in deltas():
-        ti = tuned.info(name)
-        if w_base is None and delta is None:
-            skipped += 1
-            continue
-        if w_base is None:
-            full[name] = delta.to(store_dtype(ti.dtype))
-            continue
-        if not bool(delta.any()):
-            skipped += 1
-            continue
-        kind = _kind(name, ti.shape, model_type, embed_lora)
-        if kind == "full":
-            if name.endswith(".bias"):
-                biases[name] = delta.cpu()
-            elif skip_full:
-                dropped.append(name)
-            else:
-                full[name] = raw_tuned.to(store_dtype(ti.dtype)).cpu()  # the tuned values
-            continue
-        M = _matrix(delta, kind)
-        rel_w = float(torch.linalg.vector_norm(delta, dtype=torch.float64) /
-                      torch.linalg.vector_norm(w_base, dtype=torch.float64)) if bool(
-            w_base.any()) else math.inf
-        if policy.kind == "budget":
-            # pass 1 of 2: only the spectrum, up to the cap; factors come in pass 2
-            full_rank = min(M.shape)
-            cap = policy.cap(full_rank) if policy.max_rank else min(full_rank, 256)
-            from .policy import spectrum
-
-            _, S, _, _ = spectrum(M, cap, exact_svd, module_seed(seed, name))
-            mirrors = 2 if name == embedding else 1  # the tied head's copy costs as much
-            budget_spectra[name] = (S[:cap].cpu(), sum(M.shape) * mirrors, cap)
-            pending.append((name, kind, None, rel_w, ti))
-            continue
-        f = factorize(M, policy, exact=exact_svd, seed=module_seed(seed, name),
-                      store_dtype=store_dtype(ti.dtype))
-        modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
-        del M, delta, w_base
-    bar.close()
+    job = _Job(base, tuned, dev, policy, dtype, exact_svd, seed, embed_lora, skip_full,
+               cfg.get("model_type"), input_embedding(base.tensors) if tied else None, fmt)
+    with progress.bar("extract", total=len(names), unit="tensor") as bar:
+        for name, w_base, delta, raw_tuned in _diffs(job, names, bar):
+            _take(job, name, w_base, delta, raw_tuned)
     if policy.kind == "budget":
-        from .ops import allocate_budget
-        from .policy import parse_budget
-
-        order = list(budget_spectra)
-        if order and policy.budget_text and not policy.budget_text.strip().isdigit():
-            # a size: count parameters at the bytes of the dtype they will be stored in
-            nbytes = store_dtype(pending[0][4].dtype).itemsize
-            policy = RankPolicy("budget", float(parse_budget(policy.budget_text, nbytes)),
-                                policy.max_rank, policy.budget_text)
-        # full tensors and bias deltas are stored whatever the ranks: they come off the top
-        fixed = sum(t.numel() for t in full.values()) + (
-            full[embedding].numel() if embedding in full else 0) + sum(
-            d.numel() for b, d in biases.items() if b[: -len(".bias")] + ".weight" in
-            budget_spectra)
-        left = int(policy.value) - fixed
-        if left < 0:
-            raise LoraToolError(f"--budget {policy.budget_text} ({int(policy.value):,} "
-                                f"parameters) is smaller than the {fixed:,} that full tensors and "
-                                "bias changes need; --skip-full drops norms, --exclude leaves "
-                                "tensors out")
-        ranks = allocate_budget([budget_spectra[n][0] for n in order],
-                                [budget_spectra[n][1] for n in order], left,
-                                [budget_spectra[n][2] for n in order])
-        if order and not any(ranks):
-            cheapest = min(budget_spectra[n][1] for n in order)
-            raise LoraToolError(f"--budget {policy.budget_text} leaves {left:,} parameters for "
-                                f"LoRA factors, less than one rank-1 component needs "
-                                f"({cheapest:,})")
-        chosen = dict(zip(order, ranks))
-        with progress.bar("extract at the budget's ranks", total=len(pending),
-                          unit="tensor") as bar2:
-            for name, kind, _, rel_w, ti in pending:  # pass 2: the same SVDs, chosen ranks
-                bar2.update(1)
-                w_base = base.load(name, device=dev, dtype=torch.float32)
-                delta = tuned.load(name, device=dev, dtype=torch.float32).sub_(w_base)
-                f = factorize(_matrix(delta, kind), policy, exact=exact_svd,
-                              seed=module_seed(seed, name), store_dtype=store_dtype(ti.dtype),
-                              rank=chosen[name])
-                modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
-    from .formats.peft import task_type_for
-
-    ad = LoraAdapter(base_model=base_spec, source_format="extract",
-                     task_type=task_type_for(cfg.get("architectures")),
-                     tie_embeddings=tied)
-    for m in modules:
-        if m["rank"] == 0:
-            continue
-        f: Factored = m.pop("_factors")
-        A, B = f.A, f.B
-        if m["layout"] == "conv":
-            shape = m.pop("_shape")
-            A = A.reshape(f.rank, *shape[1:])
-            B = B.reshape(shape[0], f.rank, *[1] * (len(shape) - 2))
-        else:
-            m.pop("_shape")
-        mod = m["name"]
-        ad.add(LoraModule(mod, A.cpu(), B.cpu(), float(f.rank), False, m["layout"]))
-    for m in modules:
-        m.pop("_factors", None)
-        m.pop("_shape", None)
-    kept_bias = []
-    # PEFT's lora_bias is one flag for the whole adapter and refuses embedding modules: with
-    # embedding LoRA, bias changes are stored as the tuned biases in full instead
-    lora_bias = not any(m.layout == "embedding" for m in ad.modules.values())
-    for bname, d in biases.items():
-        mod = bname[: -len(".bias")]
-        if mod in ad.modules and lora_bias:
-            ad.modules[mod].bias = d.to(ad.modules[mod].A.dtype)  # scale 1: b' = b + Δb
-            kept_bias.append(bname)
-        elif skip_full:
-            dropped.append(bname)
-        else:
-            full[bname] = tuned.load(bname).to(store_dtype(tuned.info(bname).dtype))
-    ad.full = full
-    if ad.tie_embeddings and embedding is not None:
-        add_head_mirror(ad, embedding)
-    report = _report(base_spec, tuned_spec, out, fmt, policy, seed, exact_svd, modules, full,
-                     dropped, kept_bias, skipped, ad, time.perf_counter() - t0, dev)
+        _at_budget_ranks(job, progress)
+    ad = _adapter(job, base_spec, cfg, tied)
+    report = _report(job, base_spec, tuned_spec, out, fmt, ad, time.perf_counter() - t0)
     _write(ad, out, fmt, report, base, force, inputs)
     report["seconds"] = time.perf_counter() - t0
     if report_path is not None:  # beside the adapter, written whole or not at all
@@ -297,37 +179,222 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     return report
 
 
+def _check_outputs(out: Path, report_path: Path | None, inputs: list[Path], force: bool
+                   ) -> None:
+    """Fail before the work, not after it."""
+    from .writer import check_output
+
+    check_output(out, inputs, force)
+    if report_path is not None:
+        check_output(report_path, inputs + [out], force)
+        if not report_path.parent.is_dir():
+            raise LoraToolError(f"--report {report_path}: folder {report_path.parent} does not "
+                                "exist")
+
+
+def _diffs(job: _Job, names: list[str], bar: Any) -> Any:
+    """(name, W_base, ΔW, W_tuned as stored) per tensor, float32 on the device; W_base is None
+    for a resized tensor (ΔW is then the tuned tensor) and both are None when unchanged."""
+    import torch
+
+    base, tuned, dev = job.base, job.tuned, job.dev
+    for name in names:
+        bi, ti = base.info(name), tuned.info(name)
+        bar.update(1)
+        if bi.shape != ti.shape:
+            if EMBEDDING.search(name) or HEAD.search(name):
+                yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
+                continue
+            raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in the "
+                              f"base and {list(ti.shape)} in the tuned model")
+        if not (ti.dtype.startswith(("F", "BF"))):
+            continue  # integer buffers are not weights
+        # compare in the stored dtype first: unchanged tensors (often the largest, the
+        # embeddings) are skipped without float32 copies
+        raw_base, raw_tuned = base.load(name), tuned.load(name)
+        if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
+            yield name, None, None, ti
+            continue
+        w_base = raw_base.to(device=dev, dtype=torch.float32)
+        del raw_base
+        delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
+        if delta.numel():
+            lo, hi = (float(x) for x in torch.aminmax(delta))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in "
+                                  "one of the models); nothing was written")
+        yield name, w_base, delta, raw_tuned
+
+
+def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None:
+    """Decide how one tensor is stored: skipped, in full, as a bias change, or factorised (now,
+    or after the budget is split)."""
+    import torch
+
+    ti = job.tuned.info(name)
+    if w_base is None and delta is None:
+        job.skipped += 1
+        return
+    if w_base is None:  # resized: the tuned tensor, whatever the ranks
+        job.full[name] = delta.to(job.store_dtype(ti.dtype))
+        job.fix("resized tensors in full", delta.numel(), ti.dtype, None)
+        return
+    if not bool(delta.any()):
+        job.skipped += 1
+        return
+    kind = _kind(name, ti.shape, job.model_type, job.embed_lora)
+    if kind == "full":
+        _take_full(job, name, delta, raw_tuned, ti)
+        return
+    M = _matrix(delta, kind)
+    rel_w = float(torch.linalg.vector_norm(delta, dtype=torch.float64) /
+                  torch.linalg.vector_norm(w_base, dtype=torch.float64)) if bool(
+        w_base.any()) else math.inf
+    if job.policy.kind == "budget":
+        # pass 1 of 2: only the spectrum, up to the cap; factors come in pass 2
+        cap = spectrum_cap(job.policy, min(M.shape))
+        _, S, _, _ = spectrum(M, cap, job.exact, module_seed(job.seed, name))
+        mirrors = 2 if name == job.embedding else 1  # the tied head's copy costs as much
+        job.items.append(BudgetItem(name, S[:cap].cpu(),
+                                    job.cost(sum(M.shape), ti.dtype) * mirrors, cap))
+        job.pending.append((name, kind, rel_w))
+        return
+    f = factorize(M, job.policy, exact=job.exact, seed=module_seed(job.seed, name),
+                  store_dtype=job.store_dtype(ti.dtype), name=name)
+    job.modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
+
+
+def _take_full(job: _Job, name: str, delta: Any, raw_tuned: Any, ti: Any) -> None:
+    """A changed tensor that is not LoRA-able: a bias change, or the tuned tensor in full."""
+    if name.endswith(".bias"):
+        job.biases[name] = delta.cpu()
+        job.fix("bias changes", delta.numel(), ti.dtype, None)
+        return
+    if job.skip_full:
+        job.dropped.append(name)
+        return
+    job.full[name] = raw_tuned.to(job.store_dtype(ti.dtype)).cpu()  # the tuned values
+    lookup = EMBEDDING.search(name) or HEAD.search(name)
+    label = "embeddings and heads in full" if lookup else "norms and other tensors in full"
+    hint = ("--embed-lora" if not job.embed_lora else None) if lookup else "--skip-full"
+    copies = 2 if name == job.embedding else 1  # a tied head carries a copy
+    for _ in range(copies):
+        job.fix(label, delta.numel(), ti.dtype, hint)
+
+
+def _at_budget_ranks(job: _Job, progress: Progress) -> None:
+    """Pass 2 of a budget: split it across the modules, then factorise each at its rank."""
+    import torch
+
+    chosen = allocate(job.policy, job.items, job.fixed)
+    with progress.bar("extract at the budget's ranks", total=len(job.pending),
+                      unit="tensor") as bar:
+        for name, kind, rel_w in job.pending:  # the same SVDs, at the chosen ranks
+            bar.update(1)
+            ti = job.tuned.info(name)
+            w_base = job.base.load(name, device=job.dev, dtype=torch.float32)
+            delta = job.tuned.load(name, device=job.dev, dtype=torch.float32).sub_(w_base)
+            f = factorize(_matrix(delta, kind), job.policy, exact=job.exact,
+                          seed=module_seed(job.seed, name),
+                          store_dtype=job.store_dtype(ti.dtype), rank=chosen[name], name=name)
+            job.modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
+
+
+def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
+    """The LoraAdapter: factorised modules, bias changes, full tensors, the tied head's copy."""
+    from .adapter import LoraAdapter, LoraModule, add_head_mirror
+    from .formats.peft import task_type_for
+
+    ad = LoraAdapter(base_model=base_spec, source_format="extract",
+                     task_type=task_type_for(cfg.get("architectures")), tie_embeddings=tied)
+    for m in job.modules:
+        f: Factored = m.pop("_factors")
+        shape = m.pop("_shape")
+        if f.rank == 0:
+            continue
+        A, B = f.A, f.B
+        if m["layout"] == "conv":
+            A = A.reshape(f.rank, *shape[1:])
+            B = B.reshape(shape[0], f.rank, *[1] * (len(shape) - 2))
+        ad.add(LoraModule(m["name"], A.cpu(), B.cpu(), float(f.rank), False, m["layout"]))
+    # PEFT's lora_bias is one flag for the whole adapter and refuses embedding modules: with
+    # embedding LoRA, bias changes are stored as the tuned biases in full instead; kohya and
+    # GGUF hold no biases at all, so --skip-full leaves them out there
+    lora_bias = not any(m.layout == "embedding" for m in ad.modules.values())
+    for bname, d in job.biases.items():
+        mod = bname[: -len(".bias")]
+        if job.skip_full and job.fmt != "peft":
+            job.dropped.append(bname)
+        elif mod in ad.modules and lora_bias:
+            ad.modules[mod].bias = d.to(ad.modules[mod].A.dtype)  # scale 1: b' = b + Δb
+        elif job.skip_full:
+            job.dropped.append(bname)
+        else:
+            job.full[bname] = job.tuned.load(bname).to(
+                job.store_dtype(job.tuned.info(bname).dtype))
+    ad.full = job.full
+    if job.embedding is not None:
+        add_head_mirror(ad, job.embedding)
+    return ad
+
+
 def _module_entry(name: str, kind: str, f: Factored, rel_w: float, ti: Any, delta: Any
                   ) -> dict[str, Any]:
     return {"name": name[: -len(".weight")], "tensor": name, "layout": kind, "rank": f.rank,
-            "rel_error": f.rel_error, "kept_energy": f.kept_energy, "delta_norm": f.norm,
-            "rel_delta": rel_w, "shape": list(ti.shape), "svd": f.svd, "_factors": f,
-            "_shape": tuple(delta.shape)}
+            "full_rank": f.full_rank, "rel_error": f.rel_error, "kept_energy": f.kept_energy,
+            "delta_norm": f.norm, "rel_delta": rel_w, "shape": list(ti.shape), "svd": f.svd,
+            "_factors": f, "_shape": tuple(delta.shape)}
 
 
-def _report(base: str, tuned: str, out: Path, fmt: str, policy: RankPolicy, seed: int,
-            exact: bool, modules: list[dict[str, Any]], full: dict[str, Any],
-            dropped: list[str], kept_bias: list[str], skipped: int, ad: Any,
-            seconds: float, dev: Any) -> dict[str, Any]:
+def _report(job: _Job, base: str, tuned: str, out: Path, fmt: str, ad: Any, seconds: float
+            ) -> dict[str, Any]:
+    modules = job.modules
     tot_sq = sum(m["delta_norm"] ** 2 for m in modules)
     err_sq = sum((m["rel_error"] * m["delta_norm"]) ** 2 for m in modules)
-    params = ad.num_params()
-    nbytes = sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size()
-                 for m in ad.modules.values()) + sum(t.numel() * t.element_size()
-                                                     for t in ad.full.values())
+    nbytes = ad.num_bytes()
     return {
         "base": base, "tuned": tuned, "output": str(out), "format": fmt,
-        "policy": policy.describe(), "seed": seed, "svd": "exact" if exact else "randomized",
-        "device": str(dev),
+        "policy": job.policy.describe(), "seed": job.seed,
+        "svd": "exact" if job.exact else "randomized", "device": str(job.dev),
         "modules": modules,
-        "full_tensors": sorted(full), "dropped": dropped, "bias_deltas": kept_bias,
-        "unchanged_tensors": skipped,
-        "totals": {"lora_modules": len(ad.modules), "parameters": params, "bytes": nbytes,
+        "full_tensors": sorted(ad.full), "dropped": job.dropped,
+        "bias_deltas": sorted(m.name + ".bias" for m in ad.modules.values()
+                              if m.bias is not None),
+        "unchanged_tensors": job.skipped,
+        "totals": {"lora_modules": len(ad.modules), "parameters": ad.num_params(),
+                   "bytes": nbytes,
                    "max_rel_error": max((m["rel_error"] for m in modules), default=0.0),
                    "total_rel_error": math.sqrt(err_sq / tot_sq) if tot_sq else 0.0,
                    "ranks": sorted({m["rank"] for m in modules})},
+        "notes": _notes(job, nbytes),
         "seconds": seconds,
     }
+
+
+def _notes(job: _Job, nbytes: int) -> list[str]:
+    """What a user should know about the result: ranks capped, factors larger than the
+    matrices they replace, an adapter larger than the model."""
+    from .units import human_bytes
+
+    notes = []
+    p = job.policy
+    capped = [m for m in job.modules if p.kind == "rank" and m["full_rank"] < p.value]
+    if capped:
+        notes.append(f"--rank {int(p.value)} is above the full rank of {len(capped)} "
+                     f"module(s) (e.g. {capped[0]['name']}: {capped[0]['full_rank']}); they "
+                     "are stored at full rank, exactly")
+    big = [m for m in job.modules if m["rank"] and m["rank"] * (
+        m["shape"][0] + math.prod(m["shape"][1:])) >= math.prod(m["shape"])]
+    if big:
+        notes.append(f"{len(big)} module(s) (e.g. {big[0]['name']}, rank {big[0]['rank']}) "
+                     "hold more values in their two factors than the matrix itself: at these "
+                     "ranks LoRA saves nothing on them")
+    model = job.tuned.total_bytes
+    if nbytes > model:
+        notes.append(f"the adapter ({human_bytes(nbytes)}) is larger than the model it was "
+                     f"extracted from ({human_bytes(model)}); a looser policy or --max-rank "
+                     "makes it smaller")
+    return notes
 
 
 def card_note(report: dict[str, Any]) -> str:
@@ -357,8 +424,14 @@ def _write(ad: Any, out: Path, fmt: str, report: dict[str, Any], base: Any, forc
         return
     lost = lossy(ad, fmt)
     if lost:
-        raise FormatError(f"--format {fmt} cannot hold {'; '.join(lost)}; use --format peft, "
-                          "or --skip-full and no --embed-lora")
+        fixes = []
+        if ad.full or any(m.bias is not None for m in ad.modules.values()):
+            fixes.append("--skip-full leaves out what is not a LoRA factor (norms, biases, "
+                         "embeddings in full)")
+        if fmt == "kohya" and any(m.layout == "embedding" for m in ad.modules.values()):
+            fixes.append("without --embed-lora the embeddings are not factorised")
+        raise FormatError(f"--format {fmt} cannot hold {'; '.join(lost)}: use --format peft"
+                          + "".join(f"; or {f}" for f in fixes))
     if fmt == "kohya":
         kohya.write(ad, out, force=force, inputs=inputs)
     else:

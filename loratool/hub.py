@@ -17,10 +17,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import HubError, InputError
+from .progress import SILENT, Progress
 from .sources import hub_errors
 
 CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*", "README.md",
@@ -48,37 +50,59 @@ def _check_names(names: list[str], repo: str) -> None:
 
 def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
          include: list[str] | None = None, exclude: list[str] | None = None,
-         repo_type: str = "model", progress: bool = False) -> dict[str, Any]:
-    """Download a repo (its model-relevant files by default); returns its local path."""
-    import huggingface_hub as hf
-
+         repo_type: str = "model", force: bool = False,
+         progress: Progress = SILENT) -> dict[str, Any]:
+    """Download a repo (its model-relevant files by default); returns its local path. Into
+    ``out`` the files arrive all at once: downloaded beside it and moved into place."""
     from . import sources
+    from .writer import check_output
 
-    sources.SHOW_PROGRESS = progress
     parsed = sources.parse_hub_id(repo_id)
     if parsed is None:
         raise InputError(f"{repo_id}: not a Hub id (org/name or org/name@revision)")
     repo_id, at = parsed
     revision = revision or at
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"-o {out}: exists and is not a folder")
+    if out is not None:
+        check_output(out, [], force)
     where = f"{repo_id}@{revision}" if revision else repo_id
-    with hub_errors(where, revision):
-        from huggingface_hub import constants
+    if out is None:
+        root = _download(repo_id, revision, repo_type, include, exclude, None, where,
+                         progress.hub_bars)
+    else:
+        from .writer import move_into_place, remove_created, temp_beside
 
+        tmp, created = temp_beside(out)
+        try:
+            _download(repo_id, revision, repo_type, include, exclude, tmp, where,
+                      progress.hub_bars)
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the download's own bookkeeping
+            move_into_place(tmp, out, [])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            remove_created(created)
+            raise
+        root = out
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                   if p.is_file() and ".cache" not in p.parts)
+    return {"repo": repo_id, "revision": revision, "path": str(root), "files": files}
+
+
+def _download(repo_id: str, revision: str | None, repo_type: str, include: list[str] | None,
+              exclude: list[str] | None, local_dir: Path | None, where: str, bars: bool
+              ) -> Path:
+    import huggingface_hub as hf
+    from huggingface_hub import constants
+
+    with hub_errors(where, revision, bars):
         names = None
         if not constants.HF_HUB_OFFLINE:
             names = hf.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
             _check_names(names, where)
         patterns = list(include or default_patterns(names))
-        path = hf.snapshot_download(repo_id, revision=revision, repo_type=repo_type,
-                                    allow_patterns=patterns,
-                                    ignore_patterns=list(exclude or []) + NOT_PULLED,
-                                    local_dir=str(out) if out else None)
-    root = Path(path)
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                   if p.is_file() and ".cache" not in p.parts)
-    return {"repo": repo_id, "revision": revision, "path": str(root), "files": files}
+        return Path(hf.snapshot_download(repo_id, revision=revision, repo_type=repo_type,
+                                         allow_patterns=patterns,
+                                         ignore_patterns=list(exclude or []) + NOT_PULLED,
+                                         local_dir=str(local_dir) if local_dir else None))
 
 
 def _hub_base(spec: Any) -> tuple[str | None, str | None]:
@@ -182,7 +206,8 @@ def _files(folder: Path, include: list[str], exclude: list[str]) -> list[Path]:
 
 def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          message: str | None = None, create_pr: bool = False,
-         include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, Any]:
+         include: list[str] | None = None, exclude: list[str] | None = None,
+         repo_type: str = "model", progress: Progress = SILENT) -> dict[str, Any]:
     """Create the repo if needed and upload the folder in one commit; returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -194,24 +219,24 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     card = model_card(folder)
     api = HfApi()
     where = f"{repo_id}@{revision}" if revision else repo_id
-    with hub_errors(where, revision):
+    with hub_errors(where, revision, progress.hub_bars):
         if not api.token and not os.environ.get("HF_TOKEN"):
             from huggingface_hub import get_token
 
             if not get_token():
                 raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if private and not api.repo_info(repo_id).private:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+        if private and not api.repo_info(repo_id, repo_type=repo_type).private:
             raise HubError(f"{repo_id}: exists and is public; --private does not change an "
                            "existing repo (make it private on the Hub, or drop --private)")
         if revision and not create_pr:  # a pull request targets an existing revision
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(),
                                   path_or_fileobj=str(p)) for p in files]
         ops.append(CommitOperationAdd(path_in_repo="README.md",
                                       path_or_fileobj=card.encode("utf-8")))
         info = api.create_commit(repo_id, operations=ops, revision=revision,
                                  commit_message=message or f"Upload {folder.name} with loratool",
-                                 create_pr=create_pr)
+                                 create_pr=create_pr, repo_type=repo_type)
     return {"repo": repo_id, "revision": revision, "files": len(ops),
             "commit_url": info.commit_url, "pr_url": info.pr_url, "commit": info.oid}

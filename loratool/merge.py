@@ -369,7 +369,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     weights = check_weights(weights, len(adapter_specs))
     check_dtype(dtype)
     dev = resolve_device(device)
-    base = open_checkpoint(base_spec)
+    base = open_checkpoint(base_spec, progress)
     adapters = [read_any(s, base_spec) for s in adapter_specs]
     edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
     rec = UnmergeRecord(base) if sign < 0 else None

@@ -2,8 +2,8 @@
 
 ``--rank N`` (fixed), ``--energy F`` (keep a fraction F of Σσ²), ``--max-error E`` (relative
 Frobenius error ≤ E per module, measured on the factors as stored), ``--budget P`` (a total
-parameter count or size, split across modules to minimise the total squared error), and
-``--max-rank N`` capping any of them.
+parameter count, or a size in bytes of the dtype written, split across modules to minimise the
+total squared error), and ``--max-rank N`` capping any of them.
 
 Example: ``RankPolicy.from_options(rank=None, energy=0.9, max_error=None, budget=None)``.
 """
@@ -15,70 +15,90 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LoraToolError
+from .errors import LoraToolError, UsageError
+from .units import parse_size
+
+BUDGET_SPECTRUM = 256  # singular values computed per module for a budget without --max-rank
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``--budget``: parameters (``5000000``) or bytes (``50MB``) of what is written."""
+
+    amount: int
+    unit: str  # "parameters" or "bytes"
+    text: str
+
+    def cost(self, numel: int, itemsize: int) -> int:
+        """What ``numel`` values stored at ``itemsize`` bytes each take of the budget."""
+        return numel * itemsize if self.unit == "bytes" else numel
+
+    def describe(self) -> str:
+        return (f"{self.text} ({self.amount:,} bytes)" if self.unit == "bytes"
+                else f"{self.amount:,} parameters")
+
+
+def parse_budget(text: str) -> Budget:
+    """``"1000000"`` → 10⁶ parameters; ``"50MB"`` → 50·10⁶ bytes of the dtype written."""
+    t = str(text).strip()
+    if t.isdigit() and len(t) <= 30:
+        if int(t) <= 0:
+            raise UsageError(f"--budget {text} must be positive")
+        return Budget(int(t), "parameters", t)
+    try:
+        return Budget(parse_size(t), "bytes", t)
+    except UsageError:
+        raise UsageError(f"cannot read --budget {text!r}; give parameters (5000000) or a size "
+                         "(50MB)") from None
 
 
 @dataclass(frozen=True)
 class RankPolicy:
     kind: str  # "rank" | "energy" | "max_error" | "budget"
-    value: float  # N, F, E, or the budget in parameters
+    value: float  # N, F or E (unused for a budget)
     max_rank: int | None = None
-    budget_text: str | None = None
+    budget: Budget | None = None
 
     @classmethod
     def from_options(cls, rank: int | None, energy: float | None, max_error: float | None,
                      budget: str | None, max_rank: int | None = None,
-                     bytes_per_param: int = 2, default_rank: int = 16) -> "RankPolicy":
-        """Check the flags (at most one policy) and build the policy."""
+                     default_rank: int = 16) -> "RankPolicy":
+        """Check the flags (at most one policy, values in range) and build the policy."""
         given = [(k, v) for k, v in (("rank", rank), ("energy", energy),
                                      ("max_error", max_error), ("budget", budget))
                  if v is not None]
         if len(given) > 1:
-            raise LoraToolError("choose one rank policy: --rank, --energy, --max-error or "
-                                "--budget")
+            raise UsageError("choose one rank policy: --rank, --energy, --max-error or "
+                             "--budget")
         if max_rank is not None and max_rank < 1:
-            raise LoraToolError("--max-rank must be at least 1")
+            raise UsageError("--max-rank must be at least 1")
         kind, value = given[0] if given else ("rank", default_rank)
-        if kind == "rank" and (not isinstance(value, int) or value < 1):
-            raise LoraToolError("--rank must be a positive integer")
+        if kind == "rank" and (isinstance(value, bool) or not isinstance(value, int)
+                               or value < 1):
+            raise UsageError("--rank must be a positive integer")
         if kind == "energy" and not 0.0 < float(value) <= 1.0:
-            raise LoraToolError("--energy must be a fraction in (0, 1], e.g. 0.9")
+            raise UsageError("--energy must be a fraction in (0, 1], e.g. 0.9")
         if kind == "max_error" and not 0.0 <= float(value) < 1.0:
-            raise LoraToolError("--max-error must be in [0, 1), e.g. 0.05 for 5 %")
+            raise UsageError("--max-error must be in [0, 1), e.g. 0.05 for 5 %")
         if kind == "budget":
-            return cls("budget", float(parse_budget(str(value), bytes_per_param)), max_rank,
-                       str(value))
+            return cls("budget", 0.0, max_rank, parse_budget(str(value)))
         return cls(kind, float(value), max_rank)
 
     def describe(self) -> str:
-        """``rank 16``, ``energy 0.9``, ``max-error 0.05``, ``budget 50MB``, with a cap."""
-        text = {"rank": f"rank {int(self.value)}", "energy": f"energy {self.value:g}",
-                "max_error": f"max-error {self.value:g}",
-                "budget": f"budget {self.budget_text} ({int(self.value):,} parameters)"
-                }[self.kind]
+        """``rank 16``, ``energy 0.9``, ``max-error 0.05``, ``budget 50MB (…)``, with a cap."""
+        text = {"rank": lambda: f"rank {int(self.value)}",
+                "energy": lambda: f"energy {self.value:g}",
+                "max_error": lambda: f"max-error {self.value:g}",
+                "budget": lambda: f"budget {self.budget.describe()}"}[self.kind]()  # type: ignore
         return text + (f", max-rank {self.max_rank}" if self.max_rank else "")
 
     def cap(self, full: int) -> int:
         return min(full, self.max_rank or full)
 
 
-def parse_budget(text: str, bytes_per_param: int) -> int:
-    """``"1000000"`` → parameters; ``"50MB"`` → 50·10⁶ / bytes per parameter."""
-    from .writer import parse_size
-
-    t = text.strip().upper()
-    if t.isdigit():
-        return int(t)
-    try:
-        return parse_size(t) // bytes_per_param
-    except LoraToolError:
-        raise LoraToolError(f"cannot read budget {text!r}; give parameters (5000000) or a "
-                            "size (50MB)") from None
-
-
 def module_seed(seed: int, name: str) -> int:
     """A per-module seed that depends on the name, not on the order modules are met in."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8", "surrogatepass"))) % (2**63)
 
 
 @dataclass
@@ -92,6 +112,7 @@ class Factored:
     kept_energy: float  # Σ_{i≤k} σ²/‖M‖²
     norm: float  # ‖M‖
     svd: str  # "randomized" or "exact"
+    full_rank: int = 0  # min(m, n)
 
 
 def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2
@@ -112,8 +133,17 @@ def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2
     return U, S, Vh, "randomized"
 
 
+def _tail_error(S: Any, total_sq: float, k: int) -> float:
+    """The relative error of the unrounded rank-k truncation: for the exact SVD, and for a
+    randomized one (whose U·S·Vh is M projected onto span(U)), ‖M‖² − Σ_{i≤k} S_i² exactly."""
+    if not total_sq:
+        return 0.0
+    kept = float((S[:k].double() ** 2).sum())
+    return math.sqrt(max(total_sq - kept, 0.0) / total_sq)
+
+
 def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype: Any,
-              rank: int | None = None) -> Factored:
+              rank: int | None = None, name: str = "") -> Factored:
     """Factorise M by the policy (or at a given ``rank``, for budgets). The subspace grows
     when a policy needs more singular values than were computed; the error is measured on
     the factors rounded to ``store_dtype``."""
@@ -136,9 +166,8 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
     iters = 5 if policy.kind in ("energy", "max_error") and rank is None else 2
     U, S, Vh, how = spectrum(M, want, exact, seed, iters)
     if rank is None and policy.kind in ("energy", "max_error"):
-        frac = policy.value if policy.kind == "energy" else 1.0 - policy.value ** 2
         while True:
-            k = ops.rank_for_energy(S, total_sq, frac)
+            k = rank_from_spectrum(policy, S, total_sq)
             if k is not None or how == "exact" or len(S) >= cap:
                 break
             U, S, Vh, how = spectrum(M, min(2 * len(S), cap), exact, seed, iters)  # grow
@@ -146,24 +175,167 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
     else:
         k = min(want, len(S))
 
-    def build(k: int) -> tuple[Any, Any, float]:
+    def build(k: int, dtype: Any = store_dtype) -> tuple[Any, Any, float]:
         B, A = ops.split_factors(U, S, Vh, k)
-        B, A = B.to(store_dtype), A.to(store_dtype)
+        B, A = B.to(dtype), A.to(dtype)
         res = ops.residual_norm(M, B.to(M.dtype), A.to(M.dtype)) if k else norm
         return B, A, (res / norm if norm else 0.0)
 
     B, A, err = build(k)
-    if rank is None and policy.kind == "max_error":
-        # a guarantee: measured on the stored factors; add components until it holds
-        while err > policy.value and k < cap:
-            k += 1
-            if k > len(S):
-                U, S, Vh, how = spectrum(M, min(2 * k, cap), exact, seed, iters)
-            B, A, err = build(k)
-        if err > policy.value:
-            raise LoraToolError(
-                f"--max-error {policy.value:g} cannot be met even at rank {k} (error "
-                f"{err:.3g}); the rounding of {str(store_dtype).removeprefix('torch.')} factors "
-                "is larger: use --dtype fp32, or raise --max-rank")
+    if rank is None and policy.kind == "max_error" and err > policy.value:
+        # a guarantee, measured on the stored factors: rounding can keep the error above E
+        # at the spectrum's rank; the smallest rank that meets it
+        if len(S) < cap and how != "exact":
+            U, S, Vh, how = spectrum(M, cap, exact, seed, iters)
+        hi = min(cap, len(S))
+        found = smallest_rank_meeting(build, k, hi, policy.value)
+        if found is None:
+            raise LoraToolError(unreachable_message(
+                policy, name, hi, full, build(hi)[2], _tail_error(S, total_sq, hi),
+                store_dtype, lambda: build(hi, torch.float32)[2]))
+        k, B, A, err = found
     kept = float((S[:k].double() ** 2).sum()) / total_sq if total_sq else 1.0
-    return Factored(B, A, k, err, min(kept, 1.0), norm, how)
+    return Factored(B, A, k, err, min(kept, 1.0), norm, how, full)
+
+
+def rank_from_spectrum(policy: RankPolicy, S: Any, total_sq: float) -> int | None:
+    """The rank ``--energy`` or ``--max-error`` read off a spectrum (for max-error, the rank
+    whose unrounded error meets it); None when these singular values do not reach it."""
+    from . import ops
+
+    frac = policy.value if policy.kind == "energy" else 1.0 - policy.value ** 2
+    return ops.rank_for_energy(S, total_sq, frac - 1e-12)
+
+
+def smallest_rank_meeting(build: Any, lo: int, hi: int, target: float
+                          ) -> tuple[int, Any, Any, float] | None:
+    """The smallest rank in (lo, hi] whose stored factors' measured error is ≤ target, by
+    bisection (the error falls with the rank); ``build(k)`` → (B, A, error). None when even
+    ``hi`` misses: a measured guarantee, one residual per probe rather than per rank."""
+    B, A, err = build(hi)
+    if err > target:
+        return None
+    best = (hi, B, A, err)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        Bm, Am, em = build(mid)
+        if em <= target:
+            hi, best = mid, (mid, Bm, Am, em)
+        else:
+            lo = mid
+    return best
+
+
+def unreachable_message(policy: RankPolicy, name: str, k: int, full: int, err: float,
+                        tail: float, dtype: Any, fp32_error: Any) -> str:
+    """Why ``--max-error`` cannot be met, with advice that is possible and sufficient."""
+    where = f"{name}: " if name else ""
+    dt = str(dtype).removeprefix("torch.")
+    head = (f"{where}--max-error {policy.value:g} cannot be met: at rank {k} the {dt} factors "
+            f"leave an error of {err:.3g}")
+    if k < full and tail > policy.value:
+        return (f"{head}, and no rounding could do better than {tail:.3g} at that rank; raise "
+                f"--max-rank (this matrix has full rank {full})")
+    if dt != "float32":
+        e32 = fp32_error()
+        if e32 <= policy.value:
+            return f"{head}, from rounding the factors to {dt}; use --dtype fp32 ({e32:.3g})"
+        return (f"{head}; even float32 factors leave {e32:.3g}: ask for --max-error "
+                f"{_round_up(e32)} or more")
+    if k < full:
+        return (f"{head}, from rounding; raise --max-rank (full rank is {full}) or ask for "
+                f"--max-error {_round_up(err)} or more")
+    return (f"{head} (float32 rounding, at full rank): ask for --max-error {_round_up(err)} "
+            "or more")
+
+
+def _round_up(x: float) -> str:
+    """A value a little above ``x`` with two significant digits, for advice."""
+    if x <= 0:
+        return "0"
+    e = math.floor(math.log10(x)) - 1
+    return f"{math.ceil(x / 10**e * 1.0001) * 10**e:.2g}"
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@dataclass
+class BudgetItem:
+    """One module competing for a budget: its leading singular values (descending), what one
+    more rank costs (factor entries of both factors, in the budget's unit), its rank cap."""
+
+    name: str
+    spectrum: Any
+    per_rank: int
+    cap: int
+    min_rank: int = 0  # 1 for a module that must keep a rank (its lora bias needs one)
+
+
+@dataclass
+class Fixed:
+    """Something written whatever the ranks (full tensors, biases), with the option that would
+    leave it out (None when nothing would)."""
+
+    label: str
+    cost: int
+    hint: str | None = None
+
+
+def spectrum_cap(policy: RankPolicy, full: int) -> int:
+    """How many singular values a module needs for a budget: up to --max-rank, else 256."""
+    return policy.cap(full) if policy.max_rank else min(full, BUDGET_SPECTRUM)
+
+
+def allocate(policy: RankPolicy, items: list[BudgetItem], fixed: list[Fixed]
+             ) -> dict[str, int]:
+    """Ranks per module that minimise the total squared error within the budget (after what
+    is written whatever the ranks); a clear error, with what would make room, if none fits."""
+    from . import ops
+
+    budget = policy.budget
+    assert budget is not None
+    fixed = fixed + [Fixed("the rank a lora bias needs", i.per_rank * i.min_rank, None)
+                     for i in items if i.min_rank]
+    check_fixed(policy, fixed)
+    left = budget.amount - sum(f.cost for f in fixed)
+    ranks = ops.allocate_budget([i.spectrum[i.min_rank:] for i in items],
+                                [i.per_rank for i in items], left,
+                                [i.cap - i.min_rank for i in items])
+    ranks = [r + i.min_rank for r, i in zip(ranks, items)]
+    if items and not any(ranks):
+        cheapest = min(i.per_rank for i in items)
+        raise LoraToolError(f"--budget {budget.describe()} leaves {left:,} {budget.unit} for "
+                            f"LoRA factors after what is stored in full, less than one rank of "
+                            f"the cheapest module needs ({cheapest:,}); raise --budget to at "
+                            f"least {budget.amount - left + cheapest:,} {budget.unit}"
+                            + _hints(fixed))
+    return {i.name: r for i, r in zip(items, ranks)}
+
+
+def check_fixed(policy: RankPolicy, fixed: list[Fixed]) -> None:
+    """Refuse as soon as what is written whatever the ranks exceeds the budget."""
+    budget = policy.budget
+    if budget is None:
+        return
+    total = sum(f.cost for f in fixed)
+    if total > budget.amount:
+        parts = {}
+        for f in fixed:
+            parts[f.label] = parts.get(f.label, 0) + f.cost
+        raise LoraToolError(f"--budget {budget.describe()} is less than the {total:,} "
+                            f"{budget.unit} written whatever the ranks ("
+                            + ", ".join(f"{k}: {v:,}" for k, v in parts.items()) + ")"
+                            + _hints(fixed))
+
+
+def _hints(fixed: list[Fixed]) -> str:
+    """The options that would leave the largest fixed parts out, with their size."""
+    saved: dict[str, int] = {}
+    for f in fixed:
+        if f.hint:
+            saved[f.hint] = saved.get(f.hint, 0) + f.cost
+    if not saved:
+        return ""
+    return "; " + ", ".join(f"{h} saves {n:,}" for h, n in
+                            sorted(saved.items(), key=lambda kv: -kv[1]))

@@ -38,8 +38,9 @@ def hub_repo_of(spec: str | None) -> tuple[str, str | None] | None:
     return parse_hub_id(spec)
 
 
-def resolve_input(spec: str) -> "Path | HubRepo":
-    """A local path for ``spec`` when it exists, else the Hub repo it names."""
+def resolve_input(spec: str, bars: bool = False) -> "Path | HubRepo":
+    """A local path for ``spec`` when it exists, else the Hub repo it names (``bars``: draw
+    download bars for it)."""
     from .checkpoint import NOT_CONFIG_SUFFIXES, _os_error
 
     path = Path(spec).expanduser()
@@ -56,27 +57,28 @@ def resolve_input(spec: str) -> "Path | HubRepo":
     hub = parse_hub_id(spec)
     if hub is None:
         raise InputError(f"{spec}: no such file or folder (and not a Hub id like org/name)")
-    return HubRepo(*hub)
+    return HubRepo(*hub, bars=bars)
 
 
-SHOW_PROGRESS = False  # the CLI turns download bars on for an interactive, non-quiet run
-
-
-def _quiet_hub() -> None:
-    """huggingface_hub's bars and warnings would break the one-line error contract."""
+def _hub_output(bars: bool) -> None:
+    """huggingface_hub's warnings would break the one-line error contract; its download bars
+    are drawn only when the caller's progress draws bars (a person at a terminal)."""
     from huggingface_hub import utils
 
-    if not SHOW_PROGRESS:
+    if bars:
+        utils.enable_progress_bars()
+    else:
         utils.disable_progress_bars()
     utils.logging.set_verbosity_error()
 
 
 @contextlib.contextmanager
-def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
+def hub_errors(where: str, revision: str | None = None, bars: bool = False
+               ) -> Iterator[None]:
     """One clear line for every way a Hub call fails; the token never appears in it."""
     from huggingface_hub import errors as hfe
 
-    _quiet_hub()
+    _hub_output(bars)
     try:
         yield
     except hfe.HFValidationError as e:
@@ -125,9 +127,10 @@ def hub_errors(where: str, revision: str | None = None) -> Iterator[None]:
 class HubRepo:
     """A model or adapter repo on the Hub, read file by file through the local cache."""
 
-    def __init__(self, repo: str, revision: str | None = None) -> None:
+    def __init__(self, repo: str, revision: str | None = None, bars: bool = False) -> None:
         self.repo = repo
         self.revision = revision
+        self.bars = bars  # draw huggingface_hub's download bars
         self.where = f"{repo}@{revision}" if revision else repo
         self.commit: str | None = None  # pinned on the first snapshot, so files agree
 
@@ -135,7 +138,7 @@ class HubRepo:
         """Download the files matching ``patterns`` (cached); the snapshot folder."""
         import huggingface_hub as hf
 
-        with hub_errors(self.where, self.revision):
+        with hub_errors(self.where, self.revision, self.bars):
             folder = Path(hf.snapshot_download(self.repo, revision=self.commit or self.revision,
                                                allow_patterns=patterns))
         self.commit = self.commit or folder.name
@@ -155,7 +158,7 @@ class HubRepo:
         """Download one file (or find it in the cache); its local path."""
         import huggingface_hub as hf
 
-        with hub_errors(f"{self.where}: {filename}", self.revision):
+        with hub_errors(f"{self.where}: {filename}", self.revision, self.bars):
             return Path(hf.hf_hub_download(self.repo, filename,
                                            revision=self.commit or self.revision))
 

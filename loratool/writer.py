@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,29 +25,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from .checkpoint import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code
 from .errors import LoraToolError, OutputError
+from .units import parse_size
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # transformers' default "5GB"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Files of a source folder that never travel to an output: weights, model cards, VCS state.
 NOT_COPIED = {"README.md", ".gitattributes", "adapter_config.json"}
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` → 5·10⁹ bytes, ``"2GiB"`` → 2·2³⁰, ``"1000"`` → 1000, as transformers reads
-    sizes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
-    if not m:
-        raise LoraToolError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
-    value = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-    if value <= 0:
-        raise LoraToolError(f"size {text!r} must be positive")
-    return value
 
 
 def _resolve(p: Path) -> Path:

@@ -187,7 +187,7 @@ def test_bad_combines(tmp_path):
             ([tmp_path / "a", tmp_path / "other", "--method", "cat"], 1, "different bases"),
             ([tmp_path / "a", tmp_path / "dora", "--method", "svd"], 1, "DoRA"),
             ([tmp_path / "a", tmp_path / "a", "--method", "bogus"], 2, "bogus"),
-            ([tmp_path / "a", tmp_path / "a", "--method", "ties", "--density", "0"], 1,
+            ([tmp_path / "a", tmp_path / "a", "--method", "ties", "--density", "0"], 2,
              "--density")):
         res = run_cli("combine", *args, "-o", tmp_path / "out")
         assert res.rc == code, (args, res)

@@ -238,14 +238,18 @@ def test_mismatched_models_and_bad_policies(tmp_path):
             ([tmp_path / "base", tmp_path / "other"], "model.layers.0.mlp.down_proj.weight is "
                                                       "[64, 128] in the base and [64, 96]"),
             ([tmp_path / "base", tmp_path / "deeper"], "model.layers.2"),
-            ([tmp_path / "base", tmp_path / "tuned", "--rank", "4", "--energy", "0.9"],
-             "choose one rank policy"),
-            ([tmp_path / "base", tmp_path / "tuned", "--energy", "1.5"], "--energy"),
-            ([tmp_path / "base", tmp_path / "tuned", "--budget", "lots"], "budget"),
             ([tmp_path / "base", tmp_path / "base"], "nothing to extract")):
         res = run_cli("extract", *args, "-o", tmp_path / "out")
         assert res.rc == 1, (args, res)
         assert needle in res.err and len(res.err.strip().splitlines()) == 1, res.err
+        assert tree(tmp_path) == before
+    for args, needle in (  # usage errors: exit 2, before anything is read
+            (["--rank", "4", "--energy", "0.9"], "choose one rank policy"),
+            (["--energy", "1.5"], "--energy"),
+            (["--budget", "lots"], "budget")):
+        res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", *args, "-o",
+                      tmp_path / "out")
+        assert res.rc == 2 and needle in res.err, (args, res)
         assert tree(tmp_path) == before
 
 
@@ -337,7 +341,7 @@ def test_budget_counts_biases_and_full_tensors_and_dtype_bytes(tmp_path):
     assert size <= 8000 + 4096  # parameters counted at 4 bytes (plus the header)
     res = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "d",
                   "--budget", "10")
-    assert res.rc == 1 and "smaller than" in res.err
+    assert res.rc == 1 and "less than" in res.err
 
 
 def test_randomized_energy_rank_is_close_to_exact(tmp_path):

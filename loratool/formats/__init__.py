@@ -46,6 +46,36 @@ def detect(ckpt: Checkpoint) -> tuple[str, str]:
     return "adapter", "peft"
 
 
+# what each format writes as one file (else a folder of that file, or of PEFT's files)
+_WRITES = {"peft": "a folder (adapter_config.json + adapter_model.safetensors)",
+           "kohya": "one .safetensors file", "diffusers": "one .safetensors file",
+           "gguf": "one .gguf file"}
+_SUFFIX_FORMATS = {".gguf": ("gguf",), ".safetensors": ("kohya", "diffusers")}
+_NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
+
+
+def output_format(out: Path, fmt: str | None, default: str, allowed: tuple[str, ...]) -> str:
+    """The format to write: ``fmt`` when given, else the one the output's suffix names
+    (``x.gguf``, ``x.safetensors``), else ``default``. A suffix that contradicts ``fmt`` is
+    refused rather than turned into a folder named like a file."""
+    from ..errors import UsageError
+
+    suffix = Path(out).suffix.lower()
+    if suffix in _NEVER_WRITTEN:
+        raise UsageError(f"-o {out}: loratool writes adapters as safetensors or GGUF, not "
+                         f"{suffix}; name a folder, a .safetensors or a .gguf file")
+    fits = tuple(f for f in _SUFFIX_FORMATS.get(suffix, ()) if f in allowed)
+    if fmt is None:
+        fmt = fits[0] if fits and default not in fits else default
+    if fmt not in allowed:
+        raise UsageError(f"--format {fmt}: choose one of {', '.join(allowed)}")
+    if suffix in _SUFFIX_FORMATS and fmt not in _SUFFIX_FORMATS[suffix]:
+        other = f" or --format {fits[0]}" if fits else ""
+        raise UsageError(f"-o {out} names a {suffix} file, but --format {fmt} writes "
+                         f"{_WRITES[fmt]}: drop the suffix{other}")
+    return fmt
+
+
 def _check_one_format(folder: Path) -> None:
     """A folder holding adapters of two formats is ambiguous: refuse rather than guess."""
     found = []

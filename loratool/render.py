@@ -1,0 +1,305 @@
+"""Reports for people: every table and summary the commands print, from the plain result
+objects the verbs return (``--json`` prints those objects as they are). Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any
+
+from .units import human_bytes, human_count
+
+_LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c])
+                 for c in range(len(r))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def group_tensors(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold names that differ only in layer numbers: ``layers.*.mlp.up_proj.weight ×32``."""
+    groups: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        key = _LAYER.sub("*", t["name"])
+        g = groups.setdefault(key, {"name": key, "count": 0, "dtypes": [], "shapes": [],
+                                    "params": 0, "first": t["name"]})
+        g["count"] += 1
+        g["params"] += t["params"]
+        if t["dtype"] not in g["dtypes"]:
+            g["dtypes"].append(t["dtype"])
+        if t["shape"] not in g["shapes"]:
+            g["shapes"].append(t["shape"])
+    for g in groups.values():
+        if g["count"] == 1:
+            g["name"] = g["first"]
+    return list(groups.values())
+
+
+def _shape(s: list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in s) + "]"
+
+
+def format_summary(data: dict[str, Any], expand: bool = False) -> str:
+    """The human view of :func:`summarize`; ``expand`` lists every tensor instead of groups."""
+    lines = []
+    what = data["architecture"] or data["model_type"] or "unknown architecture"
+    lines.append(f"{data['source']}: {data['kind']} ({data['format']}), {what}")
+    shard_note = f"{data['shards']} file" + ("s" if data["shards"] != 1 else "")
+    if data["index"]:
+        shard_note += f" via {data['index']}"
+    dts = ", ".join(f"{k} {human_count(v)}" for k, v in data["dtypes"].items())
+    lines.append(f"  {data['num_tensors']} tensors, {human_count(data['total_params'])} "
+                 f"parameters ({data['total_params']:,}), {human_bytes(data['total_bytes'])}, "
+                 f"{shard_note}")
+    lines.append(f"  dtypes: {dts or 'none'}")
+    tensors = data["tensors"]
+    if data.get("filter"):
+        lines.append(f"  filter {' '.join(data['filter'])}: {len(tensors)} tensors match")
+    if data["kind"] == "adapter":
+        lines += _format_adapter(data)
+    if tensors:
+        lines.append("")
+        if expand or data.get("filter"):
+            rows = [["name", "dtype", "shape", "params"]]
+            rows += [[t["name"], t["dtype"], _shape(t["shape"]), human_count(t["params"])]
+                     for t in tensors]
+        else:
+            rows = [["name", "count", "dtype", "shape", "params"]]
+            for g in group_tensors(tensors):
+                shapes = " | ".join(_shape(s) for s in g["shapes"][:3])
+                if len(g["shapes"]) > 3:
+                    shapes += f" | … ({len(g['shapes'])} shapes)"
+                count = f"×{g['count']}" if g["count"] > 1 else ""
+                rows.append([g["name"], count, "/".join(g["dtypes"]), shapes,
+                             human_count(g["params"])])
+        lines += _table(rows, right={len(rows[0]) - 1})
+        if not expand and not data.get("filter") and len(rows) - 1 < len(tensors):
+            lines.append(f"({len(tensors)} tensors in {len(rows) - 1} groups; --all lists "
+                         "each, --filter GLOB selects)")
+    return "\n".join(lines)
+
+
+def _format_adapter(data: dict[str, Any]) -> list[str]:
+    a = data.get("adapter") or {}
+    mods = data.get("modules") or []
+    lines = []
+    if "note" in a:
+        return [f"  {a['note']}"]
+    base = a.get("base_model") or "not named"
+    if a.get("base_model_revision"):
+        base += f"@{a['base_model_revision']}"
+    flags = [f for f, on in (("rsLoRA", a.get("use_rslora")), ("DoRA", a.get("use_dora"))) if on]
+    lines.append(f"  base model: {base}; peft_type {a.get('peft_type')}; task "
+                 f"{a.get('task_type') or '-'}" + (f"; {', '.join(flags)}" if flags else ""))
+    tm = a.get("target_modules")
+    lines.append(f"  target modules: {', '.join(tm) if isinstance(tm, list) else tm}")
+    if a.get("modules_to_save") or a.get("full_tensors"):
+        lines.append(f"  full tensors (modules_to_save): {len(a.get('full_tensors') or [])}")
+    if mods:
+        ranks = Counter(m["rank"] for m in mods)
+        lines.append(f"  {len(mods)} LoRA modules; ranks: "
+                     + ", ".join(f"{r} ×{c}" for r, c in sorted(ranks.items())))
+        rows = [["module", "count", "rank", "alpha", "scale", "layout", "in→out"]]
+        grouped: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for m in mods:
+            key = (_LAYER.sub("*", m["name"]), m["rank"], m["alpha"], m["scale"], m["layout"],
+                   m["in_features"], m["out_features"])
+            g = grouped.setdefault(key, {"count": 0, "first": m["name"]})
+            g["count"] += 1
+        for key, g in grouped.items():
+            name = key[0] if g["count"] > 1 else g["first"]
+            rows.append([name, f"×{g['count']}", str(key[1]), f"{key[2]:g}", f"{key[3]:.4g}",
+                         key[4], f"{key[5]}→{key[6]}"])
+        lines.append("")
+        lines += ["  " + r for r in _table(rows, right={1, 2, 3, 4})]
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3e}"
+
+
+def format_compare(data: dict[str, Any], cmp: dict[str, Any], expand: bool = False) -> str:
+    """The human view of :func:`compare`."""
+    lines = [f"{data['source']} vs {cmp['other']}: {cmp['compared']} tensors in both, "
+             f"{len(cmp['changed'])} changed, {cmp['unchanged']} identical"]
+    for key, label in (("only_in_path", f"only in {data['source']}"),
+                       ("only_in_other", f"only in {cmp['other']}")):
+        if cmp[key]:
+            shown = ", ".join(cmp[key][:8]) + (" …" if len(cmp[key]) > 8 else "")
+            lines.append(f"  {len(cmp[key])} {label}: {shown}")
+    for m in cmp["shape_mismatch"]:
+        lines.append(f"  shape differs: {m['name']} {_shape(m['shape'])} vs "
+                     f"{_shape(m['other_shape'])}")
+    if cmp["dtype_mismatch"]:
+        lines.append(f"  {len(cmp['dtype_mismatch'])} tensors differ in dtype, e.g. "
+                     f"{cmp['dtype_mismatch'][0]['name']} {cmp['dtype_mismatch'][0]['dtype']} vs "
+                     f"{cmp['dtype_mismatch'][0]['other_dtype']}")
+    if not cmp["changed"]:
+        return "\n".join(lines)
+    lines.append("")
+    if expand or len(cmp["changed"]) <= 40:
+        rows = [["changed tensor", "shape", "‖ΔW‖/‖W‖", "max |ΔW|"]]
+        rows += [[c["name"], _shape(c["shape"]), _num(c["rel_diff"]), _num(c["max_abs_diff"])]
+                 for c in cmp["changed"]]
+    else:
+        rows = [["changed tensors", "count", "min ‖ΔW‖/‖W‖", "max ‖ΔW‖/‖W‖"]]
+        groups: dict[str, list[float]] = {}
+        for c in cmp["changed"]:
+            rel = c["rel_diff"] if c["rel_diff"] is not None else math.inf
+            groups.setdefault(_LAYER.sub("*", c["name"]), []).append(rel)
+        rows += [[k, f"×{len(v)}", _num(min(v)), _num(max(v))] for k, v in groups.items()]
+    lines += _table(rows, right={2, 3})
+    return "\n".join(lines)
+
+
+def format_extract(r: dict[str, Any], expand: bool = False) -> str:
+    """The human view of an extract report: per (folded) module rank and errors, totals."""
+    t = r["totals"]
+    lines = [f"wrote {r['output']}: {r['format']} adapter, {t['lora_modules']} LoRA modules, "
+             f"{len(r['full_tensors'])} full tensors, {t['parameters']:,} parameters "
+             f"({human_bytes(t['bytes'])}); {r['policy']}, {r['svd']} SVD, seed {r['seed']}, "
+             f"{r['seconds']:.2f} s on {r['device']}"]
+    rows = [["module", "count", "rank", "rel. error", "kept energy", "‖ΔW‖/‖W‖"]]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for m in r["modules"]:
+        groups.setdefault((_LAYER.sub("*", m["name"]), m["rank"] if expand else None),
+                          []).append(m)
+    for (name, _), ms in groups.items():
+        ranks = sorted({m["rank"] for m in ms})
+        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        rows.append([ms[0]["name"] if len(ms) == 1 else name, f"×{len(ms)}" if len(ms) > 1
+                     else "", rank, _num(max(m["rel_error"] for m in ms)),
+                     f"{min(m['kept_energy'] for m in ms):.4f}",
+                     _num(max(m["rel_delta"] or 0.0 for m in ms))])
+    if len(rows) > 1:
+        lines.append("")
+        lines += _table(rows, right={1, 2, 3, 4, 5})
+        lines.append("(per group: largest error, smallest kept energy, largest ‖ΔW‖/‖W‖)")
+    lines.append("")
+    lines.append(f"error ‖ΔW − BA‖/‖ΔW‖ measured on the stored factors: max "
+                 f"{t['max_rel_error']:.4g}, over all modules {t['total_rel_error']:.4g}")
+    if r["full_tensors"]:
+        lines.append(f"stored in full (modules_to_save): {', '.join(r['full_tensors'][:6])}"
+                     + (" …" if len(r["full_tensors"]) > 6 else "")
+                     + " — not LoRA-able; --skip-full drops norms")
+    if r["bias_deltas"]:
+        lines.append(f"bias changes as lora_B.bias: {len(r['bias_deltas'])}")
+    if r["dropped"]:
+        lines.append(f"dropped (--skip-full): {', '.join(r['dropped'][:6])}")
+    lines.append(f"unchanged tensors skipped: {r['unchanged_tensors']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- writing verbs
+
+
+def format_merge(r: dict[str, Any]) -> str:
+    """merge / unmerge."""
+    names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
+    lines = [f"wrote {r['output']}: {r['operation']}d {names} into {r['base']}",
+             f"  {r['tensors_changed']} of {r['tensors']} tensors changed, max "
+             f"|ΔW| {r['max_abs_delta']:.3g}; {r['seconds']:.2f} s, "
+             f"{r['gb_per_s']:.2f} GB/s on {r['device']}, peak RSS {r['peak_rss_mb']:.0f} MiB"
+             + (f", peak GPU {r['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in r else "")]
+    kept = [f"{n} tensors replaced in full" for n in [r["replaced_recorded"]] if n] + [
+        f"DoRA row norms of {n} tensors" for n in [r["dora_norms_recorded"]] if n]
+    if kept:
+        lines.append(f"  recorded {' and '.join(kept)} in {r['record']}, so that unmerge "
+                     "gives the base back")
+    if r["not_copied"]:
+        left = r["not_copied"]
+        lines.append(f"  left out {len(left)} file(s) of the base that hold its old weights in "
+                     f"another format: {', '.join(left[:4])}" + (" …" if len(left) > 4 else ""))
+    v = r.get("verify")
+    if v:
+        lines.append(f"  verify: {v['checked']} changed tensors within the rounding bound; "
+                     f"worst {v['name']} at {v['ratio']:.3f}× the bound (max error "
+                     f"{v['max_abs_error']:.3g})")
+    return "\n".join(lines)
+
+
+def format_combine(r: dict[str, Any], expand: bool = False) -> str:
+    """combine / resize: totals, then rank and measured error per (folded) module."""
+    t = r["totals"]
+    resize = r["operation"] == "resize"
+    what = (f"ranks {_ranks(t['input_ranks'])} → {_ranks(t['ranks'])}" if resize else
+            f"method {r['method']}, ranks {_ranks(t['ranks'])}")
+    lines = [f"wrote {r['output']}: {r['format']} adapter, {t['lora_modules']} LoRA modules, "
+             f"{what}, {t['parameters']:,} parameters ({human_bytes(t['bytes'])})"
+             + (f"; {r['policy']}" if r["policy"] else "") + f"; {r['seconds']:.2f} s"]
+    rows = [["module", "count", "rank", "rel. error"]]
+    for name, ms in _fold(r["modules"], expand):
+        ranks = sorted({m.get("rank", 0) for m in ms})
+        rows.append([name, f"×{len(ms)}" if len(ms) > 1 else "", _ranks(ranks),
+                     _num(max(m.get("rel_error") or 0.0 for m in ms))])
+    if len(rows) > 1:
+        lines += [""] + _table(rows, right={1, 2, 3})
+    against = ("the input" if resize else "the exact weighted sum" if r["method"] in (
+        "svd", "cat") else "the method's dense result")
+    lines += ["", f"error ‖ΔW − BA‖/‖ΔW‖ against {against}, measured on the stored factors: "
+                  f"max {t['max_rel_error']:.4g}"]
+    return "\n".join(lines)
+
+
+def format_convert(r: dict[str, Any]) -> str:
+    lines = [f"wrote {r['output']}: {r['format']} adapter, {r['modules']} LoRA modules, "
+             f"{r['full_tensors']} full tensors (from {r['source_format']})"]
+    for lost in r["dropped"]:
+        lines.append(f"  dropped (--drop-unsupported): {lost}")
+    if r["base_copies_left_out"]:
+        lines.append(f"  left out {len(r['base_copies_left_out'])} full tensor(s) equal to the "
+                     f"base's ({r['base_copies_left_out'][0]} …): merging them changes nothing")
+    g = r.get("gguf")
+    if g and g["rescaled"]:
+        lines.append(f"  adapter.lora.alpha = {g['alpha']:g}; lora_b of {g['rescaled']} "
+                     "modules rescaled to share it"
+                     + (f" ({len(g['inexact'])} by a factor that is not a power of two: one "
+                        "rounding)" if g["inexact"] else " (exactly: powers of two)"))
+    elif g:
+        lines.append(f"  adapter.lora.alpha = {g['alpha']:g}: every module's scale is alpha / "
+                     "rank, nothing rescaled")
+    return "\n".join(lines)
+
+
+def format_export(r: dict[str, Any]) -> str:
+    v = r["verification"]
+    lines = [f"wrote {r['output']}: {', '.join(r['files'])}",
+             f"  {r['architecture']} ({r['task']}, {r['dtype']}), inputs "
+             f"{', '.join(r['inputs'])}; {len(r['adapters'])} adapter(s) merged in memory "
+             f"({r['tensors_changed_by_adapters']} tensors); {r['seconds']:.1f} s"]
+    if v["checked"]:
+        lines.append(f"  verified in onnxruntime on shapes {v['shapes']} (one padded): max "
+                     f"|ONNX − PyTorch| {v['max_abs_diff']:.3g} ≤ {v['atol']:g}")
+    else:
+        lines.append("  not verified (--no-verify)")
+    past = r.get("with_past")
+    if past and past["verification"]["checked"]:
+        lines.append(f"  prefill.onnx + decode.onnx (KV cache): a prefill and one decode step "
+                     f"match PyTorch's full-sequence logits to "
+                     f"{past['verification']['max_abs_diff']:.3g}")
+    return "\n".join(lines)
+
+
+def _ranks(ranks: list[int]) -> str:
+    if not ranks:
+        return "none"
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+
+
+def _fold(modules: list[dict[str, Any]], expand: bool) -> list[tuple[str, list[Any]]]:
+    """Modules grouped by name with layer numbers folded (``layers.*.q_proj``)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for m in modules:
+        groups.setdefault(m["name"] if expand else _LAYER.sub("*", m["name"]), []).append(m)
+    return [(ms[0]["name"] if len(ms) == 1 else k, ms) for k, ms in groups.items()]
