@@ -37,9 +37,12 @@ class State:
 
 
 class _Finite(click.ParamType):
-    """A finite float (no nan, no inf)."""
+    """A finite float (no nan, no inf), optionally at least ``minimum``."""
 
     name = "float"
+
+    def __init__(self, minimum: float | None = None) -> None:
+        self.minimum = minimum
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         try:
@@ -48,6 +51,8 @@ class _Finite(click.ParamType):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(x):
             self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.minimum is not None and x < self.minimum:
+            self.fail(f"{value!r} is below {self.minimum:g}", param, ctx)
         return x
 
 
@@ -487,12 +492,12 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of the graph's weights and activations (bf16 does not run on "
                    "onnxruntime's CPU provider).")
-@click.option("--opset", type=click.IntRange(min=18), help="ONNX opset (default: the "
-              "exporter's; the exporter needs 18 or newer).")
+@click.option("--opset", type=click.IntRange(min=1), help="ONNX opset (default: the "
+              "exporter's, 18); the graph is checked to have it.")
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "feature-extraction"]),
               default="auto", show_default=True,
               help="causal-lm exports logits; feature-extraction the last hidden state.")
-@click.option("--atol", type=click.FloatRange(min=0, max=1e30),
+@click.option("--atol", type=_Finite(minimum=0.0),
               help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
 @click.option("--with-past", is_flag=True,
               help="Also export prefill.onnx and decode.onnx with a KV cache (causal LMs).")

@@ -287,6 +287,21 @@ def _batch(names: list[str], batch: int, seq: int, vocab: int, types: int, pad_i
     return out
 
 
+def _check_opset(path: Path, opset: int | None) -> int | None:
+    """The graph's opset; a requested one the exporter did not write is an error (its version
+    converter falls back to 18 silently, which can leave operators of a newer opset)."""
+    import onnx
+
+    got = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:
+        raise LoraToolError(f"--opset {opset}: the exporter wrote opset {got} instead (it "
+                            f"converts to opsets from 14 to {onnx.defs.onnx_opset_version()}, "
+                            "as far as the model's operators allow); choose one of those, or "
+                            "leave --opset out")
+    return got
+
+
 def _verify(wrapper: Any, path: Path, names: list[str], vocab: int, types: int, pad: int,
             seed: int, atol: float) -> dict[str, Any]:
     """Two shapes unlike the traced (2, 8) one, the second right-padded, through PyTorch and
@@ -295,7 +310,11 @@ def _verify(wrapper: Any, path: Path, names: list[str], vocab: int, types: int, 
     import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own errors share no base class
+        raise LoraToolError(f"verification failed: onnxruntime cannot load the exported graph "
+                            f"({str(e).splitlines()[0][:200]}); nothing was written") from e
     g = torch.Generator().manual_seed(seed)
     worst, shapes = 0.0, []
     for batch, seq in ((1, 5), (3, 17)):
@@ -399,6 +418,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
             raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
                                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                                 ) from e
+        graph_opset = _check_opset(tmp / "model.onnx", opset)
         bar.update(1)
         result: dict[str, Any] = {"checked": False}
         if verify:
@@ -418,11 +438,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
                                     ) from e
             bar.update(1)
         not_copied = copy_config_files(base.folder, tmp)
-        import onnx
 
-        graph_opset = next((o.version for o in onnx.load(
-            str(tmp / "model.onnx"), load_external_data=False).opset_import
-            if o.domain in ("", "ai.onnx")), None)
         report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,
                   "task": task, "architecture": (config.architectures or [None])[0],
                   "inputs": names, "outputs": [output],

@@ -229,5 +229,18 @@ def test_missing_weights_and_nan_outputs_fail(tmp_path):
     res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx", "--dtype", "fp16")
     assert res.rc == 1 and "NaN or Inf" in res.err, res.err
     res = run_cli("export", tmp_path / "base", "-o", tmp_path / "x" / "y", "--atol", "nan")
-    assert res.rc == 1 and "--atol" in res.err and not (tmp_path / "x").exists()
+    assert res.rc == 2 and "--atol" in res.err and not (tmp_path / "x").exists()
     assert not (tmp_path / "onnx").exists()
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config()).eval().save_pretrained(tmp_path / "base")
+    res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx", "--opset", "99")
+    assert res.rc == 1 and "--opset 99" in res.err and "choose one of those" in res.err, res.err
+    assert not (tmp_path / "onnx").exists()
+    res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx", "--opset", "20",
+                  "--json")
+    assert res.rc == 0 and json.loads(res.out)["opset"] == 20, res.err

@@ -306,7 +306,7 @@ def test_quiet_works_on_every_command():
     (["combine", "a", "b", "-o", "o", "--method", "ties", "--density", "1.5"], "--density"),
     (["merge", "b", "a", "-o", "o", "--weight", "nan"], "--weight"),
     (["merge", "b", "a", "-o", "o", "--max-shard-size", "lots"], "--max-shard-size"),
-    (["export", "b", "-o", "o", "--opset", "1"], "--opset"),
+    (["export", "b", "-o", "o", "--opset", "0"], "--opset"),
     (["export", "b", "-o", "o", "--atol", "-1"], "--atol")])
 def test_bad_values_are_usage_errors(tmp_path, args, needle):
     res = run_cli(*args)
