@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +158,10 @@ def ties_embeddings(config: dict[str, Any] | None, tensor_names: Any) -> bool:
     return bool(cfg.get("tie_word_embeddings", True))
 
 
+# lookup tables (token, position, relative-position): a LoRA on them is PEFT's embedding
+# LoRA, never a linear one; extract stores them in full by default
+EMBEDDING = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared|relative_attention_bias)\.weight$")
+HEAD_TENSOR = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
 HEAD = "lm_head"  # the name transformers gives a tied output head (GPT-2, Llama, BLOOM …)
 _INPUT_EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
                     "embed_in.weight", "shared.weight")

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FormatError, InputError, UnsafeFileError
+from .validate import ADAPTER_CONFIG as ADAPTER_CONFIG_FIELDS
+from .validate import MODEL_CONFIG, check_fields, check_zip, parse_json
 
 if sys.byteorder != "little":  # safetensors data is little-endian; so is every host we know
     raise ImportError("loratool reads and writes safetensors data as little-endian, the "
@@ -62,6 +63,8 @@ TORCH_TO_CODE: dict[str, str] = {name: code for code, (_, name) in DTYPES.items(
 
 # safetensors refuses headers above 100 MB; a larger length field means a damaged file
 MAX_HEADER_BYTES = 100_000_000
+MAX_TENSORS = 1 << 18  # tensors in one file: real checkpoints hold thousands at most
+MAX_DIM = 1 << 48  # one dimension: beyond any real tensor (and what torch can index)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ADAPTER_CONFIG = "adapter_config.json"
 REMOTE = -2  # TensorInfo.offset of a tensor whose file is still on the Hub
@@ -147,11 +150,10 @@ def _header_length(head: bytes, size: int, path: Path | str) -> int:
 def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
                              ) -> tuple[list[TensorInfo], dict[str, str]]:
     """Check the JSON header ``raw`` (``n`` bytes) of a safetensors file of ``size`` bytes."""
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid JSON ({e}): "
-                          "the file is damaged or not safetensors") from e
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # before parsing: memory stays bounded
+        raise FormatError(f"{path}: the header lists more than {MAX_TENSORS:,} tensors, far "
+                          "beyond any real checkpoint: the file is damaged or hostile")
+    header = parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -167,7 +169,8 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
         if code not in DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
                               f"(known: {', '.join(DTYPES)})")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) <= 16
+                and all(type(d) is int and 0 <= d < MAX_DIM for d in shape)):
             raise FormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
         if not (isinstance(offs, list) and len(offs) == 2
                 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
@@ -206,20 +209,30 @@ def _read_exact(info: TensorInfo, into: memoryview | None = None) -> bytearray |
     buf = bytearray(info.nbytes) if into is None else into[: info.nbytes]
     view = memoryview(buf)
     try:
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
+        with open(info.file, "rb", buffering=0) as f:
             done = 0
             while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.offset + done)
+                got = _pread_into(f, view[done:], info.offset + done)
                 if got == 0:
                     raise FormatError(f"{info.file}: ended while reading tensor {info.name!r}: "
                                       "the file is truncated or changed while being read")
                 done += got
-        finally:
-            os.close(fd)
     except OSError as e:
         raise _os_error(info.file, e) from e
     return buf
+
+
+def _pread_into(f: Any, view: memoryview, offset: int) -> int:
+    """Read at an offset into ``view``: ``preadv`` (Linux, BSD) straight into the buffer,
+    ``pread`` (macOS) with one copy, or seek and read where neither exists (Windows)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [view], offset)
+    if hasattr(os, "pread"):
+        chunk = os.pread(f.fileno(), min(len(view), 1 << 26), offset)
+        view[: len(chunk)] = chunk
+        return len(chunk)
+    f.seek(offset)
+    return f.readinto(view) or 0
 
 
 # --------------------------------------------------------------------------- PyTorch pickles
@@ -290,6 +303,20 @@ def check_exists(path: Path) -> None:
         raise _os_error(path, e) from e
 
 
+def check_regular(path: Path) -> None:
+    """Only regular files are read: opening a FIFO or a device would block or never end."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise _os_error(path, e) from e
+    if not stat.S_ISREG(mode):
+        what = "a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(
+            mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+        raise InputError(f"{path}: is {what}, not a regular file; point at the weights file")
+
+
 def _safe_member(folder: Path, rel: str, index: Path) -> Path:
     """A file named by an index must stay inside the folder: no absolute paths, no ``..``."""
     p = Path(rel)
@@ -299,12 +326,12 @@ def _safe_member(folder: Path, rel: str, index: Path) -> Path:
 
 
 def _read_json(path: Path) -> Any:
+    check_regular(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as e:
         raise _os_error(path, e) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from e
+    return parse_json(raw, path)
 
 
 def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]:
@@ -501,6 +528,7 @@ _NOT_WEIGHTS = {
 
 
 def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[TensorInfo], dict]:
+    check_regular(path)
     try:
         with open(path, "rb") as f:  # detect by content, not by name
             head = f.read(64)
@@ -512,6 +540,8 @@ def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[Te
         raise FormatError(f"{path}: {_NOT_WEIGHTS[kind]}")
     if kind not in ("zip", "pickle"):  # safetensors, or a damaged one: its own messages
         return read_safetensors_header(path)
+    if kind == "zip":
+        check_zip(path)
     state = _torch_load(path)
     pickles.clear()
     pickles[path] = state
@@ -579,15 +609,22 @@ def _open_hub(repo: Any, spec: str) -> Checkpoint:
 def _config(path: Path, lenient: bool) -> dict[str, Any] | None:
     """A JSON config beside the weights; for a single file named directly, a broken config in
     its folder is not the user's input, so it is ignored rather than fatal."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
         data = _read_json(path)
+        if not isinstance(data, dict):
+            raise FormatError(f"{path}: holds a JSON {type(data).__name__}, not an object of "
+                              "settings")
+        if path.name == "config.json":
+            check_fields(data, MODEL_CONFIG, path)
+        elif path.name == ADAPTER_CONFIG:
+            check_fields(data, ADAPTER_CONFIG_FIELDS, path)
     except (FormatError, InputError):
         if lenient:
             return None
         raise
-    return data if isinstance(data, dict) else None
+    return data
 
 
 def _assemble(path: Path, folder: Path, rels: list[str], index: str | None,

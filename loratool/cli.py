@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -123,13 +122,15 @@ def _notes(ctx: click.Context, notes: list[str]) -> None:
     """Things a user should know about a result, on stderr (not with --quiet)."""
     if not _quiet(ctx):
         for note in notes:
-            click.echo(f"loratool: note: {note}", err=True)
+            _echo(f"loratool: note: {note}", err=True)
 
 
 def _print(report: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]
            ) -> None:
-    click.echo(json.dumps(report, indent=2, allow_nan=False, default=str) if as_json
-               else human(report))
+    if as_json:  # JSON escapes control characters itself
+        click.echo(json.dumps(report, indent=2, allow_nan=False, default=str))
+    else:
+        _echo(human(report))
 
 
 def _options(*opts: Any) -> Callable[[Any], Any]:
@@ -226,12 +227,12 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
                       progress=progress)
         data["compare"] = cmp
     if as_json:
-        click.echo(json.dumps(data, indent=2, allow_nan=False))
+        click.echo(json.dumps(data, indent=2, allow_nan=False))  # escapes control characters
         return
-    click.echo(format_summary(data, expand=expand))
+    _echo(format_summary(data, expand=expand))
     if cmp is not None:
-        click.echo("")
-        click.echo(format_compare(data, cmp, expand=expand))
+        _echo("")
+        _echo(format_compare(data, cmp, expand=expand))
 
 
 @cli.command()
@@ -557,7 +558,7 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
 
     r = run(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
             repo_type=repo_type, force=force, progress=_progress(ctx))
-    click.echo(json.dumps(r, indent=2) if as_json else r["path"])
+    _echo(json.dumps(r, indent=2) if as_json else r["path"])
 
 
 @cli.command()
@@ -588,7 +589,7 @@ def push(ctx: click.Context, path: Path, repo_id: str, private: bool, revision: 
     r = run(path, repo_id, private=private, revision=revision, message=message,
             create_pr=create_pr, include=list(include), exclude=list(exclude),
             repo_type=repo_type, progress=_progress(ctx))
-    click.echo(json.dumps(r, indent=2) if as_json else (r["pr_url"] or r["commit_url"]))
+    _echo(json.dumps(r, indent=2) if as_json else (r["pr_url"] or r["commit_url"]))
 
 
 @cli.command()
@@ -604,7 +605,7 @@ def demo(ctx: click.Context, workdir: Path) -> None:
     from .demo import run_demo
 
     for section in run_demo(workdir, progress=_progress(ctx)):
-        click.echo(section)
+        _echo(section)
 
 
 # --------------------------------------------------------------------------- the boundary
@@ -614,38 +615,60 @@ def _debug() -> bool:
     return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0")
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    # Turn SIGTERM into KeyboardInterrupt so writers remove their temporary output.
-    raise KeyboardInterrupt
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: str) -> str:
+    """Text as a terminal may show it: control characters (an escape sequence in a tensor
+    name can retitle or clear a terminal) and lone surrogates written as escapes."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _echo(text: str, err: bool = False, nl: bool = True) -> None:
+    click.echo(safe(text), err=err, nl=nl)
+
+
+def _error(message: str, code: int) -> None:
+    _echo(message, err=True)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI inside the one error boundary."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    from . import interrupts
+
+    interrupts.install()
     try:
         rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        interrupts.check_interrupted()  # an interrupt something swallowed is still one
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("loratool: interrupted; no output was left behind", err=True)
-        sys.exit(130)
+        _error("loratool: interrupted; no output was left behind", 130)
     except click.ClickException as e:  # usage errors: click's message, exit 2
-        e.show()
+        import io
+
+        buf = io.StringIO()
+        e.show(file=buf)
+        _echo(buf.getvalue(), err=True, nl=False)
         sys.exit(e.exit_code)
     except UsageError as e:  # options that cannot work together, found by a verb
-        click.echo(f"loratool: usage error: {e}", err=True)
-        sys.exit(2)
+        _error(f"loratool: usage error: {e}", 2)
     except LoraToolError as e:
         if _debug():
             traceback.print_exc()
-        click.echo(f"loratool: error: {e}", err=True)
-        sys.exit(1)
+        _error(f"loratool: error: {e}", 1)
     except BrokenPipeError:
         sys.stderr.close()  # `loratool inspect … | head` is not an error
         sys.exit(0)
     except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if interrupts.interrupted():  # e.g. an import cut short by Ctrl-C
+            _error("loratool: interrupted; no output was left behind", 130)
         if _debug():
             traceback.print_exc()
+        if isinstance(e, OSError) and e.errno is not None:  # what no verb mapped: still one line
+            where = f"{e.filename}: " if e.filename else ""
+            _error(f"loratool: error: {where}{e.strerror or e}", 1)
         first = (str(e).splitlines() or [""])[0]
-        click.echo(f"loratool: internal error: {type(e).__name__}: {first} (set "
-                   "LORATOOL_DEBUG=1 for the traceback, and please report it)", err=True)
-        sys.exit(1)
+        _error(f"loratool: internal error: {type(e).__name__}: {first} (set LORATOOL_DEBUG=1 "
+               "for the traceback, and please report it)", 1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -161,7 +161,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     """
     from .formats import FORMATS, output_format, write_adapter
     from .options import check_dtype, check_weights
-    from .writer import check_output
+    from .staging import check_output
 
     t0 = time.perf_counter()
     _check_options(method, density, policy)

@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -287,6 +286,33 @@ def _batch(names: list[str], batch: int, seq: int, vocab: int, types: int, pad_i
     return out
 
 
+def _trace(wrapper: Any, example: dict[str, Any], names: list[str], output: str, path: Path,
+           opset: int | None, config: Any) -> None:
+    """torch.onnx.export (dynamo) with dynamic batch and sequence axes."""
+    import torch
+
+    dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(wrapper, tuple(example[n] for n in names), str(path),
+                              dynamo=True, dynamic_shapes=dyn, input_names=names,
+                              output_names=[output], opset_version=opset, external_data=True)
+    except Exception as e:  # the exporter's errors are long; keep the first line
+        raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+
+
+def _with_past_or_error(model: Any, config: Any, tmp: Path, vocab: int, opset: int | None,
+                        seed: int, verify: bool, atol: float) -> dict[str, Any]:
+    try:
+        return _export_with_past(model, config, tmp, vocab, opset, seed, verify, atol)
+    except LoraToolError:
+        raise
+    except Exception as e:
+        raise LoraToolError(f"--with-past export failed for {config.model_type}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+
+
 def _check_opset(path: Path, opset: int | None) -> int | None:
     """The graph's opset; a requested one the exporter did not write is an error (its version
     converter falls back to 18 silently, which can leave operators of a newer opset)."""
@@ -344,7 +370,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     import transformers
 
     from .checkpoint import open_checkpoint
-    from .writer import check_output
+    from .staging import check_output
 
     t0 = time.perf_counter()
     if dtype not in ATOL:
@@ -376,13 +402,13 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
         raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
     with progress.bar("export", total=4 if with_past else 3, unit="step") as bar:
         return _export(base, base_spec, adapter_specs, out, inputs, config, task, weights,
-                       dtype, opset, atol, verify, seed, with_past, bar, t0)
+                       dtype, opset, atol, verify, seed, with_past, bar, t0, force)
 
 
 def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inputs: list[Path],
             config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
-            atol: float, verify: bool, seed: int, with_past: bool, bar: Any, t0: float
-            ) -> dict[str, Any]:
+            atol: float, verify: bool, seed: int, with_past: bool, bar: Any, t0: float,
+            force: bool) -> dict[str, Any]:
     """load → merge in memory → trace → verify → (KV-cache graphs) → publish."""
     import torch
 
@@ -400,24 +426,16 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
     types = int(getattr(config, "type_vocab_size", 0) or 0)
     pad = getattr(config, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) else 0
-    from .writer import copy_config_files, move_into_place, remove_created, temp_beside
+    from .staging import Stage
+    from .writer import copy_config_files
 
-    tmp, created = temp_beside(out)
-    try:
-        g = torch.Generator().manual_seed(seed)
-        example = _batch(names, 2, 8, vocab, types, pad, g)  # seq ≥ 2 (NOTES: 1 bakes a branch)
-        dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
-        output = "logits" if task == "causal-lm" else "last_hidden_state"
-        try:
-            with _quiet(), torch.no_grad():
-                torch.onnx.export(wrapper, tuple(example[n] for n in names),
-                                  str(tmp / "model.onnx"), dynamo=True, dynamic_shapes=dyn,
-                                  input_names=names, output_names=[output],
-                                  opset_version=opset, external_data=True)
-        except Exception as e:  # the exporter's errors are long; keep the first line
-            raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
-                                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-                                ) from e
+    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    with Stage(out, inputs, force) as stage:
+        tmp = stage.tmp
+        assert tmp is not None
+        example = _batch(names, 2, 8, vocab, types, pad,  # seq ≥ 2 (NOTES: 1 bakes a branch)
+                         torch.Generator().manual_seed(seed))
+        _trace(wrapper, example, names, output, tmp / "model.onnx", opset, config)
         graph_opset = _check_opset(tmp / "model.onnx", opset)
         bar.update(1)
         result: dict[str, Any] = {"checked": False}
@@ -427,18 +445,10 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
         bar.update(1)
         cached = None
         if with_past:
-            try:
-                cached = _export_with_past(model, config, tmp, vocab, opset, seed + 2, verify,
-                                           atol)
-            except LoraToolError:
-                raise
-            except Exception as e:
-                raise LoraToolError(f"--with-past export failed for {config.model_type}: "
-                                    f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-                                    ) from e
+            cached = _with_past_or_error(model, config, tmp, vocab, opset, seed + 2, verify,
+                                         atol)
             bar.update(1)
         not_copied = copy_config_files(base.folder, tmp)
-
         report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,
                   "task": task, "architecture": (config.architectures or [None])[0],
                   "inputs": names, "outputs": [output],
@@ -448,11 +458,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
                   "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         report["files"] = sorted(p.name for p in tmp.iterdir())
-        move_into_place(tmp, out, inputs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        raise
+        stage.publish()
     report["output"] = str(out)
     report["seconds"] = time.perf_counter() - t0
     return report

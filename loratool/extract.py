@@ -23,15 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapter import EMBEDDING
+from .adapter import HEAD_TENSOR as HEAD
 from .errors import FormatError, LoraToolError
 from .policy import (BudgetItem, Factored, Fixed, RankPolicy, allocate, check_fixed, factorize,
                      module_seed, spectrum, spectrum_cap)
 from .progress import SILENT, Progress
 
-# lookup tables (token, position, relative-position): a LoRA on them is PEFT's embedding
-# LoRA, never a linear one; by default they are stored in full
-EMBEDDING = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared|relative_attention_bias)\.weight$")
-HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
 CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
 
@@ -170,19 +168,24 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
         _at_budget_ranks(job, progress)
     ad = _adapter(job, base_spec, cfg, tied)
     report = _report(job, base_spec, tuned_spec, out, fmt, ad, time.perf_counter() - t0)
-    _write(ad, out, fmt, report, base, force, inputs)
+    if report_path is None:
+        _write(ad, out, fmt, report, base, force, inputs)
+    else:  # staged first (a full disk fails before the adapter appears), published after it
+        from .staging import Stage
+
+        with Stage(report_path, inputs + [out], force, file=report_path.name) as stage:
+            assert stage.tmp is not None
+            (stage.tmp / report_path.name).write_text(report_json(report) + "\n")
+            _write(ad, out, fmt, report, base, force, inputs)
+            stage.publish()
     report["seconds"] = time.perf_counter() - t0
-    if report_path is not None:  # beside the adapter, written whole or not at all
-        tmp = report_path.with_name(f".{report_path.name}.partial")
-        tmp.write_text(report_json(report) + "\n")
-        tmp.replace(report_path)
     return report
 
 
 def _check_outputs(out: Path, report_path: Path | None, inputs: list[Path], force: bool
                    ) -> None:
     """Fail before the work, not after it."""
-    from .writer import check_output
+    from .staging import check_output
 
     check_output(out, inputs, force)
     if report_path is not None:

@@ -55,7 +55,7 @@ def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
     """Download a repo (its model-relevant files by default); returns its local path. Into
     ``out`` the files arrive all at once: downloaded beside it and moved into place."""
     from . import sources
-    from .writer import check_output
+    from .staging import Stage, check_output
 
     parsed = sources.parse_hub_id(repo_id)
     if parsed is None:
@@ -69,18 +69,12 @@ def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
         root = _download(repo_id, revision, repo_type, include, exclude, None, where,
                          progress.hub_bars)
     else:
-        from .writer import move_into_place, remove_created, temp_beside
-
-        tmp, created = temp_beside(out)
-        try:
-            _download(repo_id, revision, repo_type, include, exclude, tmp, where,
+        with Stage(out, [], force) as stage:
+            assert stage.tmp is not None
+            _download(repo_id, revision, repo_type, include, exclude, stage.tmp, where,
                       progress.hub_bars)
-            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the download's own bookkeeping
-            move_into_place(tmp, out, [])
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            remove_created(created)
-            raise
+            shutil.rmtree(stage.tmp / ".cache", ignore_errors=True)  # the download's records
+            stage.publish()
         root = out
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                    if p.is_file() and ".cache" not in p.parts)
@@ -196,12 +190,25 @@ def _files(folder: Path, include: list[str], exclude: list[str]) -> list[Path]:
         if any(fnmatch.fnmatch(rel, g) for g in exclude):
             continue
         target = Path(os.path.realpath(p))
-        if not target.is_relative_to(root) and "blobs" not in target.parts:
-            # a link out of the folder (a Hub cache snapshot's links into blobs/ are fine)
+        if not target.is_relative_to(root) and not _in_hub_cache(target):
+            # a link out of the folder (a Hub cache snapshot's links into its blobs are fine)
             raise InputError(f"{p}: links to {target}, outside the folder; refusing to upload "
                              "it (--exclude it, or copy the file in)")
         out.append(p)
     return out
+
+
+def _in_hub_cache(target: Path) -> bool:
+    """A file in the real Hub cache's blob store (``<cache>/models--org--name/blobs/…``): what
+    the links of a downloaded snapshot point at. Any other folder named blobs is not."""
+    from huggingface_hub import constants
+
+    cache = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    if not target.is_relative_to(cache):
+        return False
+    parts = target.relative_to(cache).parts
+    return len(parts) == 3 and parts[1] == "blobs" and parts[0].startswith(
+        ("models--", "datasets--", "spaces--"))
 
 
 def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,

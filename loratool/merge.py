@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import resource
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,6 +89,23 @@ def _single_model(ad: Any, spec: str) -> None:
         m.component = None
 
 
+def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], spec: str
+                       ) -> None:
+    """A full tensor replaces a base tensor of its shape; only a lookup table or head may
+    differ, in its first dimension (a resized vocabulary): anything else would write a model
+    its own library refuses."""
+    from .adapter import EMBEDDING, HEAD_TENSOR
+
+    if new == old:
+        return
+    resized = len(new) == len(old) == 2 and new[1:] == old[1:] and (
+        EMBEDDING.search(name) or HEAD_TENSOR.search(name))
+    if not resized:
+        raise FormatError(f"{spec}: full tensor {name} is {list(new)} but the base's is "
+                          f"{list(old)}; only an embedding or head may change size (its "
+                          "vocabulary): is the adapter for this base?")
+
+
 def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
                untie: bool = False) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
     """Which output tensors change and how, and the output tensor list ``(name, source)``."""
@@ -131,6 +148,7 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
 
         mapping = match_base(ad, View)
         for name, t in ad.full.items():
+            _check_replacement(name, tuple(t.shape), names[name].shape, spec)
             e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
             if e.full is not None or e.lora or e.dora:
                 raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
@@ -299,8 +317,13 @@ def _check_extremes(lo: float, hi: float, out_dtype: Any, name: str) -> None:
                                 "write with --dtype fp32 or bf16")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS
 
 
 def _restore(t: Any, e: Edit, name: str, record: UnmergeRecord | None, dev: Any,

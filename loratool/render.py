@@ -210,7 +210,8 @@ def format_merge(r: dict[str, Any]) -> str:
     lines = [f"wrote {r['output']}: {r['operation']}d {names} into {r['base']}",
              f"  {r['tensors_changed']} of {r['tensors']} tensors changed, max "
              f"|ΔW| {r['max_abs_delta']:.3g}; {r['seconds']:.2f} s, "
-             f"{r['gb_per_s']:.2f} GB/s on {r['device']}, peak RSS {r['peak_rss_mb']:.0f} MiB"
+             f"{r['gb_per_s']:.2f} GB/s on {r['device']}, peak RSS "
+             + (f"{r['peak_rss_mb']:.0f} MiB" if r["peak_rss_mb"] is not None else "n/a")
              + (f", peak GPU {r['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in r else "")]
     kept = [f"{n} tensors replaced in full" for n in [r["replaced_recorded"]] if n] + [
         f"DoRA row norms of {n} tensors" for n in [r["dora_norms_recorded"]] if n]

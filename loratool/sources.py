@@ -12,11 +12,12 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import HubError, InputError
 
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+)"
+                    r"(?:@(?P<rev>[A-Za-z0-9_./-]+))?")
 # What a command needs from a model or adapter repo besides weights: small, never code.
 CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
 HEADER_PROBE = 100_000  # bytes asked for first: most safetensors headers fit (as the Hub does)
@@ -24,7 +25,7 @@ HEADER_PROBE = 100_000  # bytes asked for first: most safetensors headers fit (a
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     """``"org/name@rev"`` → ``("org/name", "rev")``; None when it is not shaped like a Hub id."""
-    m = HUB_ID.match(spec)
+    m = HUB_ID.fullmatch(spec)  # fullmatch: a trailing newline is not part of an id
     if not m or spec.startswith((".", "/")):
         return None
     return m.group("repo"), m.group("rev")
@@ -60,16 +61,41 @@ def resolve_input(spec: str, bars: bool = False) -> "Path | HubRepo":
     return HubRepo(*hub, bars=bars)
 
 
+def timeout() -> float:
+    """Seconds the Hub may stay silent (connect, or between bytes) before a call fails."""
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
 def _hub_output(bars: bool) -> None:
     """huggingface_hub's warnings would break the one-line error contract; its download bars
-    are drawn only when the caller's progress draws bars (a person at a terminal)."""
-    from huggingface_hub import utils
+    are drawn only when the caller's progress draws bars (a person at a terminal). Its client
+    waits forever by default: every call gets a timeout instead, so an endpoint that accepts
+    the connection and never answers is an error, not a hang."""
+    from huggingface_hub import get_session, utils
 
     if bars:
         utils.enable_progress_bars()
     else:
         utils.disable_progress_bars()
     utils.logging.set_verbosity_error()
+    client = get_session()
+    client.timeout = type(client.timeout)(timeout())
+
+
+def _status(e: BaseException) -> tuple[Any, str]:
+    """The HTTP status (or the timeout) behind an error huggingface_hub wrapped in another."""
+    seen = 0
+    cause: BaseException | None = e
+    while cause is not None and seen < 8:
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if status is not None:
+            return status, ""
+        if "Timeout" in type(cause).__name__:
+            return None, type(cause).__name__
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None, ""
 
 
 @contextlib.contextmanager
@@ -94,6 +120,15 @@ def hub_errors(where: str, revision: str | None = None, bars: bool = False
         raise HubError(f"{where}: revision {revision!r} not found (check the branch, tag or "
                        "commit)") from e
     except hfe.LocalEntryNotFoundError as e:
+        status, slow = _status(e.__cause__ or e.__context__ or e)
+        if status in (401, 403):
+            raise HubError(f"{where}: no permission (HTTP {status}); set HF_TOKEN to a token "
+                           "with access to this repo") from e
+        if status is not None:
+            raise HubError(f"{where}: the Hub answered HTTP {status}, and the file is not in "
+                           "the local cache; retry later") from e
+        if slow:
+            raise _timeout(where, slow) from e
         raise HubError(f"{where}: no such local path; as a Hub id it is not in the local cache "
                        "and the Hub cannot be reached (offline?): connect, or unset "
                        "HF_HUB_OFFLINE") from e
@@ -119,9 +154,16 @@ def hub_errors(where: str, revision: str | None = None, bars: bool = False
                        "retry") from e
     except Exception as e:  # httpx errors share no base class with the above
         if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
+            if "Timeout" in type(e).__name__:
+                raise _timeout(where, type(e).__name__) from e
             raise HubError(f"{where}: cannot reach the Hub ({type(e).__name__}); check the "
                            "network or use a local path") from e
         raise
+
+
+def _timeout(where: str, kind: str) -> HubError:
+    return HubError(f"{where}: the Hub did not answer within {timeout():g} s ({kind}); retry "
+                    "later, or allow more with HF_HUB_DOWNLOAD_TIMEOUT=SECONDS")
 
 
 class HubRepo:

@@ -16,15 +16,16 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from .checkpoint import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code
 from .errors import LoraToolError, OutputError
+from .staging import Stage, output_os_error
 from .units import parse_size
 
 if TYPE_CHECKING:
@@ -33,27 +34,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_SHARD = 5 * 10**9  # transformers' default "5GB"
 # Files of a source folder that never travel to an output: weights, model cards, VCS state.
 NOT_COPIED = {"README.md", ".gitattributes", "adapter_config.json"}
-
-
-def _resolve(p: Path) -> Path:
-    return Path(os.path.realpath(p))
-
-
-def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that is, holds or lies inside an input, or that holds the current
-    folder; refuse an existing one unless ``force``."""
-    o = _resolve(out)
-    for i in inputs:
-        r = _resolve(i)
-        if o == r or r.is_relative_to(o) or o.is_relative_to(r):
-            raise OutputError(f"output {out} is or overlaps input {i}; choose another -o folder "
-                              "(inputs are never overwritten)")
-    if os.path.lexists(out) and not force:
-        raise OutputError(f"output {out} already exists; pass --force to replace it or choose "
-                          "another -o")
-    if force and os.path.lexists(out) and (Path(os.getcwd()).resolve().is_relative_to(o)
-                                           or o == Path(o.anchor)):
-        raise OutputError(f"output {out} holds the current folder; refusing to replace it")
 
 
 def tensor_bytes(t: "torch.Tensor") -> memoryview:
@@ -118,16 +98,24 @@ class _Shard:
         if not self.planned or want is None or want["data_offsets"] != [
                 self.size, self.size + nbytes] or want["dtype"] != code or want["shape"] != shape:
             raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
+        kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
         with open(src, "rb", buffering=0) as fin:
             done = 0
             while done < nbytes:
-                try:
-                    n = os.copy_file_range(fin.fileno(), self.f.fileno(), nbytes - done,
-                                           offset + done)
-                except OSError:  # another file system, or no kernel support: read and write
-                    n = len(chunk := os.pread(fin.fileno(), min(nbytes - done, 1 << 24),
-                                              offset + done))
+                n = -1
+                if kernel_copy is not None:
+                    try:
+                        n = kernel_copy(fin.fileno(), self.f.fileno(), nbytes - done,
+                                        offset + done)
+                    except OSError as e:  # another file system, no kernel support
+                        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                            raise
+                        kernel_copy = None
+                if n < 0:  # read and write
+                    fin.seek(offset + done)
+                    chunk = fin.read(min(nbytes - done, 1 << 24))
                     _write_all(self.f, memoryview(chunk))
+                    n = len(chunk)
                 if n == 0:
                     raise LoraToolError(f"{src}: ended while copying tensor {name!r}")
                 done += n
@@ -146,49 +134,6 @@ class _Shard:
             out.write(len(raw).to_bytes(8, "little") + raw)
             shutil.copyfileobj(data, out, 16 * 2**20)
         self.data_path.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def temp_beside(out: Path) -> tuple[Path, list[Path]]:
-    """A temporary folder next to ``out`` (same file system, so the final rename is atomic),
-    with the usual permissions, and the parent folders that had to be made for it."""
-    parent = out.parent if str(out.parent) else Path(".")
-    created = []
-    p = parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
-    return tmp, created
-
-
-def move_into_place(new: Path, out: Path, inputs: list[Path]) -> None:
-    """Rename a finished output (file or folder) onto ``out``. An existing ``out`` (--force)
-    is moved aside first and put back if the rename fails, so the user never ends up with
-    neither; then it is deleted."""
-    old: Path | None = None
-    if os.path.lexists(out):
-        check_output(out, inputs, True)
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
 
 
 # Files that hold the model's weights in another framework's format (an ONNX or OpenVINO
@@ -240,15 +185,6 @@ def copy_config_files(src: Path, dst: Path) -> list[str]:
     return left_out
 
 
-def remove_created(created: list[Path]) -> None:
-    """Remove parent folders made for an output that failed, innermost first, if empty."""
-    for d in created:
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
 class CheckpointWriter:
     """Stream tensors into a new checkpoint folder (or file) that appears only when complete.
 
@@ -262,8 +198,6 @@ class CheckpointWriter:
                  metadata: dict[str, str] | None = None, single_file: bool = False,
                  plan: list[tuple[str, str, tuple[int, ...]]] | None = None) -> None:
         self.out = Path(os.path.abspath(out))
-        if self.out.name in ("", ".", ".."):
-            raise OutputError(f"output {out} is not a usable file or folder name")
         # single_file: ``out`` is the .safetensors file itself (kohya, diffusers), never sharded
         self.single_file = single_file
         if single_file:
@@ -276,7 +210,6 @@ class CheckpointWriter:
         self.filename = filename
         self.metadata = {"format": "pt", **(metadata or {})}
         self.tmp: Path | None = None
-        self.created: list[Path] = []  # parent folders made here, removed again on failure
         self.shards: list[_Shard] = []
         self.names: set[str] = set()
         self.extra_files: dict[str, bytes] = {}
@@ -287,7 +220,9 @@ class CheckpointWriter:
         self.total_size = 0
         self.total_params = 0
         self.plan = self._layout(plan) if plan is not None else None
-        check_output(self.out, self.inputs, force)
+        self.need = sum(v["data_offsets"][1] - v["data_offsets"][0] for p in self.plan
+                        for v in p.values()) if self.plan else None  # bytes, for disk-full
+        self.stage = Stage(self.out, self.inputs, force, file=filename if single_file else None)
 
     def _layout(self, plan: list[tuple[str, str, tuple[int, ...]]]) -> list[dict[str, Any]]:
         """Cut a known tensor list into shards exactly as streaming would."""
@@ -308,11 +243,8 @@ class CheckpointWriter:
         return shards
 
     def __enter__(self) -> "CheckpointWriter":
-        try:
-            self.tmp, self.created = temp_beside(self.out)
-        except OSError as e:
-            self.abort()
-            raise OutputError(f"cannot create output beside {self.out}: {e.strerror or e}") from e
+        self.stage.__enter__()
+        self.tmp = self.stage.tmp
         return self
 
     @classmethod
@@ -324,8 +256,17 @@ class CheckpointWriter:
             return cls(out, single_file=True, **kw), out
         return cls(out, filename=default_name, max_shard_size=1 << 62, **kw), out / default_name
 
+    def _os(self, e: OSError) -> OutputError:
+        return output_os_error(self.out, e, self.need)
+
     def add(self, name: str, tensor: "torch.Tensor") -> None:
         """Append one tensor; a new shard starts when this one would pass the size limit."""
+        try:
+            self._add(name, tensor)
+        except OSError as e:
+            raise self._os(e) from e
+
+    def _add(self, name: str, tensor: "torch.Tensor") -> None:
         assert self.tmp is not None, "use CheckpointWriter as a context manager"
         if name in self.names:
             raise LoraToolError(f"tensor {name!r} written twice")
@@ -353,8 +294,11 @@ class CheckpointWriter:
         if name in self.names:
             raise LoraToolError(f"tensor {name!r} written twice")
         self.names.add(name)
-        self._shard_for(name)
-        self.shards[-1].add_raw(name, code, list(shape), src, offset, nbytes)
+        try:
+            self._shard_for(name)
+            self.shards[-1].add_raw(name, code, list(shape), src, offset, nbytes)
+        except OSError as e:
+            raise self._os(e) from e
         self.total_size += nbytes
         self.total_params += nbytes // dtype_bytes(code)
 
@@ -380,7 +324,10 @@ class CheckpointWriter:
         t = tensor.detach().cpu().contiguous()
         if name in side.header:
             raise LoraToolError(f"tensor {name!r} written twice to {filename}")
-        side.add(name, t)
+        try:
+            side.add(name, t)
+        except OSError as e:
+            raise self._os(e) from e
 
     def add_file(self, name: str, content: bytes | str) -> None:
         """A small non-weight file (config, model card …) written with the output."""
@@ -418,27 +365,16 @@ class CheckpointWriter:
             (self.tmp / name).write_bytes(content)
         if self.before_publish is not None:
             self.before_publish(self.tmp)
-        self._move_into_place()
-
-    def _move_into_place(self) -> None:
-        assert self.tmp is not None
-        new = self.tmp / self.filename if self.single_file else self.tmp
-        move_into_place(new, self.out, self.inputs)
-        if self.single_file:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.stage.publish()
         self.tmp = None
-        self.created = []
 
     def abort(self) -> None:
         """Remove everything written so far, and the parent folders this writer made."""
         for shard in [*self.shards, *self.side_files.values()]:
             if not shard.f.closed:
                 shard.f.close()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-        remove_created(self.created)
-        self.created = []
+        self.stage.abort()
+        self.tmp = None
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
@@ -448,7 +384,7 @@ class CheckpointWriter:
             self._finish()
         except OSError as e:
             self.abort()
-            raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from e
+            raise self._os(e) from e
         except BaseException:
             self.abort()
             raise

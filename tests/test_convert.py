@@ -232,7 +232,7 @@ def test_bad_alpha_not_a_number(tmp_path, peft_dir):
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg["lora_alpha"] = "sixteen"
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    _bad(tmp_path, d, "lora_alpha must be a number", "sixteen")
+    _bad(tmp_path, d, "lora_alpha must be a finite number", "sixteen")
 
 
 def test_bad_config_without_r(tmp_path, peft_dir):

@@ -315,7 +315,7 @@ def test_nan_adapter_and_fp16_overflow(tmp_path):
 
 def test_sigkill_leaves_no_complete_looking_output_and_rerun_succeeds(tmp_path):
     """SIGKILL cannot be caught: the temporary folder stays, but it is hidden and named
-    .partial, the output path does not exist, and a rerun succeeds."""
+    .partial, the output path does not exist, and a rerun succeeds and removes it."""
     import random
     import signal
     import subprocess
@@ -342,11 +342,13 @@ def test_sigkill_leaves_no_complete_looking_output_and_rerun_succeeds(tmp_path):
     p.wait()
     assert not out.exists()
     leftovers = [n for n in os.listdir(tmp_path) if n not in ("w", "merged")]
-    assert all(n.startswith(".merged.") and n.endswith(".partial") for n in leftovers)
+    assert all(n.startswith(".merged.") and n.endswith((".partial", ".lock"))
+               for n in leftovers)
     assert tree(tmp_path / "w") == before
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert open_checkpoint(out).tensors
+    assert sorted(os.listdir(tmp_path)) == ["merged", "w"]  # the killed run's leftovers too
 
 
 @pytest.mark.gpu

@@ -4,7 +4,6 @@ written, messages whose advice is possible and sufficient, and one CLI grammar."
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest

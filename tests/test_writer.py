@@ -12,7 +12,8 @@ import torch
 from loratool.checkpoint import open_checkpoint
 from loratool.errors import LoraToolError, OutputError
 from conftest import tree
-from loratool.writer import CheckpointWriter, _umask, parse_size
+from loratool.staging import _umask
+from loratool.writer import CheckpointWriter, parse_size
 
 
 def _write(out, state, **kw):
@@ -143,7 +144,11 @@ def test_existing_output_refused_then_forced(tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputError, match="--force"):
         CheckpointWriter(out)
+    # --force replaces outputs, never an unrelated folder
+    with pytest.raises(OutputError, match="not a model or adapter .keep.txt."):
+        CheckpointWriter(out, force=True)
     assert (out / "keep.txt").exists()
+    (out / "config.json").write_text("{}")  # now it is (the remains of) a model folder
     _write(out, {"a": torch.ones(2)}, force=True)
     assert sorted(os.listdir(out)) == ["model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the old folder is gone too
@@ -193,7 +198,7 @@ def test_force_swap_failure_puts_the_old_output_back(tmp_path, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(os, "rename", failing)
-    with pytest.raises(OutputError, match="No space left"):
+    with pytest.raises(OutputError, match="(?i)no space left"):
         _write(out, {"new": torch.zeros(2)}, force=True)
     monkeypatch.undo()
     assert list(open_checkpoint(out).tensors) == ["old"]
@@ -203,7 +208,7 @@ def test_force_swap_failure_puts_the_old_output_back(tmp_path, monkeypatch):
 def test_single_file_force_over_folder_and_file(tmp_path):
     out = tmp_path / "x.safetensors"
     out.mkdir()
-    (out / "junk").write_text("x")
+    (out / "lora.safetensors").write_text("x")
     _write(out, {"a": torch.ones(1)}, single_file=True, force=True)
     assert out.is_file() and sorted(os.listdir(tmp_path)) == ["x.safetensors"]
     _write(out, {"b": torch.ones(1)}, single_file=True, force=True)

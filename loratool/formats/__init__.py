@@ -166,10 +166,15 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
                           "lora_down/lora_up tensors); to make an adapter from a fine-tune use "
                           "`loratool extract`")
     if fmt == "kohya":
-        return kohya.read(ckpt, base_resolver(base) if base else None)
-    if fmt == "diffusers":
-        return diffusers.read(ckpt)
-    return peft.read(ckpt)
+        ad = kohya.read(ckpt, base_resolver(base) if base else None)
+    elif fmt == "diffusers":
+        ad = diffusers.read(ckpt)
+    else:
+        ad = peft.read(ckpt)
+    if not ad.modules and not ad.full:
+        raise FormatError(f"{spec}: holds no LoRA modules and no full tensors: there is "
+                          "nothing in it to apply")
+    return ad
 
 
 def require_resolved(ad: Any, spec: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError
+from ..validate import ADAPTER_CONFIG, check_fields, parse_json
 from . import peft
 
 META_KEY = "lora_adapter_metadata"
@@ -29,11 +30,16 @@ def read(ckpt: Checkpoint) -> Any:
 
     where = str(ckpt.source or ckpt.path)
     meta = dict(ckpt.metadata)
-    try:
-        packed = json.loads(meta.pop(META_KEY)) if META_KEY in meta else None
-        renamed = json.loads(meta.pop(COMPONENTS_KEY, "{}"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: header metadata {META_KEY} is not JSON") from e
+    packed = parse_json(meta.pop(META_KEY), where, f"header metadata {META_KEY}") \
+        if META_KEY in meta else None
+    renamed = parse_json(meta.pop(COMPONENTS_KEY, "{}"), where, f"header metadata "
+                         f"{COMPONENTS_KEY}")
+    if packed is not None and not isinstance(packed, dict):
+        raise FormatError(f"{where}: header metadata {META_KEY} must be a JSON object")
+    if not isinstance(renamed, dict) or not all(v is None or isinstance(v, str)
+                                                for v in renamed.values()):
+        raise FormatError(f"{where}: header metadata {COMPONENTS_KEY} must map prefixes to "
+                          "component names")
     by_comp: dict[str, dict[str, Any]] = {}
     for key in ckpt.tensors:
         comp, _, rest = key.partition(".")
@@ -47,6 +53,7 @@ def read(ckpt: Checkpoint) -> Any:
             cfg = {k[len(comp) + 1:]: v for k, v in packed.items() if k.startswith(comp + ".")}
             if not cfg:
                 raise FormatError(f"{where}: {META_KEY} has no config for component {comp}")
+            check_fields(cfg, ADAPTER_CONFIG, f"{where}: {META_KEY} of {comp}")
             modules, full = peft.modules_from_state(state, cfg, where, comp, prefix="")
         else:
             modules, full = peft.modules_from_state(state, {"r": 0, "lora_alpha": 0}, where,

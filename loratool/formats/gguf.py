@@ -17,7 +17,6 @@ with their rows permuted for its RoPE layout; ``lora_b`` rows are permuted the s
 from __future__ import annotations
 
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -138,36 +137,32 @@ def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
     import numpy as np
     import torch
 
-    from ..writer import check_output, move_into_place, remove_created, temp_beside
+    from ..staging import Stage, output_os_error
 
     alpha, rows = plan(ad, config)
     target = out if out.suffix == ".gguf" else out / "adapter.gguf"
-    check_output(out, inputs or [], force)
-    tmp, created = temp_beside(out)
-    try:
-        w = gguf.GGUFWriter(str(tmp / target.name), ARCHES[config["model_type"]][0])
-        w.add_string("general.type", "adapter")
-        w.add_string("adapter.type", "lora")
-        w.add_float32("adapter.lora.alpha", float(alpha))
-        _base_model(w, ad.base_model)
-        for name, a, b, _ in rows:
-            for suffix, t in ((".lora_a", a), (".lora_b", b)):
-                # bf16 is widened to f32 (exact); f16 and f32 are kept as they are
-                keep = t.dtype in (torch.float16, torch.float32)
-                arr = t.detach().cpu().to(t.dtype if keep else torch.float32).contiguous().numpy()
-                w.add_tensor(name + suffix, np.ascontiguousarray(arr))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        # a .gguf file, or a folder holding adapter.gguf: the same swap as every output
-        move_into_place(tmp / target.name if target is out else tmp, out, inputs or [])
-        if target is out:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        raise
+    # a .gguf file, or a folder holding adapter.gguf: the same stage as every output
+    with Stage(out, inputs, force, file=target.name if target is out else None) as stage:
+        assert stage.tmp is not None
+        try:
+            w = gguf.GGUFWriter(str(stage.tmp / target.name), ARCHES[config["model_type"]][0])
+            w.add_string("general.type", "adapter")
+            w.add_string("adapter.type", "lora")
+            w.add_float32("adapter.lora.alpha", float(alpha))
+            _base_model(w, ad.base_model)
+            for name, a, b, _ in rows:
+                for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                    # bf16 is widened to f32 (exact); f16 and f32 are kept as they are
+                    keep = t.dtype in (torch.float16, torch.float32)
+                    arr = t.detach().cpu().to(t.dtype if keep else torch.float32)
+                    w.add_tensor(name + suffix, np.ascontiguousarray(arr.contiguous().numpy()))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as e:
+            raise output_os_error(out, e) from e
+        stage.publish()
     inexact = [n for n, _, _, f in rows if f != 1.0 and math.frexp(f)[0] != 0.5]
     return target, {"alpha": alpha, "modules": len(rows),
                     "rescaled": sum(1 for r in rows if r[3] != 1.0), "inexact": inexact}

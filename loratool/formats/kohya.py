@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..checkpoint import Checkpoint, natural_key
 from ..errors import FormatError
+from ..validate import parse_json
 
 NAMES_KEY = "loratool.modules"  # {stem: [component, module name, layout]}
 PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -46,10 +47,13 @@ def read(ckpt: Checkpoint, resolver: Resolver | None = None) -> Any:
 
     where = str(ckpt.source or ckpt.path)
     meta = dict(ckpt.metadata)
-    try:
-        names = json.loads(meta.pop(NAMES_KEY, "{}"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: header metadata {NAMES_KEY} is not JSON") from e
+    names = parse_json(meta.pop(NAMES_KEY, "{}"), where, f"header metadata {NAMES_KEY}")
+    if not isinstance(names, dict) or not all(
+            isinstance(v, list) and len(v) == 3 and (v[0] is None or isinstance(v[0], str))
+            and isinstance(v[1], str) and v[2] in ("linear", "conv", "fan_in_fan_out",
+                                                   "embedding") for v in names.values()):
+        raise FormatError(f"{where}: header metadata {NAMES_KEY} must map each module to "
+                          "[component, name, layout]; the file was changed by hand or damaged")
     groups: dict[str, dict[str, Any]] = {}
     for key in ckpt.tensors:
         m = _KEY.match(key)

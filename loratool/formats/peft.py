@@ -23,18 +23,17 @@ _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|l
                     r"(?:\.(?P<leaf>weight|bias))?$")
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule: the first key k with ``re.match(rf"(.*\\.)?({k})$", module)`` wins."""
+def pattern_value(patterns: dict[str, Any], module: str, default: Any, where: Any = "") -> Any:
+    """PEFT's rule: the first key k with ``re.match(rf"(.*\\.)?({k})$", module)`` wins
+    (matched with a time limit: see ``validate.pattern_match``)."""
+    from ..validate import pattern_match
+
     if not isinstance(patterns, dict):
-        raise FormatError(f"rank_pattern/alpha_pattern must map names to numbers, got "
+        raise FormatError(f"{where}: rank_pattern/alpha_pattern must map names to numbers, got "
                           f"{type(patterns).__name__}")
     for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error as e:
-            raise FormatError(f"pattern {key!r} in the adapter config is not a valid regular "
-                              f"expression ({e})") from e
+        if pattern_match(key, module, where):
+            return value
     return default
 
 
@@ -86,7 +85,7 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
     for mod_name in sorted(modules, key=natural_key):
         mod = modules[mod_name]
         rank = int(mod.get("rank", 0))
-        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod_name, default_alpha)
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod_name, default_alpha, where)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise FormatError(f"{where}: alpha_pattern gives {mod_name} the alpha {alpha!r}, "
                               "not a number")
@@ -135,8 +134,8 @@ def split_key(key: str) -> tuple[str, str, str | None] | None:
 def config_number(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> float:
     """A numeric config value, or a clear error naming the file and the key."""
     v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise FormatError(f"{where}: {key} must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise FormatError(f"{where}: {key} must be a finite number, got {v!r}")
     return v
 
 
@@ -198,7 +197,12 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
             layout = "conv"
         else:
             layout = "fan_in_fan_out" if fan else "linear"
-        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod, default_alpha)
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod, default_alpha, where)
+        rank = pattern_value(cfg.get("rank_pattern") or {}, mod, cfg["r"], where)
+        if cfg["r"] and A.shape[0] != rank:  # r = 0: diffusers' files without a config
+            raise FormatError(f"{where}: module {mod} has rank {A.shape[0]} (lora_A "
+                              f"{list(A.shape)}) but the config says {rank} (r / rank_pattern); "
+                              "the config and the weights do not belong together")
         mag = d.get("magnitude")
         modules.append(LoraModule(mod, A, B, float(alpha), rslora, layout,
                                   mag.reshape(-1) if mag is not None else None, d.get("bias"),
