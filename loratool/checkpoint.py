@@ -166,7 +166,7 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise FormatError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets")
         code, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
                               f"(known: {', '.join(DTYPES)})")
         if not (isinstance(shape, list) and len(shape) <= 16

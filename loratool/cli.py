@@ -630,20 +630,24 @@ def _echo(text: str, err: bool = False, nl: bool = True) -> None:
 
 
 def _error(message: str, code: int) -> None:
-    _echo(message, err=True)
+    """One line on stderr, whatever a name in it holds, and exit."""
+    _echo(message.replace("\n", "\\n").replace("\r", "\\r"), err=True)
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI inside the one error boundary."""
+    """Entry point: run the CLI inside the one error boundary. ``argv`` given (a caller in
+    Python, such as the tests): an interrupt raises SystemExit(130) instead of ending the
+    process at once."""
     from . import interrupts
 
+    program = argv is None
     interrupts.install()
     try:
         rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
         interrupts.check_interrupted()  # an interrupt something swallowed is still one
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _error("loratool: interrupted; no output was left behind", 130)
+        _interrupted(program)
     except click.ClickException as e:  # usage errors: click's message, exit 2
         import io
 
@@ -662,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except Exception as e:  # a bug: still one line, unless asked for the traceback
         if interrupts.interrupted():  # e.g. an import cut short by Ctrl-C
-            _error("loratool: interrupted; no output was left behind", 130)
+            _interrupted(program)
         if _debug():
             traceback.print_exc()
         if isinstance(e, OSError) and e.errno is not None:  # what no verb mapped: still one line
@@ -671,4 +675,18 @@ def main(argv: list[str] | None = None) -> None:
         first = (str(e).splitlines() or [""])[0]
         _error(f"loratool: internal error: {type(e).__name__}: {first} (set LORATOOL_DEBUG=1 "
                "for the traceback, and please report it)", 1)
+    if program:
+        interrupts.done()  # the work is done and published: a late Ctrl-C changes nothing
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _interrupted(program: bool) -> None:
+    """Exit 130. The program exits at once: the temporary output is already removed, and
+    interpreter teardown after an interrupted import can end the process by SIGINT instead
+    of this exit code."""
+    _echo("loratool: interrupted; no output was left behind", err=True)
+    if not program:
+        sys.exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)

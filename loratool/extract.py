@@ -171,11 +171,14 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     if report_path is None:
         _write(ad, out, fmt, report, base, force, inputs)
     else:  # staged first (a full disk fails before the adapter appears), published after it
-        from .staging import Stage
+        from .staging import Stage, output_os_error
 
         with Stage(report_path, inputs + [out], force, file=report_path.name) as stage:
             assert stage.tmp is not None
-            (stage.tmp / report_path.name).write_text(report_json(report) + "\n")
+            try:
+                (stage.tmp / report_path.name).write_text(report_json(report) + "\n")
+            except OSError as e:
+                raise output_os_error(report_path, e) from e
             _write(ad, out, fmt, report, base, force, inputs)
             stage.publish()
     report["seconds"] = time.perf_counter() - t0

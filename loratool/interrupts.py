@@ -26,6 +26,13 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
+def done() -> None:
+    """The command has finished: ignore a late Ctrl-C while the interpreter shuts down (it
+    would turn a complete, published result into a failed exit)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def interrupted() -> bool:
     return _interrupted
 

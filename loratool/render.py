@@ -16,7 +16,13 @@ _LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 
+def _cell(text: str) -> str:
+    """A table cell on one line, whatever a name holds."""
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    rows = [[_cell(c) for c in r] for r in rows]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     out = []
     for r in rows:

@@ -73,15 +73,34 @@ def _hub_output(bars: bool) -> None:
     are drawn only when the caller's progress draws bars (a person at a terminal). Its client
     waits forever by default: every call gets a timeout instead, so an endpoint that accepts
     the connection and never answers is an error, not a hang."""
-    from huggingface_hub import get_session, utils
+    from huggingface_hub import utils
 
     if bars:
         utils.enable_progress_bars()
     else:
         utils.disable_progress_bars()
     utils.logging.set_verbosity_error()
-    client = get_session()
-    client.timeout = type(client.timeout)(timeout())
+    _install_deadline()
+
+
+def _install_deadline() -> None:
+    """huggingface_hub passes ``timeout=None`` (wait forever) on many calls, which overrides
+    any client default: a request hook fills in every missing timeout, on the client it uses
+    (its transport, proxies included, stays as it is)."""
+    import huggingface_hub as hf
+
+    client = hf.get_session()
+    hooks = client.event_hooks
+    if _fill_timeouts not in hooks.get("request", []):
+        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _fill_timeouts]}
+
+
+def _fill_timeouts(request: Any) -> None:
+    limits = dict(request.extensions.get("timeout") or {})
+    for key in ("connect", "read", "write", "pool"):
+        if limits.get(key) is None:
+            limits[key] = timeout()
+    request.extensions["timeout"] = limits
 
 
 def _status(e: BaseException) -> tuple[Any, str]:

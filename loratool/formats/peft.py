@@ -90,6 +90,11 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
             raise FormatError(f"{where}: alpha_pattern gives {mod_name} the alpha {alpha!r}, "
                               "not a number")
         alpha = float(alpha)
+        want = pattern_value(cfg.get("rank_pattern") or {}, mod_name, cfg.get("r"), where)
+        if want is not None and rank != want:
+            raise FormatError(f"{where}: module {mod_name} has rank {rank} but the config says "
+                              f"{want} (r / rank_pattern); the config and the weights do not "
+                              "belong together")
         layout = mod.get("layout") or ("fan_in_fan_out" if cfg.get("fan_in_fan_out")
                                        else "linear")
         entry = {"name": mod_name, "rank": rank, "alpha": alpha,
