@@ -517,7 +517,8 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
     The bound per element is half an ulp of the output dtype at the reference value plus the
     float32 arithmetic error of the merge, ``(r + 3)·2⁻²⁴ · (|W| + Σ|w·s|·|B|@|A|)``. Reports
     the worst tensor (largest error / bound); a ratio above 1 is an error. A tensor that
-    unmerge restored from the record must equal the record exactly.
+    unmerge restored from the record must equal the record exactly. Tensors copied unchanged
+    are scanned too: merge itself checks only what it computes.
     """
     import torch
 
@@ -525,6 +526,7 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
     from .checkpoint import open_checkpoint
 
     merged = open_checkpoint(out)
+    _all_finite(merged, edits, progress)
     worst: dict[str, Any] = {"name": None, "ratio": 0.0, "max_abs_error": 0.0}
     with progress.bar("verify", total=len(edits), unit="tensor") as bar:
         for name, e in edits.items():
@@ -556,6 +558,24 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
                             f"{worst['ratio']:.2f}× the rounding bound; the output is wrong "
                             "and was not written (please report this)")
     return worst
+
+
+def _all_finite(merged: Any, edits: dict[str, Edit], progress: Progress) -> None:
+    """No NaN or Inf in the tensors merge copied unchanged (they came from the base as they
+    were: merge computes and checks only the ones it changes)."""
+    import torch
+
+    from .checkpoint import dtype_bytes
+
+    copied = [n for n, i in merged.tensors.items() if n not in edits and i.dtype.startswith(
+        ("F", "BF")) and dtype_bytes(i.dtype) > 1]
+    with progress.bar("verify unchanged", total=len(copied), unit="tensor") as bar:
+        for name in copied:
+            bar.update(1)
+            t = merged.load(name)
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise LoraToolError(f"--verify: {name} holds NaN or Inf, copied unchanged from "
+                                    "the base: the base is damaged there; nothing was written")
 
 
 def _reference(W: Any, e: Edit, sign: float, record: UnmergeRecord | None, name: str

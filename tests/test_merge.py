@@ -376,3 +376,21 @@ def test_nan_in_the_base_is_caught(tmp_path):
     res = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m")
     assert res.rc == 1 and key in res.err and "NaN" in res.err
     assert not (tmp_path / "m").exists()
+
+
+def test_verify_also_scans_tensors_copied_unchanged(tmp_path):
+    """merge computes and checks only what adapters change; an Inf elsewhere in the base is
+    copied as it is, and --verify finds it before anything is published."""
+    from safetensors.torch import load_file, save_file
+
+    _setup(tmp_path, "lora+patterns")
+    p = tmp_path / "base" / "model.safetensors"
+    state = load_file(p)
+    key = "model.layers.0.mlp.up_proj.weight"  # no adapter touches it
+    state[key][1, 2] = float("inf")
+    save_file(state, p, metadata={"format": "pt"})
+    assert run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m").rc == 0
+    res = run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "v",
+                  "--verify")
+    assert res.rc == 1 and key in res.err and "copied unchanged" in res.err, res.err
+    assert not (tmp_path / "v").exists()
