@@ -32,7 +32,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from loratool.adapter import LoraModule
-    from loratool.combine import factored_svd, stacked
+    from loratool.combine import stacked
+    from loratool.ops import factored_svd
 
     torch.manual_seed(0)
     weights = [1.0, 0.5, -0.75, 0.25]

@@ -62,7 +62,7 @@ save_file(state, out / "lora.safetensors")
 ERRORS = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[4])
-from loratool.adapter import read_adapter
+from loratool.formats import read_adapter
 from loratool.checkpoint import open_checkpoint
 base, tuned = open_checkpoint(sys.argv[1]), open_checkpoint(sys.argv[2])
 ad = read_adapter(sys.argv[3], sys.argv[1])

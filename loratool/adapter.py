@@ -4,7 +4,7 @@
 B [out, r, 1, 1]; embedding: A [r, vocab], B [dim, r]), its alpha, rsLoRA flag, layout, and the
 optional DoRA magnitude and lora bias. ``scale`` and ``delta`` are defined here once.
 
-Example::
+Example (``formats.read_adapter`` reads any format into it)::
 
     ad = read_adapter("my-adapter/")
     for m in ad.modules.values():
@@ -85,6 +85,9 @@ class LoraAdapter:
     # the base ties its output head to the input embeddings: a loader must tie what the
     # adapter changes in one to the other (PEFT's ensure_weight_tying)
     tie_embeddings: bool = False
+    # kohya names that could not be mapped to module paths (no record, no --base): only a
+    # kohya writer can use them as they are
+    unresolved: list[str] = field(default_factory=list)
 
     def add(self, m: LoraModule) -> None:
         """Add a module after checking its factors agree."""
@@ -204,16 +207,6 @@ def drop_head_mirror(ad: LoraAdapter, embedding: str) -> None:
             and h.B.shape == e.A.T.shape and torch.equal(h.A, e.B.T) \
             and torch.equal(h.B, e.A.T):
         del ad.modules[HEAD]
-
-
-def read_adapter(spec: str, base: str | None = None) -> LoraAdapter:
-    """Read an adapter in any supported format (detected by content) into a LoraAdapter.
-
-    ``base`` (path or Hub id) resolves kohya names that cannot be mapped back alone.
-    """
-    from .formats import read_any
-
-    return read_any(spec, base)
 
 
 def _base_candidates(name: str) -> list[str]:

@@ -8,172 +8,19 @@ prints.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
+from .cliopts import (FORCE, FORMATS, JSON, REPO_TYPE, WEIGHTS,
+                      Finite, State, adapter_out_options, echo, merge_options, notes, output,
+                      extract_options, file_filters, policy, progress, quiet_option, show)
 from .errors import LoraToolError, UsageError
-
-FORMATS = ["peft", "kohya", "diffusers", "gguf"]
-DTYPES = ["keep", "fp32", "bf16", "fp16"]
-
-
-class State:
-    """Options of the group that every command sees."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-
-# --------------------------------------------------------------------------- option types
-
-
-class _Finite(click.ParamType):
-    """A finite float (no nan, no inf), optionally at least ``minimum``."""
-
-    name = "float"
-
-    def __init__(self, minimum: float | None = None) -> None:
-        self.minimum = minimum
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(x):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.minimum is not None and x < self.minimum:
-            self.fail(f"{value!r} is below {self.minimum:g}", param, ctx)
-        return x
-
-
-class _Checked(click.ParamType):
-    """A string that a loratool parser accepts (sizes, budgets, devices); kept as typed."""
-
-    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
-        self.name = name
-        self.check = check
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        try:
-            self.check(str(value))
-        except UsageError as e:
-            self.fail(str(e), param, ctx)
-        return str(value)
-
-
-def _check_budget(text: str) -> None:
-    from .policy import parse_budget
-
-    parse_budget(text)
-
-
-def _check_size(text: str) -> None:
-    from .units import parse_size
-
-    parse_size(text)
-
-
-def _check_device(text: str) -> None:
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", text):
-        raise UsageError(f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps")
-
-
-FINITE = _Finite()
-BUDGET = _Checked("budget", _check_budget)
-SIZE = _Checked("size", _check_size)
-DEVICE = _Checked("device", _check_device)
-RANK = click.IntRange(min=1)
-
-
-def _set_quiet(ctx: click.Context, param: Any, value: bool) -> None:
-    if value:
-        state = ctx.find_object(State)
-        if state is not None:
-            state.quiet = True
-
-
-quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False,
-                            callback=_set_quiet,
-                            help="No progress bars or notes on stderr (as `loratool -q`).")
-
-
-def _progress(ctx: click.Context) -> Any:
-    """Drawn bars when a person watches (stderr is a terminal, no --quiet), else silence."""
-    from .progress import SILENT, TqdmProgress
-
-    return SILENT if _quiet(ctx) or not sys.stderr.isatty() else TqdmProgress()
-
-
-def _quiet(ctx: click.Context) -> bool:
-    state = ctx.find_object(State)
-    return bool(state and state.quiet)
-
-
-def _notes(ctx: click.Context, notes: list[str]) -> None:
-    """Things a user should know about a result, on stderr (not with --quiet)."""
-    if not _quiet(ctx):
-        for note in notes:
-            _echo(f"loratool: note: {note}", err=True)
-
-
-def _print(report: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]
-           ) -> None:
-    if as_json:  # JSON escapes control characters itself
-        click.echo(json.dumps(report, indent=2, allow_nan=False, default=str))
-    else:
-        _echo(human(report))
-
-
-def _options(*opts: Any) -> Callable[[Any], Any]:
-    """Apply several click options in the order written."""
-    def wrap(f: Any) -> Any:
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return wrap
-
-
-def _output(help_text: str, required: bool = True) -> Any:
-    return click.option("-o", "--output", "out", required=required,
-                        type=click.Path(path_type=Path), help=help_text)
-
-
-FORCE = click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
-JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-WEIGHTS = click.option("--weight", "weights", multiple=True, type=FINITE, metavar="W",
-                       help="Scale of each adapter's delta, one per adapter in order (default "
-                            "1; negative allowed).")
-rank_policy_options = _options(
-    click.option("--rank", type=RANK, help="Fixed rank (default 16), capped at min(out, in)."),
-    click.option("--energy", type=click.FloatRange(0, 1, min_open=True), metavar="F",
-                 help="Smallest rank keeping a fraction F of Σσ² per module, 0 < F ≤ 1."),
-    click.option("--max-error", type=click.FloatRange(0, 1, max_open=True), metavar="E",
-                 help="Smallest rank whose measured relative error ‖ΔW − BA‖/‖ΔW‖ ≤ E, per "
-                      "module (a guarantee), 0 ≤ E < 1."),
-    click.option("--budget", type=BUDGET, metavar="P",
-                 help="Total adapter parameters (5000000) or bytes of the dtype written "
-                      "(50MB), split across modules to minimise the total squared error."),
-    click.option("--max-rank", type=RANK, metavar="N", help="Cap on any policy's rank."))
-
-
-def _policy(rank: int | None, energy: float | None, max_error: float | None,
-            budget: str | None, max_rank: int | None) -> Any:
-    """The rank policy the flags give, or None when none was given."""
-    from .policy import RankPolicy
-
-    if all(v is None for v in (rank, energy, max_error, budget, max_rank)):
-        return None
-    return RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
-
 
 # --------------------------------------------------------------------------- commands
 
@@ -218,52 +65,27 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
     from .render import format_compare, format_summary
     from .summary import compare, summarize
 
-    progress = _progress(ctx)
-    ckpt = open_checkpoint(path, progress)
+    bars = progress(ctx)
+    ckpt = open_checkpoint(path, bars)
     data = summarize(ckpt, list(filters) or None)
     cmp = None
     if against:
-        cmp = compare(ckpt, open_checkpoint(against, progress), list(filters) or None,
-                      progress=progress)
+        cmp = compare(ckpt, open_checkpoint(against, bars), list(filters) or None,
+                      progress=bars)
         data["compare"] = cmp
     if as_json:
         click.echo(json.dumps(data, indent=2, allow_nan=False))  # escapes control characters
         return
-    _echo(format_summary(data, expand=expand))
+    echo(format_summary(data, expand=expand))
     if cmp is not None:
-        _echo("")
-        _echo(format_compare(data, cmp, expand=expand))
+        echo("")
+        echo(format_compare(data, cmp, expand=expand))
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("tuned")
-@_output("Output adapter: a folder (peft), a .safetensors file (kohya), a .gguf file (gguf); "
-         "the suffix chooses the format when --format is not given.")
-@rank_policy_options
-@click.option("--target", "targets", multiple=True, metavar="GLOB",
-              help="Only tensors whose name matches (repeatable).")
-@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
-              help="Leave out tensors whose name matches (repeatable).")
-@click.option("--device", default="auto", show_default=True, type=DEVICE,
-              help="auto, cpu, cuda, cuda:N or mps: where the SVDs run.")
-@click.option("--format", "--to", "fmt", type=click.Choice(["peft", "kohya", "gguf"]),
-              help="Output format (default: from -o's suffix, else peft).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
-              help="dtype of the stored factors (keep: the tuned model's).")
-@click.option("--exact-svd", is_flag=True, help="Full SVD instead of the randomized one.")
-@click.option("--embed-lora", is_flag=True,
-              help="Factorise embeddings and lm_head too (default: store them in full).")
-@click.option("--skip-full", is_flag=True,
-              help="Drop changed tensors that are not LoRA-able (norms) instead of storing "
-                   "them in full.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the randomized SVD: the same inputs and seed give the same adapter.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Also write the report as JSON to this file.")
-@FORCE
-@JSON
-@quiet_option
+@extract_options
 @click.pass_context
 def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | None,
             energy: float | None, max_error: float | None, budget: str | None,
@@ -290,27 +112,9 @@ def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | No
     report = run(base, tuned, out, policy, targets=list(targets), excludes=list(excludes),
                  device=device, fmt=fmt, exact_svd=exact_svd, embed_lora=embed_lora,
                  skip_full=skip_full, seed=seed, dtype=dtype, force=force,
-                 report_path=report_path, progress=_progress(ctx))
-    _print(report, as_json, format_extract)
-    _notes(ctx, report["notes"])
-
-
-merge_options = _options(
-    _output("Output model folder."),
-    WEIGHTS,
-    click.option("--device", default="auto", show_default=True, type=DEVICE,
-                 help="auto, cpu, cuda, cuda:N or mps: where the math runs."),
-    click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
-                 help="Output dtype of float tensors."),
-    click.option("--max-shard-size", default="5GB", show_default=True, type=SIZE,
-                 help="Cut output shards at this size (5GB, 500MB, 2GiB)."),
-    click.option("--untie", is_flag=True,
-                 help="An adapter on a tied lm_head: write a separate lm_head instead of "
-                      "refusing."),
-    click.option("--verify", is_flag=True,
-                 help="Check every changed tensor of the output against a float64 reference "
-                      "before it is published."),
-    FORCE, JSON, quiet_option)
+                 report_path=report_path, progress=progress(ctx))
+    show(report, as_json, format_extract)
+    notes(ctx, report["notes"])
 
 
 def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
@@ -320,9 +124,9 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
     from .merge import run
     from .render import format_merge
 
-    _print(run(base, list(adapters), out, weights=list(weights), sign=sign, device=device,
+    show(run(base, list(adapters), out, weights=list(weights), sign=sign, device=device,
                dtype=dtype, max_shard_size=max_shard_size, force=force, untie=untie,
-               verify=verify, record=record, progress=_progress(ctx)), as_json, format_merge)
+               verify=verify, record=record, progress=progress(ctx)), as_json, format_merge)
 
 
 @cli.command()
@@ -368,22 +172,6 @@ def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: An
     _run_merge(ctx, -1.0, merged, adapters, **kw)
 
 
-def _adapter_out_options(one: bool) -> Callable[[Any], Any]:
-    """The output flags combine and resize share (``one``: resize's single input)."""
-    source = "the input's" if one else "the first input's"
-    return _options(
-        _output("Output adapter: a folder (peft), a .safetensors file (kohya, diffusers) or a "
-                ".gguf file; the suffix chooses the format when --format is not given."),
-        rank_policy_options,
-        click.option("--format", "--to", "fmt", type=click.Choice(FORMATS),
-                     help=f"Output format (default: from -o's suffix, else {source})."),
-        click.option("--base", metavar="BASE",
-                     help="Base model: resolves kohya names; GGUF needs its config."),
-        click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
-                     help=f"dtype of the written factors (keep: {source})."),
-        FORCE, JSON, quiet_option)
-
-
 @cli.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--method", required=True, type=click.Choice(
@@ -396,7 +184,7 @@ def _adapter_out_options(one: bool) -> Callable[[Any], Any]:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of DARE's drops.")
 @click.option("--exact-svd", is_flag=True, help="Full SVD when factorising dense results.")
-@_adapter_out_options(one=False)
+@adapter_out_options(one=False)
 @click.pass_context
 def combine(ctx: click.Context, adapters: tuple[str, ...], method: str,
             weights: tuple[float, ...], density: float, seed: int, exact_svd: bool, out: Path,
@@ -415,17 +203,17 @@ def combine(ctx: click.Context, adapters: tuple[str, ...], method: str,
     from .combine import combine as run
     from .render import format_combine
 
-    policy = _policy(rank, energy, max_error, budget, max_rank)
-    report = run(list(adapters), out, method, weights=list(weights), policy=policy,
+    report = run(list(adapters), out, method, weights=list(weights),
+                 policy=policy(rank, energy, max_error, budget, max_rank),
                  density=density, seed=seed, fmt=fmt, dtype=dtype, exact_svd=exact_svd,
-                 base=base, force=force, progress=_progress(ctx))
-    _print(report, as_json, format_combine)
-    _notes(ctx, report["notes"])
+                 base=base, force=force, progress=progress(ctx))
+    show(report, as_json, format_combine)
+    notes(ctx, report["notes"])
 
 
 @cli.command()
 @click.argument("adapter")
-@_adapter_out_options(one=True)
+@adapter_out_options(one=True)
 @click.pass_context
 def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None,
            energy: float | None, max_error: float | None, budget: str | None,
@@ -442,16 +230,16 @@ def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None,
     from .combine import combine as run
     from .render import format_combine
 
-    policy = _policy(rank, energy, max_error, budget, max_rank)
-    report = run([adapter], out, "svd", weights=None, policy=policy, fmt=fmt, dtype=dtype,
-                 base=base, force=force, resize=True, progress=_progress(ctx))
-    _print(report, as_json, format_combine)
-    _notes(ctx, report["notes"])
+    report = run([adapter], out, "svd", weights=None,
+                 policy=policy(rank, energy, max_error, budget, max_rank), fmt=fmt, dtype=dtype,
+                 base=base, force=force, resize=True, progress=progress(ctx))
+    show(report, as_json, format_combine)
+    notes(ctx, report["notes"])
 
 
 @cli.command()
 @click.argument("adapter")
-@_output("Output: a folder (PEFT), a .safetensors file or folder (kohya, diffusers), a .gguf "
+@output("Output: a folder (PEFT), a .safetensors file or folder (kohya, diffusers), a .gguf "
          "file or folder (GGUF).")
 @click.option("--format", "--to", "to", required=True, type=click.Choice(FORMATS),
               help="Target format.")
@@ -480,14 +268,14 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
     from .convert import convert as run
     from .render import format_convert
 
-    _print(run(adapter, out, to, base=base, force=force, drop=drop_unsupported), as_json,
+    show(run(adapter, out, to, base=base, force=force, drop=drop_unsupported), as_json,
            format_convert)
 
 
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1)
-@_output("Output folder: model.onnx (+ model.onnx.data), config, tokenizer files, "
+@output("Output folder: model.onnx (+ model.onnx.data), config, tokenizer files, "
          "export.json.")
 @WEIGHTS
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
@@ -498,7 +286,7 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "feature-extraction"]),
               default="auto", show_default=True,
               help="causal-lm exports logits; feature-extraction the last hidden state.")
-@click.option("--atol", type=_Finite(minimum=0.0),
+@click.option("--atol", type=Finite(minimum=0.0),
               help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
 @click.option("--with-past", is_flag=True,
               help="Also export prefill.onnx and decode.onnx with a KV cache (causal LMs).")
@@ -523,25 +311,19 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
     from .export import export as run
     from .render import format_export
 
-    _print(run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
+    show(run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
                task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
-               progress=_progress(ctx)), as_json, format_export)
-
-
-REPO_TYPE = click.option("--repo-type", type=click.Choice(["model", "dataset"]),
-                         default="model", show_default=True, help="The kind of Hub repo.")
+               progress=progress(ctx)), as_json, format_export)
 
 
 @cli.command()
 @click.argument("repo_id")
-@_output("Download into this folder (default: the Hub cache).", required=False)
+@output("Download into this folder (default: the Hub cache).", required=False)
 @click.option("--revision", help="Branch, tag or commit.")
-@click.option("--include", multiple=True, metavar="GLOB",
-              help="Only files matching (default: weights, configs, tokenizer, adapter files).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching.")
+@file_filters("weights, configs, tokenizer, adapter files")
 @REPO_TYPE
 @FORCE
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@JSON
 @quiet_option
 @click.pass_context
 def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | None,
@@ -557,8 +339,8 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
     from .hub import pull as run
 
     r = run(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
-            repo_type=repo_type, force=force, progress=_progress(ctx))
-    _echo(json.dumps(r, indent=2) if as_json else r["path"])
+            repo_type=repo_type, force=force, progress=progress(ctx))
+    echo(json.dumps(r, indent=2) if as_json else r["path"])
 
 
 @cli.command()
@@ -568,10 +350,9 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
 @click.option("--revision", help="Branch to push to (created if missing).")
 @click.option("--message", help="Commit message.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out files matching.")
+@file_filters("every file but hidden and temporary ones")
 @REPO_TYPE
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@JSON
 @quiet_option
 @click.pass_context
 def push(ctx: click.Context, path: Path, repo_id: str, private: bool, revision: str | None,
@@ -588,8 +369,8 @@ def push(ctx: click.Context, path: Path, repo_id: str, private: bool, revision: 
 
     r = run(path, repo_id, private=private, revision=revision, message=message,
             create_pr=create_pr, include=list(include), exclude=list(exclude),
-            repo_type=repo_type, progress=_progress(ctx))
-    _echo(json.dumps(r, indent=2) if as_json else (r["pr_url"] or r["commit_url"]))
+            repo_type=repo_type, progress=progress(ctx))
+    echo(json.dumps(r, indent=2) if as_json else (r["pr_url"] or r["commit_url"]))
 
 
 @cli.command()
@@ -604,8 +385,8 @@ def demo(ctx: click.Context, workdir: Path) -> None:
     """
     from .demo import run_demo
 
-    for section in run_demo(workdir, progress=_progress(ctx)):
-        _echo(section)
+    for section in run_demo(workdir, progress=progress(ctx)):
+        echo(section)
 
 
 # --------------------------------------------------------------------------- the boundary
@@ -615,23 +396,9 @@ def _debug() -> bool:
     return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0")
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def safe(text: str) -> str:
-    """Text as a terminal may show it: control characters (an escape sequence in a tensor
-    name can retitle or clear a terminal) and lone surrogates written as escapes."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _echo(text: str, err: bool = False, nl: bool = True) -> None:
-    click.echo(safe(text), err=err, nl=nl)
-
-
 def _error(message: str, code: int) -> None:
     """One line on stderr, whatever a name in it holds, and exit."""
-    _echo(message.replace("\n", "\\n").replace("\r", "\\r"), err=True)
+    echo(message.replace("\n", "\\n").replace("\r", "\\r"), err=True)
     sys.exit(code)
 
 
@@ -653,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
 
         buf = io.StringIO()
         e.show(file=buf)
-        _echo(buf.getvalue(), err=True, nl=False)
+        echo(buf.getvalue(), err=True, nl=False)
         sys.exit(e.exit_code)
     except UsageError as e:  # options that cannot work together, found by a verb
         _error(f"loratool: usage error: {e}", 2)
@@ -684,7 +451,7 @@ def _interrupted(program: bool) -> None:
     """Exit 130. The program exits at once: the temporary output is already removed, and
     interpreter teardown after an interrupted import can end the process by SIGINT instead
     of this exit code."""
-    _echo("loratool: interrupted; no output was left behind", err=True)
+    echo("loratool: interrupted; no output was left behind", err=True)
     if not program:
         sys.exit(130)
     sys.stdout.flush()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import ops
 from .errors import FormatError, LoraToolError, UsageError
 from .policy import (BudgetItem, Fixed, RankPolicy, allocate, check_fixed, factorize,
                      module_seed, rank_from_spectrum, smallest_rank_meeting, spectrum,
@@ -73,52 +74,6 @@ def stacked(parts: list[tuple[Any, float]]) -> tuple[Any, Any]:
     return torch.cat(Bs, 1), torch.cat(As, 0)
 
 
-def factored_svd(B: Any, A: Any) -> tuple[Any, Any, Any]:
-    """SVD of B@A without forming it: B = Q_B R_B, Aᵀ = Q_A R_A, R_B R_Aᵀ = U' S V'ᵀ, so
-    B@A = (Q_B U') S (Q_A V')ᵀ. Float64 for the small core keeps the spectrum exact enough to
-    read errors from it."""
-    import torch
-
-    qb, rb = torch.linalg.qr(B.double())
-    qa, ra = torch.linalg.qr(A.T.double())
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    return (qb @ u).float(), s, (vh @ qa.T).float()
-
-
-def _trim(d: Any, density: float) -> Any:
-    """Keep the top ``density`` fraction of entries by magnitude (TIES 'trim')."""
-    import torch
-
-    k = int(math.ceil(density * d.numel()))
-    if k >= d.numel():
-        return d
-    if k == 0:
-        return torch.zeros_like(d)
-    thresh = d.abs().flatten().kthvalue(d.numel() - k + 1).values
-    return torch.where(d.abs() >= thresh, d, torch.zeros_like(d))
-
-
-def _dare(d: Any, density: float, gen: Any) -> Any:
-    """DARE: drop each entry with probability 1 − density, rescale the rest by 1/density."""
-    import torch
-
-    keep = torch.rand(d.shape, generator=gen, dtype=torch.float32) < density
-    return torch.where(keep, d / density, torch.zeros_like(d))
-
-
-def _ties_merge(ds: list[Any]) -> Any:
-    """TIES elect + disjoint merge: the sign of Σ τ̂ᵢ per entry, then the mean of the entries
-    that agree with it (zeros do not vote and are not averaged)."""
-    import torch
-
-    stack = torch.stack(ds)
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign) & (stack != 0)
-    total = (stack * agree).sum(0)
-    count = agree.sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-
-
 def dense_method(method: str, parts: list[tuple[Any, float]], density: float,
                  seed: int, key: str) -> Any:
     """The combined dense delta [out, in] for the elementwise methods."""
@@ -126,15 +81,15 @@ def dense_method(method: str, parts: list[tuple[Any, float]], density: float,
 
     ds = [_dense(m, w) for m, w in parts]  # weights apply to each task vector first
     if method == "magnitude_prune":
-        return sum(_trim(d, density) for d in ds)
+        return sum(ops.trim(d, density) for d in ds)
     if method == "ties":
-        return _ties_merge([_trim(d, density) for d in ds])
+        return ops.ties_merge([ops.trim(d, density) for d in ds])
     gens = [torch.Generator().manual_seed(module_seed(seed, f"{i}:{key}"))
             for i in range(len(ds))]
-    dropped = [_dare(d, density, g) for d, g in zip(ds, gens)]
+    dropped = [ops.dare(d, density, g) for d, g in zip(ds, gens)]
     if method == "dare_linear":
         return sum(dropped)
-    return _ties_merge(dropped)  # dare_ties
+    return ops.ties_merge(dropped)  # dare_ties
 
 
 def _to_module(name: str, like: Any, B: Any, A: Any, dtype: Any, component: Any) -> Any:
@@ -283,7 +238,7 @@ def _full_tensors(adapters: list[Any], weights: list[float], specs: list[str]
 def _store_dtype(first: Any, dtype: str) -> Any:
     import torch
 
-    from .checkpoint import torch_dtype
+    from .tensorfile import torch_dtype
     from .options import DTYPES
 
     factors = [m.A.dtype for m in first.modules.values()] or [torch.float32]
@@ -317,12 +272,13 @@ def _module(job: _Combine, key: str) -> dict[str, Any]:
     if job.method == "cat":
         B, A = stacked(parts)
         job.result.add(_to_module(like.name, like, B, A, job.store, like.component))
-        total = factored_residual(B, A, torch.zeros(B.shape[0], 0), torch.zeros(0, A.shape[1]))
-        err = factored_residual(B, A, B.to(job.store).float(), A.to(job.store).float())
+        total = ops.factored_residual(B, A, torch.zeros(B.shape[0], 0),
+                                      torch.zeros(0, A.shape[1]))
+        err = ops.factored_residual(B, A, B.to(job.store).float(), A.to(job.store).float())
         entry.update(rank=B.shape[1], rel_error=err / total if total else 0.0)
     elif job.method == "svd":
         B, A = stacked(parts)
-        U, S, Vh = factored_svd(B, A)
+        U, S, Vh = ops.factored_svd(B, A)
         job.spectra[key] = (U, S, Vh, like, B, A)
         if job.policy.budget is not None:
             job.items.append(BudgetItem(key, S, job.per_rank(like), job.policy.cap(len(S)),
@@ -434,7 +390,7 @@ def _choose_svd_ranks(job: _Combine) -> None:
             """Factors as they will be written, and their measured error against the sum."""
             B, A = ops.split_factors(U, S.float(), Vh, k)
             B, A = B.to(dtype), A.to(dtype)
-            res = factored_residual(B_sum, A_sum, B.float(), A.float())
+            res = ops.factored_residual(B_sum, A_sum, B.float(), A.float())
             return B, A, res / math.sqrt(total) if total else 0.0
 
         B, A, err = stored(k)
@@ -454,15 +410,3 @@ def _choose_svd_ranks(job: _Combine) -> None:
         if k:
             job.result.add(_to_module(like.name, like, B.float(), A.float(), job.store,
                                       like.component))
-
-
-def factored_residual(B1: Any, A1: Any, B2: Any, A2: Any) -> float:
-    """‖B1·A1 − B2·A2‖_F without forming either product: with [B1, −B2] = Q_L·R_L and
-    [A1; A2]ᵀ = Q_R·R_R, the difference is Q_L·(R_L·R_Rᵀ)·Q_Rᵀ and has the core's norm."""
-    import torch
-
-    left = torch.cat([B1.double(), -B2.double()], 1)
-    right = torch.cat([A1.double(), A2.double()], 0)
-    rl = torch.linalg.qr(left).R
-    rr = torch.linalg.qr(right.T).R
-    return float(torch.linalg.matrix_norm(rl @ rr.T))

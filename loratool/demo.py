@@ -109,12 +109,14 @@ def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int 
     return (*paths, workdir / "adapter")
 
 
-def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
-    """Build the demo models in ``workdir`` and yield a report section per command."""
-    from .checkpoint import open_checkpoint
-    from .render import format_compare, format_summary
-    from .summary import compare, summarize
+def _shown(command: str, output: str, note: str = "") -> str:
+    """A demo section: the command line, then exactly what that command prints."""
+    return f"$ loratool {command}\n{output}\n" + (f"({note})\n" if note else "")
 
+
+def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
+    """Build the demo models in ``workdir`` and yield, per command, the command line and what
+    it prints."""
     if workdir.exists() and not workdir.is_dir():
         raise OutputError(f"--workdir {workdir} is a file; pass a folder")
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
@@ -126,89 +128,105 @@ def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
     yield (f"Built a small Llama-style model in {base}, a fine-tuned copy in {tuned}\n"
            "(bf16, sharded; every attention and MLP matrix changed by a rank-8 update and a\n"
            f"little noise) and a PEFT adapter holding those rank-8 updates in {adapter}.\n")
-    ckpt = open_checkpoint(base)
-    yield f"$ loratool inspect {base}\n" + format_summary(summarize(ckpt)) + "\n"
-    data = summarize(open_checkpoint(tuned), ["*layers.0.*"])
-    cmp = compare(open_checkpoint(tuned), ckpt, ["*layers.0.*"], progress=progress)
-    yield (f"$ loratool inspect {tuned} --against {base} --filter '*layers.0.*'\n"
-           + format_compare(data, cmp) + "\n")
-    data = summarize(open_checkpoint(adapter), ["*layers.0.*"])
-    yield (f"$ loratool inspect {adapter} --filter '*layers.0.*'\n"
-           + format_summary(data) + "\n")
-    from .convert import convert
+    yield from _inspect(base, tuned, adapter, progress)
+    yield from _convert(workdir, base, adapter)
+    yield from _merge(workdir, base, adapter, progress)
+    yield from _extract_combine(workdir, base, tuned, adapter, progress)
+    yield from _export(workdir, base, adapter, progress)
+    yield ("Next: `loratool push <folder> <you>/<repo>` publishes any of these folders with a "
+           "model card; `loratool pull` brings one back.")
 
-    lines = []
+
+def _inspect(base: Path, tuned: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+    from .checkpoint import open_checkpoint
+    from .render import format_compare, format_summary
+    from .summary import compare, summarize
+
+    yield _shown(f"inspect {base}", format_summary(summarize(open_checkpoint(base))))
+    layer0 = ["*layers.0.*"]
+    data = summarize(open_checkpoint(tuned), layer0)
+    cmp = compare(open_checkpoint(tuned), open_checkpoint(base), layer0, progress=progress)
+    yield _shown(f"inspect {tuned} --against {base} --filter '*layers.0.*'",
+                 format_summary(data) + "\n\n" + format_compare(data, cmp))
+    yield _shown(f"inspect {adapter} --filter '*layers.0.*'",
+                 format_summary(summarize(open_checkpoint(adapter), layer0)))
+
+
+def _convert(workdir: Path, base: Path, adapter: Path) -> Iterator[str]:
+    from .convert import convert
+    from .render import format_convert
+
     for to, out in (("kohya", workdir / "adapter-kohya.safetensors"),
                     ("diffusers", workdir / "adapter-diffusers"),
                     ("gguf", workdir / "adapter.gguf")):
         rep = convert(str(adapter), out, to, base=str(base), force=True)
-        lines.append(f"$ loratool convert {adapter} --to {to} -o {out}"
-                     + (f" --base {base}" if to != "kohya" else "")
-                     + f"\nwrote {rep['output']}: {rep['modules']} LoRA modules")
-    back = convert(str(workdir / "adapter-kohya.safetensors"), workdir / "adapter-back", "peft",
-                   force=True)
-    lines.append(f"$ loratool convert {workdir / 'adapter-kohya.safetensors'} --to peft -o "
-                 f"{workdir / 'adapter-back'}\nwrote {back['output']}: {back['modules']} LoRA "
-                 "modules (names restored from the kohya file's header)")
-    yield "\n".join(lines) + "\n"
+        yield _shown(f"convert {adapter} --format {to} -o {out} --base {base} --force",
+                     format_convert(rep))
+    kohya = workdir / "adapter-kohya.safetensors"
+    rep = convert(str(kohya), workdir / "adapter-back", "peft", force=True)
+    yield _shown(f"convert {kohya} --format peft -o {workdir / 'adapter-back'} --force",
+                 format_convert(rep), "module names restored from the kohya file's header")
+
+
+def _merge(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+    from .checkpoint import open_checkpoint
     from .merge import run as merge_run
+    from .render import format_merge
 
     merged, again = workdir / "merged", workdir / "unmerged"
     rep = merge_run(str(base), [str(adapter)], merged, weights=None, sign=1.0, force=True,
                     verify=True, device="cpu", progress=progress)
-    v = rep["verify"]
-    yield (f"$ loratool merge {base} {adapter} -o {merged} --verify\n"
-           f"wrote {merged}: {rep['tensors_changed']} of {rep['tensors']} tensors changed, max "
-           f"|ΔW| {rep['max_abs_delta']:.3g}; verify: worst {v['name']} at {v['ratio']:.3f}× "
-           "the bf16 rounding bound\n")
+    yield _shown(f"merge {base} {adapter} -o {merged} --verify --device cpu --force",
+                 format_merge(rep))
     rep = merge_run(str(merged), [str(adapter)], again, weights=None, sign=-1.0, force=True,
                     device="cpu", progress=progress)
-    cmp = compare(open_checkpoint(again), ckpt)
     same = total = 0
-    for name in ckpt.tensors:
-        a, b = open_checkpoint(again).load(name), ckpt.load(name)
+    orig, back = open_checkpoint(base), open_checkpoint(again)
+    for name in orig.tensors:
+        a, b = back.load(name), orig.load(name)
         same += int((a == b).sum())
         total += a.numel()
-    yield (f"$ loratool unmerge {merged} {adapter} -o {again}\n"
-           f"{again} vs {base}: {cmp['unchanged']} of {cmp['compared']} tensors identical; "
-           f"{same / total:.2%} of all values bit for bit the base's after a bf16 merge → "
-           "unmerge round trip (the rest lost low bits when the merged values were rounded "
-           "to bf16)\n")
+    yield _shown(f"unmerge {merged} {adapter} -o {again} --device cpu --force",
+                 format_merge(rep), f"{same / total:.2%} of all values are the base's bit for "
+                 "bit after this bf16 merge → unmerge round trip; the rest lost low bits when "
+                 "the merged values were rounded to bf16")
+
+
+def _extract_combine(workdir: Path, base: Path, tuned: Path, adapter: Path,
+                     progress: Progress) -> Iterator[str]:
+    from .combine import combine
     from .extract import extract
     from .policy import RankPolicy
-    from .render import format_extract
+    from .render import format_combine, format_extract
 
-    rep = extract(str(base), str(tuned), workdir / "extracted", RankPolicy.from_options(
-        8, None, None, None), force=True, device="cpu", progress=progress)
-    yield (f"$ loratool extract {base} {tuned} -o {workdir / 'extracted'} --rank 8\n"
-           + format_extract(rep) + "\n(the fine-tune is a rank-8 change plus noise: the error "
-           "left is that noise and the bf16 rounding of both models)\n")
-    from .combine import combine
-
-    both = combine([str(adapter), str(workdir / "extracted")], workdir / "combined", "cat",
-                   weights=[0.5, 0.5], policy=None, force=True)
+    rank8 = RankPolicy.from_options(8, None, None, None)
+    ex = workdir / "extracted"
+    rep = extract(str(base), str(tuned), ex, rank8, force=True, device="cpu",
+                  progress=progress)
+    yield _shown(f"extract {base} {tuned} -o {ex} --rank 8 --device cpu --force",
+                 format_extract(rep), "the fine-tune is a rank-8 change plus noise: the error "
+                 "left is that noise and the bf16 rounding of both models")
+    both = combine([str(adapter), str(ex)], workdir / "combined", "cat", weights=[0.5, 0.5],
+                   policy=None, force=True, progress=progress)
+    yield _shown(f"combine {adapter} {ex} --method cat --weight 0.5 --weight 0.5 -o "
+                 f"{workdir / 'combined'} --force", format_combine(both))
     small = combine([str(workdir / "combined")], workdir / "resized", "svd", weights=None,
-                    policy=RankPolicy.from_options(8, None, None, None), force=True,
-                    resize=True, progress=progress)
-    yield (f"$ loratool combine {adapter} {workdir / 'extracted'} --method cat --weight 0.5 "
-           f"--weight 0.5 -o {workdir / 'combined'}\n"
-           f"wrote {both['output']}: ranks {both['totals']['ranks']} (the exact weighted sum)\n"
-           f"$ loratool resize {workdir / 'combined'} --rank 8 -o {workdir / 'resized'}\n"
-           f"wrote {small['output']}: rank 8, largest relative error "
-           f"{small['totals']['max_rel_error']:.4f}, measured on the stored factors (both "
-           "adapters span nearly the same rank-8 subspace)\n")
+                    policy=rank8, force=True, resize=True, progress=progress)
+    yield _shown(f"resize {workdir / 'combined'} --rank 8 -o {workdir / 'resized'} --force",
+                 format_combine(small), "both adapters span nearly the same rank-8 subspace")
+
+
+def _export(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+    from .render import format_export
+
     try:
         from .export import export
 
         rep = export(str(base), [str(adapter)], workdir / "onnx", force=True,
                      progress=progress)
-        v = rep["verification"]
-        yield (f"$ loratool export {base} {adapter} -o {workdir / 'onnx'}\n"
-               f"wrote {rep['output']}: {', '.join(rep['files'])}; verified in onnxruntime, max "
-               f"|ONNX − PyTorch| {v['max_abs_diff']:.3g}\n")
     except LoraToolError as e:
         if "loratool[onnx]" not in str(e):
             raise
         yield f"(export skipped: {e})\n"
-    yield ("Next: `loratool push <folder> <you>/<repo>` publishes any of these folders with a "
-           "model card; `loratool pull` brings one back.")
+        return
+    yield _shown(f"export {base} {adapter} -o {workdir / 'onnx'} --force", format_export(rep))

@@ -6,6 +6,8 @@ and is shown with its traceback only when ``LORATOOL_DEBUG=1``.
 
 from __future__ import annotations
 
+import errno
+
 
 class LoraToolError(Exception):
     """A user mistake or a bad file: the message is shown to the user as it is."""
@@ -34,3 +36,21 @@ class OutputError(LoraToolError):
 
 class HubError(LoraToolError):
     """A Hugging Face Hub call that failed (not found, no permission, offline …)."""
+
+
+def os_message(e: OSError, hints: dict[int, str], default: str) -> str:
+    """What an OS error means for the user, from a table of errno → advice."""
+    said = str(e.strerror or e)
+    return hints.get(e.errno or 0) or (f"{default} ({said})" if default else said)
+
+
+_READING = {errno.ELOOP: "symlink loop; point the path at a real file or folder",
+            errno.EACCES: "permission denied; make it readable (chmod +r) and retry",
+            errno.EPERM: "permission denied; make it readable (chmod +r) and retry",
+            errno.ENOENT: "no such file or folder",
+            errno.EISDIR: "is a folder where a file was expected"}
+
+
+def os_input_error(path: object, e: OSError) -> InputError:
+    """One line for an OS error while reading ``path``: what happened and what to do."""
+    return InputError(f"{path}: {os_message(e, _READING, 'cannot read')}")

@@ -14,16 +14,14 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, LoraToolError
+from . import export_cache
+from .export_cache import quiet_exporter
 from .progress import SILENT, Progress
 
 ATOL = {"fp32": 1e-4, "fp16": 2e-2}
@@ -57,7 +55,7 @@ def _load_model(folder: Path, task: str, config: Any) -> Any:
     cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
     transformers.utils.logging.disable_progress_bar()
     try:
-        with _quiet():
+        with quiet_exporter():
             model, info = cls.from_pretrained(folder, dtype=torch.float32,
                                               trust_remote_code=False,
                                               output_loading_info=True)
@@ -69,23 +67,6 @@ def _load_model(folder: Path, task: str, config: Any) -> Any:
         raise FormatError(f"{folder}: the checkpoint lacks {len(missing)} weights the "
                           f"architecture needs (first: {missing[0]}); is it complete?")
     return model.eval()
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """The exporter and transformers print progress and warnings; only cli.py prints."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export",
-                                              "transformers", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 def input_names(model: Any, config: Any) -> list[str]:
@@ -121,125 +102,12 @@ def _wrapper(model: Any, task: str) -> Any:
     return Wrapper().eval()
 
 
-def _cache_layout(config: Any) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder's KV cache."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = int(cfg.num_hidden_layers)
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return layers, kv, head_dim
-
-
-def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
-    """Prefill (ids, mask → logits, present.*) and decode (ids, mask, past.* → logits,
-    present.*) modules over a DynamicCache, flattened to plain tensors for ONNX."""
-    import inspect
-
-    import torch
-    from transformers import DynamicCache
-
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else \
-        "past_key_values"
-
-    def flat(cache: Any) -> list[Any]:
-        out = []
-        for i in range(layers):
-            layer = cache.layers[i]
-            out += [layer.keys, layer.values]
-        return out
-
-    class Prefill(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=True, **{kw: DynamicCache()})
-            return (out.logits, *flat(out.past_key_values))
-
-    class Decode(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, *past: Any) -> Any:
-            cache = DynamicCache()
-            for i in range(layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=True, **{kw: cache})
-            return (out.logits, *flat(out.past_key_values))
-
-    return Prefill().eval(), Decode().eval()
-
-
-def _export_with_past(model: Any, config: Any, tmp: Path, vocab: int, opset: int | None,
-                      seed: int, verify: bool, atol: float) -> dict[str, Any]:
-    """prefill.onnx and decode.onnx; verified by a prefill and one decode step in
-    onnxruntime against PyTorch's logits for the whole sequence."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    layers, kv, head_dim = _cache_layout(config)
-    prefill, decode = _cached_wrappers(model, layers)
-    names = [f"past.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    presents = [n.replace("past.", "present.") for n in names]
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (2, 8), generator=g)
-    mask = torch.ones_like(ids)
-    dt = next(model.parameters()).dtype
-    past = [torch.randn(2, kv, 5, head_dim, generator=g).to(dt) for _ in names]
-    step = torch.randint(0, vocab, (2, 2), generator=g)  # seq ≥ 2 when tracing
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(prefill, (ids, mask), str(tmp / "prefill.onnx"), dynamo=True,
-                          dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"},
-                                          "attention_mask": {0: "batch", 1: "sequence"}},
-                          input_names=["input_ids", "attention_mask"],
-                          output_names=["logits", *presents], opset_version=opset,
-                          external_data=True)
-        torch.onnx.export(decode, (step, torch.ones(2, 7, dtype=torch.long), *past),
-                          str(tmp / "decode.onnx"), dynamo=True,
-                          dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"},
-                                          "attention_mask": {0: "batch", 1: "total"},
-                                          "past": tuple({0: "batch", 2: "past_sequence"}
-                                                        for _ in names)},
-                          input_names=["input_ids", "attention_mask", *names],
-                          output_names=["logits", *presents], opset_version=opset,
-                          external_data=True)
-    result: dict[str, Any] = {"checked": False}
-    if verify:
-        pre = ort.InferenceSession(str(tmp / "prefill.onnx"), providers=["CPUExecutionProvider"])
-        dec = ort.InferenceSession(str(tmp / "decode.onnx"), providers=["CPUExecutionProvider"])
-        prompt = torch.randint(0, vocab, (3, 6), generator=g)
-        nxt = torch.randint(0, vocab, (3, 1), generator=g)
-        outs = pre.run(None, {"input_ids": prompt.numpy(),
-                              "attention_mask": np.ones((3, 6), dtype=np.int64)})
-        step_out = dec.run(None, {"input_ids": nxt.numpy(),
-                                  "attention_mask": np.ones((3, 7), dtype=np.int64),
-                                  **dict(zip(names, outs[1:]))})
-        full = torch.cat([prompt, nxt], 1)
-        with torch.no_grad():  # the reference: one forward pass over the whole sequence
-            ref = model(input_ids=full, attention_mask=torch.ones_like(full),
-                        use_cache=False).logits.float().numpy()
-        worst = max(float(np.abs(outs[0].astype(np.float32) - ref[:, :6]).max()),
-                    float(np.abs(step_out[0].astype(np.float32) - ref[:, 6:]).max()))
-        result = {"checked": True, "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
-        if not worst <= atol:
-            raise LoraToolError(f"verification failed: the prefill/decode graphs differ from "
-                                f"PyTorch by {worst:.3g} > --atol {atol:g}; nothing was written")
-    return {"graphs": ["prefill.onnx", "decode.onnx"], "past_inputs": names,
-            "present_outputs": presents, "verification": result}
-
-
 def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[float],
                      specs: list[str]) -> int:
     """Apply the adapters to the model's parameters with the merge code's math."""
     import torch
 
-    from .merge import _apply, plan_edits
+    from .edits import apply_edit, plan_edits
 
     if not adapters:
         return 0
@@ -260,8 +128,7 @@ def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[f
         for name, e in edits.items():
             p = find(name)
             W = p.data.to(torch.float32, copy=True)
-            new = _apply(W, e, 1.0, torch.device("cpu"), {}, name, None,
-                         {"max_abs_delta": 0.0})
+            new = apply_edit(W, e, 1.0, torch.device("cpu"), out_name=name)
             if new.shape != p.shape:
                 raise FormatError(f"{name}: a resized full tensor cannot be exported in place")
             p.data.copy_(new.to(p.dtype))
@@ -293,23 +160,12 @@ def _trace(wrapper: Any, example: dict[str, Any], names: list[str], output: str,
 
     dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_exporter(), torch.no_grad():
             torch.onnx.export(wrapper, tuple(example[n] for n in names), str(path),
                               dynamo=True, dynamic_shapes=dyn, input_names=names,
                               output_names=[output], opset_version=opset, external_data=True)
     except Exception as e:  # the exporter's errors are long; keep the first line
         raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
-                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
-
-
-def _with_past_or_error(model: Any, config: Any, tmp: Path, vocab: int, opset: int | None,
-                        seed: int, verify: bool, atol: float) -> dict[str, Any]:
-    try:
-        return _export_with_past(model, config, tmp, vocab, opset, seed, verify, atol)
-    except LoraToolError:
-        raise
-    except Exception as e:
-        raise LoraToolError(f"--with-past export failed for {config.model_type}: "
                             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
 
 
@@ -445,8 +301,8 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
         bar.update(1)
         cached = None
         if with_past:
-            cached = _with_past_or_error(model, config, tmp, vocab, opset, seed + 2, verify,
-                                         atol)
+            cached = export_cache.with_past(model, config, tmp, vocab, opset, seed + 2,
+                                            verify, atol)
             bar.update(1)
         not_copied = copy_config_files(base.folder, tmp)
         report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import re
@@ -29,13 +28,10 @@ from .errors import FormatError, LoraToolError
 from .policy import (BudgetItem, Factored, Fixed, RankPolicy, allocate, check_fixed, factorize,
                      module_seed, spectrum, spectrum_cap)
 from .progress import SILENT, Progress
+from .units import matches
 
 CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
-
-
-def _matches(name: str, globs: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 def _kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
@@ -68,7 +64,7 @@ def _pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
            ) -> list[str]:
     """Names to compare; a name in one model only is an error naming it (after filters)."""
     def keep(n: str) -> bool:
-        return (not targets or _matches(n, targets)) and not _matches(n, excludes)
+        return matches(n, targets) and not (excludes and matches(n, excludes))
 
     def weight(ckpt: Any, n: str) -> bool:
         # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
@@ -116,7 +112,7 @@ class _Job:
     fixed: list[Fixed] = field(default_factory=list)  # written whatever the ranks
 
     def store_dtype(self, code: str) -> Any:
-        from .checkpoint import torch_dtype
+        from .tensorfile import torch_dtype
         from .options import DTYPES
 
         return torch_dtype(DTYPES[self.dtype] or code)
@@ -169,7 +165,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     ad = _adapter(job, base_spec, cfg, tied)
     report = _report(job, base_spec, tuned_spec, out, fmt, ad, time.perf_counter() - t0)
     if report_path is None:
-        _write(ad, out, fmt, report, base, force, inputs)
+        _write(ad, out, fmt, report, base_spec, force, inputs)
     else:  # staged first (a full disk fails before the adapter appears), published after it
         from .staging import Stage, output_os_error
 
@@ -179,7 +175,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
                 (stage.tmp / report_path.name).write_text(report_json(report) + "\n")
             except OSError as e:
                 raise output_os_error(report_path, e) from e
-            _write(ad, out, fmt, report, base, force, inputs)
+            _write(ad, out, fmt, report, base_spec, force, inputs)
             stage.publish()
     report["seconds"] = time.perf_counter() - t0
     return report
@@ -418,16 +414,13 @@ def card_note(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write(ad: Any, out: Path, fmt: str, report: dict[str, Any], base: Any, force: bool,
+def _write(ad: Any, out: Path, fmt: str, report: dict[str, Any], base: str, force: bool,
            inputs: list[Path]) -> None:
-    from .formats import gguf, kohya, lossy, peft
+    from .formats import lossy, write_adapter
 
     if not ad.modules:
         raise LoraToolError("nothing to extract: no weight differs between the two models "
                             "(or --target/--exclude left none)")
-    if fmt == "peft":
-        peft.write(ad, out, force=force, inputs=inputs, note=card_note(report))
-        return
     lost = lossy(ad, fmt)
     if lost:
         fixes = []
@@ -438,12 +431,7 @@ def _write(ad: Any, out: Path, fmt: str, report: dict[str, Any], base: Any, forc
             fixes.append("without --embed-lora the embeddings are not factorised")
         raise FormatError(f"--format {fmt} cannot hold {'; '.join(lost)}: use --format peft"
                           + "".join(f"; or {f}" for f in fixes))
-    if fmt == "kohya":
-        kohya.write(ad, out, force=force, inputs=inputs)
-    else:
-        if base.config is None:
-            raise FormatError("--format gguf needs the base's config.json")
-        gguf.write(ad, out, base.config, force=force, inputs=inputs)
+    write_adapter(ad, out, fmt, base=base, force=force, inputs=inputs, note=card_note(report))
 
 
 def report_json(report: dict[str, Any]) -> str:

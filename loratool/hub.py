@@ -23,10 +23,11 @@ from typing import Any
 
 from .errors import HubError, InputError
 from .progress import SILENT, Progress
-from .sources import hub_errors
+from .sources import CONFIG_PATTERNS, hub_errors
 
-CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*", "README.md",
-                "*/*.json", "*/*.txt", "*/tokenizer*"]
+# what a command reads of a repo besides weights, the model card, and (patterns match across
+# folders) the same in subfolders
+CONFIG_FILES = CONFIG_PATTERNS + ["README.md", "*/tokenizer*"]
 NOT_PULLED = ["optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin",
               "*/optimizer.pt"]
 NEVER_PUSHED = (".partial", ".old", ".pyc", ".tmp", "~", ".incomplete", ".lock", ".swp")

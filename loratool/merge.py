@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -25,220 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, HubError, LoraToolError
+from .edits import RECORD, Edit, UnmergeRecord, apply_edit, plan_edits
+from .errors import FormatError, LoraToolError
 from .options import DTYPES, check_dtype, check_weights, resolve_device
 from .progress import SILENT, Progress
-
-# What merge writes beside a merged model for unmerge: the base tensors that full tensors
-# (modules_to_save) replaced, as ``replaced.<name>``, and DoRA's row norms ‖V‖, as
-# ``dora_norm.<name>``; neither can be recovered from the merged weights alone.
-RECORD = "loratool-unmerge.safetensors"
-LEGACY_DORA_RECORD = "loratool-dora-norms.safetensors"  # loratool 0.1: DoRA norms only
-
-
-@dataclass
-class Edit:
-    """What happens to one output tensor."""
-
-    source: str  # base tensor it starts from
-    lora: list[tuple[Any, float]] = field(default_factory=list)  # (LoraModule, weight)
-    bias: list[tuple[Any, float]] = field(default_factory=list)  # modules whose bias adds here
-    full: tuple[Any, float] | None = None  # (replacement tensor, weight), applied first
-    owner: str | None = None  # the adapter that replaces this tensor
-    dora: tuple[Any, float] | None = None  # the one DoRA module on this tensor
-
-
-class UnmergeRecord:
-    """The record a merged model carries for unmerge (see ``RECORD``); empty when absent."""
-
-    def __init__(self, merged: Any) -> None:
-        from .checkpoint import open_checkpoint
-
-        self.files: list[tuple[Any, str]] = []
-        for filename, prefix in ((RECORD, ""), (LEGACY_DORA_RECORD, "dora_norm.")):
-            try:
-                path = merged.extra_file(filename)
-            except HubError:
-                path = None  # not on the Hub, or offline: as if absent
-            if path is not None:
-                self.files.append((open_checkpoint(path), prefix))
-
-    def _find(self, kind: str, name: str) -> tuple[Any, str] | None:
-        for ckpt, prefix in self.files:
-            key = f"{kind}.{name}" if not prefix else (name if prefix == kind + "." else None)
-            if key is not None and key in ckpt.tensors:
-                return ckpt, key
-        return None
-
-    def shape(self, kind: str, name: str) -> tuple[int, ...] | None:
-        hit = self._find(kind, name)
-        return None if hit is None else hit[0].info(hit[1]).shape
-
-    def load(self, kind: str, name: str, **kw: Any) -> Any:
-        """The recorded tensor, or None."""
-        hit = self._find(kind, name)
-        return None if hit is None else hit[0].load(hit[1], **kw)
-
-
-def _single_model(ad: Any, spec: str) -> None:
-    comps = ad.components
-    if len(comps) > 1:
-        raise FormatError(f"{spec}: the adapter spans components {comps}; merge one model at a "
-                          "time (convert it per component)")
-    for m in ad.modules.values():
-        m.component = None
-
-
-def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], spec: str
-                       ) -> None:
-    """A full tensor replaces a base tensor of its shape; only a lookup table or head may
-    differ, in its first dimension (a resized vocabulary): anything else would write a model
-    its own library refuses."""
-    from .adapter import EMBEDDING, HEAD_TENSOR
-
-    if new == old:
-        return
-    resized = len(new) == len(old) == 2 and new[1:] == old[1:] and (
-        EMBEDDING.search(name) or HEAD_TENSOR.search(name))
-    if not resized:
-        raise FormatError(f"{spec}: full tensor {name} is {list(new)} but the base's is "
-                          f"{list(old)}; only an embedding or head may change size (its "
-                          "vocabulary): is the adapter for this base?")
-
-
-def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
-               untie: bool = False) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
-    """Which output tensors change and how, and the output tensor list ``(name, source)``."""
-    from .adapter import drop_head_mirror, input_embedding, match_base, ties_embeddings
-
-    edits: dict[str, Edit] = {}
-    tied = ties_embeddings(base.config, base.tensors)
-    emb = input_embedding(base.tensors)
-    order = [(n, n) for n in base.tensors]
-    extra: list[tuple[str, str]] = []
-    adapters = list(adapters)
-    for i, (ad, w, spec) in enumerate(zip(adapters, weights, specs)):
-        _single_model(ad, spec)
-        if tied and emb is not None:
-            ad = adapters[i] = copy.copy(ad)  # the caller's adapter stays as it was read
-            ad.modules, ad.full = dict(ad.modules), dict(ad.full)
-            drop_head_mirror(ad, emb)  # tying gives the head the embedding's change
-        heads = [m.name + ".weight" for m in ad.modules.values() if m.name.endswith("lm_head")]
-        heads += [n for n in ad.full if n.endswith("lm_head.weight")]
-        heads = [n for n in heads if n not in base.tensors]
-        if heads and tied:
-            if not untie:
-                raise FormatError(f"{spec}: changes {heads[0][: -len('.weight')]}, which this "
-                                  "base ties to its input embeddings (tie_word_embeddings): "
-                                  "merging would change the embeddings too. Pass --untie to "
-                                  "write a separate lm_head")
-            if emb is None:
-                raise FormatError(f"{spec}: cannot find the tied input embedding to untie from")
-            for name in heads:
-                if name not in [e[0] for e in extra]:
-                    extra.append((name, emb))
-        names = dict(base.tensors)
-        for out_name, src in extra:
-            names[out_name] = base.tensors[src]
-
-        class View:  # the base as the adapter sees it, untied lm_head included
-            tensors = names
-            source = base.source
-            path = base.path
-
-        mapping = match_base(ad, View)
-        for name, t in ad.full.items():
-            _check_replacement(name, tuple(t.shape), names[name].shape, spec)
-            e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
-            if e.full is not None or e.lora or e.dora:
-                raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
-                                  "a tensor another adapter also changes")
-            e.full, e.owner = (t, w), spec
-        for key, tname in mapping.items():
-            m = ad.modules[key]
-            src = dict(extra).get(tname, tname)
-            e = edits.setdefault(tname, Edit(src))
-            if e.full is not None and e.owner != spec:
-                raise FormatError(f"{spec}: {key} changes {tname}, which another adapter "
-                                  "replaces in full (modules_to_save)")
-            if m.magnitude is not None:
-                if e.lora or e.dora or e.full:
-                    raise FormatError(f"{spec}: {key} has DoRA and another adapter changes the "
-                                      "same weight; a DoRA magnitude does not add: merge it "
-                                      "alone")
-                if m.layout == "embedding":
-                    raise FormatError(f"{spec}: DoRA on embedding {key} is not supported")
-                e.dora = (m, w)
-            else:
-                if e.dora is not None:
-                    raise FormatError(f"{spec}: {key} changes a weight that a DoRA adapter "
-                                      "also changes; merge the DoRA adapter alone")
-                e.lora.append((m, w))
-            if m.bias is not None:
-                bname = tname[: -len(".weight")] + ".bias"
-                if bname not in base.tensors:
-                    raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
-                                      f"{bname}")
-                edits.setdefault(bname, Edit(bname)).bias.append((m, w))
-    return edits, order + extra
-
-
-def _apply(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any],
-           out_name: str, record: UnmergeRecord | None, stats: dict[str, float]) -> Any:
-    """The merged (sign +1) or unmerged (sign −1) float32 tensor on ``device``; ``W`` is the
-    caller's own float32 copy and may be changed in place. Full replacements are undone by
-    :func:`_restore`, not here."""
-    import torch
-
-    from . import ops
-
-    if e.full is not None:
-        t, w = e.full
-        F = t.to(device=device, dtype=torch.float32, copy=True)  # W is changed in place
-        if F.shape != W.shape:
-            if w != 1.0:
-                raise FormatError(f"{out_name}: a resized full tensor cannot be weighted")
-            W = F
-        else:
-            W = F if w == 1.0 else W + w * (F - W)
-    for m, w in e.lora:
-        # in place: W holds its own copy, and peak memory stays near three tensors
-        d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
-                           m.scale, m.layout)
-        if w != 1.0:
-            d.mul_(w)
-        if d.numel():
-            lo, hi = torch.aminmax(d)
-            stats["max_abs_delta"] = max(stats["max_abs_delta"], -float(lo), float(hi))
-        W.add_(d) if sign > 0 else W.sub_(d)
-        del d
-    if e.dora is not None:
-        m, w = e.dora
-        d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
-                           m.scale, m.layout)
-        mag = m.magnitude.to(device, torch.float32)
-        stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
-        if sign > 0:
-            merged, norm = ops.dora_merge(W, d, mag, m.layout)
-            norms[out_name] = norm.cpu()
-            W = merged if w == 1.0 else W + w * (merged - W)
-        else:
-            norm = record.load("dora_norm", out_name) if record is not None else None
-            if norm is None:
-                raise FormatError(f"{out_name}: DoRA cannot be undone from merged weights alone "
-                                  f"(the row norms are lost) and the merged folder has no "
-                                  f"{RECORD} with them: merge with `loratool merge`, which "
-                                  "records them, then unmerge that output")
-            if w != 1.0:
-                raise FormatError(f"{out_name}: unmerging a weighted DoRA merge is not supported")
-            W = ops.dora_unmerge(W, d, mag, norm.to(device, torch.float32), m.layout)
-    for m, w in e.bias:
-        b = m.bias.to(device, torch.float32) * m.scale
-        if w != 1.0:
-            b = b * w
-        W.add_(b) if sign > 0 else W.sub_(b)
-    return W
-
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
 
@@ -339,7 +128,7 @@ def _restore(t: Any, e: Edit, name: str, record: UnmergeRecord | None, dev: Any,
                           f"merged folder has no {RECORD} with the tensor it replaced: merge "
                           "with `loratool merge`, which records it, then unmerge that output "
                           "(or extract with --skip-full, so that no tensor is replaced)")
-    again = _apply(original.to(dev, torch.float32, copy=True), e, 1.0, dev, {}, name, None,
+    again = apply_edit(original.to(dev, torch.float32, copy=True), e, 1.0, dev, {}, name, None,
                    stats)
     if tuple(again.shape) != tuple(t.shape) or not torch.equal(again.to(t.dtype).cpu(), t):
         raise FormatError(f"{name}: merging the recorded base tensor with these adapters does "
@@ -371,6 +160,36 @@ def _out_code(out_code: str | None, code: str) -> str:
     return out_code if out_code and code in ("F32", "BF16", "F16", "F64") else code
 
 
+@dataclass
+class _Job:
+    """One merge or unmerge: what is planned, and what happened so far."""
+
+    base: Any
+    edits: dict[str, Edit]
+    order: list[tuple[str, str]]
+    sign: float
+    dev: Any
+    out_code: str | None  # --dtype as a safetensors code, None to keep each tensor's
+    rec: UnmergeRecord | None  # unmerge: what the merge recorded
+    record: bool  # merge: write a record for unmerge
+    recorded: dict[str, int] = field(default_factory=lambda: {"dora_norm": 0, "replaced": 0})
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    bytes_in: int = 0
+    bufs: Buffers = field(default_factory=Buffers)
+    read_bufs: list[Buffers] = field(default_factory=lambda: [Buffers(), Buffers()])
+
+    def fetch(self, i: int, name: str, src: str) -> Any:
+        """Read the next tensor (runs in the prefetch thread: one read ahead of the math)."""
+        import torch
+
+        info = self.base.info(src)
+        if name in self.edits or info.offset < 0 or _out_code(self.out_code,
+                                                               info.dtype) != info.dtype:
+            return self.base.load(src, buffer=self.read_bufs[i % 2].get("read", torch.uint8,
+                                                                        info.nbytes))
+        return None  # unchanged and same dtype: copied raw, nothing to read here
+
+
 def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
         sign: float, device: str = "auto", dtype: str = "keep",
         max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,
@@ -378,13 +197,11 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
         progress: Progress = SILENT) -> dict[str, Any]:
     """Merge (sign +1) or unmerge (sign −1) adapters; returns the report.
 
+    read → plan → stream (compute and write each tensor) → verify → publish → report.
     ``record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
     """
-    import torch
-
-    from .checkpoint import open_checkpoint, torch_dtype
+    from .checkpoint import open_checkpoint
     from .formats import read_any
-    from .writer import CheckpointWriter
 
     t0 = time.perf_counter()
     if not adapter_specs:
@@ -395,118 +212,131 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     base = open_checkpoint(base_spec, progress)
     adapters = [read_any(s, base_spec) for s in adapter_specs]
     edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
-    rec = UnmergeRecord(base) if sign < 0 else None
+    job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
+               UnmergeRecord(base) if sign < 0 else None, record)
     inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
-    out_code = DTYPES[dtype]
-    plan = _plan_shapes(base, order, edits, sign, rec, out_code)
-    recorded = {"dora_norm": 0, "replaced": 0}
-    changed: list[dict[str, Any]] = []
-    bytes_in = 0
-    cfg_text = None
-    if untie and any(n != s for n, s in order) and base.config is not None:
-        cfg = dict(base.config)
-        cfg["tie_word_embeddings"] = False
-        cfg_text = json.dumps(cfg, indent=2) + "\n"
-
-    bufs = Buffers()
-    read_bufs = [Buffers(), Buffers()]  # double buffering: one read ahead, one in use
-
-    def fetch(i: int, name: str, src: str) -> Any:
-        """Read the next tensor (runs in the prefetch thread)."""
-        info = base.info(src)
-        if name in edits or info.offset < 0 or _out_code(out_code, info.dtype) != info.dtype:
-            return base.load(src, buffer=read_bufs[i % 2].get("read", torch.uint8,
-                                                            info.nbytes))
-        return None  # unchanged and same dtype: copied raw, nothing to read here
-
-    writer = CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
-                              copy_from=base.folder, plan=plan,
-                              metadata={"loratool": "merge" if sign > 0 else "unmerge",
-                                        "loratool.base": base_spec,
-                                        "loratool.adapters": json.dumps(
-                                            [{"adapter": a, "weight": wt} for a, wt in
-                                             zip(adapter_specs, weights)])})
+    writer = _writer(job, out, inputs, force, max_shard_size, base_spec,
+                     list(zip(adapter_specs, weights)))
     report: dict[str, Any] = {}
     if verify:
         def check(folder: Path) -> None:
             """Runs on the temporary folder: only a verified output is ever published."""
-            report["verify"] = verify_output(base, folder, edits, sign, rec, progress)
+            report["verify"] = verify_output(base, folder, edits, sign, job.rec, progress)
 
         writer.before_publish = check
+    if untie and any(n != s for n, s in order) and base.config is not None:
+        writer.add_file("config.json", json.dumps({**base.config, "tie_word_embeddings": False},
+                                                  indent=2) + "\n")
+    _stream(job, writer, progress)
+    report.update(_report(job, base_spec, adapter_specs, adapters, weights, out, dtype, writer,
+                          time.perf_counter() - t0))
+    return report
+
+
+def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_size: str | int,
+            base_spec: str, merged: list[tuple[str, float]]) -> Any:
+    """The output, laid out up front (every byte written once), recording its inputs."""
+    from .writer import CheckpointWriter
+
+    plan = _plan_shapes(job.base, job.order, job.edits, job.sign, job.rec, job.out_code)
+    return CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
+                            copy_from=job.base.folder, plan=plan,
+                            metadata={"loratool": "merge" if job.sign > 0 else "unmerge",
+                                      "loratool.base": base_spec,
+                                      "loratool.adapters": json.dumps(
+                                          [{"adapter": a, "weight": wt} for a, wt in merged])})
+
+
+def _stream(job: _Job, writer: Any, progress: Progress) -> None:
+    """Every output tensor in order: unchanged ones copied raw, changed ones computed, the
+    next one read in a background thread meanwhile."""
+    import torch
+
+    from .tensorfile import torch_dtype
+
+    order, base = job.order, job.base
     total = sum(base.info(src).nbytes for _, src in order)
     with writer as w, ThreadPoolExecutor(1) as pool, progress.bar(
-            "merge" if sign > 0 else "unmerge", total=total, unit="B") as bar:
-        if cfg_text is not None:
-            w.add_file("config.json", cfg_text)
-        pending = pool.submit(fetch, 0, *order[0]) if order else None
+            "merge" if job.sign > 0 else "unmerge", total=total, unit="B") as bar:
+        pending = pool.submit(job.fetch, 0, *order[0]) if order else None
         for i, (name, src) in enumerate(order):
             t = pending.result() if pending is not None else None
-            pending = (pool.submit(fetch, i + 1, *order[i + 1]) if i + 1 < len(order)
+            pending = (pool.submit(job.fetch, i + 1, *order[i + 1]) if i + 1 < len(order)
                        else None)
             info = base.info(src)
-            bytes_in += info.nbytes
-            code = _out_code(out_code, info.dtype)
+            job.bytes_in += info.nbytes
+            odt = torch_dtype(_out_code(job.out_code, info.dtype))
             if t is None:
                 info = base.local_info(src)
                 w.add_raw(name, info.dtype, info.shape, info.file, info.offset, info.nbytes)
-            elif name not in edits:
-                odt = torch_dtype(code)
+            elif name not in job.edits:
                 if t.dtype != odt:
                     t32 = t.to(torch.float32)
                     _check_range(t32, odt, name)
                     t = t32.to(odt)
                 w.add(name, t)
             else:
-                e = edits[name]
-                stats = {"max_abs_delta": 0.0}
-                odt = torch_dtype(code)
-                norms: dict[str, Any] = {}
-                if sign > 0 and e.full is not None and record:
-                    w.add_side(RECORD, "replaced." + name, t)
-                    recorded["replaced"] += 1
-                if sign < 0 and e.full is not None:
-                    res = _restore(t, e, name, rec, dev, stats)
-                    if res.dtype != odt:
-                        r32 = res.to(torch.float32)
-                        _check_range(r32, odt, name)
-                        res = r32.to(odt)
-                elif dev.type == "cpu" and e.full is None and e.dora is None and not e.bias \
-                        and t.dim() >= 2:
-                    res = _apply_rows(t, e, sign, odt, name, stats, bufs)
-                else:
-                    W = t.to(device=dev, dtype=torch.float32, copy=True)
-                    del t
-                    new = _apply(W, e, sign, dev, norms, name, rec, stats)
-                    del W
-                    _check_range(new, odt, name)
-                    res = new.to(odt).cpu()
-                    del new
-                if record:
-                    for k, v in norms.items():
-                        w.add_side(RECORD, "dora_norm." + k, v)
-                        recorded["dora_norm"] += 1
-                changed.append({"name": name, "max_abs_delta": stats["max_abs_delta"]})
-                w.add(name, res)
-                del res
+                w.add(name, _edited(job, w, name, t, odt))
             bar.update(info.nbytes)
-    elapsed = time.perf_counter() - t0
-    report.update({
-        "operation": "merge" if sign > 0 else "unmerge", "base": base_spec,
+
+
+def _edited(job: _Job, w: Any, name: str, t: Any, odt: Any) -> Any:
+    """One changed tensor, in the output dtype: restored from the record (unmerge of a full
+    replacement), by row blocks (plain LoRA on the CPU), or whole on the device."""
+    import torch
+
+    e = job.edits[name]
+    stats = {"max_abs_delta": 0.0}
+    norms: dict[str, Any] = {}
+    if job.sign > 0 and e.full is not None and job.record:
+        w.add_side(RECORD, "replaced." + name, t)
+        job.recorded["replaced"] += 1
+    if job.sign < 0 and e.full is not None:
+        res = _restore(t, e, name, job.rec, job.dev, stats)
+        if res.dtype != odt:
+            r32 = res.to(torch.float32)
+            _check_range(r32, odt, name)
+            res = r32.to(odt)
+    elif job.dev.type == "cpu" and e.full is None and e.dora is None and not e.bias \
+            and t.dim() >= 2:
+        res = _apply_rows(t, e, job.sign, odt, name, stats, job.bufs)
+    else:
+        W = t.to(device=job.dev, dtype=torch.float32, copy=True)
+        del t
+        new = apply_edit(W, e, job.sign, job.dev, norms, name, job.rec, stats)
+        del W
+        _check_range(new, odt, name)
+        res = new.to(odt).cpu()
+    if job.record:
+        for k, v in norms.items():
+            w.add_side(RECORD, "dora_norm." + k, v)
+            job.recorded["dora_norm"] += 1
+    job.changed.append({"name": name, "max_abs_delta": stats["max_abs_delta"]})
+    return res
+
+
+def _report(job: _Job, base_spec: str, adapter_specs: list[str], adapters: list[Any],
+            weights: list[float], out: Path, dtype: str, writer: Any, elapsed: float
+            ) -> dict[str, Any]:
+    import torch
+
+    report = {
+        "operation": "merge" if job.sign > 0 else "unmerge", "base": base_spec,
         "adapters": [{"adapter": s, "weight": wt, "modules": len(a.modules),
                       "full_tensors": len(a.full), "format": a.source_format}
                      for s, a, wt in zip(adapter_specs, adapters, weights)],
-        "output": str(out), "device": str(dev), "dtype": dtype,
-        "tensors": len(order), "tensors_changed": len(changed),
-        "max_abs_delta": max((c["max_abs_delta"] or 0.0 for c in changed), default=0.0),
-        "dora_norms_recorded": recorded["dora_norm"],
-        "replaced_recorded": recorded["replaced"], "record": RECORD if any(
-            recorded.values()) else None,
+        "output": str(out), "device": str(job.dev), "dtype": dtype,
+        "tensors": len(job.order), "tensors_changed": len(job.changed),
+        "max_abs_delta": max((c["max_abs_delta"] or 0.0 for c in job.changed), default=0.0),
+        "dora_norms_recorded": job.recorded["dora_norm"],
+        "replaced_recorded": job.recorded["replaced"],
+        "record": RECORD if any(job.recorded.values()) else None,
         "not_copied": writer.not_copied, "seconds": elapsed,
-        "gb_per_s": bytes_in / 1e9 / elapsed if elapsed > 0 else None,
-        "bytes": bytes_in, "peak_rss_mb": _peak_rss_mb(),
-    })
-    if dev.type == "cuda":
-        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        "gb_per_s": job.bytes_in / 1e9 / elapsed if elapsed > 0 else None,
+        "bytes": job.bytes_in, "peak_rss_mb": _peak_rss_mb(),
+    }
+    if job.dev.type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(job.dev) / 2**20
     return report
 
 
@@ -565,7 +395,7 @@ def _all_finite(merged: Any, edits: dict[str, Edit], progress: Progress) -> None
     were: merge computes and checks only the ones it changes)."""
     import torch
 
-    from .checkpoint import dtype_bytes
+    from .tensorfile import dtype_bytes
 
     copied = [n for n, i in merged.tensors.items() if n not in edits and i.dtype.startswith(
         ("F", "BF")) and dtype_bytes(i.dtype) > 1]

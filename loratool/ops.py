@@ -1,4 +1,5 @@
-"""Pure torch math: the dense delta of a LoRA module in the base tensor's layout.
+"""Pure torch math: the dense delta of a LoRA module in the base tensor's layout, low-rank
+factorisations and their errors, budgets, and the elementwise merges (TIES, DARE).
 
 This module imports only torch. Formulas follow PEFT exactly (``(B @ A) * scale``, transposed
 for fan_in_fan_out and embeddings), so that a merge computed from them is bit for bit PEFT's.
@@ -177,3 +178,56 @@ def allocate_budget(spectra: list[torch.Tensor], costs: list[int], budget: int,
         if ranks[j] < min(len(spectra[j]), caps[j]):
             heapq.heappush(heap, (-float(spectra[j][ranks[j]]) ** 2 / costs[j], j))
     return ranks
+
+
+# --------------------------------------------------------------------------- combining adapters
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of B@A without forming it: B = Q_B R_B, Aᵀ = Q_A R_A, R_B R_Aᵀ = U' S V'ᵀ, so
+    B@A = (Q_B U') S (Q_A V')ᵀ. Float64 for the small core keeps the spectrum exact enough to
+    read errors from it."""
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.T.double())
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return (qb @ u).float(), s, (vh @ qa.T).float()
+
+
+def trim(d: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction of entries by magnitude (TIES 'trim')."""
+    k = int(math.ceil(density * d.numel()))
+    if k >= d.numel():
+        return d
+    if k == 0:
+        return torch.zeros_like(d)
+    thresh = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+    return torch.where(d.abs() >= thresh, d, torch.zeros_like(d))
+
+
+def dare(d: torch.Tensor, density: float, gen: torch.Tensor) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 − density, rescale the rest by 1/density."""
+    keep = torch.rand(d.shape, generator=gen, dtype=torch.float32) < density
+    return torch.where(keep, d / density, torch.zeros_like(d))
+
+
+def ties_merge(ds: list[torch.Tensor]) -> torch.Tensor:
+    """TIES elect + disjoint merge: the sign of Σ τ̂ᵢ per entry, then the mean of the entries
+    that agree with it (zeros do not vote and are not averaged)."""
+    stack = torch.stack(ds)
+    sign = torch.sign(stack.sum(0))
+    agree = (torch.sign(stack) == sign) & (stack != 0)
+    total = (stack * agree).sum(0)
+    count = agree.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def factored_residual(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor,
+                      A2: torch.Tensor) -> float:
+    """‖B1·A1 − B2·A2‖_F without forming either product: with [B1, −B2] = Q_L·R_L and
+    [A1; A2]ᵀ = Q_R·R_R, the difference is Q_L·(R_L·R_Rᵀ)·Q_Rᵀ and has the core's norm."""
+    left = torch.cat([B1.double(), -B2.double()], 1)
+    right = torch.cat([A1.double(), A2.double()], 0)
+    rl = torch.linalg.qr(left).R
+    rr = torch.linalg.qr(right.T).R
+    return float(torch.linalg.matrix_norm(rl @ rr.T))

@@ -108,6 +108,8 @@ def _format_adapter(data: dict[str, Any]) -> list[str]:
     lines.append(f"  base model: {base}; peft_type {a.get('peft_type')}; task "
                  f"{a.get('task_type') or '-'}" + (f"; {', '.join(flags)}" if flags else ""))
     tm = a.get("target_modules")
+    if isinstance(tm, list) and len(tm) > 8:  # full module names, one per module
+        tm = [f"{len(tm)} modules ({tm[0]} …)"]
     lines.append(f"  target modules: {', '.join(tm) if isinstance(tm, list) else tm}")
     if a.get("modules_to_save") or a.get("full_tensors"):
         lines.append(f"  full tensors (modules_to_save): {len(a.get('full_tensors') or [])}")
@@ -213,7 +215,8 @@ def format_extract(r: dict[str, Any], expand: bool = False) -> str:
 def format_merge(r: dict[str, Any]) -> str:
     """merge / unmerge."""
     names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
-    lines = [f"wrote {r['output']}: {r['operation']}d {names} into {r['base']}",
+    how = "into" if r["operation"] == "merge" else "from"
+    lines = [f"wrote {r['output']}: {r['operation']}d {names} {how} {r['base']}",
              f"  {r['tensors_changed']} of {r['tensors']} tensors changed, max "
              f"|ΔW| {r['max_abs_delta']:.3g}; {r['seconds']:.2f} s, "
              f"{r['gb_per_s']:.2f} GB/s on {r['device']}, peak RSS "

@@ -42,7 +42,8 @@ def hub_repo_of(spec: str | None) -> tuple[str, str | None] | None:
 def resolve_input(spec: str, bars: bool = False) -> "Path | HubRepo":
     """A local path for ``spec`` when it exists, else the Hub repo it names (``bars``: draw
     download bars for it)."""
-    from .checkpoint import NOT_CONFIG_SUFFIXES, _os_error
+    from .errors import os_input_error
+    from .tensorfile import NOT_CONFIG_SUFFIXES
 
     path = Path(spec).expanduser()
     try:
@@ -51,7 +52,7 @@ def resolve_input(spec: str, bars: bool = False) -> "Path | HubRepo":
     except FileNotFoundError:
         pass
     except OSError as e:  # a parent folder that cannot be searched, a name too long …
-        raise _os_error(path, e) from e
+        raise os_input_error(path, e) from e
     if spec.endswith(NOT_CONFIG_SUFFIXES + (".json",)):
         # names a file: a Hub id never ends in .safetensors, so do not ask the network
         raise InputError(f"{spec}: no such file or folder")
@@ -228,7 +229,7 @@ class HubRepo:
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        from .checkpoint import _header_length
+        from .tensorfile import header_length
 
         url = hf_hub_url(self.repo, filename, revision=self.commit or self.revision)
         headers = build_hf_headers()
@@ -239,7 +240,7 @@ class HubRepo:
             body = r.content
             total = r.headers.get("Content-Range", "").rpartition("/")[2]
             size = int(total) if total.isdigit() else len(body)
-            n = _header_length(body[:8], size, label)
+            n = header_length(body[:8], size, label)
             if 8 + n > len(body):
                 r = get_session().get(url, headers={**headers, "Range": f"bytes=8-{n + 7}"})
                 hf_raise_for_status(r)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import OutputError, os_message
 
 # Top-level names an output of loratool, transformers, PEFT or an exporter holds: --force
 # replaces a folder only when it holds one of them (or nothing), never an unrelated folder.
@@ -51,13 +51,13 @@ def output_os_error(path: Path, e: OSError, need: int | None = None) -> OutputEr
         kind = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota full"
         return OutputError(f"{where}: {kind}{room}; free some space or choose another -o "
                            "(nothing was written)")
-    if e.errno == errno.EROFS:
-        return OutputError(f"{where}: the file system is read-only; choose another -o")
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return OutputError(f"{where}: permission denied; choose a folder you can write to")
-    if e.errno == errno.ENAMETOOLONG:
-        return OutputError(f"{where}: file name too long; choose a shorter -o")
-    return OutputError(f"{where}: {e.strerror or e}")
+    return OutputError(f"{where}: {os_message(e, _WRITING, '')}")
+
+
+_WRITING = {errno.EROFS: "the file system is read-only; choose another -o",
+            errno.EACCES: "permission denied; choose a folder you can write to",
+            errno.EPERM: "permission denied; choose a folder you can write to",
+            errno.ENAMETOOLONG: "file name too long; choose a shorter -o"}
 
 
 def _existing_parent(p: Path) -> Path:

@@ -7,25 +7,21 @@ both into the human tables. Nothing here prints.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
 from . import __version__
-from .checkpoint import Checkpoint, TensorInfo, dtype_code, natural_key
+from .checkpoint import Checkpoint
+from .tensorfile import TensorInfo, dtype_code
+from .units import matches, natural_key
 from .formats import detect
 from .progress import SILENT, Progress
 
 SCHEMA_VERSION = 1
 
 
-def _matches(name: str, globs: Iterable[str] | None) -> bool:
-    globs = list(globs or [])
-    return not globs or any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def _tensor_entry(ckpt: Checkpoint, i: TensorInfo) -> dict[str, Any]:
+def _tensor_entry(i: TensorInfo) -> dict[str, Any]:
     return {"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "params": i.params,
             "bytes": i.nbytes, "file": i.file.name}
 
@@ -60,16 +56,16 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
         "dtypes": dict(dtypes.most_common()),
         "metadata": ckpt.metadata,
         "filter": filters or None,
-        "tensors": [_tensor_entry(ckpt, i)
+        "tensors": [_tensor_entry(i)
                     for i in sorted(ckpt.infos(), key=lambda i: natural_key(i.name))
-                    if _matches(i.name, filters)],
+                    if matches(i.name, filters)],
     }
     if kind == "adapter":
         if fmt == "peft":
             from .formats import peft
 
             facts = peft.describe(ckpt)
-            data["modules"] = [m for m in facts.pop("modules") if _matches(m["name"], filters)]
+            data["modules"] = [m for m in facts.pop("modules") if matches(m["name"], filters)]
             data["adapter"] = facts
         else:
             # kohya alphas and diffusers configs live in tensors and metadata: read the
@@ -77,7 +73,7 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
             from .formats import read_checkpoint
 
             ad = read_checkpoint(ckpt)
-            data["modules"] = [m for m in describe_modules(ad) if _matches(m["name"], filters)]
+            data["modules"] = [m for m in describe_modules(ad) if matches(m["name"], filters)]
             r, alpha = ad.common()
             data["adapter"] = {
                 "peft_type": "LORA", "base_model": ad.base_model, "base_model_revision": None,
@@ -88,7 +84,7 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
                 "use_dora": any(m.magnitude is not None for m in ad.modules.values()),
                 "modules_to_save": None, "full_tensors": sorted(ad.full),
                 "components": [c for c in ad.components if c],
-                "unresolved_names": bool(getattr(ad, "unresolved", [])),
+                "unresolved_names": bool(ad.unresolved),
             }
     return data
 
@@ -119,8 +115,8 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
     """
     import torch
 
-    na = [n for n in a.tensors if _matches(n, filters)]
-    nb = [n for n in b.tensors if _matches(n, filters)]
+    na = [n for n in a.tensors if matches(n, filters)]
+    nb = [n for n in b.tensors if matches(n, filters)]
     sb = set(nb)
     sa = set(na)
     only_a = [n for n in na if n not in sb]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Iterable
 
 from .errors import UsageError
 
@@ -38,3 +39,16 @@ def human_bytes(n: float) -> str:
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def natural_key(s: str) -> list[tuple[int, Any]]:
+    """Sort key that puts ``layers.10`` after ``layers.9``."""
+    return [(1, int(p)) if p.isdigit() else (0, p) for p in re.split(r"(\d+)", s)]
+
+
+def matches(name: str, globs: Iterable[str] | None) -> bool:
+    """Whether ``name`` matches one of the shell-style ``globs`` (no globs: everything)."""
+    import fnmatch
+
+    globs = list(globs or [])
+    return not globs or any(fnmatch.fnmatchcase(name, g) for g in globs)

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -23,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-from .checkpoint import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code
+from .tensorfile import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code, tensor_bytes
 from .errors import LoraToolError, OutputError
 from .staging import Stage, output_os_error
 from .units import parse_size
@@ -34,14 +33,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_SHARD = 5 * 10**9  # transformers' default "5GB"
 # Files of a source folder that never travel to an output: weights, model cards, VCS state.
 NOT_COPIED = {"README.md", ".gitattributes", "adapter_config.json"}
-
-
-def tensor_bytes(t: "torch.Tensor") -> memoryview:
-    """A zero-copy view of a CPU tensor's bytes (no numpy needed); keep ``t`` alive meanwhile."""
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def _write_all(f: BinaryIO, view: memoryview) -> None:
@@ -226,8 +217,6 @@ class CheckpointWriter:
 
     def _layout(self, plan: list[tuple[str, str, tuple[int, ...]]]) -> list[dict[str, Any]]:
         """Cut a known tensor list into shards exactly as streaming would."""
-        from .checkpoint import dtype_bytes
-
         shards: list[dict[str, Any]] = []
         size = 0
         for name, code, shape in plan:

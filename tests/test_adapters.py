@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import llama_config, run_cli, tiny_gpt2
-from loratool.adapter import match_base, read_adapter
+from loratool.adapter import match_base
+from loratool.formats import read_adapter
 from loratool.checkpoint import open_checkpoint
 from loratool.errors import FormatError
 

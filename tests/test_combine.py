@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import llama_config, run_cli, tree
-from loratool.adapter import read_adapter
+from loratool.formats import read_adapter
 
 
 def _adapter(tmp_path, name, seed, **kw):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import llama_config, run_cli, tree
-from loratool.adapter import read_adapter
+from loratool.formats import read_adapter
 from loratool.checkpoint import open_checkpoint
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import llama_config, run_cli, tiny_gpt2, tree
-from loratool.adapter import read_adapter
+from loratool.formats import read_adapter
 
 
 def _pair(tmp_path, rank=4, noise=0.0, dtype=torch.float32, targets=("q_proj", "v_proj",

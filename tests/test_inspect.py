@@ -175,7 +175,7 @@ def test_missing_lora_alpha_means_peft_default_8(tmp_path, peft_dir):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     mods = {m["name"]: m for m in _json(d)["modules"]}
     assert mods["model.layers.0.self_attn.q_proj"]["scale"] == 2.0  # 8 / 4, as PEFT
-    from loratool.adapter import read_adapter
+    from loratool.formats import read_adapter
 
     assert read_adapter(str(d)).modules["model.layers.0.self_attn.q_proj"].scale == 2.0
 

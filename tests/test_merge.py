@@ -93,7 +93,7 @@ def test_fp32_equals_peft_merge_bit_for_bit(tmp_path, case):
 
 def _exact(base_sd, adapter_dir, weight=1.0):
     """float64 reference: W + w·s·B@A per module (LoRA only)."""
-    from loratool.adapter import read_adapter
+    from loratool.formats import read_adapter
 
     ad = read_adapter(str(adapter_dir))
     ref = {k: v.double() for k, v in base_sd.items()}
@@ -159,7 +159,7 @@ def test_several_adapters_with_weights(tmp_path):
                   tmp_path / "m", "--verify")
     assert res.rc == 0, res.err
     ref = _exact(base.state_dict(), tmp_path / "a" / "adapter", 0.5)
-    from loratool.adapter import read_adapter
+    from loratool.formats import read_adapter
 
     for m in read_adapter(str(tmp_path / "b" / "adapter")).modules.values():
         ref[m.name + ".weight"] = ref[m.name + ".weight"] - 1.5 * m.delta(torch.float64)

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_cli, tree
-from loratool.adapter import LoraAdapter, LoraModule, read_adapter
+from loratool.adapter import LoraAdapter, LoraModule
+from loratool.formats import read_adapter
 from loratool.formats import peft
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,9 +150,12 @@ def test_extract_budget_counts_bias_changes_of_tensors_not_factorised(tmp_path):
 
 
 def test_resize_energy_leaves_a_zero_module_out(tmp_path):
+    g = torch.Generator().manual_seed(0)
     ad = LoraAdapter(source_format="peft")
-    ad.add(LoraModule("a", torch.randn(4, 8), torch.randn(8, 4), 4.0))
-    ad.add(LoraModule("b", torch.randn(4, 8), torch.zeros(8, 4), 4.0))
+    decay = torch.tensor([1.0, 0.3, 0.1, 0.03])  # 90 % of the energy in the first directions
+    ad.add(LoraModule("a", torch.randn(4, 8, generator=g),
+                      torch.randn(8, 4, generator=g) * decay, 4.0))
+    ad.add(LoraModule("b", torch.randn(4, 8, generator=g), torch.zeros(8, 4), 4.0))
     peft.write(ad, tmp_path / "in")
     res = run_cli("resize", tmp_path / "in", "--energy", "0.9", "-o", tmp_path / "out", "--json")
     assert res.rc == 0, res.err

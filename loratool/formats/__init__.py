@@ -1,9 +1,15 @@
-"""Adapter formats: detection by content, and one reader and writer per format.
+"""Adapter formats: a registry of format modules, and detection by content.
 
-``detect`` looks at tensor names, header metadata and configs, never at file names alone.
-``read_any`` reads any supported adapter into the one in-memory model (``LoraAdapter``);
-``write_any`` writes it in a chosen format, refusing (or, when asked, dropping) what the target
-format cannot hold.
+Each format module (``peft``, ``kohya``, ``diffusers``, ``gguf``) declares a ``FORMAT``
+(``base.Format``): how to recognise, read and write it and what it cannot hold; this module
+looks them up. ``detect`` reads tensor names, header metadata and configs, never file names
+alone; ``read_any`` reads any supported adapter into the one in-memory model; ``write_adapter``
+writes it in a chosen format, refusing what the format cannot hold.
+
+Example::
+
+    ad = read_adapter("my-lora.safetensors")
+    write_adapter(ad, Path("peft-adapter"), "peft")
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
+from . import diffusers, gguf, kohya, peft
+from .base import Format
 
+REGISTRY: dict[str, Format] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT,
+                                                   gguf.FORMAT)}
+FORMATS = tuple(REGISTRY)
+DETECT_ORDER = ("kohya", "diffusers", "peft")  # the most specific first; PEFT claims the rest
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
                    ".lora_down.", ".lora_up.", ".lora_a", ".lora_b")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.",
-                      "text_encoder_3.", "prior.", "decoder.")
-FORMATS = ("peft", "kohya", "diffusers", "gguf")
+_NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
 
 
 def detect(ckpt: Checkpoint) -> tuple[str, str]:
@@ -33,57 +42,39 @@ def detect(ckpt: Checkpoint) -> tuple[str, str]:
         m in n for n in names for m in ADAPTER_MARKERS)
     if not is_adapter:
         return "model", ckpt.container
-    kohya = any(n.startswith(KOHYA_PREFIXES) for n in names)
-    peftish = any(".lora_A." in n or ".lora_embedding_A" in n for n in names)
-    if kohya and peftish:
+    if kohya.claims(ckpt) and any(".lora_A." in n or ".lora_embedding_A" in n for n in names):
         raise FormatError(f"{ckpt.source or ckpt.path}: mixes kohya (lora_down/lora_up) and PEFT "
                           "(lora_A/lora_B) keys; split it into one file per format")
-    if kohya:
-        return "adapter", "kohya"
-    if ckpt.adapter_config is None and ("lora_adapter_metadata" in ckpt.metadata or all(
-            n.startswith(DIFFUSERS_PREFIXES) for n in names)):
-        return "adapter", "diffusers"
-    return "adapter", "peft"
-
-
-# what each format writes as one file (else a folder of that file, or of PEFT's files)
-_WRITES = {"peft": "a folder (adapter_config.json + adapter_model.safetensors)",
-           "kohya": "one .safetensors file", "diffusers": "one .safetensors file",
-           "gguf": "one .gguf file"}
-_SUFFIX_FORMATS = {".gguf": ("gguf",), ".safetensors": ("kohya", "diffusers")}
-_NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
+    return "adapter", next(f for f in DETECT_ORDER if REGISTRY[f].claims(ckpt))  # type: ignore
 
 
 def output_format(out: Path, fmt: str | None, default: str, allowed: tuple[str, ...]) -> str:
     """The format to write: ``fmt`` when given, else the one the output's suffix names
     (``x.gguf``, ``x.safetensors``), else ``default``. A suffix that contradicts ``fmt`` is
     refused rather than turned into a folder named like a file."""
-    from ..errors import UsageError
-
     suffix = Path(out).suffix.lower()
     if suffix in _NEVER_WRITTEN:
         raise UsageError(f"-o {out}: loratool writes adapters as safetensors or GGUF, not "
                          f"{suffix}; name a folder, a .safetensors or a .gguf file")
-    fits = tuple(f for f in _SUFFIX_FORMATS.get(suffix, ()) if f in allowed)
+    named = tuple(f.name for f in REGISTRY.values() if f.suffix and f.suffix == suffix)
+    fits = tuple(f for f in named if f in allowed)
     if fmt is None:
         fmt = fits[0] if fits and default not in fits else default
     if fmt not in allowed:
         raise UsageError(f"--format {fmt}: choose one of {', '.join(allowed)}")
-    if suffix in _SUFFIX_FORMATS and fmt not in _SUFFIX_FORMATS[suffix]:
+    if named and fmt not in named:
         other = f" or --format {fits[0]}" if fits else ""
         raise UsageError(f"-o {out} names a {suffix} file, but --format {fmt} writes "
-                         f"{_WRITES[fmt]}: drop the suffix{other}")
+                         f"{REGISTRY[fmt].writes}: drop the suffix{other}")
     return fmt
 
 
 def _check_one_format(folder: Path) -> None:
     """A folder holding adapters of two formats is ambiguous: refuse rather than guess."""
-    found = []
     names = set(os.listdir(folder))
-    if "adapter_config.json" in names:
-        found.append("PEFT (adapter_config.json)")
-    if "pytorch_lora_weights.safetensors" in names:
-        found.append("diffusers (pytorch_lora_weights.safetensors)")
+    found = [f"PEFT ({n})" for n in ("adapter_config.json",) if n in names]
+    found += [f"{f.name} ({f.default_file})" for f in REGISTRY.values()
+              if f.default_file and f.default_file in names and f.claims is not None]
     if any(n.endswith(".gguf") for n in names):
         found.append("GGUF (*.gguf)")
     if len(found) > 1:
@@ -91,57 +82,9 @@ def _check_one_format(folder: Path) -> None:
                           "pass the file to read, or move the others out")
 
 
-def base_resolver(base: str) -> Any:
-    """A function (component, underscored name) → dotted module name, from a base's headers.
-
-    ``base`` is a model folder, file or Hub id; a diffusers pipeline folder (model_index.json)
-    resolves each component against its own subfolder.
-    """
-    from ..checkpoint import open_checkpoint
-    from ..sources import resolve_input
-
-    target = resolve_input(base)
-    tables: dict[str | None, dict[str, str | None]] = {}
-
-    def table(ckpt: Checkpoint) -> dict[str, str | None]:
-        t: dict[str, str | None] = {}
-        for n in ckpt.tensors:
-            if n.endswith(".weight"):
-                mod = n[: -len(".weight")]
-                key = mod.replace(".", "_")
-                t[key] = None if key in t and t[key] != mod else mod  # None: ambiguous
-        return t
-
-    pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
-    transformers_model = False
-    if pipeline:
-        for sub in sorted(p.name for p in target.iterdir() if p.is_dir()):
-            try:
-                tables[sub] = table(open_checkpoint(target / sub))
-            except FormatError:
-                continue
-            except Exception:  # not a weights folder (scheduler/, tokenizer/ …)
-                continue
-    else:
-        ckpt = open_checkpoint(base)
-        tables[None] = table(ckpt)
-        # a transformers model has one name space: its modules get no pipeline component
-        transformers_model = bool(ckpt.config and "model_type" in ckpt.config)
-
-    def resolve(component: str | None, underscored: str) -> str | None:
-        t = tables.get(component if pipeline else None)
-        if t is None:
-            raise FormatError(f"base {base} has no component {component}")
-        if underscored in t and t[underscored] is None:
-            raise FormatError(f"kohya name {underscored} matches several modules of {base}")
-        return t.get(underscored)
-
-    resolve.single_model = transformers_model  # type: ignore[attr-defined]
-    return resolve
-
-
 def read_any(spec: str, base: str | None = None) -> Any:
-    """Read an adapter of any supported format into a LoraAdapter."""
+    """Read an adapter of any supported format into a LoraAdapter (``base``, a path or Hub id,
+    resolves kohya names that cannot be mapped back alone)."""
     from ..checkpoint import open_checkpoint
     from ..sources import resolve_input
 
@@ -155,22 +98,20 @@ def read_any(spec: str, base: str | None = None) -> Any:
     return read_checkpoint(open_checkpoint(spec), base)
 
 
+read_adapter = read_any
+
+
 def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
     """Read an already opened adapter checkpoint into a LoraAdapter."""
-    from . import diffusers, kohya, peft
-
     spec = ckpt.source or str(ckpt.path)
     kind, fmt = detect(ckpt)
     if kind != "adapter":
         raise FormatError(f"{spec}: is a model checkpoint, not an adapter (no lora_A/lora_B or "
                           "lora_down/lora_up tensors); to make an adapter from a fine-tune use "
                           "`loratool extract`")
-    if fmt == "kohya":
-        ad = kohya.read(ckpt, base_resolver(base) if base else None)
-    elif fmt == "diffusers":
-        ad = diffusers.read(ckpt)
-    else:
-        ad = peft.read(ckpt)
+    reader = REGISTRY[fmt].read
+    assert reader is not None
+    ad = reader(ckpt, base)
     if not ad.modules and not ad.full:
         raise FormatError(f"{spec}: holds no LoRA modules and no full tensors: there is "
                           "nothing in it to apply")
@@ -179,40 +120,20 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
 
 def require_resolved(ad: Any, spec: str) -> None:
     """kohya names read without --base stay underscored; nothing but kohya can use them."""
-    unresolved = getattr(ad, "unresolved", None)
-    if unresolved:
-        raise FormatError(f"{spec}: kohya names like {unresolved[0]} cannot be mapped back to "
-                          "module paths without the base model (dots and underscores are "
+    if ad.unresolved:
+        raise FormatError(f"{spec}: kohya names like {ad.unresolved[0]} cannot be mapped back "
+                          "to module paths without the base model (dots and underscores are "
                           "ambiguous); pass --base BASE")
 
 
 def lossy(ad: Any, fmt: str) -> list[str]:
     """What ``fmt`` cannot hold of ``ad``: one phrase per kind of loss."""
-    from . import diffusers, gguf, kohya
-
-    return {"peft": lambda a: [], "kohya": kohya.lossy, "diffusers": diffusers.lossy,
-            "gguf": gguf.lossy}[fmt](ad)
+    return REGISTRY[fmt].lossy(ad)
 
 
 def drop_unsupported(ad: Any, fmt: str) -> Any:
     """A copy of ``ad`` without what ``fmt`` cannot hold (only when the user asked)."""
-    import copy
-
-    out = copy.copy(ad)
-    out.modules = {}
-    out.full = {} if fmt in ("kohya", "diffusers", "gguf") else dict(ad.full)
-    for k, m in ad.modules.items():
-        m = copy.copy(m)
-        if fmt == "gguf" and m.layout == "conv":
-            continue
-        if fmt == "kohya" and m.layout == "embedding":
-            continue
-        if fmt in ("kohya", "gguf"):
-            m.bias = None
-        if fmt == "gguf":
-            m.magnitude = None
-        out.modules[k] = m
-    return out
+    return REGISTRY[fmt].keep(ad)
 
 
 def drop_base_copies(ad: Any, base: Checkpoint) -> list[str]:
@@ -235,24 +156,9 @@ def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
                   force: bool = False, inputs: list[Path] | None = None, note: str = "",
                   with_info: bool = False) -> Any:
     """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
-    with ``with_info``, the GGUF details)."""
-    from ..checkpoint import open_checkpoint
-    from . import diffusers, gguf, kohya, peft
-
+    with ``with_info``, what the writer reports, such as GGUF's alpha)."""
     lost = lossy(ad, fmt)
     if lost:
         raise FormatError(f"{fmt} cannot hold {'; '.join(lost)}; choose another format")
-    info = None
-    if fmt == "peft":
-        path = peft.write(ad, out, force=force, inputs=inputs, note=note)
-    elif fmt == "kohya":
-        path = kohya.write(ad, out, force=force, inputs=inputs)
-    elif fmt == "diffusers":
-        path = diffusers.write(ad, out, force=force, inputs=inputs)
-    else:
-        cfg = open_checkpoint(base).config if base else None
-        if cfg is None:
-            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
-                              "config.json): llama.cpp names tensors by architecture")
-        path, info = gguf.write(ad, out, cfg, force=force, inputs=inputs)
+    path, info = REGISTRY[fmt].write(ad, out, force=force, inputs=inputs, note=note, base=base)
     return (str(path), info) if with_info else str(path)

@@ -16,6 +16,7 @@ from ..checkpoint import Checkpoint
 from ..errors import FormatError
 from ..validate import ADAPTER_CONFIG, check_fields, parse_json
 from . import peft
+from .base import Format, held, losses
 
 META_KEY = "lora_adapter_metadata"
 COMPONENTS_KEY = "loratool.components"  # {written prefix: original component or null}
@@ -24,7 +25,14 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def read(ckpt: Checkpoint) -> Any:
+def claims(ckpt: Checkpoint) -> bool:
+    """A diffusers file has no adapter_config.json: its config rides in the header, or every
+    key starts with a pipeline component."""
+    return ckpt.adapter_config is None and (META_KEY in ckpt.metadata or all(
+        n.startswith(tuple(c + "." for c in COMPONENTS)) for n in ckpt.tensors))
+
+
+def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     """A diffusers LoRA file → LoraAdapter (one component per key prefix)."""
     from ..adapter import LoraAdapter
 
@@ -74,10 +82,15 @@ def read(ckpt: Checkpoint) -> Any:
 
 def lossy(ad: Any) -> list[str]:
     """What a diffusers LoRA file cannot hold."""
-    return [f"{len(ad.full)} full tensors (modules_to_save)"] if ad.full else []
+    return losses(ad, [], full=True)
 
 
-def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None) -> Path:
+def keep(ad: Any) -> Any:
+    return held(ad, full=False)
+
+
+def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None) -> Path:
     """``out`` ending in .safetensors, else ``out/pytorch_lora_weights.safetensors``."""
     from ..writer import CheckpointWriter
 
@@ -109,3 +122,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         for k, t in tensors.items():
             w.add(k, t)
     return target
+
+
+FORMAT = Format("diffusers", "one .safetensors file", ".safetensors", WEIGHTS, claims, read,
+                lambda ad, out, **kw: (write(ad, out, **kw), None), lossy, keep)

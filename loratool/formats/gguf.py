@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from .base import Format, held, losses
 
 # HF model_type → (gguf arch name, whether q/k rows are permuted as llama.cpp's converter does)
 ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
@@ -30,16 +31,14 @@ ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2
 
 def lossy(ad: Any) -> list[str]:
     """What a GGUF adapter cannot hold."""
-    out = []
-    for label, pred in (("DoRA magnitude", lambda m: m.magnitude is not None),
-                        ("lora_B bias", lambda m: m.bias is not None),
-                        ("conv LoRA", lambda m: m.layout == "conv")):
-        hit = [m.key for m in ad.modules.values() if pred(m)]
-        if hit:
-            out.append(f"{label} on {len(hit)} modules ({hit[0]} …)")
-    if ad.full:
-        out.append(f"{len(ad.full)} full tensors (modules_to_save)")
-    return out
+    return losses(ad, [("DoRA magnitude", lambda m: m.magnitude is not None),
+                       ("lora_B bias", lambda m: m.bias is not None),
+                       ("conv LoRA", lambda m: m.layout == "conv")], full=True)
+
+
+def keep(ad: Any) -> Any:
+    return held(ad, full=False, bias=False, magnitude=False,
+                layouts=("linear", "fan_in_fan_out", "embedding"))
 
 
 def _for_tied_base(ad: Any) -> Any:
@@ -130,9 +129,19 @@ def _base_model(w: Any, spec: str | None) -> None:
         w.add_base_model_version(0, hub[1])
 
 
-def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
-          inputs: list[Path] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write ``out`` (a .gguf file; a folder gets ``adapter.gguf``) atomically."""
+def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write ``out`` (a .gguf file; a folder gets ``adapter.gguf``) atomically. ``base``
+    (path or Hub id) gives the architecture and llama.cpp's tensor names."""
+    from ..checkpoint import open_checkpoint
+
+    if not base:
+        raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
+                          "config.json): llama.cpp names tensors by architecture")
+    config = open_checkpoint(base).config
+    if config is None:
+        raise FormatError(f"{base}: has no config.json, which --format gguf needs (llama.cpp "
+                          "names tensors by architecture): give a transformers model folder")
     import gguf
     import numpy as np
     import torch
@@ -166,3 +175,7 @@ def write(ad: Any, out: Path, config: dict[str, Any], *, force: bool = False,
     inexact = [n for n, _, _, f in rows if f != 1.0 and math.frexp(f)[0] != 0.5]
     return target, {"alpha": alpha, "modules": len(rows),
                     "rescaled": sum(1 for r in rows if r[3] != 1.0), "inexact": inexact}
+
+
+FORMAT = Format("gguf", "one .gguf file", ".gguf", "adapter.gguf", None, None, write, lossy,
+                keep)

@@ -16,20 +16,21 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..checkpoint import Checkpoint, natural_key
+from ..checkpoint import Checkpoint
+from ..units import natural_key
 from ..errors import FormatError
+from .base import Format, held, losses
 from ..validate import parse_json
 
 NAMES_KEY = "loratool.modules"  # {stem: [component, module name, layout]}
+PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
 _KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>lora_down\.weight|"
                   r"lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$")
-SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 
-Resolver = Callable[[str | None, str], str | None]
 
 
 def split_stem(stem: str) -> tuple[str, str]:
@@ -40,13 +41,78 @@ def split_stem(stem: str) -> tuple[str, str]:
     raise FormatError(f"unknown kohya key prefix in {stem!r}")
 
 
-def read(ckpt: Checkpoint, resolver: Resolver | None = None) -> Any:
+class BaseNames:
+    """Underscored kohya names → dotted module names, from a base's tensor names.
+
+    ``base`` is a model folder, file or Hub id; a diffusers pipeline folder (model_index.json)
+    resolves each component against its own subfolder. ``single_model``: a transformers
+    model has one name space, so its modules get no pipeline component.
+    """
+
+    def __init__(self, base: str) -> None:
+        from ..checkpoint import open_checkpoint
+        from ..errors import LoraToolError
+        from ..sources import resolve_input
+
+        self.base = base
+        self.tables: dict[str | None, dict[str, str | None]] = {}
+        target = resolve_input(base)
+        self.pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+        self.single_model = False
+        if self.pipeline:
+            for sub in sorted(p.name for p in target.iterdir() if p.is_dir()):  # type: ignore
+                try:
+                    self.tables[sub] = _table(open_checkpoint(target / sub))  # type: ignore
+                except LoraToolError:
+                    continue  # not a weights folder (scheduler/, tokenizer/ …)
+        else:
+            ckpt = open_checkpoint(base)
+            self.tables[None] = _table(ckpt)
+            self.single_model = bool(ckpt.config and "model_type" in ckpt.config)
+
+    def resolve(self, component: str | None, underscored: str) -> str | None:
+        t = self.tables.get(component if self.pipeline else None)
+        if t is None:
+            raise FormatError(f"base {self.base} has no component {component}")
+        if underscored in t and t[underscored] is None:
+            raise FormatError(f"kohya name {underscored} matches several modules of "
+                              f"{self.base}")
+        return t.get(underscored)
+
+
+def _table(ckpt: Checkpoint) -> dict[str, str | None]:
+    """underscored module name → dotted name (None where two dotted names collide)."""
+    t: dict[str, str | None] = {}
+    for n in ckpt.tensors:
+        if n.endswith(".weight"):
+            mod = n[: -len(".weight")]
+            key = mod.replace(".", "_")
+            t[key] = None if key in t and t[key] != mod else mod
+    return t
+
+
+def claims(ckpt: Checkpoint) -> bool:
+    return any(n.startswith(PREFIXES) for n in ckpt.tensors)
+
+
+def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     """A kohya LoRA file → LoraAdapter. Names come from loratool's header record, else from
-    ``resolver`` (built from ``--base``), else they stay underscored (``unresolved``)."""
-    from ..adapter import LoraAdapter, LoraModule
+    the base (``--base``), else they stay underscored (``unresolved``)."""
+    from ..adapter import LoraAdapter
 
     where = str(ckpt.source or ckpt.path)
     meta = dict(ckpt.metadata)
+    names = _recorded_names(meta, where)
+    resolver = BaseNames(base) if base else None
+    ad = LoraAdapter(source_format="kohya", metadata=meta)
+    groups = _groups(ckpt, where)
+    for stem in sorted(groups, key=natural_key):
+        ad.add(_module(stem, groups[stem], names, resolver, ad.unresolved, where))
+    return ad
+
+
+def _recorded_names(meta: dict[str, str], where: str) -> dict[str, list[Any]]:
+    """The real module names loratool records when it writes a kohya file."""
     names = parse_json(meta.pop(NAMES_KEY, "{}"), where, f"header metadata {NAMES_KEY}")
     if not isinstance(names, dict) or not all(
             isinstance(v, list) and len(v) == 3 and (v[0] is None or isinstance(v[0], str))
@@ -54,6 +120,11 @@ def read(ckpt: Checkpoint, resolver: Resolver | None = None) -> Any:
                                                    "embedding") for v in names.values()):
         raise FormatError(f"{where}: header metadata {NAMES_KEY} must map each module to "
                           "[component, name, layout]; the file was changed by hand or damaged")
+    return names
+
+
+def _groups(ckpt: Checkpoint, where: str) -> dict[str, dict[str, Any]]:
+    """The file's tensors by module stem: lora_down, lora_up, alpha, dora_scale."""
     groups: dict[str, dict[str, Any]] = {}
     for key in ckpt.tensors:
         m = _KEY.match(key)
@@ -63,68 +134,72 @@ def read(ckpt: Checkpoint, resolver: Resolver | None = None) -> Any:
         if m.group("part") == "lora_mid.weight":
             raise FormatError(f"{where}: {key!r}: LoCon/Tucker mid factors are not supported")
         groups.setdefault(m.group("stem"), {})[m.group("part")] = ckpt.load(key)
-    ad = LoraAdapter(source_format="kohya", metadata=meta)
-    unresolved = []
-    for stem in sorted(groups, key=natural_key):
-        g = groups[stem]
-        if "lora_down.weight" not in g or "lora_up.weight" not in g:
-            have = "lora_down" if "lora_down.weight" in g else "lora_up"
-            if "lora_down.weight" not in g and "lora_up.weight" not in g:
-                have = "only an alpha"
-            raise FormatError(f"{where}: module {stem} has {have} but not both lora_down and "
-                              "lora_up; the file is incomplete")
-        down, up = g["lora_down.weight"], g["lora_up.weight"]
-        prefix, rest = split_stem(stem)
-        layout = "conv" if down.dim() > 2 else "linear"
-        if stem in names:
-            component, name, layout = names[stem]
-        else:
-            component = PREFIX_COMPONENT[prefix]
-            name = resolver(component, rest) if resolver else None
-            if resolver is not None and name is None:
-                raise FormatError(f"{where}: module {stem}: no module {rest!r} (dots for "
-                                  "underscores) in the base; is --base the right model?")
-            if name is None:
-                unresolved.append(stem)
-                name = rest
-            elif resolver is not None and getattr(resolver, "single_model", False):
-                component = None
-        rank = down.shape[0]
-        alpha_t = g.get("alpha")
-        if alpha_t is not None and alpha_t.numel() != 1:
-            raise FormatError(f"{where}: {stem}.alpha must be one number, has shape "
-                              f"{list(alpha_t.shape)}")
-        alpha = float(alpha_t.reshape(-1)[0]) if alpha_t is not None else 0.0
-        if not math.isfinite(alpha):
-            raise FormatError(f"{where}: {stem}.alpha is {alpha}, not a finite number")
-        if alpha == 0.0:
-            alpha = float(rank)  # kohya: a missing or zero alpha means alpha = rank
-        mag = g.get("dora_scale")
-        if mag is not None:
-            if mag.shape[0] != up.shape[0] or mag.numel() != up.shape[0]:
-                raise FormatError(f"{where}: {stem}.dora_scale has shape {list(mag.shape)}: only "
-                                  "the per-output form [out, 1, …] (LyCORIS wd_on_out) is read")
-            mag = mag.reshape(-1)
-        ad.add(LoraModule(name, down, up, alpha, False, layout, mag, None, component))
-    ad.unresolved = unresolved  # type: ignore[attr-defined]
-    return ad
+    return groups
+
+
+def _module(stem: str, g: dict[str, Any], names: dict[str, list[Any]],
+            resolver: BaseNames | None, unresolved: list[str], where: str) -> Any:
+    from ..adapter import LoraModule
+
+    if "lora_down.weight" not in g or "lora_up.weight" not in g:
+        have = "lora_down" if "lora_down.weight" in g else "lora_up"
+        if "lora_down.weight" not in g and "lora_up.weight" not in g:
+            have = "only an alpha"
+        raise FormatError(f"{where}: module {stem} has {have} but not both lora_down and "
+                          "lora_up; the file is incomplete")
+    down, up = g["lora_down.weight"], g["lora_up.weight"]
+    prefix, rest = split_stem(stem)
+    layout = "conv" if down.dim() > 2 else "linear"
+    if stem in names:
+        component, name, layout = names[stem]
+    else:
+        component = PREFIX_COMPONENT[prefix]
+        name = resolver.resolve(component, rest) if resolver else None
+        if resolver is not None and name is None:
+            raise FormatError(f"{where}: module {stem}: no module {rest!r} (dots for "
+                              "underscores) in the base; is --base the right model?")
+        if name is None:
+            unresolved.append(stem)
+            name = rest
+        elif resolver is not None and resolver.single_model:
+            component = None
+    return LoraModule(name, down, up, _alpha(g, stem, down.shape[0], where), False, layout,
+                      _dora_scale(g, stem, up, where), None, component)
+
+
+def _alpha(g: dict[str, Any], stem: str, rank: int, where: str) -> float:
+    alpha_t = g.get("alpha")
+    if alpha_t is not None and alpha_t.numel() != 1:
+        raise FormatError(f"{where}: {stem}.alpha must be one number, has shape "
+                          f"{list(alpha_t.shape)}")
+    alpha = float(alpha_t.reshape(-1)[0]) if alpha_t is not None else 0.0
+    if not math.isfinite(alpha):
+        raise FormatError(f"{where}: {stem}.alpha is {alpha}, not a finite number")
+    return alpha if alpha != 0.0 else float(rank)  # kohya: missing or zero alpha = rank
+
+
+def _dora_scale(g: dict[str, Any], stem: str, up: Any, where: str) -> Any:
+    mag = g.get("dora_scale")
+    if mag is None:
+        return None
+    if mag.shape[0] != up.shape[0] or mag.numel() != up.shape[0]:
+        raise FormatError(f"{where}: {stem}.dora_scale has shape {list(mag.shape)}: only "
+                          "the per-output form [out, 1, …] (LyCORIS wd_on_out) is read")
+    return mag.reshape(-1)
 
 
 def lossy(ad: Any) -> list[str]:
     """What a kohya file cannot hold."""
-    out = []
-    emb = [m.key for m in ad.modules.values() if m.layout == "embedding"]
-    if emb:
-        out.append(f"embedding LoRA on {len(emb)} modules ({emb[0]} …)")
-    bias = [m.key for m in ad.modules.values() if m.bias is not None]
-    if bias:
-        out.append(f"lora_B bias on {len(bias)} modules")
-    if ad.full:
-        out.append(f"{len(ad.full)} full tensors (modules_to_save)")
-    return out
+    return losses(ad, [("embedding LoRA", lambda m: m.layout == "embedding"),
+                       ("lora_B bias", lambda m: m.bias is not None)], full=True)
 
 
-def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None) -> Path:
+def keep(ad: Any) -> Any:
+    return held(ad, full=False, bias=False, layouts=("linear", "fan_in_fan_out", "conv"))
+
+
+def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None) -> Path:
     """One kohya safetensors file: ``out`` if it ends in .safetensors, else
     ``out/lora.safetensors``."""
     import torch
@@ -169,3 +244,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         for k, t in tensors.items():
             w.add(k, t)
     return target
+
+
+FORMAT = Format("kohya", "one .safetensors file", ".safetensors", "lora.safetensors",
+                claims, read, lambda ad, out, **kw: (write(ad, out, **kw), None), lossy, keep)

@@ -14,8 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint, natural_key
+from ..checkpoint import Checkpoint
+from ..units import natural_key
 from ..errors import FormatError
+from .base import Format, held
 
 PREFIX = "base_model.model."
 _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
@@ -125,9 +127,6 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
 # --------------------------------------------------------------------------- read / write
 # (these need torch; describe() above stays header-only for inspect)
 
-_KNOWN_LORA = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
 def split_key(key: str) -> tuple[str, str, str | None] | None:
     """``model.x.q_proj.lora_A.weight`` → (``model.x.q_proj``, ``lora_A``, ``weight``)."""
     m = _PARTS.match(key)
@@ -215,7 +214,12 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
     return modules, full
 
 
-def read(ckpt: Checkpoint) -> Any:
+def claims(ckpt: Checkpoint) -> bool:
+    """PEFT is what an adapter is when no other format claims it."""
+    return True
+
+
+def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     """A PEFT adapter folder (or bare PEFT safetensors beside its config) → LoraAdapter."""
     from ..adapter import LoraAdapter
 
@@ -372,7 +376,7 @@ def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
 
 
 def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
-          note: str = "") -> Path:
+          note: str = "", base: str | None = None) -> Path:
     """Write a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as it is."""
     from ..writer import CheckpointWriter
 
@@ -390,3 +394,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         w.add_file("adapter_config.json", json.dumps(cfg, indent=2) + "\n")
         w.add_file("README.md", model_card(ad, cfg, note or "Written by loratool."))
     return out
+
+
+FORMAT = Format("peft", "a folder (adapter_config.json + adapter_model.safetensors)", None,
+                None, claims, read, lambda ad, out, **kw: (write(ad, out, **kw), None),
+                lambda ad: [], held)

@@ -1,0 +1,237 @@
+"""What merging adapters into a base does to each tensor, planned and applied: the public API
+that ``merge``, ``unmerge`` and ``export`` share.
+
+:func:`plan_edits` maps every adapter module and full tensor onto the base tensor it changes
+(checking shapes, tied heads, DoRA, conflicts between adapters) and returns an :class:`Edit`
+per changed tensor; :func:`apply_edit` computes one edited tensor in float32, in PEFT's order
+of operations. :class:`UnmergeRecord` reads what a merge recorded for unmerge.
+
+Example::
+
+    edits, order = plan_edits(base, adapters, [1.0], ["adapter/"])
+    W = apply_edit(base.load(name, dtype=torch.float32), edits[name], 1.0, "cpu")
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FormatError, HubError
+
+# What merge writes beside a merged model for unmerge: the base tensors that full tensors
+# (modules_to_save) replaced, as ``replaced.<name>``, and DoRA's row norms ‖V‖, as
+# ``dora_norm.<name>``; neither can be recovered from the merged weights alone.
+RECORD = "loratool-unmerge.safetensors"
+LEGACY_DORA_RECORD = "loratool-dora-norms.safetensors"  # loratool 0.1: DoRA norms only
+
+
+@dataclass
+class Edit:
+    """What happens to one output tensor."""
+
+    source: str  # base tensor it starts from
+    lora: list[tuple[Any, float]] = field(default_factory=list)  # (LoraModule, weight)
+    bias: list[tuple[Any, float]] = field(default_factory=list)  # modules whose bias adds here
+    full: tuple[Any, float] | None = None  # (replacement tensor, weight), applied first
+    owner: str | None = None  # the adapter that replaces this tensor
+    dora: tuple[Any, float] | None = None  # the one DoRA module on this tensor
+
+
+class UnmergeRecord:
+    """The record a merged model carries for unmerge (see ``RECORD``); empty when absent."""
+
+    def __init__(self, merged: Any) -> None:
+        from .checkpoint import open_checkpoint
+
+        self.files: list[tuple[Any, str]] = []
+        for filename, prefix in ((RECORD, ""), (LEGACY_DORA_RECORD, "dora_norm.")):
+            try:
+                path = merged.extra_file(filename)
+            except HubError:
+                path = None  # not on the Hub, or offline: as if absent
+            if path is not None:
+                self.files.append((open_checkpoint(path), prefix))
+
+    def _find(self, kind: str, name: str) -> tuple[Any, str] | None:
+        for ckpt, prefix in self.files:
+            key = f"{kind}.{name}" if not prefix else (name if prefix == kind + "." else None)
+            if key is not None and key in ckpt.tensors:
+                return ckpt, key
+        return None
+
+    def shape(self, kind: str, name: str) -> tuple[int, ...] | None:
+        hit = self._find(kind, name)
+        return None if hit is None else hit[0].info(hit[1]).shape
+
+    def load(self, kind: str, name: str, **kw: Any) -> Any:
+        """The recorded tensor, or None."""
+        hit = self._find(kind, name)
+        return None if hit is None else hit[0].load(hit[1], **kw)
+
+
+def _single_model(ad: Any, spec: str) -> None:
+    comps = ad.components
+    if len(comps) > 1:
+        raise FormatError(f"{spec}: the adapter spans components {comps}; merge one model at a "
+                          "time (convert it per component)")
+    for m in ad.modules.values():
+        m.component = None
+
+
+def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], spec: str
+                       ) -> None:
+    """A full tensor replaces a base tensor of its shape; only a lookup table or head may
+    differ, in its first dimension (a resized vocabulary): anything else would write a model
+    its own library refuses."""
+    from .adapter import EMBEDDING, HEAD_TENSOR
+
+    if new == old:
+        return
+    resized = len(new) == len(old) == 2 and new[1:] == old[1:] and (
+        EMBEDDING.search(name) or HEAD_TENSOR.search(name))
+    if not resized:
+        raise FormatError(f"{spec}: full tensor {name} is {list(new)} but the base's is "
+                          f"{list(old)}; only an embedding or head may change size (its "
+                          "vocabulary): is the adapter for this base?")
+
+
+def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
+               untie: bool = False) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
+    """Which output tensors change and how, and the output tensor list ``(name, source)``."""
+    from .adapter import drop_head_mirror, input_embedding, match_base, ties_embeddings
+
+    edits: dict[str, Edit] = {}
+    tied = ties_embeddings(base.config, base.tensors)
+    emb = input_embedding(base.tensors)
+    order = [(n, n) for n in base.tensors]
+    extra: list[tuple[str, str]] = []
+    adapters = list(adapters)
+    for i, (ad, w, spec) in enumerate(zip(adapters, weights, specs)):
+        _single_model(ad, spec)
+        if tied and emb is not None:
+            ad = adapters[i] = copy.copy(ad)  # the caller's adapter stays as it was read
+            ad.modules, ad.full = dict(ad.modules), dict(ad.full)
+            drop_head_mirror(ad, emb)  # tying gives the head the embedding's change
+        heads = [m.name + ".weight" for m in ad.modules.values() if m.name.endswith("lm_head")]
+        heads += [n for n in ad.full if n.endswith("lm_head.weight")]
+        heads = [n for n in heads if n not in base.tensors]
+        if heads and tied:
+            if not untie:
+                raise FormatError(f"{spec}: changes {heads[0][: -len('.weight')]}, which this "
+                                  "base ties to its input embeddings (tie_word_embeddings): "
+                                  "merging would change the embeddings too. Pass --untie to "
+                                  "write a separate lm_head")
+            if emb is None:
+                raise FormatError(f"{spec}: cannot find the tied input embedding to untie from")
+            for name in heads:
+                if name not in [e[0] for e in extra]:
+                    extra.append((name, emb))
+        names = dict(base.tensors)
+        for out_name, src in extra:
+            names[out_name] = base.tensors[src]
+
+        class View:  # the base as the adapter sees it, untied lm_head included
+            tensors = names
+            source = base.source
+            path = base.path
+
+        mapping = match_base(ad, View)
+        for name, t in ad.full.items():
+            _check_replacement(name, tuple(t.shape), names[name].shape, spec)
+            e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
+            if e.full is not None or e.lora or e.dora:
+                raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
+                                  "a tensor another adapter also changes")
+            e.full, e.owner = (t, w), spec
+        for key, tname in mapping.items():
+            m = ad.modules[key]
+            src = dict(extra).get(tname, tname)
+            e = edits.setdefault(tname, Edit(src))
+            if e.full is not None and e.owner != spec:
+                raise FormatError(f"{spec}: {key} changes {tname}, which another adapter "
+                                  "replaces in full (modules_to_save)")
+            if m.magnitude is not None:
+                if e.lora or e.dora or e.full:
+                    raise FormatError(f"{spec}: {key} has DoRA and another adapter changes the "
+                                      "same weight; a DoRA magnitude does not add: merge it "
+                                      "alone")
+                if m.layout == "embedding":
+                    raise FormatError(f"{spec}: DoRA on embedding {key} is not supported")
+                e.dora = (m, w)
+            else:
+                if e.dora is not None:
+                    raise FormatError(f"{spec}: {key} changes a weight that a DoRA adapter "
+                                      "also changes; merge the DoRA adapter alone")
+                e.lora.append((m, w))
+            if m.bias is not None:
+                bname = tname[: -len(".weight")] + ".bias"
+                if bname not in base.tensors:
+                    raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
+                                      f"{bname}")
+                edits.setdefault(bname, Edit(bname)).bias.append((m, w))
+    return edits, order + extra
+
+
+def apply_edit(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any] | None = None,
+               out_name: str = "", record: UnmergeRecord | None = None,
+               stats: dict[str, float] | None = None) -> Any:
+    """The merged (sign +1) or unmerged (sign −1) float32 tensor on ``device``; ``W`` is the
+    caller's own float32 copy and may be changed in place. ``norms`` receives the DoRA row
+    norms a merge computes, ``stats`` the largest |ΔW|. Full replacements are undone by
+    ``merge``'s restore from the record, not here."""
+    norms = {} if norms is None else norms
+    stats = {"max_abs_delta": 0.0} if stats is None else stats
+    import torch
+
+    from . import ops
+
+    if e.full is not None:
+        t, w = e.full
+        F = t.to(device=device, dtype=torch.float32, copy=True)  # W is changed in place
+        if F.shape != W.shape:
+            if w != 1.0:
+                raise FormatError(f"{out_name}: a resized full tensor cannot be weighted")
+            W = F
+        else:
+            W = F if w == 1.0 else W + w * (F - W)
+    for m, w in e.lora:
+        # in place: W holds its own copy, and peak memory stays near three tensors
+        d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
+                           m.scale, m.layout)
+        if w != 1.0:
+            d.mul_(w)
+        if d.numel():
+            lo, hi = torch.aminmax(d)
+            stats["max_abs_delta"] = max(stats["max_abs_delta"], -float(lo), float(hi))
+        W.add_(d) if sign > 0 else W.sub_(d)
+        del d
+    if e.dora is not None:
+        m, w = e.dora
+        d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
+                           m.scale, m.layout)
+        mag = m.magnitude.to(device, torch.float32)
+        stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
+        if sign > 0:
+            merged, norm = ops.dora_merge(W, d, mag, m.layout)
+            norms[out_name] = norm.cpu()
+            W = merged if w == 1.0 else W + w * (merged - W)
+        else:
+            norm = record.load("dora_norm", out_name) if record is not None else None
+            if norm is None:
+                raise FormatError(f"{out_name}: DoRA cannot be undone from merged weights alone "
+                                  f"(the row norms are lost) and the merged folder has no "
+                                  f"{RECORD} with them: merge with `loratool merge`, which "
+                                  "records them, then unmerge that output")
+            if w != 1.0:
+                raise FormatError(f"{out_name}: unmerging a weighted DoRA merge is not supported")
+            W = ops.dora_unmerge(W, d, mag, norm.to(device, torch.float32), m.layout)
+    for m, w in e.bias:
+        b = m.bias.to(device, torch.float32) * m.scale
+        if w != 1.0:
+            b = b * w
+        W.add_(b) if sign > 0 else W.sub_(b)
+    return W
+
+
