@@ -200,6 +200,8 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     read → plan → stream (compute and write each tensor) → verify → publish → report.
     ``record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
     """
+    import torch  # noqa: F401  (imported before the clock starts: the report times the merge)
+
     from .checkpoint import open_checkpoint
     from .formats import read_any
 
