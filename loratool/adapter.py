@@ -63,6 +63,13 @@ class LoraModule:
     def kernel(self) -> list[int] | None:
         return list(self.A.shape[2:]) if self.layout == "conv" else None
 
+    def factors_2d(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B [out, r], A [r, in]) as matrices whatever the layout (conv kernels flattened):
+        B@A·scale is ΔW oriented [out, in]."""
+        B = self.B.to(dtype).reshape(self.B.shape[0], self.B.shape[1])
+        A = self.A.to(dtype).reshape(self.A.shape[0], -1)
+        return B, A
+
     def delta(self, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
         """Dense ΔW = scale·B@A in the base weight's layout (no DoRA normalisation)."""
         return ops.lora_delta(self.A.to(device=device, dtype=dtype),

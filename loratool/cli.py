@@ -8,19 +8,15 @@ prints.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .cliopts import (FORCE, FORMATS, JSON, REPO_TYPE, WEIGHTS,
+from .clikit import (run, analyze_options, safe, FORCE, FORMATS, JSON, REPO_TYPE, WEIGHTS,
                       Finite, State, adapter_out_options, echo, merge_options, notes, output,
                       extract_options, file_filters, policy, progress, quiet_option, show)
-from .errors import LoraToolError, UsageError
 
 # --------------------------------------------------------------------------- commands
 
@@ -317,6 +313,44 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
 
 
 @cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@analyze_options
+@click.pass_context
+def analyze(ctx: click.Context, paths: tuple[str, ...], base: str | None, compare: bool,
+            subspace: str, energies: tuple[float, ...], rank: int | None, max_rank: int,
+            targets: tuple[str, ...], excludes: tuple[str, ...], device: str, exact_svd: bool,
+            seed: int, plot: Path | None, html: Path | None, force: bool,
+            as_json: bool) -> None:
+    """How low-rank is a fine-tune, an adapter, or what two adapters share: the LoRA
+    paper's analysis (spectrum and effective rank of ΔW, amplification, subspace similarity).
+
+    PATHS is BASE TUNED (a fine-tune), ADAPTER (with --base for the amplification), or, with
+    --compare, two adapters.
+
+    \b
+    Examples:
+      loratool analyze ./Llama-3.2-1B ./my-finetune --plot plots/ --html analysis.html
+      loratool analyze ./my-adapter --base ./Llama-3.2-1B
+      loratool analyze --compare ./adapter-r8 ./adapter-r64
+    """
+    from . import plots
+    from .analyze import analyze as run_analysis
+    from .render import format_analyze
+
+    inputs = [Path(p) for p in (*paths, base) if p and Path(p).exists()]
+    plots.check_outputs(plot, html, inputs, force)
+    report = run_analysis(list(paths), base=base, compare=compare, subspace=subspace,
+                          energies=tuple(energies) or (0.5, 0.9, 0.99), rank=rank,
+                          max_rank=max_rank, targets=list(targets), excludes=list(excludes),
+                          device=device, exact_svd=exact_svd, seed=seed,
+                          progress=progress(ctx))
+    if plot or html:
+        report["written"] = plots.write(report, plot, html, safe(format_analyze(report)),
+                                        inputs, force)
+    show(report, as_json, format_analyze)
+
+
+@cli.command()
 @click.argument("repo_id")
 @output("Download into this folder (default: the Hub cache).", required=False)
 @click.option("--revision", help="Branch, tag or commit.")
@@ -392,68 +426,8 @@ def demo(ctx: click.Context, workdir: Path) -> None:
 # --------------------------------------------------------------------------- the boundary
 
 
-def _debug() -> bool:
-    return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0")
-
-
-def _error(message: str, code: int) -> None:
-    """One line on stderr, whatever a name in it holds, and exit."""
-    echo(message.replace("\n", "\\n").replace("\r", "\\r"), err=True)
-    sys.exit(code)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI inside the one error boundary. ``argv`` given (a caller in
-    Python, such as the tests): an interrupt raises SystemExit(130) instead of ending the
-    process at once."""
-    from . import interrupts
-
-    program = argv is None
-    interrupts.install()
-    try:
-        rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-        interrupts.check_interrupted()  # an interrupt something swallowed is still one
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        _interrupted(program)
-    except click.ClickException as e:  # usage errors: click's message, exit 2
-        import io
-
-        buf = io.StringIO()
-        e.show(file=buf)
-        echo(buf.getvalue(), err=True, nl=False)
-        sys.exit(e.exit_code)
-    except UsageError as e:  # options that cannot work together, found by a verb
-        _error(f"loratool: usage error: {e}", 2)
-    except LoraToolError as e:
-        if _debug():
-            traceback.print_exc()
-        _error(f"loratool: error: {e}", 1)
-    except BrokenPipeError:
-        sys.stderr.close()  # `loratool inspect … | head` is not an error
-        sys.exit(0)
-    except Exception as e:  # a bug: still one line, unless asked for the traceback
-        if interrupts.interrupted():  # e.g. an import cut short by Ctrl-C
-            _interrupted(program)
-        if _debug():
-            traceback.print_exc()
-        if isinstance(e, OSError) and e.errno is not None:  # what no verb mapped: still one line
-            where = f"{e.filename}: " if e.filename else ""
-            _error(f"loratool: error: {where}{e.strerror or e}", 1)
-        first = (str(e).splitlines() or [""])[0]
-        _error(f"loratool: internal error: {type(e).__name__}: {first} (set LORATOOL_DEBUG=1 "
-               "for the traceback, and please report it)", 1)
-    if program:
-        interrupts.done()  # the work is done and published: a late Ctrl-C changes nothing
-    sys.exit(rc if isinstance(rc, int) else 0)
-
-
-def _interrupted(program: bool) -> None:
-    """Exit 130. The program exits at once: the temporary output is already removed, and
-    interpreter teardown after an interrupted import can end the process by SIGINT instead
-    of this exit code."""
-    echo("loratool: interrupted; no output was left behind", err=True)
-    if not program:
-        sys.exit(130)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    """Entry point: run the CLI inside the one error boundary (``clikit.run``). ``argv``
+    given (a caller in Python, such as the tests): an interrupt raises SystemExit(130)
+    instead of ending the process at once."""
+    run(cli, argv)

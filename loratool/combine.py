@@ -47,18 +47,9 @@ def _check_compatible(adapters: list[Any], specs: list[str]) -> None:
                                   f"{list(prev[0][0])} ({prev[0][1]}) in the other")
 
 
-def _oriented(m: Any) -> tuple[Any, Any]:
-    """(B [out, r], A [r, in]) in float32 as 2-D matrices, whatever the layout."""
-    import torch
-
-    B = m.B.to(torch.float32).reshape(m.B.shape[0], m.B.shape[1])
-    A = m.A.to(torch.float32).reshape(m.A.shape[0], -1)
-    return B, A
-
-
 def _dense(m: Any, w: float) -> Any:
     """w·ΔW as the [out, in] matrix that B@A spans (layout-neutral orientation)."""
-    B, A = _oriented(m)
+    B, A = m.factors_2d()
     return (B @ A) * (m.scale * w)
 
 
@@ -68,7 +59,7 @@ def stacked(parts: list[tuple[Any, float]]) -> tuple[Any, Any]:
 
     Bs, As = [], []
     for m, w in parts:
-        B, A = _oriented(m)
+        B, A = m.factors_2d()
         Bs.append(B)
         As.append(A * (m.scale * w))
     return torch.cat(Bs, 1), torch.cat(As, 0)

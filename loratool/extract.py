@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,67 +23,12 @@ from typing import Any
 
 from .adapter import EMBEDDING
 from .adapter import HEAD_TENSOR as HEAD
+from . import deltas
+from .deltas import diffs, matrix, pairs
 from .errors import FormatError, LoraToolError
 from .policy import (BudgetItem, Factored, Fixed, RankPolicy, allocate, check_fixed, factorize,
                      module_seed, spectrum, spectrum_cap)
 from .progress import SILENT, Progress
-from .units import matches
-
-CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
-CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
-
-
-def _kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
-    """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
-    if HEAD.search(name) and len(shape) == 2:
-        return "linear" if embed_lora else "full"
-    if EMBEDDING.search(name) and len(shape) == 2:
-        return "embedding" if embed_lora else "full"
-    if not name.endswith(".weight"):
-        return "full"
-    if len(shape) == 2:
-        if model_type in CONV1D_TYPES and CONV1D_NAMES.search(name):
-            return "fan_in_fan_out"  # GPT-2's Conv1D stores [in, out]
-        return "linear"
-    if len(shape) in (3, 4, 5):
-        return "conv"
-    return "full"
-
-
-def _matrix(delta: Any, kind: str) -> Any:
-    """The matrix to factorise, oriented [out, in] as B [out, r] @ A [r, in] expects."""
-    if kind in ("fan_in_fan_out", "embedding"):
-        return delta.T
-    if kind == "conv":
-        return delta.reshape(delta.shape[0], -1)
-    return delta
-
-
-def _pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
-           ) -> list[str]:
-    """Names to compare; a name in one model only is an error naming it (after filters)."""
-    def keep(n: str) -> bool:
-        return matches(n, targets) and not (excludes and matches(n, excludes))
-
-    def weight(ckpt: Any, n: str) -> bool:
-        # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
-        # not weights: one model having them and the other not is no mismatch
-        return ckpt.tensors[n].dtype.startswith(("F", "BF"))
-
-    names = [n for n in base.tensors if keep(n) and (n in tuned.tensors or weight(base, n))]
-    only_tuned = [n for n in tuned.tensors if keep(n) and n not in base.tensors
-                  and weight(tuned, n)]
-    only_base = [n for n in names if n not in tuned.tensors]
-    if only_base or only_tuned:
-        which = (f"{only_base[0]} is in the base but not the tuned model" if only_base else
-                 f"{only_tuned[0]} is in the tuned model but not the base")
-        raise FormatError(f"the models do not match: {which} ({len(only_base)} + "
-                          f"{len(only_tuned)} such tensors); are they the same architecture? "
-                          "--exclude GLOB leaves tensors out")
-    if not names:
-        raise LoraToolError("no tensors to compare (check --target/--exclude)")
-    return names
-
 
 @dataclass
 class _Job:
@@ -150,7 +94,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     dev = resolve_device(device)
     base = open_checkpoint(base_spec, progress)
     tuned = open_checkpoint(tuned_spec, progress)
-    names = _pairs(base, tuned, list(targets or []), list(excludes or []))
+    names = pairs(base, tuned, list(targets or []), list(excludes or []))
     cfg = tuned.config or base.config or {}
     inputs = [p for p in (Path(base_spec), Path(tuned_spec)) if p.exists()]
     _check_outputs(out, report_path, inputs, force)
@@ -158,7 +102,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     job = _Job(base, tuned, dev, policy, dtype, exact_svd, seed, embed_lora, skip_full,
                cfg.get("model_type"), input_embedding(base.tensors) if tied else None, fmt)
     with progress.bar("extract", total=len(names), unit="tensor") as bar:
-        for name, w_base, delta, raw_tuned in _diffs(job, names, bar):
+        for name, w_base, delta, raw_tuned in diffs(job.base, job.tuned, names, job.dev, bar):
             _take(job, name, w_base, delta, raw_tuned)
     if policy.kind == "budget":
         _at_budget_ranks(job, progress)
@@ -194,44 +138,10 @@ def _check_outputs(out: Path, report_path: Path | None, inputs: list[Path], forc
                                 "exist")
 
 
-def _diffs(job: _Job, names: list[str], bar: Any) -> Any:
-    """(name, W_base, ΔW, W_tuned as stored) per tensor, float32 on the device; W_base is None
-    for a resized tensor (ΔW is then the tuned tensor) and both are None when unchanged."""
-    import torch
-
-    base, tuned, dev = job.base, job.tuned, job.dev
-    for name in names:
-        bi, ti = base.info(name), tuned.info(name)
-        bar.update(1)
-        if bi.shape != ti.shape:
-            if EMBEDDING.search(name) or HEAD.search(name):
-                yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
-                continue
-            raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in the "
-                              f"base and {list(ti.shape)} in the tuned model")
-        if not (ti.dtype.startswith(("F", "BF"))):
-            continue  # integer buffers are not weights
-        # compare in the stored dtype first: unchanged tensors (often the largest, the
-        # embeddings) are skipped without float32 copies
-        raw_base, raw_tuned = base.load(name), tuned.load(name)
-        if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
-            yield name, None, None, ti
-            continue
-        w_base = raw_base.to(device=dev, dtype=torch.float32)
-        del raw_base
-        delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
-        if delta.numel():
-            lo, hi = (float(x) for x in torch.aminmax(delta))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in "
-                                  "one of the models); nothing was written")
-        yield name, w_base, delta, raw_tuned
-
-
 def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None:
     """Decide how one tensor is stored: skipped, in full, as a bias change, or factorised (now,
     or after the budget is split)."""
-    import torch
+    from . import ops
 
     ti = job.tuned.info(name)
     if w_base is None and delta is None:
@@ -244,13 +154,12 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
     if not bool(delta.any()):
         job.skipped += 1
         return
-    kind = _kind(name, ti.shape, job.model_type, job.embed_lora)
+    kind = deltas.kind(name, ti.shape, job.model_type, job.embed_lora)
     if kind == "full":
         _take_full(job, name, delta, raw_tuned, ti)
         return
-    M = _matrix(delta, kind)
-    rel_w = float(torch.linalg.vector_norm(delta, dtype=torch.float64) /
-                  torch.linalg.vector_norm(w_base, dtype=torch.float64)) if bool(
+    M = matrix(delta, kind)
+    rel_w = math.sqrt(ops.sum_squares(delta) / ops.sum_squares(w_base)) if bool(
         w_base.any()) else math.inf
     if job.policy.kind == "budget":
         # pass 1 of 2: only the spectrum, up to the cap; factors come in pass 2
@@ -296,7 +205,7 @@ def _at_budget_ranks(job: _Job, progress: Progress) -> None:
             ti = job.tuned.info(name)
             w_base = job.base.load(name, device=job.dev, dtype=torch.float32)
             delta = job.tuned.load(name, device=job.dev, dtype=torch.float32).sub_(w_base)
-            f = factorize(_matrix(delta, kind), job.policy, exact=job.exact,
+            f = factorize(matrix(delta, kind), job.policy, exact=job.exact,
                           seed=module_seed(job.seed, name),
                           store_dtype=job.store_dtype(ti.dtype), rank=chosen[name], name=name)
             job.modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
@@ -342,10 +251,14 @@ def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
 
 def _module_entry(name: str, kind: str, f: Factored, rel_w: float, ti: Any, delta: Any
                   ) -> dict[str, Any]:
+    from . import ops
+
+    # the same measures `loratool analyze` gives, from the singular values computed here
+    analysis = ops.spectrum_measures(f.spectrum, f.norm ** 2, (0.5, 0.9, 0.99))
     return {"name": name[: -len(".weight")], "tensor": name, "layout": kind, "rank": f.rank,
             "full_rank": f.full_rank, "rel_error": f.rel_error, "kept_energy": f.kept_energy,
             "delta_norm": f.norm, "rel_delta": rel_w, "shape": list(ti.shape), "svd": f.svd,
-            "_factors": f, "_shape": tuple(delta.shape)}
+            "analysis": analysis, "_factors": f, "_shape": tuple(delta.shape)}
 
 
 def _report(job: _Job, base: str, tuned: str, out: Path, fmt: str, ad: Any, seconds: float

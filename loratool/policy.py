@@ -113,6 +113,7 @@ class Factored:
     norm: float  # ‖M‖
     svd: str  # "randomized" or "exact"
     full_rank: int = 0  # min(m, n)
+    spectrum: Any = None  # the leading singular values computed on the way
 
 
 def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2
@@ -151,7 +152,7 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
 
     from . import ops
 
-    total_sq = float(torch.linalg.vector_norm(M, dtype=torch.float64) ** 2)
+    total_sq = ops.sum_squares(M)
     norm = math.sqrt(total_sq)
     full = min(M.shape)
     cap = policy.cap(full)
@@ -195,7 +196,7 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
                 store_dtype, lambda: build(hi, torch.float32)[2]))
         k, B, A, err = found
     kept = float((S[:k].double() ** 2).sum()) / total_sq if total_sq else 1.0
-    return Factored(B, A, k, err, min(kept, 1.0), norm, how, full)
+    return Factored(B, A, k, err, min(kept, 1.0), norm, how, full, S.cpu())
 
 
 def rank_from_spectrum(policy: RankPolicy, S: Any, total_sq: float) -> int | None:

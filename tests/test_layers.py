@@ -22,12 +22,12 @@ LAYERS: dict[str, float] = {
     "formats.base": 5.5, "formats.peft": 6, "formats.kohya": 6, "formats.gguf": 6,
     "formats.diffusers": 6.5,  # diffusers files are PEFT keys per component
     "formats": 7,
-    "edits": 8,
+    "edits": 8, "deltas": 8,
     # the verbs: one command each, and the reports people read
     "extract": 9, "merge": 9, "combine": 9, "convert": 9, "export": 9, "export_cache": 8.5,
-    "hub": 9, "summary": 9, "render": 9,
+    "hub": 9, "summary": 9, "render": 9, "analyze": 9, "plots": 8.5,
     "demo": 10,  # a tour that runs the verbs
-    "cliopts": 10.5, "cli": 11, "__main__": 12,
+    "clikit": 10.5, "cli": 11, "__main__": 12,
 }
 
 

@@ -85,6 +85,10 @@ COMMANDS = {  # name: (arguments, whether a bar must be drawn)
     "convert": (["convert", "{d}/adapter", "--to", "gguf", "--base", "{d}/base", "-o",
                  "{o}/a.gguf"], False),
     "export": (["export", "{d}/base", "{d}/adapter", "-o", "{o}/onnx"], True),
+    "analyze": (["analyze", "{d}/base", "{d}/tuned", "--plot", "{o}/p", "--html",
+                 "{o}/a.html"], True),
+    "analyze-adapter": (["analyze", "{d}/adapter", "--base", "{d}/base"], True),
+    "analyze-compare": (["analyze", "--compare", "{d}/adapter", "{d}/adapter"], True),
 }
 
 

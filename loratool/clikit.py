@@ -1,5 +1,6 @@
-"""The command line's shared pieces: option types (a bad value is a usage error, exit 2),
-the options several commands share, progress and notes, and terminal-safe printing.
+"""The command line's kit: option types (a bad value is a usage error, exit 2), the options
+several commands share, progress and notes, terminal-safe printing, and the one error
+boundary every command runs inside (:func:`run`).
 
 Example::
 
@@ -13,14 +14,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .errors import UsageError
+from .errors import LoraToolError, UsageError
 
 FORMATS = ["peft", "kohya", "diffusers", "gguf"]
 DTYPES = ["keep", "fp32", "bf16", "fp16"]
@@ -194,16 +197,20 @@ merge_options = options(
     FORCE, JSON, quiet_option)
 
 
-extract_options = options(
-    output("Output adapter: a folder (peft), a .safetensors file (kohya), a .gguf file (gguf); "
-            "the suffix chooses the format when --format is not given."),
-    rank_policy_options,
+# which tensors, and where their SVDs run: extract and analyze alike
+svd_selection = options(
     click.option("--target", "targets", multiple=True, metavar="GLOB",
                  help="Only tensors whose name matches (repeatable)."),
     click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
                  help="Leave out tensors whose name matches (repeatable)."),
     click.option("--device", default="auto", show_default=True, type=DEVICE,
-                 help="auto, cpu, cuda, cuda:N or mps: where the SVDs run."),
+                 help="auto, cpu, cuda, cuda:N or mps: where the SVDs run."))
+
+extract_options = options(
+    output("Output adapter: a folder (peft), a .safetensors file (kohya), a .gguf file (gguf); "
+            "the suffix chooses the format when --format is not given."),
+    rank_policy_options,
+    svd_selection,
     click.option("--format", "--to", "fmt", type=click.Choice(["peft", "kohya", "gguf"]),
                  help="Output format (default: from -o's suffix, else peft)."),
     click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
@@ -219,6 +226,39 @@ extract_options = options(
                       "adapter."),
     click.option("--report", "report_path", type=click.Path(path_type=Path),
                  help="Also write the report as JSON to this file."),
+    FORCE, JSON, quiet_option)
+
+
+analyze_options = options(
+    click.option("--base", metavar="BASE",
+                 help="The base an ADAPTER is for: gives the amplification factor its W, and "
+                      "resolves kohya names."),
+    click.option("--compare", is_flag=True,
+                 help="PATHS are two adapters: the subspace similarity of each module."),
+    click.option("--subspace", type=click.Choice(["a", "delta"]), default="a",
+                 show_default=True,
+                 help="--compare's subspaces: the A factors' right-singular vectors (the LoRA "
+                      "paper's), or ΔW's input directions (the same however the factors are "
+                      "split)."),
+    click.option("--energy", "energies", multiple=True,
+                 type=click.FloatRange(0, 1, min_open=True), metavar="F",
+                 help="Give the rank that keeps this share of ‖ΔW‖² (repeatable; default 0.5, "
+                      "0.9 and 0.99)."),
+    click.option("--rank", type=RANK,
+                 help="Rank of the amplification factor and the mark on the error curves "
+                      "(default: each module's rank at the middle --energy, or its own)."),
+    click.option("--max-rank", type=RANK, default=256, show_default=True,
+                 help="Singular values computed at most per module (more only when an energy "
+                      "needs them)."),
+    svd_selection,
+    click.option("--exact-svd", is_flag=True, help="Full SVD instead of the randomized one."),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Seed of the randomized SVD and of the random directions."),
+    click.option("--plot", type=click.Path(path_type=Path), metavar="DIR",
+                 help="Write the figures as PNGs into this folder (pip install "
+                      "'loratool[plot]')."),
+    click.option("--html", type=click.Path(path_type=Path), metavar="FILE",
+                 help="Write one self-contained page with the tables and figures."),
     FORCE, JSON, quiet_option)
 
 
@@ -263,3 +303,72 @@ def safe(text: str) -> str:
 
 def echo(text: str, err: bool = False, nl: bool = True) -> None:
     click.echo(safe(text), err=err, nl=nl)
+
+
+# --------------------------------------------------------------------------- the boundary
+
+
+def _debug() -> bool:
+    return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0")
+
+
+def _error(message: str, code: int) -> None:
+    """One line on stderr, whatever a name in it holds, and exit."""
+    echo(message.replace("\n", "\\n").replace("\r", "\\r"), err=True)
+    sys.exit(code)
+
+
+def run(cli: Any, argv: list[str] | None) -> None:
+    """The one error boundary: every expected failure is one line and exit 1 (usage: 2),
+    an interrupt 130, a bug one line naming it (LORATOOL_DEBUG=1: the traceback)."""
+    from . import interrupts
+
+    program = argv is None
+    interrupts.install()
+    try:
+        rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        interrupts.check_interrupted()  # an interrupt something swallowed is still one
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted(program)
+    except click.ClickException as e:  # usage errors: click's message, exit 2
+        import io
+
+        buf = io.StringIO()
+        e.show(file=buf)
+        echo(buf.getvalue(), err=True, nl=False)
+        sys.exit(e.exit_code)
+    except UsageError as e:  # options that cannot work together, found by a verb
+        _error(f"loratool: usage error: {e}", 2)
+    except LoraToolError as e:
+        if _debug():
+            traceback.print_exc()
+        _error(f"loratool: error: {e}", 1)
+    except BrokenPipeError:
+        sys.stderr.close()  # `loratool inspect … | head` is not an error
+        sys.exit(0)
+    except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if interrupts.interrupted():  # e.g. an import cut short by Ctrl-C
+            _interrupted(program)
+        if _debug():
+            traceback.print_exc()
+        if isinstance(e, OSError) and e.errno is not None:  # what no verb mapped: still one line
+            where = f"{e.filename}: " if e.filename else ""
+            _error(f"loratool: error: {where}{e.strerror or e}", 1)
+        first = (str(e).splitlines() or [""])[0]
+        _error(f"loratool: internal error: {type(e).__name__}: {first} (set LORATOOL_DEBUG=1 "
+               "for the traceback, and please report it)", 1)
+    if program:
+        interrupts.done()  # the work is done and published: a late Ctrl-C changes nothing
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _interrupted(program: bool) -> None:
+    """Exit 130. The program exits at once: the temporary output is already removed, and
+    interpreter teardown after an interrupted import can end the process by SIGINT instead
+    of this exit code."""
+    echo("loratool: interrupted; no output was left behind", err=True)
+    if not program:
+        sys.exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)

@@ -1,0 +1,108 @@
+"""The changes a fine-tune made, streamed: which tensors two checkpoints share, their float32
+differences one at a time, and how each changed tensor can be stored (as LoRA of some
+layout, or in full). Shared by ``extract`` and ``analyze``.
+
+Example::
+
+    for name, W, dW, tuned_raw in diffs(base, tuned, pairs(base, tuned, [], []), "cpu", bar):
+        M = matrix(dW, kind(name, dW.shape, None, False))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator
+
+from .adapter import EMBEDDING
+from .adapter import HEAD_TENSOR as HEAD
+from .errors import FormatError, LoraToolError
+from .units import matches
+
+CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
+CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
+
+
+def kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
+    """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
+    if HEAD.search(name) and len(shape) == 2:
+        return "linear" if embed_lora else "full"
+    if EMBEDDING.search(name) and len(shape) == 2:
+        return "embedding" if embed_lora else "full"
+    if not name.endswith(".weight"):
+        return "full"
+    if len(shape) == 2:
+        if model_type in CONV1D_TYPES and CONV1D_NAMES.search(name):
+            return "fan_in_fan_out"  # GPT-2's Conv1D stores [in, out]
+        return "linear"
+    if len(shape) in (3, 4, 5):
+        return "conv"
+    return "full"
+
+
+def matrix(delta: Any, layout: str) -> Any:
+    """The matrix to factorise, oriented [out, in] as B [out, r] @ A [r, in] expects."""
+    if layout in ("fan_in_fan_out", "embedding"):
+        return delta.T
+    if layout == "conv":
+        return delta.reshape(delta.shape[0], -1)
+    return delta
+
+
+def pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
+           ) -> list[str]:
+    """Names to compare; a name in one model only is an error naming it (after filters)."""
+    def keep(n: str) -> bool:
+        return matches(n, targets) and not (excludes and matches(n, excludes))
+
+    def weight(ckpt: Any, n: str) -> bool:
+        # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
+        # not weights: one model having them and the other not is no mismatch
+        return ckpt.tensors[n].dtype.startswith(("F", "BF"))
+
+    names = [n for n in base.tensors if keep(n) and (n in tuned.tensors or weight(base, n))]
+    only_tuned = [n for n in tuned.tensors if keep(n) and n not in base.tensors
+                  and weight(tuned, n)]
+    only_base = [n for n in names if n not in tuned.tensors]
+    if only_base or only_tuned:
+        which = (f"{only_base[0]} is in the base but not the tuned model" if only_base else
+                 f"{only_tuned[0]} is in the tuned model but not the base")
+        raise FormatError(f"the models do not match: {which} ({len(only_base)} + "
+                          f"{len(only_tuned)} such tensors); are they the same architecture? "
+                          "--exclude GLOB leaves tensors out")
+    if not names:
+        raise LoraToolError("no tensors to compare (check --target/--exclude)")
+    return names
+
+
+def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterator[Any]:
+    """(name, W_base, ΔW, W_tuned as stored) per tensor, float32 on the device; W_base is None
+    for a resized tensor (ΔW is then the tuned tensor) and both are None when unchanged."""
+    import torch
+
+    for name in names:
+        bi, ti = base.info(name), tuned.info(name)
+        bar.update(1)
+        if bi.shape != ti.shape:
+            if EMBEDDING.search(name) or HEAD.search(name):
+                yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
+                continue
+            raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in the "
+                              f"base and {list(ti.shape)} in the tuned model")
+        if not (ti.dtype.startswith(("F", "BF"))):
+            continue  # integer buffers are not weights
+        # compare in the stored dtype first: unchanged tensors (often the largest, the
+        # embeddings) are skipped without float32 copies
+        raw_base, raw_tuned = base.load(name), tuned.load(name)
+        if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
+            yield name, None, None, ti
+            continue
+        w_base = raw_base.to(device=dev, dtype=torch.float32)
+        del raw_base
+        delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
+        if delta.numel():
+            lo, hi = (float(x) for x in torch.aminmax(delta))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in "
+                                  "one of the models); nothing was written")
+        yield name, w_base, delta, raw_tuned
