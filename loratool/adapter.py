@@ -42,7 +42,12 @@ class LoraModule:
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return int(self.A.shape[1] if self.experts else self.A.shape[0])
+
+    @property
+    def experts(self) -> int:
+        """The number of experts of a fused mixture-of-experts parameter, else 0."""
+        return int(self.A.shape[0]) if self.layout in ("experts", "experts_t") else 0
 
     @property
     def scale(self) -> float:
@@ -65,10 +70,19 @@ class LoraModule:
 
     def factors_2d(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [out, r], A [r, in]) as matrices whatever the layout (conv kernels flattened):
-        B@A·scale is ΔW oriented [out, in]."""
+        B@A·scale is ΔW oriented [out, in]. Not for experts: see :meth:`expert`."""
+        if self.experts:
+            raise ValueError(f"{self.name}: experts have one pair of factors per expert")
         B = self.B.to(dtype).reshape(self.B.shape[0], self.B.shape[1])
         A = self.A.to(dtype).reshape(self.A.shape[0], -1)
         return B, A
+
+    def expert(self, e: int) -> LoraModule:
+        """Expert ``e`` of a fused parameter as a linear module of the same rank and scale:
+        ΔW_e [out, in] (its transpose for experts_t)."""
+        return LoraModule(f"{self.name}[{e}]", self.A[e], self.B[e], self.alpha, self.rslora,
+                          "linear" if self.layout == "experts" else "fan_in_fan_out",
+                          component=self.component)
 
     def delta(self, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
         """Dense ΔW = scale·B@A in the base weight's layout (no DoRA normalisation)."""
@@ -136,7 +150,14 @@ def check_module(m: LoraModule) -> None:
     if m.A.dim() < 2 or m.B.dim() < 2:
         raise FormatError(f"{where}: factors must be at least 2-D, got A {list(m.A.shape)} "
                           f"and B {list(m.B.shape)}")
-    if m.A.shape[0] != m.B.shape[1]:
+    if m.experts:
+        if m.A.dim() != 3 or m.B.dim() != 3 or m.A.shape[0] != m.B.shape[0] or \
+                m.A.shape[1] != m.B.shape[2]:
+            raise FormatError(f"{where}: expert factors must be A [E, r, in] and B [E, out, r], "
+                              f"got A {list(m.A.shape)} and B {list(m.B.shape)}")
+        if m.magnitude is not None or m.bias is not None:
+            raise FormatError(f"{where}: DoRA and lora bias are not defined for experts")
+    elif m.A.shape[0] != m.B.shape[1]:
         raise FormatError(f"{where}: rank of A ({m.A.shape[0]}, shape {list(m.A.shape)}) differs "
                           f"from rank of B ({m.B.shape[1]}, shape {list(m.B.shape)})")
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not math.isfinite(
@@ -146,6 +167,8 @@ def check_module(m: LoraModule) -> None:
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise FormatError(f"{where}: {label} holds NaN or Inf values; the adapter is damaged "
                               "(retrain or re-export it)")
+    if m.experts:
+        return
     out = m.base_shape[1] if m.layout in ("fan_in_fan_out", "embedding") else m.base_shape[0]
     for label, t in (("magnitude", m.magnitude), ("bias", m.bias)):
         if t is not None and t.numel() != out:
@@ -219,11 +242,24 @@ def drop_head_mirror(ad: LoraAdapter, embedding: str) -> None:
 def _base_candidates(name: str) -> list[str]:
     """Tensor names a module may have in a base checkpoint: as is, then with the wrapper
     prefixes transformers adds or drops between versions and model classes."""
-    parts = name.split(".")
-    out = [name + ".weight"]
-    out += [".".join(parts[i:]) + ".weight" for i in range(1, len(parts))]
-    out += [p + name + ".weight" for p in ("model.", "transformer.", "model.language_model.")]
+    from .experts import on_disk
+
+    out: list[str] = []
+    for variant in on_disk(name):  # Mixtral's block_sparse_moe, named mlp in memory
+        parts = variant.split(".")
+        out += [variant + ".weight"]
+        out += [".".join(parts[i:]) + ".weight" for i in range(1, len(parts))]
+        out += [p + variant + ".weight" for p in ("model.", "transformer.",
+                                                  "model.language_model.")]
     return out
+
+
+def base_tensor_name(name: str, names: Any) -> str | None:
+    """The base tensor a full tensor of the adapter replaces: its name, or the name the
+    checkpoint stores it under (``mlp.gate.weight`` is Mixtral's ``block_sparse_moe.gate``)."""
+    from .experts import on_disk
+
+    return next((n for n in on_disk(name) if n in names), None)
 
 
 def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
@@ -237,6 +273,11 @@ def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
     where = base.source or base.path
     out: dict[str, str] = {}
     for key, m in ad.modules.items():
+        if m.experts:
+            found = _fused_tensor(m, names, where)
+            if found is not None:
+                out[key] = found
+            continue
         found = next((c for c in _base_candidates(m.name) if c in names), None)
         if found is None:
             tail = "." + m.name + ".weight"
@@ -254,6 +295,52 @@ def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
                               f"{list(want)} but {found} in {where} is {list(have)}")
         out[key] = found
     for name, t in ad.full.items():
-        if name not in names:
+        if base_tensor_name(name, names) is None:
             raise FormatError(f"full tensor {name} (modules_to_save) is not in the base {where}")
+    return out
+
+
+def _fused_tensor(m: LoraModule, names: dict[str, Any], where: Any) -> str | None:
+    """The base tensor of a fused expert parameter, orienting the module by it; None when the
+    base holds the experts one tensor each (see :func:`expert_parts`)."""
+    from . import experts
+
+    cands = [c[: -len(".weight")] for c in _base_candidates(m.name)]
+    found = next((c for c in cands if c in names), None)
+    if found is None:
+        if experts.sources(m.name, _natural(m), names) is None:
+            raise FormatError(f"module {m.key}: the base {where} has neither a tensor {m.name} "
+                              "nor one tensor per expert for it; is it the model this adapter "
+                              "was trained for?")
+        return None
+    have = tuple(names[found].shape)
+    E, n_in, n_out = m.experts, m.A.shape[2], m.B.shape[1]
+    if have == (E, n_out, n_in):
+        m.layout = "experts"
+    elif have == (E, n_in, n_out):
+        m.layout = "experts_t"
+    else:
+        raise FormatError(f"module {m.key}: the adapter needs a base parameter of shape "
+                          f"{[E, n_out, n_in]} but {found} in {where} is {list(have)}")
+    return found
+
+
+def _natural(m: LoraModule) -> tuple[int, int, int]:
+    """[E, out, in] of an experts module, whatever its layout."""
+    return (m.experts, int(m.B.shape[1]), int(m.A.shape[2]))
+
+
+def expert_parts(ad: LoraAdapter, base: Any) -> dict[str, list[Any]]:
+    """For each experts module whose base holds one 2-D tensor per expert: the tensors and
+    rows it changes (``experts.Part``), its layout set to ``experts`` ([E, out, in])."""
+    from . import experts
+
+    out = {}
+    for key, m in ad.modules.items():
+        if m.experts and not any(c[: -len(".weight")] in base.tensors
+                                 for c in _base_candidates(m.name)):
+            parts = experts.sources(m.name, _natural(m), base.tensors)
+            if parts is not None:
+                m.layout = "experts"
+                out[key] = parts
     return out

@@ -111,8 +111,13 @@ def _finetune(base_spec: str, tuned_spec: str, targets: list[str], excludes: lis
     if not modules:
         raise LoraToolError("no weight matrix differs between the two models (or "
                             "--target/--exclude left none): nothing to analyse")
+    from . import experts
+
+    # extract factorises each expert's gate and up rows together: other ranks than here
+    fused = model_type in experts.FUSING_TYPES and any(
+        experts.PER_EXPERT.match(m["tensor"]) for m in modules)
     return {"mode": "finetune", "base": base_spec, "tuned": tuned_spec, "modules": modules,
-            "other_changed": other}
+            "other_changed": other, "fused_experts": fused}
 
 
 def _ratio(M: Any, W: Any) -> float | None:
@@ -169,10 +174,13 @@ def _adapter(spec: str, base_spec: str | None, opts: dict[str, Any], progress: P
     from .checkpoint import open_checkpoint
     from .formats import read_any, require_resolved
 
+    from .experts import explode
+
     ad = read_any(spec, base_spec)
     require_resolved(ad, spec)
     base = open_checkpoint(base_spec, progress) if base_spec else None
     where = match_base(ad, base) if base is not None and ad.components in ([None],) else {}
+    ad, _ = explode(ad)  # each expert of a fused parameter on its own (no W: no amplification)
     modules = []
     with progress.bar("analyze", total=len(ad.modules), unit="module") as bar:
         for key, m in ad.modules.items():
@@ -206,9 +214,12 @@ def _compare(a: str, b: str, base: str | None, subspace: str, progress: Progress
 
     from .formats import read_any, require_resolved
 
+    from .experts import explode
+
     ads = [read_any(a, base), read_any(b, base)]
     for ad, spec in zip(ads, (a, b)):
         require_resolved(ad, spec)
+    ads = [explode(ad)[0] for ad in ads]  # each expert on its own
     common = [k for k in ads[0].modules if k in ads[1].modules]
     if not common:
         raise LoraToolError(f"{a} and {b} share no module: nothing to compare")
@@ -255,8 +266,8 @@ def _suggest(report: dict[str, Any], paths: list[str]) -> dict[str, Any] | None:
     ranks = [m["effective_rank"][f"{e:g}"] for m in report["modules"]]
     if any(r is None for r in ranks):
         return None
-    params = sum(r * (m["shape"][0] + math.prod(m["shape"][1:]))
-                 for r, m in zip(ranks, report["modules"]))
+    params = None if report["fused_experts"] else sum(
+        r * (m["shape"][0] + math.prod(m["shape"][1:])) for r, m in zip(ranks, report["modules"]))
     flag = " --embed-lora" if any(m["needs_embed_lora"] for m in report["modules"]) else ""
     return {"energy": e, "ranks": [min(ranks), max(ranks)], "parameters": params,
             "command": f"loratool extract {paths[0]} {paths[1]} -o ADAPTER --energy {e:g}"

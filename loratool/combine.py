@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ops
+from . import experts, ops
 from .errors import FormatError, LoraToolError, UsageError
 from .policy import (BudgetItem, Fixed, RankPolicy, allocate, check_fixed, factorize,
                      module_seed, rank_from_spectrum, smallest_rank_meeting, spectrum,
@@ -115,6 +115,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     check_dtype(dtype)
     adapters = _read(specs, base)
     full = _full_tensors(adapters, weights, specs)  # refused before any math, not after it
+    adapters, layouts = _explode(adapters)
     first = adapters[0]
     fmt = output_format(out, fmt, first.source_format if first.source_format in FORMATS
                         else "peft", FORMATS)
@@ -123,6 +124,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     job = _Combine(adapters, weights, method, policy or RankPolicy("rank", 16.0), density,
                    seed, exact_svd, _store_dtype(first, dtype))
     job.result.full = full
+    job.expert_layouts = layouts
     job.fixed = _fixed_costs(job)
     check_fixed(job.policy, job.fixed)
     with progress.bar("resize" if resize else "combine", total=len(job.keys),
@@ -138,6 +140,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
         raise LoraToolError(f"{job.policy.describe()} leaves every module at rank 0; raise "
                             "--budget or --rank")
     _biases(job)
+    experts.implode(job.result, layouts)
     path = write_adapter(job.result, out, fmt, base=base, force=force, inputs=inputs,
                          note=f"{'Resized' if resize else 'Combined'} by loratool "
                               f"(method {method}).")
@@ -163,6 +166,12 @@ class _Combine:
     items: list[Any] = field(default_factory=list)  # BudgetItem per module (budget)
     pending: list[str] = field(default_factory=list)  # dense modules awaiting their rank
     fixed: list[Fixed] = field(default_factory=list)
+    expert_layouts: dict[str, Any] = field(default_factory=dict)  # exploded experts modules
+
+    def group(self, key: str) -> str | None:
+        """The fused parameter an exploded expert module belongs to (its budget group)."""
+        m = experts.EXPERT_KEY.match(key)
+        return m.group("name") if m and m.group("name") in self.expert_layouts else None
 
     def __post_init__(self) -> None:
         from .adapter import LoraAdapter
@@ -205,6 +214,17 @@ def _read(specs: list[str], base: str | None) -> list[Any]:
         require_resolved(ad, spec)
     _check_compatible(adapters, specs)
     return adapters
+
+
+def _explode(adapters: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Experts modules as one linear module per expert (``name[e]``), put back together by
+    ``experts.implode`` before writing."""
+    out, layouts = [], {}
+    for ad in adapters:
+        x, lay = experts.explode(ad)
+        out.append(x)
+        layouts.update(lay)
+    return out, layouts
 
 
 def _full_tensors(adapters: list[Any], weights: list[float], specs: list[str]
@@ -273,7 +293,7 @@ def _module(job: _Combine, key: str) -> dict[str, Any]:
         job.spectra[key] = (U, S, Vh, like, B, A)
         if job.policy.budget is not None:
             job.items.append(BudgetItem(key, S, job.per_rank(like), job.policy.cap(len(S)),
-                                        _needs_rank(parts)))
+                                        _needs_rank(parts), job.group(key)))
         entry["total_norm"] = float(S.double().pow(2).sum().sqrt())
     else:
         D = dense_method(job.method, parts, job.density, job.seed, key)
@@ -281,7 +301,7 @@ def _module(job: _Combine, key: str) -> dict[str, Any]:
             cap = spectrum_cap(job.policy, min(D.shape))
             _, S, _, _ = spectrum(D, cap, job.exact, module_seed(job.seed, key))
             job.items.append(BudgetItem(key, S[:cap], job.per_rank(like), cap,
-                                        _needs_rank(parts)))
+                                        _needs_rank(parts), job.group(key)))
             job.pending.append(key)
         else:
             entry.update(_factor_dense(job, key, D))

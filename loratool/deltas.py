@@ -25,10 +25,16 @@ CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
 
 def kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
     """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
+    from . import experts
+
+    if model_type in experts.FUSING_TYPES and experts.ROUTER.search(name):
+        return "full"  # a router is a bare parameter in transformers 5: no Linear to wrap
     if HEAD.search(name) and len(shape) == 2:
         return "linear" if embed_lora else "full"
     if EMBEDDING.search(name) and len(shape) == 2:
         return "embedding" if embed_lora else "full"
+    if experts.FUSED.match(name) and len(shape) == 3:
+        return experts.orientation(name, shape, model_type, None)
     if not name.endswith(".weight"):
         return "full"
     if len(shape) == 2:

@@ -100,7 +100,8 @@ def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], sp
 def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
                untie: bool = False) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
     """Which output tensors change and how, and the output tensor list ``(name, source)``."""
-    from .adapter import drop_head_mirror, input_embedding, match_base, ties_embeddings
+    from .adapter import (base_tensor_name, drop_head_mirror, input_embedding, match_base,
+                          ties_embeddings)
 
     edits: dict[str, Edit] = {}
     tied = ties_embeddings(base.config, base.tensors)
@@ -138,7 +139,9 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
             path = base.path
 
         mapping = match_base(ad, View)
-        for name, t in ad.full.items():
+        _per_expert(ad, View, edits, spec, w)
+        for full_name, t in ad.full.items():
+            name = base_tensor_name(full_name, names) or full_name  # checked by match_base
             _check_replacement(name, tuple(t.shape), names[name].shape, spec)
             e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
             if e.full is not None or e.lora or e.dora:
@@ -172,6 +175,23 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
                                       f"{bname}")
                 edits.setdefault(bname, Edit(bname)).bias.append((m, w))
     return edits, order + extra
+
+
+def _per_expert(ad: Any, base: Any, edits: dict[str, Edit], spec: str, w: float) -> None:
+    """Experts held one tensor each by the base: each tensor's rows of its expert's ΔW, as a
+    linear module of the same rank and scale (B's rows sliced: the same products)."""
+    from .adapter import LoraModule, expert_parts
+
+    for key, parts in expert_parts(ad, base).items():
+        m = ad.modules[key]
+        for p in parts:
+            e = edits.setdefault(p.tensor, Edit(p.tensor))
+            if e.full is not None or e.dora is not None:
+                raise FormatError(f"{spec}: {key} changes {p.tensor}, which another adapter "
+                                  "replaces or changes with DoRA")
+            e.lora.append((LoraModule(p.tensor[: -len(".weight")], m.A[p.expert],
+                                      m.B[p.expert, p.start:p.stop], m.alpha, m.rslora,
+                                      "linear"), w))
 
 
 def apply_edit(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any] | None = None,

@@ -23,7 +23,7 @@ from typing import Any
 
 from .adapter import EMBEDDING
 from .adapter import HEAD_TENSOR as HEAD
-from . import deltas
+from . import deltas, experts
 from .deltas import diffs, matrix, pairs
 from .errors import FormatError, LoraToolError
 from .policy import (BudgetItem, Factored, Fixed, RankPolicy, allocate, check_fixed, factorize,
@@ -54,6 +54,12 @@ class _Job:
     items: list[Any] = field(default_factory=list)  # BudgetItem per module (budget only)
     pending: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, rel)
     fixed: list[Fixed] = field(default_factory=list)  # written whatever the ranks
+    # per-expert tensors of fused parameters: tensor → (parameter, expert, row block); the
+    # row blocks of one expert wait here until its matrix is whole
+    expert_of: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    expert_sources: dict[str, list[str]] = field(default_factory=dict)  # "param[e]" → tensors
+    expert_layouts: dict[str, tuple[str, int]] = field(default_factory=dict)
+    waiting: dict[str, dict[int, Any]] = field(default_factory=dict)
 
     def store_dtype(self, code: str) -> Any:
         from .tensorfile import torch_dtype
@@ -101,6 +107,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     tied = ties_embeddings(cfg, base.tensors)
     job = _Job(base, tuned, dev, policy, dtype, exact_svd, seed, embed_lora, skip_full,
                cfg.get("model_type"), input_embedding(base.tensors) if tied else None, fmt)
+    _find_experts(job, names)
     with progress.bar("extract", total=len(names), unit="tensor") as bar:
         for name, w_base, delta, raw_tuned in diffs(job.base, job.tuned, names, job.dev, bar):
             _take(job, name, w_base, delta, raw_tuned)
@@ -151,6 +158,9 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
         job.full[name] = delta.to(job.store_dtype(ti.dtype))
         job.fix("resized tensors in full", delta.numel(), ti.dtype, None)
         return
+    if name in job.expert_of:  # one block of an expert's matrix
+        _take_expert_block(job, name, w_base, delta)
+        return
     if not bool(delta.any()):
         job.skipped += 1
         return
@@ -158,16 +168,34 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
     if kind == "full":
         _take_full(job, name, delta, raw_tuned, ti)
         return
+    if experts.is_experts(kind):  # a fused parameter as stored: one matrix per expert
+        job.expert_layouts[name] = (kind, delta.shape[0])
+        for e in range(delta.shape[0]):
+            key = f"{name}[{e}]"
+            job.expert_sources[key] = [name]
+            M = delta[e] if kind == "experts" else delta[e].T
+            if bool(M.any()):
+                rel = math.sqrt(ops.sum_squares(M) / (ops.sum_squares(w_base[e]) or math.inf))
+                _factor_or_wait(job, key, "linear", M, rel, ti, M)
+        return
     M = matrix(delta, kind)
     rel_w = math.sqrt(ops.sum_squares(delta) / ops.sum_squares(w_base)) if bool(
         w_base.any()) else math.inf
+    _factor_or_wait(job, name, kind, M, rel_w, ti, delta)
+
+
+def _factor_or_wait(job: _Job, name: str, kind: str, M: Any, rel_w: float, ti: Any,
+                    delta: Any) -> None:
+    """Factorise now, or (a budget) keep the spectrum and factorise at the budget's rank."""
     if job.policy.kind == "budget":
         # pass 1 of 2: only the spectrum, up to the cap; factors come in pass 2
         cap = spectrum_cap(job.policy, min(M.shape))
         _, S, _, _ = spectrum(M, cap, job.exact, module_seed(job.seed, name))
         mirrors = 2 if name == job.embedding else 1  # the tied head's copy costs as much
+        group = name.rpartition("[")[0] if name in job.expert_sources else None
         job.items.append(BudgetItem(name, S[:cap].cpu(),
-                                    job.cost(sum(M.shape), ti.dtype) * mirrors, cap))
+                                    job.cost(sum(M.shape), ti.dtype) * mirrors, cap,
+                                    group=group))
         job.pending.append((name, kind, rel_w))
         return
     f = factorize(M, job.policy, exact=job.exact, seed=module_seed(job.seed, name),
@@ -202,13 +230,60 @@ def _at_budget_ranks(job: _Job, progress: Progress) -> None:
                       unit="tensor") as bar:
         for name, kind, rel_w in job.pending:  # the same SVDs, at the chosen ranks
             bar.update(1)
-            ti = job.tuned.info(name)
-            w_base = job.base.load(name, device=job.dev, dtype=torch.float32)
-            delta = job.tuned.load(name, device=job.dev, dtype=torch.float32).sub_(w_base)
+            sources = job.expert_sources.get(name, [name])
+            ti = job.tuned.info(sources[0])
+            delta = torch.cat([job.tuned.load(n, device=job.dev, dtype=torch.float32).sub_(
+                job.base.load(n, device=job.dev, dtype=torch.float32)) for n in sources])
+            if name not in sources and len(ti.shape) == 3:  # "param[e]" of a stored 3-D one
+                layout = job.expert_layouts[sources[0]][0]
+                delta = delta[int(name.rpartition("[")[2][:-1])]
+                delta = delta if layout == "experts" else delta.T
             f = factorize(matrix(delta, kind), job.policy, exact=job.exact,
                           seed=module_seed(job.seed, name),
                           store_dtype=job.store_dtype(ti.dtype), rank=chosen[name], name=name)
             job.modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
+
+
+def _find_experts(job: _Job, names: list[str]) -> None:
+    """Per-expert tensors that transformers fuses into 3-D parameters (PEFT adapts those):
+    each expert's gate and up rows become one matrix, factorised as ``param[e]``."""
+    from . import experts
+
+    if job.model_type not in experts.FUSING_TYPES:
+        return
+    for param, items in experts.group(names).items():
+        n = max(e for e, _, _ in items) + 1
+        job.expert_layouts[param] = ("experts", n)
+        for e, tensor, block in items:
+            job.expert_of[tensor] = (param, e, block)
+            job.expert_sources.setdefault(f"{param}[{e}]", []).append(tensor)
+
+
+def _take_expert_block(job: _Job, name: str, w_base: Any, delta: Any) -> None:
+    """Keep one block of an expert's matrix; factorise the matrix once it is whole."""
+    import torch
+
+    from . import ops
+
+    param, e, block = job.expert_of[name]
+    key = f"{param}[{e}]"
+    have = job.waiting.setdefault(key, {})
+    shape = job.tuned.info(name).shape
+    # unchanged blocks are zeros: the expert's matrix is what transformers fuses
+    have[block] = ((delta if delta is not None else torch.zeros(shape, device=job.dev)),
+                   ops.sum_squares(w_base) if w_base is not None else ops.sum_squares(
+                       job.base.load(name, dtype=torch.float32)))
+    if len(have) < len(job.expert_sources[key]):
+        return
+    parts = [have[b] for b in sorted(have)]
+    del job.waiting[key]
+    M = torch.cat([d for d, _ in parts])
+    if not bool(M.any()):
+        job.skipped += len(parts)
+        return
+    w_sq = sum(w for _, w in parts)
+    rel_w = math.sqrt(ops.sum_squares(M) / w_sq) if w_sq else math.inf
+    _factor_or_wait(job, key, "linear", M, rel_w, job.tuned.info(name), M)
 
 
 def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
@@ -246,6 +321,12 @@ def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
     ad.full = job.full
     if job.embedding is not None:
         add_head_mirror(ad, job.embedding)
+    experts.implode(ad, job.expert_layouts)
+    if job.model_type in experts.RENAMES:  # PEFT names modules as transformers 5 does
+        ad.modules = {experts.in_memory(k, job.model_type): m for k, m in ad.modules.items()}
+        for m in ad.modules.values():
+            m.name = experts.in_memory(m.name, job.model_type)
+        ad.full = {experts.in_memory(k, job.model_type): t for k, t in ad.full.items()}
     return ad
 
 
@@ -255,9 +336,9 @@ def _module_entry(name: str, kind: str, f: Factored, rel_w: float, ti: Any, delt
 
     # the same measures `loratool analyze` gives, from the singular values computed here
     analysis = ops.spectrum_measures(f.spectrum, f.norm ** 2, (0.5, 0.9, 0.99))
-    return {"name": name[: -len(".weight")], "tensor": name, "layout": kind, "rank": f.rank,
+    return {"name": name.removesuffix(".weight"), "tensor": name, "layout": kind, "rank": f.rank,
             "full_rank": f.full_rank, "rel_error": f.rel_error, "kept_energy": f.kept_energy,
-            "delta_norm": f.norm, "rel_delta": rel_w, "shape": list(ti.shape), "svd": f.svd,
+            "delta_norm": f.norm, "rel_delta": rel_w, "shape": list(delta.shape), "svd": f.svd,
             "analysis": analysis, "_factors": f, "_shape": tuple(delta.shape)}
 
 

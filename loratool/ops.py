@@ -11,7 +11,9 @@ import math
 
 import torch
 
-LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv")
+# experts: fused mixture-of-experts parameters, [E, out, in] (experts_t: [E, in, out]), with
+# per-expert factors A [E, r, in], B [E, out, r] (see experts.py)
+LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -25,7 +27,8 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str,
                out: torch.Tensor | None = None, scaled: bool = True) -> torch.Tensor:
     """ΔW for one module in the base weight's layout, computed in A's dtype.
 
-    linear: (B@A)·s [out, in]; fan_in_fan_out and embedding: (B@A)ᵀ·s; conv:
+    linear: (B@A)·s [out, in]; fan_in_fan_out and embedding: (B@A)ᵀ·s; experts: B[e]@A[e]·s
+    per expert [E, out, in] (experts_t: each transposed); conv:
     (B.view(out, r) @ A.view(r, -1)).view(out, in, *kernel)·s. ``out``: a reused buffer of at
     least that many elements (the same matmul, written in place). ``scaled=False`` leaves the
     multiplication by the scale to the caller (the same product, applied later).
@@ -42,6 +45,11 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str,
             raise ValueError("conv lora_B must have a 1×1 kernel")
         d = mm(B.reshape(rows, r), A.reshape(A.shape[0], -1))
         return (d.mul_(scale) if scaled else d).reshape(rows, *A.shape[1:])
+    if layout in ("experts", "experts_t"):
+        # one product per expert (bmm: the bits of PEFT's einsum over experts)
+        d = torch.bmm(B, A)
+        d = d.transpose(1, 2) if layout == "experts_t" else d
+        return d.mul_(scale) if scaled else d
     d = mm(B, A)
     if layout in ("fan_in_fan_out", "embedding"):
         d = d.T
@@ -53,6 +61,10 @@ def base_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str
     """The shape of the base weight a module with these factor shapes applies to."""
     if layout == "conv":
         return (b_shape[0], *a_shape[1:])
+    if layout == "experts":
+        return (a_shape[0], b_shape[1], a_shape[2])
+    if layout == "experts_t":
+        return (a_shape[0], a_shape[2], b_shape[1])
     if layout in ("fan_in_fan_out", "embedding"):
         return (a_shape[1], b_shape[0])
     return (b_shape[0], a_shape[1])

@@ -271,6 +271,9 @@ class BudgetItem:
     per_rank: int
     cap: int
     min_rank: int = 0  # 1 for a module that must keep a rank (its lora bias needs one)
+    # the experts of one fused parameter share one rank (PEFT stores r·E): items of a group
+    # are allocated together, the k-th rank worth Σₑ σₑₖ² and costing every expert's share
+    group: str | None = None
 
 
 @dataclass
@@ -296,6 +299,8 @@ def allocate(policy: RankPolicy, items: list[BudgetItem], fixed: list[Fixed]
 
     budget = policy.budget
     assert budget is not None
+    members: dict[str, list[str]] = {}
+    items = _grouped(items, members)
     fixed = fixed + [Fixed("the rank a lora bias needs", i.per_rank * i.min_rank, None)
                      for i in items if i.min_rank]
     check_fixed(policy, fixed)
@@ -311,7 +316,35 @@ def allocate(policy: RankPolicy, items: list[BudgetItem], fixed: list[Fixed]
                             f"the cheapest module needs ({cheapest:,}); raise --budget to at "
                             f"least {budget.amount - left + cheapest:,} {budget.unit}"
                             + _hints(fixed))
-    return {i.name: r for i, r in zip(items, ranks)}
+    return {n: r for i, r in zip(items, ranks) for n in members.get(i.name, [i.name])}
+
+
+def _grouped(items: list[BudgetItem], members: dict[str, list[str]]) -> list[BudgetItem]:
+    """One item per group (its members' spectra combined: the k-th value is
+    sqrt(Σ σₖ²), non-increasing as each spectrum is), the others as they are."""
+    import torch
+
+    groups: dict[str, list[BudgetItem]] = {}
+    out: list[BudgetItem] = []
+    for i in items:
+        if i.group is None:
+            out.append(i)
+        else:
+            if i.group not in groups:
+                groups[i.group] = []
+                out.append(BudgetItem(i.group, None, 0, 0))  # placeholder, keeps the order
+            groups[i.group].append(i)
+    for k, item in enumerate(out):
+        g = groups.get(item.name) if item.spectrum is None else None
+        if g is None:
+            continue
+        n = max(len(i.spectrum) for i in g)
+        sq = sum(torch.nn.functional.pad(i.spectrum.double() ** 2, (0, n - len(i.spectrum)))
+                 for i in g)
+        members[item.name] = [i.name for i in g]
+        out[k] = BudgetItem(item.name, sq.sqrt(), sum(i.per_rank for i in g),
+                            min(i.cap for i in g), max(i.min_rank for i in g))
+    return out
 
 
 def check_fixed(policy: RankPolicy, fixed: list[Fixed]) -> None:

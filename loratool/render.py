@@ -111,6 +111,8 @@ def _format_adapter(data: dict[str, Any]) -> list[str]:
     if isinstance(tm, list) and len(tm) > 8:  # full module names, one per module
         tm = [f"{len(tm)} modules ({tm[0]} …)"]
     lines.append(f"  target modules: {', '.join(tm) if isinstance(tm, list) else tm}")
+    if a.get("target_parameters"):
+        lines.append(f"  target parameters: {', '.join(map(str, a['target_parameters']))}")
     if a.get("modules_to_save") or a.get("full_tensors"):
         lines.append(f"  full tensors (modules_to_save): {len(a.get('full_tensors') or [])}")
     if mods:
@@ -120,7 +122,8 @@ def _format_adapter(data: dict[str, Any]) -> list[str]:
         rows = [["module", "count", "rank", "alpha", "scale", "layout", "in→out"]]
         grouped: dict[tuple[Any, ...], dict[str, Any]] = {}
         for m in mods:
-            key = (_LAYER.sub("*", m["name"]), m["rank"], m["alpha"], m["scale"], m["layout"],
+            layout = f"{m['layout']} ×{m['experts']}" if m.get("experts") else m["layout"]
+            key = (_LAYER.sub("*", m["name"]), m["rank"], m["alpha"], m["scale"], layout,
                    m["in_features"], m["out_features"])
             g = grouped.setdefault(key, {"count": 0, "first": m["name"]})
             g["count"] += 1
@@ -350,11 +353,12 @@ def format_analyze(r: dict[str, Any]) -> str:
                  "‖ΔW‖/‖UᵀWV‖ for ΔW's top directions, beside as many random ones)")
     if r["mode"] == "finetune" and r["other_changed"]:
         lines.append(f"also changed, not matrices: {len(r['other_changed'])} tensors (norms, "
-                     "biases)")
+                     "biases, routers)")
     s = r.get("suggest")
     if s:
         lines.append(f"to keep {100 * s['energy']:g} % of every ΔW: {s['command']}   # ranks "
-                     f"{_ranks(s['ranks'])}, {s['parameters']:,} parameters in the factors")
+                     f"{_ranks(s['ranks'])}" + (f", {s['parameters']:,} parameters in the factors"
+                                               if s["parameters"] is not None else ""))
     return "\n".join(lines)
 
 

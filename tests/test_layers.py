@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).parent.parent / "loratool"
 LAYERS: dict[str, float] = {
     "loratool": 0, "errors": 0,
     "units": 1, "progress": 1, "interrupts": 1, "validate": 1, "ops": 1, "options": 1,
-    "tensorfile": 2, "staging": 2,
+    "experts": 1.5,  # mixture-of-experts layouts: names and shapes only
+    "tensorfile": 2, "staging": 2, "ggufio": 2.5,
     "sources": 3,
     "checkpoint": 4,
     "writer": 5, "adapter": 5, "policy": 5,
-    "formats.base": 5.5, "formats.peft": 6, "formats.kohya": 6, "formats.gguf": 6,
+    "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf": 6,
     "formats.diffusers": 6.5,  # diffusers files are PEFT keys per component
     "formats": 7,
     "edits": 8, "deltas": 8,

@@ -82,7 +82,8 @@ def read(ckpt: Checkpoint, base: str | None = None) -> Any:
 
 def lossy(ad: Any) -> list[str]:
     """What a diffusers LoRA file cannot hold."""
-    return losses(ad, [], full=True)
+    return losses(ad, [("mixture-of-experts parameters", lambda m: bool(m.experts))],
+                  full=True)
 
 
 def keep(ad: Any) -> Any:

@@ -33,7 +33,9 @@ def lossy(ad: Any) -> list[str]:
     """What a GGUF adapter cannot hold."""
     return losses(ad, [("DoRA magnitude", lambda m: m.magnitude is not None),
                        ("lora_B bias", lambda m: m.bias is not None),
-                       ("conv LoRA", lambda m: m.layout == "conv")], full=True)
+                       ("conv LoRA", lambda m: m.layout == "conv"),
+                       ("mixture-of-experts parameters", lambda m: bool(m.experts))],
+                  full=True)
 
 
 def keep(ad: Any) -> Any:

@@ -191,7 +191,9 @@ def _dora_scale(g: dict[str, Any], stem: str, up: Any, where: str) -> Any:
 def lossy(ad: Any) -> list[str]:
     """What a kohya file cannot hold."""
     return losses(ad, [("embedding LoRA", lambda m: m.layout == "embedding"),
-                       ("lora_B bias", lambda m: m.bias is not None)], full=True)
+                       ("lora_B bias", lambda m: m.bias is not None),
+                       ("mixture-of-experts parameters", lambda m: bool(m.experts))],
+                  full=True)
 
 
 def keep(ad: Any) -> Any:

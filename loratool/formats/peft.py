@@ -18,25 +18,13 @@ from ..checkpoint import Checkpoint
 from ..units import natural_key
 from ..errors import FormatError
 from .base import Format, held
+from .peft_params import (experts_module, experts_rank, parameter_modules, pattern_value,
+                          rename_described)
 
 PREFIX = "base_model.model."
 _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
                     r"|lora_magnitude_vector)(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?"
                     r"(?:\.(?P<leaf>weight|bias))?$")
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any, where: Any = "") -> Any:
-    """PEFT's rule: the first key k with ``re.match(rf"(.*\\.)?({k})$", module)`` wins
-    (matched with a time limit: see ``validate.pattern_match``)."""
-    from ..validate import pattern_match
-
-    if not isinstance(patterns, dict):
-        raise FormatError(f"{where}: rank_pattern/alpha_pattern must map names to numbers, got "
-                          f"{type(patterns).__name__}")
-    for key, value in patterns.items():
-        if pattern_match(key, module, where):
-            return value
-    return default
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -83,10 +71,12 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
                 mod["out_features"] = info.shape[0]
         elif part == "lora_magnitude_vector":
             mod["dora"] = True
+    rename_described(modules, cfg)
     out = []
     for mod_name in sorted(modules, key=natural_key):
         mod = modules[mod_name]
         rank = int(mod.get("rank", 0))
+        rank, n_experts = experts_rank(mod, mod_name, rank, cfg, where)
         alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod_name, default_alpha, where)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise FormatError(f"{where}: alpha_pattern gives {mod_name} the alpha {alpha!r}, "
@@ -106,6 +96,8 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
                  "bias": bool(mod.get("bias", False)), "dtype": mod.get("dtype")}
         if "kernel" in mod:
             entry["kernel"] = mod["kernel"]
+        if n_experts is not None:
+            entry["experts"] = n_experts
         out.append(entry)
     target = cfg.get("target_modules")
     return {
@@ -114,6 +106,7 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "base_model_revision": cfg.get("revision"),
         "task_type": cfg.get("task_type"),
         "target_modules": sorted(map(str, target)) if isinstance(target, list) else target,
+        "target_parameters": cfg.get("target_parameters") or None,
         "r": cfg.get("r"),
         "lora_alpha": cfg.get("lora_alpha"),
         "use_rslora": rslora,
@@ -185,6 +178,7 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
             d["bias" if leaf == "bias" else "B"] = t
         else:
             d["magnitude"] = t
+    params = parameter_modules(parts, cfg)
     modules = []
     for mod in sorted(parts, key=natural_key):
         d = parts[mod]
@@ -195,6 +189,10 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
             raise FormatError(f"{where}: module {mod} has {have} but no {miss}; the adapter "
                               "file is incomplete")
         A, B = d["A"], d["B"]
+        if mod in params:  # a fused expert parameter (target_parameters)
+            modules.append(experts_module(mod, A, B, cfg, default_alpha, rslora, where,
+                                          component))
+            continue
         if d["emb"]:
             layout = "embedding"
         elif A.dim() > 2:
@@ -265,10 +263,12 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
                           "DoRA to all modules of an adapter or none")
     names = {m.name for m in mods}
     orig = ad.peft_config or {}
-    target: Any = sorted(names, key=natural_key)
-    if orig.get("target_modules") and ad.source_modules == names:
+    params = sorted((m.name for m in mods if m.experts), key=natural_key)
+    target: Any = sorted(names - set(params), key=natural_key) or None
+    if ad.source_modules == names:
         # unchanged since read: keep the original (often shorter, suffix-style) targets
-        target = orig["target_modules"]
+        target = orig.get("target_modules") or target
+        params = orig.get("target_parameters") or params
     if any(m.bias is not None for m in mods) and any(m.layout == "embedding" for m in mods):
         raise FormatError("PEFT cannot load lora_B biases in an adapter that also has embedding "
                           "LoRA (its lora_bias flag covers every module and refuses embeddings); "
@@ -286,6 +286,7 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
         "r": r,
         "lora_alpha": alpha,
         "target_modules": target,
+        "target_parameters": params or None,
         "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
         "use_rslora": rslora,
@@ -304,10 +305,17 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
 
 def state_for(mods: list, full: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
     """PEFT keys for modules (and full tensors), in natural order."""
+    from .. import experts
+
     out: dict[str, Any] = {}
+    wrapped = experts.peft_keys([m.name for m in mods if m.experts])
     for m in mods:
         p = prefix + m.name
-        if m.layout == "embedding":
+        if m.experts:  # a parameter wrapper, factors of rank r·E
+            A, B = experts.to_peft(m.A, m.B)
+            out[prefix + wrapped[m.name] + ".lora_A.weight"] = A
+            out[prefix + wrapped[m.name] + ".lora_B.weight"] = B
+        elif m.layout == "embedding":
             out[p + ".lora_embedding_A"], out[p + ".lora_embedding_B"] = m.A, m.B
         else:
             out[p + ".lora_A.weight"], out[p + ".lora_B.weight"] = m.A, m.B
