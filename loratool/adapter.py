@@ -109,6 +109,9 @@ class LoraAdapter:
     # kohya names that could not be mapped to module paths (no record, no --base): only a
     # kohya writer can use them as they are
     unresolved: list[str] = field(default_factory=list)
+    # "gguf": modules named as llama.cpp names tensors (blk.0.attn_q), read from a GGUF
+    # adapter without a transformers base to name them back
+    naming: str = "hf"
 
     def add(self, m: LoraModule) -> None:
         """Add a module after checking its factors agree."""
@@ -305,7 +308,8 @@ def _fused_tensor(m: LoraModule, names: dict[str, Any], where: Any) -> str | Non
     base holds the experts one tensor each (see :func:`expert_parts`)."""
     from . import experts
 
-    cands = [c[: -len(".weight")] for c in _base_candidates(m.name)]
+    # transformers' fused parameters have no ``.weight``; llama.cpp's ffn_*_exps have
+    cands = [c for w in _base_candidates(m.name) for c in (w[: -len(".weight")], w)]
     found = next((c for c in cands if c in names), None)
     if found is None:
         if experts.sources(m.name, _natural(m), names) is None:
@@ -337,7 +341,7 @@ def expert_parts(ad: LoraAdapter, base: Any) -> dict[str, list[Any]]:
 
     out = {}
     for key, m in ad.modules.items():
-        if m.experts and not any(c[: -len(".weight")] in base.tensors
+        if m.experts and not any(c[: -len(".weight")] in base.tensors or c in base.tensors
                                  for c in _base_candidates(m.name)):
             parts = experts.sources(m.name, _natural(m), base.tensors)
             if parts is not None:

@@ -28,6 +28,7 @@ from .tensorfile import (NOT_WEIGHTS, REMOTE, TensorInfo, dtype_code, parse_safe
                          torch_dtype)
 from .validate import ADAPTER_CONFIG as ADAPTER_CONFIG_FIELDS
 from .validate import MODEL_CONFIG, check_fields, check_zip, parse_json
+from .sources import choose_weights
 
 if TYPE_CHECKING:  # torch is imported lazily: header-only work must not pay for it
     import torch
@@ -124,43 +125,6 @@ def _read_json(path: Path) -> Any:
     return parse_json(raw, path)
 
 
-def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]:
-    """Pick the weight files among a folder's (or Hub repo's) file names, as transformers and
-    PEFT do: ``(files, None)`` or ``([], index)`` for a sharded checkpoint."""
-    names = sorted(names)
-    if ADAPTER_CONFIG in names:
-        for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"):
-            if n in names:
-                return [n], None
-        raise InputError(f"{where}: has {ADAPTER_CONFIG} but no adapter_model.safetensors "
-                         "or adapter_model.bin; the adapter's weights are missing")
-    # As transformers: safetensors before pickles; the standard single file before an index.
-    for single, suffixes in (("model.safetensors", (".safetensors",)),
-                             ("pytorch_model.bin", (".bin", ".pt", ".pth"))):
-        if single in names:
-            return [single], None
-        index_suffixes = tuple(s + ".index.json" for s in suffixes)
-        idx = [n for n in names if n.endswith(index_suffixes)]
-        if len(idx) > 1 and "model" + index_suffixes[0] in idx:
-            idx = ["model" + index_suffixes[0]]
-        if len(idx) == 1:
-            return [], idx[0]
-        if len(idx) > 1:
-            raise InputError(f"{where}: several index files ({', '.join(idx)}); "
-                             "pass the one to use as the path")
-        found = [n for n in names if n.endswith(suffixes)]
-        if len(found) == 1:
-            return found, None
-        if found:
-            raise InputError(f"{where}: several weight files and no index ({', '.join(found)}); "
-                             "pass the file to use as the path")
-    idx = [n for n in names if n.endswith(".index.json")]
-    if len(idx) == 1:
-        return [], idx[0]
-    raise InputError(f"{where}: no weights found (expected *.safetensors, *.bin or an "
-                     "*.index.json); point at a model or adapter folder")
-
-
 def _local_names(folder: Path) -> list[str]:
     try:
         return [n for n in os.listdir(folder)
@@ -186,12 +150,15 @@ class Checkpoint:
     adapter_config: dict[str, Any] | None = None  # adapter_config.json
     source: str = ""  # what the user typed (a path or a Hub id)
     _pickles: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
+    gguf: Any = None  # a GGUF file's header (ggufio.GgufHeader): metadata, tensor types
     # For a Hub checkpoint: downloads one file (path relative to ``folder``) on first use.
     _fetch: Callable[[str], Path] | None = field(default=None, repr=False)
 
     @property
     def container(self) -> str:
-        """``safetensors`` or ``pytorch``: how the tensors are stored."""
+        """``safetensors``, ``pytorch`` or ``gguf``: how the tensors are stored."""
+        if self.gguf is not None:
+            return "gguf"
         return "safetensors" if all(f.suffix == ".safetensors" for f in self.files) else "pytorch"
 
     @property
@@ -227,7 +194,11 @@ class Checkpoint:
         if info.offset == REMOTE:
             self._download(info.file)
             info = self.info(name)
-        if info.offset >= 0:
+        if self.gguf is not None:  # quantized types dequantize to float32
+            from .ggufio import dequantize
+
+            t = dequantize(read_tensor_bytes(info), info)
+        elif info.offset >= 0:
             dt = torch_dtype(info.dtype)
             if info.nbytes == 0:
                 t = torch.empty(info.shape, dtype=dt)
@@ -291,7 +262,9 @@ def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[Te
     except OSError as e:
         raise os_input_error(path, e) from e
     kind = sniff(head)
-    if kind in ("gguf", "json", "text") or (kind == "unknown" and path.suffix != ".safetensors"
+    if kind == "gguf":  # only ever a checkpoint of its own (see open_checkpoint)
+        raise FormatError(f"{path}: a GGUF file among other weights; pass it on its own")
+    if kind in ("json", "text") or (kind == "unknown" and path.suffix != ".safetensors"
                                             and len(head) >= 8):
         raise FormatError(f"{path}: {NOT_WEIGHTS[kind]}")
     if kind not in ("zip", "pickle"):  # safetensors, or a damaged one: its own messages
@@ -302,6 +275,24 @@ def _open_file(path: Path, pickles: dict[Path, dict[str, Any]]) -> tuple[list[Te
     pickles.clear()
     pickles[path] = state
     return _infos_from_pickle(path, state), {}
+
+
+def _is_gguf(path: Path) -> bool:
+    check_regular(path)
+    try:
+        with open(path, "rb") as f:
+            return sniff(f.read(64)) == "gguf"
+    except OSError as e:
+        raise os_input_error(path, e) from e
+
+
+def _open_gguf(file: Path, path: Path, spec: str) -> Checkpoint:
+    """A GGUF model or adapter (one file): its header; tensors load dequantized."""
+    from .ggufio import read_header
+
+    header = read_header(file)
+    return Checkpoint(path=path, folder=file.parent, files=[file],
+                      tensors={i.name: i for i in header.infos}, source=spec, gguf=header)
 
 
 def open_checkpoint(spec: str | os.PathLike[str], progress: Any = None) -> Checkpoint:
@@ -327,6 +318,8 @@ def open_checkpoint(spec: str | os.PathLike[str], progress: Any = None) -> Check
         folder, rels, index = path.parent, [], path.name
     else:
         folder, rels, index = path.parent, [path.name], None
+    if len(rels) == 1 and index is None and _is_gguf(folder / rels[0]):
+        return _open_gguf(folder / rels[0], path, str(spec))
 
     def opener(rel: str) -> tuple[list[TensorInfo], dict[str, str]]:
         f = folder / rel

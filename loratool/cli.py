@@ -116,13 +116,14 @@ def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | No
 def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
                out: Path, weights: tuple[float, ...], device: str, dtype: str,
                max_shard_size: str, untie: bool, verify: bool, force: bool,
-               as_json: bool, record: bool = True) -> None:
+               as_json: bool, quant: str | None, record: bool = True) -> None:
     from .merge import run
     from .render import format_merge
 
     show(run(base, list(adapters), out, weights=list(weights), sign=sign, device=device,
                dtype=dtype, max_shard_size=max_shard_size, force=force, untie=untie,
-               verify=verify, record=record, progress=progress(ctx)), as_json, format_merge)
+               verify=verify, record=record, quant=quant, progress=progress(ctx)), as_json,
+         format_merge)
 
 
 @cli.command()

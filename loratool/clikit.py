@@ -179,8 +179,10 @@ def policy(rank: int | None, energy: float | None, max_error: float | None,
     return RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
 
 
+GGUF_QUANT = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # ggufio.QUANTIZE
+
 merge_options = options(
-    output("Output model folder."),
+    output("Output model folder (a .gguf file for a GGUF base)."),
     WEIGHTS,
     click.option("--device", default="auto", show_default=True, type=DEVICE,
                  help="auto, cpu, cuda, cuda:N or mps: where the math runs."),
@@ -193,7 +195,11 @@ merge_options = options(
                       "refusing."),
     click.option("--verify", is_flag=True,
                  help="Check every changed tensor of the output against a float64 reference "
-                      "before it is published."),
+                      "before it is published (GGUF: read the file back and check every "
+                      "tensor's bytes)."),
+    click.option("--quant", type=click.Choice(GGUF_QUANT), metavar="TYPE",
+                 help="GGUF bases: write changed tensors as TYPE (" + ", ".join(GGUF_QUANT)
+                      + ") instead of their own type."),
     FORCE, JSON, quiet_option)
 
 

@@ -193,7 +193,7 @@ class _Job:
 def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
         sign: float, device: str = "auto", dtype: str = "keep",
         max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,
-        verify: bool = False, record: bool = True,
+        verify: bool = False, record: bool = True, quant: str | None = None,
         progress: Progress = SILENT) -> dict[str, Any]:
     """Merge (sign +1) or unmerge (sign −1) adapters; returns the report.
 
@@ -213,10 +213,20 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     dev = resolve_device(device)
     base = open_checkpoint(base_spec, progress)
     adapters = [read_any(s, base_spec) for s in adapter_specs]
+    inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
+    if base.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
+        from . import merge_gguf
+
+        if sign < 0:
+            merge_gguf.refuse_unmerge(base)
+        return merge_gguf.run(base, adapters, weights, adapter_specs, out, quant=quant,
+                              device=dev, force=force, inputs=inputs, verify=verify,
+                              progress=progress)
+    if quant is not None:
+        raise LoraToolError("--quant applies to GGUF models; for safetensors use --dtype")
     edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
     job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
                UnmergeRecord(base) if sign < 0 else None, record)
-    inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
     writer = _writer(job, out, inputs, force, max_shard_size, base_spec,
                      list(zip(adapter_specs, weights)))
     report: dict[str, Any] = {}

@@ -55,6 +55,28 @@ def _shape(s: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in s) + "]"
 
 
+def _format_gguf(g: dict[str, Any]) -> list[str]:
+    """llama.cpp's metadata in one or two lines."""
+    facts = [f"GGUF v{g['version']}"]
+    if g.get("name"):
+        facts.append(f"name {g['name']!r}")
+    if g.get("file_type") is not None:
+        facts.append(f"file type {g['file_type']}")
+    shape = [f"{v} {k}" for k, v in (("layers", g.get("block_count")),
+                                      ("embedding", g.get("embedding_length")),
+                                      ("heads", g.get("head_count")),
+                                      ("kv heads", g.get("head_count_kv")),
+                                      ("experts", g.get("expert_count")),
+                                      ("context", g.get("context_length"))) if v is not None]
+    lines = ["  llama.cpp: " + ", ".join(facts)]
+    if shape:
+        lines.append("  " + ", ".join(shape))
+    if g.get("lora_alpha") is not None:
+        lines.append(f"  adapter.lora.alpha = {g['lora_alpha']:g} (scale alpha / rank)")
+    lines.append(f"  {len(g['metadata'])} metadata keys (--json lists them)")
+    return lines
+
+
 def format_summary(data: dict[str, Any], expand: bool = False) -> str:
     """The human view of :func:`summarize`; ``expand`` lists every tensor instead of groups."""
     lines = []
@@ -68,6 +90,8 @@ def format_summary(data: dict[str, Any], expand: bool = False) -> str:
                  f"parameters ({data['total_params']:,}), {human_bytes(data['total_bytes'])}, "
                  f"{shard_note}")
     lines.append(f"  dtypes: {dts or 'none'}")
+    if data.get("gguf"):
+        lines += _format_gguf(data["gguf"])
     tensors = data["tensors"]
     if data.get("filter"):
         lines.append(f"  filter {' '.join(data['filter'])}: {len(tensors)} tensors match")
@@ -217,6 +241,8 @@ def format_extract(r: dict[str, Any], expand: bool = False) -> str:
 
 def format_merge(r: dict[str, Any]) -> str:
     """merge / unmerge."""
+    if r.get("format") == "gguf":
+        return _format_merge_gguf(r)
     names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
     how = "into" if r["operation"] == "merge" else "from"
     lines = [f"wrote {r['output']}: {r['operation']}d {names} {how} {r['base']}",
@@ -239,6 +265,34 @@ def format_merge(r: dict[str, Any]) -> str:
         lines.append(f"  verify: {v['checked']} changed tensors within the rounding bound; "
                      f"worst {v['name']} at {v['ratio']:.3f}× the bound (max error "
                      f"{v['max_abs_error']:.3g})")
+    return "\n".join(lines)
+
+
+def _format_merge_gguf(r: dict[str, Any]) -> str:
+    """A merge into a GGUF model: what re-quantizing cost each changed tensor."""
+    names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
+    lines = [f"wrote {r['output']}: merged {names} into {r['base']} (GGUF)",
+             f"  {len(r['changed'])} of {r['tensors']} tensors changed and re-quantized, "
+             f"{r['unchanged_copied']} copied byte for byte; {r['seconds']:.2f} s"]
+    if r["changed"]:
+        rows = [["tensor", "type", "written", "‖ΔW‖/‖W‖", "quant. error / ‖W′‖",
+                 "quant. error / ‖ΔW‖"]]
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for c in r["changed"]:
+            groups.setdefault((_LAYER.sub("*", c["name"]), c["type"], c["written_as"]),
+                              []).append(c)
+        for (name, t, w), cs in groups.items():
+            rows.append([name + (f" ×{len(cs)}" if len(cs) > 1 else ""), t, w,
+                         _num(max(c["change"] for c in cs)),
+                         _num(max(c["rel_error"] for c in cs)),
+                         _num(max(c["error_vs_change"] for c in cs))])
+        lines += [""] + ["  " + x for x in _table(rows, right={3, 4, 5})]
+        lines.append("  (largest per group; the last column is the quantization noise against "
+                     "the adapter's change: near or above 1, the quantization hides the change)")
+    v = r.get("verify")
+    if v:
+        lines.append(f"  verify: the written file read back; {v['tensors_checked']} tensors "
+                     "where planned, their bytes as computed or copied")
     return "\n".join(lines)
 
 

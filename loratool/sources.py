@@ -248,3 +248,46 @@ class HubRepo:
         if len(body) < 8 + n:
             raise HubError(f"{label}: the Hub sent a short header ({len(body)} bytes)")
         return body[8:8 + n], n, size
+
+
+def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]:
+    """Pick the weight files among a folder's (or Hub repo's) file names, as transformers and
+    PEFT do: ``(files, None)`` or ``([], index)`` for a sharded checkpoint."""
+    names = sorted(names)
+    if "adapter_config.json" in names:
+        for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"):
+            if n in names:
+                return [n], None
+        raise InputError(f"{where}: has adapter_config.json but no adapter_model.safetensors "
+                         "or adapter_model.bin; the adapter's weights are missing")
+    # As transformers: safetensors before pickles; the standard single file before an index.
+    for single, suffixes in (("model.safetensors", (".safetensors",)),
+                             ("pytorch_model.bin", (".bin", ".pt", ".pth"))):
+        if single in names:
+            return [single], None
+        index_suffixes = tuple(s + ".index.json" for s in suffixes)
+        idx = [n for n in names if n.endswith(index_suffixes)]
+        if len(idx) > 1 and "model" + index_suffixes[0] in idx:
+            idx = ["model" + index_suffixes[0]]
+        if len(idx) == 1:
+            return [], idx[0]
+        if len(idx) > 1:
+            raise InputError(f"{where}: several index files ({', '.join(idx)}); "
+                             "pass the one to use as the path")
+        found = [n for n in names if n.endswith(suffixes)]
+        if len(found) == 1:
+            return found, None
+        if found:
+            raise InputError(f"{where}: several weight files and no index ({', '.join(found)}); "
+                             "pass the file to use as the path")
+    idx = [n for n in names if n.endswith(".index.json")]
+    if len(idx) == 1:
+        return [], idx[0]
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    if len(ggufs) == 1:
+        return ggufs, None
+    if ggufs:
+        raise InputError(f"{where}: several GGUF files ({', '.join(ggufs[:4])}); pass the file "
+                         "to use as the path")
+    raise InputError(f"{where}: no weights found (expected *.safetensors, *.bin or an "
+                     "*.index.json); point at a model or adapter folder")

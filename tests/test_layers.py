@@ -20,10 +20,11 @@ LAYERS: dict[str, float] = {
     "sources": 3,
     "checkpoint": 4,
     "writer": 5, "adapter": 5, "policy": 5,
-    "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf": 6,
+    "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf_names": 5.9,
+    "formats.gguf": 6,
     "formats.diffusers": 6.5,  # diffusers files are PEFT keys per component
     "formats": 7,
-    "edits": 8, "deltas": 8,
+    "edits": 8, "deltas": 8, "merge_gguf": 8.7,
     # the verbs: one command each, and the reports people read
     "extract": 9, "merge": 9, "combine": 9, "convert": 9, "export": 9, "export_cache": 8.5,
     "hub": 9, "summary": 9, "render": 9, "analyze": 9, "plots": 8.5,

@@ -37,6 +37,8 @@ def detect(ckpt: Checkpoint) -> tuple[str, str]:
 
     Example: ``detect(open_checkpoint("adapter/"))`` → ``("adapter", "peft")``.
     """
+    if ckpt.gguf is not None:  # llama.cpp says which it is
+        return ("adapter" if ckpt.gguf.kv.get("general.type") == "adapter" else "model"), "gguf"
     names = list(ckpt.tensors)
     is_adapter = ckpt.adapter_config is not None or any(
         m in n for n in names for m in ADAPTER_MARKERS)
@@ -92,9 +94,6 @@ def read_any(spec: str, base: str | None = None) -> Any:
     if isinstance(target, Path):
         if target.is_dir():
             _check_one_format(target)
-        if target.suffix == ".gguf":
-            raise FormatError(f"{spec}: reading GGUF adapters is not supported; convert from "
-                              "the adapter the GGUF was made from")
     return read_checkpoint(open_checkpoint(spec), base)
 
 
@@ -157,6 +156,11 @@ def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
                   with_info: bool = False) -> Any:
     """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
     with ``with_info``, what the writer reports, such as GGUF's alpha)."""
+    if ad.naming == "gguf" and fmt != "gguf":
+        raise FormatError(f"the adapter's modules have llama.cpp's tensor names (such as "
+                          f"{next(iter(ad.modules), 'blk.0.attn_q')}); {fmt} needs the "
+                          "transformers module names: pass --base with the transformers model "
+                          "folder (config.json) the adapter is for")
     lost = lossy(ad, fmt)
     if lost:
         raise FormatError(f"{fmt} cannot hold {'; '.join(lost)}; choose another format")

@@ -1,17 +1,17 @@
-"""llama.cpp GGUF LoRA adapters (written; llama.cpp's ``--lora`` loads them).
+"""llama.cpp GGUF LoRA adapters, read and written.
 
 Tensors ``<gguf tensor name>.lora_a`` [r, in] and ``.lora_b`` [out, r] (numpy order; GGUF
-stores the dimensions reversed), named by llama.cpp's HF→GGUF map (``blk.0.attn_q.weight``);
-metadata ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and the
-base model (``general.base_model.*``) when it is a Hub id. Token-embedding LoRA is
+stores the dimensions reversed), named by llama.cpp's HF→GGUF map (``blk.0.attn_q.weight``,
+see ``gguf_names``); experts 3-D, ``lora_a`` [E, r, in] and ``lora_b`` [E, out, r]; metadata
+``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and the base
+model (``general.base_model.*``) when it is a Hub id. Token-embedding LoRA is
 ``token_embd.weight.lora_a`` [vocab, r] (PEFT's lora_embedding_A transposed: llama.cpp gathers
 its rows by token) and ``.lora_b`` [dim, r].
 
 llama.cpp scales every module by ``alpha / r`` with one alpha for the file and r read from the
-tensor shape. loratool picks the alpha that most modules need (``scale · r``) and multiplies
-``lora_b`` of every other module by ``scale · r / alpha`` — exact when that factor is a power of
-two, one rounding otherwise (reported). Llama-family q/k projections are stored by llama.cpp
-with their rows permuted for its RoPE layout; ``lora_b`` rows are permuted the same way.
+tensor shape (alpha 0: scale 1). loratool picks the alpha that most modules need (``scale · r``)
+and multiplies ``lora_b`` of every other module by ``scale · r / alpha`` — exact when that factor
+is a power of two, one rounding otherwise (reported). Reading gives every module alpha/r back.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from typing import Any
 
 from ..errors import FormatError
 from .base import Format, held, losses
-
-# HF model_type → (gguf arch name, whether q/k rows are permuted as llama.cpp's converter does)
-ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-          "qwen3": ("qwen3", False)}
+from .gguf_names import Arch, from_gguf, to_gguf
 
 
 def lossy(ad: Any) -> list[str]:
@@ -34,13 +31,13 @@ def lossy(ad: Any) -> list[str]:
     return losses(ad, [("DoRA magnitude", lambda m: m.magnitude is not None),
                        ("lora_B bias", lambda m: m.bias is not None),
                        ("conv LoRA", lambda m: m.layout == "conv"),
-                       ("mixture-of-experts parameters", lambda m: bool(m.experts))],
+                       ("experts stored [E, in, out]", lambda m: m.layout == "experts_t")],
                   full=True)
 
 
 def keep(ad: Any) -> Any:
     return held(ad, full=False, bias=False, magnitude=False,
-                layouts=("linear", "fan_in_fan_out", "embedding"))
+                layouts=("linear", "fan_in_fan_out", "embedding", "experts"))
 
 
 def _for_tied_base(ad: Any) -> Any:
@@ -65,52 +62,36 @@ def _for_tied_base(ad: Any) -> Any:
     return ad
 
 
-def permute_rows(w: Any, n_head: int) -> Any:
-    """llama.cpp's q/k row permutation (its converter's ``LlamaModel.permute``)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-def plan(ad: Any, config: dict[str, Any]) -> tuple[float, list[tuple[str, Any, Any, float]]]:
-    """The file's alpha and, per module, (gguf name, lora_a, lora_b, factor baked into b)."""
-    import torch
-
-    try:
-        import gguf  # noqa: F811
-    except ImportError as e:
-        raise FormatError("writing GGUF needs the gguf package: pip install gguf"
-                          ) from e
-    model_type = config.get("model_type")
-    if model_type not in ARCHES:
-        raise FormatError(f"GGUF adapters for model_type {model_type!r} are not supported yet "
-                          f"(supported: {', '.join(ARCHES)})")
-    arch_name, permute = ARCHES[model_type]
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    n_layers = int(config["num_hidden_layers"])
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-    tmap = gguf.get_tensor_name_map(arch, n_layers)
+def for_llama_cpp(ad: Any, config: dict[str, Any] | None, where: str) -> tuple[Any, str]:
+    """``ad`` named and laid out as llama.cpp's model (see ``gguf_names.to_gguf``), and the
+    architecture name; an adapter read from GGUF is already."""
+    if ad.naming == "gguf":
+        return ad, ad.metadata.get("general.architecture", "llama")
+    if config is None:
+        raise FormatError(f"{where}: has no config.json, which GGUF naming needs (llama.cpp "
+                          "names tensors by architecture): give a transformers model folder")
+    arch = Arch.of_config(config, where)
     if config.get("tie_word_embeddings"):
         ad = _for_tied_base(ad)
+    return to_gguf(ad, arch), arch.name
+
+
+def plan(ad: Any) -> tuple[float, list[tuple[str, Any, Any, float]]]:
+    """For an adapter in llama.cpp's naming: the file's alpha and, per module, (tensor name,
+    lora_a, lora_b, factor baked into b)."""
+    import torch
+
     need = Counter(m.scale * m.rank for m in ad.modules.values())
     alpha = need.most_common(1)[0][0] if need else 1.0
     rows = []
     for m in sorted(ad.modules.values(), key=lambda m: m.key):
-        name = tmap.get_name(m.name + ".weight", try_suffixes=(".weight",))
-        if name is None:
-            raise FormatError(f"module {m.name}: no llama.cpp tensor name for it in the "
-                              f"{arch_name} map")
         a, b = m.A, m.B
         if m.layout == "embedding":
             a = a.T  # llama.cpp gathers lora_a's rows by token id
         factor = m.scale * m.rank / alpha
         if factor != 1.0:
             b = (b.to(torch.float32) * factor).to(b.dtype)
-        if permute and m.name.endswith("q_proj"):
-            b = permute_rows(b, n_head)
-        elif permute and m.name.endswith("k_proj"):
-            b = permute_rows(b, n_kv)
-        rows.append((name, a, b, factor))
+        rows.append((m.name + ".weight", a, b, factor))
     return alpha, rows
 
 
@@ -135,28 +116,28 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
           note: str = "", base: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Write ``out`` (a .gguf file; a folder gets ``adapter.gguf``) atomically. ``base``
     (path or Hub id) gives the architecture and llama.cpp's tensor names."""
-    from ..checkpoint import open_checkpoint
+    config = None
+    if ad.naming != "gguf":
+        from ..checkpoint import open_checkpoint
 
-    if not base:
-        raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
-                          "config.json): llama.cpp names tensors by architecture")
-    config = open_checkpoint(base).config
-    if config is None:
-        raise FormatError(f"{base}: has no config.json, which --format gguf needs (llama.cpp "
-                          "names tensors by architecture): give a transformers model folder")
+        if not base:
+            raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
+                              "config.json): llama.cpp names tensors by architecture")
+        config = open_checkpoint(base).config
     import gguf
     import numpy as np
     import torch
 
     from ..staging import Stage, output_os_error
 
-    alpha, rows = plan(ad, config)
+    ad, arch = for_llama_cpp(ad, config, str(base))
+    alpha, rows = plan(ad)
     target = out if out.suffix == ".gguf" else out / "adapter.gguf"
     # a .gguf file, or a folder holding adapter.gguf: the same stage as every output
     with Stage(out, inputs, force, file=target.name if target is out else None) as stage:
         assert stage.tmp is not None
         try:
-            w = gguf.GGUFWriter(str(stage.tmp / target.name), ARCHES[config["model_type"]][0])
+            w = gguf.GGUFWriter(str(stage.tmp / target.name), arch)
             w.add_string("general.type", "adapter")
             w.add_string("adapter.type", "lora")
             w.add_float32("adapter.lora.alpha", float(alpha))
@@ -164,8 +145,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
             for name, a, b, _ in rows:
                 for suffix, t in ((".lora_a", a), (".lora_b", b)):
                     # bf16 is widened to f32 (exact); f16 and f32 are kept as they are
-                    keep = t.dtype in (torch.float16, torch.float32)
-                    arr = t.detach().cpu().to(t.dtype if keep else torch.float32)
+                    keep_dtype = t.dtype in (torch.float16, torch.float32)
+                    arr = t.detach().cpu().to(t.dtype if keep_dtype else torch.float32)
                     w.add_tensor(name + suffix, np.ascontiguousarray(arr.contiguous().numpy()))
             w.write_header_to_file()
             w.write_kv_data_to_file()
@@ -179,5 +160,72 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
                     "rescaled": sum(1 for r in rows if r[3] != 1.0), "inexact": inexact}
 
 
-FORMAT = Format("gguf", "one .gguf file", ".gguf", "adapter.gguf", None, None, write, lossy,
+# --------------------------------------------------------------------------- reading
+
+
+def claims(ckpt: Any) -> bool:
+    return ckpt.gguf is not None
+
+
+def read(ckpt: Any, base: str | None = None) -> Any:
+    """A GGUF LoRA adapter → LoraAdapter. Named as llama.cpp names tensors, unless ``base`` is
+    a transformers model, whose names it then gets (q/k rows un-permuted, experts fused)."""
+    from ..adapter import LoraAdapter
+    from ..checkpoint import open_checkpoint
+
+    where = str(ckpt.source or ckpt.path)
+    kv = ckpt.gguf.kv
+    if kv.get("adapter.type") != "lora":
+        raise FormatError(f"{where}: a GGUF adapter of type {kv.get('adapter.type')!r}; only "
+                          "LoRA adapters (adapter.type = lora) are supported")
+    alpha = kv.get("adapter.lora.alpha", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(
+            alpha):
+        raise FormatError(f"{where}: adapter.lora.alpha is {alpha!r}, not a number")
+    arch = ckpt.gguf.architecture or "llama"
+    ad = LoraAdapter(source_format="gguf", naming="gguf",
+                     metadata={"general.architecture": arch})
+    _modules(ckpt, float(alpha), ad, where)
+    if base:
+        b = open_checkpoint(base)
+        if b.gguf is None:  # a transformers model: its names, its layout
+            if b.config is None:
+                raise FormatError(f"{base}: has no config.json to name the GGUF adapter's "
+                                  "modules by")
+            a = Arch.of_config(b.config, base)
+            if a.name != arch:
+                raise FormatError(f"{where} is a {arch} adapter, but {base} is a {a.name} "
+                                  "model: is it the model the adapter was made for?")
+            ad = from_gguf(ad, a, b, b.config.get("model_type"))
+    return ad
+
+
+def _modules(ckpt: Any, alpha: float, ad: Any, where: str) -> None:
+    """The lora_a/lora_b pairs as modules named as llama.cpp names tensors."""
+    import torch
+
+    from ..adapter import LoraModule
+
+    pairs: dict[str, dict[str, str]] = {}
+    for name in ckpt.tensors:
+        stem, dot, part = name.rpartition(".")
+        if part in ("lora_a", "lora_b") and stem.endswith(".weight"):
+            pairs.setdefault(stem[: -len(".weight")], {})[part] = name
+        # other tensors (norms the converter keeps) llama.cpp itself ignores: so does this
+    for mod, d in sorted(pairs.items()):
+        if len(d) != 2:
+            raise FormatError(f"{where}: {mod} has only {', '.join(d)}; the adapter file is "
+                              "incomplete")
+        A, B = (ckpt.load(d[p]).to(torch.float32) if ckpt.tensors[d[p]].dtype not in (
+            "F32", "F16", "BF16") else ckpt.load(d[p]) for p in ("lora_a", "lora_b"))
+        if mod == "token_embd":  # rows gathered by token: PEFT's A transposed
+            layout, A = "embedding", A.T.contiguous()
+        else:
+            layout = "experts" if A.dim() == 3 else "linear"
+        r = int(A.shape[1] if layout == "experts" else A.shape[0])
+        # llama.cpp: scale = alpha / r, and alpha 0 means scale 1
+        ad.add(LoraModule(mod, A, B, alpha if alpha else float(r), False, layout))
+
+
+FORMAT = Format("gguf", "one .gguf file", ".gguf", "adapter.gguf", claims, read, write, lossy,
                 keep)

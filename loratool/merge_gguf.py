@@ -1,0 +1,239 @@
+"""``loratool merge`` into a GGUF model (llama.cpp), quantized or not.
+
+Streams tensor by tensor: a tensor no adapter changes is copied byte for byte; a changed one
+is dequantized (the ``gguf`` package's own code), merged in float32 exactly as a safetensors
+merge is (``edits.apply_edit``), and quantized again to its own type or ``--quant``. The
+report gives, per changed tensor, the error the re-quantization adds against the exact float32
+merge, relative to the tensor and to the adapter's change (how much of ΔW the quantization
+noise is comparable to). The header's metadata is copied as it is.
+
+Example::
+
+    report = run(open_checkpoint("model-Q8_0.gguf"), [adapter], [1.0], ["adapter/"],
+                 Path("merged.gguf"), quant=None)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError, LoraToolError
+from .progress import SILENT, Progress
+
+COPY_CHUNK = 8 << 20  # unchanged tensors are copied this many bytes at a time
+
+
+def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], out: Path, *,
+        quant: str | None, device: Any, force: bool, inputs: list[Path], verify: bool = False,
+        progress: Progress = SILENT) -> dict[str, Any]:
+    """Merge ``adapters`` into the GGUF ``base``; writes ``out`` (a .gguf file)."""
+    from .edits import plan_edits
+    from .formats.gguf_names import Arch
+    from .ggufio import QUANTIZE, byte_size
+    from .staging import check_output
+
+    t0 = time.perf_counter()
+    where = str(base.source or base.path)
+    if out.suffix != ".gguf":
+        raise LoraToolError(f"-o {out}: a merge into a GGUF model writes one .gguf file; name "
+                            "it so")
+    check_output(out, inputs, force)
+    arch = Arch.of_header(base.gguf, where)
+    adapters = [_llama_cpp_named(ad, arch, base, spec) for ad, spec in zip(adapters, specs)]
+    edits, order = plan_edits(base, adapters, weights, specs)
+    if any(n != s for n, s in order):
+        raise LoraToolError("--untie does not apply to GGUF models")
+    if quant is not None and quant not in QUANTIZE:
+        raise LoraToolError(f"--quant {quant}: the gguf package can write {', '.join(QUANTIZE)}")
+    types = {}
+    for name, e in edits.items():
+        info = base.info(name)
+        t = quant or info.dtype
+        if t not in QUANTIZE:
+            raise FormatError(f"{name} is {info.dtype}, which the gguf package can read but not "
+                              f"write: pass --quant with one of {', '.join(QUANTIZE)} (Q8_0 "
+                              "keeps the most of the adapter's change)")
+        byte_size(info.shape, t)  # a row of partial blocks: refused before any work
+        if e.full is not None and tuple(e.full[0].shape) != info.shape:
+            raise FormatError(f"{name}: a resized tensor cannot be merged into a GGUF model")
+        types[name] = t
+    stats, digests = _write(base, edits, types, out, inputs, force, device, progress,
+                            verify)
+    report = _report(base, specs, weights, out, quant, stats, time.perf_counter() - t0)
+    if verify:
+        report["verify"] = digests
+    return report
+
+
+def _llama_cpp_named(ad: Any, arch: Any, base: Any, spec: str) -> Any:
+    """An adapter named as llama.cpp names the model's tensors."""
+    from .formats.gguf_names import to_gguf
+
+    if ad.naming == "gguf":
+        return ad
+    tied = "output.weight" not in base.tensors
+    if tied and any(m.name.endswith("lm_head") or m.layout == "embedding"
+                    for m in ad.modules.values()):
+        raise FormatError(f"{spec}: changes the token embeddings or the head, which this GGUF "
+                          "model ties (it has no output.weight): merge into the transformers "
+                          "model instead")
+    if ad.full:
+        raise FormatError(f"{spec}: holds full tensors (modules_to_save: "
+                          f"{', '.join(sorted(ad.full)[:3])}); a GGUF merge takes LoRA modules "
+                          "only")
+    return to_gguf(ad, arch)
+
+
+def _layout(base: Any, types: dict[str, str]) -> tuple[list[tuple[Any, str, int, int]], int]:
+    """Each output tensor's (info, type, offset in the data, bytes), and the data's size."""
+    from .ggufio import byte_size, padding
+
+    align = base.gguf.alignment
+    rows, offset = [], 0
+    for info in base.gguf.infos:
+        t = types.get(info.name, info.dtype)
+        n = byte_size(info.shape, t) if info.name in types else info.nbytes
+        rows.append((info, t, offset, n))
+        offset += n + padding(n, align)
+    return rows, offset
+
+
+def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
+           inputs: list[Path], force: bool, device: Any, progress: Progress, verify: bool
+           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from .ggufio import padding, tensor_info_bytes
+    from .staging import Stage, output_os_error
+    from .tensorfile import read_tensor_bytes
+
+    h = base.gguf
+    rows, total = _layout(base, types)
+    stats: list[dict[str, Any]] = []
+    written: dict[str, bytes] = {}  # digests of what was meant to be written (--verify)
+    checked: dict[str, Any] = {}
+    with Stage(out, inputs, force, file=out.name) as stage:
+        assert stage.tmp is not None
+        try:
+            with open(stage.tmp / out.name, "wb") as f:
+                f.write(read_tensor_bytes(_span(h, 0, h.info_start)))  # magic, counts, KV
+                for info, t, off, _ in rows:
+                    f.write(tensor_info_bytes(info.name, info.shape, t, off))
+                f.write(b"\0" * padding(f.tell(), h.alignment))
+                start = f.tell()
+                with progress.bar("merge", total=total, unit="B") as bar:
+                    for info, t, off, n in rows:
+                        f.write(b"\0" * (start + off - f.tell()))
+                        if info.name in edits:
+                            data, st = _merged(base, info, edits[info.name], t, device)
+                            stats.append(st)
+                            f.write(data)
+                            written[info.name] = _digest(data)
+                        else:
+                            written[info.name] = _copy(info, f)
+                        bar.update(n)
+                f.write(b"\0" * padding(f.tell() - start, h.alignment))
+        except OSError as e:
+            raise output_os_error(out, e) from e
+        if verify:  # read the file back as llama.cpp will: only a checked output is published
+            checked = _verify(stage.tmp / out.name, rows, written)
+        stage.publish()
+    return stats, checked
+
+
+def _span(h: Any, offset: int, n: int) -> Any:
+    from .tensorfile import TensorInfo
+
+    return TensorInfo("header", "U8", (n,), n, h.path, offset)
+
+
+def _copy(info: Any, f: Any) -> bytes:
+    """An unchanged tensor, byte for byte, a chunk at a time; the digest of its bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in _chunks(info):
+        f.write(chunk)
+        h.update(chunk)
+    return h.digest()
+
+
+def _chunks(info: Any) -> Any:
+    from .tensorfile import TensorInfo, read_tensor_bytes
+
+    for s in range(0, info.nbytes, COPY_CHUNK):
+        n = min(COPY_CHUNK, info.nbytes - s)
+        yield read_tensor_bytes(TensorInfo(info.name, "U8", (n,), n, info.file,
+                                           info.offset + s))
+
+
+def _digest(data: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _verify(path: Path, rows: list[tuple[Any, str, int, int]], written: dict[str, bytes]
+            ) -> dict[str, Any]:
+    """The written file parsed afresh: every tensor where the layout put it, of its type and
+    size, its bytes those computed (changed) or the input's (unchanged)."""
+    import hashlib
+
+    from .ggufio import read_header
+
+    h = read_header(path)
+    got = {i.name: i for i in h.infos}
+    for info, t, _, n in rows:
+        g = got.get(info.name)
+        if g is None or g.dtype != t or g.nbytes != n or g.shape != info.shape:
+            raise LoraToolError(f"verify: {info.name} was not written as planned; nothing was "
+                                "published")
+        d = hashlib.blake2b(digest_size=16)
+        for chunk in _chunks(g):
+            d.update(chunk)
+        if d.digest() != written[info.name]:
+            raise LoraToolError(f"verify: {info.name} reads back different bytes; nothing was "
+                                "published")
+    return {"tensors_checked": len(rows), "metadata_keys": len(h.kv)}
+
+
+def _merged(base: Any, info: Any, edit: Any, type_name: str, device: Any
+            ) -> tuple[bytes, dict[str, Any]]:
+    """One changed tensor: dequantized, merged in float32, quantized; and what that cost."""
+    import torch
+
+    from .edits import apply_edit
+    from .ggufio import dequantize, quantize
+
+    W = base.load(info.name).to(device=device, dtype=torch.float32)
+    merged = apply_edit(W.clone(), edit, 1.0, device, out_name=info.name).cpu()
+    if not bool(torch.isfinite(merged).all()):
+        raise LoraToolError(f"{info.name}: the result holds NaN or Inf; nothing was written")
+    data = quantize(merged, type_name)
+    back = dequantize(data, type(info)(info.name, type_name, info.shape, len(data), info.file))
+    err = float(torch.linalg.vector_norm((back.float() - merged).double()))
+    change = float(torch.linalg.vector_norm((merged - W.cpu()).double()))
+    norm = float(torch.linalg.vector_norm(merged.double()))
+    return data, {"name": info.name, "type": info.dtype, "written_as": type_name,
+                  "rel_error": err / norm if norm else 0.0,
+                  "error_vs_change": err / change if change else (0.0 if not err else math.inf),
+                  "change": change / (float(torch.linalg.vector_norm(W.double())) or math.inf)}
+
+
+def _report(base: Any, specs: list[str], weights: list[float], out: Path, quant: str | None,
+            stats: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    return {"operation": "merge", "base": str(base.source or base.path), "output": str(out),
+            "format": "gguf", "adapters": [{"adapter": a, "weight": w}
+                                           for a, w in zip(specs, weights)],
+            "quant": quant, "changed": stats, "tensors": len(base.tensors),
+            "unchanged_copied": len(base.tensors) - len(stats),
+            "max_error_vs_change": max((s["error_vs_change"] for s in stats), default=0.0),
+            "seconds": seconds}
+
+
+def refuse_unmerge(base: Any) -> None:
+    raise LoraToolError(f"{base.source or base.path}: unmerge from a GGUF model is not "
+                        "supported (its quantization lost the bits that would come back); keep "
+                        "the base model, or unmerge in the transformers model")
+

@@ -1,0 +1,404 @@
+"""llama.cpp's GGUF: adapters written and read, merges into GGUF models quantized or not,
+every architecture llama.cpp's name map knows. References: llama.cpp's own converters
+(convert_lora_to_gguf.py, convert_hf_to_gguf.py), PEFT's deltas, and the gguf package's own
+quantize/dequantize."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+from conftest import (llama_cpp, needs_llama_cpp, run_cli, sentencepiece_tokenizer)
+from loratool.formats.gguf_names import permute_rows
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+# one tiny model per architecture family: (config class, model class, extra config)
+FAMILIES = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {}),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 16}),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 16}),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"head_dim": 16}),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0, "bos_token_id": 1,
+                                                "eos_token_id": 1}),
+    "granite": (T.GraniteConfig, T.GraniteForCausalLM, {}),
+    "olmo": (T.OlmoConfig, T.OlmoForCausalLM, {}),
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {}),
+    "starcoder2": (T.Starcoder2Config, T.Starcoder2ForCausalLM, {}),
+    "stablelm": (T.StableLmConfig, T.StableLmForCausalLM, {}),
+}
+
+
+def _ok(*args: object) -> str:
+    res = run_cli(*args)
+    assert res.rc == 0, res.err
+    return res.out
+
+
+def _family(d: Path, name: str, seed: int = 0) -> tuple[Any, Path, Path]:
+    """A tiny model of the family and a PEFT adapter on every linear layer of it."""
+    from peft import LoraConfig, get_peft_model
+
+    C, M, extra = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = M(C(**SMALL, **extra)).eval()
+    model.save_pretrained(d / "base")
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=linear, init_lora_weights=False))
+    peft_model.save_pretrained(d / "adapter")
+    return model, d / "base", d / "adapter"
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    import gguf
+
+    return {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_adapter_equals_llama_cpps_converter(tmp_path, family):
+    """Names, q/k permutation, fused phi3 projections: the same file llama.cpp makes."""
+    _, base, adapter = _family(tmp_path, family)
+    llama_cpp("convert_lora_to_gguf.py", "--base", base, "--outfile", tmp_path / "ref.gguf",
+              "--outtype", "f32", adapter)
+    _ok("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "ours.gguf")
+    ref, ours = _tensors(tmp_path / "ref.gguf"), _tensors(tmp_path / "ours.gguf")
+    assert sorted(ref) == sorted(ours)
+    assert [k for k in ref if not np.array_equal(ref[k], ours[k])] == []
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_peft_gguf_peft_round_trip(tmp_path, family):
+    _, base, adapter = _family(tmp_path, family)
+    _ok("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf")
+    res = run_cli("convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x")
+    assert res.rc == 1 and "--base" in res.err  # llama.cpp's names need the model to map back
+    _ok("convert", tmp_path / "a.gguf", "--to", "peft", "--base", base, "-o", tmp_path / "p")
+    a = load_file(adapter / "adapter_model.safetensors")
+    b = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit for bit (no rescale)
+    info = json.loads(_ok("inspect", tmp_path / "a.gguf", "--json"))
+    assert info["format"] == "gguf" and info["kind"] == "adapter"
+    assert {m["scale"] for m in info["modules"]} == {2.0}
+
+
+def test_gpt2_conv1d_layout(tmp_path):
+    """GPT-2 keeps its projections [in, out] (Conv1D); llama.cpp stores them [out, in]. The
+    GGUF adapter's B@A·s is PEFT's ΔW transposed (llama.cpp's own LoRA converter gets this
+    wrong: it transposes the pair a second time)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                           n_positions=64, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"],
+        fan_in_fan_out=True, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    _ok("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o",
+        tmp_path / "a.gguf")
+    t = _tensors(tmp_path / "a.gguf")
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "adapter")
+    checked = 0
+    for name, mod in peft_model.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            layer, kind = name.split(".h.")[1].split(".", 1)[0], name.rsplit(".", 1)[-1]
+            g = {"c_attn": "attn_qkv", "c_fc": "ffn_up",
+                 "c_proj": "attn_output" if ".attn." in name else "ffn_down"}[kind]
+            key = f"blk.{layer}.{g}.weight"
+            d = torch.from_numpy(t[key + ".lora_b"]) @ torch.from_numpy(t[key + ".lora_a"]) * 2
+            assert torch.allclose(d, mod.get_delta_weight("default").T, atol=1e-6), key
+            checked += 1
+    assert checked == 8
+
+
+def test_unknown_architecture_and_refused_modules(tmp_path):
+    _, base, adapter = _family(tmp_path, "llama")
+    cfg = json.loads((base / "config.json").read_text())
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({**cfg, "model_type": "nothing"}))
+    for f in base.glob("*.safetensors"):
+        (tmp_path / "odd" / f.name).write_bytes(f.read_bytes())
+    res = run_cli("convert", adapter, "--to", "gguf", "--base", tmp_path / "odd", "-o",
+                  tmp_path / "a.gguf")
+    assert res.rc == 1 and "model_type 'nothing'" in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "a.gguf").exists()
+
+
+# --------------------------------------------------------------------------- GGUF models
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(tmp_path_factory):
+    """A tiny Llama, its GGUF model by llama.cpp's converter (F32 and Q8_0), and an
+    adapter; the q/k rows of the GGUF model are permuted as llama.cpp permutes them."""
+    if llama_cpp_dir_missing():
+        pytest.skip("llama.cpp's converters (.ci/run unpacks them into .ci-llamacpp/)")
+    d = tmp_path_factory.mktemp("gguf")
+    model, base, adapter = _family(d, "llama", seed=3)
+    sentencepiece_tokenizer(base)
+    for t in ("f32", "q8_0"):
+        llama_cpp("convert_hf_to_gguf.py", base, "--outfile", d / f"model-{t}.gguf",
+                  "--outtype", t)
+    return {"dir": d, "model": model, "base": base, "adapter": adapter}
+
+
+def llama_cpp_dir_missing() -> bool:
+    from conftest import llama_cpp_dir
+
+    return llama_cpp_dir() is None
+
+
+def _peft_deltas(model: Any, adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own ΔW per adapted weight, in transformers' names."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(model), adapter)
+    out = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            out[key] = mod.get_delta_weight("default").detach().float()
+    return out
+
+
+def _gguf_name(hf: str, heads: tuple[int, int] = (4, 2), layers: int = 2) -> str:
+    from loratool.formats.gguf_names import Arch
+
+    tm = Arch("llama", layers, *heads).tensor_map()
+    return tm.get_name(hf, try_suffixes=(".weight",))
+
+
+def _to_gguf_layout(hf: str, t: torch.Tensor) -> torch.Tensor:
+    if hf.endswith("q_proj.weight"):
+        return permute_rows(t, 4)
+    if hf.endswith("k_proj.weight"):
+        return permute_rows(t, 2)
+    return t
+
+
+def test_merge_into_f32_gguf_is_the_safetensors_merge(llama_gguf, tmp_path):
+    d = llama_gguf["dir"]
+    _ok("merge", llama_gguf["base"], llama_gguf["adapter"], "-o", tmp_path / "m")
+    _ok("merge", d / "model-f32.gguf", llama_gguf["adapter"], "-o", tmp_path / "m.gguf",
+        "--verify")
+    hf = load_file(tmp_path / "m" / "model.safetensors")
+    got, base = _tensors(tmp_path / "m.gguf"), _tensors(d / "model-f32.gguf")
+    changed = 0
+    for name, t in hf.items():
+        g = _gguf_name(name)
+        want = _to_gguf_layout(name, t).numpy()
+        assert np.array_equal(got[g], want), name  # bit for bit
+        changed += not np.array_equal(base[g], want)
+    assert changed == 14
+    assert [n for n in base if not np.array_equal(base[n], got[n]) and "norm" in n] == []
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16"])
+def test_merge_into_a_quantized_gguf(llama_gguf, tmp_path, qtype):
+    """The merged tensors are quantize(dequantize(W) + ΔW) with gguf's own functions and
+    PEFT's ΔW; every other tensor is the input's bytes."""
+    import gguf
+
+    d = llama_gguf["dir"]
+    src = d / "model-q8_0.gguf"
+    if qtype != "Q8_0":  # the same model in another type, made with gguf's own quantizer
+        src = tmp_path / f"model-{qtype}.gguf"
+        _requantize(d / "model-f32.gguf", src, qtype)
+    _ok("merge", src, llama_gguf["adapter"], "-o", tmp_path / "m.gguf")
+    reader = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    deltas = _peft_deltas(llama_gguf["model"], llama_gguf["adapter"])
+    qt = gguf.GGMLQuantizationType[qtype]
+    for hf, delta in deltas.items():
+        g = _gguf_name(hf)
+        W = gguf.quants.dequantize(np.array(reader[g].data), reader[g].tensor_type)
+        want = gguf.quants.quantize((W + _to_gguf_layout(hf, delta).numpy()).astype(
+            np.float32), qt)
+        assert got[g].tensor_type == qt and np.array_equal(np.array(got[g].data), want), g
+    for name, t in reader.items():
+        if name not in {_gguf_name(h) for h in deltas}:
+            assert np.array(got[name].data).tobytes() == np.array(t.data).tobytes(), name
+
+
+def _requantize(src: Path, out: Path, qtype: str) -> None:
+    """The GGUF model with its 2-D tensors in ``qtype`` (gguf's own quantizer)."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    _rewrite(src, out, lambda name, arr: (gguf.quants.quantize(arr, qt), qt) if arr.ndim == 2
+             else (arr, None))
+
+
+@needs_llama_cpp
+def test_k_quants_need_a_type_gguf_can_write(tmp_path):
+    """A Q4_K base: the gguf package dequantizes it but cannot quantize it, so the merge asks
+    for --quant, and with it writes quantize(dequantize(W) + ΔW) in that type."""
+    import gguf
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": 256,
+                                                "intermediate_size": 256,
+                                                "num_hidden_layers": 1})).eval()
+    model.save_pretrained(tmp_path / "base")
+    sentencepiece_tokenizer(tmp_path / "base")
+    get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).save_pretrained(tmp_path / "adapter")
+    llama_cpp("convert_hf_to_gguf.py", tmp_path / "base", "--outfile", tmp_path / "f32.gguf",
+              "--outtype", "f32")
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    rng = np.random.default_rng(0)
+
+    def k_quant(arr: np.ndarray) -> np.ndarray:  # any Q4_K bytes, with small scales
+        raw = rng.integers(0, 256, size=gguf.quant_shape_to_byte_shape(arr.shape, q4k),
+                           dtype=np.uint8)
+        raw.reshape(-1, 144)[:, :4] = np.frombuffer(np.float16([1e-3, 1e-4]).tobytes(),
+                                                    dtype=np.uint8)
+        return raw
+
+    _rewrite(tmp_path / "f32.gguf", tmp_path / "k.gguf",
+             lambda name, arr: (k_quant(arr), q4k) if arr.ndim == 2 else (arr, None))
+    res = run_cli("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf")
+    assert res.rc == 1 and "Q4_K" in res.err and "--quant" in res.err
+    assert not (tmp_path / "m.gguf").exists()
+    _ok("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf",
+        "--quant", "Q8_0")
+    src = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    deltas = _peft_deltas(model, tmp_path / "adapter")
+    for hf, delta in deltas.items():
+        g = _gguf_name(hf, heads=(4, 2), layers=1)
+        W = gguf.quants.dequantize(np.array(src[g].data), q4k)
+        want = gguf.quants.quantize((W + _to_gguf_layout(hf, delta).numpy()).astype(
+            np.float32), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.array(got[g].data), want), g
+    assert got["blk.0.attn_k.weight"].tensor_type == q4k  # unchanged: kept as it was
+
+
+def _rewrite(src: Path, out: Path, convert: Any) -> None:
+    """A copy of a GGUF model with each tensor passed through ``convert(name, array)``
+    (returning the new array and its raw type, or None for a plain one), metadata kept."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(out), "llama")
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            w.add_key_value(f.name, f.contents(), f.types[0],
+                            f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        arr, raw = convert(t.name, np.array(t.data, dtype=np.float32))
+        w.add_tensor(t.name, arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_adapter_merges_into_a_gguf_model(llama_gguf, tmp_path):
+    """An adapter read from GGUF keeps llama.cpp's names and layout: it merges into the GGUF
+    model as the PEFT adapter it came from does."""
+    d = llama_gguf["dir"]
+    _ok("convert", llama_gguf["adapter"], "--to", "gguf", "--base", llama_gguf["base"], "-o",
+        tmp_path / "a.gguf")
+    _ok("merge", d / "model-q8_0.gguf", tmp_path / "a.gguf", "-o", tmp_path / "m1.gguf")
+    _ok("merge", d / "model-q8_0.gguf", llama_gguf["adapter"], "-o", tmp_path / "m2.gguf")
+    assert (tmp_path / "m1.gguf").read_bytes() == (tmp_path / "m2.gguf").read_bytes()
+    out = _ok("inspect", d / "model-q8_0.gguf")
+    assert "MOSTLY_Q8_0" in out and "Q8_0" in out
+    res = run_cli("unmerge", tmp_path / "m1.gguf", tmp_path / "a.gguf", "-o", tmp_path / "u")
+    assert res.rc == 1 and "GGUF" in res.err
+
+
+def test_moe_adapter_in_gguf(tmp_path):
+    """A Mixtral target_parameters adapter: llama.cpp's own converter cannot convert it; ours
+    writes 3-D expert factors (lora_a [E, r, in], lora_b [E, out, r]) whose products are
+    PEFT's ΔW per expert, and reads them back into the same adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4,
+                                                 num_experts_per_tok=2)).eval()
+    model.save_pretrained(tmp_path / "base")
+    get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    ).save_pretrained(tmp_path / "adapter")
+    _ok("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o",
+        tmp_path / "a.gguf")
+    t = _tensors(tmp_path / "a.gguf")
+    assert t["blk.0.ffn_gate_exps.weight.lora_a"].shape == (4, 4, 64)
+    assert t["blk.0.ffn_up_exps.weight.lora_b"].shape == (4, 128, 4)
+    pm = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter")
+    experts = pm.base_model.model.model.layers[1].mlp.experts
+    gate_up = experts.base_layer.get_delta_weight("default")  # [E, 2I, H]
+    down = experts.get_delta_weight("default")
+    for key, want in (("blk.1.ffn_gate_exps", gate_up[:, :128]),
+                      ("blk.1.ffn_up_exps", gate_up[:, 128:]), ("blk.1.ffn_down_exps", down)):
+        got = torch.from_numpy(t[key + ".weight.lora_b"]) @ torch.from_numpy(
+            t[key + ".weight.lora_a"]) * 2
+        assert torch.allclose(got, want, atol=1e-6), key
+    _ok("convert", tmp_path / "a.gguf", "--to", "peft", "--base", tmp_path / "base", "-o",
+        tmp_path / "back")
+    a = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quant_option_is_for_gguf(llama_gguf, tmp_path):
+    res = run_cli("merge", llama_gguf["base"], llama_gguf["adapter"], "-o", tmp_path / "m",
+                  "--quant", "Q8_0")
+    assert res.rc == 1 and "--quant applies to GGUF" in res.err
+    res = run_cli("merge", llama_gguf["dir"] / "model-f32.gguf", llama_gguf["adapter"], "-o",
+                  tmp_path / "m")
+    assert res.rc == 1 and ".gguf" in res.err
+
+
+@needs_llama_cpp
+def test_moe_merge_into_a_gguf_model(tmp_path):
+    """Mixtral by llama.cpp's converter (experts stacked as ffn_*_exps), a PEFT
+    target_parameters adapter merged into it: PEFT's merged experts, bit for bit."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4,
+                                                 num_experts_per_tok=2)).eval()
+    model.save_pretrained(tmp_path / "base")
+    sentencepiece_tokenizer(tmp_path / "base")
+    get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    ).save_pretrained(tmp_path / "adapter")
+    llama_cpp("convert_hf_to_gguf.py", tmp_path / "base", "--outfile", tmp_path / "f32.gguf",
+              "--outtype", "f32")
+    _ok("merge", tmp_path / "f32.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf")
+    got = _tensors(tmp_path / "m.gguf")
+    ref = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter"
+                                    ).merge_and_unload().state_dict()
+    for layer in range(2):
+        gate_up = ref[f"model.layers.{layer}.mlp.experts.gate_up_proj"].numpy()
+        for key, want in (("ffn_gate_exps", gate_up[:, :128]), ("ffn_up_exps", gate_up[:, 128:]),
+                          ("ffn_down_exps", ref[f"model.layers.{layer}.mlp.experts.down_proj"])):
+            assert np.array_equal(got[f"blk.{layer}.{key}.weight"], np.asarray(want)), key
+        q = ref[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        assert np.array_equal(got[f"blk.{layer}.attn_q.weight"], permute_rows(q, 4).numpy())
