@@ -78,6 +78,12 @@ def build(work: Path, layers: int, rank: int = 16) -> tuple[Path, Path]:
     return base, adapter
 
 
+def build_in_child(script: str, *args: str) -> None:
+    """Build the inputs in a child process: a parent holding torch would inflate every later
+    child's peak RSS (fork copies the parent's resident pages before exec)."""
+    subprocess.run([sys.executable, script, "--build-only", *args], check=True)
+
+
 def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one child process."""
     t0 = time.perf_counter()

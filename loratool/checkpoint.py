@@ -337,6 +337,8 @@ def _open_hub(repo: Any, spec: str) -> Checkpoint:
     if names is None:  # offline: what the cache holds
         names = _local_names(folder)
     rels, index = choose_weights(names, spec)
+    if len(rels) == 1 and rels[0].endswith(".gguf"):  # one GGUF file: downloaded whole
+        return _open_gguf(repo.fetch(rels[0]), folder, spec)
     pickles: dict[Path, dict[str, Any]] = {}
     if index is not None and not (folder / index).exists():
         repo.fetch(index)

@@ -181,6 +181,7 @@ class _Combine:
                                   base_revision=first.base_revision,
                                   source_format=first.source_format, task_type=first.task_type,
                                   tie_embeddings=any(a.tie_embeddings for a in self.adapters),
+                                  naming=first.naming,
                                   metadata={k: v for k, v in first.metadata.items()
                                             if not k.startswith("loratool.")})
         for ad in self.adapters:
@@ -212,6 +213,10 @@ def _read(specs: list[str], base: str | None) -> list[Any]:
     adapters = [read_any(s, base) for s in specs]
     for ad, spec in zip(adapters, specs):
         require_resolved(ad, spec)
+    if len({ad.naming for ad in adapters}) > 1:
+        raise FormatError("some adapters have llama.cpp's tensor names and others the "
+                          "transformers module names: pass --base with the transformers model "
+                          "to name them alike")
     _check_compatible(adapters, specs)
     return adapters
 

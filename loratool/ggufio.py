@@ -137,6 +137,10 @@ def dequantize(raw: bytes | bytearray | memoryview, info: TensorInfo) -> Any:
     if info.dtype in PLAIN:
         return torch.frombuffer(bytearray(raw), dtype=torch_dtype(info.dtype)).reshape(
             info.shape)
+    if info.dtype == "Q8_0":  # the gguf package's formula, in torch (tested bit for bit)
+        blocks = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, 34)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(info.shape)
     import gguf
 
     qt = quant_type(info.dtype)
@@ -157,11 +161,29 @@ def quantize(t: Any, type_name: str) -> bytes:
     if type_name not in QUANTIZE:
         raise FormatError(f"the gguf package cannot write {type_name} tensors; choose one of "
                           f"{', '.join(QUANTIZE)} with --quant")
+    byte_size(tuple(t.shape), type_name)  # a clear error for a row of partial blocks
+    if type_name == "Q8_0":
+        return _q8_0(t)
     import gguf
 
-    byte_size(tuple(t.shape), type_name)  # a clear error for a row of partial blocks
     arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
     return arr.tobytes()
+
+
+def _q8_0(t: Any) -> bytes:
+    """Q8_0 exactly as the gguf package (and ggml's reference) computes it, in torch: per block
+    of 32, d = max|x| / 127, q = x·(1/d) rounded half away from zero, d stored as float16."""
+    import torch
+
+    x = t.float().reshape(-1, 32)
+    d = x.abs().amax(1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    n = x * inv
+    a = n.abs()
+    fl = a.floor()
+    q = torch.sign(n) * (fl + (2 * (a - fl)).floor())  # the gguf package's np_roundf
+    out = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
+    return out.numpy().tobytes()
 
 
 # --------------------------------------------------------------------------- writing

@@ -24,6 +24,7 @@ from .errors import FormatError, LoraToolError
 from .progress import SILENT, Progress
 
 COPY_CHUNK = 8 << 20  # unchanged tensors are copied this many bytes at a time
+QUANT_CHUNK = 1 << 18  # values quantized at a time (1 MiB of float32: stays in cache)
 
 
 def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], out: Path, *,
@@ -104,6 +105,8 @@ def _layout(base: Any, types: dict[str, str]) -> tuple[list[tuple[Any, str, int,
 def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
            inputs: list[Path], force: bool, device: Any, progress: Progress, verify: bool
            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import hashlib
+
     from .ggufio import padding, tensor_info_bytes
     from .staging import Stage, output_os_error
     from .tensorfile import read_tensor_bytes
@@ -126,12 +129,19 @@ def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
                     for info, t, off, n in rows:
                         f.write(b"\0" * (start + off - f.tell()))
                         if info.name in edits:
-                            data, st = _merged(base, info, edits[info.name], t, device)
-                            stats.append(st)
-                            f.write(data)
-                            written[info.name] = _digest(data)
+                            digest = hashlib.blake2b(digest_size=16)
+
+                            def sink(data: bytes) -> None:
+                                f.write(data)
+                                if verify:
+                                    digest.update(data)
+
+                            stats.append(_merged(base, info, edits[info.name], t, device, sink))
+                            written[info.name] = digest.digest()
                         else:
-                            written[info.name] = _copy(info, f)
+                            digest = _copy(info, f, verify)
+                            if digest is not None:
+                                written[info.name] = digest
                         bar.update(n)
                 f.write(b"\0" * padding(f.tell() - start, h.alignment))
         except OSError as e:
@@ -148,15 +158,17 @@ def _span(h: Any, offset: int, n: int) -> Any:
     return TensorInfo("header", "U8", (n,), n, h.path, offset)
 
 
-def _copy(info: Any, f: Any) -> bytes:
-    """An unchanged tensor, byte for byte, a chunk at a time; the digest of its bytes."""
+def _copy(info: Any, f: Any, digest: bool) -> bytes | None:
+    """An unchanged tensor, byte for byte, a chunk at a time; with ``digest`` the digest of its
+    bytes (for --verify)."""
     import hashlib
 
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b(digest_size=16) if digest else None
     for chunk in _chunks(info):
         f.write(chunk)
-        h.update(chunk)
-    return h.digest()
+        if h is not None:
+            h.update(chunk)
+    return h.digest() if h is not None else None
 
 
 def _chunks(info: Any) -> Any:
@@ -166,12 +178,6 @@ def _chunks(info: Any) -> Any:
         n = min(COPY_CHUNK, info.nbytes - s)
         yield read_tensor_bytes(TensorInfo(info.name, "U8", (n,), n, info.file,
                                            info.offset + s))
-
-
-def _digest(data: bytes) -> bytes:
-    import hashlib
-
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _verify(path: Path, rows: list[tuple[Any, str, int, int]], written: dict[str, bytes]
@@ -198,27 +204,80 @@ def _verify(path: Path, rows: list[tuple[Any, str, int, int]], written: dict[str
     return {"tensors_checked": len(rows), "metadata_keys": len(h.kv)}
 
 
-def _merged(base: Any, info: Any, edit: Any, type_name: str, device: Any
-            ) -> tuple[bytes, dict[str, Any]]:
-    """One changed tensor: dequantized, merged in float32, quantized; and what that cost."""
+def _merged(base: Any, info: Any, edit: Any, type_name: str, device: Any,
+            sink: Any) -> dict[str, Any]:
+    """One changed tensor: dequantized, merged in float32, quantized, handed to ``sink`` a
+    block of rows at a time; what that cost. Plain LoRA on the CPU runs row block by row block
+    from the quantized bytes (no float32 copy of the tensor: memory near one block); anything
+    else (embeddings, experts, DoRA, biases, a GPU) merges the whole tensor first."""
     import torch
 
     from .edits import apply_edit
-    from .ggufio import dequantize, quantize
+    from .tensorfile import read_tensor_bytes
 
-    W = base.load(info.name).to(device=device, dtype=torch.float32)
-    merged = apply_edit(W.clone(), edit, 1.0, device, out_name=info.name).cpu()
-    if not bool(torch.isfinite(merged).all()):
+    rows_only = device.type == "cpu" and not (edit.full or edit.dora or edit.bias) and all(
+        m.layout == "linear" for m, _ in edit.lora) and len(info.shape) == 2
+    sq = [0.0, 0.0, 0.0, 0.0]  # error², change², norm² of the result, norm² of W
+    if rows_only:
+        raw = read_tensor_bytes(info)
+        row_bytes = len(raw) // info.shape[0]
+        lora = [(m.A.to(torch.float32), m.B.to(torch.float32), m.scale, w)
+                for m, w in edit.lora]
+        for r, r1, W in _row_blocks(info, raw, row_bytes):
+            M = W.clone()
+            for A, B, scale, w in lora:  # apply_edit's operations on these rows
+                d = (B[r:r1] @ A).mul_(scale)
+                if w != 1.0:
+                    d.mul_(w)
+                M.add_(d)
+            sink(_quantized(M, W, type_name, info, sq))
+    else:
+        W = base.load(info.name).to(device=device, dtype=torch.float32)
+        merged = apply_edit(W.clone(), edit, 1.0, device, out_name=info.name).cpu()
+        W = W.cpu()
+        m2 = merged.reshape(merged.shape[0], -1) if merged.dim() > 1 else merged.reshape(1, -1)
+        w2 = W.reshape(m2.shape)
+        step = max(1, QUANT_CHUNK // max(1, m2.shape[1]))
+        for r in range(0, m2.shape[0], step):
+            sink(_quantized(m2[r:r + step], w2[r:r + step], type_name, info, sq))
+    err, change, norm, w_norm = (math.sqrt(x) for x in sq)
+    return {"name": info.name, "type": info.dtype, "written_as": type_name,
+            "rel_error": err / norm if norm else 0.0,
+            "error_vs_change": err / change if change else (0.0 if not err else math.inf),
+            "change": change / (w_norm or math.inf)}
+
+
+def _row_blocks(info: Any, raw: Any, row_bytes: int) -> Any:
+    """(first row, end row, W's rows in float32) of a stored tensor, a block at a time."""
+    from .ggufio import dequantize
+
+    cols = info.shape[1]
+    step = max(1, QUANT_CHUNK // max(1, cols))
+    for r in range(0, info.shape[0], step):
+        r1 = min(r + step, info.shape[0])
+        part = type(info)(info.name, info.dtype, (r1 - r, cols), (r1 - r) * row_bytes,
+                          info.file)
+        yield r, r1, dequantize(raw[r * row_bytes:r1 * row_bytes], part).float()
+
+
+def _quantized(M: Any, W: Any, type_name: str, info: Any, sq: list[float]) -> bytes:
+    """Rows of the result quantized; their error, change and norms added to ``sq``."""
+    import torch
+
+    from .ggufio import dequantize, quantize
+    from .ops import sum_squares
+
+    lo, hi = (float(x) for x in torch.aminmax(M))  # NaN propagates: finite ends, all finite
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise LoraToolError(f"{info.name}: the result holds NaN or Inf; nothing was written")
-    data = quantize(merged, type_name)
-    back = dequantize(data, type(info)(info.name, type_name, info.shape, len(data), info.file))
-    err = float(torch.linalg.vector_norm((back.float() - merged).double()))
-    change = float(torch.linalg.vector_norm((merged - W.cpu()).double()))
-    norm = float(torch.linalg.vector_norm(merged.double()))
-    return data, {"name": info.name, "type": info.dtype, "written_as": type_name,
-                  "rel_error": err / norm if norm else 0.0,
-                  "error_vs_change": err / change if change else (0.0 if not err else math.inf),
-                  "change": change / (float(torch.linalg.vector_norm(W.double())) or math.inf)}
+    data = quantize(M, type_name)
+    back = dequantize(data, type(info)(info.name, type_name, tuple(M.shape), len(data),
+                                       info.file))
+    sq[0] += sum_squares(back.float().sub_(M))
+    sq[1] += sum_squares(M - W)
+    sq[2] += sum_squares(M)
+    sq[3] += sum_squares(W)
+    return data
 
 
 def _report(base: Any, specs: list[str], weights: list[float], out: Path, quant: str | None,

@@ -402,3 +402,44 @@ def test_moe_merge_into_a_gguf_model(tmp_path):
             assert np.array_equal(got[f"blk.{layer}.{key}.weight"], np.asarray(want)), key
         q = ref[f"model.layers.{layer}.self_attn.q_proj.weight"]
         assert np.array_equal(got[f"blk.{layer}.attn_q.weight"], permute_rows(q, 4).numpy())
+
+
+def test_combine_gguf_adapters(tmp_path):
+    """Adapters read from GGUF combine under llama.cpp's names and stay GGUF; mixed with a
+    PEFT adapter they need --base to be named alike."""
+    _, base, adapter = _family(tmp_path, "qwen2")
+    _ok("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf")
+    _ok("combine", tmp_path / "a.gguf", tmp_path / "a.gguf", "--method", "cat", "--weight",
+        "0.5", "--weight", "0.5", "-o", tmp_path / "c.gguf")
+    _ok("merge", base, tmp_path / "c.gguf", "-o", tmp_path / "m1")
+    _ok("merge", base, adapter, "-o", tmp_path / "m2")
+    a, b = load_file(tmp_path / "m1" / "model.safetensors"), \
+        load_file(tmp_path / "m2" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    res = run_cli("combine", tmp_path / "a.gguf", adapter, "--method", "cat", "-o",
+                  tmp_path / "x.gguf")
+    assert res.rc == 1 and "--base" in res.err
+    _ok("combine", tmp_path / "a.gguf", adapter, "--method", "cat", "--base", base, "-o",
+        tmp_path / "y.gguf")
+
+
+def test_q8_0_in_torch_is_the_gguf_packages():
+    """Q8_0 is quantized and dequantized in torch (fast); the bytes and values are the gguf
+    package's own, on data from 1e-8 to 6e4, zero blocks, subnormal blocks and outliers."""
+    import gguf
+
+    from loratool.ggufio import dequantize, quantize
+    from loratool.tensorfile import TensorInfo
+
+    rng = np.random.default_rng(0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for scale in (1e-8, 1e-5, 0.02, 1.0, 1e3, 6e4):
+        x = (rng.standard_normal((64, 256)) * scale).astype(np.float32)
+        x[0, :32], x[1, :32], x[2, 5] = 0.0, 1e-40, -10 * scale
+        with np.errstate(all="ignore"):
+            ref = gguf.quants.quantize(x, q8).tobytes()
+        ours = quantize(torch.from_numpy(x), "Q8_0")
+        assert ours == ref, scale
+        back = dequantize(ours, TensorInfo("t", "Q8_0", (64, 256), len(ours), Path("t")))
+        assert np.array_equal(back.numpy(), gguf.quants.dequantize(
+            np.frombuffer(ref, np.uint8).reshape(64, -1), q8)), scale

@@ -1,0 +1,133 @@
+"""Benchmark ``loratool merge`` into a quantized GGUF model, beside the I/O floor and
+llama.cpp's own ``llama-export-lora``.
+
+The model: the 7B-shaped layers of bench_extract.py (hidden 4096, intermediate 11008, 2
+layers, vocab 32000) as a llama.cpp GGUF file in Q8_0 (norms F32), written with the gguf
+package; the adapter: rank 16 on every attention and MLP matrix, as a GGUF LoRA adapter.
+Commands, each a fresh process, alternating:
+  * ``cp MODEL OUT``                                        the I/O floor
+  * ``loratool merge MODEL ADAPTER -o OUT.gguf``            re-quantized to Q8_0
+  * ``loratool merge MODEL ADAPTER -o OUT.gguf --quant F16`` changed tensors as F16
+  * ``llama-export-lora -m MODEL --lora ADAPTER -o OUT``    (with --export-lora PATH; it
+    writes changed tensors as F16, it cannot re-quantize)
+Reports median wall time and peak RSS.
+
+llama-export-lora comes from the llama-cpp-python source on PyPI:
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf …
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DLLAMA_CURL=OFF \\
+        && cmake --build build --target llama-export-lora -j2
+Usage: python benchmarks/bench_gguf.py [--repeat 3] [--export-lora PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_extract import PAIRS  # noqa: E402
+from bench_merge import build_in_child, run  # noqa: E402
+
+
+def build(work: Path, rank: int = 16) -> tuple[Path, Path]:
+    """The Q8_0 GGUF model and a GGUF LoRA adapter for it (llama.cpp's names)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from loratool.adapter import LoraAdapter, LoraModule
+    from loratool.demo import llama_shapes
+    from loratool.formats import gguf as gguf_format
+    from loratool.formats.gguf_names import Arch
+
+    model, adapter = work / "model-Q8_0.gguf", work / "adapter.gguf"
+    if model.exists() and adapter.exists():
+        return model, adapter
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_type": "llama", "vocab_size": 32000, **PAIRS["7B-layers"]}
+    arch = Arch.of_config(cfg)
+    tmap = arch.tensor_map()
+    g = torch.Generator().manual_seed(0)
+    w = gguf.GGUFWriter(str(model), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_context_length(2048)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    ad = LoraAdapter(source_format="gguf", naming="gguf",
+                     metadata={"general.architecture": "llama"})
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for hf, shape in llama_shapes({**cfg, "tie_word_embeddings": False}):
+        name = tmap.get_name(hf, try_suffixes=(".weight",))
+        t = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)
+        if len(shape) == 2:
+            w.add_tensor(name, gguf.quants.quantize(t.numpy(), q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, t.numpy().astype(np.float32))
+        if len(shape) == 2 and ".layers." in hf:
+            a = torch.randn(rank, shape[1], generator=g) * 0.01
+            b = torch.randn(shape[0], rank, generator=g) * 0.01
+            ad.add(LoraModule(name.removesuffix(".weight"), a, b, float(rank)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gguf_format.write(ad, adapter, force=True)
+    return model, adapter
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "gguf")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--export-lora", type=Path, default=None)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.build_only:
+        build(args.work)
+        return
+    build_in_child(__file__, "--work", str(args.work))
+    model, adapter = args.work / "model-Q8_0.gguf", args.work / "adapter.gguf"
+    out = args.work / "out.gguf"
+    py = sys.executable
+    cmds = {"cp (I/O floor)": ["cp", str(model), str(out)],
+            "loratool merge (Q8_0 out)": [py, "-m", "loratool", "merge", str(model),
+                                          str(adapter), "-o", str(out), "--device", "cpu"],
+            "loratool merge --quant F16": [py, "-m", "loratool", "merge", str(model),
+                                           str(adapter), "-o", str(out), "--quant", "F16",
+                                           "--device", "cpu"]}
+    if args.export_lora:
+        cmds["llama-export-lora (F16 out)"] = [str(args.export_lora), "-m", str(model),
+                                               "--lora", str(adapter), "-o", str(out), "-t",
+                                               "2"]
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+    sizes: dict[str, int] = {}
+    for _ in range(args.repeat):
+        for name, cmd in cmds.items():
+            out.unlink(missing_ok=True)
+            res[name].append(run(cmd))
+            sizes[name] = out.stat().st_size
+    ref = statistics.median(w for w, _ in res["cp (I/O floor)"])
+    print(f"model {model.stat().st_size / 2**20:.0f} MiB (Q8_0), adapter "
+          f"{adapter.stat().st_size / 2**20:.0f} MiB; {args.repeat} run(s) each, alternating\n")
+    print("| command | median wall (s) | vs cp | peak RSS (MiB) | output (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in cmds:
+        wall = statistics.median(w for w, _ in res[name])
+        rss = max(m for _, m in res[name])
+        print(f"| {name} | {wall:.2f} | {wall / ref:.1f}× | {rss:.0f} | "
+              f"{sizes[name] / 2**20:.0f} |", flush=True)
+    out.unlink(missing_ok=True)
+    shutil.rmtree(args.work / "tmp", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
