@@ -89,6 +89,10 @@ class LoraModule:
         return ops.lora_delta(self.A.to(device=device, dtype=dtype),
                               self.B.to(device=device, dtype=dtype), self.scale, self.layout)
 
+    def abs_delta(self) -> torch.Tensor:
+        """|s|·(|B|@|A|) in float64: a bound on |ΔW| for rounding-error bounds."""
+        return ops.lora_abs_delta(self.A.double(), self.B.double(), self.scale, self.layout)
+
 
 @dataclass
 class LoraAdapter:
@@ -112,17 +116,25 @@ class LoraAdapter:
     # "gguf": modules named as llama.cpp names tensors (blk.0.attn_q), read from a GGUF
     # adapter without a transformers base to name them back
     naming: str = "hf"
+    # LyCORIS LoHa, LoKr and full modules (lyco.LycoModule), by key: dense ΔW, no B@A
+    lyco: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, m: LoraModule) -> None:
-        """Add a module after checking its factors agree."""
-        check_module(m)
-        if m.key in self.modules:
+    def add(self, m: Any) -> None:
+        """Add a module (a LoraModule after checking its factors agree, or a LycoModule)."""
+        from .lyco import LycoModule
+
+        if m.key in self.modules or m.key in self.lyco:
             raise FormatError(f"module {m.key} appears twice in the adapter")
+        if isinstance(m, LycoModule):
+            self.lyco[m.key] = m
+            return
+        check_module(m)
         self.modules[m.key] = m
 
     @property
     def components(self) -> list[str | None]:
-        return sorted({m.component for m in self.modules.values()}, key=lambda c: c or "")
+        mods = list(self.modules.values()) + list(self.lyco.values())
+        return sorted({m.component for m in mods}, key=lambda c: c or "")
 
     def common(self) -> tuple[int, float]:
         """The most common (rank, alpha): what a config states once, patterns override."""
@@ -135,6 +147,8 @@ class LoraAdapter:
         """Bytes of every tensor the adapter holds, each at its own dtype."""
         ts = [t for m in self.modules.values() for t in (m.A, m.B, m.bias, m.magnitude)
               if t is not None] + list(self.full.values())
+        ts += [t for m in self.lyco.values() for t in (*m.parts.values(), m.magnitude)
+               if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def num_params(self) -> int:
@@ -142,7 +156,7 @@ class LoraAdapter:
                 + (m.magnitude.numel() if m.magnitude is not None else 0)
                 for m in self.modules.values())
         n += sum(t.numel() for t in self.full.values())
-        return n
+        return n + sum(m.num_params() for m in self.lyco.values())
 
 
 def check_module(m: LoraModule) -> None:
@@ -297,10 +311,32 @@ def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
             raise FormatError(f"module {key}: the adapter needs a base weight of shape "
                               f"{list(want)} but {found} in {where} is {list(have)}")
         out[key] = found
+    for key, lm in ad.lyco.items():
+        out[key] = lyco_tensor(lm, names, where)
     for name, t in ad.full.items():
         if base_tensor_name(name, names) is None:
             raise FormatError(f"full tensor {name} (modules_to_save) is not in the base {where}")
     return out
+
+
+def lyco_tensor(m: Any, names: dict[str, Any], where: Any) -> str:
+    """The base tensor a LyCORIS module changes; a conv stored flat takes the base's shape."""
+    from .lyco import fit_shape
+
+    found = next((c for c in _base_candidates(m.name) if c in names), None)
+    if found is None:
+        raise FormatError(f"module {m.key}: the base {where} has no tensor {m.name}.weight; is "
+                          "it the model this adapter was trained for?")
+    have = tuple(names[found].shape)
+    if not fit_shape(m, have):
+        raise FormatError(f"module {m.key}: the {m.kind} module's ΔW has shape "
+                          f"{list(m.shape)} but {found} in {where} is {list(have)}")
+    if m.bias is not None:
+        bname = found[: -len(".weight")] + ".bias"
+        if bname not in names or tuple(names[bname].shape) != tuple(m.bias.shape):
+            raise FormatError(f"module {m.key}: diff_b changes a bias the base {where} does "
+                              f"not have as {list(m.bias.shape)} ({bname})")
+    return found
 
 
 def _fused_tensor(m: LoraModule, names: dict[str, Any], where: Any) -> str | None:

@@ -172,12 +172,13 @@ def _adapter(spec: str, base_spec: str | None, opts: dict[str, Any], progress: P
     from . import deltas
     from .adapter import match_base
     from .checkpoint import open_checkpoint
-    from .formats import read_any, require_resolved
+    from .formats import read_any, require_lora, require_resolved
 
     from .experts import explode
 
     ad = read_any(spec, base_spec)
     require_resolved(ad, spec)
+    require_lora(ad, spec, "analyze")
     base = open_checkpoint(base_spec, progress) if base_spec else None
     where = match_base(ad, base) if base is not None and ad.components in ([None],) else {}
     ad, _ = explode(ad)  # each expert of a fused parameter on its own (no W: no amplification)
@@ -212,13 +213,14 @@ def _compare(a: str, b: str, base: str | None, subspace: str, progress: Progress
     """φ(i, j) per module the two adapters share (the paper's §7.2), of the A factors'
     right-singular vectors (``subspace="a"``, the paper's) or of ΔW's (``"delta"``)."""
 
-    from .formats import read_any, require_resolved
+    from .formats import read_any, require_lora, require_resolved
 
     from .experts import explode
 
     ads = [read_any(a, base), read_any(b, base)]
     for ad, spec in zip(ads, (a, b)):
         require_resolved(ad, spec)
+        require_lora(ad, spec, "analyze")
     ads = [explode(ad)[0] for ad in ads]  # each expert on its own
     common = [k for k in ads[0].modules if k in ads[1].modules]
     if not common:

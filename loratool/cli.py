@@ -16,7 +16,8 @@ import click
 from . import __version__
 from .clikit import (run, analyze_options, safe, FORCE, FORMATS, JSON, REPO_TYPE, WEIGHTS,
                       Finite, State, adapter_out_options, echo, merge_options, notes, output,
-                      extract_options, file_filters, policy, progress, quiet_option, show)
+                      extract_options, file_filters, policy, progress, quiet_option, show,
+                      rank_policy_options, DTYPES)
 
 # --------------------------------------------------------------------------- commands
 
@@ -117,7 +118,7 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                out: Path, weights: tuple[float, ...], device: str, dtype: str,
                max_shard_size: str, untie: bool, verify: bool, force: bool,
                as_json: bool, quant: str | None, record: bool = True) -> None:
-    from .merge import run
+    from .merge_pipeline import run  # a pipeline folder per component, else merge.run
     from .render import format_merge
 
     show(run(base, list(adapters), out, weights=list(weights), sign=sign, device=device,
@@ -147,6 +148,7 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: b
       loratool merge ./Llama-3.2-1B ./my-adapter -o ./merged
       loratool merge base/ style/ task/ --weight 0.7 --weight 1.0 -o merged/ --dtype bf16
       loratool merge base/ adapter/ -o merged/ --device cuda --verify
+      loratool merge ./sdxl-pipeline style.safetensors -o ./sdxl-style
     """
     _run_merge(ctx, 1.0, base, adapters, record=not no_record, **kw)
 
@@ -246,27 +248,36 @@ def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None,
 @click.option("--drop-unsupported", is_flag=True,
               help="Drop what the target format cannot hold (named in the report) instead of "
                    "refusing.")
+@rank_policy_options
+@click.option("--dtype", type=click.Choice(DTYPES), default="keep", show_default=True,
+              help="dtype of the LoRA factors made from LyCORIS modules (keep: theirs).")
 @FORCE
 @JSON
 @quiet_option
 def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported: bool,
-            force: bool, as_json: bool) -> None:
+            rank: int | None, energy: float | None, max_error: float | None,
+            budget: str | None, max_rank: int | None, dtype: str, force: bool,
+            as_json: bool) -> None:
     """Convert an adapter between PEFT, kohya, diffusers and llama.cpp GGUF.
 
     The format of ADAPTER is detected from its content. Lossless where the target can hold the
-    adapter; otherwise refused with what would be lost, unless --drop-unsupported.
+    adapter; otherwise refused with what would be lost, unless --drop-unsupported. LyCORIS
+    LoHa, LoKr and full modules become LoRA at the rank policy you choose (--max-error,
+    --rank, --energy, --budget), the error of each module measured and reported.
 
     \b
     Examples:
       loratool convert ./my-peft-adapter --format kohya -o my-lora.safetensors
       loratool convert my-lora.safetensors --format peft -o ./peft-adapter --base ./sd15/unet
       loratool convert ./my-peft-adapter --format gguf -o adapter.gguf --base org/Llama-3.2-1B
+      loratool convert loha.safetensors --to kohya --max-error 0.01 --base sdxl/ -o l.safetensors
     """
     from .convert import convert as run
     from .render import format_convert
 
-    show(run(adapter, out, to, base=base, force=force, drop=drop_unsupported), as_json,
-           format_convert)
+    show(run(adapter, out, to, base=base, force=force, drop=drop_unsupported,
+             policy=policy(rank, energy, max_error, budget, max_rank), dtype=dtype), as_json,
+         format_convert)
 
 
 @cli.command()
@@ -336,7 +347,7 @@ def analyze(ctx: click.Context, paths: tuple[str, ...], base: str | None, compar
     """
     from . import plots
     from .analyze import analyze as run_analysis
-    from .render import format_analyze
+    from .render_analyze import format_analyze
 
     inputs = [Path(p) for p in (*paths, base) if p and Path(p).exists()]
     plots.check_outputs(plot, html, inputs, force)

@@ -208,11 +208,12 @@ def _check_options(method: str, density: float, policy: RankPolicy | None) -> No
 
 
 def _read(specs: list[str], base: str | None) -> list[Any]:
-    from .formats import read_any, require_resolved
+    from .formats import read_any, require_lora, require_resolved
 
     adapters = [read_any(s, base) for s in specs]
     for ad, spec in zip(adapters, specs):
         require_resolved(ad, spec)
+        require_lora(ad, spec, "combine and resize")
     if len({ad.naming for ad in adapters}) > 1:
         raise FormatError("some adapters have llama.cpp's tensor names and others the "
                           "transformers module names: pass --base with the transformers model "

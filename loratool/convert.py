@@ -17,18 +17,29 @@ def _local(spec: str | None) -> list[Path]:
 
 
 def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool = False,
-            drop: bool = False) -> dict[str, Any]:
-    """Convert ``spec`` to format ``to`` in ``out``; returns a report for the CLI.
+            drop: bool = False, policy: Any = None, dtype: str = "keep", seed: int = 0,
+            exact: bool = False) -> dict[str, Any]:
+    """Convert ``spec`` to format ``to`` in ``out``; returns a report for the CLI. LyCORIS
+    LoHa, LoKr and full modules become LoRA at the rank ``policy`` (required for them).
 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
     from .adapter import match_base
-    from .formats import (FORMATS, drop_base_copies, drop_unsupported, lossy, output_format,
-                          read_any, require_resolved, write_adapter)
+    from .formats import (FORMATS, drop_base_copies, drop_unsupported, lossy, lyco_message,
+                          output_format, read_any, require_resolved, write_adapter)
 
     to = output_format(out, to, to, FORMATS)  # refuses -o x.safetensors for PEFT and the like
     ad = read_any(spec, base)
-    if to != "kohya":
+    if ad.lyco and policy is None:
+        raise FormatError(f"{spec}: " + lyco_message(
+            ad, f"a {to} LoRA cannot hold them as they are", "choose the LoRA rank with "
+            "--max-error 0.01 (a guaranteed error per module), --rank N, --energy F or "
+            "--budget SIZE"))
+    if policy is not None and not ad.lyco:
+        raise FormatError(f"{spec}: a rank policy ({policy.describe()}) applies to LyCORIS "
+                          "modules and this adapter has none; `loratool resize` changes a "
+                          "LoRA's ranks")
+    if to != "kohya" or ad.lyco:
         require_resolved(ad, spec)
     base_ckpt = None
     same: list[str] = []
@@ -37,6 +48,9 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
 
         base_ckpt = open_checkpoint(base)
         same = drop_base_copies(ad, base_ckpt)
+    if ad.lyco:
+        _fit_lyco(ad, base, spec)  # a conv stored flat takes its kernel from the base
+    converted = lyco_to_lora(ad, policy, dtype, seed, exact) if ad.lyco else []
     lost = lossy(ad, to)
     if lost and not drop:
         raise FormatError(f"converting to {to} would lose {'; '.join(lost)}; pass "
@@ -51,6 +65,9 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
                               "modules": len(ad.modules), "full_tensors": len(ad.full),
                               "dropped": lost, "base_copies_left_out": same}
+    if converted:
+        report["lycoris"] = {"policy": policy.describe(), "modules": converted,
+                             "max_rel_error": max(e["rel_error"] for e in converted)}
     note = f"Converted by loratool from a {ad.source_format} adapter."
     out_path, info = write_adapter(ad, out, to, base=base, force=force, inputs=inputs, note=note,
                                    with_info=True)
@@ -58,3 +75,75 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     if info:
         report["gguf"] = info
     return report
+
+
+def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
+    """Give each LyCORIS module its base weight's shape (and check it fits): a LoHa or LoKr
+    conv stores ΔW flat, [out, in·kh·kw], and only the base knows the kernel."""
+    from .adapter import lyco_tensor
+    from .checkpoint import open_checkpoint
+    from .sources import resolve_input
+
+    if base is None:
+        raise FormatError(f"{spec}: converting LyCORIS modules needs the base model (--base) "
+                          "for their shapes: a LoHa or LoKr convolution is stored flat")
+    target = resolve_input(base)
+    pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+    ckpts: dict[Any, Any] = {}
+    for m in ad.lyco.values():
+        sub = m.component if pipeline else None
+        if sub not in ckpts:
+            ckpts[sub] = open_checkpoint(str(target / sub) if sub else base)
+        lyco_tensor(m, ckpts[sub].tensors, ckpts[sub].source or base)
+
+
+def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool
+                 ) -> list[dict[str, Any]]:
+    """Replace each LyCORIS module of ``ad`` by the truncated SVD of its dense ΔW at the
+    policy's rank (a budget shared with the LoRA modules already there, which stay as they
+    are); per module the rank and the relative error measured on the stored factors."""
+    import torch
+
+    from .adapter import LoraModule
+    from .options import DTYPES
+    from .policy import (BudgetItem, Fixed, allocate, factorize, module_seed, spectrum,
+                         spectrum_cap)
+    from .tensorfile import torch_dtype
+
+    mods = list(ad.lyco.values())
+    store = torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else next(
+        iter(mods[0].parts.values())).dtype
+
+    def dense(m: Any) -> Any:
+        return m.delta(torch.float32).reshape(m.shape[0], -1)
+
+    chosen: dict[str, int] = {}
+    if policy.budget is not None:
+        items, fixed = [], []
+        for m in mods:
+            D = dense(m)
+            cap = spectrum_cap(policy, min(D.shape))
+            _, S, _, _ = spectrum(D, cap, exact, module_seed(seed, m.key))
+            cost = policy.budget.cost(sum(D.shape), store.itemsize)
+            items.append(BudgetItem(m.key, S[:cap], cost, cap, int(m.bias is not None)))
+        for m in ad.modules.values():
+            fixed.append(Fixed("LoRA modules kept as they are", policy.budget.cost(
+                m.A.numel() + m.B.numel(), m.A.element_size()), None))
+        chosen = allocate(policy, items, fixed)
+    entries = []
+    for m in mods:
+        D = dense(m)
+        f = factorize(D, policy, exact=exact, seed=module_seed(seed, m.key), store_dtype=store,
+                      rank=chosen.get(m.key), name=m.key)
+        entries.append({"name": m.key, "type": m.kind, "rank": f.rank,
+                        "rel_error": f.rel_error, "kept_energy": f.kept_energy})
+        del ad.lyco[m.key]
+        if not f.rank:
+            continue
+        k = f.rank
+        A = f.A.reshape(k, *m.shape[1:]) if m.layout == "conv" else f.A
+        B = f.B.reshape(m.shape[0], k, 1, 1) if m.layout == "conv" else f.B
+        bias = m.bias.to(store) if m.bias is not None else None
+        ad.add(LoraModule(m.name, A.contiguous(), B.contiguous(), float(k), False, m.layout,
+                          m.magnitude, bias, m.component))
+    return entries

@@ -76,7 +76,7 @@ def _single_model(ad: Any, spec: str) -> None:
     if len(comps) > 1:
         raise FormatError(f"{spec}: the adapter spans components {comps}; merge one model at a "
                           "time (convert it per component)")
-    for m in ad.modules.values():
+    for m in (*ad.modules.values(), *ad.lyco.values()):
         m.component = None
 
 
@@ -149,7 +149,7 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
                                   "a tensor another adapter also changes")
             e.full, e.owner = (t, w), spec
         for key, tname in mapping.items():
-            m = ad.modules[key]
+            m = ad.modules[key] if key in ad.modules else ad.lyco[key]
             src = dict(extra).get(tname, tname)
             e = edits.setdefault(tname, Edit(src))
             if e.full is not None and e.owner != spec:
@@ -168,7 +168,7 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
                     raise FormatError(f"{spec}: {key} changes a weight that a DoRA adapter "
                                       "also changes; merge the DoRA adapter alone")
                 e.lora.append((m, w))
-            if m.bias is not None:
+            if m.bias is not None:  # a lora bias, or a LyCORIS full module's diff_b
                 bname = tname[: -len(".weight")] + ".bias"
                 if bname not in base.tensors:
                     raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
@@ -218,8 +218,7 @@ def apply_edit(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any] 
             W = F if w == 1.0 else W + w * (F - W)
     for m, w in e.lora:
         # in place: W holds its own copy, and peak memory stays near three tensors
-        d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
-                           m.scale, m.layout)
+        d = m.delta(torch.float32, device)
         if w != 1.0:
             d.mul_(w)
         if d.numel():
@@ -229,8 +228,7 @@ def apply_edit(W: Any, e: Edit, sign: float, device: Any, norms: dict[str, Any] 
         del d
     if e.dora is not None:
         m, w = e.dora
-        d = ops.lora_delta(m.A.to(device, torch.float32), m.B.to(device, torch.float32),
-                           m.scale, m.layout)
+        d = m.delta(torch.float32, device)
         mag = m.magnitude.to(device, torch.float32)
         stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
         if sign > 0:

@@ -28,6 +28,7 @@ from .edits import RECORD, Edit, UnmergeRecord, apply_edit, plan_edits
 from .errors import FormatError, LoraToolError
 from .options import DTYPES, check_dtype, check_weights, resolve_device
 from .progress import SILENT, Progress
+from .verify import verify_output
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
 
@@ -224,6 +225,19 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
                               progress=progress)
     if quant is not None:
         raise LoraToolError("--quant applies to GGUF models; for safetensors use --dtype")
+    return merge_checkpoint(base, base_spec, adapters, weights, adapter_specs, out, inputs,
+                            sign=sign, dev=dev, dtype=dtype, max_shard_size=max_shard_size,
+                            force=force, untie=untie, verify=verify, record=record,
+                            progress=progress, t0=t0)
+
+
+def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: list[float],
+                     adapter_specs: list[str], out: Path, inputs: list[Path], *, sign: float,
+                     dev: Any, dtype: str, max_shard_size: str | int, force: bool, untie: bool,
+                     verify: bool, record: bool, progress: Progress, t0: float
+                     ) -> dict[str, Any]:
+    """Merge adapters already read into one opened safetensors checkpoint: plan, stream,
+    verify, publish; the report."""
     edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
     job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
                UnmergeRecord(base) if sign < 0 else None, record)
@@ -245,6 +259,16 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     return report
 
 
+def weights_name(base: Any) -> str:
+    """The output's weights file, named as the base names its own, so that its loader finds
+    it: diffusers looks for ``diffusion_pytorch_model.safetensors``, transformers for
+    ``model.safetensors`` (what ``pytorch_model.bin`` becomes)."""
+    first = Path(str(base.index)[: -len(".index.json")]) if base.index else (
+        base.files[0] if base.files else Path("model.safetensors"))
+    stem = first.name.split(".")[0]
+    return ("model" if stem in ("pytorch_model", "") else stem) + ".safetensors"
+
+
 def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_size: str | int,
             base_spec: str, merged: list[tuple[str, float]]) -> Any:
     """The output, laid out up front (every byte written once), recording its inputs."""
@@ -253,6 +277,7 @@ def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_siz
     plan = _plan_shapes(job.base, job.order, job.edits, job.sign, job.rec, job.out_code)
     return CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
                             copy_from=job.base.folder, plan=plan,
+                            filename=weights_name(job.base),
                             metadata={"loratool": "merge" if job.sign > 0 else "unmerge",
                                       "loratool.base": base_spec,
                                       "loratool.adapters": json.dumps(
@@ -310,7 +335,7 @@ def _edited(job: _Job, w: Any, name: str, t: Any, odt: Any) -> Any:
             _check_range(r32, odt, name)
             res = r32.to(odt)
     elif job.dev.type == "cpu" and e.full is None and e.dora is None and not e.bias \
-            and t.dim() >= 2:
+            and t.dim() >= 2 and all(hasattr(m, "A") for m, _ in e.lora):  # LoRA, not LyCORIS
         res = _apply_rows(t, e, job.sign, odt, name, stats, job.bufs)
     else:
         W = t.to(device=job.dev, dtype=torch.float32, copy=True)
@@ -350,110 +375,3 @@ def _report(job: _Job, base_spec: str, adapter_specs: list[str], adapters: list[
     if job.dev.type == "cuda":
         report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(job.dev) / 2**20
     return report
-
-
-def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
-                  record: UnmergeRecord | None, progress: Progress = SILENT) -> dict[str, Any]:
-    """Re-read the output and check every changed tensor against a float64 reference.
-
-    The bound per element is half an ulp of the output dtype at the reference value plus the
-    float32 arithmetic error of the merge, ``(r + 3)·2⁻²⁴ · (|W| + Σ|w·s|·|B|@|A|)``. Reports
-    the worst tensor (largest error / bound); a ratio above 1 is an error. A tensor that
-    unmerge restored from the record must equal the record exactly. Tensors copied unchanged
-    are scanned too: merge itself checks only what it computes.
-    """
-    import torch
-
-    from . import ops
-    from .checkpoint import open_checkpoint
-
-    merged = open_checkpoint(out)
-    _all_finite(merged, edits, progress)
-    worst: dict[str, Any] = {"name": None, "ratio": 0.0, "max_abs_error": 0.0}
-    with progress.bar("verify", total=len(edits), unit="tensor") as bar:
-        for name, e in edits.items():
-            bar.update(1)
-            got = merged.load(name, dtype=torch.float64)
-            if sign < 0 and e.full is not None:
-                ref = record.load("replaced", name, dtype=torch.float64)  # type: ignore
-                if not torch.equal(got, ref):
-                    worst = {"name": name, "ratio": math.inf,
-                             "max_abs_error": float((got - ref).abs().max())}
-                    break
-                continue
-            ref, bound_abs, r = _reference(base.load(e.source, dtype=torch.float64), e, sign,
-                                           record, name)
-            out_dtype = merged.load(name).dtype
-            half_ulp = 2.0 ** -ops.mantissa_bits(out_dtype)
-            tiny = torch.finfo(out_dtype).tiny
-            # float32 error of an r-term dot product, the scale, the weight and the addition:
-            # at most (r + 3)·u relative to the absolute-value sum (Higham's γ bound), u = 2⁻²⁴
-            bound = half_ulp * ref.abs() + (r + 3) * 2.0 ** -24 * bound_abs + tiny
-            err = (got - ref).abs()
-            ratio = float((err / bound).max()) if err.numel() else 0.0
-            if ratio > worst["ratio"]:
-                worst = {"name": name, "ratio": ratio, "max_abs_error": float(err.max())}
-    worst["checked"] = len(edits)
-    worst["ok"] = worst["ratio"] <= 1.0
-    if not worst["ok"]:
-        raise LoraToolError(f"--verify: {worst['name']} is off by {worst['max_abs_error']:.3g}, "
-                            f"{worst['ratio']:.2f}× the rounding bound; the output is wrong "
-                            "and was not written (please report this)")
-    return worst
-
-
-def _all_finite(merged: Any, edits: dict[str, Edit], progress: Progress) -> None:
-    """No NaN or Inf in the tensors merge copied unchanged (they came from the base as they
-    were: merge computes and checks only the ones it changes)."""
-    import torch
-
-    from .tensorfile import dtype_bytes
-
-    copied = [n for n, i in merged.tensors.items() if n not in edits and i.dtype.startswith(
-        ("F", "BF")) and dtype_bytes(i.dtype) > 1]
-    with progress.bar("verify unchanged", total=len(copied), unit="tensor") as bar:
-        for name in copied:
-            bar.update(1)
-            t = merged.load(name)
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                raise LoraToolError(f"--verify: {name} holds NaN or Inf, copied unchanged from "
-                                    "the base: the base is damaged there; nothing was written")
-
-
-def _reference(W: Any, e: Edit, sign: float, record: UnmergeRecord | None, name: str
-               ) -> tuple[Any, Any, int]:
-    """The float64 result of one edit, the absolute-value sum that bounds its float32
-    rounding, and the largest rank involved."""
-    import torch
-
-    from . import ops
-
-    bound_abs = W.abs()
-    ref = W
-    if e.full is not None:
-        t, wt = e.full
-        F = t.to(torch.float64)
-        ref = F if F.shape != W.shape or wt == 1.0 else W + wt * (F - W)
-        W = ref
-        bound_abs = ref.abs()
-    for m, wt in e.lora:
-        d = ops.lora_delta(m.A.double(), m.B.double(), m.scale, m.layout) * wt
-        ref = ref + sign * d
-        bound_abs = bound_abs + abs(wt) * ops.lora_abs_delta(
-            m.A.double(), m.B.double(), m.scale, m.layout)
-    if e.dora is not None:
-        m, wt = e.dora
-        d = ops.lora_delta(m.A.double(), m.B.double(), m.scale, m.layout)
-        if sign > 0:
-            mg, _ = ops.dora_merge(W, d, m.magnitude.double(), m.layout)
-            ref = mg if wt == 1.0 else W + wt * (mg - W)
-        else:
-            norm = record.load("dora_norm", name, dtype=torch.float64)  # type: ignore
-            ref = ops.dora_unmerge(W, d, m.magnitude.double(), norm, m.layout)
-        bound_abs = ref.abs() + W.abs() + ops.lora_abs_delta(
-            m.A.double(), m.B.double(), m.scale, m.layout)
-    for m, wt in e.bias:
-        ref = ref + sign * wt * m.scale * m.bias.double()
-        bound_abs = bound_abs + abs(wt * m.scale) * m.bias.double().abs()
-    r = max([m.rank for m, _ in e.lora] + [e.dora[0].rank if e.dora else 1])
-    return ref, bound_abs, r

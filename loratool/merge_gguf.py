@@ -32,6 +32,7 @@ def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], 
         progress: Progress = SILENT) -> dict[str, Any]:
     """Merge ``adapters`` into the GGUF ``base``; writes ``out`` (a .gguf file)."""
     from .edits import plan_edits
+    from .formats import require_lora
     from .formats.gguf_names import Arch
     from .ggufio import QUANTIZE, byte_size
     from .staging import check_output
@@ -43,6 +44,8 @@ def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], 
                             "it so")
     check_output(out, inputs, force)
     arch = Arch.of_header(base.gguf, where)
+    for ad, spec in zip(adapters, specs):
+        require_lora(ad, spec, "a GGUF merge")
     adapters = [_llama_cpp_named(ad, arch, base, spec) for ad, spec in zip(adapters, specs)]
     edits, order = plan_edits(base, adapters, weights, specs)
     if any(n != s for n, s in order):

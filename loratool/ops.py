@@ -106,6 +106,45 @@ def lora_abs_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str) 
     return lora_delta(A.abs(), B.abs(), abs(scale), layout)
 
 
+def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+               t1: torch.Tensor | None, t2: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """LyCORIS LoHa: ΔW = ((w1a@w1b) ⊙ (w2a@w2b))·scale, flat [out, in·k] for a conv; with
+    Tucker cores t1, t2 [r, r, *k] each half is t ×₁ w_a ×₂ w_b, shaped [out, in, *k]. The
+    operations and their order are LyCORIS' own, so float32 results agree with its bits."""
+    if t1 is not None and t2 is not None:
+        h1 = torch.einsum("i j ..., j r, i p -> p r ...", t1, w1b, w1a)
+        h2 = torch.einsum("i j ..., j r, i p -> p r ...", t2, w2b, w2a)
+    else:
+        h1 = w1a.reshape(w1a.shape[0], -1) @ w1b.reshape(w1b.shape[0], -1)
+        h2 = w2a.reshape(w2a.shape[0], -1) @ w2b.reshape(w2b.shape[0], -1)
+    return (h1 * h2) * scale
+
+
+def lokr_delta(w1: torch.Tensor | None, w1a: torch.Tensor | None, w1b: torch.Tensor | None,
+               w2: torch.Tensor | None, w2a: torch.Tensor | None, w2b: torch.Tensor | None,
+               t2: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """LyCORIS LoKr: ΔW = kron(w1, w2)·scale, each side given whole or as a product
+    (w1a@w1b; w2a@w2b, or the Tucker form t2 ×₁ w2a ×₂ w2b for a conv)."""
+    if w1 is None:
+        w1 = w1a @ w1b  # type: ignore[operator]
+    if w2 is None:
+        if t2 is None:
+            r, o, *k = w2b.shape  # type: ignore[union-attr]
+            w2 = (w2a @ w2b.reshape(r, -1)).reshape(-1, o, *k)  # type: ignore[operator,union-attr]
+        else:
+            w2 = torch.einsum("i j ..., i p, j r -> p r ...", t2, w2a, w2b)
+    for _ in range(w2.dim() - w1.dim()):
+        w1 = w1.unsqueeze(-1)
+    d = torch.kron(w1, w2.contiguous())
+    return d * scale if scale != 1 else d
+
+
+def tucker_fold(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A Tucker LoCon's mid [r, r, *k] and down [r, in, 1, 1] as one conv down factor
+    [r, in, *k]: B@(mid ×₂ down) is the same ΔW, so the module is plain LoRA of rank r."""
+    return torch.einsum("i j ..., j c -> i c ...", mid, down.reshape(down.shape[0], -1))
+
+
 def mantissa_bits(dtype: torch.dtype) -> int:
     """Significand bits (with the implicit one) of a float dtype: fp32 24, bf16 8, fp16 11."""
     return 1 - int(math.log2(torch.finfo(dtype).eps))

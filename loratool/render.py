@@ -140,24 +140,37 @@ def _format_adapter(data: dict[str, Any]) -> list[str]:
     if a.get("modules_to_save") or a.get("full_tensors"):
         lines.append(f"  full tensors (modules_to_save): {len(a.get('full_tensors') or [])}")
     if mods:
+        lyco = any(m.get("type", "lora") != "lora" for m in mods)
         ranks = Counter(m["rank"] for m in mods)
-        lines.append(f"  {len(mods)} LoRA modules; ranks: "
+        kinds = Counter(_KIND[m.get("type", "lora")] for m in mods)
+        lines.append(f"  {len(mods)} {'LoRA ' if not lyco else ''}modules"
+                     + (f" ({_counts(kinds)})" if lyco else "") + "; ranks: "
                      + ", ".join(f"{r} ×{c}" for r, c in sorted(ranks.items())))
-        rows = [["module", "count", "rank", "alpha", "scale", "layout", "in→out"]]
+        rows = [["module", "count"] + (["type"] if lyco else []) +
+                ["rank", "alpha", "scale", "layout", "in→out"]]
         grouped: dict[tuple[Any, ...], dict[str, Any]] = {}
         for m in mods:
             layout = f"{m['layout']} ×{m['experts']}" if m.get("experts") else m["layout"]
             key = (_LAYER.sub("*", m["name"]), m["rank"], m["alpha"], m["scale"], layout,
-                   m["in_features"], m["out_features"])
+                   m["in_features"], m["out_features"], _KIND[m.get("type", "lora")])
             g = grouped.setdefault(key, {"count": 0, "first": m["name"]})
             g["count"] += 1
         for key, g in grouped.items():
             name = key[0] if g["count"] > 1 else g["first"]
-            rows.append([name, f"×{g['count']}", str(key[1]), f"{key[2]:g}", f"{key[3]:.4g}",
-                         key[4], f"{key[5]}→{key[6]}"])
+            alpha = "-" if key[2] is None else f"{key[2]:g}"
+            rows.append([name, f"×{g['count']}"] + ([key[7]] if lyco else []) +
+                        [str(key[1]), alpha, f"{key[3]:.4g}", key[4], f"{key[5]}→{key[6]}"])
         lines.append("")
-        lines += ["  " + r for r in _table(rows, right={1, 2, 3, 4})]
+        right = {1, 3, 4, 5} if lyco else {1, 2, 3, 4}
+        lines += ["  " + r for r in _table(rows, right=right)]
     return lines
+
+
+_KIND = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full"}
+
+
+def _counts(c: Counter[str]) -> str:
+    return ", ".join(f"{k} ×{n}" for k, n in sorted(c.items()))
 
 
 def _num(x: float | None) -> str:
@@ -243,6 +256,13 @@ def format_merge(r: dict[str, Any]) -> str:
     """merge / unmerge."""
     if r.get("format") == "gguf":
         return _format_merge_gguf(r)
+    if r.get("pipeline"):
+        names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
+        return "\n".join([f"wrote {r['output']}: a pipeline, {names} into {r['base']}; "
+                          f"{r['seconds']:.2f} s; carried over as they are: "
+                          f"{', '.join(r['carried_over']) or 'nothing'}"] +
+                         [f"  {c}: " + format_merge(cr).split(": ", 1)[1].replace("\n", "\n  ")
+                          for c, cr in r["components"].items()])
     names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
     how = "into" if r["operation"] == "merge" else "from"
     lines = [f"wrote {r['output']}: {r['operation']}d {names} {how} {r['base']}",
@@ -327,6 +347,19 @@ def format_convert(r: dict[str, Any]) -> str:
     if r["base_copies_left_out"]:
         lines.append(f"  left out {len(r['base_copies_left_out'])} full tensor(s) equal to the "
                      f"base's ({r['base_copies_left_out'][0]} …): merging them changes nothing")
+    ly = r.get("lycoris")
+    if ly:
+        kinds = Counter(_KIND[m["type"]] for m in ly["modules"])
+        lines.append(f"  {len(ly['modules'])} LyCORIS modules ({_counts(kinds)}) made LoRA at "
+                     f"{ly['policy']}; largest relative error {ly['max_rel_error']:.4g}"
+                     + ("; the 12 worst groups (--json lists all):" if len(ly["modules"]) > 12
+                        else ""))
+        groups = sorted(_fold(ly["modules"], False),  # the worst first
+                        key=lambda g: -max(m["rel_error"] for m in g[1]))[:12]
+        for name, ms in groups:
+            lines.append(f"    {name}: {_KIND[ms[0]['type']]} → rank "
+                         f"{_ranks(sorted({m['rank'] for m in ms}))}, error ≤ "
+                         f"{max(m['rel_error'] for m in ms):.3g} (×{len(ms)})")
     g = r.get("gguf")
     if g and g["rescaled"]:
         lines.append(f"  adapter.lora.alpha = {g['alpha']:g}; lora_b of {g['rescaled']} "
@@ -373,68 +406,3 @@ def _fold(modules: list[dict[str, Any]], expand: bool) -> list[tuple[str, list[A
 
 
 # --------------------------------------------------------------------------- analyze
-
-_BARS = "▁▂▃▄▅▆▇█"
-
-
-def spark(values: list[float], width: int = 16, top: float | None = None) -> str:
-    """A small bar per value, scaled to ``top`` (default the largest: a spectrum's σᵢ/σ₁)."""
-    top = max(values[:width], default=0.0) if top is None else top
-    if top <= 0:
-        return ""
-    return "".join(_BARS[min(7, max(0, round(7 * v / top)))] for v in values[:width])
-
-
-def format_analyze(r: dict[str, Any]) -> str:
-    """The compact table per module of an analyze report, and the extract it suggests."""
-    if r["mode"] == "compare":
-        return _format_compare_adapters(r)
-    es = r["energies"]
-    what = (f"{r['tuned']} against {r['base']}" if r["mode"] == "finetune"
-            else f"adapter {r['adapter']}")
-    head = f"{what}: {len(r['modules'])} modules; {r['seconds']:.2f} s"
-    rows = [["module"] + (["rank"] if r["mode"] == "adapter" else []) + ["‖ΔW‖/‖W‖"]
-            + [f"r{100 * e:g}%" for e in es] + ["amp (random)", "spectrum"]]
-    for m in r["modules"]:
-        amp = m.get("amplification")
-        rows.append([m["name"]] + ([str(m["rank"])] if r["mode"] == "adapter" else [])
-                    + [_num(m.get("rel_delta"))]
-                    + [_rank(m["effective_rank"][f"{e:g}"], m["computed"]) for e in es]
-                    + [f"{amp['factor']:.3g} ({amp['random']:.3g}) @{amp['rank']}" if amp
-                       else "-", spark(m["singular_values"])])
-    lines = [head, ""] + _table(rows, right=set(range(1, len(rows[0]) - 1)))
-    lines.append(f"(r{100 * es[0]:g}% …: the rank that keeps that share of ‖ΔW‖²; amp: "
-                 "‖ΔW‖/‖UᵀWV‖ for ΔW's top directions, beside as many random ones)")
-    if r["mode"] == "finetune" and r["other_changed"]:
-        lines.append(f"also changed, not matrices: {len(r['other_changed'])} tensors (norms, "
-                     "biases, routers)")
-    s = r.get("suggest")
-    if s:
-        lines.append(f"to keep {100 * s['energy']:g} % of every ΔW: {s['command']}   # ranks "
-                     f"{_ranks(s['ranks'])}" + (f", {s['parameters']:,} parameters in the factors"
-                                               if s["parameters"] is not None else ""))
-    return "\n".join(lines)
-
-
-def _rank(r: int | None, computed: int) -> str:
-    return str(r) if r is not None else f">{computed}"
-
-
-def _format_compare_adapters(r: dict[str, Any]) -> str:
-    rows = [["module", "ranks", "φ(1,1)", "φ(k,k)", "φ(i,i), i = 1…k"]]
-    for m in r["modules"]:
-        d = m["phi_diagonal"]
-        rows.append([m["name"], "/".join(map(str, m["ranks"])), f"{d[0]:.3f}",
-                     f"{m['phi_min_rank']:.3f}", spark(d, 32, top=1.0)])
-    lines = [f"{' and '.join(r['adapters'])}: {len(r['modules'])} modules in both; "
-             f"{r['seconds']:.2f} s", ""] + _table(rows, right={1, 2, 3})
-    of = ("the A factors' right-singular vectors" if r["subspace"] == "a"
-          else "ΔW's right-singular vectors")
-    lines.append(f"(φ(i, j) = ‖V₁[:i]·V₂[:j]ᵀ‖² / min(i, j) of {of}: 1 where one subspace "
-                 "holds the other, j/d for random ones (d inputs); k = the smaller rank)")
-    for key, label in (("only_in_first", "only in the first"),
-                       ("only_in_second", "only in the second")):
-        if r[key]:
-            lines.append(f"{len(r[key])} modules {label}: {', '.join(r[key][:4])}"
-                         + (" …" if len(r[key]) > 4 else ""))
-    return "\n".join(lines)

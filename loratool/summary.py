@@ -79,10 +79,11 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
             data["modules"] = [m for m in describe_modules(ad) if matches(m["name"], filters)]
             r, alpha = ad.common()
             data["adapter"] = {
-                "peft_type": "LORA", "base_model": ad.base_model, "base_model_revision": None,
+                "peft_type": "LYCORIS" if ad.lyco else "LORA", "base_model": ad.base_model,
+                "base_model_revision": None,
                 "task_type": None, "r": r, "lora_alpha": alpha,
-                "target_modules": sorted({m.name.rsplit(".", 1)[-1]
-                                          for m in ad.modules.values()}),
+                "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in (
+                    *ad.modules.values(), *ad.lyco.values())}),
                 "use_rslora": any(m.rslora for m in ad.modules.values()),
                 "use_dora": any(m.magnitude is not None for m in ad.modules.values()),
                 "modules_to_save": None, "full_tensors": sorted(ad.full),
@@ -125,7 +126,8 @@ def describe_modules(ad: Any) -> list[dict[str, Any]]:
                        else (shape[1] if len(shape) > 1 else None, shape[0]))
         if m.experts:  # [E, out, in] (experts_t: [E, in, out])
             shape = shape[1:] if m.layout == "experts" else shape[:0:-1]
-        e = {"name": m.key, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
+        e = {"name": m.key, "type": "lora", "rank": m.rank, "alpha": m.alpha,
+             "scale": m.scale,
              "layout": m.layout, "in_features": in_f, "out_features": out_f,
              "rslora": m.rslora, "dora": m.magnitude is not None, "bias": m.bias is not None,
              "dtype": dtype_code(m.A.dtype)}
@@ -134,6 +136,14 @@ def describe_modules(ad: Any) -> list[dict[str, Any]]:
         if m.experts:
             e["experts"] = m.experts
         out.append(e)
+    for lm in ad.lyco.values():
+        shape = lm.shape
+        out.append({"name": lm.key, "type": lm.kind, "rank": lm.rank, "alpha": lm.alpha,
+                    "scale": lm.scale, "layout": lm.layout, "factors": lm.describe(),
+                    "in_features": math.prod(shape[1:]) if len(shape) > 1 else None,
+                    "out_features": shape[0], "rslora": False,
+                    "dora": lm.magnitude is not None, "bias": lm.bias is not None,
+                    "dtype": dtype_code(next(iter(lm.parts.values())).dtype)})
     return out
 
 

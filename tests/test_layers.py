@@ -19,15 +19,17 @@ LAYERS: dict[str, float] = {
     "tensorfile": 2, "staging": 2, "ggufio": 2.5,
     "sources": 3,
     "checkpoint": 4,
+    "lyco": 4.5,  # LyCORIS LoHa / LoKr / full modules: their tensors and ΔW
     "writer": 5, "adapter": 5, "policy": 5,
     "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf_names": 5.9,
     "formats.gguf": 6,
     "formats.diffusers": 6.5,  # diffusers files are PEFT keys per component
     "formats": 7,
-    "edits": 8, "deltas": 8, "merge_gguf": 8.7,
+    "edits": 8, "deltas": 8, "merge_gguf": 8.7, "verify": 8.5,
     # the verbs: one command each, and the reports people read
+    "merge_pipeline": 9.3,
     "extract": 9, "merge": 9, "combine": 9, "convert": 9, "export": 9, "export_cache": 8.5,
-    "hub": 9, "summary": 9, "render": 9, "analyze": 9, "plots": 8.5,
+    "hub": 9, "summary": 9, "render": 9, "analyze": 9, "plots": 8.5, "render_analyze": 9.5,
     "demo": 10,  # a tour that runs the verbs
     "clikit": 10.5, "cli": 11, "__main__": 12,
 }

@@ -28,7 +28,7 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, di
 FORMATS = tuple(REGISTRY)
 DETECT_ORDER = ("kohya", "diffusers", "peft")  # the most specific first; PEFT claims the rest
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
-                   ".lora_down.", ".lora_up.", ".lora_a", ".lora_b")
+                   ".lora_down.", ".lora_up.", ".lora_a", ".lora_b", ".hada_w", ".lokr_w")
 _NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
 
 
@@ -41,7 +41,8 @@ def detect(ckpt: Checkpoint) -> tuple[str, str]:
         return ("adapter" if ckpt.gguf.kv.get("general.type") == "adapter" else "model"), "gguf"
     names = list(ckpt.tensors)
     is_adapter = ckpt.adapter_config is not None or any(
-        m in n for n in names for m in ADAPTER_MARKERS)
+        m in n for n in names for m in ADAPTER_MARKERS) or kohya.claims(
+            ckpt)  # lora_unet_* / lora_te_*: LyCORIS types without lora_down/up too
     if not is_adapter:
         return "model", ckpt.container
     if kohya.claims(ckpt) and any(".lora_A." in n or ".lora_embedding_A" in n for n in names):
@@ -111,10 +112,30 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
     reader = REGISTRY[fmt].read
     assert reader is not None
     ad = reader(ckpt, base)
-    if not ad.modules and not ad.full:
+    if not ad.modules and not ad.full and not ad.lyco:
         raise FormatError(f"{spec}: holds no LoRA modules and no full tensors: there is "
                           "nothing in it to apply")
     return ad
+
+
+def lyco_message(ad: Any, why: str, how: str = "") -> str:
+    """The one line for LyCORIS modules a step cannot take: what they are, and how to turn
+    them into LoRA."""
+    from collections import Counter
+
+    kinds = Counter({"loha": "LoHa", "lokr": "LoKr", "full": "full"}[m.kind]
+                    for m in ad.lyco.values())
+    what = ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items()))
+    how = how or ("turn them into LoRA at a rank policy with `loratool convert ADAPTER --to "
+                  "kohya --max-error 0.01 --base BASE -o OUT` (or --rank N, --energy F, "
+                  "--budget SIZE)")
+    return f"the adapter holds LyCORIS modules ({what}); {why}: {how}"
+
+
+def require_lora(ad: Any, spec: str, step: str) -> None:
+    """Refuse LyCORIS modules where ``step`` works on LoRA factors only."""
+    if ad.lyco:
+        raise FormatError(f"{spec}: " + lyco_message(ad, f"{step} works on LoRA factors"))
 
 
 def require_resolved(ad: Any, spec: str) -> None:
@@ -156,6 +177,8 @@ def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
                   with_info: bool = False) -> Any:
     """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
     with ``with_info``, what the writer reports, such as GGUF's alpha)."""
+    if ad.lyco:
+        raise FormatError(lyco_message(ad, f"a {fmt} LoRA cannot hold them as they are"))
     if ad.naming == "gguf" and fmt != "gguf":
         raise FormatError(f"the adapter's modules have llama.cpp's tensor names (such as "
                           f"{next(iter(ad.modules), 'blk.0.attn_q')}); {fmt} needs the "

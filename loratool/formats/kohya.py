@@ -28,8 +28,8 @@ NAMES_KEY = "loratool.modules"  # {stem: [component, module name, layout]}
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
-_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>lora_down\.weight|"
-                  r"lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$")
+_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>.+)$")
+_LORA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"}
 
 
 
@@ -71,6 +71,8 @@ class BaseNames:
             self.single_model = bool(ckpt.config and "model_type" in ckpt.config)
 
     def resolve(self, component: str | None, underscored: str) -> str | None:
+        if component == "unet" and self.pipeline and "unet" not in self.tables:
+            component = "transformer"  # lora_unet_ of a transformer pipeline (Flux, SD3)
         t = self.tables.get(component if self.pipeline else None)
         if t is None:
             raise FormatError(f"base {self.base} has no component {component}")
@@ -124,23 +126,65 @@ def _recorded_names(meta: dict[str, str], where: str) -> dict[str, list[Any]]:
 
 
 def _groups(ckpt: Checkpoint, where: str) -> dict[str, dict[str, Any]]:
-    """The file's tensors by module stem: lora_down, lora_up, alpha, dora_scale."""
+    """The file's tensors by module stem: lora_down, lora_up, alpha, dora_scale, or a LyCORIS
+    type's own tensors (hada_*, lokr_*, diff)."""
+    from ..lyco import KINDS, UNSUPPORTED
+
+    known = _LORA_PARTS | {p for parts in KINDS.values() for p in parts}
     groups: dict[str, dict[str, Any]] = {}
     for key in ckpt.tensors:
         m = _KEY.match(key)
-        if not m:
+        part = m.group("part") if m else ""
+        if m and part in UNSUPPORTED:
+            raise FormatError(f"{where}: {key!r} is a LyCORIS {UNSUPPORTED[part]} module, "
+                              "which loratool does not read (it reads LoRA, LoCon, LoHa, LoKr "
+                              "and full modules)")
+        if not m or part not in known:
             raise FormatError(f"{where}: unknown key pattern {key!r} (expected lora_unet_*/"
-                              "lora_te*_* with lora_down/lora_up/alpha)")
-        if m.group("part") == "lora_mid.weight":
-            raise FormatError(f"{where}: {key!r}: LoCon/Tucker mid factors are not supported")
-        groups.setdefault(m.group("stem"), {})[m.group("part")] = ckpt.load(key)
+                              "lora_te*_* with lora_down/lora_up/alpha, or LyCORIS hada_*/"
+                              "lokr_*/diff)")
+        groups.setdefault(m.group("stem"), {})[part] = ckpt.load(key)
     return groups
+
+
+def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames | None,
+          unresolved: list[str], where: str) -> tuple[str | None, str, str]:
+    """(component, module name, layout) of a stem: recorded, resolved against the base, or
+    left underscored."""
+    prefix, rest = split_stem(stem)
+    layout = "conv" if down is not None and down.dim() > 2 else "linear"
+    if stem in names:
+        component, name, layout = names[stem]
+        return component, name, layout
+    component = PREFIX_COMPONENT[prefix]
+    name = resolver.resolve(component, rest) if resolver else None
+    if resolver is not None and name is None:
+        raise FormatError(f"{where}: module {stem}: no module {rest!r} (dots for "
+                          "underscores) in the base; is --base the right model?")
+    if name is None:
+        unresolved.append(stem)
+        name = rest
+    elif resolver is not None and resolver.single_model:
+        component = None
+    return component, name, layout
 
 
 def _module(stem: str, g: dict[str, Any], names: dict[str, list[Any]],
             resolver: BaseNames | None, unresolved: list[str], where: str) -> Any:
     from ..adapter import LoraModule
+    from .. import lyco, ops
 
+    kinds = [k for k, parts in lyco.KINDS.items() if set(g) & set(parts)]
+    if kinds:
+        if len(kinds) > 1 or set(g) & {"lora_down.weight", "lora_up.weight"}:
+            raise FormatError(f"{where}: module {stem} mixes the tensors of several LyCORIS "
+                              f"types ({', '.join(sorted(g))}); the file is damaged")
+        component, name, _ = _name(stem, None, names, resolver, unresolved, where)
+        parts = {k: v for k, v in g.items() if k not in ("alpha", "dora_scale")}
+        alpha = _alpha(g, stem, 0, where) if "alpha" in g else None
+        m = lyco.LycoModule(name, kinds[0], parts, alpha or None, component=component)
+        m.magnitude = _dora_scale(g, stem, m.shape[0], where)
+        return m
     if "lora_down.weight" not in g or "lora_up.weight" not in g:
         have = "lora_down" if "lora_down.weight" in g else "lora_up"
         if "lora_down.weight" not in g and "lora_up.weight" not in g:
@@ -148,23 +192,15 @@ def _module(stem: str, g: dict[str, Any], names: dict[str, list[Any]],
         raise FormatError(f"{where}: module {stem} has {have} but not both lora_down and "
                           "lora_up; the file is incomplete")
     down, up = g["lora_down.weight"], g["lora_up.weight"]
-    prefix, rest = split_stem(stem)
-    layout = "conv" if down.dim() > 2 else "linear"
-    if stem in names:
-        component, name, layout = names[stem]
-    else:
-        component = PREFIX_COMPONENT[prefix]
-        name = resolver.resolve(component, rest) if resolver else None
-        if resolver is not None and name is None:
-            raise FormatError(f"{where}: module {stem}: no module {rest!r} (dots for "
-                              "underscores) in the base; is --base the right model?")
-        if name is None:
-            unresolved.append(stem)
-            name = rest
-        elif resolver is not None and resolver.single_model:
-            component = None
+    if "lora_mid.weight" in g:  # Tucker LoCon: the same ΔW as a plain conv LoRA of rank r
+        mid = g["lora_mid.weight"]
+        if mid.dim() < 3 or down.dim() != mid.dim() or mid.shape[:2] != (down.shape[0],) * 2:
+            raise FormatError(f"{where}: {stem}.lora_mid has shape {list(mid.shape)}, which "
+                              f"does not fit lora_down {list(down.shape)}")
+        down = ops.tucker_fold(mid.float(), down.float())  # float32: exact to rounding
+    component, name, layout = _name(stem, down, names, resolver, unresolved, where)
     return LoraModule(name, down, up, _alpha(g, stem, down.shape[0], where), False, layout,
-                      _dora_scale(g, stem, up, where), None, component)
+                      _dora_scale(g, stem, up.shape[0], where), None, component)
 
 
 def _alpha(g: dict[str, Any], stem: str, rank: int, where: str) -> float:
@@ -178,11 +214,11 @@ def _alpha(g: dict[str, Any], stem: str, rank: int, where: str) -> float:
     return alpha if alpha != 0.0 else float(rank)  # kohya: missing or zero alpha = rank
 
 
-def _dora_scale(g: dict[str, Any], stem: str, up: Any, where: str) -> Any:
+def _dora_scale(g: dict[str, Any], stem: str, out: int, where: str) -> Any:
     mag = g.get("dora_scale")
     if mag is None:
         return None
-    if mag.shape[0] != up.shape[0] or mag.numel() != up.shape[0]:
+    if mag.shape[0] != out or mag.numel() != out:
         raise FormatError(f"{where}: {stem}.dora_scale has shape {list(mag.shape)}: only "
                           "the per-output form [out, 1, …] (LyCORIS wd_on_out) is read")
     return mag.reshape(-1)

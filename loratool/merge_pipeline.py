@@ -1,0 +1,114 @@
+"""Merging into a whole diffusers pipeline folder (``model_index.json`` with one subfolder per
+component): each component an adapter changes (``unet`` or ``transformer``, ``text_encoder``,
+``text_encoder_2`` …) is merged by the streaming merge of one checkpoint, every other file
+and folder is carried over as it is, and the whole output appears at once.
+
+Example: ``run("sdxl/", ["style.safetensors"], Path("sdxl-style"), weights=None, sign=1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError
+from .progress import SILENT, Progress
+
+
+def is_pipeline(spec: str) -> bool:
+    """A local diffusers pipeline folder."""
+    return (Path(spec) / "model_index.json").is_file()
+
+
+def component_folder(component: str | None, folders: set[str], spec: str) -> str:
+    """The pipeline subfolder a component of an adapter changes: its own name, and kohya's
+    ``lora_unet_`` (component ``unet``) is the ``transformer`` of a pipeline without a UNet."""
+    if component is None:
+        raise FormatError(f"{spec}: its modules name no pipeline component (unet, "
+                          "text_encoder …); merge it into the component's folder instead")
+    if component in folders:
+        return component
+    if component == "unet" and "transformer" in folders:
+        return "transformer"
+    raise FormatError(f"{spec}: changes the component {component}, which the pipeline has no "
+                      f"folder for (it has {', '.join(sorted(folders))})")
+
+
+def _only(ad: Any, component: str | None) -> Any:
+    """The part of an adapter for one component, named as that component's model names it."""
+    part = copy.copy(ad)
+    part.modules = {}
+    part.lyco = {}
+    for m in (*ad.modules.values(), *ad.lyco.values()):
+        if m.component == component:
+            m = copy.copy(m)
+            m.component = None
+            part.add(m)
+    part.full = dict(ad.full) if component is None else {}
+    return part
+
+
+def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
+        sign: float, device: str = "auto", dtype: str = "keep",
+        max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,
+        verify: bool = False, record: bool = True, quant: str | None = None,
+        progress: Progress = SILENT) -> dict[str, Any]:
+    """Merge (sign +1) or unmerge (sign −1) adapters into a pipeline folder, or, for any other
+    base, exactly what ``merge.run`` does."""
+    from . import merge
+    from .checkpoint import open_checkpoint
+    from .formats import read_any, require_resolved
+    from .options import check_dtype, check_weights, resolve_device
+    from .staging import Stage
+
+    kw = dict(device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
+              untie=untie, verify=verify, record=record, quant=quant, progress=progress)
+    if not is_pipeline(base_spec) or not adapter_specs:
+        return merge.run(base_spec, adapter_specs, out, weights=weights, sign=sign, **kw)
+    import torch  # noqa: F401  (before the clock starts, as merge.run does)
+
+    t0 = time.perf_counter()
+    if quant is not None:
+        raise FormatError("--quant applies to GGUF models; for a pipeline use --dtype")
+    weights = check_weights(weights, len(adapter_specs))
+    check_dtype(dtype)
+    dev = resolve_device(device)
+    root = Path(base_spec)
+    folders = {p.name for p in root.iterdir() if p.is_dir()}
+    parts: dict[str, list[tuple[Any, float, str]]] = {}
+    for spec, w in zip(adapter_specs, weights):
+        ad = read_any(spec, base_spec)  # kohya names resolve against each component
+        require_resolved(ad, spec)
+        if ad.full:
+            raise FormatError(f"{spec}: holds full tensors (modules_to_save), which name no "
+                              "pipeline component; merge it into the component's folder")
+        for comp in ad.components:
+            parts.setdefault(component_folder(comp, folders, spec), []).append(
+                (_only(ad, comp), w, spec))
+    inputs = [p for p in [root, *map(Path, adapter_specs)] if p.exists()]
+    reports: dict[str, Any] = {}
+    with Stage(out, inputs=inputs, force=force) as stage:
+        for entry in sorted(root.iterdir()):
+            dest = stage.tmp / entry.name
+            if entry.name in parts:
+                ads, ws, specs = (list(x) for x in zip(*parts[entry.name]))
+                reports[entry.name] = merge.merge_checkpoint(
+                    open_checkpoint(str(entry), progress), str(entry), ads, ws, specs, dest,
+                    inputs, sign=sign, dev=dev, dtype=dtype, max_shard_size=max_shard_size,
+                    force=False, untie=untie, verify=verify, record=record,
+                    progress=progress, t0=time.perf_counter())
+            elif entry.is_dir():
+                shutil.copytree(entry, dest, symlinks=True)
+            elif not entry.name.startswith("."):
+                shutil.copy2(entry, dest)
+        stage.publish()
+    for name, r in reports.items():
+        r["output"] = str(Path(out) / name)
+    return {"output": str(out), "base": base_spec, "pipeline": True,
+            "adapters": [{"adapter": a, "weight": w} for a, w in zip(adapter_specs, weights)],
+            "components": reports, "carried_over": sorted(
+                p.name for p in root.iterdir() if p.name not in parts),
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,167 @@
+"""Whole diffusers pipelines: a tiny SDXL-style pipeline (UNet with SDXL's added conditioning,
+two CLIP text encoders, VAE, scheduler, tokenizers) built in code, a three-component LoRA saved
+by diffusers itself, and loratool's merge of the pipeline checked against diffusers'
+``fuse_lora()`` on every component; kohya SDXL files (SGM UNet names) loaded by diffusers'
+own converter."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli as _run
+
+
+def run_cli(*args: object, expect: int = 0):  # type: ignore[no-untyped-def]
+    r = _run(*args)
+    assert r.rc == expect, (args, r.out, r.err)
+    return r
+
+
+def _tokenizer(d: Path):  # type: ignore[no-untyped-def]
+    """A CLIP tokenizer with a vocabulary of single letters (nothing to download)."""
+    from transformers import CLIPTokenizer
+
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=16)
+
+
+def build_sdxl(d: Path):  # type: ignore[no-untyped-def]
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+               vocab_size=64, max_position_embeddings=16, projection_dim=8, hidden_act="gelu")
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=2, norm_num_groups=4, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+        transformer_layers_per_block=1, use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(4,), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4,
+                        norm_num_groups=2, sample_size=16)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
+        tokenizer=_tokenizer(d / "tok1"), tokenizer_2=_tokenizer(d / "tok2"), unet=unet,
+        scheduler=EulerDiscreteScheduler())
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "conv1",
+                "time_emb_proj", "conv_shortcut", "linear_1"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The pipeline folder and a diffusers LoRA file for unet, text_encoder, text_encoder_2
+    (random, trained-looking factors; alpha ≠ r)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    d = tmp_path_factory.mktemp("sdxl")
+    folder = build_sdxl(d)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    torch.manual_seed(1)
+    layers, meta = {}, {}
+    for name, targets in (("unet", UNET_TARGETS), ("text_encoder", TE_TARGETS),
+                          ("text_encoder_2", TE_TARGETS)):
+        model = getattr(pipe, name)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        inject_adapter_in_model(cfg, model)
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+        meta[f"{name}_lora_adapter_metadata"] = cfg.to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(d / "lora", **layers, **meta)
+    return folder, d / "lora"
+
+
+def generate(pipe) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe(prompt="a red cat", num_inference_steps=2, height=16, width=16,
+                    output_type="latent", generator=g, guidance_scale=1.0).images
+
+
+def with_lora(folder: Path, lora: Path, fuse: bool = False):  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(lora))
+    if fuse:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return pipe
+
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def test_merge_pipeline_equals_fuse_lora(sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every component of the merged pipeline equals diffusers' fuse_lora() bit for bit
+    (float32); the rest of the folder is carried over; the merged pipeline runs."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder, lora = sdxl
+    out = tmp_path / "merged"
+    r = run_cli("merge", folder, lora, "-o", out, "--verify", "--json")
+    report = json.loads(r.out)
+    assert sorted(report["components"]) == sorted(COMPONENTS)
+    assert {"vae", "scheduler", "tokenizer", "tokenizer_2", "model_index.json"} <= set(
+        report["carried_over"])
+    fused = with_lora(folder, lora, fuse=True)
+    ours = StableDiffusionXLPipeline.from_pretrained(out)
+    plain = StableDiffusionXLPipeline.from_pretrained(folder)
+    for c in COMPONENTS:
+        want, got, before = (getattr(p, c).state_dict() for p in (fused, ours, plain))
+        assert set(want) == set(got), c
+        changed = [k for k in want if not torch.equal(want[k], before[k])]
+        assert len(changed) > 4, c
+        for k in want:
+            assert torch.equal(got[k], want[k]), (c, k)
+    for name in ("vae", "scheduler", "tokenizer", "tokenizer_2"):
+        a, b = sorted((folder / name).rglob("*")), sorted((out / name).rglob("*"))
+        assert [p.relative_to(folder) for p in a] == [p.relative_to(out) for p in b]
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b) if x.is_file())
+    assert torch.allclose(generate(ours), generate(with_lora(folder, lora)), rtol=1e-4,
+                          atol=1e-3)
+
+
+def test_unmerge_pipeline_gives_it_back(sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, lora = sdxl
+    run_cli("merge", folder, lora, "-o", tmp_path / "m")
+    run_cli("unmerge", tmp_path / "m", lora, "-o", tmp_path / "u", "--verify")
+    for c in COMPONENTS:
+        f = next((folder / c).glob("*.safetensors")).name
+        a, b = load_file(folder / c / f), load_file(tmp_path / "u" / c / f)
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), (c, k)
+
+
+def test_pipeline_merge_refusals(sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, lora = sdxl
+    only_unet = {k: v for k, v in load_file(lora / "pytorch_lora_weights.safetensors").items()
+                 if k.startswith("unet.")}
+    save_file({k.replace("unet.", "prior.", 1): v for k, v in only_unet.items()},
+              tmp_path / "prior.safetensors")
+    r = run_cli("merge", folder, tmp_path / "prior.safetensors", "-o", tmp_path / "o",
+                expect=1)
+    assert "component prior" in r.err and not (tmp_path / "o").exists()
