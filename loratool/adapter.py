@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+from pathlib import Path
 
 import torch
 
@@ -384,3 +385,41 @@ def expert_parts(ad: LoraAdapter, base: Any) -> dict[str, list[Any]]:
                 m.layout = "experts"
                 out[key] = parts
     return out
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def is_pipeline(spec: str) -> bool:
+    """A local diffusers pipeline folder."""
+    return (Path(spec) / "model_index.json").is_file()
+
+
+def component_folder(component: str | None, folders: set[str], spec: str) -> str:
+    """The pipeline subfolder a component of an adapter changes: its own name, and kohya's
+    ``lora_unet_`` (component ``unet``) is the ``transformer`` of a pipeline without a UNet."""
+    if component is None:
+        raise FormatError(f"{spec}: its modules name no pipeline component (unet, "
+                          "text_encoder …); merge it into the component's folder instead")
+    if component in folders:
+        return component
+    if component == "unet" and "transformer" in folders:
+        return "transformer"
+    raise FormatError(f"{spec}: changes the component {component}, which the pipeline has no "
+                      f"folder for (it has {', '.join(sorted(folders))})")
+
+
+def only_component(ad: Any, component: str | None) -> Any:
+    """The part of an adapter for one component, named as that component's model names it."""
+    import copy
+
+    part = copy.copy(ad)
+    part.modules = {}
+    part.lyco = {}
+    for m in (*ad.modules.values(), *ad.lyco.values()):
+        if m.component == component:
+            m = copy.copy(m)
+            m.component = None
+            part.add(m)
+    part.full = dict(ad.full) if component is None else {}
+    return part

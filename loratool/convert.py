@@ -24,7 +24,7 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
 
     Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
     """
-    from .adapter import match_base
+    from .adapter import is_pipeline, match_base
     from .formats import (FORMATS, drop_base_copies, drop_unsupported, lossy, lyco_message,
                           output_format, read_any, require_resolved, write_adapter)
 
@@ -43,7 +43,7 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
         require_resolved(ad, spec)
     base_ckpt = None
     same: list[str] = []
-    if base:
+    if base and not is_pipeline(base):  # a pipeline is checked per component below
         from .checkpoint import open_checkpoint
 
         base_ckpt = open_checkpoint(base)
@@ -61,6 +61,8 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
         raise FormatError(f"{spec}: no LoRA modules left to write")
     if base_ckpt is not None and to != "kohya" and ad.components in ([None],):
         match_base(ad, base_ckpt)  # the adapter must fit the base it is for
+    if base and is_pipeline(base):
+        _fits_pipeline(ad, Path(base), spec)
     inputs = _local(spec) + _local(base)
     report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
                               "modules": len(ad.modules), "full_tensors": len(ad.full),
@@ -75,6 +77,17 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     if info:
         report["gguf"] = info
     return report
+
+
+def _fits_pipeline(ad: Any, root: Path, spec: str) -> None:
+    """Each component of the adapter fits the pipeline's model of that name."""
+    from .adapter import component_folder, match_base, only_component
+    from .checkpoint import open_checkpoint
+
+    folders = {p.name for p in root.iterdir() if p.is_dir()}
+    for comp in ad.components:
+        sub = component_folder(comp, folders, spec)
+        match_base(only_component(ad, comp), open_checkpoint(str(root / sub)))
 
 
 def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:

@@ -8,7 +8,6 @@ Example: ``run("sdxl/", ["style.safetensors"], Path("sdxl-style"), weights=None,
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from pathlib import Path
@@ -16,39 +15,6 @@ from typing import Any
 
 from .errors import FormatError
 from .progress import SILENT, Progress
-
-
-def is_pipeline(spec: str) -> bool:
-    """A local diffusers pipeline folder."""
-    return (Path(spec) / "model_index.json").is_file()
-
-
-def component_folder(component: str | None, folders: set[str], spec: str) -> str:
-    """The pipeline subfolder a component of an adapter changes: its own name, and kohya's
-    ``lora_unet_`` (component ``unet``) is the ``transformer`` of a pipeline without a UNet."""
-    if component is None:
-        raise FormatError(f"{spec}: its modules name no pipeline component (unet, "
-                          "text_encoder …); merge it into the component's folder instead")
-    if component in folders:
-        return component
-    if component == "unet" and "transformer" in folders:
-        return "transformer"
-    raise FormatError(f"{spec}: changes the component {component}, which the pipeline has no "
-                      f"folder for (it has {', '.join(sorted(folders))})")
-
-
-def _only(ad: Any, component: str | None) -> Any:
-    """The part of an adapter for one component, named as that component's model names it."""
-    part = copy.copy(ad)
-    part.modules = {}
-    part.lyco = {}
-    for m in (*ad.modules.values(), *ad.lyco.values()):
-        if m.component == component:
-            m = copy.copy(m)
-            m.component = None
-            part.add(m)
-    part.full = dict(ad.full) if component is None else {}
-    return part
 
 
 def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
@@ -59,6 +25,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     """Merge (sign +1) or unmerge (sign −1) adapters into a pipeline folder, or, for any other
     base, exactly what ``merge.run`` does."""
     from . import merge
+    from .adapter import component_folder, is_pipeline, only_component
     from .checkpoint import open_checkpoint
     from .formats import read_any, require_resolved
     from .options import check_dtype, check_weights, resolve_device
@@ -87,7 +54,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
                               "pipeline component; merge it into the component's folder")
         for comp in ad.components:
             parts.setdefault(component_folder(comp, folders, spec), []).append(
-                (_only(ad, comp), w, spec))
+                (only_component(ad, comp), w, spec))
     inputs = [p for p in [root, *map(Path, adapter_specs)] if p.exists()]
     reports: dict[str, Any] = {}
     with Stage(out, inputs=inputs, force=force) as stage:

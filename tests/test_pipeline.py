@@ -165,3 +165,37 @@ def test_pipeline_merge_refusals(sdxl: tuple[Path, Path], tmp_path: Path) -> Non
     r = run_cli("merge", folder, tmp_path / "prior.safetensors", "-o", tmp_path / "o",
                 expect=1)
     assert "component prior" in r.err and not (tmp_path / "o").exists()
+
+
+def test_kohya_sdxl_names_both_ways(sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    """With an SDXL base, kohya files name the UNet as sd-scripts does (SGM blocks); diffusers'
+    own converter loads the file into the pipeline with the original adapter's output, and a
+    file stripped of loratool's name record reads back to the same factors via --base."""
+    folder, lora = sdxl
+    k = tmp_path / "sdxl.safetensors"
+    run_cli("convert", lora, "--to", "kohya", "--base", folder, "-o", k)
+    keys = load_file(k)
+    stems = {n.split(".")[0] for n in keys}
+    assert any(s.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1") for s in
+               stems) and any(s.startswith("lora_unet_output_blocks_") for s in stems)
+    assert any(s.startswith("lora_unet_middle_block_1_") for s in stems)
+    assert not any("down_blocks" in s or "up_blocks" in s for s in stems)
+    assert any(s.startswith("lora_te1_") for s in stems) and any(
+        s.startswith("lora_te2_") for s in stems)
+    want = generate(with_lora(folder, lora))
+    assert torch.allclose(generate(with_lora(folder, k)), want, rtol=1e-5, atol=1e-4)
+    # as sd-scripts would write it: no name record; --base resolves the SGM names
+    save_file(keys, tmp_path / "foreign.safetensors")
+    back = tmp_path / "back"
+    run_cli("convert", tmp_path / "foreign.safetensors", "--to", "diffusers", "--base", folder,
+            "-o", back)
+    a = load_file(lora / "pytorch_lora_weights.safetensors")
+    b = load_file(back / "pytorch_lora_weights.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    # and merged into the pipeline straight from the SGM-named file: fuse_lora's weights
+    run_cli("merge", folder, tmp_path / "foreign.safetensors", "-o", tmp_path / "m")
+    from diffusers import UNet2DConditionModel
+
+    fused = with_lora(folder, lora, fuse=True).unet.state_dict()
+    ours = UNet2DConditionModel.from_pretrained(tmp_path / "m" / "unet").state_dict()
+    assert all(torch.allclose(ours[n], fused[n], rtol=0, atol=1e-6) for n in fused)

@@ -83,13 +83,19 @@ class BaseNames:
 
 
 def _table(ckpt: Checkpoint) -> dict[str, str | None]:
-    """underscored module name → dotted name (None where two dotted names collide)."""
+    """underscored module name → dotted name (None where two dotted names collide); a
+    diffusers UNet's modules also under their SGM names (kohya's SDXL files)."""
+    from .sgm_names import is_unet, to_sgm
+
     t: dict[str, str | None] = {}
+    unet = is_unet(ckpt.config)
     for n in ckpt.tensors:
         if n.endswith(".weight"):
             mod = n[: -len(".weight")]
-            key = mod.replace(".", "_")
-            t[key] = None if key in t and t[key] != mod else mod
+            sgm = to_sgm(mod, ckpt.config) if unet else None  # type: ignore[arg-type]
+            for key in (mod.replace(".", "_"), sgm.replace(".", "_") if sgm else None):
+                if key:
+                    t[key] = None if key in t and t[key] != mod else mod
     return t
 
 
@@ -246,6 +252,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
 
     comps = {m.component for m in ad.modules.values()}
     te = "lora_te1_" if "text_encoder_2" in comps else "lora_te_"
+    sgm = _sgm_names(ad, base)
     prefix_of = {None: "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_",
                  "text_encoder": te, "text_encoder_2": "lora_te2_",
                  "text_encoder_3": "lora_te3_"}
@@ -255,7 +262,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     for m in sorted(ad.modules.values(), key=lambda m: natural_key(m.key)):
         if m.component not in prefix_of:
             raise FormatError(f"module {m.key}: component {m.component!r} has no kohya prefix")
-        stem = prefix_of[m.component] + m.name.replace(".", "_")
+        stem = prefix_of[m.component] + sgm.get(m.key, m.name).replace(".", "_")
         if stem in names:
             raise FormatError(f"modules {names[stem][1]} and {m.name} both become {stem}")
         names[stem] = [m.component, m.name, m.layout]
@@ -282,6 +289,34 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         for k, t in tensors.items():
             w.add(k, t)
     return target
+
+
+def _sgm_names(ad: Any, base: str | None) -> dict[str, str]:
+    """SGM names for the UNet modules of an SDXL adapter, as sd-scripts names them, when the
+    base (``--base``) has an SDXL UNet: its config numbers the blocks. Empty (diffusers names,
+    which diffusers and ComfyUI read too) without a base, or when a module has no SGM name."""
+    from .sgm_names import is_sdxl, to_sgm
+
+    unet = [m for m in ad.modules.values() if m.component in ("unet", None)]
+    if not unet:
+        return {}
+    config: dict[str, Any] | None = None
+    if base:
+        from ..checkpoint import open_checkpoint
+        from ..errors import LoraToolError
+        from ..sources import resolve_input
+
+        target = resolve_input(base)
+        pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+        try:
+            ckpt = open_checkpoint(str(target / "unet") if pipeline else base)
+        except LoraToolError:
+            return {}
+        config = ckpt.config if is_sdxl(ckpt.config) else None
+    if config is None:
+        return {}
+    names = {m.key: to_sgm(m.name, config) for m in unet}
+    return {} if None in names.values() else names  # type: ignore[return-value]
 
 
 FORMAT = Format("kohya", "one .safetensors file", ".safetensors", "lora.safetensors",
