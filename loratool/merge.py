@@ -205,6 +205,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
 
     from .checkpoint import open_checkpoint
     from .formats import read_any
+    from .formats.sgm_names import single_file_config, to_single_file
 
     t0 = time.perf_counter()
     if not adapter_specs:
@@ -214,6 +215,10 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     dev = resolve_device(device)
     base = open_checkpoint(base_spec, progress)
     adapters = [read_any(s, base_spec) for s in adapter_specs]
+    single = single_file_config(base.tensors)
+    if single is not None:  # Stable Diffusion in one file: pipeline names → its own
+        adapters = [to_single_file(ad, base.tensors, single, s)
+                    for ad, s in zip(adapters, adapter_specs)]
     inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
     if base.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
         from . import merge_gguf
@@ -239,8 +244,10 @@ def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: li
     """Merge adapters already read into one opened safetensors checkpoint: plan, stream,
     verify, publish; the report."""
     edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
+    # a single .safetensors base and -o x.safetensors: one file out (no room for the record)
+    single = Path(out).suffix == ".safetensors" and base.index is None and len(base.files) == 1
     job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
-               UnmergeRecord(base) if sign < 0 else None, record)
+               UnmergeRecord(base) if sign < 0 else None, record and not single)
     writer = _writer(job, out, inputs, force, max_shard_size, base_spec,
                      list(zip(adapter_specs, weights)))
     report: dict[str, Any] = {}
@@ -275,9 +282,11 @@ def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_siz
     from .writer import CheckpointWriter
 
     plan = _plan_shapes(job.base, job.order, job.edits, job.sign, job.rec, job.out_code)
+    single = Path(out).suffix == ".safetensors" and job.base.index is None and len(
+        job.base.files) == 1
     return CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
-                            copy_from=job.base.folder, plan=plan,
-                            filename=weights_name(job.base),
+                            copy_from=None if single else job.base.folder, plan=plan,
+                            filename=weights_name(job.base), single_file=single,
                             metadata={"loratool": "merge" if job.sign > 0 else "unmerge",
                                       "loratool.base": base_spec,
                                       "loratool.adapters": json.dumps(

@@ -199,3 +199,57 @@ def test_kohya_sdxl_names_both_ways(sdxl: tuple[Path, Path], tmp_path: Path) -> 
     fused = with_lora(folder, lora, fuse=True).unet.state_dict()
     ours = UNet2DConditionModel.from_pretrained(tmp_path / "m" / "unet").state_dict()
     assert all(torch.allclose(ours[n], fused[n], rtol=0, atol=1e-6) for n in fused)
+
+
+def single_file(folder: Path, path: Path) -> None:
+    """The pipeline's UNet and first text encoder as a single-file SDXL checkpoint stores them
+    (``model.diffusion_model.`` + SGM names, ``conditioner.embedders.0.transformer.``); its
+    second encoder stands in by one OpenCLIP-named tensor."""
+    from loratool.formats.sgm_names import to_sgm
+
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    sd = {}
+    for n, t in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        mod, _, leaf = n.rpartition(".")
+        sd[f"model.diffusion_model.{to_sgm(mod, config)}.{leaf}"] = t
+    for n, t in load_file(folder / "text_encoder" / "model.safetensors").items():
+        sd["conditioner.embedders.0.transformer." + n] = t
+    sd["conditioner.embedders.1.model.ln_final.weight"] = torch.ones(8)
+    save_file(sd, path)
+
+
+def test_merge_into_a_single_file_checkpoint(sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    """kohya SDXL (SGM names) and diffusers adapters merge into a single-file checkpoint, one
+    file out, equal to fuse_lora(): diffusers' own single-file loader reads the UNet back."""
+    from diffusers import UNet2DConditionModel
+
+    folder, lora = sdxl
+    ckpt = tmp_path / "sdxl.safetensors"
+    single_file(folder, ckpt)
+    plain = UNet2DConditionModel.from_single_file(ckpt, config=str(folder), subfolder="unet")
+    orig = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(t, orig[n]) for n, t in plain.state_dict().items())  # the layout
+    k = tmp_path / "k.safetensors"
+    run_cli("convert", lora, "--to", "kohya", "--base", folder, "-o", k)
+    no_te2 = {n: t for n, t in load_file(k).items() if not n.startswith("lora_te2_")}
+    save_file(no_te2, tmp_path / "unet_te1.safetensors")  # as sd-scripts writes it: no record
+    from safetensors import safe_open
+
+    with safe_open(lora / "pytorch_lora_weights.safetensors", "pt") as f:
+        meta = f.metadata()  # the per-component configs (alphas)
+    d = load_file(lora / "pytorch_lora_weights.safetensors")
+    save_file({n: t for n, t in d.items() if not n.startswith("text_encoder_2.")},
+              tmp_path / "d.safetensors", metadata=meta)
+    fused = with_lora(folder, lora, fuse=True)
+    for adapter in (tmp_path / "unet_te1.safetensors", tmp_path / "d.safetensors"):
+        out = tmp_path / f"merged-{adapter.stem}.safetensors"
+        run_cli("merge", ckpt, adapter, "-o", out, "--verify")
+        assert out.is_file()
+        unet = UNet2DConditionModel.from_single_file(out, config=str(folder), subfolder="unet")
+        want = fused.unet.state_dict()
+        assert all(torch.equal(t, want[n]) for n, t in unet.state_dict().items()), adapter
+        merged, te = load_file(out), fused.text_encoder.state_dict()
+        p = "conditioner.embedders.0.transformer."
+        assert all(torch.equal(merged[p + n], t) for n, t in te.items()), adapter
+    r = run_cli("merge", ckpt, k, "-o", tmp_path / "x.safetensors", expect=1)
+    assert "OpenCLIP" in r.err and not (tmp_path / "x.safetensors").exists()

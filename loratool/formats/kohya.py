@@ -69,17 +69,51 @@ class BaseNames:
             ckpt = open_checkpoint(base)
             self.tables[None] = _table(ckpt)
             self.single_model = bool(ckpt.config and "model_type" in ckpt.config)
+            single = _single_file_tables(ckpt.tensors)
+            if single:  # a single-file Stable Diffusion checkpoint: per component, as a pipeline
+                self.tables, self.pipeline = single, True
 
     def resolve(self, component: str | None, underscored: str) -> str | None:
         if component == "unet" and self.pipeline and "unet" not in self.tables:
             component = "transformer"  # lora_unet_ of a transformer pipeline (Flux, SD3)
         t = self.tables.get(component if self.pipeline else None)
+        if t is None and set(self.tables) == {"unet", "text_encoder"}:  # a single file
+            raise FormatError(f"base {self.base} holds no {component} in transformers' layout "
+                              "(SDXL's second and SD 2's text encoders are OpenCLIP's in a "
+                              "single file, q, k and v fused); merge into the diffusers "
+                              "pipeline folder instead")
         if t is None:
             raise FormatError(f"base {self.base} has no component {component}")
         if underscored in t and t[underscored] is None:
             raise FormatError(f"kohya name {underscored} matches several modules of "
                               f"{self.base}")
         return t.get(underscored)
+
+
+def _single_file_tables(names: Any) -> dict[str | None, dict[str, str | None]]:
+    """For a single-file Stable Diffusion checkpoint: the UNet's modules (SGM or diffusers
+    underscored names → diffusers names) and the CLIP text encoder's (→ transformers names),
+    the names a pipeline folder would give them; empty for other checkpoints."""
+    from .sgm_names import UNET_PREFIX, from_sgm, single_file_config, text_prefix
+
+    config = single_file_config(names)
+    if config is None:
+        return {}
+    unet: dict[str, str | None] = {}
+    te: dict[str, str | None] = {}
+    tp = text_prefix(names)
+    for n in names:
+        if not n.endswith(".weight"):
+            continue
+        mod = n[: -len(".weight")]
+        if mod.startswith(UNET_PREFIX):
+            sgm = mod[len(UNET_PREFIX):]
+            ours = from_sgm(sgm, config)
+            if ours is not None:
+                unet[sgm.replace(".", "_")] = unet[ours.replace(".", "_")] = ours
+        elif tp is not None and mod.startswith(tp):
+            te[mod[len(tp):].replace(".", "_")] = mod[len(tp):]
+    return {"unet": unet, "text_encoder": te}
 
 
 def _table(ckpt: Checkpoint) -> dict[str, str | None]:

@@ -90,3 +90,119 @@ def to_sgm(name: str, config: dict[str, Any]) -> str | None:
         return None
     return f"{'input' if path == 'down_blocks' else 'output'}_blocks.{first + i}.{sub}" + (
         f".{inner}" if inner else "")
+
+
+_SGM = re.compile(r"^(input_blocks|output_blocks|middle_block)\.(\d+)(?:\.(\d+))?(?:\.(.*))?$")
+_RESNET_BACK = {v: k for k, v in RESNET.items()}
+_WHOLE_BACK = {v: k for k, v in WHOLE.items()}
+
+
+def _inner_back(kind: str, rest: str | None) -> str | None:
+    if kind != "resnets":
+        return rest or ""
+    for sgm, ours in _RESNET_BACK.items():
+        if rest == sgm or (rest or "").startswith(sgm + "."):
+            return ours + (rest or "")[len(sgm):]
+    return None
+
+
+def from_sgm(name: str, config: dict[str, Any]) -> str | None:
+    """The inverse of :func:`to_sgm`: an SGM module name as the diffusers UNet names it."""
+    if name in _WHOLE_BACK:
+        return _WHOLE_BACK[name]
+    m = _SGM.match(name)
+    if not m or m.group(3) is None and m.group(1) != "middle_block":
+        return None
+    where, i = m.group(1), int(m.group(2))
+    if where == "middle_block":
+        j, rest = None, ".".join(x for x in (m.group(3), m.group(4)) if x is not None)
+        kind, idx = ("attentions", 0) if i == 1 else ("resnets", i // 2)
+        inner = _inner_back(kind, rest)
+        return None if inner is None or i > 2 else f"mid_block.{kind}.{idx}" + (
+            f".{inner}" if inner else "")
+    j, rest = int(m.group(3)), m.group(4)
+    n = len(config.get("up_block_types") or [])
+    if where == "input_blocks":
+        b, k = 0, i - 1
+        while b < n and k > _layers(config, b):
+            k -= _layers(config, b) + 1
+            b += 1
+        if b >= n or k < 0:
+            return None
+        if k == _layers(config, b):
+            return f"down_blocks.{b}.downsamplers.0.conv" if (j, rest) == (0, "op") else None
+        kind = "resnets" if j == 0 else "attentions"
+        path = "down_blocks"
+    else:
+        b, k = 0, i
+        while b < n and k > _layers(config, n - 1 - b):
+            k -= _layers(config, n - 1 - b) + 1
+            b += 1
+        if b >= n:
+            return None
+        attn = "CrossAttn" in config["up_block_types"][b]
+        if (j == 2 or (j == 1 and not attn)) and rest == "conv":
+            return f"up_blocks.{b}.upsamplers.0.conv"
+        kind = "resnets" if j == 0 else "attentions"
+        path = "up_blocks"
+    inner = _inner_back(kind, rest)
+    return None if inner is None else f"{path}.{b}.{kind}.{k}" + (f".{inner}" if inner else "")
+
+
+UNET_PREFIX = "model.diffusion_model."
+# where single-file checkpoints keep a text encoder in transformers' CLIP layout (SD 1.x; SDXL's
+# first); SD 2.x's and SDXL's OpenCLIP encoders (cond_stage_model.model., conditioner.embedders.1
+# .model.) fuse q, k and v and have no such names
+TEXT_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+
+
+def single_file_config(names: Any) -> dict[str, Any] | None:
+    """For a single-file Stable Diffusion checkpoint (``model.diffusion_model.*`` keys), the
+    UNet structure its keys show (layers per block 2, which up blocks have attention); None
+    for anything else."""
+    ins = {int(n.split(".")[3]) for n in names if n.startswith(UNET_PREFIX + "input_blocks.")}
+    if not ins:
+        return None
+    lpb = 2
+    blocks = (max(ins) + 2) // (lpb + 1)  # the last down block has no downsampler
+    ups = [f"{UNET_PREFIX}output_blocks.{b * (lpb + 1)}.1.transformer_blocks" for b in
+           range(blocks)]
+    return {"_class_name": "UNet2DConditionModel", "layers_per_block": lpb,
+            "up_block_types": ["CrossAttnUpBlock2D" if any(n.startswith(u) for n in names)
+                               else "UpBlock2D" for u in ups]}
+
+
+def text_prefix(names: Any) -> str | None:
+    """The prefix under which a single file keeps its transformers-layout CLIP text encoder."""
+    return next((p for p in TEXT_PREFIXES if any(n.startswith(p) for n in names)), None)
+
+
+def to_single_file(ad: Any, names: Any, config: dict[str, Any], spec: str) -> Any:
+    """An adapter for a pipeline's components renamed to a single-file checkpoint's tensors:
+    the UNet's modules under ``model.diffusion_model.`` by their SGM names, the text
+    encoder's under the file's CLIP prefix; one model, no components."""
+    import copy
+
+    from ..errors import FormatError
+
+    out = copy.copy(ad)
+    out.modules, out.lyco = {}, {}
+    te = text_prefix(names)
+    for m in (*ad.modules.values(), *ad.lyco.values()):
+        m = copy.copy(m)
+        if m.component in ("unet", None) and not m.name.startswith(UNET_PREFIX):
+            sgm = to_sgm(m.name, config)
+            if sgm is None:
+                raise FormatError(f"{spec}: {m.key} has no counterpart in the single-file "
+                                  "checkpoint's UNet")
+            m.name = UNET_PREFIX + sgm
+        elif m.component == "text_encoder" and te is not None:
+            m.name = te + m.name
+        elif m.component is not None:
+            raise FormatError(f"{spec}: changes {m.component}, which this single-file "
+                              "checkpoint does not hold in transformers' layout (SDXL's second "
+                              "and SD 2's text encoders are OpenCLIP's, q, k and v fused); "
+                              "merge into the diffusers pipeline folder instead")
+        m.component = None
+        out.add(m)
+    return out
