@@ -21,7 +21,7 @@ LAYERS: dict[str, float] = {
     "checkpoint": 4,
     "lyco": 4.5,  # LyCORIS LoHa / LoKr / full modules: their tensors and ΔW
     "writer": 5, "adapter": 5, "policy": 5,
-    "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf_names": 5.9, "formats.sgm_names": 5.8,
+    "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf_names": 5.9, "formats.sgm_names": 5.8, "formats.flux_names": 5.8,
     "formats.gguf": 6,
     "formats.diffusers": 6.5,  # diffusers files are PEFT keys per component
     "formats": 7,

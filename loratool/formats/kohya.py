@@ -56,26 +56,44 @@ class BaseNames:
 
         self.base = base
         self.tables: dict[str | None, dict[str, str | None]] = {}
+        # Flux transformers: BFL's fused names (underscored) → (diffusers parts, their rows)
+        self.flux: dict[str | None, dict[str, tuple[tuple[str, ...], list[int]]]] = {}
         target = resolve_input(base)
         self.pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
         self.single_model = False
         if self.pipeline:
             for sub in sorted(p.name for p in target.iterdir() if p.is_dir()):  # type: ignore
                 try:
-                    self.tables[sub] = _table(open_checkpoint(target / sub))  # type: ignore
+                    ckpt = open_checkpoint(target / sub)  # type: ignore
                 except LoraToolError:
                     continue  # not a weights folder (scheduler/, tokenizer/ …)
+                self.tables[sub] = _table(ckpt)
+                self.flux[sub] = _flux_table(ckpt)
         else:
             ckpt = open_checkpoint(base)
             self.tables[None] = _table(ckpt)
+            self.flux[None] = _flux_table(ckpt)
             self.single_model = bool(ckpt.config and "model_type" in ckpt.config)
             single = _single_file_tables(ckpt.tensors)
             if single:  # a single-file Stable Diffusion checkpoint: per component, as a pipeline
                 self.tables, self.pipeline = single, True
 
+    def component(self, component: str | None) -> str | None:
+        """kohya's ``lora_unet_`` is the ``transformer`` of a pipeline without a UNet (Flux,
+        SD3), and of a Flux transformer given alone."""
+        if component == "unet" and ((self.pipeline and "unet" not in self.tables
+                                     and "transformer" in self.tables) or self.flux.get(None)):
+            return "transformer"
+        return component
+
+    def fused(self, component: str | None, underscored: str
+              ) -> tuple[tuple[str, ...], list[int]] | None:
+        """The diffusers modules (and their rows) a BFL-named Flux module holds, or None."""
+        component = self.component(component)
+        return self.flux.get(component if self.pipeline else None, {}).get(underscored)
+
     def resolve(self, component: str | None, underscored: str) -> str | None:
-        if component == "unet" and self.pipeline and "unet" not in self.tables:
-            component = "transformer"  # lora_unet_ of a transformer pipeline (Flux, SD3)
+        component = self.component(component)
         t = self.tables.get(component if self.pipeline else None)
         if t is None and set(self.tables) == {"unet", "text_encoder"}:  # a single file
             raise FormatError(f"base {self.base} holds no {component} in transformers' layout "
@@ -116,6 +134,21 @@ def _single_file_tables(names: Any) -> dict[str | None, dict[str, str | None]]:
     return {"unet": unet, "text_encoder": te}
 
 
+def _flux_table(ckpt: Checkpoint) -> dict[str, tuple[tuple[str, ...], list[int]]]:
+    """For a diffusers Flux transformer: each BFL module name (underscored) → the diffusers
+    modules it holds and their output rows; empty for other models."""
+    from .flux_names import bfl_map, is_flux
+
+    if not is_flux(ckpt.config):
+        return {}
+    out = {}
+    for bfl, parts in bfl_map(ckpt.config).items():  # type: ignore[arg-type]
+        infos = [ckpt.tensors.get(p + ".weight") for p in parts]
+        if all(i is not None for i in infos):
+            out[bfl.replace(".", "_")] = (parts, [int(i.shape[0]) for i in infos])  # type: ignore
+    return out
+
+
 def _table(ckpt: Checkpoint) -> dict[str, str | None]:
     """underscored module name → dotted name (None where two dotted names collide); a
     diffusers UNet's modules also under their SGM names (kohya's SDXL files)."""
@@ -149,7 +182,19 @@ def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     ad = LoraAdapter(source_format="kohya", metadata=meta)
     groups = _groups(ckpt, where)
     for stem in sorted(groups, key=natural_key):
-        ad.add(_module(stem, groups[stem], names, resolver, ad.unresolved, where))
+        m = _module(stem, groups[stem], names, resolver, ad.unresolved, where)
+        fused = resolver.fused(m.component, split_stem(stem)[1]) \
+            if resolver is not None and stem not in names else None
+        if fused is not None:  # a BFL-named Flux module: diffusers' parts, exactly
+            from .flux_names import split
+
+            if not hasattr(m, "A"):
+                raise FormatError(f"{where}: {stem} is a LyCORIS module on a fused Flux weight; "
+                                  "loratool splits only LoRA modules into diffusers' parts")
+            for part in split(m, *fused):
+                ad.add(part)
+        else:
+            ad.add(m)
     return ad
 
 
@@ -197,6 +242,10 @@ def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames
         component, name, layout = names[stem]
         return component, name, layout
     component = PREFIX_COMPONENT[prefix]
+    if resolver is not None:
+        component = resolver.component(component)
+    if resolver is not None and resolver.fused(component, rest) is not None:
+        return component, rest, layout  # named by its parts (see read)
     name = resolver.resolve(component, rest) if resolver else None
     if resolver is not None and name is None:
         raise FormatError(f"{where}: module {stem}: no module {rest!r} (dots for "
@@ -287,13 +336,14 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     comps = {m.component for m in ad.modules.values()}
     te = "lora_te1_" if "text_encoder_2" in comps else "lora_te_"
     sgm = _sgm_names(ad, base)
+    modules, bfl = _flux_modules(ad, base)
     prefix_of = {None: "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_",
                  "text_encoder": te, "text_encoder_2": "lora_te2_",
                  "text_encoder_3": "lora_te3_"}
     names: dict[str, list[Any]] = {}
     tensors: dict[str, Any] = {}
     ranks, alphas = [], []
-    for m in sorted(ad.modules.values(), key=lambda m: natural_key(m.key)):
+    for m in sorted(modules, key=lambda m: natural_key(m.key)):
         if m.component not in prefix_of:
             raise FormatError(f"module {m.key}: component {m.component!r} has no kohya prefix")
         stem = prefix_of[m.component] + sgm.get(m.key, m.name).replace(".", "_")
@@ -316,6 +366,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         meta.setdefault("ss_network_alpha", f"{max(set(alphas), key=alphas.count):g}")
     if ad.base_model:
         meta.setdefault("ss_base_model_version", ad.base_model)
+    # BFL-named Flux modules hold several diffusers modules: read back with --base, not by name
+    names = {s: v for s, v in names.items() if (f"{v[0]}.{v[1]}" if v[0] else v[1]) not in bfl}
     meta[NAMES_KEY] = json.dumps(names, separators=(",", ":"))
     w, target = CheckpointWriter.file_or_folder(out, "lora.safetensors", inputs=inputs,
                                                 force=force, metadata=meta)
@@ -323,6 +375,34 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
         for k, t in tensors.items():
             w.add(k, t)
     return target
+
+
+def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
+    """The modules to write: a Flux transformer's fused and named as BFL (and sd-scripts)
+    names them when ``--base`` is a Flux transformer or pipeline; else as they are."""
+    from .flux_names import is_flux, to_bfl
+
+    mods = list(ad.modules.values())
+    if not base:
+        return mods, set()
+    from ..checkpoint import open_checkpoint
+    from ..errors import LoraToolError
+    from ..sources import resolve_input
+
+    target = resolve_input(base)
+    pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+    try:
+        ckpt = open_checkpoint(str(target / "transformer") if pipeline else base)
+    except LoraToolError:
+        return mods, set()
+    if not is_flux(ckpt.config):
+        return mods, set()
+    flux = [m for m in mods if m.component in ("transformer", "unet", None)]
+    fused = to_bfl(flux, ckpt.config, ckpt.tensors)  # type: ignore[arg-type]
+    if fused is None:
+        return mods, set()
+    taken = {id(m) for m in flux}
+    return [m for m in mods if id(m) not in taken] + fused[0], fused[1]
 
 
 def _sgm_names(ad: Any, base: str | None) -> dict[str, str]:

@@ -1,0 +1,157 @@
+"""Flux's original (BFL) module names, which kohya sd-scripts uses for Flux LoRA
+(``lora_unet_double_blocks_0_img_attn_qkv``), against diffusers' ``FluxTransformer2DModel``.
+
+BFL fuses what diffusers keeps apart: a double block's ``img_attn.qkv`` is diffusers'
+``attn.to_q``/``to_k``/``to_v`` stacked by rows, a single block's ``linear1`` is
+``to_q``/``to_k``/``to_v``/``proj_mlp``, and ``final_layer.adaLN_modulation.1`` emits (shift,
+scale) where diffusers' ``norm_out.linear`` emits (scale, shift). A LoRA on a fused weight is
+split exactly (each part keeps A and its rows of B); LoRAs on the parts fuse exactly into one of
+rank Σrᵢ (A stacked, B block-diagonal with each part's scale folded in, alpha = rank).
+
+Example: ``BFL["double_blocks.0.img_attn.qkv"]`` → the three diffusers modules it holds.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+           "img_attn.proj": ("attn.to_out.0",), "img_mlp.0": ("ff.net.0.proj",),
+           "img_mlp.2": ("ff.net.2",), "img_mod.lin": ("norm1.linear",),
+           "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+           "txt_attn.proj": ("attn.to_add_out",), "txt_mlp.0": ("ff_context.net.0.proj",),
+           "txt_mlp.2": ("ff_context.net.2",), "txt_mod.lin": ("norm1_context.linear",)}
+_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+           "linear2": ("proj_out",), "modulation.lin": ("norm.linear",)}
+_OTHER = {"img_in": "x_embedder", "txt_in": "context_embedder",
+          "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+          "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+          "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+          "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+          "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+          "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+          "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+SWAPPED = "norm_out.linear"  # rows in the other order: (scale, shift) against (shift, scale)
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def is_flux(config: dict[str, Any] | None) -> bool:
+    return bool(config) and config.get("_class_name") == "FluxTransformer2DModel"  # type: ignore
+
+
+def bfl_map(config: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Every BFL module name of a Flux transformer → the diffusers modules it holds, in row
+    order."""
+    out: dict[str, tuple[str, ...]] = {k: (v,) for k, v in _OTHER.items()}
+    for i in range(int(config.get("num_layers", 19))):
+        out.update({f"double_blocks.{i}.{k}": tuple(f"transformer_blocks.{i}.{p}" for p in v)
+                    for k, v in _DOUBLE.items()})
+    for i in range(int(config.get("num_single_layers", 38))):
+        out.update({f"single_blocks.{i}.{k}": tuple(
+            f"single_transformer_blocks.{i}.{p}" for p in v) for k, v in _SINGLE.items()})
+    return out
+
+
+def swap_rows(t: Any) -> Any:
+    """(shift, scale) ↔ (scale, shift): the two halves of the rows exchanged."""
+    import torch
+
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def split(m: Any, parts: tuple[str, ...], rows: list[int]) -> list[Any]:
+    """A LoRA on a fused BFL weight as LoRAs on diffusers' parts: each part's rows of B and
+    the same scale: exactly the same ΔW rows. Columns of B a part does not use (a fused file
+    made from separate LoRAs is block-diagonal) are dropped with their rows of A, and a part
+    with no change at all is left out: the same products without the zero terms."""
+    import copy
+
+    out, start = [], 0
+    B = swap_rows(m.B) if parts == (SWAPPED,) else m.B
+    for name, n in zip(parts, rows):
+        p = copy.copy(m)
+        p.name, p.B = name, B[start:start + n]
+        used = p.B.abs().sum(dim=0) != 0
+        start += n
+        if not bool(used.any()):
+            continue
+        if not bool(used.all()):
+            p.A, p.B = m.A[used], p.B[:, used]
+            p.alpha = m.scale * int(used.sum())  # the same scale at the smaller rank
+            p.rslora = False
+        p.A, p.B = p.A.contiguous(), p.B.contiguous()
+        if m.magnitude is not None or m.bias is not None:
+            from ..errors import FormatError
+
+            raise FormatError(f"module {m.key}: DoRA or a bias on a fused Flux weight cannot "
+                              "be split into diffusers' modules")
+        out.append(p)
+    if start != m.B.shape[0]:
+        from ..errors import FormatError
+
+        raise FormatError(f"module {m.key}: {m.B.shape[0]} output rows, but the base's "
+                          f"{', '.join(parts)} have {start}")
+    return out
+
+
+def fuse(name: str, parts: list[Any | None], rows: list[int], dtype: Any) -> Any:
+    """LoRAs on some of a fused weight's parts as one LoRA on the fused weight: A stacked
+    [Σr, in], B block-diagonal [Σrows, Σr] with each part's scale folded in (a part without
+    LoRA gets zero rows), alpha = Σr so the scale is 1."""
+    import torch
+
+    from ..adapter import LoraModule
+
+    present = [m for m in parts if m is not None]
+    A = torch.cat([m.A.to(torch.float32) for m in present], dim=0)
+    B = torch.zeros(sum(rows), A.shape[0], dtype=torch.float32)
+    r0, c0 = 0, 0
+    for m, n in zip(parts, rows):
+        if m is not None:
+            B[r0:r0 + n, c0:c0 + m.rank] = m.B.to(torch.float32) * m.scale
+            c0 += m.rank
+        r0 += n
+    first = present[0]
+    return LoraModule(name, A.to(dtype), B.to(dtype), float(A.shape[0]), False, "linear",
+                      component=first.component)
+
+
+def to_bfl(modules: list[Any], config: dict[str, Any], shapes: dict[str, Any]
+           ) -> tuple[list[Any], set[str]] | None:
+    """A Flux transformer's LoRA modules named as BFL names them (parts fused, one rank
+    Σrᵢ), for kohya files; and the keys of the modules that now carry BFL names. None when a
+    module has no BFL counterpart or cannot be fused (DoRA, bias, conv)."""
+    import copy
+
+    where: dict[str, tuple[str, int, tuple[str, ...]]] = {}
+    for bfl, parts in bfl_map(config).items():
+        for i, p in enumerate(parts):
+            where[p] = (bfl, i, parts)
+    groups: dict[str, list[Any]] = {}
+    for m in modules:
+        if m.name not in where or m.layout != "linear" or m.magnitude is not None or \
+                m.bias is not None:
+            return None
+        bfl, i, parts = where[m.name]
+        groups.setdefault(bfl, [None] * len(parts))[i] = m
+    out, named = [], set()
+    for bfl, members in groups.items():
+        parts = where[next(m for m in members if m is not None).name][2]
+        if len(parts) == 1:  # a rename (rows swapped for the final modulation): exact
+            m = copy.copy(members[0])
+            m.name = bfl
+            if parts == (SWAPPED,):
+                # scale folded in, alpha = rank: diffusers' Flux converter ignores this
+                # module's alpha (a TODO there), and every loader then agrees
+                m.B = (swap_rows(m.B).float() * m.scale).to(m.B.dtype)
+                m.alpha, m.rslora = float(m.rank), False
+        else:
+            rows = [int(shapes[p + ".weight"].shape[0]) for p in parts]
+            m = fuse(bfl, members, rows, members[0].A.dtype if members[0] is not None else
+                     next(x for x in members if x is not None).A.dtype)
+            m.component = next(x for x in members if x is not None).component
+        out.append(m)
+        named.add(m.key)
+    return out, named
