@@ -1,19 +1,20 @@
-"""Flux's original (BFL) module names, which kohya sd-scripts uses for Flux LoRA
-(``lora_unet_double_blocks_0_img_attn_qkv``), against diffusers' ``FluxTransformer2DModel``.
+"""The original module names of Flux (BFL's) and SD3 (Stability's MMDiT), which kohya
+sd-scripts uses for their LoRA (``lora_unet_double_blocks_0_img_attn_qkv``,
+``lora_unet_joint_blocks_0_x_block_attn_qkv``) and single-file checkpoints store, against
+diffusers' ``FluxTransformer2DModel`` and ``SD3Transformer2DModel``.
 
-BFL fuses what diffusers keeps apart: a double block's ``img_attn.qkv`` is diffusers'
-``attn.to_q``/``to_k``/``to_v`` stacked by rows, a single block's ``linear1`` is
-``to_q``/``to_k``/``to_v``/``proj_mlp``, and ``final_layer.adaLN_modulation.1`` emits (shift,
-scale) where diffusers' ``norm_out.linear`` emits (scale, shift). A LoRA on a fused weight is
-split exactly (each part keeps A and its rows of B); LoRAs on the parts fuse exactly into one of
+The originals fuse what diffusers keeps apart: ``img_attn.qkv`` / ``x_block.attn.qkv`` is
+diffusers' ``attn.to_q``/``to_k``/``to_v`` stacked by rows, a Flux single block's ``linear1``
+is ``to_q``/``to_k``/``to_v``/``proj_mlp``, and the final (and SD3's last context) modulation
+emits (shift, scale) where diffusers emits (scale, shift). A LoRA on a fused weight is split
+exactly (each part keeps A and its rows of B); LoRAs on the parts fuse exactly into one of
 rank Σrᵢ (A stacked, B block-diagonal with each part's scale folded in, alpha = rank).
 
-Example: ``BFL["double_blocks.0.img_attn.qkv"]`` → the three diffusers modules it holds.
+Example: ``original_map(config)["double_blocks.0.img_attn.qkv"]`` → its diffusers modules.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -33,23 +34,56 @@ _OTHER = {"img_in": "x_embedder", "txt_in": "context_embedder",
           "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
           "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
 SWAPPED = "norm_out.linear"  # rows in the other order: (scale, shift) against (shift, scale)
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_SD3_BLOCK = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
+                                         "attn.add_v_proj"),
+              "x_block.attn.proj": ("attn.to_out.0",),
+              "context_block.attn.proj": ("attn.to_add_out",),
+              "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+              "x_block.attn2.proj": ("attn2.to_out.0",),
+              "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
+              "context_block.mlp.fc1": ("ff_context.net.0.proj",),
+              "context_block.mlp.fc2": ("ff_context.net.2",),
+              "x_block.adaLN_modulation.1": ("norm1.linear",),
+              "context_block.adaLN_modulation.1": ("norm1_context.linear",)}
+_SD3_OTHER = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
+              "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+              "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+              "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+              "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+              "final_layer.linear": "proj_out",
+              "final_layer.adaLN_modulation.1": "norm_out.linear"}
+CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")
 
 
-def is_flux(config: dict[str, Any] | None) -> bool:
-    return bool(config) and config.get("_class_name") == "FluxTransformer2DModel"  # type: ignore
+def is_fused(config: dict[str, Any] | None) -> bool:
+    """A transformer whose original checkpoints fuse modules: Flux or SD3."""
+    return bool(config) and config.get("_class_name") in CLASSES  # type: ignore
 
 
-def bfl_map(config: dict[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Every BFL module name of a Flux transformer → the diffusers modules it holds, in row
-    order."""
-    out: dict[str, tuple[str, ...]] = {k: (v,) for k, v in _OTHER.items()}
-    for i in range(int(config.get("num_layers", 19))):
-        out.update({f"double_blocks.{i}.{k}": tuple(f"transformer_blocks.{i}.{p}" for p in v)
+def original_map(config: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Every original module name → (the diffusers modules it holds in row order, whether its
+    two halves of rows are swapped)."""
+    out: dict[str, tuple[tuple[str, ...], bool]] = {}
+    n = int(config.get("num_layers", 19))
+    if config.get("_class_name") == "SD3Transformer2DModel":
+        out.update({k: ((v,), v == SWAPPED) for k, v in _SD3_OTHER.items()})
+        for i in range(n):
+            out.update({f"joint_blocks.{i}.{k}": (tuple(f"transformer_blocks.{i}.{p}"
+                                                        for p in v), False)
+                        for k, v in _SD3_BLOCK.items()})
+        last = f"joint_blocks.{n - 1}.context_block.adaLN_modulation.1"
+        out[last] = (out[last][0], True)  # the last context block is "pre only"
+        return out
+    out.update({k: ((v,), v == SWAPPED) for k, v in _OTHER.items()})
+    for i in range(n):
+        out.update({f"double_blocks.{i}.{k}": (tuple(f"transformer_blocks.{i}.{p}"
+                                                     for p in v), False)
                     for k, v in _DOUBLE.items()})
     for i in range(int(config.get("num_single_layers", 38))):
-        out.update({f"single_blocks.{i}.{k}": tuple(
-            f"single_transformer_blocks.{i}.{p}" for p in v) for k, v in _SINGLE.items()})
+        out.update({f"single_blocks.{i}.{k}": (tuple(f"single_transformer_blocks.{i}.{p}"
+                                                     for p in v), False)
+                    for k, v in _SINGLE.items()})
     return out
 
 
@@ -61,7 +95,7 @@ def swap_rows(t: Any) -> Any:
     return torch.cat([b, a], dim=0)
 
 
-def split(m: Any, parts: tuple[str, ...], rows: list[int]) -> list[Any]:
+def split(m: Any, parts: tuple[str, ...], rows: list[int], swapped: bool) -> list[Any]:
     """A LoRA on a fused BFL weight as LoRAs on diffusers' parts: each part's rows of B and
     the same scale: exactly the same ΔW rows. Columns of B a part does not use (a fused file
     made from separate LoRAs is block-diagonal) are dropped with their rows of A, and a part
@@ -69,7 +103,7 @@ def split(m: Any, parts: tuple[str, ...], rows: list[int]) -> list[Any]:
     import copy
 
     out, start = [], 0
-    B = swap_rows(m.B) if parts == (SWAPPED,) else m.B
+    B = swap_rows(m.B) if swapped else m.B
     for name, n in zip(parts, rows):
         p = copy.copy(m)
         p.name, p.B = name, B[start:start + n]
@@ -118,31 +152,31 @@ def fuse(name: str, parts: list[Any | None], rows: list[int], dtype: Any) -> Any
                       component=first.component)
 
 
-def to_bfl(modules: list[Any], config: dict[str, Any], shapes: dict[str, Any]
-           ) -> tuple[list[Any], set[str]] | None:
-    """A Flux transformer's LoRA modules named as BFL names them (parts fused, one rank
-    Σrᵢ), for kohya files; and the keys of the modules that now carry BFL names. None when a
-    module has no BFL counterpart or cannot be fused (DoRA, bias, conv)."""
+def to_original(modules: list[Any], config: dict[str, Any], shapes: dict[str, Any]
+                ) -> tuple[list[Any], set[str]] | None:
+    """A Flux or SD3 transformer's LoRA modules named as the original model names them
+    (parts fused, one rank Σrᵢ), for kohya files; and the keys of the modules that now carry
+    original names. None when a module has no counterpart or cannot be fused (DoRA, bias)."""
     import copy
 
-    where: dict[str, tuple[str, int, tuple[str, ...]]] = {}
-    for bfl, parts in bfl_map(config).items():
+    where: dict[str, tuple[str, int, tuple[str, ...], bool]] = {}
+    for orig, (parts, swapped) in original_map(config).items():
         for i, p in enumerate(parts):
-            where[p] = (bfl, i, parts)
+            where[p] = (orig, i, parts, swapped)
     groups: dict[str, list[Any]] = {}
     for m in modules:
-        if m.name not in where or m.layout != "linear" or m.magnitude is not None or \
-                m.bias is not None:
+        if m.name not in where or m.magnitude is not None or m.bias is not None or (
+                len(where[m.name][2]) > 1 and m.layout != "linear"):
             return None
-        bfl, i, parts = where[m.name]
-        groups.setdefault(bfl, [None] * len(parts))[i] = m
+        orig, i, parts, _ = where[m.name]
+        groups.setdefault(orig, [None] * len(parts))[i] = m
     out, named = [], set()
     for bfl, members in groups.items():
-        parts = where[next(m for m in members if m is not None).name][2]
-        if len(parts) == 1:  # a rename (rows swapped for the final modulation): exact
+        _, _, parts, swapped = where[next(m for m in members if m is not None).name]
+        if len(parts) == 1:  # a rename (rows swapped for a final modulation): exact
             m = copy.copy(members[0])
             m.name = bfl
-            if parts == (SWAPPED,):
+            if swapped:
                 # scale folded in, alpha = rank: diffusers' Flux converter ignores this
                 # module's alpha (a TODO there), and every loader then agrees
                 m.B = (swap_rows(m.B).float() * m.scale).to(m.B.dtype)

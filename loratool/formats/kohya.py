@@ -57,7 +57,7 @@ class BaseNames:
         self.base = base
         self.tables: dict[str | None, dict[str, str | None]] = {}
         # Flux transformers: BFL's fused names (underscored) → (diffusers parts, their rows)
-        self.flux: dict[str | None, dict[str, tuple[tuple[str, ...], list[int]]]] = {}
+        self.flux: dict[str | None, dict[str, tuple[tuple[str, ...], list[int], bool]]] = {}
         target = resolve_input(base)
         self.pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
         self.single_model = False
@@ -87,7 +87,7 @@ class BaseNames:
         return component
 
     def fused(self, component: str | None, underscored: str
-              ) -> tuple[tuple[str, ...], list[int]] | None:
+              ) -> tuple[tuple[str, ...], list[int], bool] | None:
         """The diffusers modules (and their rows) a BFL-named Flux module holds, or None."""
         component = self.component(component)
         return self.flux.get(component if self.pipeline else None, {}).get(underscored)
@@ -134,18 +134,19 @@ def _single_file_tables(names: Any) -> dict[str | None, dict[str, str | None]]:
     return {"unet": unet, "text_encoder": te}
 
 
-def _flux_table(ckpt: Checkpoint) -> dict[str, tuple[tuple[str, ...], list[int]]]:
+def _flux_table(ckpt: Checkpoint) -> dict[str, tuple[tuple[str, ...], list[int], bool]]:
     """For a diffusers Flux transformer: each BFL module name (underscored) → the diffusers
     modules it holds and their output rows; empty for other models."""
-    from .flux_names import bfl_map, is_flux
+    from .flux_names import is_fused, original_map
 
-    if not is_flux(ckpt.config):
+    if not is_fused(ckpt.config):
         return {}
     out = {}
-    for bfl, parts in bfl_map(ckpt.config).items():  # type: ignore[arg-type]
+    for orig, (parts, swapped) in original_map(ckpt.config).items():  # type: ignore[arg-type]
         infos = [ckpt.tensors.get(p + ".weight") for p in parts]
         if all(i is not None for i in infos):
-            out[bfl.replace(".", "_")] = (parts, [int(i.shape[0]) for i in infos])  # type: ignore
+            out[orig.replace(".", "_")] = (parts, [int(i.shape[0]) for i in infos],  # type: ignore
+                                           swapped)
     return out
 
 
@@ -380,7 +381,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
 def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
     """The modules to write: a Flux transformer's fused and named as BFL (and sd-scripts)
     names them when ``--base`` is a Flux transformer or pipeline; else as they are."""
-    from .flux_names import is_flux, to_bfl
+    from .flux_names import is_fused, to_original
 
     mods = list(ad.modules.values())
     if not base:
@@ -395,10 +396,10 @@ def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
         ckpt = open_checkpoint(str(target / "transformer") if pipeline else base)
     except LoraToolError:
         return mods, set()
-    if not is_flux(ckpt.config):
+    if not is_fused(ckpt.config):
         return mods, set()
     flux = [m for m in mods if m.component in ("transformer", "unet", None)]
-    fused = to_bfl(flux, ckpt.config, ckpt.tensors)  # type: ignore[arg-type]
+    fused = to_original(flux, ckpt.config, ckpt.tensors)  # type: ignore[arg-type]
     if fused is None:
         return mods, set()
     taken = {id(m) for m in flux}
