@@ -120,3 +120,21 @@ def test_kohya_sd3_names_both_ways_and_both_layouts(sd3: Path, tmp_path: Path) -
         subfolder=None).state_dict()
     want = load_file(tmp_path / "ref" / "diffusion_pytorch_model.safetensors")
     assert all(torch.allclose(got[n], want[n], rtol=0, atol=1e-6) for n in want)
+
+
+def test_prefixed_single_file(sd3: Path, tmp_path: Path) -> None:
+    """The same original file under ``model.diffusion_model.`` (as ComfyUI saves whole
+    checkpoints): kohya names still find their tensors."""
+    k = tmp_path / "k.safetensors"
+    run_cli("convert", sd3 / "lora", "--to", "kohya", "--base", sd3 / "transformer", "-o", k)
+    save_file(load_file(k), tmp_path / "foreign.safetensors")
+    plain = load_file(sd3 / "sd3.safetensors")
+    save_file({"model.diffusion_model." + n: t for n, t in plain.items()},
+              tmp_path / "prefixed.safetensors")
+    run_cli("merge", sd3 / "sd3.safetensors", tmp_path / "foreign.safetensors", "-o",
+            tmp_path / "a.safetensors")
+    run_cli("merge", tmp_path / "prefixed.safetensors", tmp_path / "foreign.safetensors", "-o",
+            tmp_path / "b.safetensors")
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert all(torch.equal(t, b["model.diffusion_model." + n]) for n, t in a.items())
+    assert any(not torch.equal(t, plain[n]) for n, t in a.items())

@@ -153,7 +153,7 @@ def _flux_table(ckpt: Checkpoint) -> dict[str, tuple[tuple[str, ...], list[int],
 def _table(ckpt: Checkpoint) -> dict[str, str | None]:
     """underscored module name → dotted name (None where two dotted names collide); a
     diffusers UNet's modules also under their SGM names (kohya's SDXL files)."""
-    from .sgm_names import is_unet, to_sgm
+    from .sgm_names import UNET_PREFIX, is_unet, to_sgm
 
     t: dict[str, str | None] = {}
     unet = is_unet(ckpt.config)
@@ -161,7 +161,10 @@ def _table(ckpt: Checkpoint) -> dict[str, str | None]:
         if n.endswith(".weight"):
             mod = n[: -len(".weight")]
             sgm = to_sgm(mod, ckpt.config) if unet else None  # type: ignore[arg-type]
-            for key in (mod.replace(".", "_"), sgm.replace(".", "_") if sgm else None):
+            # single files of Flux/SD3 saved by ComfyUI put the model under this prefix
+            bare = mod[len(UNET_PREFIX):] if mod.startswith(UNET_PREFIX) else None
+            for key in (mod.replace(".", "_"), sgm.replace(".", "_") if sgm else None,
+                        bare.replace(".", "_") if bare else None):
                 if key:
                     t[key] = None if key in t and t[key] != mod else mod
     return t
