@@ -36,6 +36,13 @@ def run_cli(*args: object) -> Result:
     return Result(rc, out.getvalue(), err.getvalue())
 
 
+def cli(*args: object, expect: int = 0) -> Result:
+    """:func:`run_cli`, asserting the exit code (the output in the message when it differs)."""
+    r = run_cli(*args)
+    assert r.rc == expect, (args, r.out, r.err)
+    return r
+
+
 def tree(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` with its bytes: to prove that nothing changed."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))

@@ -16,13 +16,11 @@ from safetensors.torch import load_file
 from lycoris.kohya import create_network
 from lycoris.utils import merge as lycoris_merge
 
-from conftest import run_cli as _run
+from conftest import cli
 
 
-def run_cli(args: list[str], expect: int = 0):  # type: ignore[no-untyped-def]
-    r = _run(*args)
-    assert r.rc == expect, (args, r.out, r.err)
-    return r
+def run_cli(args: list[object], expect: int = 0):  # type: ignore[no-untyped-def]
+    return cli(*args, expect=expect)
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 

@@ -14,13 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli as _run
-
-
-def run_cli(*args: object, expect: int = 0):  # type: ignore[no-untyped-def]
-    r = _run(*args)
-    assert r.rc == expect, (args, r.out, r.err)
-    return r
+from conftest import cli as run_cli
 
 
 def _tokenizer(d: Path):  # type: ignore[no-untyped-def]
