@@ -254,7 +254,9 @@ def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None,
 @FORCE
 @JSON
 @quiet_option
-def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported: bool,
+@click.pass_context
+def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | None,
+            drop_unsupported: bool,
             rank: int | None, energy: float | None, max_error: float | None,
             budget: str | None, max_rank: int | None, dtype: str, force: bool,
             as_json: bool) -> None:
@@ -276,8 +278,8 @@ def convert(adapter: str, out: Path, to: str, base: str | None, drop_unsupported
     from .render import format_convert
 
     show(run(adapter, out, to, base=base, force=force, drop=drop_unsupported,
-             policy=policy(rank, energy, max_error, budget, max_rank), dtype=dtype), as_json,
-         format_convert)
+             policy=policy(rank, energy, max_error, budget, max_rank), dtype=dtype,
+             progress=progress(ctx)), as_json, format_convert)
 
 
 @cli.command()

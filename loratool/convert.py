@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .progress import SILENT, Progress
 
 
 def _local(spec: str | None) -> list[Path]:
@@ -18,7 +19,7 @@ def _local(spec: str | None) -> list[Path]:
 
 def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool = False,
             drop: bool = False, policy: Any = None, dtype: str = "keep", seed: int = 0,
-            exact: bool = False) -> dict[str, Any]:
+            exact: bool = False, progress: Progress = SILENT) -> dict[str, Any]:
     """Convert ``spec`` to format ``to`` in ``out``; returns a report for the CLI. LyCORIS
     LoHa, LoKr and full modules become LoRA at the rank ``policy`` (required for them).
 
@@ -50,7 +51,7 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
         same = drop_base_copies(ad, base_ckpt)
     if ad.lyco:
         _fit_lyco(ad, base, spec)  # a conv stored flat takes its kernel from the base
-    converted = lyco_to_lora(ad, policy, dtype, seed, exact) if ad.lyco else []
+    converted = lyco_to_lora(ad, policy, dtype, seed, exact, progress) if ad.lyco else []
     lost = lossy(ad, to)
     if lost and not drop:
         raise FormatError(f"converting to {to} would lose {'; '.join(lost)}; pass "
@@ -110,8 +111,8 @@ def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
         lyco_tensor(m, ckpts[sub].tensors, ckpts[sub].source or base)
 
 
-def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool
-                 ) -> list[dict[str, Any]]:
+def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool,
+                 progress: Progress = SILENT) -> list[dict[str, Any]]:
     """Replace each LyCORIS module of ``ad`` by the truncated SVD of its dense ΔW at the
     policy's rank (a budget shared with the LoRA modules already there, which stay as they
     are); per module the rank and the relative error measured on the stored factors."""
@@ -133,7 +134,7 @@ def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool
     chosen: dict[str, int] = {}
     if policy.budget is not None:
         items, fixed = [], []
-        for m in mods:
+        for m in progress.iterate(mods, "spectra for the budget", unit="module"):
             D = dense(m)
             cap = spectrum_cap(policy, min(D.shape))
             _, S, _, _ = spectrum(D, cap, exact, module_seed(seed, m.key))
@@ -144,7 +145,7 @@ def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool
                 m.A.numel() + m.B.numel(), m.A.element_size()), None))
         chosen = allocate(policy, items, fixed)
     entries = []
-    for m in mods:
+    for m in progress.iterate(mods, "LyCORIS → LoRA", unit="module"):
         D = dense(m)
         f = factorize(D, policy, exact=exact, seed=module_seed(seed, m.key), store_dtype=store,
                       rank=chosen.get(m.key), name=m.key)

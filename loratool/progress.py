@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 
 class Bar:
@@ -42,6 +42,13 @@ class Progress:
     def bar(self, desc: str, total: float | None = None, unit: str = "it") -> Bar:
         """A bar for one step; ``unit="B"`` shows bytes with SI prefixes."""
         return Bar()
+
+    def iterate(self, items: list[Any], desc: str, unit: str = "it") -> Iterator[Any]:
+        """The items, one bar step each."""
+        with self.bar(desc, total=len(items), unit=unit) as bar:
+            for x in items:
+                yield x
+                bar.update(1)
 
 
 SILENT = Progress()
