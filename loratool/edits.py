@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FormatError, HubError
+from .sources import SIDE_FILES
 
 # What merge writes beside a merged model for unmerge: the base tensors that full tensors
 # (modules_to_save) replaced, as ``replaced.<name>``, and DoRA's row norms ‖V‖, as
 # ``dora_norm.<name>``; neither can be recovered from the merged weights alone.
-RECORD = "loratool-unmerge.safetensors"
-LEGACY_DORA_RECORD = "loratool-dora-norms.safetensors"  # loratool 0.1: DoRA norms only
+RECORD, LEGACY_DORA_RECORD = SIDE_FILES  # the second: loratool 0.1's, DoRA norms only
 
 
 @dataclass

@@ -250,10 +250,14 @@ class HubRepo:
         return body[8:8 + n], n, size
 
 
+# what merge writes beside a model's weights for unmerge (edits.RECORD): never the weights
+SIDE_FILES = ("loratool-unmerge.safetensors", "loratool-dora-norms.safetensors")
+
+
 def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]:
-    """Pick the weight files among a folder's (or Hub repo's) file names, as transformers and
-    PEFT do: ``(files, None)`` or ``([], index)`` for a sharded checkpoint."""
-    names = sorted(names)
+    """Pick the weight files among a folder's (or Hub repo's) file names, as transformers,
+    diffusers and PEFT do: ``(files, None)`` or ``([], index)`` for a sharded checkpoint."""
+    names = sorted(n for n in names if n not in SIDE_FILES)
     if "adapter_config.json" in names:
         for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt"):
             if n in names:
@@ -261,9 +265,12 @@ def choose_weights(names: list[str], where: str) -> tuple[list[str], str | None]
         raise InputError(f"{where}: has adapter_config.json but no adapter_model.safetensors "
                          "or adapter_model.bin; the adapter's weights are missing")
     # As transformers: safetensors before pickles; the standard single file before an index.
-    for single, suffixes in (("model.safetensors", (".safetensors",)),
-                             ("pytorch_model.bin", (".bin", ".pt", ".pth"))):
-        if single in names:
+    for singles, suffixes in ((("model.safetensors", "diffusion_pytorch_model.safetensors"),
+                               (".safetensors",)),
+                              (("pytorch_model.bin", "diffusion_pytorch_model.bin"),
+                               (".bin", ".pt", ".pth"))):
+        single = next((s for s in singles if s in names), None)
+        if single is not None:
             return [single], None
         index_suffixes = tuple(s + ".index.json" for s in suffixes)
         idx = [n for n in names if n.endswith(index_suffixes)]

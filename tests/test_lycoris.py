@@ -39,6 +39,8 @@ CASES = {
     "lokr-tucker": ("lokr", {"use_tucker": True, "dim": 2, "conv_dim": 1}),
     "locon-tucker": ("locon", {"use_tucker": True}),
     "full": ("full", {}),
+    "loha-dora": ("loha", {"dora_wd": True}),
+    "locon-dora": ("locon", {"dora_wd": True}),
 }
 
 
@@ -126,8 +128,10 @@ def test_merge_equals_lycoris_merge(tmp_path: Path, base: Path, case: str) -> No
         worst = max(worst, (t - ref[k]).abs().max().item() / scale)
         unequal += int((t != ref[k]).sum())
         total += t.numel()
-    assert worst < 4 * 2.0 ** -24, (case, worst)
-    if case != "locon-tucker":  # folded into plain LoRA: the same ΔW, other roundings
+    # LyCORIS' DoRA divides by ‖W + ΔW‖ + ε (float32 ε = 1.2e-7), PEFT's formula (loratool's)
+    # by ‖W + ΔW‖: a relative change of ε / ‖row‖, a few ulps on these small rows
+    assert worst < (4 * 2.0 ** -24 if not case.endswith("dora") else 2e-6), (case, worst)
+    if case != "locon-tucker" and not case.endswith("dora"):  # (other roundings there)
         assert unequal / total < 0.01, (case, unequal, total)  # nearly all bits equal too
 
 
