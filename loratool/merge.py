@@ -272,8 +272,8 @@ def weights_name(base: Any) -> str:
     ``model.safetensors`` (what ``pytorch_model.bin`` becomes)."""
     first = Path(str(base.index)[: -len(".index.json")]) if base.index else (
         base.files[0] if base.files else Path("model.safetensors"))
-    stem = first.name.split(".")[0]
-    return ("model" if stem in ("pytorch_model", "") else stem) + ".safetensors"
+    diffusers = first.name.split(".")[0] == "diffusion_pytorch_model"
+    return ("diffusion_pytorch_model" if diffusers else "model") + ".safetensors"
 
 
 def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_size: str | int,
