@@ -18,11 +18,9 @@ Usage: python benchmarks/bench_pipeline.py [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
 from bench_merge import run  # noqa: E402
+from test_pipeline import _tokenizer  # noqa: E402  (letters only: nothing to download)
 
 DIFFUSERS = """
 import sys, torch
@@ -41,19 +42,6 @@ pipe.fuse_lora()
 pipe.unload_lora_weights()
 pipe.save_pretrained(sys.argv[3])
 """
-
-
-def _tokenizer(d: Path):  # type: ignore[no-untyped-def]
-    from transformers import CLIPTokenizer
-
-    d.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
 
 
 def build(work: Path) -> tuple[Path, Path]:
