@@ -300,6 +300,10 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
               help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
 @click.option("--with-past", is_flag=True,
               help="Also export prefill.onnx and decode.onnx with a KV cache (causal LMs).")
+@click.option("--stream", is_flag=True,
+              help="Trace the architecture without its weights and write the merged weights "
+                   "tensor by tensor: memory near a few tensors, any model size (verified on "
+                   "the whole model when small, else on a copy of its first layers).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
 @FORCE
 @JSON
@@ -307,7 +311,7 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
 @click.pass_context
 def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
            weights: tuple[float, ...], dtype: str, opset: int | None, task: str,
-           atol: float | None, with_past: bool, no_verify: bool, force: bool,
+           atol: float | None, with_past: bool, stream: bool, no_verify: bool, force: bool,
            as_json: bool) -> None:
     """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
 
@@ -317,13 +321,14 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
     Examples:
       loratool export ./Llama-3.2-1B ./my-adapter -o ./onnx
       loratool export ./all-MiniLM-L6-v2 ./adapter -o ./onnx --dtype fp16
+      loratool export ./Llama-3.1-8B ./adapter -o ./onnx --stream
     """
     from .export import export as run
     from .render import format_export
 
     show(run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
                task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
-               progress=progress(ctx)), as_json, format_export)
+               stream=stream, progress=progress(ctx)), as_json, format_export)
 
 
 @cli.command()

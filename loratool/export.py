@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, LoraToolError
-from . import export_cache
+from . import export_cache, export_stream
 from .export_cache import quiet_exporter
 from .progress import SILENT, Progress
 
@@ -56,7 +56,7 @@ def _load_model(folder: Path, task: str, config: Any) -> Any:
     transformers.utils.logging.disable_progress_bar()
     try:
         with quiet_exporter():
-            model, info = cls.from_pretrained(folder, dtype=torch.float32,
+            model, info = cls.from_pretrained(folder, config=config, dtype=torch.float32,
                                               trust_remote_code=False,
                                               output_loading_info=True)
     except ValueError as e:
@@ -81,30 +81,10 @@ def input_names(model: Any, config: Any) -> list[str]:
     return names
 
 
-def _wrapper(model: Any, task: str) -> Any:
-    """The traced module: logits (causal LM) or last hidden state, no cache."""
-    import torch
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
-                    ) -> Any:
-            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            if task == "causal-lm":
-                return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False, **extra).logits
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              **extra).last_hidden_state
-
-    return Wrapper().eval()
-
-
 def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[float],
-                     specs: list[str]) -> int:
-    """Apply the adapters to the model's parameters with the merge code's math."""
+                     specs: list[str], partial: bool = False) -> int:
+    """Apply the adapters to the model's parameters with the merge code's math (``partial``:
+    a model of the first layers only, which lacks the later layers' parameters)."""
     import torch
 
     from .edits import apply_edit, plan_edits
@@ -126,6 +106,9 @@ def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[f
 
     with torch.no_grad():
         for name, e in edits.items():
+            if partial and not any(n == name or n.endswith("." + name) or name.endswith(
+                    "." + n) for n in params):
+                continue
             p = find(name)
             W = p.data.to(torch.float32, copy=True)
             new = apply_edit(W, e, 1.0, torch.device("cpu"), out_name=name)
@@ -220,7 +203,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
            weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
            task: str = "auto", atol: float | None = None, verify: bool = True,
            force: bool = False, seed: int = 0, with_past: bool = False,
-           progress: Progress = SILENT) -> dict[str, Any]:
+           stream: bool = False, progress: Progress = SILENT) -> dict[str, Any]:
     """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
     _need_extra()
     import transformers
@@ -256,28 +239,40 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     task = _task(config, task)
     if with_past and task != "causal-lm":
         raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
+    if with_past and stream:
+        raise LoraToolError("--with-past builds the model in memory; export it without "
+                            "--stream")
     with progress.bar("export", total=4 if with_past else 3, unit="step") as bar:
         return _export(base, base_spec, adapter_specs, out, inputs, config, task, weights,
-                       dtype, opset, atol, verify, seed, with_past, bar, t0, force)
+                       dtype, opset, atol, verify, seed, with_past, bar, t0, force, stream)
 
 
 def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inputs: list[Path],
             config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
             atol: float, verify: bool, seed: int, with_past: bool, bar: Any, t0: float,
-            force: bool) -> dict[str, Any]:
-    """load → merge in memory → trace → verify → (KV-cache graphs) → publish."""
+            force: bool, stream: bool) -> dict[str, Any]:
+    """load → merge in memory → trace → verify → (KV-cache graphs) → publish; with ``stream``
+    trace the meta model and write the merged weights tensor by tensor (export_stream)."""
     import torch
 
     from .formats import read_any
 
     adapters = [read_any(s, base_spec) for s in adapter_specs]
-    model = _load_model(base.folder, task, config)
-    changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
-    if dtype == "fp16":
-        model = model.half()
+    if stream:
+        from .edits import plan_edits
+
+        edits = plan_edits(base, adapters, weights, adapter_specs)[0] if adapters else {}
+        model, changed = None, len(edits)
+        names = input_names(export_stream.meta_model(config, task, dtype).model, config)
+        wrapper = None
+    else:
+        model = _load_model(base.folder, task, config)
+        changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
+        if dtype == "fp16":
+            model = model.half()
+        wrapper = export_stream.wrapper(model, task)
+        names = input_names(model, config)
     bar.update(1)
-    wrapper = _wrapper(model, task)
-    names = input_names(model, config)
     vocab = int(getattr(config, "vocab_size", 1000))
     types = int(getattr(config, "type_vocab_size", 0) or 0)
     pad = getattr(config, "pad_token_id", None)
@@ -291,11 +286,26 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
         assert tmp is not None
         example = _batch(names, 2, 8, vocab, types, pad,  # seq ≥ 2 (NOTES: 1 bakes a branch)
                          torch.Generator().manual_seed(seed))
-        _trace(wrapper, example, names, output, tmp / "model.onnx", opset, config)
+        streamed = None
+        if stream:
+            streamed = export_stream.write_streamed(base, config, task, edits, dtype, opset,
+                                                    tmp, example, names, output)
+        else:
+            _trace(wrapper, example, names, output, tmp / "model.onnx", opset, config)
         graph_opset = _check_opset(tmp / "model.onnx", opset)
         bar.update(1)
         result: dict[str, Any] = {"checked": False}
-        if verify:
+        if verify and stream:
+            def merged(cfg: Any) -> Any:
+                m = _load_model(base.folder, task, cfg)
+                _merge_in_memory(m, base, adapters, weights, adapter_specs, partial=True)
+                return export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
+
+            result = export_stream.verify_streamed(
+                tmp, streamed, base, config, task, edits, dtype, opset, example, names, output,
+                merged, lambda w, path: _verify(w, path, names, vocab, types, pad, seed + 1,
+                                                atol))
+        elif verify:
             result = _verify(wrapper, tmp / "model.onnx", names, vocab, types, pad, seed + 1,
                              atol)
         bar.update(1)
@@ -311,6 +321,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
                   "dynamic_axes": {"batch": 0, "sequence": 1}, "dtype": dtype,
                   "opset": graph_opset, "tensors_changed_by_adapters": changed,
                   "verification": result, "with_past": cached, "not_copied": not_copied,
+                  "streamed": streamed,
                   "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         report["files"] = sorted(p.name for p in tmp.iterdir())

@@ -66,6 +66,52 @@ def _check(tmp_path, merged, vocab, output="logits", token_types=False):
         got = _ort(tmp_path / "onnx", feed)
         keep = mask.numpy().astype(bool)
         assert np.abs(got - ref)[keep].max() <= 1e-4
+    _check_streamed(tmp_path, vocab, token_types)
+
+
+def _check_streamed(tmp_path, vocab, token_types, extra=()):
+    """--stream (the graph traced without weights, the merged weights written one by one)
+    gives the in-memory export's outputs to 1e-6 of their scale (the in-memory graph is
+    constant-folded by the exporter's optimizer, the streamed one is not: other roundings)."""
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o",
+                  tmp_path / "onnx-stream", "--stream", "--json", *extra)
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["verification"]["ok"] and rep["streamed"]["changed"] > 0
+    for batch, seq in ((1, 4), (3, 13)):
+        ids, mask = _batch(vocab, batch, seq, pad_from=9)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if token_types:
+            feed["token_type_ids"] = (torch.arange(seq) >= 2).long().expand(batch, seq)
+        keep = mask.numpy().astype(bool)
+        a, b = _ort(tmp_path / "onnx", feed), _ort(tmp_path / "onnx-stream", feed)
+        assert np.abs(a - b)[keep].max() <= 1e-6 * max(1.0, float(np.abs(a)[keep].max()))
+    return rep
+
+
+def test_stream_verifies_a_truncated_copy_of_a_big_model(tmp_path, monkeypatch):
+    """Above the size checked whole, the report says the first layers were checked, and that
+    check runs (a graph reading a wrong weight fails it)."""
+    from transformers import LlamaForCausalLM
+
+    from loratool import export_stream
+
+    torch.manual_seed(0)
+    cfg = llama_config()
+    cfg.num_hidden_layers = 3
+    _with_adapter(tmp_path, LlamaForCausalLM(cfg).eval(), ["q_proj", "down_proj"])
+    monkeypatch.setattr(export_stream, "FULL_CHECK", 0)
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "o",
+                  "--stream", "--json")
+    assert res.rc == 0, res.err
+    v = json.loads(res.out)["verification"]
+    assert v["ok"] and v["mode"].startswith("the first 2 of 3 layers")
+    real = export_stream.source  # a weight put in the wrong place is caught
+    monkeypatch.setattr(export_stream, "source", lambda n, b, t: real(
+        n.replace("layers.1.mlp.down_proj", "layers.0.mlp.down_proj"), b, t))
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "o2",
+                  "--stream")
+    assert res.rc == 1 and "verification failed" in res.err and not (tmp_path / "o2").exists()
 
 
 def test_llama(tmp_path):

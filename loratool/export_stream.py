@@ -1,0 +1,246 @@
+"""``export --stream``: an ONNX model of any size in the memory of a few tensors.
+
+The graph is traced from the architecture built on the meta device (shapes, no weights), so
+tracing a 7B model costs what tracing a small one does. The weights are then written straight
+into ``model.onnx.data`` one tensor at a time: read from the base, merged with the adapters by
+the merge code (float32, rounded once), appended at an aligned offset, and declared as an
+external initializer of the graph. Buffers the checkpoint does not hold (rotary frequencies,
+position ids) come from a one-layer stand-in of the same config.
+
+Verification runs the exported graph in onnxruntime against the model transformers loads
+from the base with the adapters merged in memory (the in-memory export's path, independent of
+how the weights were placed here); a model too big to hold twice is verified on a truncated
+copy (its first layers, exported by the same code), and the report says which.
+
+Example::
+
+    info = write_streamed(base, config, "causal-lm", edits, "fp32", None, Path("tmp"))
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError, LoraToolError
+
+DATA = "model.onnx.data"
+ALIGN = 4096  # initializers at page offsets: onnxruntime can map them
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def wrapper(model: Any, task: str) -> Any:
+    """The traced module: logits (causal LM) or last hidden state, no cache."""
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
+                    ) -> Any:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            if task == "causal-lm":
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False, **extra).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              **extra).last_hidden_state
+
+    return Wrapper().eval()
+
+
+def meta_model(config: Any, task: str, dtype: str) -> Any:
+    """The architecture with meta parameters: every shape, no memory."""
+    import torch
+    import transformers
+
+    from .export_cache import quiet_exporter
+
+    cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
+    with quiet_exporter(), torch.device("meta"):
+        model = cls.from_config(config, trust_remote_code=False).eval()
+    if dtype == "fp16":
+        model = model.half()
+    return wrapper(model, task)
+
+
+def trace(module: Any, example: dict[str, Any], names: list[str], output: str,
+          opset: int | None, config: Any, path: Path) -> Any:
+    """The ONNX graph of the meta model, without initializers (they are written after)."""
+    import onnx
+    import torch
+
+    from .export_cache import quiet_exporter
+
+    dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
+    try:
+        with quiet_exporter(), torch.no_grad():
+            # optimize=False: constant folding would read weights the meta model does not have
+            prog = torch.onnx.export(module, tuple(example[n] for n in names), dynamo=True,
+                                     dynamic_shapes=dyn, input_names=names,
+                                     output_names=[output], opset_version=opset,
+                                     optimize=False)
+    except Exception as e:  # the exporter's errors are long; keep the first line
+        raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    prog.save(str(path), include_initializers=False)  # meta values: the real ones come after
+    return onnx.load(str(path), load_external_data=False)
+
+
+def needed(proto: Any) -> list[str]:
+    """The names the graph reads that no node or input produces: its initializers."""
+    made = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+    out: list[str] = []
+    for n in proto.graph.node:
+        for i in n.input:
+            if i and i not in made and i not in out:
+                out.append(i)
+    return out
+
+
+def stand_in_buffers(config: Any, task: str, dtype: str) -> dict[str, Any]:
+    """Buffers of a one-layer, small-vocabulary copy of the architecture, by name with layer
+    numbers as ``.0.``: what __init__ computes (rotary frequencies, position ids), which a
+    checkpoint does not hold."""
+    import copy
+
+    import transformers
+
+    from .export_cache import quiet_exporter
+
+    small = copy.deepcopy(config)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(small, key):
+            setattr(small, key, 1)
+    cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
+    with quiet_exporter():
+        model = cls.from_config(small, trust_remote_code=False).eval()
+    if dtype == "fp16":
+        model = model.half()
+    return {_LAYER.sub(".0.", n): b.detach() for n, b in model.named_buffers()}
+
+
+def source(name: str, base: Any, tied: str | None) -> str | None:
+    """The base tensor behind a graph initializer (``model.`` is the wrapper's attribute)."""
+    from .adapter import HEAD_TENSOR
+
+    p = name[len("model."):] if name.startswith("model.") else name
+    parts = p.split(".")
+    for cand in [p, *(".".join(parts[i:]) for i in range(1, len(parts))), "model." + p]:
+        if cand in base.tensors:
+            return cand
+    if tied is not None and HEAD_TENSOR.search(p):
+        return tied  # a head tied to the input embeddings is saved once, as the embeddings
+    return None
+
+
+def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dtype: str,
+                   opset: int | None, folder: Path, example: dict[str, Any],
+                   names: list[str], output: str) -> dict[str, Any]:
+    """Trace the meta model and write ``folder/model.onnx`` + ``model.onnx.data``."""
+    import onnx
+    import torch
+
+    from .adapter import input_embedding
+    from .edits import apply_edit
+
+    meta = meta_model(config, task, dtype)
+    shapes = {**dict(meta.named_parameters(remove_duplicate=False)),
+              **dict(meta.named_buffers(remove_duplicate=False))}
+    proto = trace(meta, example, names, output, opset, config, folder / "model.onnx")
+    buffers = stand_in_buffers(config, task, dtype)
+    tied = input_embedding(base.tensors)
+    offset, written, changed = 0, 0, 0
+    with open(folder / DATA, "wb") as f:
+        for name in needed(proto):
+            spec = shapes.get(name)
+            if spec is None:
+                raise FormatError(f"the exported graph reads {name}, which the model does not "
+                                  "have")
+            src = source(name, base, tied)
+            if src is not None:
+                t = base.load(src, dtype=torch.float32)
+                if src in edits:
+                    t = apply_edit(t, edits[src], 1.0, torch.device("cpu"), out_name=src)
+                    changed += 1
+                t = t.to(spec.dtype)
+            else:
+                t = buffers.get(_LAYER.sub(".0.", name[len("model."):]))
+                if t is None:
+                    raise FormatError(f"{name} is neither in the base checkpoint nor a buffer "
+                                      "the architecture computes; is the checkpoint complete?")
+            if tuple(t.shape) != tuple(spec.shape):
+                raise FormatError(f"{name}: the checkpoint's {src} is {list(t.shape)}, the "
+                                  f"architecture needs {list(spec.shape)}")
+            data = t.contiguous().cpu().numpy().tobytes()
+            f.write(b"\0" * (-offset % ALIGN))
+            offset += -offset % ALIGN
+            f.write(data)
+            init = onnx.TensorProto(name=name, data_type=_onnx_type(t.dtype),
+                                    dims=list(t.shape))
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", DATA), ("offset", str(offset)),
+                         ("length", str(len(data)))):
+                e = init.external_data.add()
+                e.key, e.value = k, v
+            proto.graph.initializer.append(init)
+            offset += len(data)
+            written += 1
+            del t, data
+    onnx.save(proto, str(folder / "model.onnx"))
+    return {"initializers": written, "changed": changed, "bytes": offset}
+
+
+def _onnx_type(dtype: Any) -> int:
+    import onnx
+    import torch
+
+    return {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+            torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
+            torch.int32: onnx.TensorProto.INT32, torch.bool: onnx.TensorProto.BOOL}[dtype]
+
+
+FULL_CHECK = 256 << 20  # bytes of weights up to which the whole model is checked in memory
+KEEP_LAYERS = 2
+
+
+def truncated(config: Any) -> tuple[Any, int] | None:
+    """The config cut to its first layers (and the number it had), or None when it has no
+    layer count transformers reads."""
+    import copy
+
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= KEEP_LAYERS:
+        return None
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = KEEP_LAYERS
+    return small, n
+
+
+def verify_streamed(folder: Path, info: dict[str, Any], base: Any, config: Any, task: str,
+                    edits: dict[str, Any], dtype: str, opset: int | None,
+                    example: dict[str, Any], names: list[str], output: str,
+                    reference: Any, check: Any) -> dict[str, Any]:
+    """The exported graph against ``reference(config)`` (the merged PyTorch model): the whole
+    model when it is small, else a copy of its first layers exported the same way (so memory
+    stays small)."""
+    import shutil
+
+    cut = truncated(config) if info["bytes"] > FULL_CHECK else None
+    if cut is None:
+        result = check(reference(config), folder / "model.onnx")
+        result["mode"] = "whole model"
+        return result
+    small, n = cut
+    sub = folder / ".verify"
+    sub.mkdir()
+    try:
+        write_streamed(base, small, task, edits, dtype, opset, sub, example, names, output)
+        result = check(reference(small), sub / "model.onnx")
+    finally:
+        shutil.rmtree(sub, ignore_errors=True)
+    result["mode"] = (f"the first {KEEP_LAYERS} of {n} layers, exported by the same code (the "
+                      "whole model would not fit in memory twice)")
+    return result
