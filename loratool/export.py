@@ -247,6 +247,23 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
                        dtype, opset, atol, verify, seed, with_past, bar, t0, force, stream)
 
 
+def _prepare(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
+             config: Any, task: str, dtype: str, stream: bool) -> tuple[Any, ...]:
+    """The model merged in memory (and its wrapper), or for ``stream`` only the edits:
+    (model, wrapper, edits, tensors changed, input names)."""
+    if stream:
+        from .edits import plan_edits
+
+        edits = plan_edits(base, adapters, weights, specs)[0] if adapters else {}
+        names = input_names(export_stream.meta_model(config, task, dtype).model, config)
+        return None, None, edits, len(edits), names
+    model = _load_model(base.folder, task, config)
+    changed = _merge_in_memory(model, base, adapters, weights, specs)
+    if dtype == "fp16":
+        model = model.half()
+    return model, export_stream.wrapper(model, task), {}, changed, input_names(model, config)
+
+
 def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inputs: list[Path],
             config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
             atol: float, verify: bool, seed: int, with_past: bool, bar: Any, t0: float,
@@ -258,20 +275,8 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
     from .formats import read_any
 
     adapters = [read_any(s, base_spec) for s in adapter_specs]
-    if stream:
-        from .edits import plan_edits
-
-        edits = plan_edits(base, adapters, weights, adapter_specs)[0] if adapters else {}
-        model, changed = None, len(edits)
-        names = input_names(export_stream.meta_model(config, task, dtype).model, config)
-        wrapper = None
-    else:
-        model = _load_model(base.folder, task, config)
-        changed = _merge_in_memory(model, base, adapters, weights, adapter_specs)
-        if dtype == "fp16":
-            model = model.half()
-        wrapper = export_stream.wrapper(model, task)
-        names = input_names(model, config)
+    model, wrapper, edits, changed, names = _prepare(base, adapters, weights, adapter_specs,
+                                                     config, task, dtype, stream)
     bar.update(1)
     vocab = int(getattr(config, "vocab_size", 1000))
     types = int(getattr(config, "type_vocab_size", 0) or 0)
@@ -296,7 +301,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
         bar.update(1)
         result: dict[str, Any] = {"checked": False}
         if verify and stream:
-            def merged(cfg: Any) -> Any:
+            def merged(cfg: Any) -> Any:  # the reference: what the in-memory export checks
                 m = _load_model(base.folder, task, cfg)
                 _merge_in_memory(m, base, adapters, weights, adapter_specs, partial=True)
                 return export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
