@@ -303,7 +303,7 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
 @click.option("--stream", is_flag=True,
               help="Trace the architecture without its weights and write the merged weights "
                    "tensor by tensor: memory near a few tensors, any model size (verified on "
-                   "the whole model when small, else on a copy of its first layers).")
+                   "the whole model when small, else on a copy with its first layer).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
 @FORCE
 @JSON
