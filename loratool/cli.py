@@ -304,6 +304,10 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
               help="Trace the architecture without its weights and write the merged weights "
                    "tensor by tensor: memory near a few tensors, any model size (verified on "
                    "the whole model when small, else on a copy with its first layer).")
+@click.option("--adapters-as-inputs", is_flag=True,
+              help="Do not merge: the base graph with LoRA inputs, and each ADAPTER as an "
+                   "onnxruntime adapter file (adapters/NAME.onnx_adapter) that one session "
+                   "switches per run.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
 @FORCE
 @JSON
@@ -311,8 +315,8 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
 @click.pass_context
 def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
            weights: tuple[float, ...], dtype: str, opset: int | None, task: str,
-           atol: float | None, with_past: bool, stream: bool, no_verify: bool, force: bool,
-           as_json: bool) -> None:
+           atol: float | None, with_past: bool, stream: bool, adapters_as_inputs: bool,
+           no_verify: bool, force: bool, as_json: bool) -> None:
     """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
 
     Needs the extra: pip install 'loratool[onnx]'.
@@ -322,13 +326,15 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
       loratool export ./Llama-3.2-1B ./my-adapter -o ./onnx
       loratool export ./all-MiniLM-L6-v2 ./adapter -o ./onnx --dtype fp16
       loratool export ./Llama-3.1-8B ./adapter -o ./onnx --stream
+      loratool export ./Llama-3.2-1B ./task-a ./task-b -o ./onnx --adapters-as-inputs
     """
     from .export import export as run
     from .render import format_export
 
     show(run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
                task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
-               stream=stream, progress=progress(ctx)), as_json, format_export)
+               stream=stream, adapters_as_inputs=adapters_as_inputs, progress=progress(ctx)),
+         as_json, format_export)
 
 
 @cli.command()

@@ -203,7 +203,8 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
            weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
            task: str = "auto", atol: float | None = None, verify: bool = True,
            force: bool = False, seed: int = 0, with_past: bool = False,
-           stream: bool = False, progress: Progress = SILENT) -> dict[str, Any]:
+           stream: bool = False, adapters_as_inputs: bool = False,
+           progress: Progress = SILENT) -> dict[str, Any]:
     """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
     _need_extra()
     import transformers
@@ -239,12 +240,87 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     task = _task(config, task)
     if with_past and task != "causal-lm":
         raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
-    if with_past and stream:
-        raise LoraToolError("--with-past builds the model in memory; export it without "
-                            "--stream")
+    if with_past and (stream or adapters_as_inputs):
+        raise LoraToolError("--with-past builds the merged model in memory; export it without "
+                            "--stream and --adapters-as-inputs")
+    if adapters_as_inputs:
+        if not adapter_specs:
+            raise LoraToolError("--adapters-as-inputs: name the adapters to write as "
+                                "onnxruntime adapter files")
+        with progress.bar("export", total=3, unit="step") as bar:
+            return _swappable(base, base_spec, adapter_specs, out, inputs, config, task,
+                              weights, dtype, opset, atol, verify, seed, bar, t0, force)
     with progress.bar("export", total=4 if with_past else 3, unit="step") as bar:
         return _export(base, base_spec, adapter_specs, out, inputs, config, task, weights,
                        dtype, opset, atol, verify, seed, with_past, bar, t0, force, stream)
+
+
+def _swappable(base: Any, base_spec: str, specs: list[str], out: Path, inputs: list[Path],
+               config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
+               atol: float, verify: bool, seed: int, bar: Any, t0: float, force: bool
+               ) -> dict[str, Any]:
+    """The base graph with LoRA inputs (streamed: any size) and one onnxruntime adapter file
+    per adapter, checked by switching adapters in one session (export_adapters)."""
+    import torch
+
+    from . import export_adapters as xa
+    from .formats import read_any
+    from .staging import Stage
+    from .writer import copy_config_files
+
+    adapters = [read_any(s, base_spec) for s in specs]
+    modules, rank, per = xa.lora_plan(adapters, specs, base)
+    names = input_names(export_stream.meta_model(config, task, dtype).model, config)
+    vocab, types, pad = _vocab(config)
+    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    bar.update(1)
+    with Stage(out, inputs, force) as stage:
+        tmp = stage.tmp
+        assert tmp is not None
+        example = _batch(names, 2, 8, vocab, types, pad, torch.Generator().manual_seed(seed))
+        info = export_stream.write_streamed(base, config, task, {}, dtype, opset, tmp, example,
+                                            names, output, lora=(modules, rank))
+        files = xa.write_adapters(tmp, per, weights, specs, rank, dtype, info["lora_inputs"])
+        graph_opset = _check_opset(tmp / "model.onnx", opset)
+        bar.update(1)
+        result: dict[str, Any] = {"checked": False}
+        if verify:
+            g = torch.Generator().manual_seed(seed + 1)
+            batches = [_batch(names, b, s, vocab, types, pad, g, padded=b > 1)
+                       for b, s in ((1, 5), (3, 17))]
+
+            def reference(i: int | None) -> Any:  # the base, or the base with adapter i merged
+                m = _load_model(base.folder, task, config)
+                if i is not None:
+                    _merge_in_memory(m, base, [adapters[i]], [weights[i]], [specs[i]])
+                w = export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
+                return lambda feed: w(**feed).float().detach().numpy()
+
+            result = xa.check(tmp, "model.onnx", files, reference, batches, atol)
+        bar.update(1)
+        not_copied = copy_config_files(base.folder, tmp)
+        report = {"base": base_spec, "adapters": specs, "weights": weights, "task": task,
+                  "architecture": (config.architectures or [None])[0], "inputs": names,
+                  "outputs": [output], "dynamic_axes": {"batch": 0, "sequence": 1},
+                  "dtype": dtype, "opset": graph_opset, "adapter_files": files,
+                  "lora": {"modules": len(modules), "rank": rank}, "verification": result,
+                  "streamed": info | {"lora_inputs": len(info["lora_inputs"])},
+                  "tensors_changed_by_adapters": 0, "with_past": None,
+                  "not_copied": not_copied}
+        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["files"] = sorted(p.name for p in tmp.iterdir())
+        stage.publish()
+    report["output"] = str(out)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _vocab(config: Any) -> tuple[int, int, int]:
+    """Vocabulary size, token types and pad id: what random test batches need."""
+    pad = getattr(config, "pad_token_id", None)
+    return (int(getattr(config, "vocab_size", 1000)),
+            int(getattr(config, "type_vocab_size", 0) or 0), int(pad) if isinstance(pad, int)
+            else 0)
 
 
 def _prepare(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
@@ -278,10 +354,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
     model, wrapper, edits, changed, names = _prepare(base, adapters, weights, adapter_specs,
                                                      config, task, dtype, stream)
     bar.update(1)
-    vocab = int(getattr(config, "vocab_size", 1000))
-    types = int(getattr(config, "type_vocab_size", 0) or 0)
-    pad = getattr(config, "pad_token_id", None)
-    pad = int(pad) if isinstance(pad, int) else 0
+    vocab, types, pad = _vocab(config)
     from .staging import Stage
     from .writer import copy_config_files
 

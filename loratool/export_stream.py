@@ -131,6 +131,7 @@ def source(name: str, base: Any, tied: str | None) -> str | None:
     from .adapter import HEAD_TENSOR
 
     p = name[len("model."):] if name.startswith("model.") else name
+    p = p.replace(".base_layer.", ".")  # PEFT's wrapper around a layer given LoRA inputs
     parts = p.split(".")
     for cand in [p, *(".".join(parts[i:]) for i in range(1, len(parts))), "model." + p]:
         if cand in base.tensors:
@@ -142,8 +143,11 @@ def source(name: str, base: Any, tied: str | None) -> str | None:
 
 def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dtype: str,
                    opset: int | None, folder: Path, example: dict[str, Any],
-                   names: list[str], output: str) -> dict[str, Any]:
-    """Trace the meta model and write ``folder/model.onnx`` + ``model.onnx.data``."""
+                   names: list[str], output: str,
+                   lora: tuple[list[str], int] | None = None) -> dict[str, Any]:
+    """Trace the meta model and write ``folder/model.onnx`` + ``model.onnx.data``. ``lora``
+    (module names, rank): LoRA factors on those modules become graph inputs, zero by default
+    (so that without an adapter the graph is the base), for onnxruntime's adapters."""
     import onnx
     import torch
 
@@ -151,12 +155,15 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
     from .edits import apply_edit
 
     meta = meta_model(config, task, dtype)
+    if lora is not None:
+        inject_lora(meta.model, *lora)
     shapes = {**dict(meta.named_parameters(remove_duplicate=False)),
               **dict(meta.named_buffers(remove_duplicate=False))}
     proto = trace(meta, example, names, output, opset, config, folder / "model.onnx")
     buffers = stand_in_buffers(config, task, dtype)
     tied = input_embedding(base.tensors)
     offset, written, changed = 0, 0, 0
+    inputs: list[Any] = []  # LoRA factors: overridable initializers
     with open(folder / DATA, "wb") as f:
         for name in needed(proto):
             spec = shapes.get(name)
@@ -164,7 +171,11 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
                 raise FormatError(f"the exported graph reads {name}, which the model does not "
                                   "have")
             src = source(name, base, tied)
-            if src is not None:
+            if ".lora_A." in name or ".lora_B." in name:
+                t, src = torch.zeros(spec.shape, dtype=spec.dtype), None
+                inputs.append(onnx.helper.make_tensor_value_info(
+                    name, _onnx_type(spec.dtype), list(spec.shape)))
+            elif src is not None:
                 t = base.load(src, dtype=torch.float32)
                 if src in edits:
                     t = apply_edit(t, edits[src], 1.0, torch.device("cpu"), out_name=src)
@@ -193,8 +204,25 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
             offset += len(data)
             written += 1
             del t, data
+    proto.graph.input.extend(inputs)
     onnx.save(proto, str(folder / "model.onnx"))
-    return {"initializers": written, "changed": changed, "bytes": offset}
+    return {"initializers": written, "changed": changed, "bytes": offset,
+            "lora_inputs": [i.name for i in inputs]}
+
+
+def inject_lora(model: Any, modules: list[str], rank: int) -> None:
+    """PEFT's LoRA layers on exactly these modules, rank ``rank``, scale 1 (each adapter's
+    scale is folded into its lora_B when it is written as an onnxruntime adapter)."""
+    import warnings
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pattern = "|".join(re.escape(m) for m in modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out set for Conv1D: PEFT says so
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                           target_modules=f"^(?:{pattern})$",
+                                           init_lora_weights=False), model)
 
 
 def _onnx_type(dtype: Any) -> int:

@@ -374,11 +374,18 @@ def format_convert(r: dict[str, Any]) -> str:
 
 def format_export(r: dict[str, Any]) -> str:
     v = r["verification"]
+    how = (f"{len(r['adapters'])} adapter(s) merged in memory "
+           f"({r['tensors_changed_by_adapters']} tensors)" if not r.get("adapter_files") else
+           f"LoRA inputs on {r['lora']['modules']} modules (rank {r['lora']['rank']}), "
+           f"adapters: {', '.join(r['adapter_files'])}")
     lines = [f"wrote {r['output']}: {', '.join(r['files'])}",
              f"  {r['architecture']} ({r['task']}, {r['dtype']}), inputs "
-             f"{', '.join(r['inputs'])}; {len(r['adapters'])} adapter(s) merged in memory "
-             f"({r['tensors_changed_by_adapters']} tensors); {r['seconds']:.1f} s"]
-    if v["checked"]:
+             f"{', '.join(r['inputs'])}; {how}; {r['seconds']:.1f} s"]
+    if v["checked"] and v.get("switches"):
+        lines.append(f"  verified in one onnxruntime session, switching adapters per run: max "
+                     f"|ONNX − PyTorch (merged)| {v['max_abs_diff']:.3g} ≤ {v['atol']:g} over "
+                     f"the base and {len(v['switches']) - 1} adapter(s)")
+    elif v["checked"]:
         lines.append(f"  verified in onnxruntime on shapes {v['shapes']} (one padded): max "
                      f"|ONNX − PyTorch| {v['max_abs_diff']:.3g} ≤ {v['atol']:g}")
     else:

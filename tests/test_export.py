@@ -290,3 +290,50 @@ def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path):
     res = run_cli("export", tmp_path / "base", "-o", tmp_path / "onnx", "--opset", "20",
                   "--json")
     assert res.rc == 0 and json.loads(res.out)["opset"] == 20, res.err
+
+
+SWAP = {"llama": (["q_proj", "v_proj"], ["v_proj", "up_proj", "o_proj"], 128),
+        "gpt2": (["c_attn"], ["c_attn", "c_fc"], 64)}  # GPT-2: Conv1D, fan_in_fan_out
+
+
+@pytest.mark.parametrize("arch", list(SWAP))
+def test_adapters_as_inputs_switch_in_one_session(tmp_path, arch):
+    """Two adapters as onnxruntime adapter files: one InferenceSession, switching per run,
+    gives each PEFT-merged model's logits to 1e-5, and no adapter gives the base's."""
+    import onnxruntime as ort
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config()).eval() if arch == "llama" else tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    ta, tb, vocab = SWAP[arch]
+    merged = {}
+    for name, targets, r, alpha, seed in (("a", ta, 4, 8, 1), ("b", tb, 2, 3, 2)):
+        torch.manual_seed(seed)
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+        pm.save_pretrained(tmp_path / name)
+        merged[name] = pm.merge_and_unload().eval()
+    res = run_cli("export", tmp_path / "base", tmp_path / "a", tmp_path / "b", "-o",
+                  tmp_path / "onnx", "--adapters-as-inputs", "--json")
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["adapter_files"] == ["adapters/a.onnx_adapter", "adapters/b.onnx_adapter"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), opts,
+                                providers=["CPUExecutionProvider"])
+    ids, mask = _batch(vocab, 3, 9, pad_from=6)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    keep = mask.numpy().astype(bool)
+    for name in ("a", "b", None, "b", "a"):  # switch back and forth in the same session
+        run = ort.RunOptions()
+        if name is not None:
+            lora = ort.LoraAdapter()
+            lora.Load(str(tmp_path / "onnx" / "adapters" / f"{name}.onnx_adapter"))
+            run.add_active_adapter(lora)
+        got = sess.run(None, feed, run)[0]
+        with torch.no_grad():
+            ref = (merged[name] if name else base)(input_ids=ids, attention_mask=mask).logits
+        assert np.abs(got - ref.numpy())[keep].max() <= 1e-5, name
