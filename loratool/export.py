@@ -289,14 +289,9 @@ def _swappable(base: Any, base_spec: str, specs: list[str], out: Path, inputs: l
             batches = [_batch(names, b, s, vocab, types, pad, g, padded=b > 1)
                        for b, s in ((1, 5), (3, 17))]
 
-            def reference(i: int | None) -> Any:  # the base, or the base with adapter i merged
-                m = _load_model(base.folder, task, config)
-                if i is not None:
-                    _merge_in_memory(m, base, [adapters[i]], [weights[i]], [specs[i]])
-                w = export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
-                return lambda feed: w(**feed).float().detach().numpy()
-
-            result = xa.check(tmp, "model.onnx", files, reference, batches, atol)
+            result = _check_swappable(tmp, info, base, config, task, dtype, opset, example,
+                                      names, output, adapters, weights, specs, per, rank,
+                                      modules, files, batches, atol)
         bar.update(1)
         not_copied = copy_config_files(base.folder, tmp)
         report = {"base": base_spec, "adapters": specs, "weights": weights, "task": task,
@@ -313,6 +308,43 @@ def _swappable(base: Any, base_spec: str, specs: list[str], out: Path, inputs: l
     report["output"] = str(out)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _check_swappable(tmp: Path, info: dict[str, Any], base: Any, config: Any, task: str,
+                     dtype: str, opset: int | None, example: dict[str, Any], names: list[str],
+                     output: str, adapters: list[Any], weights: list[float], specs: list[str],
+                     per: list[Any], rank: int, modules: list[str], files: list[str],
+                     batches: list[Any], atol: float) -> dict[str, Any]:
+    """The swappable graph in one session, switching adapters, against transformers' merged
+    models: whole when small, else a copy of its first layer written the same way."""
+    import shutil
+
+    from . import export_adapters as xa
+
+    cut = export_stream.truncated(config) if info["bytes"] > export_stream.FULL_CHECK else None
+    cfg, folder = (config, tmp) if cut is None else (cut[0], tmp / ".verify")
+
+    def reference(i: int | None) -> Any:  # the base, or the base with adapter i merged
+        m = _load_model(base.folder, task, cfg)
+        if i is not None:
+            _merge_in_memory(m, base, [adapters[i]], [weights[i]], [specs[i]], partial=True)
+        w = export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
+        return lambda feed: w(**feed).float().detach().numpy()
+
+    if cut is None:
+        return xa.check(tmp, "model.onnx", files, reference, batches, atol) | {
+            "mode": "whole model"}
+    folder.mkdir()
+    try:
+        small = export_stream.write_streamed(base, cfg, task, {}, dtype, opset, folder,
+                                             example, names, output, lora=(modules, rank))
+        sub = xa.write_adapters(folder, per, weights, specs, rank, dtype,
+                                small["lora_inputs"], strict=False)
+        result = xa.check(folder, "model.onnx", sub, reference, batches, atol)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return result | {"mode": f"the embeddings, the first layer of {cut[1]} and the head, "
+                              "exported by the same code"}
 
 
 def _vocab(config: Any) -> tuple[int, int, int]:
