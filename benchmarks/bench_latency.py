@@ -5,7 +5,8 @@ costs, beside the unmerged PEFT model in PyTorch.
 The model: Llama-shaped (hidden 1024, intermediate 2816, 8 layers, vocab 32000), fp32; the
 adapter: rank 16 on all seven attention and MLP projections (PEFT, random factors). Exports
 with loratool: the base, base + adapter merged, and the base with LoRA inputs plus the adapter
-as an onnxruntime adapter file. Then, in one process, alternating rounds, a forward pass over
+as an onnxruntime adapter file. Then, in one process, in rounds of shuffled order, a forward
+pass over
 one sequence of --tokens tokens (the prefill a serving stack runs), median of --repeat rounds:
   * onnxruntime: base graph; merged graph; swappable graph with the adapter active; swappable
     graph with no adapter
@@ -16,6 +17,7 @@ Usage: python benchmarks/bench_latency.py [--tokens 128] [--repeat 20]
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
@@ -111,10 +113,13 @@ def main() -> None:
     for _ in range(3):  # warm-up
         for f in cases.values():
             f()
+    order = list(cases)
+    rng = random.Random(0)
     for _ in range(args.repeat):
-        for k, f in cases.items():
+        rng.shuffle(order)  # a fixed order favours whichever runs first after PyTorch
+        for k in order:
             t0 = time.perf_counter()
-            f()
+            cases[k]()
             times[k].append(time.perf_counter() - t0)
     ref = statistics.median(times["onnxruntime: base graph"])
     print(f"{args.tokens} tokens, {args.repeat} rounds, medians; merged vs swappable logits "
