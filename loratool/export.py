@@ -302,12 +302,7 @@ def _swappable(base: Any, base_spec: str, specs: list[str], out: Path, inputs: l
                   "streamed": info | {"lora_inputs": len(info["lora_inputs"])},
                   "tensors_changed_by_adapters": 0, "with_past": None,
                   "not_copied": not_copied}
-        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
-        report["files"] = sorted(p.name for p in tmp.iterdir())
-        stage.publish()
-    report["output"] = str(out)
-    report["seconds"] = time.perf_counter() - t0
-    return report
+        return _publish(stage, report, out, t0)
 
 
 def _check_swappable(tmp: Path, info: dict[str, Any], base: Any, config: Any, task: str,
@@ -433,9 +428,14 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
                   "verification": result, "with_past": cached, "not_copied": not_copied,
                   "streamed": streamed,
                   "files": sorted(p.name for p in tmp.iterdir())}
-        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
-        report["files"] = sorted(p.name for p in tmp.iterdir())
-        stage.publish()
+        return _publish(stage, report, out, t0)
+
+
+def _publish(stage: Any, report: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
+    """export.json beside the graph, then the folder into place; the report completed."""
+    (stage.tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["files"] = sorted(p.name for p in stage.tmp.iterdir())
+    stage.publish()
     report["output"] = str(out)
     report["seconds"] = time.perf_counter() - t0
     return report
