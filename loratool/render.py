@@ -374,7 +374,8 @@ def format_convert(r: dict[str, Any]) -> str:
 
 def format_export(r: dict[str, Any]) -> str:
     v = r["verification"]
-    how = (f"{len(r['adapters'])} adapter(s) merged in memory "
+    how = (f"{len(r['adapters'])} adapter(s) merged "
+           f"{'into the streamed weights' if r.get('streamed') else 'in memory'} "
            f"({r['tensors_changed_by_adapters']} tensors)" if not r.get("adapter_files") else
            f"LoRA inputs on {r['lora']['modules']} modules (rank {r['lora']['rank']}), "
            f"adapters: {', '.join(r['adapter_files'])}")
@@ -390,6 +391,8 @@ def format_export(r: dict[str, Any]) -> str:
                      f"|ONNX − PyTorch| {v['max_abs_diff']:.3g} ≤ {v['atol']:g}")
     else:
         lines.append("  not verified (--no-verify)")
+    if v.get("mode", "whole model") != "whole model":
+        lines.append(f"  checked on {v['mode']}")
     past = r.get("with_past")
     if past and past["verification"]["checked"]:
         lines.append(f"  prefill.onnx + decode.onnx (KV cache): a prefill and one decode step "
