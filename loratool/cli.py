@@ -17,7 +17,7 @@ from . import __version__
 from .clikit import (run, analyze_options, safe, FORCE, FORMATS, JSON, REPO_TYPE, WEIGHTS,
                       Finite, State, adapter_out_options, echo, merge_options, notes, output,
                       extract_options, file_filters, policy, progress, quiet_option, show,
-                      rank_policy_options, DTYPES)
+                      rank_policy_options, DTYPES, DEVICE)
 
 # --------------------------------------------------------------------------- commands
 
@@ -300,14 +300,15 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
               help="Largest accepted |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16).")
 @click.option("--with-past", is_flag=True,
               help="Also export prefill.onnx and decode.onnx with a KV cache (causal LMs).")
-@click.option("--stream", is_flag=True,
-              help="Trace the architecture without its weights and write the merged weights "
-                   "tensor by tensor: memory near a few tensors, any model size (verified on "
-                   "the whole model when small, else on a copy with its first layer).")
+@click.option("--stream", is_flag=True, help="Trace without weights, write the merged weights "
+              "tensor by tensor: any size in a few tensors' memory (big models verified on a "
+              "copy with their first layer).")
 @click.option("--adapters-as-inputs", is_flag=True,
               help="Do not merge: the base graph with LoRA inputs, and each ADAPTER as an "
                    "onnxruntime adapter file (adapters/NAME.onnx_adapter) that one session "
                    "switches per run.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto, cpu, "
+              "cuda or cuda:N: where verification runs (cuda: onnxruntime-gpu).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check.")
 @FORCE
 @JSON
@@ -316,7 +317,7 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
 def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
            weights: tuple[float, ...], dtype: str, opset: int | None, task: str,
            atol: float | None, with_past: bool, stream: bool, adapters_as_inputs: bool,
-           no_verify: bool, force: bool, as_json: bool) -> None:
+           device: str, no_verify: bool, force: bool, as_json: bool) -> None:
     """Export BASE with ADAPTERs merged in memory to ONNX, verified in onnxruntime.
 
     Needs the extra: pip install 'loratool[onnx]'.
@@ -333,7 +334,8 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
 
     show(run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
                task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
-               stream=stream, adapters_as_inputs=adapters_as_inputs, progress=progress(ctx)),
+               stream=stream, adapters_as_inputs=adapters_as_inputs, device=device,
+               progress=progress(ctx)),
          as_json, format_export)
 
 

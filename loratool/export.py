@@ -176,16 +176,16 @@ def _verify(wrapper: Any, path: Path, names: list[str], vocab: int, types: int, 
     import torch
 
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), providers=export_stream.providers())
     except Exception as e:  # onnxruntime's own errors share no base class
         raise LoraToolError(f"verification failed: onnxruntime cannot load the exported graph "
                             f"({str(e).splitlines()[0][:200]}); nothing was written") from e
     g = torch.Generator().manual_seed(seed)
     worst, shapes = 0.0, []
+    forward = export_stream.reference_run(wrapper)
     for batch, seq in ((1, 5), (3, 17)):
         b = _batch(names, batch, seq, vocab, types, pad, g, padded=batch > 1)
-        with torch.no_grad():
-            ref = wrapper(**b).float().numpy()
+        ref = forward(b)
         got = sess.run(None, {k: v.numpy() for k, v in b.items()})[0].astype(np.float32)
         keep = b["attention_mask"].numpy().astype(bool)
         if not (np.isfinite(ref[keep]).all() and np.isfinite(got[keep]).all()):
@@ -203,7 +203,7 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
            weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
            task: str = "auto", atol: float | None = None, verify: bool = True,
            force: bool = False, seed: int = 0, with_past: bool = False,
-           stream: bool = False, adapters_as_inputs: bool = False,
+           stream: bool = False, adapters_as_inputs: bool = False, device: str = "auto",
            progress: Progress = SILENT) -> dict[str, Any]:
     """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
     _need_extra()
@@ -243,14 +243,21 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     if with_past and (stream or adapters_as_inputs):
         raise LoraToolError("--with-past builds the merged model in memory; export it without "
                             "--stream and --adapters-as-inputs")
+    from .options import resolve_device
+
+    dev = resolve_device("cpu" if with_past and device == "auto" else device)
+    if with_past and dev.type != "cpu":
+        raise LoraToolError("--with-past is verified on the CPU; use --device cpu")
     if adapters_as_inputs:
         if not adapter_specs:
             raise LoraToolError("--adapters-as-inputs: name the adapters to write as "
                                 "onnxruntime adapter files")
-        with progress.bar("export", total=3, unit="step") as bar:
+        with progress.bar("export", total=3, unit="step") as bar, \
+                export_stream.on_device(dev):
             return _swappable(base, base_spec, adapter_specs, out, inputs, config, task,
                               weights, dtype, opset, atol, verify, seed, bar, t0, force)
-    with progress.bar("export", total=4 if with_past else 3, unit="step") as bar:
+    with progress.bar("export", total=4 if with_past else 3, unit="step") as bar, \
+            export_stream.on_device(dev):
         return _export(base, base_spec, adapter_specs, out, inputs, config, task, weights,
                        dtype, opset, atol, verify, seed, with_past, bar, t0, force, stream)
 
@@ -323,8 +330,8 @@ def _check_swappable(tmp: Path, info: dict[str, Any], base: Any, config: Any, ta
         m = _load_model(base.folder, task, cfg)
         if i is not None:
             _merge_in_memory(m, base, [adapters[i]], [weights[i]], [specs[i]], partial=True)
-        w = export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
-        return lambda feed: w(**feed).float().detach().numpy()
+        return export_stream.reference_run(
+            export_stream.wrapper(m.half() if dtype == "fp16" else m, task))
 
     if cut is None:
         return xa.check(tmp, "model.onnx", files, reference, batches, atol) | {
@@ -413,6 +420,7 @@ def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inpu
         elif verify:
             result = _verify(wrapper, tmp / "model.onnx", names, vocab, types, pad, seed + 1,
                              atol)
+            wrapper.cpu()  # verification may have moved it to the GPU
         bar.update(1)
         cached = None
         if with_past:

@@ -114,7 +114,9 @@ def check(folder: Path, model: str, files: list[str], references: Any, batches: 
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # LoRA inputs are initializers by design: no warnings about it
-    sess = ort.InferenceSession(str(folder / model), opts, providers=["CPUExecutionProvider"])
+    from .export_stream import providers
+
+    sess = ort.InferenceSession(str(folder / model), opts, providers=providers())
     results = []
     for i in [None, *range(len(files))]:
         run = ort.RunOptions()

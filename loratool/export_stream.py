@@ -26,6 +26,8 @@ from typing import Any
 from .errors import FormatError, LoraToolError
 
 DATA = "model.onnx.data"
+# where verification runs (export --device): set for one export by ``on_device``
+_DEVICE: list[Any] = []
 ALIGN = 4096  # initializers at page offsets: onnxruntime can map them
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -279,3 +281,45 @@ def verify_streamed(folder: Path, info: dict[str, Any], base: Any, config: Any, 
                       "exported by the same code (the whole model would not fit in memory "
                       "twice)")
     return result
+
+
+class on_device:
+    """``with on_device(dev):`` verification of this export runs on ``dev``: onnxruntime's
+    CUDA provider and the PyTorch reference on the GPU for ``cuda``."""
+
+    def __init__(self, dev: Any) -> None:
+        self.dev = dev
+
+    def __enter__(self) -> None:
+        if self.dev.type == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise LoraToolError("--device cuda: this onnxruntime has no CUDA provider; "
+                                    "install onnxruntime-gpu (in place of onnxruntime), or "
+                                    "use --device cpu")
+        _DEVICE.append(self.dev)
+
+    def __exit__(self, *exc: Any) -> None:
+        _DEVICE.pop()
+
+
+def providers() -> list[str]:
+    """onnxruntime's providers for the device verification runs on."""
+    if _DEVICE and _DEVICE[-1].type == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def reference_run(module: Any) -> Any:
+    """``module`` on the verification device, as a function of a CPU feed → numpy output."""
+    import torch
+
+    dev = _DEVICE[-1] if _DEVICE else torch.device("cpu")
+    module = module.to(dev)
+
+    def run(feed: dict[str, Any]) -> Any:
+        with torch.no_grad():
+            return module(**{k: v.to(dev) for k, v in feed.items()}).float().cpu().numpy()
+    return run
+

@@ -345,3 +345,35 @@ def test_adapters_as_inputs_switch_in_one_session(tmp_path, arch):
         with torch.no_grad():
             ref = (merged[name] if name else base)(input_ids=ids, attention_mask=mask).logits
         assert np.abs(got - ref.numpy())[keep].max() <= 1e-5, name
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in \
+        ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ort_cuda(), reason="needs a CUDA GPU and onnxruntime-gpu")
+@pytest.mark.parametrize("how", [[], ["--stream"], ["--adapters-as-inputs"]])
+def test_cuda_verification_equals_cpu(tmp_path, how):
+    """--device cuda: verified with onnxruntime's CUDA provider against PyTorch on the GPU;
+    the graph and weights written are the CPU export's, byte for byte."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    _with_adapter(tmp_path, LlamaForCausalLM(llama_config()).eval(), ["q_proj", "v_proj"])
+    for dev in ("cpu", "cuda"):
+        res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / dev,
+                      "--device", dev, "--json", *how)
+        assert res.rc == 0, res.err
+        assert json.loads(res.out)["verification"]["ok"]
+    assert (tmp_path / "cpu" / "model.onnx.data").read_bytes() == \
+        (tmp_path / "cuda" / "model.onnx.data").read_bytes()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, llama_dir):
+    res = run_cli("export", llama_dir, "-o", tmp_path / "o", "--device", "cuda")
+    assert res.rc == 1 and "--device cuda" in res.err and not (tmp_path / "o").exists()
