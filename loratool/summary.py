@@ -175,22 +175,14 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
         if ia.dtype != ib.dtype:
             dtype_diff.append({"name": n, "dtype": ia.dtype, "other_dtype": ib.dtype})
         ta, tb = a.load(n), b.load(n)
-        if ia.dtype == ib.dtype and (torch.equal(ta, tb) or (
-                ta.is_floating_point() and torch.equal(ta.isnan(), tb.isnan())
-                and torch.equal(ta.nan_to_num(0.0), tb.nan_to_num(0.0)))):
+        if ia.dtype == ib.dtype and torch.equal(ta, tb):
             unchanged += 1
             continue
-        ss_d = ss_a = 0.0
-        max_abs = 0.0
-        fa, fb = ta.reshape(-1), tb.reshape(-1)
-        step = 1 << 22  # 4M elements: 32 MB of float64 per chunk
-        for s in range(0, fa.numel(), step):
-            ca, cb = fa[s:s + step].double(), fb[s:s + step].double()
-            d = cb - ca
-            ss_d += float(d.square().sum())
-            ss_a += float(ca.square().sum())
-            if d.numel():
-                max_abs = max(max_abs, float(d.abs().max()))
+        ss_d, ss_a, max_abs = _diff_sums(ta, tb)
+        if math.isnan(ss_d) and ia.dtype == ib.dtype and torch.equal(
+                ta.isnan(), tb.isnan()) and torch.equal(ta.nan_to_num(0.0), tb.nan_to_num(0.0)):
+            unchanged += 1  # the same values, NaN where the other has NaN
+            continue
         if ss_d == 0.0 and ia.dtype != ib.dtype:
             unchanged += 1
             continue
@@ -205,6 +197,43 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
     return {"other": b.source, "only_in_path": only_a, "only_in_other": only_b,
             "shape_mismatch": shape_diff, "dtype_mismatch": dtype_diff, "changed": changed,
             "unchanged": unchanged, "compared": len(common)}
+
+
+def _diff_sums(ta: Any, tb: Any) -> tuple[float, float, float]:
+    """Σ(b − a)², Σa² and max |b − a|, a chunk of 1M values at a time (in cache, one pass
+    over each tensor), summed in float64 across chunks."""
+    import torch
+
+    fa, fb = ta.reshape(-1), tb.reshape(-1)
+    # bf16/fp16 values and their differences are exact in float32 (the fast path for the
+    # checkpoints people compare); float32 data is compared in float64, as exactly as before
+    half = (torch.bfloat16, torch.float16)
+    work = torch.float32 if ta.dtype in half and tb.dtype in half else torch.float64
+    ss_d = ss_a = max_abs = 0.0
+    step = 1 << 20
+    for s in range(0, fa.numel(), step):
+        ca, cb = fa[s:s + step].to(work), fb[s:s + step].to(work)
+        d = cb - ca  # (cb may be the loaded tensor itself: not in place)
+        ss_d += _sum_squares(d)
+        ss_a += _sum_squares(ca)
+        lo, hi = torch.aminmax(d)
+        max_abs = max(max_abs, -float(lo), float(hi))
+    return ss_d, ss_a, max_abs
+
+
+def _sum_squares(x: Any) -> float:
+    """Σx² of a 1-D chunk: norms of rows of 1024 values (short float32 sums, as
+    ops.sum_squares), squared and summed in float64; one long float32 sum drifts by 1e-4."""
+    import torch
+
+    from . import ops
+
+    if x.dtype == torch.float64:
+        return float(torch.dot(x, x))
+    n = x.numel() // 1024 * 1024
+    head = ops.sum_squares(x[:n].view(-1, 1024)) if n else 0.0
+    return head + float(torch.linalg.vector_norm(x[n:].double())) ** 2 if n < x.numel() \
+        else head
 
 
 def _finite(x: float) -> float | None:

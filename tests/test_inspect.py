@@ -193,3 +193,21 @@ def test_against_zero_norm_and_nan_stay_valid_json(tmp_path):
     assert "NaN" not in res.out and "Infinity" not in res.out
     assert [x["name"] for x in c["changed"]] == ["z"] and c["changed"][0]["rel_diff"] is None
     assert c["unchanged"] == 1
+
+
+def test_against_bf16_sums_match_float64(tmp_path):
+    """bf16 checkpoints are compared in float32 chunks (the fast path): the norms still match
+    a float64 computation to float32 rounding, and max |Δ| exactly."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(3000, 700, generator=g) * 0.02).bfloat16()
+    b = (a.float() + torch.randn(3000, 700, generator=g) * 1e-3).bfloat16()
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"w": b}, str(tmp_path / "b.safetensors"))
+    c = _json(tmp_path / "a.safetensors", "--against", tmp_path / "b.safetensors")["compare"]
+    d = b.double() - a.double()
+    row = c["changed"][0]
+    assert math.isclose(row["diff_norm"], d.norm().item(), rel_tol=1e-6)
+    assert math.isclose(row["norm"], a.double().norm().item(), rel_tol=1e-6)
+    assert row["max_abs_diff"] == d.abs().max().item()
