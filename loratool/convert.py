@@ -94,20 +94,19 @@ def _fits_pipeline(ad: Any, root: Path, spec: str) -> None:
 def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
     """Give each LyCORIS module its base weight's shape (and check it fits): a LoHa or LoKr
     conv stores ΔW flat, [out, in·kh·kw], and only the base knows the kernel."""
-    from .adapter import lyco_tensor
+    from .adapter import component_folder, is_pipeline, lyco_tensor
     from .checkpoint import open_checkpoint
-    from .sources import resolve_input
 
     if base is None:
         raise FormatError(f"{spec}: converting LyCORIS modules needs the base model (--base) "
                           "for their shapes: a LoHa or LoKr convolution is stored flat")
-    target = resolve_input(base)
-    pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+    folders = {p.name for p in Path(base).iterdir() if p.is_dir()} if is_pipeline(base) \
+        else None
     ckpts: dict[Any, Any] = {}
     for m in ad.lyco.values():
-        sub = m.component if pipeline else None
+        sub = component_folder(m.component, folders, spec) if folders is not None else None
         if sub not in ckpts:
-            ckpts[sub] = open_checkpoint(str(target / sub) if sub else base)
+            ckpts[sub] = open_checkpoint(str(Path(base) / sub) if sub else base)
         lyco_tensor(m, ckpts[sub].tensors, ckpts[sub].source or base)
 
 

@@ -141,10 +141,11 @@ class LycoModule:
             d = ops.loha_delta(*(g(n) for n in LOHA), s)  # type: ignore[arg-type]
         elif self.kind == "lokr":
             d = ops.lokr_delta(*(g(n) for n in LOKR), s)  # type: ignore[arg-type]
-        else:
+        elif cheap:
             d = g("diff")  # type: ignore[assignment]
-            d = d.clone() if not abs_ and not cheap and d.data_ptr() == self.parts[
-                "diff"].data_ptr() else d  # callers change ΔW in place
+        else:  # a copy: callers change ΔW in place
+            d = self.parts["diff"].to(device=device, dtype=dtype, copy=True)
+            d = d.abs_() if abs_ else d
         return d if cheap or not self.shape else d.reshape(self.shape)
 
 

@@ -249,7 +249,7 @@ def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: li
     job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
                UnmergeRecord(base) if sign < 0 else None, record and not single)
     writer = _writer(job, out, inputs, force, max_shard_size, base_spec,
-                     list(zip(adapter_specs, weights)))
+                     list(zip(adapter_specs, weights)), single)
     report: dict[str, Any] = {}
     if verify:
         def check(folder: Path) -> None:
@@ -277,13 +277,12 @@ def weights_name(base: Any) -> str:
 
 
 def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_size: str | int,
-            base_spec: str, merged: list[tuple[str, float]]) -> Any:
-    """The output, laid out up front (every byte written once), recording its inputs."""
+            base_spec: str, merged: list[tuple[str, float]], single: bool) -> Any:
+    """The output, laid out up front (every byte written once), recording its inputs;
+    ``single``: one .safetensors file, not a folder."""
     from .writer import CheckpointWriter
 
     plan = _plan_shapes(job.base, job.order, job.edits, job.sign, job.rec, job.out_code)
-    single = Path(out).suffix == ".safetensors" and job.base.index is None and len(
-        job.base.files) == 1
     return CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
                             copy_from=None if single else job.base.folder, plan=plan,
                             filename=weights_name(job.base), single_file=single,

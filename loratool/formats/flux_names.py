@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import FormatError
+
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
            "img_attn.proj": ("attn.to_out.0",), "img_mlp.0": ("ff.net.0.proj",),
            "img_mlp.2": ("ff.net.2",), "img_mod.lin": ("norm1.linear",),
@@ -102,6 +104,9 @@ def split(m: Any, parts: tuple[str, ...], rows: list[int], swapped: bool) -> lis
     with no change at all is left out: the same products without the zero terms."""
     import copy
 
+    if m.magnitude is not None or m.bias is not None:
+        raise FormatError(f"module {m.key}: DoRA or a bias on a fused Flux weight cannot be "
+                          "split into diffusers' modules")
     out, start = [], 0
     B = swap_rows(m.B) if swapped else m.B
     for name, n in zip(parts, rows):
@@ -116,15 +121,8 @@ def split(m: Any, parts: tuple[str, ...], rows: list[int], swapped: bool) -> lis
             p.alpha = m.scale * int(used.sum())  # the same scale at the smaller rank
             p.rslora = False
         p.A, p.B = p.A.contiguous(), p.B.contiguous()
-        if m.magnitude is not None or m.bias is not None:
-            from ..errors import FormatError
-
-            raise FormatError(f"module {m.key}: DoRA or a bias on a fused Flux weight cannot "
-                              "be split into diffusers' modules")
         out.append(p)
     if start != m.B.shape[0]:
-        from ..errors import FormatError
-
         raise FormatError(f"module {m.key}: {m.B.shape[0]} output rows, but the base's "
                           f"{', '.join(parts)} have {start}")
     return out

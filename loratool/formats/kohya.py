@@ -381,25 +381,29 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     return target
 
 
+def _base_model(base: str | None, sub: str) -> Checkpoint | None:
+    """The model of ``--base`` that ``sub`` names: that folder of a pipeline, else the base
+    itself; None without a base or when it cannot be opened (names then stay diffusers')."""
+    from ..adapter import is_pipeline
+    from ..checkpoint import open_checkpoint
+    from ..errors import LoraToolError
+
+    if not base:
+        return None
+    try:
+        return open_checkpoint(str(Path(base) / sub) if is_pipeline(base) else base)
+    except LoraToolError:
+        return None
+
+
 def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
     """The modules to write: a Flux transformer's fused and named as BFL (and sd-scripts)
     names them when ``--base`` is a Flux transformer or pipeline; else as they are."""
     from .flux_names import is_fused, to_original
 
     mods = list(ad.modules.values())
-    if not base:
-        return mods, set()
-    from ..checkpoint import open_checkpoint
-    from ..errors import LoraToolError
-    from ..sources import resolve_input
-
-    target = resolve_input(base)
-    pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
-    try:
-        ckpt = open_checkpoint(str(target / "transformer") if pipeline else base)
-    except LoraToolError:
-        return mods, set()
-    if not is_fused(ckpt.config):
+    ckpt = _base_model(base, "transformer")
+    if ckpt is None or not is_fused(ckpt.config):
         return mods, set()
     flux = [m for m in mods if m.component in ("transformer", "unet", None)]
     fused = to_original(flux, ckpt.config, ckpt.tensors)  # type: ignore[arg-type]
@@ -416,24 +420,10 @@ def _sgm_names(ad: Any, base: str | None) -> dict[str, str]:
     from .sgm_names import is_sdxl, to_sgm
 
     unet = [m for m in ad.modules.values() if m.component in ("unet", None)]
-    if not unet:
+    ckpt = _base_model(base, "unet") if unet else None
+    if ckpt is None or not is_sdxl(ckpt.config):
         return {}
-    config: dict[str, Any] | None = None
-    if base:
-        from ..checkpoint import open_checkpoint
-        from ..errors import LoraToolError
-        from ..sources import resolve_input
-
-        target = resolve_input(base)
-        pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
-        try:
-            ckpt = open_checkpoint(str(target / "unet") if pipeline else base)
-        except LoraToolError:
-            return {}
-        config = ckpt.config if is_sdxl(ckpt.config) else None
-    if config is None:
-        return {}
-    names = {m.key: to_sgm(m.name, config) for m in unet}
+    names = {m.key: to_sgm(m.name, ckpt.config) for m in unet}  # type: ignore[arg-type]
     return {} if None in names.values() else names  # type: ignore[return-value]
 
 
