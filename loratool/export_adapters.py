@@ -66,10 +66,12 @@ def adapter_name(spec: str, taken: set[str]) -> str:
 
 
 def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float],
-                   specs: list[str], rank: int, dtype: str, inputs: list[str],
-                   strict: bool = True) -> list[str]:
-    """One ``adapters/NAME.onnx_adapter`` per adapter; the file names, in order. Not
-    ``strict`` (a truncated copy for verification): modules the graph lacks are left out."""
+                   specs: list[str], rank: int, dtype: str, inputs: list[str]
+                   ) -> tuple[list[str], list[str]]:
+    """One ``adapters/NAME.onnx_adapter`` per adapter: the file names, in order, and the
+    modules left out because the graph has no LoRA inputs for them: the exporter drops what
+    the output does not depend on (BERT's pooler under last_hidden_state; the layers a
+    truncated verification copy lacks), so their change cannot reach the output."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -77,7 +79,8 @@ def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float]
     want = torch.float16 if dtype == "fp16" else torch.float32
     (folder / "adapters").mkdir()
     taken: set[str] = set()
-    files = []
+    files: list[str] = []
+    unused: set[str] = set()
     graph = set(inputs)
     for mods, w, spec in zip(per, weights, specs):
         params = {}
@@ -85,9 +88,8 @@ def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float]
             a_name = f"model.{name}.lora_A.default.weight"
             b_name = f"model.{name}.lora_B.default.weight"
             if a_name not in graph or b_name not in graph:
-                if not strict:
-                    continue
-                raise FormatError(f"{spec}: the graph has no LoRA inputs for {name}")
+                unused.add(name)
+                continue
             A = torch.zeros(rank, m.A.shape[1], dtype=torch.float32)
             B = torch.zeros(m.B.shape[0], rank, dtype=torch.float32)
             A[: m.rank] = m.A.float()
@@ -102,7 +104,7 @@ def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float]
         path = folder / "adapters" / (adapter_name(spec, taken) + SUFFIX)
         fmt.export_adapter(str(path))
         files.append(f"adapters/{path.name}")
-    return files
+    return files, sorted(unused)
 
 
 def check(folder: Path, model: str, files: list[str], references: Any, batches: Any,

@@ -382,6 +382,9 @@ def format_export(r: dict[str, Any]) -> str:
     lines = [f"wrote {r['output']}: {', '.join(r['files'])}",
              f"  {r['architecture']} ({r['task']}, {r['dtype']}), inputs "
              f"{', '.join(r['inputs'])}; {how}; {r['seconds']:.1f} s"]
+    if (r.get("lora") or {}).get("outside_the_graph"):
+        lines.append(f"  not in the graph (the output does not depend on them): "
+                     f"{', '.join(r['lora']['outside_the_graph'])}")
     if v["checked"] and v.get("switches"):
         lines.append(f"  verified in one onnxruntime session, switching adapters per run: max "
                      f"|ONNX − PyTorch (merged)| {v['max_abs_diff']:.3g} ≤ {v['atol']:g} over "

@@ -377,3 +377,21 @@ def test_cuda_verification_equals_cpu(tmp_path, how):
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, llama_dir):
     res = run_cli("export", llama_dir, "-o", tmp_path / "o", "--device", "cuda")
     assert res.rc == 1 and "--device cuda" in res.err and not (tmp_path / "o").exists()
+
+
+def test_adapters_as_inputs_leave_out_what_the_output_does_not_use(tmp_path):
+    """BERT's pooler is not in a last_hidden_state graph: an adapter on every `dense` layer
+    still exports, the pooler's LoRA is named as outside the graph, and the switch checks."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, vocab_size=100,
+                                 max_position_embeddings=64)).eval()
+    _with_adapter(tmp_path, model, ["dense"])
+    res = run_cli("export", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "onnx",
+                  "--adapters-as-inputs", "--json")
+    assert res.rc == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["lora"]["outside_the_graph"] == ["pooler.dense"]
+    assert rep["verification"]["ok"] and len(rep["verification"]["switches"]) == 2
