@@ -4,19 +4,42 @@ The handler both raises ``KeyboardInterrupt`` and remembers that it did: a libra
 swallows the exception (an import interrupted half-way can end in an unrelated error) cannot
 make the command carry on and publish an output or exit 0. :class:`staging.Stage` checks
 before it publishes; the CLI's boundary turns any error after an interrupt into exit 130.
+
+An interrupt that lands inside an import is held back until the import is over: torch's
+import runs Python code under C++ (pybind11) frames, and an exception raised there ends the
+process with ``terminate`` (SIGABRT, a core dump) instead of exit 130. The signal is sent
+again a moment later, and again, until it lands outside any import.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+from types import FrameType
 from typing import Any
 
 _interrupted = False
+_RETRY_S = 0.05
+
+
+def _in_import(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _handler(signum: int, frame: Any) -> None:
     global _interrupted
     _interrupted = True
+    if _in_import(frame):
+        # hold it back: send it again shortly, when the import may be over
+        timer = threading.Timer(_RETRY_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
     raise KeyboardInterrupt
 
 

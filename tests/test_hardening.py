@@ -85,6 +85,22 @@ def test_ctrl_c_at_any_moment_leaves_old_or_new(demo, tmp_path):
         assert not _leftovers(tmp_path, "m")
 
 
+def test_ctrl_c_inside_an_import_waits_for_the_import(tmp_path):
+    """An interrupt during an import is raised after it, not inside: torch's import runs
+    Python under C++ frames, where a raised KeyboardInterrupt ends the process by SIGABRT."""
+    (tmp_path / "slow_module.py").write_text(
+        "import signal, time\nsignal.raise_signal(signal.SIGINT)\ntime.sleep(0.2)\n"
+        "FINISHED = True\n")
+    code = ("import sys, time\nfrom loratool import interrupts\ninterrupts.install()\n"
+            "try:\n    import slow_module\nexcept KeyboardInterrupt:\n    sys.exit(3)\n"
+            "assert slow_module.FINISHED and interrupts.interrupted()\n"
+            "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}"
+                              f"{os.environ.get('PYTHONPATH', '')}"}, timeout=60)
+    assert res.returncode == 130, res.stderr  # 3: raised inside the import
+
+
 def test_two_runs_to_one_output(demo, tmp_path):
     """Two merges to the same -o at once: one writes, the other says so; the output is whole."""
     out = tmp_path / "m"
