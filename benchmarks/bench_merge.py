@@ -2,17 +2,24 @@
 
 In one run, alternating, each a fresh process, on synthetic Llama-shaped bf16 pairs (base +
 rank-16 PEFT adapter on every attention and MLP matrix):
-  * ``cp -r BASE OUT``                                   the I/O floor
-  * ``loratool merge BASE ADAPTER -o OUT``
+  * ``cp -r BASE OUT && sync OUT/*``                     the floor, as durable as a merge
+  * ``cp -r BASE OUT``                                   the floor without the flush
+  * ``python -c "import torch"``                         interpreter start-up with torch
+  * ``loratool merge BASE ADAPTER -o OUT``               (fsync'd before it is published)
+  * ``loratool merge BASE ADAPTER -o OUT --no-fsync``
   * PEFT: ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
   * mergekit: ``mergekit-yaml`` with the ``BASE+ADAPTER`` model syntax (passthrough)
+Every case starts after a ``sync``, so that no case pays for the previous one's dirty pages.
 Reports median wall time and peak RSS (``wait4``) per tool and model size.
+
+``--busy``: the default merge alone, alternating idle runs with runs beside a competing busy
+process (``yes > /dev/null``, one core), median and worst of each.
 
 The peers run from a separate virtual environment (``--peers-python``) so that their pinned
 dependencies do not touch loratool's:
     python3 -m venv bench-work/peers && bench-work/peers/bin/pip install torch==2.13.0 \\
         mergekit==0.1.5 peft
-Usage: python benchmarks/bench_merge.py [--layers 8 20] [--repeat 3]
+Usage: python benchmarks/bench_merge.py [--layers 8 20] [--repeat 3] [--busy]
 """
 
 from __future__ import annotations
@@ -96,11 +103,69 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
+def cases(args: argparse.Namespace, n: int, peers: Path) -> dict[str, list[str]]:
+    base, adapter, out = args.work / f"base-{n}", args.work / f"adapter-{n}", args.work / "out"
+    yml = args.work / f"mergekit-{n}.yml"
+    yml.write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\n"
+                   "dtype: bfloat16\n")
+    merge = [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out)]
+    c = {
+        "cp -r + sync (floor)": ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/* "$1"', str(base),
+                                 str(out)],
+        "python -c 'import torch' (start-up)": [sys.executable, "-c", "import torch"],
+        "loratool merge": merge,
+        "cp -r (floor, no flush)": ["cp", "-r", str(base), str(out)],
+        "loratool merge --no-fsync": merge + ["--no-fsync"],
+        "PEFT merge_and_unload": [str(peers), "-c", PEFT_MERGE, str(base), str(adapter),
+                                  str(out)],
+        "mergekit-yaml (base+lora)": [str(peers.parent / "mergekit-yaml"), str(yml), str(out),
+                                      "--lazy-unpickle", "--allow-crimes",
+                                      "--lora-merge-cache", str(args.work / "mk-cache")],
+    }
+    if not peers.exists():
+        c = {k: v for k, v in c.items() if not k.startswith(("PEFT", "mergekit"))}
+    return c
+
+
+def fresh(args: argparse.Namespace) -> None:
+    """No output left, no cache left, nothing dirty: each case starts from the same state."""
+    shutil.rmtree(args.work / "out", ignore_errors=True)
+    shutil.rmtree(args.work / "mk-cache", ignore_errors=True)
+    os.sync()
+
+
+def busy(args: argparse.Namespace, env: dict) -> None:
+    """The default merge, idle and beside `yes > /dev/null`, alternating."""
+    n = args.layers[-1]
+    cmd = cases(args, n, Path("/nonexistent"))["loratool merge"]
+    walls: dict[str, list[float]] = {"idle": [], "busy": []}
+    for _ in range(args.repeat):
+        for kind in walls:
+            fresh(args)
+            hog = subprocess.Popen(["sh", "-c", "yes > /dev/null"]) if kind == "busy" else None
+            try:
+                walls[kind].append(run(cmd, env)[0])
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+    fresh(args)
+    print(f"{n} layers, {args.repeat} runs each, alternating\n")
+    print("| load | median wall (s) | worst (s) | runs |\n|---|---:|---:|---|")
+    for kind, ws in walls.items():
+        print(f"| {kind} | {statistics.median(ws):.2f} | {max(ws):.2f} | "
+              f"{', '.join(f'{w:.2f}' for w in ws)} |")
+    ratio = statistics.median(walls["busy"]) / statistics.median(walls["idle"])
+    print(f"busy / idle median: {ratio:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "merge")
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 20])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--busy", action="store_true",
+                    help="the default merge idle and beside a busy process, nothing else")
     ap.add_argument("--peers-python", default=str(ROOT / "bench-work" / "peers" / "bin" /
                                                  "python"))
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
@@ -112,49 +177,36 @@ def main() -> None:
     # build in a child: a parent holding torch would inflate the children's peak RSS
     subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work),
                     "--layers", *map(str, args.layers)], check=True)
-    peers = Path(args.peers_python)
-    mergekit = peers.parent / "mergekit-yaml"
-    out = args.work / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count())}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.busy:
+        return busy(args, env)
     rows = []
     for n in args.layers:
-        base, adapter = args.work / f"base-{n}", args.work / f"adapter-{n}"
-        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-        yml = args.work / f"mergekit-{n}.yml"
-        yml.write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\n"
-                       "dtype: bfloat16\n")
-        cases = {
-            "cp -r (I/O floor)": ["cp", "-r", str(base), str(out)],
-            "loratool merge": [sys.executable, "-m", "loratool", "merge", str(base),
-                               str(adapter), "-o", str(out)],
-            "PEFT merge_and_unload": [str(peers), "-c", PEFT_MERGE, str(base), str(adapter),
-                                      str(out)],
-            "mergekit-yaml (base+lora)": [str(mergekit), str(yml), str(out), "--lazy-unpickle",
-                                          "--allow-crimes", "--lora-merge-cache",
-                                          str(args.work / "mk-cache")],
-        }
-        if not peers.exists():
-            cases = {k: v for k, v in cases.items() if not k.startswith(("PEFT", "mergekit"))}
-        results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+        size = sum(f.stat().st_size for f in (args.work / f"base-{n}").glob("*.safetensors"))
+        todo = cases(args, n, Path(args.peers_python))
+        results: dict[str, list[tuple[float, float]]] = {k: [] for k in todo}
         for _ in range(args.repeat):
-            for name, cmd in cases.items():
-                shutil.rmtree(out, ignore_errors=True)
-                shutil.rmtree(args.work / "mk-cache", ignore_errors=True)  # no warm cache
+            for name, cmd in todo.items():
+                fresh(args)
                 results[name].append(run(cmd, env))
-        shutil.rmtree(out, ignore_errors=True)
-        floor = statistics.median(w for w, _ in results["cp -r (I/O floor)"])
+        fresh(args)
+        med = {k: statistics.median(w for w, _ in rs) for k, rs in results.items()}
         for name, rs in results.items():
-            wall = statistics.median(w for w, _ in rs)
-            rows.append((n, size, name, wall, wall / floor, max(m for _, m in rs)))
-    print(f"{args.repeat} runs each, alternating; median wall, max peak RSS\n")
-    print("| layers | base size | command | wall (s) | × cp | peak RSS (MiB) |")
-    print("|---:|---:|---|---:|---:|---:|")
-    for n, size, name, wall, ratio, rss in rows:
-        print(f"| {n} | {size / 1e9:.2f} GB | {name} | {wall:.2f} | {ratio:.2f} | {rss:.0f} |")
-    lt = {n: w for n, _, name, w, _, _ in rows if name == "loratool merge"}
-    for n, size, name, wall, _, rss in rows:
-        if name != "loratool merge" and not name.startswith("cp"):
-            print(f"loratool vs {name} at {n} layers: {wall / lt[n]:.2f}× faster")
+            rows.append((n, size, name, med[name], max(m for _, m in rs)))
+        start = med["python -c 'import torch' (start-up)"]
+        for floor, lt in (("cp -r + sync (floor)", "loratool merge"),
+                          ("cp -r (floor, no flush)", "loratool merge --no-fsync")):
+            print(f"{n} layers: {lt} / ({floor} + start-up) = "
+                  f"{med[lt] / (med[floor] + start):.2f}")
+        for name in med:
+            if name.startswith(("PEFT", "mergekit")):
+                print(f"{n} layers: loratool merge is {med[name] / med['loratool merge']:.2f}× "
+                      f"faster than {name}")
+    print(f"\n{args.repeat} runs each, alternating; median wall, max peak RSS\n")
+    print("| layers | base size | command | wall (s) | peak RSS (MiB) |")
+    print("|---:|---:|---|---:|---:|")
+    for n, size, name, wall, rss in rows:
+        print(f"| {n} | {size / 1e9:.2f} GB | {name} | {wall:.2f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

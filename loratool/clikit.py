@@ -151,7 +151,17 @@ def output(help_text: str, required: bool = True) -> Any:
                         type=click.Path(path_type=Path), help=help_text)
 
 
-FORCE = click.option("--force", is_flag=True, help="Replace an existing output (never an input).")
+def _no_fsync(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    from .staging import set_no_fsync
+
+    set_no_fsync(value)
+
+
+FORCE = options(
+    click.option("--force", is_flag=True, help="Replace an existing output (never an input)."),
+    click.option("--no-fsync", is_flag=True, expose_value=False, callback=_no_fsync,
+                 help="Do not flush the output to disk before publishing it (scratch work: "
+                      "faster, but a power cut may leave it incomplete)."))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 WEIGHTS = click.option("--weight", "weights", multiple=True, type=FINITE, metavar="W",
                        help="Scale of each adapter's delta, one per adapter in order (default "
@@ -328,9 +338,11 @@ def run(cli: Any, argv: list[str] | None) -> None:
     """The one error boundary: every expected failure is one line and exit 1 (usage: 2),
     an interrupt 130, a bug one line naming it (LORATOOL_DEBUG=1: the traceback)."""
     from . import interrupts
+    from .staging import set_no_fsync
 
     program = argv is None
     interrupts.install()
+    set_no_fsync(False)  # a flag of one command, never of the next (tests run many in-process)
     try:
         rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
         interrupts.check_interrupted()  # an interrupt something swallowed is still one

@@ -32,10 +32,18 @@ OUTPUT_MARKERS = (".safetensors", ".gguf", ".onnx", ".onnx.data", ".bin", ".pt",
                   "config.json", "adapter_config.json", "export.json", ".index.json")
 
 
+_no_fsync = False  # --no-fsync on this command line (reset by the CLI for each command)
+
+
+def set_no_fsync(value: bool) -> None:
+    global _no_fsync
+    _no_fsync = value
+
+
 def durable() -> bool:
-    """fsync outputs before publishing them (``LORATOOL_NO_FSYNC=1`` skips it, for scratch
-    work where a power cut may lose the result)."""
-    return os.environ.get("LORATOOL_NO_FSYNC", "") in ("", "0")
+    """fsync outputs before publishing them (``--no-fsync`` or ``LORATOOL_NO_FSYNC=1`` skips
+    it, for scratch work where a power cut may lose the result)."""
+    return not _no_fsync and os.environ.get("LORATOOL_NO_FSYNC", "") in ("", "0")
 
 
 def output_os_error(path: Path, e: OSError, need: int | None = None) -> OutputError:

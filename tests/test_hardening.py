@@ -196,8 +196,15 @@ def test_outputs_are_flushed_to_disk(demo, tmp_path, monkeypatch):
     assert len(synced) >= len(files) + 2
     assert synced[-1] == str(tmp_path)
     synced.clear()
+    assert run_cli("merge", demo / "base", demo / "adapter", "-o", tmp_path / "m2",
+                   "--no-fsync").rc == 0
+    assert synced == []
+    # the flag is one command's: the next one flushes again
+    assert run_cli("merge", demo / "base", demo / "adapter", "-o", tmp_path / "m3").rc == 0
+    assert synced
+    synced.clear()
     monkeypatch.setenv("LORATOOL_NO_FSYNC", "1")
-    assert run_cli("merge", demo / "base", demo / "adapter", "-o", tmp_path / "m2").rc == 0
+    assert run_cli("merge", demo / "base", demo / "adapter", "-o", tmp_path / "m4").rc == 0
     assert synced == []
 
 
