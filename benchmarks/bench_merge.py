@@ -142,7 +142,8 @@ def busy(args: argparse.Namespace, env: dict) -> None:
     for _ in range(args.repeat):
         for kind in walls:
             fresh(args)
-            hog = subprocess.Popen(["sh", "-c", "yes > /dev/null"]) if kind == "busy" else None
+            hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) if kind == "busy" \
+                else None
             try:
                 walls[kind].append(run(cmd, env)[0])
             finally:

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .options import streaming_threads
 from .progress import SILENT, Progress
 
 
+@streaming_threads()  # the CLI's merge: fewer threads than cores (see streaming_threads)
 def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
         sign: float, device: str = "auto", dtype: str = "keep",
         max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,

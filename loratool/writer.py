@@ -15,13 +15,13 @@ Example::
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
+from .directio import SequentialWriter
 from .tensorfile import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code, tensor_bytes
 from .errors import LoraToolError, OutputError
 from .staging import Stage, output_os_error
@@ -33,13 +33,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_SHARD = 5 * 10**9  # transformers' default "5GB"
 # Files of a source folder that never travel to an output: weights, model cards, VCS state.
 NOT_COPIED = {"README.md", ".gitattributes", "adapter_config.json"}
-
-
-def _write_all(f: BinaryIO, view: memoryview) -> None:
-    """An unbuffered write may be partial: loop until every byte is out."""
-    done = 0
-    while done < len(view):
-        done += f.write(view[done:]) or 0
 
 
 def _header_bytes(metadata: dict[str, str], header: dict[str, Any]) -> bytes:
@@ -59,15 +52,16 @@ class _Shard:
         self.header: dict[str, Any] = dict(planned or {})
         self.planned = planned is not None
         self.size = 0
+        self.direct: SequentialWriter | None = None
         if self.planned:
             self.data_path = None
-            # unbuffered: data also arrives by copy_file_range on the same descriptor
-            self.f: BinaryIO = open(self.path, "wb", buffering=0)
+            # front to back, past the page cache, written while the caller computes
+            self.direct = SequentialWriter(self.path)
             raw = _header_bytes(metadata, self.header)
-            _write_all(self.f, memoryview(len(raw).to_bytes(8, "little") + raw))
+            self.direct.write(memoryview(len(raw).to_bytes(8, "little") + raw))
         else:
             self.data_path = folder / f".shard-{number}.data"
-            self.f = open(self.data_path, "wb")
+            self.f: BinaryIO = open(self.data_path, "wb")
 
     def add(self, name: str, t: "torch.Tensor") -> None:
         view = tensor_bytes(t)
@@ -79,7 +73,7 @@ class _Shard:
         else:
             self.header[name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
                                  "data_offsets": [self.size, self.size + len(view)]}
-        _write_all(self.f, view) if self.planned else self.f.write(view)
+        self.direct.write(view) if self.direct is not None else self.f.write(view)
         self.size += len(view)
 
     def add_raw(self, name: str, code: str, shape: list[int], src: Path, offset: int,
@@ -89,31 +83,17 @@ class _Shard:
         if not self.planned or want is None or want["data_offsets"] != [
                 self.size, self.size + nbytes] or want["dtype"] != code or want["shape"] != shape:
             raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
-        kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
+        assert self.direct is not None
         with open(src, "rb", buffering=0) as fin:
-            done = 0
-            while done < nbytes:
-                n = -1
-                if kernel_copy is not None:
-                    try:
-                        n = kernel_copy(fin.fileno(), self.f.fileno(), nbytes - done,
-                                        offset + done)
-                    except OSError as e:  # another file system, no kernel support
-                        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
-                            raise
-                        kernel_copy = None
-                if n < 0:  # read and write
-                    fin.seek(offset + done)
-                    chunk = fin.read(min(nbytes - done, 1 << 24))
-                    _write_all(self.f, memoryview(chunk))
-                    n = len(chunk)
-                if n == 0:
-                    raise LoraToolError(f"{src}: ended while copying tensor {name!r}")
-                done += n
+            if self.direct.copy_from(fin.fileno(), offset, nbytes) != nbytes:
+                raise LoraToolError(f"{src}: ended while copying tensor {name!r}")
         self.size += nbytes
 
     def close(self) -> None:
-        self.f.close()
+        if self.direct is not None:
+            self.direct.close()
+        else:
+            self.f.close()
         if self.planned:
             end = max((v["data_offsets"][1] for v in self.header.values()), default=0)
             if self.size != end:
@@ -125,6 +105,13 @@ class _Shard:
             out.write(len(raw).to_bytes(8, "little") + raw)
             shutil.copyfileobj(data, out, 16 * 2**20)
         self.data_path.unlink()
+
+    def discard(self) -> None:
+        """Stop writing (the temporary folder is removed after)."""
+        if self.direct is not None:
+            self.direct.discard()
+        elif not self.f.closed:
+            self.f.close()
 
 
 # Files that hold the model's weights in another framework's format (an ONNX or OpenVINO
@@ -360,8 +347,7 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Remove everything written so far, and the parent folders this writer made."""
         for shard in [*self.shards, *self.side_files.values()]:
-            if not shard.f.closed:
-                shard.f.close()
+            shard.discard()
         self.stage.abort()
         self.tmp = None
 

@@ -394,3 +394,30 @@ def test_verify_also_scans_tensors_copied_unchanged(tmp_path):
                   "--verify")
     assert res.rc == 1 and key in res.err and "copied unchanged" in res.err, res.err
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("omp", [None, "3"])
+def test_merge_uses_fewer_threads_than_cores_and_restores_them(tmp_path, monkeypatch, omp):
+    """Streaming work on every core stalls when one core is busy elsewhere: the merge runs
+    with half the cores (at most 4; OMP_NUM_THREADS wins) and gives torch's setting back."""
+    import loratool.merge as merge
+
+    _setup(tmp_path, "lora+patterns", seed=1)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    cores = len(os.sched_getaffinity(0))
+    seen = []
+    real = merge.merge_checkpoint
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(merge, "merge_checkpoint", spy)
+    before = torch.get_num_threads()
+    assert run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o",
+                   tmp_path / "m").rc == 0
+    assert seen == [int(omp) if omp else max(1, min(4, cores // 2))]
+    assert torch.get_num_threads() == before
