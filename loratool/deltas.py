@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 from .adapter import EMBEDDING
@@ -82,33 +83,106 @@ def pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
 
 
 def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterator[Any]:
-    """(name, W_base, ΔW, W_tuned as stored) per tensor, float32 on the device; W_base is None
-    for a resized tensor (ΔW is then the tuned tensor) and both are None when unchanged."""
+    """(name, W_base and ΔW in float32 on the device, W_tuned as stored) per tensor;
+    W_base is None for a resized tensor (ΔW is then the tuned tensor) and both are None when
+    unchanged. On the CPU all three live in buffers reused for the next tensors (fresh memory
+    costs a page fault per 4 KiB): a caller that keeps one must copy it. The next pair is
+    read in a background thread while the caller works on this one."""
     import torch
 
-    for name in names:
+    from .tensorfile import Buffers
+
+    bufs, reads = Buffers(), [Buffers(), Buffers()]
+
+    def read(i: int) -> tuple[Any, Any] | str | None:
+        name = names[i]
         bi, ti = base.info(name), tuned.info(name)
-        bar.update(1)
-        if bi.shape != ti.shape:
-            if EMBEDDING.search(name) or HEAD.search(name):
-                yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
+        if bi.shape != ti.shape or not ti.dtype.startswith(("F", "BF")):
+            return None
+        if _same_bytes(base, tuned, name, reads[i % 2]):
+            return "unchanged"  # found without a whole-tensor buffer (embeddings are large)
+        return (base.load(name, buffer=reads[i % 2].get("base", torch.uint8, bi.nbytes)),
+                tuned.load(name, buffer=reads[i % 2].get("tuned", torch.uint8, ti.nbytes)))
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, 0) if names else None
+        for i, name in enumerate(names):
+            assert pending is not None
+            raws = pending.result()
+            pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
+            bi, ti = base.info(name), tuned.info(name)
+            bar.update(1)
+            if bi.shape != ti.shape:
+                if EMBEDDING.search(name) or HEAD.search(name):
+                    yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
+                    continue
+                raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in "
+                                  f"the base and {list(ti.shape)} in the tuned model")
+            if raws is None:
+                continue  # integer buffers are not weights
+            if raws == "unchanged":
+                yield name, None, None, ti
                 continue
-            raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in the "
-                              f"base and {list(ti.shape)} in the tuned model")
-        if not (ti.dtype.startswith(("F", "BF"))):
-            continue  # integer buffers are not weights
-        # compare in the stored dtype first: unchanged tensors (often the largest, the
-        # embeddings) are skipped without float32 copies
-        raw_base, raw_tuned = base.load(name), tuned.load(name)
-        if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
-            yield name, None, None, ti
-            continue
+            # compared in the stored dtype first: unchanged tensors are skipped without
+            # float32 copies
+            raw_base, raw_tuned = raws
+            if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
+                yield name, None, None, ti
+                continue
+            w_base, delta = _widened_difference(name, raw_base, raw_tuned, dev, bufs)
+            yield name, w_base, delta, raw_tuned
+
+
+COMPARE_CHUNK = 8 << 20
+
+
+def _same_bytes(base: Any, tuned: Any, name: str, bufs: Any) -> bool:
+    """Whether a tensor's bytes are identical in both safetensors files, read a chunk at a
+    time and stopping at the first difference. False also when that cannot be told from the
+    files (other formats, other dtypes): the caller then compares the loaded tensors."""
+    import torch
+
+    from .tensorfile import read_exactly, tensor_bytes
+
+    if base.gguf is not None or tuned.gguf is not None:
+        return False
+    bi, ti = base.local_info(name), tuned.local_info(name)
+    if bi.offset < 0 or ti.offset < 0 or bi.dtype != ti.dtype or bi.nbytes != ti.nbytes:
+        return False
+    a = bufs.get("compare_base", torch.uint8, COMPARE_CHUNK)
+    b = bufs.get("compare_tuned", torch.uint8, COMPARE_CHUNK)
+    try:
+        with open(bi.file, "rb", buffering=0) as fa, open(ti.file, "rb", buffering=0) as fb:
+            for s in range(0, bi.nbytes, COMPARE_CHUNK):
+                n = min(COMPARE_CHUNK, bi.nbytes - s)
+                read_exactly(fa, tensor_bytes(a)[:n], bi.offset + s, bi)
+                read_exactly(fb, tensor_bytes(b)[:n], ti.offset + s, ti)
+                if not torch.equal(a[:n], b[:n]):
+                    return False
+    except OSError as e:
+        from .errors import os_input_error
+
+        raise os_input_error(e.filename or bi.file, e) from e
+    return True
+
+
+def _widened_difference(name: str, raw_base: Any, raw_tuned: Any, dev: Any, bufs: Any
+                        ) -> tuple[Any, Any]:
+    """W_base and W_tuned − W_base in float32 (both widened exactly; one dtype takes torch's
+    fast kernels), in reused buffers on the CPU; NaN or Inf is an error."""
+    import torch
+
+    if dev.type == "cpu":
+        w_base = bufs.tensor("base32", torch.float32, tuple(raw_base.shape))
+        w_base.copy_(raw_base)
+        delta = bufs.tensor("delta", torch.float32, tuple(raw_tuned.shape))
+        delta.copy_(raw_tuned).sub_(w_base)
+    else:
         w_base = raw_base.to(device=dev, dtype=torch.float32)
-        del raw_base
         delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
-        if delta.numel():
-            lo, hi = (float(x) for x in torch.aminmax(delta))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in "
-                                  "one of the models); nothing was written")
-        yield name, w_base, delta, raw_tuned
+    if delta.numel():
+        lo, hi = (float(x) for x in torch.aminmax(delta))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in one "
+                              "of the models); nothing was written")
+    return w_base, delta

@@ -161,7 +161,8 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
     if name in job.expert_of:  # one block of an expert's matrix
         _take_expert_block(job, name, w_base, delta)
         return
-    if not bool(delta.any()):
+    delta_sq = ops.sum_squares(delta)  # ΔW is finite (diffs checked): 0 only when all zero
+    if not delta_sq:
         job.skipped += 1
         return
     kind = deltas.kind(name, ti.shape, job.model_type, job.embed_lora)
@@ -178,14 +179,13 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
                 rel = math.sqrt(ops.sum_squares(M) / (ops.sum_squares(w_base[e]) or math.inf))
                 _factor_or_wait(job, key, "linear", M, rel, ti, M)
         return
-    M = matrix(delta, kind)
-    rel_w = math.sqrt(ops.sum_squares(delta) / ops.sum_squares(w_base)) if bool(
-        w_base.any()) else math.inf
-    _factor_or_wait(job, name, kind, M, rel_w, ti, delta)
+    base_sq = ops.sum_squares(w_base)
+    rel_w = math.sqrt(delta_sq / base_sq) if base_sq else math.inf
+    _factor_or_wait(job, name, kind, matrix(delta, kind), rel_w, ti, delta, delta_sq)
 
 
 def _factor_or_wait(job: _Job, name: str, kind: str, M: Any, rel_w: float, ti: Any,
-                    delta: Any) -> None:
+                    delta: Any, total_sq: float | None = None) -> None:
     """Factorise now, or (a budget) keep the spectrum and factorise at the budget's rank."""
     if job.policy.kind == "budget":
         # pass 1 of 2: only the spectrum, up to the cap; factors come in pass 2
@@ -199,20 +199,20 @@ def _factor_or_wait(job: _Job, name: str, kind: str, M: Any, rel_w: float, ti: A
         job.pending.append((name, kind, rel_w))
         return
     f = factorize(M, job.policy, exact=job.exact, seed=module_seed(job.seed, name),
-                  store_dtype=job.store_dtype(ti.dtype), name=name)
+                  store_dtype=job.store_dtype(ti.dtype), name=name, total_sq=total_sq)
     job.modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
 
 
 def _take_full(job: _Job, name: str, delta: Any, raw_tuned: Any, ti: Any) -> None:
     """A changed tensor that is not LoRA-able: a bias change, or the tuned tensor in full."""
     if name.endswith(".bias"):
-        job.biases[name] = delta.cpu()
+        job.biases[name] = delta.to("cpu", copy=True)  # delta's buffer serves the next one
         job.fix("bias changes", delta.numel(), ti.dtype, None)
         return
     if job.skip_full:
         job.dropped.append(name)
         return
-    job.full[name] = raw_tuned.to(job.store_dtype(ti.dtype)).cpu()  # the tuned values
+    job.full[name] = raw_tuned.to("cpu", job.store_dtype(ti.dtype), copy=True)  # tuned values
     lookup = EMBEDDING.search(name) or HEAD.search(name)
     label = "embeddings and heads in full" if lookup else "norms and other tensors in full"
     hint = ("--embed-lora" if not job.embed_lora else None) if lookup else "--skip-full"
@@ -270,7 +270,7 @@ def _take_expert_block(job: _Job, name: str, w_base: Any, delta: Any) -> None:
     have = job.waiting.setdefault(key, {})
     shape = job.tuned.info(name).shape
     # unchanged blocks are zeros: the expert's matrix is what transformers fuses
-    have[block] = ((delta if delta is not None else torch.zeros(shape, device=job.dev)),
+    have[block] = ((delta.clone() if delta is not None else torch.zeros(shape, device=job.dev)),
                    ops.sum_squares(w_base) if w_base is not None else ops.sum_squares(
                        job.base.load(name, dtype=torch.float32)))
     if len(have) < len(job.expert_sources[key]):

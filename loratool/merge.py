@@ -28,25 +28,10 @@ from .edits import RECORD, Edit, UnmergeRecord, apply_edit, plan_edits
 from .errors import FormatError, LoraToolError
 from .options import DTYPES, check_dtype, check_weights, resolve_device
 from .progress import SILENT, Progress
+from .tensorfile import Buffers
 from .verify import verify_output
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
-
-
-class Buffers:
-    """Reused CPU buffers, grown as needed: fresh memory costs a page fault per 4 KiB, which
-    on small VMs is slower than the reads and writes themselves."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[tuple[str, Any], Any] = {}
-
-    def get(self, key: str, dtype: Any, numel: int) -> Any:
-        import torch
-
-        b = self.bufs.get((key, dtype))
-        if b is None or b.numel() < numel:
-            b = self.bufs[(key, dtype)] = torch.empty(numel, dtype=dtype)
-        return b
 
 
 def _apply_rows(t: Any, e: Edit, sign: float, out_dtype: Any, name: str,

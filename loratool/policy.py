@@ -96,6 +96,9 @@ class RankPolicy:
         return min(full, self.max_rank or full)
 
 
+CONVERGED = 1e-3  # a pass that lowers the error by less than 0.1 % of it ends the iteration
+
+
 def module_seed(seed: int, name: str) -> int:
     """A per-module seed that depends on the name, not on the order modules are met in."""
     return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8", "surrogatepass"))) % (2**63)
@@ -116,10 +119,11 @@ class Factored:
     spectrum: Any = None  # the leading singular values computed on the way
 
 
-def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2
-             ) -> tuple[Any, Any, Any, str]:
+def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2,
+             total_sq: float | None = None) -> tuple[Any, Any, Any, str]:
     """At least ``want`` singular triplets of M (all of them when exact or when ``want`` is
-    close to full rank)."""
+    close to full rank). With ``total_sq`` (‖M‖²) the power iterations stop once the rank-
+    ``want`` error has converged to 0.1 % (see ops.randomized_svd)."""
     import torch
 
     from . import ops
@@ -130,7 +134,8 @@ def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2
         return U, S, Vh, "exact"
     g = torch.Generator(device=M.device).manual_seed(seed)
     U, S, Vh = ops.randomized_svd(M, want, generator=g, power_iters=power_iters,
-                                  oversample=max(10, want // 2))
+                                  oversample=max(10, want // 2), tol=CONVERGED,
+                                  total_sq=total_sq)
     return U, S, Vh, "randomized"
 
 
@@ -144,7 +149,8 @@ def _tail_error(S: Any, total_sq: float, k: int) -> float:
 
 
 def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype: Any,
-              rank: int | None = None, name: str = "") -> Factored:
+              rank: int | None = None, name: str = "", total_sq: float | None = None
+              ) -> Factored:
     """Factorise M by the policy (or at a given ``rank``, for budgets). The subspace grows
     when a policy needs more singular values than were computed; the error is measured on
     the factors rounded to ``store_dtype``."""
@@ -152,7 +158,8 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
 
     from . import ops
 
-    total_sq = ops.sum_squares(M)
+    if total_sq is None:  # ‖M‖², when the caller has not measured it already
+        total_sq = ops.sum_squares(M)
     norm = math.sqrt(total_sq)
     full = min(M.shape)
     cap = policy.cap(full)
@@ -165,7 +172,10 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
     # energy and max-error read ranks off the spectrum's tail, which a sketch underestimates
     # most: more power iterations there bring the rank close to the exact SVD's
     iters = 5 if policy.kind in ("energy", "max_error") and rank is None else 2
-    U, S, Vh, how = spectrum(M, want, exact, seed, iters)
+    # a fixed rank needs the error at that rank converged; energy and max-error the whole
+    # spectrum up to it, which every power iteration sharpens
+    fixed = rank is not None or policy.kind not in ("energy", "max_error")
+    U, S, Vh, how = spectrum(M, want, exact, seed, iters, total_sq if fixed else None)
     if rank is None and policy.kind in ("energy", "max_error"):
         while True:
             k = rank_from_spectrum(policy, S, total_sq)

@@ -195,19 +195,23 @@ def read_tensor_bytes(info: TensorInfo, into: memoryview | None = None) -> bytea
     into a new buffer or into ``into`` (a caller's reused buffer: fresh memory costs a page
     fault per 4 KiB, which on some machines is slower than the read itself)."""
     buf = bytearray(info.nbytes) if into is None else into[: info.nbytes]
-    view = memoryview(buf)
     try:
         with open(info.file, "rb", buffering=0) as f:
-            done = 0
-            while done < info.nbytes:
-                got = _pread_into(f, view[done:], info.offset + done)
-                if got == 0:
-                    raise FormatError(f"{info.file}: ended while reading tensor {info.name!r}: "
-                                      "the file is truncated or changed while being read")
-                done += got
+            read_exactly(f, memoryview(buf), info.offset, info)
     except OSError as e:
         raise os_input_error(info.file, e) from e
     return buf
+
+
+def read_exactly(f: Any, view: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill ``view`` from ``offset`` of the open file ``f`` (a part of ``info``'s tensor)."""
+    done = 0
+    while done < len(view):
+        got = _pread_into(f, view[done:], offset + done)
+        if got == 0:
+            raise FormatError(f"{info.file}: ended while reading tensor {info.name!r}: "
+                              "the file is truncated or changed while being read")
+        done += got
 
 
 def _pread_into(f: Any, view: memoryview, offset: int) -> int:
@@ -266,3 +270,24 @@ def tensor_bytes(t: "torch.Tensor") -> memoryview:
     if n == 0:
         return memoryview(b"")
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+class Buffers:
+    """Reused CPU buffers, grown as needed: fresh memory costs a page fault per 4 KiB, which
+    on small VMs is slower than the reads and writes themselves."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, Any], Any] = {}
+
+    def get(self, key: str, dtype: Any, numel: int) -> Any:
+        import torch
+
+        b = self.bufs.get((key, dtype))
+        if b is None or b.numel() < numel:
+            b = self.bufs[(key, dtype)] = torch.empty(numel, dtype=dtype)
+        return b
+
+    def tensor(self, key: str, dtype: Any, shape: tuple[int, ...]) -> Any:
+        """A tensor of ``shape`` on the reused buffer ``key`` (valid until its next use)."""
+        n = math.prod(shape)
+        return self.get(key, dtype, n)[:n].view(shape)
