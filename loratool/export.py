@@ -325,7 +325,7 @@ def _check_swappable(tmp: Path, info: dict[str, Any], base: Any, config: Any, ta
 
     from . import export_adapters as xa
 
-    cut = export_stream.truncated(config) if info["bytes"] > export_stream.FULL_CHECK else None
+    cut = export_stream.verification_cut(config, info["bytes"])
     cfg, folder = (config, tmp) if cut is None else (cut[0], tmp / ".verify")
 
     def reference(i: int | None) -> Any:  # the base, or the base with adapter i merged
@@ -347,8 +347,7 @@ def _check_swappable(tmp: Path, info: dict[str, Any], base: Any, config: Any, ta
         result = xa.check(folder, "model.onnx", sub, reference, batches, atol)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return result | {"mode": f"the embeddings, the first layer of {cut[1]} and the head, "
-                              "exported by the same code"}
+    return result | {"mode": export_stream.cut_mode(cut[1])}
 
 
 def _vocab(config: Any) -> tuple[int, int, int]:

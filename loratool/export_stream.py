@@ -253,6 +253,18 @@ def truncated(config: Any) -> tuple[Any, int] | None:
     return small, n
 
 
+def verification_cut(config: Any, nbytes: int) -> tuple[Any, int] | None:
+    """What a streamed export is verified on: None for the whole model (small enough to hold
+    beside its graph), else the config of a copy of its first layers and the layer count."""
+    return truncated(config) if nbytes > FULL_CHECK else None
+
+
+def cut_mode(n: int) -> str:
+    """The report's words for a verification on the first-layers copy."""
+    return (f"the embeddings, the first {KEEP_LAYERS} of {n} layers and the head, exported by "
+            "the same code (the whole model would not fit in memory twice)")
+
+
 def verify_streamed(folder: Path, info: dict[str, Any], base: Any, config: Any, task: str,
                     edits: dict[str, Any], dtype: str, opset: int | None,
                     example: dict[str, Any], names: list[str], output: str,
@@ -264,7 +276,7 @@ def verify_streamed(folder: Path, info: dict[str, Any], base: Any, config: Any, 
     import shutil
 
     gc.collect()  # the traced graph's memory, before the reference model takes its own
-    cut = truncated(config) if info["bytes"] > FULL_CHECK else None
+    cut = verification_cut(config, info["bytes"])
     if cut is None:
         result = check(reference(config), folder / "model.onnx")
         result["mode"] = "whole model"
@@ -277,9 +289,7 @@ def verify_streamed(folder: Path, info: dict[str, Any], base: Any, config: Any, 
         result = check(reference(small), sub / "model.onnx")
     finally:
         shutil.rmtree(sub, ignore_errors=True)
-    result["mode"] = (f"the embeddings, the first {KEEP_LAYERS} of {n} layers and the head, "
-                      "exported by the same code (the whole model would not fit in memory "
-                      "twice)")
+    result["mode"] = cut_mode(n)
     return result
 
 

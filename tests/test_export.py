@@ -112,7 +112,7 @@ def test_stream_verifies_a_truncated_copy_of_a_big_model(tmp_path, monkeypatch):
                   "--adapters-as-inputs", "--json")
     assert res.rc == 0, res.err
     v = json.loads(res.out)["verification"]
-    assert v["ok"] and "the first layer of 3" in v["mode"] and len(v["switches"]) == 2
+    assert v["ok"] and "the first 1 of 3 layers" in v["mode"] and len(v["switches"]) == 2
     assert not (tmp_path / "sw" / ".verify").exists()
     real = export_stream.source  # a weight put in the wrong place is caught
     monkeypatch.setattr(export_stream, "source", lambda n, b, t: real(
