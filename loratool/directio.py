@@ -24,6 +24,7 @@ import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (≤ 4 KiB)
 CHUNK = 16 << 20  # one buffer; large enough that a write is one device request queue's worth
@@ -60,7 +61,14 @@ class SequentialWriter:
         self._pending: Future[None] | None = None
         self.closed = False
 
-    def write(self, data: memoryview) -> None:
+    def __enter__(self) -> "SequentialWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Finished on success; after an error only stopped (the caller removes the file)."""
+        self.close() if exc_type is None else self.discard()
+
+    def write(self, data: bytes | memoryview) -> None:
         """Append bytes (copied into the buffers: ``data`` may be reused at once)."""
         done, total = 0, len(data)
         while done < total:

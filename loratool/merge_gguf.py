@@ -110,6 +110,7 @@ def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import hashlib
 
+    from .directio import SequentialWriter
     from .ggufio import padding, tensor_info_bytes
     from .staging import Stage, output_os_error
     from .tensorfile import read_tensor_bytes
@@ -122,15 +123,16 @@ def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
     with Stage(out, inputs, force, file=out.name) as stage:
         assert stage.tmp is not None
         try:
-            with open(stage.tmp / out.name, "wb") as f:
+            # front to back past the page cache, written while the next tensor is merged
+            with SequentialWriter(stage.tmp / out.name) as f:
                 f.write(read_tensor_bytes(_span(h, 0, h.info_start)))  # magic, counts, KV
                 for info, t, off, _ in rows:
                     f.write(tensor_info_bytes(info.name, info.shape, t, off))
-                f.write(b"\0" * padding(f.tell(), h.alignment))
-                start = f.tell()
+                f.write(b"\0" * padding(f.size, h.alignment))
+                start = f.size
                 with progress.bar("merge", total=total, unit="B") as bar:
                     for info, t, off, n in rows:
-                        f.write(b"\0" * (start + off - f.tell()))
+                        f.write(b"\0" * (start + off - f.size))
                         if info.name in edits:
                             digest = hashlib.blake2b(digest_size=16)
 
@@ -146,7 +148,7 @@ def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
                             if digest is not None:
                                 written[info.name] = digest
                         bar.update(n)
-                f.write(b"\0" * padding(f.tell() - start, h.alignment))
+                f.write(b"\0" * padding(f.size - start, h.alignment))
         except OSError as e:
             raise output_os_error(out, e) from e
         if verify:  # read the file back as llama.cpp will: only a checked output is published
