@@ -154,7 +154,9 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
     import torch
 
     from .adapter import input_embedding
+    from .directio import SequentialWriter
     from .edits import apply_edit
+    from .tensorfile import tensor_bytes
 
     meta = meta_model(config, task, dtype)
     if lora is not None:
@@ -166,7 +168,8 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
     tied = input_embedding(base.tensors)
     offset, written, changed = 0, 0, 0
     inputs: list[Any] = []  # LoRA factors: overridable initializers
-    with open(folder / DATA, "wb") as f:
+    # front to back past the page cache, while the next tensor is read and merged
+    with SequentialWriter(folder / DATA) as f:
         for name in needed(proto):
             spec = shapes.get(name)
             if spec is None:
@@ -191,7 +194,8 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
             if tuple(t.shape) != tuple(spec.shape):
                 raise FormatError(f"{name}: the checkpoint's {src} is {list(t.shape)}, the "
                                   f"architecture needs {list(spec.shape)}")
-            data = t.contiguous().cpu().numpy().tobytes()
+            t = t.contiguous().cpu()
+            data = tensor_bytes(t)  # a view: copied once, into the writer's buffer
             f.write(b"\0" * (-offset % ALIGN))
             offset += -offset % ALIGN
             f.write(data)
