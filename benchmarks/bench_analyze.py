@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_extract import PAIRS  # noqa: E402
-from bench_merge import run  # noqa: E402
+from bench_merge import build_in_child, run  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +37,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     # build in a child (bench_extract's builder): torch in this process is not measured
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_extract.py"),
-                    "--build-only", "--work", str(args.work), "--pairs", *args.pairs],
-                   check=True)
+    build_in_child(str(ROOT / "benchmarks" / "bench_extract.py"), "--work", str(args.work),
+                   "--pairs", *args.pairs)
     py, out = sys.executable, args.work / "out-analyze-bench"
     print(f"{args.repeat} run(s) each, alternating; median wall, max peak RSS\n")
     print("| pair | command | wall (s) | peak RSS (MiB) | wall / extract --rank 16 |")

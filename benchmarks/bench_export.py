@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_merge import build_in_child  # the benchmarks' shared helpers (same folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +49,7 @@ def main() -> None:
             bench_merge.config = cfg
         bench_merge.build(args.work, layers)
         return
-    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work),
-                    "--preset", args.preset], check=True)
+    build_in_child(__file__, "--work", str(args.work), "--preset", args.preset)
     base, adapter = args.work / f"base-{layers}", args.work / f"adapter-{layers}"
     out = args.work / "onnx"
     shutil.rmtree(out, ignore_errors=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_merge import run  # noqa: E402  (one child-process timer for all benchmarks)
+from bench_merge import build_in_child, run  # noqa: E402  (the benchmarks' shared helpers)
 PAIRS = {"350M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                       num_attention_heads=16, num_key_value_heads=16, head_dim=64),
          "7B-layers": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
@@ -118,8 +118,7 @@ def main() -> None:
         for p in args.pairs:
             build(args.work, p)
         return
-    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work),
-                    "--pairs", *args.pairs], check=True)
+    build_in_child(__file__, "--work", str(args.work), "--pairs", *args.pairs)
     py = sys.executable
     print(f"{args.repeat} run(s) each, alternating; median wall, max peak RSS\n")
     print("| pair | tool | wall (s) | peak RSS (MiB) | worst error / optimum | "

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_merge import build_in_child  # the benchmarks' shared helpers (same folder)
+
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
           "intermediate_size": 5632, "num_hidden_layers": 18, "num_attention_heads": 16,
           "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 2048,
@@ -92,8 +94,7 @@ def main() -> None:
         return
     # Build in a child: a parent holding torch would inflate every child's peak RSS (fork
     # copies the parent's resident pages into the child's accounting before exec).
-    subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(args.workdir)],
-                   check=True)
+    build_in_child(__file__, "--workdir", str(args.workdir))
     base, tuned = args.workdir / "base", args.workdir / "tuned"
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     shards = len(list(base.glob("*.safetensors")))

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_merge import build_in_child  # the benchmarks' shared helpers (same folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,8 +68,7 @@ def main() -> None:
         build(args.work)
         export(args.work)
         return
-    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work)],
-                   check=True)
+    build_in_child(__file__, "--work", str(args.work))
 
     import numpy as np
     import onnxruntime as ort

@@ -176,8 +176,7 @@ def main() -> None:
             build(args.work, n)
         return
     # build in a child: a parent holding torch would inflate the children's peak RSS
-    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work),
-                    "--layers", *map(str, args.layers)], check=True)
+    build_in_child(__file__, "--work", str(args.work), "--layers", *map(str, args.layers))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.busy:
         return busy(args, env)

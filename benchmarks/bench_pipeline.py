@@ -21,7 +21,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_merge import run  # noqa: E402
+from bench_merge import build_in_child, run  # noqa: E402
 from test_pipeline import _tokenizer  # noqa: E402  (letters only: nothing to download)
 
 DIFFUSERS = """
@@ -97,8 +96,7 @@ def main() -> None:
         build(args.work)
         return
     # build in a child: a parent holding torch would inflate the children's peak RSS
-    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(args.work)],
-                   check=True)
+    build_in_child(__file__, "--work", str(args.work))
     pipe, lora = args.work / "pipe", args.work / "lora"
     size = sum(f.stat().st_size for f in pipe.rglob("*") if f.is_file())
     out = args.work / "out"
