@@ -99,10 +99,14 @@ def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterat
         bi, ti = base.info(name), tuned.info(name)
         if bi.shape != ti.shape or not ti.dtype.startswith(("F", "BF")):
             return None
-        if _same_bytes(base, tuned, name, reads[i % 2]):
+        same = _same_bytes(base, tuned, name, reads[i % 2])
+        if same:
             return "unchanged"  # found without a whole-tensor buffer (embeddings are large)
-        return (base.load(name, buffer=reads[i % 2].get("base", torch.uint8, bi.nbytes)),
+        raws = (base.load(name, buffer=reads[i % 2].get("base", torch.uint8, bi.nbytes)),
                 tuned.load(name, buffer=reads[i % 2].get("tuned", torch.uint8, ti.nbytes)))
+        if same is None and raws[0].dtype == raws[1].dtype and torch.equal(*raws):
+            return "unchanged"  # not comparable in the files (.bin, GGUF): loaded, then equal
+        return raws
 
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(read, 0) if names else None
@@ -120,15 +124,10 @@ def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterat
                                   f"the base and {list(ti.shape)} in the tuned model")
             if raws is None:
                 continue  # integer buffers are not weights
-            if raws == "unchanged":
+            if raws == "unchanged":  # told in the stored dtype: no float32 copies
                 yield name, None, None, ti
                 continue
-            # compared in the stored dtype first: unchanged tensors are skipped without
-            # float32 copies
             raw_base, raw_tuned = raws
-            if raw_base.dtype == raw_tuned.dtype and torch.equal(raw_base, raw_tuned):
-                yield name, None, None, ti
-                continue
             w_base, delta = _widened_difference(name, raw_base, raw_tuned, dev, bufs)
             yield name, w_base, delta, raw_tuned
 
@@ -136,19 +135,19 @@ def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterat
 COMPARE_CHUNK = 8 << 20
 
 
-def _same_bytes(base: Any, tuned: Any, name: str, bufs: Any) -> bool:
+def _same_bytes(base: Any, tuned: Any, name: str, bufs: Any) -> bool | None:
     """Whether a tensor's bytes are identical in both safetensors files, read a chunk at a
-    time and stopping at the first difference. False also when that cannot be told from the
-    files (other formats, other dtypes): the caller then compares the loaded tensors."""
+    time and stopping at the first difference; None when the files cannot tell (other
+    formats, other dtypes): the caller then compares the loaded tensors."""
     import torch
 
     from .tensorfile import read_exactly, tensor_bytes
 
     if base.gguf is not None or tuned.gguf is not None:
-        return False
+        return None
     bi, ti = base.local_info(name), tuned.local_info(name)
     if bi.offset < 0 or ti.offset < 0 or bi.dtype != ti.dtype or bi.nbytes != ti.nbytes:
-        return False
+        return None
     a = bufs.get("compare_base", torch.uint8, COMPARE_CHUNK)
     b = bufs.get("compare_tuned", torch.uint8, COMPARE_CHUNK)
     try:

@@ -13,7 +13,7 @@ Example::
 
     w = SequentialWriter(Path("x.bin"))
     w.write(memoryview(b"header"))
-    w.copy_from(src_fd, offset=0, nbytes=1 << 20)
+    w.copy_from(src_file, offset=0, nbytes=1 << 20)
     w.close()
 """
 
@@ -25,6 +25,8 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from .tensorfile import pread_into
 
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (≤ 4 KiB)
 CHUNK = 16 << 20  # one buffer; large enough that a write is one device request queue's worth
@@ -77,22 +79,14 @@ class SequentialWriter:
             self._advance(n)
             done += n
 
-    def copy_from(self, fd: int, offset: int, nbytes: int) -> int:
-        """Append ``nbytes`` of the file ``fd`` from ``offset``, read straight into the buffers;
-        returns how many there were (fewer only at the source's end)."""
+    def copy_from(self, f: Any, offset: int, nbytes: int) -> int:
+        """Append ``nbytes`` of the open file ``f`` from ``offset``, read straight into the
+        buffers; returns how many there were (fewer only at the source's end)."""
         done = 0
         while done < nbytes:
             n = min(nbytes - done, self.chunk - self._fill)
-            view = self._views[self._cur][self._fill:self._fill + n]
-            if hasattr(os, "preadv"):
-                got = os.preadv(fd, [view], offset + done)
-            elif hasattr(os, "pread"):
-                got = len(chunk := os.pread(fd, n, offset + done))
-                view[:got] = chunk
-            else:  # Windows
-                os.lseek(fd, offset + done, os.SEEK_SET)
-                got = len(chunk := os.read(fd, n))
-                view[:got] = chunk
+            got = pread_into(f, self._views[self._cur][self._fill:self._fill + n],
+                             offset + done)
             if got == 0:
                 return done
             self._advance(got)

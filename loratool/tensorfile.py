@@ -207,14 +207,14 @@ def read_exactly(f: Any, view: memoryview, offset: int, info: TensorInfo) -> Non
     """Fill ``view`` from ``offset`` of the open file ``f`` (a part of ``info``'s tensor)."""
     done = 0
     while done < len(view):
-        got = _pread_into(f, view[done:], offset + done)
+        got = pread_into(f, view[done:], offset + done)
         if got == 0:
             raise FormatError(f"{info.file}: ended while reading tensor {info.name!r}: "
                               "the file is truncated or changed while being read")
         done += got
 
 
-def _pread_into(f: Any, view: memoryview, offset: int) -> int:
+def pread_into(f: Any, view: memoryview, offset: int) -> int:
     """Read at an offset into ``view``: ``preadv`` (Linux, BSD) straight into the buffer,
     ``pread`` (macOS) with one copy, or seek and read where neither exists (Windows)."""
     if hasattr(os, "preadv"):

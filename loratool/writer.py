@@ -85,7 +85,7 @@ class _Shard:
             raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
         assert self.direct is not None
         with open(src, "rb", buffering=0) as fin:
-            if self.direct.copy_from(fin.fileno(), offset, nbytes) != nbytes:
+            if self.direct.copy_from(fin, offset, nbytes) != nbytes:
                 raise LoraToolError(f"{src}: ended while copying tensor {name!r}")
         self.size += nbytes
 

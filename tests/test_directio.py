@@ -29,7 +29,7 @@ def _write(path, src_path, src: bytes, pieces, chunk: int) -> bytes:
             if kind == "write":
                 w.write(memoryview(src[off:off + n]))
             else:
-                assert w.copy_from(f.fileno(), off, n) == n
+                assert w.copy_from(f, off, n) == n
             expect += src[off:off + n]
     w.close()
     assert w.size == len(expect)

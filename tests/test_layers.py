@@ -16,7 +16,7 @@ LAYERS: dict[str, float] = {
     "loratool": 0, "errors": 0,
     "units": 1, "progress": 1, "interrupts": 1, "validate": 1, "ops": 1, "options": 1,
     "experts": 1.5,  # mixture-of-experts layouts: names and shapes only
-    "tensorfile": 2, "staging": 2, "directio": 2, "ggufio": 2.5,
+    "tensorfile": 2, "staging": 2, "directio": 2.2, "ggufio": 2.5,
     "sources": 3,
     "checkpoint": 4,
     "lyco": 4.5,  # LyCORIS LoHa / LoKr / full modules: their tensors and ΔW
