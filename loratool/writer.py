@@ -52,13 +52,13 @@ class _Shard:
         self.header: dict[str, Any] = dict(planned or {})
         self.planned = planned is not None
         self.size = 0
-        self.direct: SequentialWriter | None = None
+        self.seq: SequentialWriter | None = None
         if self.planned:
             self.data_path = None
             # front to back, past the page cache, written while the caller computes
-            self.direct = SequentialWriter(self.path)
+            self.seq = SequentialWriter(self.path)
             raw = _header_bytes(metadata, self.header)
-            self.direct.write(memoryview(len(raw).to_bytes(8, "little") + raw))
+            self.seq.write(memoryview(len(raw).to_bytes(8, "little") + raw))
         else:
             self.data_path = folder / f".shard-{number}.data"
             self.f: BinaryIO = open(self.data_path, "wb")
@@ -73,7 +73,7 @@ class _Shard:
         else:
             self.header[name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
                                  "data_offsets": [self.size, self.size + len(view)]}
-        self.direct.write(view) if self.direct is not None else self.f.write(view)
+        self.seq.write(view) if self.seq is not None else self.f.write(view)
         self.size += len(view)
 
     def add_raw(self, name: str, code: str, shape: list[int], src: Path, offset: int,
@@ -83,15 +83,15 @@ class _Shard:
         if not self.planned or want is None or want["data_offsets"] != [
                 self.size, self.size + nbytes] or want["dtype"] != code or want["shape"] != shape:
             raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
-        assert self.direct is not None
+        assert self.seq is not None
         with open(src, "rb", buffering=0) as fin:
-            if self.direct.copy_from(fin, offset, nbytes) != nbytes:
+            if self.seq.copy_from(fin, offset, nbytes) != nbytes:
                 raise LoraToolError(f"{src}: ended while copying tensor {name!r}")
         self.size += nbytes
 
     def close(self) -> None:
-        if self.direct is not None:
-            self.direct.close()
+        if self.seq is not None:
+            self.seq.close()
         else:
             self.f.close()
         if self.planned:
@@ -108,8 +108,8 @@ class _Shard:
 
     def discard(self) -> None:
         """Stop writing (the temporary folder is removed after)."""
-        if self.direct is not None:
-            self.direct.discard()
+        if self.seq is not None:
+            self.seq.discard()
         elif not self.f.closed:
             self.f.close()
 
