@@ -395,6 +395,14 @@ def is_pipeline(spec: str) -> bool:
     return (Path(spec) / "model_index.json").is_file()
 
 
+def pipeline_folders(root: Path) -> set[str]:
+    """The subfolders of a pipeline folder (its components and others), each checked to lie
+    inside it: a component linked to a folder elsewhere is refused, never read."""
+    from .paths import entries
+
+    return {name for name, _, is_dir in entries(root) if is_dir}
+
+
 def component_folder(component: str | None, folders: set[str], spec: str) -> str:
     """The pipeline subfolder a component of an adapter changes: its own name, and kohya's
     ``lora_unet_`` (component ``unet``) is the ``transformer`` of a pipeline without a UNet."""

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from .tensorfile import (NOT_WEIGHTS, REMOTE, TensorInfo, dtype_code, parse_safe
                          torch_dtype)
 from .validate import ADAPTER_CONFIG as ADAPTER_CONFIG_FIELDS
 from .validate import MODEL_CONFIG, check_fields, check_zip, parse_json
+from .paths import check_exists, check_regular, containment_root, member, resolve_inside
 from .sources import choose_weights
 
 if TYPE_CHECKING:  # torch is imported lazily: header-only work must not pay for it
@@ -82,38 +82,6 @@ def _torch_load(path: Path) -> dict[str, "torch.Tensor"]:
 
 
 # --------------------------------------------------------------------------- folders
-
-
-def check_exists(path: Path) -> None:
-    """Raise a clear error for a missing path, a broken link or a symlink loop."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ENOENT and os.path.islink(path):
-            raise InputError(f"{path}: broken symlink (its target does not exist)") from e
-        raise os_input_error(path, e) from e
-
-
-def check_regular(path: Path) -> None:
-    """Only regular files are read: opening a FIFO or a device would block or never end."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise os_input_error(path, e) from e
-    if not stat.S_ISREG(mode):
-        what = "a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(
-            mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
-        raise InputError(f"{path}: is {what}, not a regular file; point at the weights file")
-
-
-def _safe_member(folder: Path, rel: str, index: Path) -> Path:
-    """A file named by an index must stay inside the folder: no absolute paths, no ``..``."""
-    p = Path(rel)
-    if not rel or p.is_absolute() or ".." in p.parts:
-        raise FormatError(f"{index}: names file {rel!r} outside its folder; refusing to read it")
-    return folder / p
 
 
 def _read_json(path: Path) -> Any:
@@ -230,6 +198,7 @@ class Checkpoint:
         None when there is no such file."""
         local = self.folder / rel
         if local.is_file():
+            resolve_inside(local, containment_root(self.folder))
             return local
         if self._fetch is None:
             return None
@@ -318,12 +287,18 @@ def open_checkpoint(spec: str | os.PathLike[str], progress: Any = None) -> Check
         folder, rels, index = path.parent, [], path.name
     else:
         folder, rels, index = path.parent, [path.name], None
+    if path.is_dir() and len(rels) == 1:
+        resolve_inside(folder / rels[0], containment_root(folder), path)
     if len(rels) == 1 and index is None and _is_gguf(folder / rels[0]):
         return _open_gguf(folder / rels[0], path, str(spec))
+
+    root = containment_root(folder)
 
     def opener(rel: str) -> tuple[list[TensorInfo], dict[str, str]]:
         f = folder / rel
         check_exists(f)  # names a loop or a broken link precisely
+        if f != path:  # what the user named is theirs; what a folder holds stays inside it
+            resolve_inside(f, root, path)
         return _open_file(f, pickles)
 
     return _assemble(path, folder, rels, index, opener, str(spec), pickles, None)
@@ -363,6 +338,7 @@ def _config(path: Path, lenient: bool) -> dict[str, Any] | None:
     if not os.path.lexists(path):
         return None
     try:
+        resolve_inside(path, containment_root(path.parent))
         data = _read_json(path)
         if not isinstance(data, dict):
             raise FormatError(f"{path}: holds a JSON {type(data).__name__}, not an object of "
@@ -392,8 +368,8 @@ def _assemble(path: Path, folder: Path, rels: list[str], index: str | None,
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise FormatError(f"{index_path}: has no weight_map of tensor names to files")
-        for v in wmap.values():
-            _safe_member(folder, v, index_path)
+        for v in set(wmap.values()):
+            member(folder, v, index_path)
         rels = list(dict.fromkeys(wmap.values()))
     for rel in rels:
         infos, meta = opener(rel)

@@ -58,8 +58,12 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
                           "--drop-unsupported to write the rest without them")
     if lost:
         ad = drop_unsupported(ad, to)
+    empty = sorted(k for k, m in ad.modules.items() if m.rank == 0)
+    if empty:  # they change nothing, and no format stores a rank of 0
+        ad.modules = {k: m for k, m in ad.modules.items() if m.rank}
     if not ad.modules:
-        raise FormatError(f"{spec}: no LoRA modules left to write")
+        raise FormatError(f"{spec}: no LoRA modules left to write" + (
+            " (every module has rank 0: the adapter changes nothing)" if empty else ""))
     if base_ckpt is not None and to != "kohya" and ad.components in ([None],):
         match_base(ad, base_ckpt)  # the adapter must fit the base it is for
     if base and is_pipeline(base):
@@ -67,7 +71,8 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
     inputs = _local(spec) + _local(base)
     report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
                               "modules": len(ad.modules), "full_tensors": len(ad.full),
-                              "dropped": lost, "base_copies_left_out": same}
+                              "dropped": lost, "base_copies_left_out": same,
+                              "rank_0_left_out": empty}
     if converted:
         report["lycoris"] = {"policy": policy.describe(), "modules": converted,
                              "max_rel_error": max(e["rel_error"] for e in converted)}
@@ -82,10 +87,10 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
 
 def _fits_pipeline(ad: Any, root: Path, spec: str) -> None:
     """Each component of the adapter fits the pipeline's model of that name."""
-    from .adapter import component_folder, match_base, only_component
+    from .adapter import component_folder, match_base, only_component, pipeline_folders
     from .checkpoint import open_checkpoint
 
-    folders = {p.name for p in root.iterdir() if p.is_dir()}
+    folders = pipeline_folders(root)
     for comp in ad.components:
         sub = component_folder(comp, folders, spec)
         match_base(only_component(ad, comp), open_checkpoint(str(root / sub)))
@@ -94,14 +99,14 @@ def _fits_pipeline(ad: Any, root: Path, spec: str) -> None:
 def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
     """Give each LyCORIS module its base weight's shape (and check it fits): a LoHa or LoKr
     conv stores ΔW flat, [out, in·kh·kw], and only the base knows the kernel."""
-    from .adapter import component_folder, is_pipeline, lyco_tensor
+    from .adapter import component_folder, is_pipeline, lyco_tensor, pipeline_folders
     from .checkpoint import open_checkpoint
 
     if base is None:
-        raise FormatError(f"{spec}: converting LyCORIS modules needs the base model (--base) "
-                          "for their shapes: a LoHa or LoKr convolution is stored flat")
-    folders = {p.name for p in Path(base).iterdir() if p.is_dir()} if is_pipeline(base) \
-        else None
+        raise FormatError(f"{spec}: converting LyCORIS modules needs the base model (--base "
+                          "BASE): LoHa and LoKr store a convolution's change flat, like a "
+                          "linear layer's, and only the base tells which each module is")
+    folders = pipeline_folders(Path(base)) if is_pipeline(base) else None
     ckpts: dict[Any, Any] = {}
     for m in ad.lyco.values():
         sub = component_folder(m.component, folders, spec) if folders is not None else None

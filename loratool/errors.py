@@ -22,6 +22,11 @@ class InputError(LoraToolError):
     """An input path or Hub id that cannot be found or opened."""
 
 
+class OutsideInputError(InputError):
+    """A file inside a folder input that resolves outside it (a symlink out, ``..``), or a
+    special file: refused, never read."""
+
+
 class FormatError(LoraToolError):
     """A file that is damaged or not in a format loratool reads."""
 

@@ -31,6 +31,7 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     from .checkpoint import open_checkpoint
     from .formats import read_any, require_resolved
     from .options import check_dtype, check_weights, resolve_device
+    from .paths import containment_root, copy_tree, entries
     from .staging import Stage
 
     kw = dict(device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
@@ -46,7 +47,9 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     check_dtype(dtype)
     dev = resolve_device(device)
     root = Path(base_spec)
-    folders = {p.name for p in root.iterdir() if p.is_dir()}
+    within = containment_root(root)
+    listing = entries(root, within)  # every entry inside the pipeline; special files refused
+    folders = {name for name, _, is_dir in listing if is_dir}
     parts: dict[str, list[tuple[Any, float, str]]] = {}
     for spec, w in zip(adapter_specs, weights):
         ad = read_any(spec, base_spec)  # kohya names resolve against each component
@@ -60,24 +63,25 @@ def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[fl
     inputs = [p for p in [root, *map(Path, adapter_specs)] if p.exists()]
     reports: dict[str, Any] = {}
     with Stage(out, inputs=inputs, force=force) as stage:
-        for entry in sorted(root.iterdir()):
-            dest = stage.tmp / entry.name
-            if entry.name in parts:
-                ads, ws, specs = (list(x) for x in zip(*parts[entry.name]))
-                reports[entry.name] = merge.merge_checkpoint(
-                    open_checkpoint(str(entry), progress), str(entry), ads, ws, specs, dest,
-                    inputs, sign=sign, dev=dev, dtype=dtype, max_shard_size=max_shard_size,
-                    force=False, untie=untie, verify=verify, record=record,
-                    progress=progress, t0=time.perf_counter())
-            elif entry.is_dir():
-                shutil.copytree(entry, dest, symlinks=True)
-            elif not entry.name.startswith("."):
-                shutil.copy2(entry, dest)
+        assert stage.tmp is not None
+        for name, real, is_dir in listing:
+            dest = stage.tmp / name
+            if name in parts:
+                ads, ws, specs = (list(x) for x in zip(*parts[name]))
+                reports[name] = merge.merge_checkpoint(
+                    open_checkpoint(str(root / name), progress), str(root / name), ads, ws,
+                    specs, dest, inputs, sign=sign, dev=dev, dtype=dtype,
+                    max_shard_size=max_shard_size, force=False, untie=untie, verify=verify,
+                    record=record, progress=progress, t0=time.perf_counter())
+            elif is_dir:
+                copy_tree(root / name, dest, within, root)
+            else:
+                shutil.copyfile(real, dest)
         stage.publish()
     for name, r in reports.items():
         r["output"] = str(Path(out) / name)
     return {"output": str(out), "base": base_spec, "pipeline": True,
             "adapters": [{"adapter": a, "weight": w} for a, w in zip(adapter_specs, weights)],
             "components": reports, "carried_over": sorted(
-                p.name for p in root.iterdir() if p.name not in parts),
+                name for name, _, _ in listing if name not in parts),
             "seconds": time.perf_counter() - t0}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from .directio import SequentialWriter
+from .paths import containment_root, resolve_inside, walk_files
 from .tensorfile import NOT_CONFIG_SUFFIXES, dtype_bytes, dtype_code, tensor_bytes
 from .errors import LoraToolError, OutputError
 from .staging import Stage, output_os_error
@@ -123,8 +124,12 @@ EXPORT_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data", ".gguf", ".h5", ".msgpac
 def _st_module_folders(src: Path) -> set[str]:
     """Subfolders that sentence-transformers' modules.json names (1_Pooling, 2_Dense …): their
     files, weights included, belong to other layers of the model and travel as they are."""
+    f = src / "modules.json"
+    if not f.is_file():
+        return set()
     try:
-        data = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+        data = json.loads(resolve_inside(f, containment_root(src), src).read_text(
+            encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return set()
     if not isinstance(data, list):
@@ -143,23 +148,20 @@ def copy_config_files(src: Path, dst: Path) -> list[str]:
         return []
     modules = _st_module_folders(src)
     left_out: list[str] = []
-    for root, dirs, files in os.walk(src):
-        rel_root = Path(root).relative_to(src)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        top = rel_root == Path(".")
-        own_weights = not top and rel_root.parts[0] in modules
-        for entry in sorted(files):
-            rel = (rel_root / entry).as_posix()
-            f = Path(root) / entry
-            if entry.startswith(".") or (top and entry in NOT_COPIED) or not f.is_file():
-                continue
-            weights = entry.endswith(NOT_CONFIG_SUFFIXES) or entry.startswith("openvino_")
-            if weights and not (own_weights and not entry.endswith(EXPORT_SUFFIXES)):
-                if not top:
-                    left_out.append(rel)
-                continue
-            (dst / rel_root).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst / rel)  # follows Hub-cache symlinks
+    for rel, real in walk_files(src):  # only files inside src; special files refused
+        parts = rel.split("/")
+        top = len(parts) == 1
+        entry = parts[-1]
+        if top and entry in NOT_COPIED:
+            continue
+        own_weights = not top and parts[0] in modules
+        weights = entry.endswith(NOT_CONFIG_SUFFIXES) or entry.startswith("openvino_")
+        if weights and not (own_weights and not entry.endswith(EXPORT_SUFFIXES)):
+            if not top:
+                left_out.append(rel)
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real, dst / rel)  # the content: Hub-cache links become files
     return left_out
 
 

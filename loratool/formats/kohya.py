@@ -51,7 +51,7 @@ class BaseNames:
 
     def __init__(self, base: str) -> None:
         from ..checkpoint import open_checkpoint
-        from ..errors import LoraToolError
+        from ..errors import LoraToolError, OutsideInputError
         from ..sources import resolve_input
 
         self.base = base
@@ -62,9 +62,13 @@ class BaseNames:
         self.pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
         self.single_model = False
         if self.pipeline:
-            for sub in sorted(p.name for p in target.iterdir() if p.is_dir()):  # type: ignore
+            from ..adapter import pipeline_folders
+
+            for sub in sorted(pipeline_folders(target)):  # type: ignore[arg-type]
                 try:
                     ckpt = open_checkpoint(target / sub)  # type: ignore
+                except OutsideInputError:
+                    raise
                 except LoraToolError:
                     continue  # not a weights folder (scheduler/, tokenizer/ …)
                 self.tables[sub] = _table(ckpt)
