@@ -232,12 +232,13 @@ def export(base_spec: str, adapter_specs: list[str], out: Path, *,
     check_output(out, inputs, force)
     for name in base.tensors:  # a Hub base: make every weight file local first
         base.local_info(name)
-    try:
-        config = transformers.AutoConfig.from_pretrained(base.folder, trust_remote_code=False)
-    except (ValueError, KeyError) as e:
-        raise FormatError(f"{base_spec}: transformers does not know this architecture "
-                          f"({str(e).splitlines()[0]}); custom code is never run") from e
+    from .export_check import check_config, load_config
+
+    config = load_config(base, base_spec)
     task = _task(config, task)
+
+    # the config is a claim: checked against the weights before any model is built
+    check_config(base, config, task, dtype, stream or adapters_as_inputs)
     if with_past and task != "causal-lm":
         raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
     if with_past and (stream or adapters_as_inputs):
