@@ -7,7 +7,11 @@ prints.
 
 from __future__ import annotations
 
-import json
+from . import interrupts
+
+interrupts.install(armed=False)  # first: a Ctrl-C now waits for the boundary (exit 130)
+
+import json  # noqa: E402
 from pathlib import Path
 from typing import Any
 
@@ -450,11 +454,7 @@ def demo(ctx: click.Context, workdir: Path) -> None:
         echo(section)
 
 
-# --------------------------------------------------------------------------- the boundary
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI inside the one error boundary (``clikit.run``). ``argv``
-    given (a caller in Python, such as the tests): an interrupt raises SystemExit(130)
-    instead of ending the process at once."""
+    """Entry point: the CLI inside the one error boundary (``clikit.run``); with ``argv``
+    (a caller in Python) an interrupt raises SystemExit(130) instead of exiting at once."""
     run(cli, argv)

@@ -146,8 +146,15 @@ def options(*opts: Any) -> Callable[[Any], Any]:
     return wrap
 
 
+def _expect(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    from .staging import expect_output
+
+    expect_output(value)  # an interrupt before anything is written can name it
+    return value
+
+
 def output(help_text: str, required: bool = True) -> Any:
-    return click.option("-o", "--output", "out", required=required,
+    return click.option("-o", "--output", "out", required=required, callback=_expect,
                         type=click.Path(path_type=Path), help=help_text)
 
 
@@ -338,12 +345,15 @@ def run(cli: Any, argv: list[str] | None) -> None:
     """The one error boundary: every expected failure is one line and exit 1 (usage: 2),
     an interrupt 130, a bug one line naming it (LORATOOL_DEBUG=1: the traceback)."""
     from . import interrupts
-    from .staging import set_no_fsync
+    from .staging import begin_command, set_no_fsync
 
     program = argv is None
-    interrupts.install()
+    interrupts.reset()
+    interrupts.install(armed=False)
     set_no_fsync(False)  # a flag of one command, never of the next (tests run many in-process)
+    begin_command()
     try:
+        interrupts.arm()  # inside the boundary: from here an interrupt is caught below
         rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
         interrupts.check_interrupted()  # an interrupt something swallowed is still one
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -384,7 +394,9 @@ def _interrupted(program: bool) -> None:
     """Exit 130. The program exits at once: the temporary output is already removed, and
     interpreter teardown after an interrupted import can end the process by SIGINT instead
     of this exit code."""
-    echo("loratool: interrupted; no output was left behind", err=True)
+    from .staging import interrupted_outcome
+
+    echo(f"loratool: interrupted; {interrupted_outcome()}", err=True)
     if not program:
         sys.exit(130)
     sys.stdout.flush()

@@ -21,18 +21,67 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, os_message
+from .interrupts import check_interrupted, held
 
 # Top-level names an output of loratool, transformers, PEFT or an exporter holds: --force
 # replaces a folder only when it holds one of them (or nothing), never an unrelated folder.
 OUTPUT_MARKERS = (".safetensors", ".gguf", ".onnx", ".onnx.data", ".bin", ".pt",
-                  "config.json", "adapter_config.json", "export.json", ".index.json")
+                  "config.json", "adapter_config.json", "export.json", ".index.json",
+                  "model_index.json")
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What an output of one flag looks like, so that ``--force`` replaces only that: a file
+    or folder named like ``markers`` (``every``: a folder whose every file is)."""
+
+    flag: str
+    markers: tuple[str, ...]
+    every: bool = False
+    what: str = "a model or adapter"
+
+
+MODEL_OUTPUT = OutputKind("-o", OUTPUT_MARKERS)
+REPORT_OUTPUT = OutputKind("--report", (".json",), what="a JSON report")
+HTML_OUTPUT = OutputKind("--html", (".html", ".htm"), what="an HTML page")
+PLOTS_OUTPUT = OutputKind("--plot", (".png",), every=True, what="a folder of PNG figures")
 
 
 _no_fsync = False  # --no-fsync on this command line (reset by the CLI for each command)
+_stages: list["Stage"] = []  # the outputs this command began, outermost first (for messages)
+
+
+_expected: list[Path] = []  # the -o of this command, as given
+
+
+def begin_command() -> None:
+    """A new command: forget the outputs of the last one."""
+    _stages.clear()
+    _expected.clear()
+
+
+def expect_output(out: Path | None) -> None:
+    """The output this command will write (``-o``), known before any stage begins."""
+    if out is not None:
+        _expected.append(Path(out))
+
+
+def interrupted_outcome() -> str:
+    """What an interrupt left, in words: nothing written (an existing output kept as it was),
+    or the output complete because the interrupt came after it was in place."""
+    if _stages and _stages[0].published:
+        return f"it came after {_stages[0].out} was written: that output is complete"
+    existed = _stages[0].existed if _stages else bool(_expected) and os.path.lexists(
+        _expected[0])
+    out = _stages[0].out if _stages else (_expected[0] if _expected else None)
+    if existed:
+        return f"nothing was written; {out} was kept as it was"
+    return "nothing was written"
 
 
 def set_no_fsync(value: bool) -> None:
@@ -79,41 +128,45 @@ def _resolve(p: Path) -> Path:
     return Path(os.path.realpath(p))
 
 
-def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+def check_output(out: Path, inputs: list[Path], force: bool,
+                 kind: OutputKind = MODEL_OUTPUT) -> None:
     """Refuse an output that is, holds or lies inside an input, or that holds the current
-    folder; refuse an existing one unless ``force``, and with ``force`` one that is not a
-    model or adapter output (an unrelated folder is never deleted)."""
+    folder; refuse an existing one unless ``force``, and with ``force`` one that does not
+    look like what ``kind`` writes (an unrelated folder is never deleted)."""
     o = _resolve(out)
+    flag = kind.flag
     for i in inputs:
         r = _resolve(i)
         if o == r or r.is_relative_to(o) or o.is_relative_to(r):
-            raise OutputError(f"output {out} is or overlaps input {i}; choose another -o folder "
+            raise OutputError(f"output {out} is or overlaps input {i}; choose another {flag} "
                               "(inputs are never overwritten)")
     if not os.path.lexists(out):
         return
     if not force:
         raise OutputError(f"output {out} already exists; pass --force to replace it or choose "
-                          "another -o")
+                          f"another {flag}")
     if Path(os.getcwd()).resolve().is_relative_to(o) or o == Path(o.anchor):
         raise OutputError(f"output {out} holds the current folder; refusing to replace it")
-    foreign = _foreign(Path(out))
+    foreign = _foreign(Path(out), kind)
     if foreign:
-        raise OutputError(f"output {out} holds files that are not a model or adapter "
+        raise OutputError(f"output {out} holds files that are not {kind.what} "
                           f"({', '.join(foreign[:3])}); --force only replaces outputs like "
-                          "the ones loratool writes: remove it yourself or choose another -o")
+                          f"the ones loratool writes: remove it yourself or choose another "
+                          f"{flag}")
 
 
-def _foreign(out: Path) -> list[str]:
+def _foreign(out: Path, kind: OutputKind) -> list[str]:
     """Why ``out`` does not look like an output --force may replace ([] when it does)."""
     if out.is_symlink() or not out.is_dir():
-        return [] if out.name.endswith(OUTPUT_MARKERS) or out.is_symlink() else [out.name]
+        return [] if out.name.endswith(kind.markers) or out.is_symlink() else [out.name]
     try:
         names = sorted(os.listdir(out))
     except OSError as e:
         raise output_os_error(out, e) from e
-    if not names or any(n.endswith(OUTPUT_MARKERS) for n in names):
+    hits = [n.endswith(kind.markers) for n in names]
+    if not names or (all(hits) if kind.every else any(hits)):
         return []
-    return names
+    return [n for n, h in zip(names, hits) if not h] if kind.every else names
 
 
 def _alive(pid: int) -> bool:
@@ -160,19 +213,21 @@ class Stage:
     ``tmp / file``, published as ``out`` itself."""
 
     def __init__(self, out: Path, inputs: list[Path] | None = None, force: bool = False,
-                 file: str | None = None) -> None:
+                 file: str | None = None, kind: OutputKind = MODEL_OUTPUT) -> None:
         self.out = Path(os.path.abspath(out))
         if self.out.name in ("", ".", ".."):
             raise OutputError(f"output {out} is not a usable file or folder name")
         self.inputs = list(inputs or [])
         self.force = force
         self.file = file
+        self.kind = kind
         self.tmp: Path | None = None
         self.created: list[Path] = []  # parent folders made here, removed again on failure
         self.lock: Path | None = None
         self._lock_fd = -1
         self.published = False
-        check_output(self.out, self.inputs, force)
+        check_output(self.out, self.inputs, force, kind)
+        self.existed = os.path.lexists(self.out)
 
     # -- claiming the name ---------------------------------------------------------------
 
@@ -226,6 +281,7 @@ class Stage:
 
     def __enter__(self) -> "Stage":
         parent = self.out.parent
+        _stages.append(self)
         try:
             p = parent
             while not p.exists():
@@ -233,9 +289,10 @@ class Stage:
                 p = p.parent
             parent.mkdir(parents=True, exist_ok=True)
             self._clean_stale(parent)
-            self._claim(parent)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.",
-                                             suffix=".partial", dir=parent))
+            with held():  # the temporary folder is made and remembered, or neither
+                self._claim(parent)
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.",
+                                                 suffix=".partial", dir=parent))
             os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared
         except OSError as e:
             self.abort()
@@ -248,8 +305,6 @@ class Stage:
     def publish(self) -> None:
         """Flush everything to disk and rename it into place (the old output, if any, is
         moved aside first and deleted only once the new one is there)."""
-        from .interrupts import check_interrupted
-
         assert self.tmp is not None
         check_interrupted()  # a Ctrl-C that something swallowed still stops the publish
         new = self.tmp / self.file if self.file else self.tmp
@@ -259,31 +314,35 @@ class Stage:
             if os.path.lexists(self.out) and not self.force:
                 raise OutputError(f"output {self.out} appeared while this run was writing it; "
                                   "nothing was replaced (pass --force to replace it)")
-            _swap(new, self.out, self.inputs)
-            if durable():
-                _sync(self.out.parent)
+            # from the rename to the clean-up, an interrupt waits: the output is in place,
+            # and nothing temporary is left beside it
+            with held():
+                _swap(new, self.out, self.inputs, self.kind)
+                self.published = True
+                if self.file:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+                self.created = []
+                self._release()
+                if durable():
+                    _sync(self.out.parent)
         except OSError as e:
             raise output_os_error(self.out, e) from e
-        self.published = True
-        if self.file:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp = None
-        self.created = []
-        self._release()
 
     def abort(self) -> None:
-        """Remove everything written so far, and the parent folders this stage made."""
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-        self._release()  # before the parents: the lock file lives in one of them
-        for d in self.created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        self.created = []
-        self._release()
+        """Remove everything written so far, and the parent folders this stage made (an
+        interrupt waits until that is done)."""
+        with held(raise_after=False):
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+            self._release()  # before the parents: the lock file lives in one of them
+            for d in self.created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            self.created = []
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.published:
@@ -315,12 +374,12 @@ def _umask() -> int:
     return mask
 
 
-def _swap(new: Path, out: Path, inputs: list[Path]) -> None:
+def _swap(new: Path, out: Path, inputs: list[Path], kind: OutputKind) -> None:
     """Rename ``new`` onto ``out``; an existing ``out`` is moved aside first and put back if
     the rename fails, so the user never ends up with neither; then it is deleted."""
     old: Path | None = None
     if os.path.lexists(out):
-        check_output(out, inputs, True)
+        check_output(out, inputs, True, kind)
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         os.rename(out, old)
     try:
