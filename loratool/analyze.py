@@ -178,7 +178,7 @@ def _adapter(spec: str, base_spec: str | None, opts: dict[str, Any], progress: P
 
     ad = read_any(spec, base_spec)
     require_resolved(ad, spec)
-    require_lora(ad, spec, "analyze")
+    require_lora(ad, spec, "analyze works on LoRA factors")
     base = open_checkpoint(base_spec, progress) if base_spec else None
     where = match_base(ad, base) if base is not None and ad.components in ([None],) else {}
     ad, _ = explode(ad)  # each expert of a fused parameter on its own (no W: no amplification)
@@ -197,7 +197,8 @@ def _adapter(spec: str, base_spec: str | None, opts: dict[str, Any], progress: P
             if key in where:
                 W = deltas.matrix(base.load(where[key], device=opts["dev"],  # type: ignore
                                             dtype=torch.float32), m.layout)
-                entry["rel_delta"] = math.sqrt(total_sq / (ops.sum_squares(W) or math.inf))
+                w_sq = ops.sum_squares(W)
+                entry["rel_delta"] = math.sqrt(total_sq / w_sq) if w_sq else None
             entry["amplification"] = _amplification(
                 math.sqrt(total_sq), W, U.to(opts["dev"]), Vh.to(opts["dev"]),
                 {**entry, "effective_rank": {}}, {**opts, "rank": opts["rank"] or m.rank}, 0)
@@ -220,7 +221,7 @@ def _compare(a: str, b: str, base: str | None, subspace: str, progress: Progress
     ads = [read_any(a, base), read_any(b, base)]
     for ad, spec in zip(ads, (a, b)):
         require_resolved(ad, spec)
-        require_lora(ad, spec, "analyze")
+        require_lora(ad, spec, "analyze works on LoRA factors")
     ads = [explode(ad)[0] for ad in ads]  # each expert on its own
     common = [k for k in ads[0].modules if k in ads[1].modules]
     if not common:

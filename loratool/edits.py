@@ -97,9 +97,21 @@ def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], sp
                           "vocabulary): is the adapter for this base?")
 
 
+def changes_nothing(m: Any) -> bool:
+    """A LoRA module whose B@A is exactly zero (rank 0, or an all-zero factor, as PEFT's
+    initial lora_B): adding it changes no weight, so no tensor counts as changed by it. A DoRA
+    magnitude still rescales, so DoRA modules always count."""
+    if not hasattr(m, "A") or m.magnitude is not None:
+        return False
+    return m.rank == 0 or m.A.numel() == 0 or m.B.numel() == 0 or not bool(
+        m.A.any()) or not bool(m.B.any())
+
+
 def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
-               untie: bool = False) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
-    """Which output tensors change and how, and the output tensor list ``(name, source)``."""
+               untie: bool = False, inert: list[str] | None = None
+               ) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
+    """Which output tensors change and how, and the output tensor list ``(name, source)``;
+    modules that change nothing (:func:`changes_nothing`) are left out, their keys in ``inert``."""
     from .adapter import (base_tensor_name, drop_head_mirror, input_embedding, match_base,
                           ties_embeddings)
 
@@ -148,7 +160,7 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
                 raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
                                   "a tensor another adapter also changes")
             e.full, e.owner = (t, w), spec
-        for key, tname in mapping.items():
+        for key, tname in _changing(ad, mapping, inert):
             m = ad.modules[key] if key in ad.modules else ad.lyco[key]
             src = dict(extra).get(tname, tname)
             e = edits.setdefault(tname, Edit(src))
@@ -175,6 +187,21 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
                                       f"{bname}")
                 edits.setdefault(bname, Edit(bname)).bias.append((m, w))
     return edits, order + extra
+
+
+def _changing(ad: Any, mapping: dict[str, str], inert: list[str] | None
+              ) -> list[tuple[str, str]]:
+    """The (module key, tensor) pairs that change something; the others' keys go to
+    ``inert``."""
+    out = []
+    for key, tname in mapping.items():
+        m = ad.modules[key] if key in ad.modules else ad.lyco[key]
+        if m.bias is None and changes_nothing(m):
+            if inert is not None:
+                inert.append(key)
+        else:
+            out.append((key, tname))
+    return out
 
 
 def _per_expert(ad: Any, base: Any, edits: dict[str, Edit], spec: str, w: float) -> None:

@@ -228,7 +228,8 @@ def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: li
                      ) -> dict[str, Any]:
     """Merge adapters already read into one opened safetensors checkpoint: plan, stream,
     verify, publish; the report."""
-    edits, order = plan_edits(base, adapters, weights, adapter_specs, untie)
+    inert: list[str] = []
+    edits, order = plan_edits(base, adapters, weights, adapter_specs, untie, inert)
     # a single .safetensors base and -o x.safetensors: one file out (no room for the record)
     single = Path(out).suffix == ".safetensors" and base.index is None and len(base.files) == 1
     job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
@@ -248,6 +249,7 @@ def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: li
     _stream(job, writer, progress)
     report.update(_report(job, base_spec, adapter_specs, adapters, weights, out, dtype, writer,
                           time.perf_counter() - t0))
+    report["inert_modules"] = inert
     return report
 
 

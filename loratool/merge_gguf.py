@@ -45,9 +45,10 @@ def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], 
     check_output(out, inputs, force)
     arch = Arch.of_header(base.gguf, where)
     for ad, spec in zip(adapters, specs):
-        require_lora(ad, spec, "a GGUF merge")
+        require_lora(ad, spec, "a GGUF merge takes LoRA modules only")
     adapters = [_llama_cpp_named(ad, arch, base, spec) for ad, spec in zip(adapters, specs)]
-    edits, order = plan_edits(base, adapters, weights, specs)
+    inert: list[str] = []
+    edits, order = plan_edits(base, adapters, weights, specs, inert=inert)
     if any(n != s for n, s in order):
         raise LoraToolError("--untie does not apply to GGUF models")
     if quant is not None and quant not in QUANTIZE:
@@ -67,6 +68,7 @@ def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], 
     stats, digests = _write(base, edits, types, out, inputs, force, device, progress,
                             verify)
     report = _report(base, specs, weights, out, quant, stats, time.perf_counter() - t0)
+    report["inert_modules"] = inert
     if verify:
         report["verify"] = digests
     return report

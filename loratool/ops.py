@@ -337,12 +337,13 @@ def subspace_similarity(V1: torch.Tensor, V2: torch.Tensor) -> torch.Tensor:
 
 
 def amplification(delta_norm: float, W: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor
-                  ) -> float:
+                  ) -> float | None:
     """The LoRA paper's amplification factor ‖ΔW‖_F / ‖Uᵀ W V‖_F: how much ΔW amplifies the
-    directions U, V (r columns / rows) compared with how strongly W already holds them."""
+    directions U, V (r columns / rows) compared with how strongly W already holds them; None
+    where W holds none of them (an all-zero base weight): the ratio has no meaning there."""
     held = float(torch.linalg.matrix_norm(U.T.to(W.dtype) @ W @ Vh.T.to(W.dtype),
                                           dtype=torch.float64))
-    return delta_norm / held if held else math.inf
+    return delta_norm / held if held else None
 
 
 def spectrum_measures(S: torch.Tensor, total_sq: float, energies: tuple[float, ...],

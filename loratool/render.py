@@ -276,6 +276,7 @@ def format_merge(r: dict[str, Any]) -> str:
     if kept:
         lines.append(f"  recorded {' and '.join(kept)} in {r['record']}, so that unmerge "
                      "gives the base back")
+    lines += _inert(r)
     if r["not_copied"]:
         left = r["not_copied"]
         lines.append(f"  left out {len(left)} file(s) of the base that hold its old weights in "
@@ -288,12 +289,22 @@ def format_merge(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _inert(r: dict[str, Any]) -> list[str]:
+    """Modules left out of a merge because they change nothing."""
+    inert = r.get("inert_modules") or []
+    if not inert:
+        return []
+    return [f"  {len(inert)} module(s) change nothing (rank 0, or a factor all zero) and were "
+            f"left out: {', '.join(inert[:3])}" + (" …" if len(inert) > 3 else "")]
+
+
 def _format_merge_gguf(r: dict[str, Any]) -> str:
     """A merge into a GGUF model: what re-quantizing cost each changed tensor."""
     names = ", ".join(f"{a['adapter']}×{a['weight']:g}" for a in r["adapters"])
     lines = [f"wrote {r['output']}: merged {names} into {r['base']} (GGUF)",
              f"  {len(r['changed'])} of {r['tensors']} tensors changed and re-quantized, "
              f"{r['unchanged_copied']} copied byte for byte; {r['seconds']:.2f} s"]
+    lines += _inert(r)
     if r["changed"]:
         rows = [["tensor", "type", "written", "‖ΔW‖/‖W‖", "quant. error / ‖W′‖",
                  "quant. error / ‖ΔW‖"]]
@@ -347,6 +358,9 @@ def format_convert(r: dict[str, Any]) -> str:
     if r["base_copies_left_out"]:
         lines.append(f"  left out {len(r['base_copies_left_out'])} full tensor(s) equal to the "
                      f"base's ({r['base_copies_left_out'][0]} …): merging them changes nothing")
+    if r.get("rank_0_left_out"):
+        lines.append(f"  left out {len(r['rank_0_left_out'])} module(s) of rank 0 "
+                     f"({r['rank_0_left_out'][0]} …): they change nothing")
     ly = r.get("lycoris")
     if ly:
         kinds = Counter(_KIND[m["type"]] for m in ly["modules"])

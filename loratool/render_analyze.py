@@ -11,6 +11,11 @@ from .render import _num, _ranks, _table
 _BARS = "▁▂▃▄▅▆▇█"
 
 
+def _g(x: float | None) -> str:
+    """A ratio in 3 significant digits; n/a where it has no value."""
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def spark(values: list[float], width: int = 16, top: float | None = None) -> str:
     """A small bar per value, scaled to ``top`` (default the largest: a spectrum's σᵢ/σ₁)."""
     top = max(values[:width], default=0.0) if top is None else top
@@ -34,7 +39,7 @@ def format_analyze(r: dict[str, Any]) -> str:
         rows.append([m["name"]] + ([str(m["rank"])] if r["mode"] == "adapter" else [])
                     + [_num(m.get("rel_delta"))]
                     + [_rank(m["effective_rank"][f"{e:g}"], m["computed"]) for e in es]
-                    + [f"{amp['factor']:.3g} ({amp['random']:.3g}) @{amp['rank']}" if amp
+                    + [f"{_g(amp['factor'])} ({_g(amp['random'])}) @{amp['rank']}" if amp
                        else "-", spark(m["singular_values"])])
     lines = [head, ""] + _table(rows, right=set(range(1, len(rows[0]) - 1)))
     lines.append(f"(r{100 * es[0]:g}% …: the rank that keeps that share of ‖ΔW‖²; amp: "

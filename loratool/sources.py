@@ -9,6 +9,7 @@ weights only when a command reads them; safetensors headers are read with ranged
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -129,6 +130,9 @@ def hub_errors(where: str, revision: str | None = None, bars: bool = False
         yield
     except hfe.HFValidationError as e:
         raise HubError(f"{where}: not a valid Hub id ({str(e).splitlines()[0][:120]})") from e
+    except json.JSONDecodeError as e:  # an endpoint that is not a Hub (a proxy's page …)
+        raise HubError(f"{where}: the Hub endpoint answered with something that is not JSON; "
+                       "check HF_ENDPOINT (it must be a Hugging Face Hub) and retry") from e
     except hfe.GatedRepoError as e:
         raise HubError(f"{where}: gated repository; accept its terms on the Hub and set "
                        "HF_TOKEN") from e

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError, os_input_error
-from .validate import parse_json
+from .validate import depth, parse_json
 
 if sys.byteorder != "little":  # safetensors data is little-endian; so is every host we know
     raise ImportError("loratool reads and writes safetensors data as little-endian, the "
@@ -55,6 +55,9 @@ TORCH_TO_CODE: dict[str, str] = {name: code for code, (_, name) in DTYPES.items(
 
 # safetensors refuses headers above 100 MB; a larger length field means a damaged file
 MAX_HEADER_BYTES = 100_000_000
+# serde_json, which the safetensors library parses headers with, stops at 128 levels; a real
+# header nests 3 (object, tensor entry, shape list)
+MAX_HEADER_DEPTH = 64
 MAX_TENSORS = 1 << 18  # tensors in one file: real checkpoints hold thousands at most
 MAX_DIM = 1 << 48  # one dimension: beyond any real tensor (and what torch can index)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -144,6 +147,10 @@ def parse_safetensors_header(raw: bytes, n: int, size: int, path: Path
     header = parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
+    if depth(header) > MAX_HEADER_DEPTH:
+        raise FormatError(f"{path}: the safetensors header nests JSON {depth(header)} levels "
+                          f"deep (the safetensors library reads at most {MAX_HEADER_DEPTH}): "
+                          "the file is damaged or hostile")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")

@@ -37,6 +37,22 @@ def parse_json(text: str | bytes, where: Any, what: str = "the file") -> Any:
     return data
 
 
+def depth(data: Any) -> int:
+    """How deeply lists and objects nest in parsed JSON (a scalar: 0)."""
+    top, stack = 0, [(data, 0)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict):
+            stack.extend((v, d + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, d + 1) for v in x)
+        else:
+            top = max(top, d)
+            continue
+        top = max(top, d + 1)
+    return top
+
+
 def check_text(data: Any, where: Any, what: str) -> None:
     """Every string (keys included) in parsed JSON must be valid UTF-8: JSON's ``\\ud800``
     escapes can smuggle in lone surrogates that no file name or terminal can take."""

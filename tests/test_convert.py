@@ -267,7 +267,7 @@ def test_bad_unknown_key_pattern(tmp_path, peft_dir):
 
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4),
                "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
-               "lora_unet_x.lokr_w1": torch.zeros(2)}, tmp_path / "k.safetensors")
+               "lora_unet_x.lokr_w1": torch.zeros(2, 2)}, tmp_path / "k.safetensors")
     _bad(tmp_path, tmp_path / "k.safetensors", "mixes the tensors of several LyCORIS types",
          "lokr_w1")
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4),

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ DETECT_ORDER = ("kohya", "diffusers", "peft")  # the most specific first; PEFT c
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
                    ".lora_down.", ".lora_up.", ".lora_a", ".lora_b", ".hada_w", ".lokr_w")
 _NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
+# the low-rank factors of every format: matrices (or more), never scalars or vectors
+FACTOR = re.compile(r"(^|[._])(lora_[ABab]|lora_embedding_[AB]|lora_down|lora_up|lora_mid|"
+                    r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t[12])(\.weight)?$")
 
 
 def detect(ckpt: Checkpoint) -> tuple[str, str]:
@@ -48,7 +52,18 @@ def detect(ckpt: Checkpoint) -> tuple[str, str]:
     if kohya.claims(ckpt) and any(".lora_A." in n or ".lora_embedding_A" in n for n in names):
         raise FormatError(f"{ckpt.source or ckpt.path}: mixes kohya (lora_down/lora_up) and PEFT "
                           "(lora_A/lora_B) keys; split it into one file per format")
+    _check_factor_dims(ckpt)
     return "adapter", next(f for f in DETECT_ORDER if REGISTRY[f].claims(ckpt))  # type: ignore
+
+
+def _check_factor_dims(ckpt: Checkpoint) -> None:
+    """A factor of fewer than two dimensions is a damaged adapter, said before any format's
+    reader indexes its shape."""
+    for name, info in ckpt.tensors.items():
+        if len(info.shape) < 2 and FACTOR.search(name):
+            raise FormatError(f"{ckpt.source or ckpt.path}: {name} is a {len(info.shape)}-D "
+                              f"tensor {list(info.shape)}, but LoRA factors are matrices: the "
+                              "adapter is damaged (re-export it)")
 
 
 def output_format(out: Path, fmt: str | None, default: str, allowed: tuple[str, ...]) -> str:
@@ -132,10 +147,11 @@ def lyco_message(ad: Any, why: str, how: str = "") -> str:
     return f"the adapter holds LyCORIS modules ({what}); {why}: {how}"
 
 
-def require_lora(ad: Any, spec: str, step: str) -> None:
-    """Refuse LyCORIS modules where ``step`` works on LoRA factors only."""
+def require_lora(ad: Any, spec: str, why: str) -> None:
+    """Refuse LyCORIS modules where a step works on LoRA factors only; ``why`` says so in a
+    whole clause ("combine works on LoRA factors")."""
     if ad.lyco:
-        raise FormatError(f"{spec}: " + lyco_message(ad, f"{step} works on LoRA factors"))
+        raise FormatError(f"{spec}: " + lyco_message(ad, why))
 
 
 def require_resolved(ad: Any, spec: str) -> None:
