@@ -113,7 +113,7 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     _check_options(method, density, policy)
     weights = check_weights(weights, len(specs))
     check_dtype(dtype)
-    adapters = _read(specs, base)
+    adapters = _read(specs, base, "resize" if resize else "combine")
     full = _full_tensors(adapters, weights, specs)  # refused before any math, not after it
     adapters, layouts = _explode(adapters)
     first = adapters[0]
@@ -207,13 +207,13 @@ def _check_options(method: str, density: float, policy: RankPolicy | None) -> No
                          f"policy ({policy.describe()}); use --method svd to recompress it")
 
 
-def _read(specs: list[str], base: str | None) -> list[Any]:
+def _read(specs: list[str], base: str | None, verb: str) -> list[Any]:
     from .formats import read_any, require_lora, require_resolved
 
     adapters = [read_any(s, base) for s in specs]
     for ad, spec in zip(adapters, specs):
+        require_lora(ad, spec, f"{verb} works on LoRA factors")  # before names: no --base
         require_resolved(ad, spec)
-        require_lora(ad, spec, "combine and resize")
     if len({ad.naming for ad in adapters}) > 1:
         raise FormatError("some adapters have llama.cpp's tensor names and others the "
                           "transformers module names: pass --base with the transformers model "

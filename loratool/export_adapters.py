@@ -33,7 +33,7 @@ def lora_plan(adapters: list[Any], specs: list[str], base: Any
 
     per: list[dict[str, Any]] = []
     for ad, spec in zip(adapters, specs):
-        require_lora(ad, spec, "an onnxruntime adapter holds LoRA factors")
+        require_lora(ad, spec, "an onnxruntime adapter holds LoRA factors only")
         if ad.full:
             raise FormatError(f"{spec}: full tensors ({next(iter(ad.full))} …) replace base "
                               "weights; an onnxruntime adapter can only add LoRA factors: "

@@ -118,9 +118,10 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     if report_path is None:
         _write(ad, out, fmt, report, base_spec, force, inputs)
     else:  # staged first (a full disk fails before the adapter appears), published after it
-        from .staging import Stage, output_os_error
+        from .staging import REPORT_OUTPUT, Stage, output_os_error
 
-        with Stage(report_path, inputs + [out], force, file=report_path.name) as stage:
+        with Stage(report_path, inputs + [out], force, file=report_path.name,
+                   kind=REPORT_OUTPUT) as stage:
             assert stage.tmp is not None
             try:
                 (stage.tmp / report_path.name).write_text(report_json(report) + "\n")
@@ -135,11 +136,11 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
 def _check_outputs(out: Path, report_path: Path | None, inputs: list[Path], force: bool
                    ) -> None:
     """Fail before the work, not after it."""
-    from .staging import check_output
+    from .staging import REPORT_OUTPUT, check_output
 
     check_output(out, inputs, force)
     if report_path is not None:
-        check_output(report_path, inputs + [out], force)
+        check_output(report_path, inputs + [out], force, REPORT_OUTPUT)
         if not report_path.parent.is_dir():
             raise LoraToolError(f"--report {report_path}: folder {report_path.parent} does not "
                                 "exist")

@@ -27,6 +27,11 @@ _LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 def _pyplot() -> Any:
+    import logging
+
+    # matplotlib logs two lines of warnings when its config folder is not writable (it then
+    # uses a temporary one, which is fine for drawing a few files): only cli.py prints
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     try:
         import matplotlib
     except ImportError as e:
@@ -148,33 +153,37 @@ def html_page(report: dict[str, Any], images: dict[str, bytes], table: str) -> s
 def check_outputs(plot: Path | None, page: Path | None, inputs: list[Path],
                   force: bool) -> None:
     """Refuse unusable outputs before any work (and without matplotlib, say so now)."""
-    from .staging import check_output
+    import importlib.util
+
+    from .staging import HTML_OUTPUT, PLOTS_OUTPUT, check_output
 
     if plot is None and page is None:
         return
-    _pyplot()
-    for out in (plot, page):
-        if out is not None:
-            check_output(out, inputs, force)
+    if importlib.util.find_spec("matplotlib") is None:  # said now, imported only to draw
+        raise LoraToolError(f"--plot and --html need matplotlib: {EXTRA}")
+    if plot is not None:
+        check_output(plot, inputs, force, PLOTS_OUTPUT)
+    if page is not None:
+        check_output(page, inputs, force, HTML_OUTPUT)
 
 
 def write(report: dict[str, Any], plot: Path | None, page: Path | None, table: str,
           inputs: list[Path], force: bool) -> dict[str, Any]:
     """``--plot DIR`` (one PNG a figure) and ``--html FILE``, each written whole or not at
     all; the files written."""
-    from .staging import Stage, output_os_error
+    from .staging import HTML_OUTPUT, PLOTS_OUTPUT, Stage, output_os_error
 
     images = figures(report)
     written: dict[str, Any] = {}
     try:
         if plot is not None:
-            with Stage(plot, inputs, force) as stage:
+            with Stage(plot, inputs, force, kind=PLOTS_OUTPUT) as stage:
                 for name, png in images.items():
                     (stage.tmp / name).write_bytes(png)  # type: ignore[operator]
                 stage.publish()
             written["plot"] = {"folder": str(plot), "files": sorted(images)}
         if page is not None:
-            with Stage(page, inputs, force, file=page.name) as stage:
+            with Stage(page, inputs, force, file=page.name, kind=HTML_OUTPUT) as stage:
                 (stage.tmp / page.name).write_text(  # type: ignore[operator]
                     html_page(report, images, table), encoding="utf-8")
                 stage.publish()
