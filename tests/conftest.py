@@ -218,3 +218,33 @@ def sentencepiece_tokenizer(folder: Path, vocab: int = 128) -> None:
                                    vocab_size=vocab, model_type="bpe", hard_vocab_limit=False,
                                    minloglevel=2)
     text.unlink()
+
+
+def gguf_model(model_dir: Path, path: Path) -> Path:
+    """A llama.cpp GGUF file (F16 matrices, F32 vectors) of a transformers Llama folder, named
+    by the gguf package's tensor map. The q/k rows are not permuted as llama.cpp's converter
+    does: for tests of how files are handled, not of what the model computes."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == "llama")
+    tmap = gguf.get_tensor_name_map(enum, cfg["num_hidden_layers"])
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_context_length(64)
+    for f in sorted(model_dir.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            arr = t.float().numpy()
+            w.add_tensor(tmap.get_name(name, try_suffixes=(".weight",)),
+                         arr.astype(np.float16 if arr.ndim == 2 else np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -257,3 +257,113 @@ def test_adapter_tensors_with_strange_names_and_shapes(valid, tmp_path_factory, 
     _run("inspect", d / "a")
     res = _run("merge", valid / "base", d / "a", "-o", d / "m")
     _clean(d, d / "m", res)
+
+
+# --------------------------------------------------------------------------- GGUF headers
+
+
+def _gguf_bytes(kvs: list[tuple[bytes, int, bytes]], tensors: list[tuple[bytes, list[int], int,
+                                                                         int]],
+                data: bytes, n_kv: int | None, n_tensors: int | None) -> bytes:
+    """A GGUF v3 file from parts that may lie: counts, value types and bytes, dims, types,
+    offsets."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)
+    for key, kind, value in kvs:
+        head += struct.pack("<Q", len(key)) + key + struct.pack("<I", kind) + value
+    for name, dims, kind, offset in tensors:
+        head += struct.pack("<Q", len(name)) + name + struct.pack("<I", len(dims))
+        head += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", kind, offset)
+    return head + b"\0" * (-len(head) % 32) + data
+
+
+u64 = st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1))
+kv_values = st.one_of(
+    st.binary(max_size=16),
+    st.tuples(st.sampled_from([0, 4, 8, 9, 10, 99]), u64).map(  # an array: type, count
+        lambda t: struct.pack("<IQ", *t)),
+    u64.map(lambda n: struct.pack("<Q", n) + b"abc"))  # a string's length, a few bytes
+
+
+@FUZZ
+@given(kvs=st.lists(st.tuples(st.sampled_from([b"general.alignment", b"general.type",
+                                               b"general.architecture", b"x"]),
+                              st.integers(0, 13), kv_values), max_size=3),
+       tensors=st.lists(st.tuples(st.sampled_from([b"token_embd.weight", b"a", b""]),
+                                  st.lists(u64, max_size=5),
+                                  st.sampled_from([0, 1, 8, 12, 14, 30, 99]), u64),
+                        max_size=3),
+       size=st.integers(0, 4096),
+       n_kv=st.one_of(st.none(), u64), n_tensors=st.one_of(st.none(), u64))
+@example(kvs=[], tensors=[(b"a", [64], 0, 0)], size=256, n_kv=None, n_tensors=None)
+def test_generated_gguf_headers(valid, tmp_path_factory, kvs, tensors, size, n_kv, n_tensors):
+    """GGUF headers built from parts that may lie about anything: read, inspected and merged
+    into, each ends in a result or one line, quickly and in little memory."""
+    d = _case(tmp_path_factory)
+    p = d / "m.gguf"
+    p.write_bytes(_gguf_bytes(kvs, tensors, bytes(size), n_kv, n_tensors))
+    _run("inspect", p)
+    res = _run("merge", p, valid / "adapter", "-o", d / "o.gguf")
+    _clean(d, d / "o.gguf", res)
+
+
+# --------------------------------------------------------------------------- pipeline folders
+
+from test_pipeline import sdxl  # noqa: E402,F401  (the fixture: a tiny SDXL pipeline, a LoRA)
+
+PIPE_FUZZ = settings(FUZZ, max_examples=40)
+
+
+@PIPE_FUZZ
+@given(changes=st.lists(st.tuples(
+    st.sampled_from(["link out", "link in", "link loop", "fifo", "link dev", "drop", "index",
+                     "deep link"]),
+    st.sampled_from(["vae", "text_encoder", "unet", "model_index.json", "scheduler",
+                     "text_encoder/config.json", "text_encoder/model.safetensors", "new"])),
+    max_size=3), value=json_values)
+@example(changes=[], value=None)
+def test_mutated_pipeline_folders(sdxl, tmp_path_factory, changes, value):  # noqa: F811
+    """A pipeline folder whose entries are links (out of it, into it, in a loop, to a
+    device), named pipes, missing or rewritten: merge ends in a result or one line, reads
+    nothing outside the folder and leaves nothing partial."""
+    folder, lora = sdxl
+    d = _case(tmp_path_factory)
+    p = d / "pipe"
+    shutil.copytree(folder, p)
+    outside = d / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("secret")
+    for how, where in changes:
+        try:
+            _mutate(p, p / where, how, outside, value)
+        except OSError:  # a change an earlier one made impossible (a parent is now a link)
+            pass
+    res = _run("merge", p, next(lora.glob("*.safetensors")), "-o", d / "m")
+    _clean(d, d / "m", res)
+    if res.rc == 0:
+        assert not any("secret" in f.read_text(errors="replace") for f in (d / "m").rglob("*")
+                       if f.is_file() and f.stat().st_size < 100)
+
+
+def _mutate(p: Path, target: Path, how: str, outside: Path, value: object) -> None:
+    """One change to a pipeline folder's entry."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if how == "link out":
+        target.symlink_to(outside)
+    elif how == "link in":
+        target.symlink_to(p / "scheduler")
+    elif how == "link loop":
+        target.symlink_to(target)
+    elif how == "fifo":
+        os.mkfifo(target)
+    elif how == "link dev":
+        target.symlink_to("/dev/zero")
+    elif how == "index":
+        target.write_text(json.dumps(value))
+    elif how == "deep link":
+        target.mkdir(exist_ok=True)
+        (target / "x").symlink_to(outside / "id_rsa")

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).parent.parent / "loratool"
 LAYERS: dict[str, float] = {
     "loratool": 0, "errors": 0,
     "units": 1, "progress": 1, "interrupts": 1, "validate": 1, "ops": 1, "options": 1,
+    "paths": 1.2,  # inputs stay inside the folder the user named
     "experts": 1.5,  # mixture-of-experts layouts: names and shapes only
     "tensorfile": 2, "staging": 2, "directio": 2.2, "ggufio": 2.5,
     "sources": 3,
@@ -28,7 +29,7 @@ LAYERS: dict[str, float] = {
     "edits": 8, "deltas": 8, "merge_gguf": 8.7, "verify": 8.5,
     # the verbs: one command each, and the reports people read
     "merge_pipeline": 9.3,
-    "extract": 9, "merge": 9, "combine": 9, "convert": 9, "export": 9, "export_cache": 8.5, "export_stream": 8.6, "export_adapters": 8.7,
+    "extract": 9, "merge": 9, "combine": 9, "convert": 9, "export": 9, "export_cache": 8.5, "export_stream": 8.6, "export_check": 8.65, "export_adapters": 8.7,
     "hub": 9, "summary": 9, "render": 9, "analyze": 9, "plots": 8.5, "render_analyze": 9.5,
     "demo": 10,  # a tour that runs the verbs
     "clikit": 10.5, "cli": 11, "__main__": 12,
