@@ -54,6 +54,7 @@ class _Job:
     items: list[Any] = field(default_factory=list)  # BudgetItem per module (budget only)
     pending: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, rel)
     fixed: list[Fixed] = field(default_factory=list)  # written whatever the ranks
+    over: bool = False  # what is written whatever the ranks exceeds the budget: count only
     # per-expert tensors of fused parameters: tensor → (parameter, expert, row block); the
     # row blocks of one expert wait here until its matrix is whole
     expert_of: dict[str, tuple[str, int, int]] = field(default_factory=dict)
@@ -73,10 +74,12 @@ class _Job:
         return b.cost(numel, self.store_dtype(code).itemsize) if b else 0
 
     def fix(self, label: str, numel: int, code: str, hint: str | None) -> None:
-        """Count something written whatever the ranks; refuse as soon as it cannot fit."""
+        """Count something written whatever the ranks. Once that exceeds the budget, no more
+        factorising: the scan only goes on counting, so that the refusal gives the whole
+        fixed cost, not the part found so far."""
         if self.policy.budget is not None:
             self.fixed.append(Fixed(label, self.cost(numel, code), hint))
-            check_fixed(self.policy, self.fixed)
+            self.over = self.over or sum(f.cost for f in self.fixed) > self.policy.budget.amount
 
 
 def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
@@ -111,6 +114,7 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
     with progress.bar("extract", total=len(names), unit="tensor") as bar:
         for name, w_base, delta, raw_tuned in diffs(job.base, job.tuned, names, job.dev, bar):
             _take(job, name, w_base, delta, raw_tuned)
+    check_fixed(policy, job.fixed)  # the whole fixed cost, now that every tensor is seen
     if policy.kind == "budget":
         _at_budget_ranks(job, progress)
     ad = _adapter(job, base_spec, cfg, tied)
@@ -188,6 +192,8 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
 def _factor_or_wait(job: _Job, name: str, kind: str, M: Any, rel_w: float, ti: Any,
                     delta: Any, total_sq: float | None = None) -> None:
     """Factorise now, or (a budget) keep the spectrum and factorise at the budget's rank."""
+    if job.over:  # the budget is already exceeded by what is stored in full: only counting
+        return
     if job.policy.kind == "budget":
         # pass 1 of 2: only the spectrum, up to the cap; factors come in pass 2
         cap = spectrum_cap(job.policy, min(M.shape))

@@ -162,6 +162,11 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
         total_sq = ops.sum_squares(M)
     norm = math.sqrt(total_sq)
     full = min(M.shape)
+    if not total_sq:  # nothing to keep: rank 0, and the module is left out
+        empty = torch.zeros(0, device=M.device)
+        return Factored(M.new_zeros(M.shape[0], 0).to(store_dtype),
+                        M.new_zeros(0, M.shape[1]).to(store_dtype), 0, 0.0, 1.0, 0.0, "none",
+                        full, empty.cpu())
     cap = policy.cap(full)
     if rank is not None:
         want = min(rank, cap)
