@@ -54,12 +54,14 @@ def _dense(m: Any, w: float) -> Any:
 
 
 def stacked(parts: list[tuple[Any, float]]) -> tuple[Any, Any]:
-    """The exact sum Σ wᵢ sᵢ Bᵢ Aᵢ as stacked factors (B side by side, scaled A's stacked)."""
+    """The exact sum Σ wᵢ sᵢ Bᵢ Aᵢ as stacked factors (B side by side, scaled A's stacked),
+    in float64: the wᵢ·sᵢ·Aᵢ products are exact there, so this is the reference every error
+    is measured against, and what the written factors are rounded from, once."""
     import torch
 
     Bs, As = [], []
     for m, w in parts:
-        B, A = m.factors_2d()
+        B, A = m.factors_2d(torch.float64)
         Bs.append(B)
         As.append(A * (m.scale * w))
     return torch.cat(Bs, 1), torch.cat(As, 0)
@@ -137,6 +139,10 @@ def combine(specs: list[str], out: Path, method: str, *, weights: list[float] | 
     elif job.pending:
         _dense_at_budget_ranks(job)
     if job.keys and not job.result.modules:
+        if all(e.get("rank") == 0 and not e.get("total_norm", 0.0) and e.get(
+                "rel_error", 0.0) == 0.0 for e in job.entries) and method in ("cat", "svd"):
+            raise LoraToolError("every module's change is zero (each has a factor of zeros): "
+                                "there is nothing to write")
         raise LoraToolError(f"{job.policy.describe()} leaves every module at rank 0; raise "
                             "--budget or --rank")
     _biases(job)
@@ -288,10 +294,19 @@ def _module(job: _Combine, key: str) -> dict[str, Any]:
                              "input_ranks": [m.rank for m, _ in parts]}
     if job.method == "cat":
         B, A = stacked(parts)
-        job.result.add(_to_module(like.name, like, B, A, job.store, like.component))
-        total = ops.factored_residual(B, A, torch.zeros(B.shape[0], 0),
-                                      torch.zeros(0, A.shape[1]))
-        err = ops.factored_residual(B, A, B.to(job.store).float(), A.to(job.store).float())
+        total = ops.product_norm(B, A)
+        if not total and not _needs_rank(parts):  # B@A is zero: rank 0, left out
+            entry.update(rank=0, rel_error=0.0)
+            return entry
+        Bs, As = B.to(job.store), A.to(job.store)  # rounded once, from the exact values
+        job.result.add(_to_module(like.name, like, Bs, As, job.store, like.component))
+        # the written factors against the exact sum: 0 when rounding changed no value (the
+        # usual case: scales and weights of powers of two), else measured
+        if not torch.equal(Bs.double(), B):
+            err = ops.factored_residual(B, A, Bs, As)
+        else:  # B written as it is: the error is B·(A − Ã), or nothing when Ã = A
+            D = A - As.double()
+            err = ops.product_norm(B, D) if D.any() else 0.0
         entry.update(rank=B.shape[1], rel_error=err / total if total else 0.0)
     elif job.method == "svd":
         B, A = stacked(parts)
@@ -395,7 +410,9 @@ def _choose_svd_ranks(job: _Combine) -> None:
     for key, (U, S, Vh, like, B_sum, A_sum) in job.spectra.items():
         total = float(S.double().pow(2).sum())
         cap = policy.cap(len(S))
-        if policy.kind == "budget":
+        if not total:  # the sum is zero (a lora_B of zeros): rank 0, left out
+            k = 0
+        elif policy.kind == "budget":
             k = chosen[key]
         elif policy.kind == "rank":
             k = min(int(policy.value), cap)
@@ -404,10 +421,11 @@ def _choose_svd_ranks(job: _Combine) -> None:
             k = min(r if r is not None else len(S), cap)
 
         def stored(k: int, dtype: Any = job.store) -> tuple[Any, Any, float]:
-            """Factors as they will be written, and their measured error against the sum."""
+            """Factors as they will be written, and their measured error against the exact
+            sum (float64)."""
             B, A = ops.split_factors(U, S.float(), Vh, k)
             B, A = B.to(dtype), A.to(dtype)
-            res = ops.factored_residual(B_sum, A_sum, B.float(), A.float())
+            res = ops.factored_residual(B_sum, A_sum, B, A)
             return B, A, res / math.sqrt(total) if total else 0.0
 
         B, A, err = stored(k)

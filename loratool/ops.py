@@ -312,6 +312,17 @@ def factored_residual(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor,
     return float(torch.linalg.matrix_norm(rl @ rr.T))
 
 
+def product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B·A‖_F in float64, by the cheaper of two exact ways: the product itself (out·in·r
+    operations), or two Gram matrices of the rank's size, ‖BA‖² = Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ᵢⱼ
+    (r²·(out + in)), which never forms an [out, in] matrix."""
+    B, A = B.double(), A.double()
+    (out, r), n = B.shape, A.shape[1]
+    if out * n * r <= r * r * (out + n):
+        return float(torch.linalg.matrix_norm(B @ A))
+    return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
+
+
 # --------------------------------------------------------------------------- analysis
 
 
