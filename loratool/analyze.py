@@ -223,9 +223,16 @@ def _compare(a: str, b: str, base: str | None, subspace: str, progress: Progress
         require_resolved(ad, spec)
         require_lora(ad, spec, "analyze works on LoRA factors")
     ads = [explode(ad)[0] for ad in ads]  # each expert on its own
-    common = [k for k in ads[0].modules if k in ads[1].modules]
+    from .edits import changes_nothing
+
+    shared = [k for k in ads[0].modules if k in ads[1].modules]
+    # a module whose B@A is zero in either adapter changes nothing there: φ would describe
+    # directions that carry no change, so it is named instead of measured
+    inert = [k for k in shared if any(changes_nothing(ad.modules[k]) for ad in ads)]
+    common = [k for k in shared if k not in inert]
     if not common:
-        raise LoraToolError(f"{a} and {b} share no module: nothing to compare")
+        raise LoraToolError(f"{a} and {b} share no module that changes something in both: "
+                            "nothing to compare")
     modules = []
     with progress.bar("compare", total=len(common), unit="module") as bar:
         for key in common:
@@ -242,6 +249,7 @@ def _compare(a: str, b: str, base: str | None, subspace: str, progress: Progress
                             "phi_diagonal": [float(phi[i, i]) for i in range(k)],
                             "phi_min_rank": float(phi[k - 1, k - 1])})
     return {"mode": "compare", "adapters": [a, b], "subspace": subspace, "modules": modules,
+            "changes_nothing": inert,
             "only_in_first": [k for k in ads[0].modules if k not in ads[1].modules],
             "only_in_second": [k for k in ads[1].modules if k not in ads[0].modules]}
 

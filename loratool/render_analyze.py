@@ -72,8 +72,10 @@ def _format_compare_adapters(r: dict[str, Any]) -> str:
     lines.append(f"(φ(i, j) = ‖V₁[:i]·V₂[:j]ᵀ‖² / min(i, j) of {of}: 1 where one subspace "
                  "holds the other, j/d for random ones (d inputs); k = the smaller rank)")
     for key, label in (("only_in_first", "only in the first"),
-                       ("only_in_second", "only in the second")):
-        if r[key]:
+                       ("only_in_second", "only in the second"),
+                       ("changes_nothing", "not compared, as they change nothing in one "
+                                           "adapter (a factor all zero)")):
+        if r.get(key):
             lines.append(f"{len(r[key])} modules {label}: {', '.join(r[key][:4])}"
                          + (" …" if len(r[key]) > 4 else ""))
     return "\n".join(lines)
