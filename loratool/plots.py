@@ -56,7 +56,10 @@ def _png(fig: Any) -> bytes:
 
 
 def _file(kind: str, group: str) -> str:
-    return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', group).strip('_')}.png"
+    """The PNG's name: the group with ``N`` for the layer number (``layers.N.q_proj``), and
+    nothing a shell or another file system would trip on."""
+    name = group.replace("*", "N")
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}.png"
 
 
 def figures(report: dict[str, Any]) -> dict[str, bytes]:
@@ -81,13 +84,23 @@ def _label(m: dict[str, Any], many: bool) -> str:
 
 
 def _spectra(plt: Any, group: str, ms: list[dict[str, Any]]) -> bytes:
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    zeros = 0
     for m in ms:
         s = m["singular_values"]
-        if s and s[0] > 0:
-            ax.semilogy(range(1, len(s) + 1), [x / s[0] for x in s], lw=1,
+        if s and s[0] > 0:  # a log axis cannot show σ = 0: those points are counted instead
+            pts = [(i, x / s[0]) for i, x in enumerate(s, 1) if x > 0]
+            zeros += len(s) - len(pts)
+            ax.semilogy([i for i, _ in pts], [y for _, y in pts], lw=1,
+                        marker="o" if len(s) <= 32 else None, ms=3,
                         label=_label(m, len(ms) > 1))
-    ax.set(title=f"spectrum of ΔW: {group}", xlabel="i", ylabel="σᵢ / σ₁")
+    note = f"\n({zeros} singular values of 0 not shown)" if zeros else ""
+    ax.set(title=f"spectrum of ΔW: {group}{note}", xlabel="i", ylabel="σᵢ / σ₁")
+    longest = max((len(m["singular_values"]) for m in ms), default=1)
+    ax.set_xlim(0.5, longest + 0.5)  # whole indices, even for one or two values
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     if len(ms) <= 12:
         ax.legend(fontsize=7)
@@ -105,6 +118,9 @@ def _errors(plt: Any, group: str, ms: list[dict[str, Any]], report: dict[str, An
             ax.plot([r], [curve[r]], "o", color=line.get_color(), ms=4)
     ax.set(title=f"error of the best rank r: {group}\n(dots: the rank chosen)", xlabel="rank r",
            ylabel="‖ΔW − ΔW_r‖ / ‖ΔW‖", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     if len(ms) <= 12:
         ax.legend(fontsize=7)
@@ -125,7 +141,10 @@ def _similarity(plt: Any, group: str, ms: list[dict[str, Any]]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="φ(i, j)")
-    fig.suptitle(f"subspace similarity: {group}")
+    which = "" if len(shown) == len(ms) else (
+        f" ({', '.join(_label(m, True).removeprefix('layer ') for m in shown)} of "
+        f"{len(ms)} shown; --json has every one)")
+    fig.suptitle(f"subspace similarity: {group}{which}")
     return _png(fig)
 
 

@@ -186,7 +186,7 @@ def test_pictures_and_a_self_contained_page(tmp_path):
     a = _adapter(tmp_path / "ad", 64, 8, 3)
     res = run_cli("analyze", "--compare", a, a, "--plot", tmp_path / "s")
     assert res.rc == 0 and [p.name for p in (tmp_path / "s").glob("*.png")] == [
-        "similarity-layers._.proj.png"]
+        "similarity-layers.N.proj.png"]
 
 
 def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
