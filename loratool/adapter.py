@@ -138,9 +138,11 @@ class LoraAdapter:
         return sorted({m.component for m in mods}, key=lambda c: c or "")
 
     def common(self) -> tuple[int, float]:
-        """The most common (rank, alpha): what a config states once, patterns override."""
-        ranks = Counter(m.rank for m in self.modules.values())
-        alphas = Counter(m.alpha for m in self.modules.values())
+        """The most common (rank, alpha): what a config states once, patterns override. LoRA
+        modules and LyCORIS ones alike (a LyCORIS module without alpha has alpha = rank)."""
+        mods: list[Any] = [*self.modules.values(), *self.lyco.values()]
+        ranks = Counter(m.rank for m in mods)
+        alphas = Counter(float(m.alpha) if m.alpha else float(m.rank) for m in mods)
         return (ranks.most_common(1)[0][0] if ranks else 8,
                 alphas.most_common(1)[0][0] if alphas else 8.0)
 

@@ -46,6 +46,9 @@ class LycoModule:
     magnitude: torch.Tensor | None = None  # dora_scale, per output row
     component: str | None = None
     layout: str = field(init=False, default="linear")
+    # a 2-D ΔW of LoHa or LoKr may be a linear layer's or a conv's stored flat; only the base
+    # tells (fit_shape sets this)
+    shape_from_base: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         check(self)
@@ -184,9 +187,11 @@ def check(m: LycoModule) -> None:
 def fit_shape(m: LycoModule, have: tuple[int, ...]) -> bool:
     """Adopt the base weight's shape when ΔW is the same numbers (a conv stored flat)."""
     if tuple(m.shape) == tuple(have):
+        m.shape_from_base = True
         return True
     if have and m.shape and have[0] == m.shape[0] and math.prod(have) == math.prod(m.shape):
         m.shape = tuple(have)
         m.layout = "conv" if len(have) > 2 else "linear"
+        m.shape_from_base = True
         return True
     return False

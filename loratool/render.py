@@ -94,9 +94,11 @@ def format_summary(data: dict[str, Any], expand: bool = False) -> str:
         lines += _format_gguf(data["gguf"])
     tensors = data["tensors"]
     if data.get("filter"):
-        lines.append(f"  filter {' '.join(data['filter'])}: {len(tensors)} tensors match")
+        lines.append(f"  filter {' '.join(data['filter'])}: {len(tensors)} tensors match"
+                     + (f" (names here look like {data['names_look_like']})"
+                        if data.get("names_look_like") else ""))
     if data["kind"] == "adapter":
-        lines += _format_adapter(data)
+        lines += _format_adapter(data, expand)
     if tensors:
         lines.append("")
         if expand or data.get("filter"):
@@ -119,7 +121,7 @@ def format_summary(data: dict[str, Any], expand: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _format_adapter(data: dict[str, Any]) -> list[str]:
+def _format_adapter(data: dict[str, Any], expand: bool = False) -> list[str]:
     a = data.get("adapter") or {}
     mods = data.get("modules") or []
     lines = []
@@ -143,27 +145,42 @@ def _format_adapter(data: dict[str, Any]) -> list[str]:
         lyco = any(m.get("type", "lora") != "lora" for m in mods)
         ranks = Counter(m["rank"] for m in mods)
         kinds = Counter(_KIND[m.get("type", "lora")] for m in mods)
+        each = (", ".join(f"{r} ×{c}" for r, c in sorted(ranks.items())) if len(ranks) <= 6
+                else f"{min(ranks)}–{max(ranks)} ({len(ranks)} different)")
         lines.append(f"  {len(mods)} {'LoRA ' if not lyco else ''}modules"
-                     + (f" ({_counts(kinds)})" if lyco else "") + "; ranks: "
-                     + ", ".join(f"{r} ×{c}" for r, c in sorted(ranks.items())))
+                     + (f" ({_counts(kinds)})" if lyco else "") + f"; ranks: {each}")
         rows = [["module", "count"] + (["type"] if lyco else []) +
                 ["rank", "alpha", "scale", "layout", "in→out"]]
-        grouped: dict[tuple[Any, ...], dict[str, Any]] = {}
+        # one row per kind of module, its layers folded (``layers.*.q_proj``) in the order
+        # they come; ranks, alphas and scales that differ between layers shown as ranges
+        # (--all: one row per module)
+        grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for m in mods:
             layout = f"{m['layout']} ×{m['experts']}" if m.get("experts") else m["layout"]
-            key = (_LAYER.sub("*", m["name"]), m["rank"], m["alpha"], m["scale"], layout,
+            key = (m["name"] if expand else _LAYER.sub("*", m["name"]), layout,
                    m["in_features"], m["out_features"], _KIND[m.get("type", "lora")])
-            g = grouped.setdefault(key, {"count": 0, "first": m["name"]})
-            g["count"] += 1
-        for key, g in grouped.items():
-            name = key[0] if g["count"] > 1 else g["first"]
-            alpha = "-" if key[2] is None else f"{key[2]:g}"
-            rows.append([name, f"×{g['count']}"] + ([key[7]] if lyco else []) +
-                        [str(key[1]), alpha, f"{key[3]:.4g}", key[4], f"{key[5]}→{key[6]}"])
+            grouped.setdefault(key, []).append(m)
+        for (name, layout, n_in, n_out, kind), ms in grouped.items():
+            alphas = sorted({m["alpha"] for m in ms if m["alpha"] is not None})
+            rows.append([name if len(ms) > 1 else ms[0]["name"],
+                         f"×{len(ms)}" if len(ms) > 1 else ""] + ([kind] if lyco else []) +
+                        [_ranks(sorted({m["rank"] for m in ms})),
+                         _span(alphas, "g") if alphas else "-",
+                         _span(sorted({m["scale"] for m in ms}), ".4g"), layout,
+                         f"{n_in}→{n_out}"])
         lines.append("")
         right = {1, 3, 4, 5} if lyco else {1, 2, 3, 4}
         lines += ["  " + r for r in _table(rows, right=right)]
+        if any(m["layout"] == "2-D" for m in mods):
+            lines.append("  (2-D: a linear layer's change, or a convolution's that LyCORIS "
+                         "stores flat as [out, in·kh·kw]; the base tells which)")
     return lines
+
+
+def _span(values: list[float], fmt: str) -> str:
+    """One value, or the smallest and largest: ``0.5–2``."""
+    lo, hi = format(values[0], fmt), format(values[-1], fmt)
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 _KIND = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full"}
@@ -268,7 +285,7 @@ def format_merge(r: dict[str, Any]) -> str:
     lines = [f"wrote {r['output']}: {r['operation']}d {names} {how} {r['base']}",
              f"  {r['tensors_changed']} of {r['tensors']} tensors changed, max "
              f"|ΔW| {r['max_abs_delta']:.3g}; {r['seconds']:.2f} s, "
-             f"{r['gb_per_s']:.2f} GB/s on {r['device']}, peak RSS "
+             f"{_rate(r['gb_per_s'])} while streaming on {r['device']}, peak RSS "
              + (f"{r['peak_rss_mb']:.0f} MiB" if r["peak_rss_mb"] is not None else "n/a")
              + (f", peak GPU {r['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in r else "")]
     kept = [f"{n} tensors replaced in full" for n in [r["replaced_recorded"]] if n] + [
@@ -287,6 +304,13 @@ def format_merge(r: dict[str, Any]) -> str:
                      f"worst {v['name']} at {v['ratio']:.3f}× the bound (max error "
                      f"{v['max_abs_error']:.3g})")
     return "\n".join(lines)
+
+
+def _rate(gb_per_s: float | None) -> str:
+    """A throughput as a person reads it: MB/s below 1 GB/s."""
+    if gb_per_s is None:
+        return "n/a"
+    return f"{gb_per_s:.2f} GB/s" if gb_per_s >= 1 else f"{gb_per_s * 1000:.0f} MB/s"
 
 
 def _inert(r: dict[str, Any]) -> list[str]:
@@ -394,7 +418,7 @@ def format_export(r: dict[str, Any]) -> str:
            f"LoRA inputs on {r['lora']['modules']} modules (rank {r['lora']['rank']}), "
            f"adapters: {', '.join(r['adapter_files'])}")
     lines = [f"wrote {r['output']}: {', '.join(r['files'])}",
-             f"  {r['architecture']} ({r['task']}, {r['dtype']}), inputs "
+             f"  {r['architecture']} ({r['task']}, {r['dtype']}, opset {r['opset']}), inputs "
              f"{', '.join(r['inputs'])}; {how}; {r['seconds']:.1f} s"]
     if (r.get("lora") or {}).get("outside_the_graph"):
         lines.append(f"  not in the graph (the output does not depend on them): "

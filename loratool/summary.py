@@ -60,6 +60,9 @@ def summarize(ckpt: Checkpoint, filters: list[str] | None = None) -> dict[str, A
                     for i in sorted(ckpt.infos(), key=lambda i: natural_key(i.name))
                     if matches(i.name, filters)],
     }
+    if filters and not data["tensors"] and ckpt.tensors:  # a hint: how names look here
+        data["names_look_like"] = sorted(ckpt.tensors, key=natural_key)[
+            len(ckpt.tensors) // 2]
     if ckpt.gguf is not None:
         data["architecture"] = ckpt.gguf.architecture
         data["gguf"] = gguf_facts(ckpt.gguf)
@@ -138,8 +141,12 @@ def describe_modules(ad: Any) -> list[dict[str, Any]]:
         out.append(e)
     for lm in ad.lyco.values():
         shape = lm.shape
+        # a 2-D LoHa/LoKr ΔW is a linear layer's, or a conv's stored flat: without the base,
+        # which one is not known, and is not guessed
+        flat = lm.kind != "full" and len(shape) == 2 and not lm.shape_from_base
         out.append({"name": lm.key, "type": lm.kind, "rank": lm.rank, "alpha": lm.alpha,
-                    "scale": lm.scale, "layout": lm.layout, "factors": lm.describe(),
+                    "scale": lm.scale, "layout": "2-D" if flat else lm.layout,
+                    "factors": lm.describe(),
                     "in_features": math.prod(shape[1:]) if len(shape) > 1 else None,
                     "out_features": shape[0], "rslora": False,
                     "dora": lm.magnitude is not None, "bias": lm.bias is not None,
