@@ -296,7 +296,7 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
               help="Precision of the graph's weights and activations (bf16 does not run on "
                    "onnxruntime's CPU provider).")
 @click.option("--opset", type=click.IntRange(min=1), help="ONNX opset (default: the "
-              "exporter's, 18); the graph is checked to have it.")
+              "exporter's own; the report gives the graph's); the graph is checked to have it.")
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "feature-extraction"]),
               default="auto", show_default=True,
               help="causal-lm exports logits; feature-extraction the last hidden state.")

@@ -358,13 +358,12 @@ def run(cli: Any, argv: list[str] | None) -> None:
         interrupts.check_interrupted()  # an interrupt something swallowed is still one
     except (click.exceptions.Abort, KeyboardInterrupt):
         _interrupted(program)
-    except click.ClickException as e:  # usage errors: click's message, exit 2
-        import io
-
-        buf = io.StringIO()
-        e.show(file=buf)
-        echo(buf.getvalue(), err=True, nl=False)
-        sys.exit(e.exit_code)
+    except click.UsageError as e:  # click's: the same one line as a verb's usage error
+        where = e.ctx.command_path if e.ctx is not None else "loratool"
+        _error(f"loratool: usage error: {e.format_message()} (see `{where} -h`)",
+               e.exit_code)
+    except click.ClickException as e:
+        _error(f"loratool: error: {e.format_message()}", e.exit_code)
     except UsageError as e:  # options that cannot work together, found by a verb
         _error(f"loratool: usage error: {e}", 2)
     except LoraToolError as e:

@@ -78,7 +78,9 @@ def pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
                           f"{len(only_tuned)} such tensors); are they the same architecture? "
                           "--exclude GLOB leaves tensors out")
     if not names:
-        raise LoraToolError("no tensors to compare (check --target/--exclude)")
+        some = sorted(base.tensors)[len(base.tensors) // 2] if base.tensors else None
+        raise LoraToolError("no tensors to compare (check --target/--exclude)"
+                            + (f"; names here look like {some}" if some else ""))
     return names
 
 

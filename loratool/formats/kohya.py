@@ -257,7 +257,8 @@ def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames
     name = resolver.resolve(component, rest) if resolver else None
     if resolver is not None and name is None:
         raise FormatError(f"{where}: module {stem}: no module {rest!r} (dots for "
-                          "underscores) in the base; is --base the right model?")
+                          f"underscores) in the base {resolver.base}; is it the model this "
+                          "adapter was made for?")
     if name is None:
         unresolved.append(stem)
         name = rest
