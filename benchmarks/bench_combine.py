@@ -31,9 +31,9 @@ class Net(torch.nn.Module):
 def main() -> None:
     from peft import LoraConfig, get_peft_model
 
-    from loratool.adapter import LoraModule
-    from loratool.combine import stacked
-    from loratool.ops import factored_svd
+    from loratool.model.adapter import LoraModule
+    from loratool.numerics.ops import factored_svd
+    from loratool.verbs.combine import stacked
 
     torch.manual_seed(0)
     weights = [1.0, 0.5, -0.75, 0.25]

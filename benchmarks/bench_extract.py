@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_merge import build_in_child, run  # noqa: E402  (the benchmarks' shared helpers)
+
 PAIRS = {"350M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                       num_attention_heads=16, num_key_value_heads=16, head_dim=64),
          "7B-layers": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
@@ -38,7 +39,7 @@ import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[4])
-from loratool.checkpoint import open_checkpoint
+from loratool.io.tensors import open_checkpoint
 base, tuned, out = open_checkpoint(sys.argv[1]), open_checkpoint(sys.argv[2]), Path(sys.argv[3])
 rank, state, optimum = 16, {}, {}
 for name in base.tensors:
@@ -63,7 +64,7 @@ ERRORS = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[4])
 from loratool.formats import read_adapter
-from loratool.checkpoint import open_checkpoint
+from loratool.io.tensors import open_checkpoint
 base, tuned = open_checkpoint(sys.argv[1]), open_checkpoint(sys.argv[2])
 ad = read_adapter(sys.argv[3], sys.argv[1])
 errs = {}
@@ -79,8 +80,8 @@ def build(work: Path, pair: str) -> tuple[Path, Path]:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from loratool.demo import llama_shapes
-    from loratool.writer import CheckpointWriter
+    from loratool.io.writer import CheckpointWriter
+    from loratool.verbs.demo import llama_shapes
 
     base, tuned = work / f"{pair}-base", work / f"{pair}-tuned"
     if (tuned / "config.json").exists():

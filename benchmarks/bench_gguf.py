@@ -41,10 +41,10 @@ def build(work: Path, rank: int = 16) -> tuple[Path, Path]:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from loratool.adapter import LoraAdapter, LoraModule
-    from loratool.demo import llama_shapes
     from loratool.formats import gguf as gguf_format
     from loratool.formats.gguf_names import Arch
+    from loratool.model.adapter import LoraAdapter, LoraModule
+    from loratool.verbs.demo import llama_shapes
 
     model, adapter = work / "model-Q8_0.gguf", work / "adapter.gguf"
     if model.exists() and adapter.exists():

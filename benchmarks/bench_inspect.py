@@ -50,8 +50,8 @@ def build(workdir: Path) -> tuple[Path, Path]:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from loratool.demo import llama_shapes
-    from loratool.writer import CheckpointWriter
+    from loratool.io.writer import CheckpointWriter
+    from loratool.verbs.demo import llama_shapes
 
     base, tuned = workdir / "base", workdir / "tuned"
     if (tuned / "model.safetensors.index.json").exists():

@@ -60,10 +60,10 @@ def build(work: Path, layers: int, rank: int = 16) -> tuple[Path, Path]:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from loratool.adapter import LoraAdapter, LoraModule
-    from loratool.demo import llama_shapes
     from loratool.formats import peft
-    from loratool.writer import CheckpointWriter
+    from loratool.io.writer import CheckpointWriter
+    from loratool.model.adapter import LoraAdapter, LoraModule
+    from loratool.verbs.demo import llama_shapes
 
     base, adapter = work / f"base-{layers}", work / f"adapter-{layers}"
     if (adapter / "adapter_config.json").exists():

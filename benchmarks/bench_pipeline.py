@@ -45,8 +45,12 @@ pipe.save_pretrained(sys.argv[3])
 
 def build(work: Path) -> tuple[Path, Path]:
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

@@ -66,7 +66,7 @@ def main() -> None:
         result[dev] = {k: rep.get(k) for k in ("seconds", "process_seconds", "gb_per_s",
                                                  "peak_rss_mb", "peak_gpu_mb")}
     sys.path.insert(0, str(ROOT))
-    from loratool.checkpoint import open_checkpoint
+    from loratool.io.tensors import open_checkpoint
 
     a, b = open_checkpoint(args.work / "out-cuda"), open_checkpoint(args.work / "out-cpu")
     worst, differ = 0.0, 0

@@ -1,60 +1,19 @@
-"""Options several commands share: devices, output dtypes, adapter weights."""
+"""Options several commands share, checked without torch: rank policies (``--rank N``,
+``--energy F``, ``--max-error E``, ``--budget P``, capped by ``--max-rank N``), output dtypes
+and adapter weights.
+
+Example: ``RankPolicy.from_options(rank=None, energy=0.9, max_error=None, budget=None)``.
+"""
 
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
 
-from .errors import LoraToolError
+from .errors import LoraToolError, UsageError
+from .headers.units import parse_size
 
 DTYPES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
-
-
-def resolve_device(device: str) -> Any:
-    """``auto`` → cuda when torch sees a GPU, else cpu; ``cuda`` without one is a clear error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise LoraToolError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LoraToolError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LoraToolError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-    return dev
-
-
-def streaming_threads_count() -> int:
-    """Half the cores this process may run on, at most 4 (``OMP_NUM_THREADS`` wins)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, min(4, cores // 2))
-
-
-@contextmanager
-def streaming_threads() -> Iterator[None]:
-    """torch's intra-op threads while a merge streams, restored after.
-
-    A merge is many short memory-bound operations per tensor. With a thread per core, each
-    one waits at its end for the slowest thread, and a core shared with any other busy
-    process makes that wait a scheduler time slice: a merge beside one busy process took
-    1.9× its idle time with two threads on two cores, 1.1× with one, and one thread is as
-    fast when idle (reads and writes run in their own threads anyway)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(streaming_threads_count())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_weights(weights: list[float] | None, n: int) -> list[float]:
@@ -71,3 +30,78 @@ def check_weights(weights: list[float] | None, n: int) -> list[float]:
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise LoraToolError(f"unknown --dtype {dtype}; use keep, fp32, bf16 or fp16")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``--budget``: parameters (``5000000``) or bytes (``50MB``) of what is written."""
+
+    amount: int
+    unit: str  # "parameters" or "bytes"
+    text: str
+
+    def cost(self, numel: int, itemsize: int) -> int:
+        """What ``numel`` values stored at ``itemsize`` bytes each take of the budget."""
+        return numel * itemsize if self.unit == "bytes" else numel
+
+    def describe(self) -> str:
+        return (f"{self.text} ({self.amount:,} bytes)" if self.unit == "bytes"
+                else f"{self.amount:,} parameters")
+
+
+def parse_budget(text: str) -> Budget:
+    """``"1000000"`` → 10⁶ parameters; ``"50MB"`` → 50·10⁶ bytes of the dtype written."""
+    t = str(text).strip()
+    if t.isdigit() and len(t) <= 30:
+        if int(t) <= 0:
+            raise UsageError(f"--budget {text} must be positive")
+        return Budget(int(t), "parameters", t)
+    try:
+        return Budget(parse_size(t), "bytes", t)
+    except UsageError:
+        raise UsageError(f"cannot read --budget {text!r}; give parameters (5000000) or a size "
+                         "(50MB)") from None
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    kind: str  # "rank" | "energy" | "max_error" | "budget"
+    value: float  # N, F or E (unused for a budget)
+    max_rank: int | None = None
+    budget: Budget | None = None
+
+    @classmethod
+    def from_options(cls, rank: int | None, energy: float | None, max_error: float | None,
+                     budget: str | None, max_rank: int | None = None,
+                     default_rank: int = 16) -> "RankPolicy":
+        """Check the flags (at most one policy, values in range) and build the policy."""
+        given = [(k, v) for k, v in (("rank", rank), ("energy", energy),
+                                     ("max_error", max_error), ("budget", budget))
+                 if v is not None]
+        if len(given) > 1:
+            raise UsageError("choose one rank policy: --rank, --energy, --max-error or "
+                             "--budget")
+        if max_rank is not None and max_rank < 1:
+            raise UsageError("--max-rank must be at least 1")
+        kind, value = given[0] if given else ("rank", default_rank)
+        if kind == "rank" and (isinstance(value, bool) or not isinstance(value, int)
+                               or value < 1):
+            raise UsageError("--rank must be a positive integer")
+        if kind == "energy" and not 0.0 < float(value) <= 1.0:
+            raise UsageError("--energy must be a fraction in (0, 1], e.g. 0.9")
+        if kind == "max_error" and not 0.0 <= float(value) < 1.0:
+            raise UsageError("--max-error must be in [0, 1), e.g. 0.05 for 5 %")
+        if kind == "budget":
+            return cls("budget", 0.0, max_rank, parse_budget(str(value)))
+        return cls(kind, float(value), max_rank)
+
+    def describe(self) -> str:
+        """``rank 16``, ``energy 0.9``, ``max-error 0.05``, ``budget 50MB (…)``, with a cap."""
+        text = {"rank": lambda: f"rank {int(self.value)}",
+                "energy": lambda: f"energy {self.value:g}",
+                "max_error": lambda: f"max-error {self.value:g}",
+                "budget": lambda: f"budget {self.budget.describe()}"}[self.kind]()  # type: ignore
+        return text + (f", max-rank {self.max_rank}" if self.max_rank else "")
+
+    def cap(self, full: int) -> int:
+        return min(full, self.max_rank or full)

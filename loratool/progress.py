@@ -5,7 +5,6 @@ whether anything is shown. ``cli.py`` passes :class:`TqdmProgress` when stderr i
 and ``--quiet`` is not given, so bars are drawn exactly when a person is watching.
 
 Example::
-
     with progress.bar("merge", total=nbytes, unit="B") as bar:
         for chunk in work:
             bar.update(len(chunk))
@@ -13,7 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterator
+
+from tqdm import tqdm
 
 
 class Bar:
@@ -56,10 +58,6 @@ SILENT = Progress()
 
 class _TqdmBar(Bar):
     def __init__(self, desc: str, total: float | None, unit: str) -> None:
-        import sys
-
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
                          leave=False, file=sys.stderr, dynamic_ncols=True)
 

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import llama_config, run_cli, tiny_gpt2
-from loratool.adapter import match_base
-from loratool.formats import read_adapter
-from loratool.checkpoint import open_checkpoint
+
 from loratool.errors import FormatError
+from loratool.formats import read_adapter
+from loratool.io.tensors import open_checkpoint
+from loratool.model.adapter import match_base
 
 
 def _gpt2():
@@ -151,7 +151,7 @@ def test_match_base_fixes_fan_in_fan_out_and_names_mismatch(tmp_path):
     assert {m.layout for m in ad.modules.values()} == {"fan_in_fan_out"}
     assert mapping["transformer.h.0.mlp.c_fc"] == "transformer.h.0.mlp.c_fc.weight"
     # an adapter for another model: the first bad module and both shapes are named
-    from loratool.adapter import LoraModule
+    from loratool.model.adapter import LoraModule
 
     ad.modules["transformer.h.0.mlp.c_fc"].A = torch.zeros(2, 40)
     with pytest.raises(FormatError, match=r"transformer.h.0.mlp.c_fc.*\[40, 128\].*\[32, 128\]"):

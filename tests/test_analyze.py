@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 
-from conftest import run_cli
-from loratool.adapter import LoraAdapter, LoraModule
 from loratool.formats import peft
+from loratool.model.adapter import LoraAdapter, LoraModule
 
 K = 6  # the planted rank
 

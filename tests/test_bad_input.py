@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from conftest import run_cli, tree
 
 
@@ -176,7 +175,7 @@ def test_unreadable_file(tmp_path, llama_dir):
     """Permission denied. Root reads everything, so as root the check runs in a forked child
     that has dropped to the ``nobody`` user."""
     import loratool.cli  # noqa: F401  (imports happen before privileges are dropped)
-    import loratool.summary  # noqa: F401
+    import loratool.verbs.inspect  # noqa: F401
 
     d = Path(tempfile.mkdtemp(prefix="loratool-perm-"))
     try:

@@ -8,8 +8,9 @@ import struct
 import pytest
 import torch
 
-from loratool.checkpoint import open_checkpoint, read_safetensors_header
 from loratool.errors import FormatError
+from loratool.headers.safetensors import read_safetensors_header
+from loratool.io.tensors import open_checkpoint
 
 
 def _same_state(ckpt, state: dict[str, torch.Tensor]) -> None:
@@ -73,8 +74,8 @@ def test_listing_does_not_import_torch(sharded_dir):
     import subprocess
     import sys
 
-    code = ("import sys; from loratool.checkpoint import open_checkpoint; "
-            "from loratool.summary import summarize; "
+    code = ("import sys; from loratool.headers.checkpoint import open_checkpoint; "
+            "from loratool.verbs.inspect import summarize; "
             f"d = summarize(open_checkpoint({str(sharded_dir)!r})); "
             "assert d['num_tensors'] > 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -169,14 +170,14 @@ def test_memory_stays_near_one_tensor(tmp_path):
     import subprocess
     import sys
 
-    from loratool.writer import CheckpointWriter
+    from loratool.io.writer import CheckpointWriter
 
     with CheckpointWriter(tmp_path / "big", max_shard_size="64MB") as w:
         for i in range(24):
             w.add(f"layers.{i}.weight", torch.full((2048, 1024), float(i)))
     code = f"""
 import resource, torch
-from loratool.checkpoint import open_checkpoint
+from loratool.io.tensors import open_checkpoint
 ck = open_checkpoint({str(tmp_path / 'big')!r})
 names = list(ck.tensors)
 ck.load(names[0]).sum()

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import run_cli
+
 from loratool import __version__
 
 

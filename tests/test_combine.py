@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import llama_config, run_cli, tree
+
 from loratool.formats import read_adapter
 
 
@@ -137,7 +137,7 @@ def _result(tmp_path, out, key):
 
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear", "dare_ties"])
 def test_elementwise_methods_match_the_papers(tmp_path, method):
-    from loratool.policy import module_seed
+    from loratool.numerics.lowrank import module_seed
 
     _adapter(tmp_path, "a", 1)
     _adapter(tmp_path, "b", 2, r=8)

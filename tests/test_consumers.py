@@ -15,9 +15,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import finetuned, llama_config, minilm_dir, needs_minilm, run_cli, tiny_gpt2
-from loratool.checkpoint import open_checkpoint
+
+from loratool.io.tensors import open_checkpoint
 
 IDS = torch.tensor([[1, 7, 42, 9, 3, 5], [2, 11, 4, 8, 6, 10]])
 

@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import llama_config, run_cli, tree
+
 from loratool.formats import read_adapter
-from loratool.checkpoint import open_checkpoint
+from loratool.io.tensors import open_checkpoint
 
 
 def _deltas(ad):

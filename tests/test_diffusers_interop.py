@@ -3,10 +3,8 @@ the outputs equal those of the adapter diffusers trained and saved."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import run_cli
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from loratool.directio import SequentialWriter
+from loratool.io.directio import SequentialWriter
 
 
 def _pieces(rng: random.Random, src: bytes) -> list[tuple[str, int, int]]:

@@ -10,9 +10,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-
 from conftest import cli, finetuned, minilm_dir, needs_minilm
 
 DOCS = Path(__file__).parents[1] / "docs"

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import llama_config, run_cli, tiny_gpt2, tree
 
 
@@ -96,7 +95,7 @@ def test_stream_verifies_a_truncated_copy_of_a_big_model(tmp_path, monkeypatch):
     check runs (a graph reading a wrong weight fails it)."""
     from transformers import LlamaForCausalLM
 
-    from loratool import export_stream
+    from loratool.verbs import export_stream
 
     torch.manual_seed(0)
     cfg = llama_config()

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import llama_config, run_cli, tiny_gpt2, tree
+
 from loratool.formats import read_adapter
 
 
@@ -142,7 +142,7 @@ def test_budget_beats_uniform_rank_at_the_same_size(tmp_path):
 
 
 def test_bf16_sharded_pair_and_determinism(tmp_path):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     base, tuned, _ = build_pair(tmp_path / "w")
     for out in ("a", "b"):

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from conftest import run_cli
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -69,7 +68,7 @@ def _clean(folder: Path, out: Path, res) -> None:
 
 @pytest.fixture(scope="module")
 def valid(tmp_path_factory):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     d = tmp_path_factory.mktemp("fuzz")
     build_pair(d, max_shard_size="300KB")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from conftest import llama_cpp, needs_llama_cpp, run_cli, sentencepiece_tokenizer
 from safetensors.torch import load_file
 
-from conftest import (llama_cpp, needs_llama_cpp, run_cli, sentencepiece_tokenizer)
 from loratool.formats.gguf_names import permute_rows
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -428,8 +428,8 @@ def test_q8_0_in_torch_is_the_gguf_packages():
     package's own, on data from 1e-8 to 6e4, zero blocks, subnormal blocks and outliers."""
     import gguf
 
-    from loratool.ggufio import dequantize, quantize
-    from loratool.tensorfile import TensorInfo
+    from loratool.headers.safetensors import TensorInfo
+    from loratool.numerics.quant import dequantize, quantize
 
     rng = np.random.default_rng(0)
     q8 = gguf.GGMLQuantizationType.Q8_0

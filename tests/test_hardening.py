@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, tree
-from loratool.checkpoint import open_checkpoint
+
+from loratool.io.tensors import open_checkpoint
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     d = tmp_path_factory.mktemp("hard")
     build_pair(d, max_shard_size="300KB")
@@ -51,7 +51,7 @@ def _leftovers(folder: Path, out: str) -> list[str]:
 
 
 def test_interrupt_during_verify_keeps_the_old_output(demo, tmp_path, monkeypatch):
-    import loratool.merge as merge
+    import loratool.verbs.merge as merge
 
     out = tmp_path / "m"
     assert run_cli("merge", demo / "base", demo / "adapter", "-o", out).rc == 0
@@ -104,7 +104,7 @@ def test_ctrl_c_inside_an_import_waits_for_the_import(tmp_path):
 def test_two_runs_to_one_output(demo, tmp_path):
     """Two merges to the same -o at once: one writes, the other says so; the output is whole."""
     out = tmp_path / "m"
-    code = ("import time, loratool.writer as w\n"
+    code = ("import time, loratool.io.writer as w\n"
             "add = w.CheckpointWriter.add\n"
             "def slow(self, *a):\n    time.sleep(0.03)\n    add(self, *a)\n"
             "w.CheckpointWriter.add = slow\n"
@@ -126,7 +126,6 @@ def test_two_runs_to_one_output(demo, tmp_path):
 def test_disk_full_is_one_line_and_writes_nothing(demo, tmp_path, monkeypatch, where):
     import errno
 
-    import loratool.writer as writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -395,7 +394,7 @@ def test_escape_sequences_in_names_are_shown_escaped(tmp_path):
 def test_card_fields_cannot_inject(tmp_path):
     import yaml
 
-    from loratool.hub import model_card
+    from loratool.verbs.hub import model_card
 
     d = _peft(tmp_path, base_model_name_or_path="org/base\nlibrary_name: evil\n")
     card = model_card(d)
@@ -405,7 +404,7 @@ def test_card_fields_cannot_inject(tmp_path):
 
 def test_push_trusts_only_the_real_hub_cache(tmp_path, monkeypatch):
     from loratool.errors import InputError
-    from loratool.hub import _files
+    from loratool.verbs.hub import _files
 
     d = _peft(tmp_path)
     (tmp_path / "x" / "blobs").mkdir(parents=True)

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import run_cli, tree
+from safetensors.torch import load_file, save_file
 from test_pipeline import sdxl  # noqa: F401  (the fixture: a tiny SDXL pipeline and a LoRA)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     d = tmp_path_factory.mktemp("hostile")
     build_pair(d)
@@ -205,7 +204,7 @@ def test_configs_that_do_not_fit_the_weights(demo, tmp_path, changes, says):
 def test_an_export_the_memory_cannot_hold_is_refused(demo, tmp_path, monkeypatch):
     """The memory an export needs is estimated from the checked shapes and compared with what
     the machine has; in memory, the message names what --stream would need."""
-    from loratool import export_check
+    from loratool.verbs import export_check
 
     monkeypatch.setattr(export_check, "available_memory", lambda: 50 * 2**20)
     line = _refused(run_cli("export", demo / "base", demo / "adapter", "-o", tmp_path / "o"),
@@ -243,7 +242,7 @@ def test_the_gguf_reader_equals_the_gguf_package(tmp_path):
     import gguf
     import numpy as np
 
-    from loratool.ggufio import GGML_TYPES, read_header
+    from loratool.headers.gguf import GGML_TYPES, read_header
 
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
     w.add_uint32("llama.block_count", 2)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli, tree
 from hub_server import HubServer
 
@@ -56,7 +55,7 @@ def test_push_then_pull_round_trip_with_card(hub, tmp_path, peft_dir):
 
 
 def test_merged_model_card_branch_and_second_push(hub, tmp_path):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     base, _, adapter = build_pair(tmp_path / "w")
     assert run_cli("merge", base, adapter, "-o", tmp_path / "merged").rc == 0
@@ -177,8 +176,8 @@ def test_card_metadata_for_hub_bases(tmp_path, peft_dir):
 
     import torch
 
-    from loratool.hub import model_card
-    from loratool.writer import CheckpointWriter
+    from loratool.io.writer import CheckpointWriter
+    from loratool.verbs.hub import model_card
 
     with CheckpointWriter(tmp_path / "merged", metadata={
             "loratool": "merge", "loratool.base": "acme/base-model",
@@ -218,13 +217,12 @@ def test_push_refuses_links_out_of_the_folder_and_temporary_files(hub, tmp_path,
 def test_cards_name_only_hub_bases_and_the_right_class(tmp_path):
     """A local base never becomes base_model (not in the adapter's card, not when pushed); the
     loading snippet uses the class of the base's task; a hostile name cannot add keys."""
+    import torch
     import yaml
+    from conftest import finetuned
     from transformers import BertConfig, BertModel
 
-    from conftest import finetuned
-    from loratool.hub import model_card
-
-    import torch
+    from loratool.verbs.hub import model_card
 
     torch.manual_seed(0)
     base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -241,8 +239,8 @@ def test_cards_name_only_hub_bases_and_the_right_class(tmp_path):
     pushed = yaml.safe_load(model_card(tmp_path / "ad").split("---")[1])
     assert "base_model" not in pushed and "base_model_relation" not in pushed
 
-    from loratool.adapter import LoraAdapter, LoraModule
     from loratool.formats import peft
+    from loratool.model.adapter import LoraAdapter, LoraModule
 
     for name, hub in (("acme/llama@v2", "acme/llama"),
                       ("evil\nlibrary_name: evil\n", None), ("x/y\nimport os", None)):

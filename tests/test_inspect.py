@@ -8,7 +8,6 @@ import math
 import shutil
 
 import torch
-
 from conftest import run_cli
 
 
@@ -84,10 +83,9 @@ def test_peft_adapter(peft_dir):
     assert (v0["rank"], v0["alpha"], v0["scale"]) == (2, 8, 4.0)
     assert q0["in_features"] == 64 and q0["out_features"] == 64 and q0["layout"] == "linear"
     # the reference: the scaling PEFT itself sets when it loads this adapter
+    from conftest import llama_config
     from peft import PeftModel
     from transformers import LlamaForCausalLM
-
-    from conftest import llama_config
 
     torch.manual_seed(0)
     model = PeftModel.from_pretrained(LlamaForCausalLM(llama_config()), peft_dir)
@@ -119,7 +117,7 @@ def test_rslora_dora_adapter(tmp_path, tiny_llama):
 
 
 def test_against(tmp_path, llama_dir, tiny_llama):
-    from loratool.writer import CheckpointWriter
+    from loratool.io.writer import CheckpointWriter
 
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     name = "model.layers.1.mlp.up_proj.weight"

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import gguf_model, run_cli, tree
 from test_pipeline import sdxl  # noqa: F401  (the fixture: a tiny SDXL pipeline and a LoRA)
 
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     d = tmp_path_factory.mktemp("ctrl-c")
     build_pair(d)
@@ -91,7 +90,7 @@ def test_export(demo, tmp_path):
 def test_an_interrupt_while_publishing_waits_and_says_so(demo, tmp_path, monkeypatch):
     """An interrupt that lands while the output is renamed into place waits for the rename
     and the clean-up; the run then says the new output is complete."""
-    import loratool.staging as staging
+    import loratool.io.staging as staging
 
     out = tmp_path / "m"
     assert run_cli("merge", demo / "base", demo / "adapter", "-o", out).rc == 0

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from conftest import cli
 from lycoris.kohya import create_network
 from lycoris.utils import merge as lycoris_merge
-
-from conftest import cli
+from safetensors.torch import load_file
 
 
 def run_cli(args: list[object], expect: int = 0):  # type: ignore[no-untyped-def]

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import llama_config, run_cli, tiny_gpt2, tree
-from loratool.checkpoint import open_checkpoint
+
+from loratool.io.tensors import open_checkpoint
 
 
 def _gpt2(dtype=torch.float32):
@@ -322,14 +322,14 @@ def test_sigkill_leaves_no_complete_looking_output_and_rerun_succeeds(tmp_path):
     import sys
     import time
 
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     base, _, adapter = build_pair(tmp_path / "w", max_shard_size="300KB")
     before = tree(tmp_path / "w")
     out = tmp_path / "merged"
     cmd = [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out),
            "--max-shard-size", "300KB"]
-    code = ("import sys, time, loratool.writer as w\n"
+    code = ("import sys, time, loratool.io.writer as w\n"
             "add = w.CheckpointWriter.add\n"
             "def slow(self, *a):\n    print('writing', flush=True)\n    time.sleep(0.05)\n"
             "    add(self, *a)\n"
@@ -400,7 +400,7 @@ def test_verify_also_scans_tensors_copied_unchanged(tmp_path):
 def test_merge_uses_fewer_threads_than_cores_and_restores_them(tmp_path, monkeypatch, omp):
     """Streaming work on every core stalls when one core is busy elsewhere: the merge runs
     with half the cores (at most 4; OMP_NUM_THREADS wins) and gives torch's setting back."""
-    import loratool.merge as merge
+    import loratool.verbs.merge as merge
 
     _setup(tmp_path, "lora+patterns", seed=1)
     if omp is None:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import run_cli
+from safetensors.torch import load_file, save_file
 
 E = 4  # experts
 

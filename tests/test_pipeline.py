@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import cli as run_cli
+from safetensors.torch import load_file, save_file
 
 
 def _tokenizer(d: Path):  # type: ignore[no-untyped-def]
@@ -32,8 +31,12 @@ def _tokenizer(d: Path):  # type: ignore[no-untyped-def]
 
 
 def build_sdxl(d: Path):  # type: ignore[no-untyped-def]
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)

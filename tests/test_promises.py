@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli, tree
-from loratool.adapter import LoraAdapter, LoraModule
-from loratool.formats import read_adapter
-from loratool.formats import peft
+from loratool.formats import peft, read_adapter
+from loratool.model.adapter import LoraAdapter, LoraModule
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROPERTY = settings(max_examples=40, deadline=None,
@@ -48,7 +47,7 @@ def _within(res, out: Path, budget: str) -> None:
     if budget.isdigit():
         assert params <= int(budget), (params, budget)
     else:
-        from loratool.units import parse_size
+        from loratool.headers.units import parse_size
 
         assert nbytes <= parse_size(budget), (nbytes, budget)
 
@@ -206,9 +205,8 @@ def test_inspect_says_what_a_file_is(tmp_path, content, says):
 
 def test_budget_refusal_names_the_option_that_frees_room(tmp_path):
     """What is stored in full comes first; the advice names what leaves it out, in numbers."""
-    from transformers import LlamaForCausalLM
-
     from conftest import finetuned, llama_config
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(llama_config()).eval()
@@ -249,7 +247,7 @@ def test_max_error_advice_is_possible_and_sufficient(tmp_path):
 
 
 def test_combine_refuses_doubled_full_tensors_before_any_math(tmp_path, monkeypatch):
-    import loratool.combine as combine
+    import loratool.verbs.combine as combine
 
     paths = _adapters(tmp_path, [(8, 8)], 1, 0, False, True, "fp32")
     paths += _adapters(tmp_path / "b", [(8, 8)], 1, 1, False, True, "fp32")

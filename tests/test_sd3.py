@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import cli as run_cli
+from safetensors.torch import load_file, save_file
 
 
 def tiny_sd3():  # type: ignore[no-untyped-def]

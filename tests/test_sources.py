@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from loratool.sources import parse_hub_id
+from loratool.headers.sources import parse_hub_id
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -136,7 +136,7 @@ def test_inspect_over_http_reads_headers_only(hub, sharded_dir):
 def test_loading_one_tensor_downloads_one_shard(hub, sharded_dir):
     code = f"""
 import torch
-from loratool.checkpoint import open_checkpoint
+from loratool.io.tensors import open_checkpoint
 remote, local = open_checkpoint("acme/sharded@v1"), open_checkpoint({str(sharded_dir)!r})
 name = "model.layers.1.mlp.down_proj.weight"
 assert torch.equal(remote.load(name), local.load(name))

@@ -19,7 +19,6 @@ import termios
 from pathlib import Path
 
 import pytest
-
 from conftest import tree
 
 BAR = re.compile(r"\d+%\|")  # a tqdm bar with a known total, as drawn
@@ -56,7 +55,7 @@ def run_in_terminal(*args: object, env: dict[str, str] | None = None, timeout: f
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from loratool.demo import build_pair
+    from loratool.verbs.demo import build_pair
 
     d = tmp_path_factory.mktemp("terminal")
     build_pair(d)

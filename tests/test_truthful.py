@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, finetuned, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from conftest import cli, finetuned, run_cli
 
 
 def _bert(d: Path, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -178,7 +176,7 @@ def test_compare_leaves_out_modules_that_change_nothing(bert, tmp_path):
 
 
 def test_plots_of_small_spectra_and_sampled_layers(monkeypatch):
-    from loratool import plots
+    from loratool.verbs import plots
 
     figs = {}
     monkeypatch.setattr(plots, "_png", lambda fig: figs.setdefault(len(figs), fig) and b"")

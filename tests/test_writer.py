@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-
-from loratool.checkpoint import open_checkpoint
-from loratool.errors import LoraToolError, OutputError
 from conftest import tree
-from loratool.staging import _umask
-from loratool.writer import CheckpointWriter, parse_size
+
+from loratool.errors import LoraToolError, OutputError
+from loratool.io.staging import _umask
+from loratool.io.tensors import open_checkpoint
+from loratool.io.writer import CheckpointWriter, parse_size
 
 
 def _write(out, state, **kw):
@@ -119,7 +119,7 @@ def test_sigterm_leaves_nothing(tmp_path):
 
     code = f"""
 import sys, time
-import loratool.writer as w
+import loratool.io.writer as w
 add = w.CheckpointWriter.add
 def slow_add(self, name, t):
     add(self, name, t)
@@ -216,7 +216,7 @@ def test_single_file_force_over_folder_and_file(tmp_path):
 
 
 def test_planned_layout_writes_once_and_matches_streaming(tmp_path, tiny_llama):
-    from loratool.checkpoint import dtype_code
+    from loratool.io.tensors import dtype_code
 
     state = tiny_llama.state_dict()
     plan = [(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in state.items()]

@@ -7,7 +7,6 @@ alone; ``read_any`` reads any supported adapter into the one in-memory model; ``
 writes it in a chosen format, refusing what the format cannot hold.
 
 Example::
-
     ad = read_adapter("my-lora.safetensors")
     write_adapter(ad, Path("peft-adapter"), "peft")
 """
@@ -16,20 +15,29 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
+import torch
+
 from ..errors import FormatError, UsageError
-from . import diffusers, gguf, kohya, peft
-from .base import Format
+from ..formats import diffusers, gguf, kohya, peft
+from ..formats.base import Format
+from ..headers.checkpoint import Checkpoint
+from ..headers.sources import resolve_input
+from ..io.tensors import open_checkpoint
 
 REGISTRY: dict[str, Format] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT,
                                                    gguf.FORMAT)}
+
+
 FORMATS = tuple(REGISTRY)
 DETECT_ORDER = ("kohya", "diffusers", "peft")  # the most specific first; PEFT claims the rest
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
                    ".lora_down.", ".lora_up.", ".lora_a", ".lora_b", ".hada_w", ".lokr_w")
+
+
 _NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
 # the low-rank factors of every format: matrices (or more), never scalars or vectors
 FACTOR = re.compile(r"(^|[._])(lora_[ABab]|lora_embedding_[AB]|lora_down|lora_up|lora_mid|"
@@ -103,8 +111,6 @@ def _check_one_format(folder: Path) -> None:
 def read_any(spec: str, base: str | None = None) -> Any:
     """Read an adapter of any supported format into a LoraAdapter (``base``, a path or Hub id,
     resolves kohya names that cannot be mapped back alone)."""
-    from ..checkpoint import open_checkpoint
-    from ..sources import resolve_input
 
     target = resolve_input(spec)
     if isinstance(target, Path):
@@ -136,7 +142,6 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
 def lyco_message(ad: Any, why: str, how: str = "") -> str:
     """The one line for LyCORIS modules a step cannot take: what they are, and how to turn
     them into LoRA."""
-    from collections import Counter
 
     kinds = Counter({"loha": "LoHa", "lokr": "LoKr", "full": "full"}[m.kind]
                     for m in ad.lyco.values())
@@ -176,7 +181,6 @@ def drop_base_copies(ad: Any, base: Checkpoint) -> list[str]:
     """Remove the full tensors that equal the base's own (PEFT saves ``base_layer.weight``
     copies of adapted embeddings and heads); they change nothing when merged, and formats
     without full tensors (kohya, GGUF) can then hold the adapter. Returns their names."""
-    import torch
 
     same = []
     for name, t in list(ad.full.items()):

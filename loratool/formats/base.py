@@ -2,7 +2,6 @@
 format is one new file and one line in the registry.
 
 Example::
-
     FORMAT = Format(name="kohya", writes="one .safetensors file", suffix=".safetensors",
                     default_file="lora.safetensors", claims=claims, read=read, write=write,
                     lossy=lossy, keep=keep)

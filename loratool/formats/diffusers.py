@@ -12,16 +12,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
 from ..errors import FormatError
-from ..validate import ADAPTER_CONFIG, check_fields, parse_json
-from . import peft
-from .base import Format, held, losses
+from ..formats import peft
+from ..formats.base import Format, held, losses
+from ..headers.checkpoint import Checkpoint
+from ..headers.checks import ADAPTER_CONFIG, check_fields, parse_json
+from ..io.writer import CheckpointWriter
+from ..model.adapter import LoraAdapter
 
 META_KEY = "lora_adapter_metadata"
 COMPONENTS_KEY = "loratool.components"  # {written prefix: original component or null}
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
               "prior", "decoder")
+
+
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -34,7 +38,6 @@ def claims(ckpt: Checkpoint) -> bool:
 
 def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     """A diffusers LoRA file → LoraAdapter (one component per key prefix)."""
-    from ..adapter import LoraAdapter
 
     where = str(ckpt.source or ckpt.path)
     meta = dict(ckpt.metadata)
@@ -93,7 +96,6 @@ def keep(ad: Any) -> Any:
 def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
           note: str = "", base: str | None = None) -> Path:
     """``out`` ending in .safetensors, else ``out/pytorch_lora_weights.safetensors``."""
-    from ..writer import CheckpointWriter
 
     packed: dict[str, Any] = {}
     renamed: dict[str, str | None] = {}

@@ -15,9 +15,13 @@ Example: ``original_map(config)["double_blocks.0.img_attn.qkv"]`` → its diffus
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
+
 from ..errors import FormatError
+from ..model.adapter import LoraModule
 
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
            "img_attn.proj": ("attn.to_out.0",), "img_mlp.0": ("ff.net.0.proj",),
@@ -25,8 +29,12 @@ _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
            "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
            "txt_attn.proj": ("attn.to_add_out",), "txt_mlp.0": ("ff_context.net.0.proj",),
            "txt_mlp.2": ("ff_context.net.2",), "txt_mod.lin": ("norm1_context.linear",)}
+
+
 _SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
            "linear2": ("proj_out",), "modulation.lin": ("norm.linear",)}
+
+
 _OTHER = {"img_in": "x_embedder", "txt_in": "context_embedder",
           "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
           "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
@@ -35,6 +43,8 @@ _OTHER = {"img_in": "x_embedder", "txt_in": "context_embedder",
           "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
           "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
           "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+
+
 SWAPPED = "norm_out.linear"  # rows in the other order: (scale, shift) against (shift, scale)
 _SD3_BLOCK = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
               "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
@@ -48,6 +58,8 @@ _SD3_BLOCK = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
               "context_block.mlp.fc2": ("ff_context.net.2",),
               "x_block.adaLN_modulation.1": ("norm1.linear",),
               "context_block.adaLN_modulation.1": ("norm1_context.linear",)}
+
+
 _SD3_OTHER = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
               "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
               "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
@@ -55,6 +67,8 @@ _SD3_OTHER = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_
               "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
               "final_layer.linear": "proj_out",
               "final_layer.adaLN_modulation.1": "norm_out.linear"}
+
+
 CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")
 
 
@@ -91,7 +105,6 @@ def original_map(config: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], boo
 
 def swap_rows(t: Any) -> Any:
     """(shift, scale) ↔ (scale, shift): the two halves of the rows exchanged."""
-    import torch
 
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -102,7 +115,6 @@ def split(m: Any, parts: tuple[str, ...], rows: list[int], swapped: bool) -> lis
     the same scale: exactly the same ΔW rows. Columns of B a part does not use (a fused file
     made from separate LoRAs is block-diagonal) are dropped with their rows of A, and a part
     with no change at all is left out: the same products without the zero terms."""
-    import copy
 
     if m.magnitude is not None or m.bias is not None:
         raise FormatError(f"module {m.key}: DoRA or a bias on a fused Flux weight cannot be "
@@ -132,9 +144,6 @@ def fuse(name: str, parts: list[Any | None], rows: list[int], dtype: Any) -> Any
     """LoRAs on some of a fused weight's parts as one LoRA on the fused weight: A stacked
     [Σr, in], B block-diagonal [Σrows, Σr] with each part's scale folded in (a part without
     LoRA gets zero rows), alpha = Σr so the scale is 1."""
-    import torch
-
-    from ..adapter import LoraModule
 
     present = [m for m in parts if m is not None]
     A = torch.cat([m.A.to(torch.float32) for m in present], dim=0)
@@ -155,7 +164,6 @@ def to_original(modules: list[Any], config: dict[str, Any], shapes: dict[str, An
     """A Flux or SD3 transformer's LoRA modules named as the original model names them
     (parts fused, one rank Σrᵢ), for kohya files; and the keys of the modules that now carry
     original names. None when a module has no counterpart or cannot be fused (DoRA, bias)."""
-    import copy
 
     where: dict[str, tuple[str, int, tuple[str, ...], bool]] = {}
     for orig, (parts, swapped) in original_map(config).items():

@@ -16,14 +16,23 @@ is a power of two, one rounding otherwise (reported). Reading gives every module
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
+import torch
+
 from ..errors import FormatError
-from .base import Format, held, losses
-from .gguf_names import Arch, from_gguf, to_gguf
+from ..formats.base import Format, held, losses
+from ..formats.gguf_names import Arch, from_gguf, to_gguf
+from ..headers.sources import hub_repo_of
+from ..io.staging import Stage, output_os_error
+from ..io.tensors import open_checkpoint
+from ..model.adapter import LoraAdapter, LoraModule, drop_head_mirror
 
 
 def lossy(ad: Any) -> list[str]:
@@ -44,9 +53,6 @@ def _for_tied_base(ad: Any) -> Any:
     """A base that ties its head to the token embeddings: llama.cpp's model has one tensor,
     token_embd, for both, and looks LoRA pairs up by tensor name, so it would apply a token
     embedding LoRA to the output layer too, in a layout that does not fit."""
-    import copy
-
-    from ..adapter import drop_head_mirror
 
     ad = copy.copy(ad)
     ad.modules = dict(ad.modules)
@@ -79,7 +85,6 @@ def for_llama_cpp(ad: Any, config: dict[str, Any] | None, where: str) -> tuple[A
 def plan(ad: Any) -> tuple[float, list[tuple[str, Any, Any, float]]]:
     """For an adapter in llama.cpp's naming: the file's alpha and, per module, (tensor name,
     lora_a, lora_b, factor baked into b)."""
-    import torch
 
     need = Counter(m.scale * m.rank for m in ad.modules.values())
     alpha = need.most_common(1)[0][0] if need else 1.0
@@ -98,7 +103,6 @@ def plan(ad: Any) -> tuple[float, list[tuple[str, Any, Any, float]]]:
 def _base_model(w: Any, spec: str | None) -> None:
     """``general.base_model.*`` as llama.cpp's converter writes it, for a Hub id only (a local
     path means nothing to whoever loads the file)."""
-    from ..sources import hub_repo_of
 
     hub = hub_repo_of(spec)
     if hub is None:
@@ -118,17 +122,10 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     (path or Hub id) gives the architecture and llama.cpp's tensor names."""
     config = None
     if ad.naming != "gguf":
-        from ..checkpoint import open_checkpoint
-
         if not base:
             raise FormatError("a GGUF adapter needs --base BASE (a model folder or Hub id with "
                               "config.json): llama.cpp names tensors by architecture")
         config = open_checkpoint(base).config
-    import gguf
-    import numpy as np
-    import torch
-
-    from ..staging import Stage, output_os_error
 
     ad, arch = for_llama_cpp(ad, config, str(base))
     alpha, rows = plan(ad)
@@ -162,7 +159,6 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
 
 # --------------------------------------------------------------------------- reading
 
-
 def claims(ckpt: Any) -> bool:
     return ckpt.gguf is not None
 
@@ -170,8 +166,6 @@ def claims(ckpt: Any) -> bool:
 def read(ckpt: Any, base: str | None = None) -> Any:
     """A GGUF LoRA adapter → LoraAdapter. Named as llama.cpp names tensors, unless ``base`` is
     a transformers model, whose names it then gets (q/k rows un-permuted, experts fused)."""
-    from ..adapter import LoraAdapter
-    from ..checkpoint import open_checkpoint
 
     where = str(ckpt.source or ckpt.path)
     kv = ckpt.gguf.kv
@@ -202,9 +196,6 @@ def read(ckpt: Any, base: str | None = None) -> Any:
 
 def _modules(ckpt: Any, alpha: float, ad: Any, where: str) -> None:
     """The lora_a/lora_b pairs as modules named as llama.cpp names tensors."""
-    import torch
-
-    from ..adapter import LoraModule
 
     pairs: dict[str, dict[str, str]] = {}
     for name in ckpt.tensors:

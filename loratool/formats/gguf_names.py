@@ -10,7 +10,6 @@ tensor by tensor, or is written as a GGUF adapter); :func:`from_gguf` is the inv
 given as a transformers model.
 
 Example::
-
     arch = Arch.of_config(base.config)
     g = to_gguf(adapter, arch)          # modules "blk.0.attn_q", B rows permuted
 """
@@ -21,7 +20,13 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import gguf
+import torch
+
 from ..errors import FormatError
+from ..model import experts
+from ..model.adapter import LoraModule
+from ..model.experts import on_disk
 
 # transformers model_type → llama.cpp architecture (its converter's registrations)
 ARCHES = {
@@ -78,8 +83,6 @@ class Arch:
         return Arch(arch, int(n or 0), int(heads or 0), int(kv or heads or 0))
 
     def tensor_map(self) -> Any:
-        import gguf
-
         try:
             enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.name)
         except StopIteration:
@@ -102,8 +105,6 @@ def permute_rows(w: Any, n_head: int, inverse: bool = False) -> Any:
 
 
 def _name(tmap: Any, hf: str) -> str | None:
-    from ..experts import on_disk
-
     for n in on_disk(hf):
         found = tmap.get_name(n + ".weight", try_suffixes=(".weight",))
         if found is not None:
@@ -142,7 +143,6 @@ def _refuse(arch: Arch, name: str) -> None:
 def to_gguf(ad: Any, arch: Arch) -> Any:
     """A copy of ``ad`` named and laid out as llama.cpp's model of ``arch``: modules
     ``blk.N.…`` whose ΔW is the GGUF weight's change."""
-    from ..adapter import LoraModule
 
     tmap = arch.tensor_map()
     out = copy.copy(ad)
@@ -175,8 +175,6 @@ def to_gguf(ad: Any, arch: Arch) -> Any:
 def from_gguf(ad: Any, arch: Arch, base: Any, model_type: str | None) -> Any:
     """``ad`` named as llama.cpp names tensors, renamed for the transformers model ``base``
     (q/k rows un-permuted; a layer's gate and up experts fused as transformers fuses them)."""
-    from .. import experts
-    from ..adapter import LoraModule
 
     tmap = arch.tensor_map()
     back: dict[str, tuple[str, int]] = {}  # gguf module → (transformers module, block)
@@ -210,9 +208,6 @@ def from_gguf(ad: Any, arch: Arch, base: Any, model_type: str | None) -> Any:
 def _fuse(name: str, parts: list[Any]) -> Any:
     """gate and up experts as one gate_up_proj module: one A when they share it, else both
     A's stacked and B block-diagonal (rank r_gate + r_up): the same ΔW either way."""
-    import torch
-
-    from ..adapter import LoraModule
 
     first = parts[0]
     if len(parts) == 1:

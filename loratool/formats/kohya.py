@@ -18,19 +18,39 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
-from ..units import natural_key
-from ..errors import FormatError
-from .base import Format, held, losses
-from ..validate import parse_json
+import torch
+
+from ..errors import FormatError, LoraToolError, OutsideInputError
+from ..formats.base import Format, held, losses
+from ..formats.flux_names import is_fused, original_map, split, to_original
+from ..formats.sgm_names import (
+    UNET_PREFIX,
+    from_sgm,
+    is_sdxl,
+    is_unet,
+    single_file_config,
+    text_prefix,
+    to_sgm,
+)
+from ..headers.checkpoint import Checkpoint
+from ..headers.checks import parse_json
+from ..headers.sources import resolve_input
+from ..headers.units import natural_key
+from ..io.tensors import open_checkpoint
+from ..io.writer import CheckpointWriter
+from ..model import lyco
+from ..model.adapter import LoraAdapter, LoraModule, is_pipeline, pipeline_folders
+from ..model.lyco import KINDS, UNSUPPORTED
+from ..numerics import ops
 
 NAMES_KEY = "loratool.modules"  # {stem: [component, module name, layout]}
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
+
+
 _KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>.+)$")
 _LORA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"}
-
 
 
 def split_stem(stem: str) -> tuple[str, str]:
@@ -50,10 +70,6 @@ class BaseNames:
     """
 
     def __init__(self, base: str) -> None:
-        from ..checkpoint import open_checkpoint
-        from ..errors import LoraToolError, OutsideInputError
-        from ..sources import resolve_input
-
         self.base = base
         self.tables: dict[str | None, dict[str, str | None]] = {}
         # Flux transformers: BFL's fused names (underscored) → (diffusers parts, their rows)
@@ -62,8 +78,6 @@ class BaseNames:
         self.pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
         self.single_model = False
         if self.pipeline:
-            from ..adapter import pipeline_folders
-
             for sub in sorted(pipeline_folders(target)):  # type: ignore[arg-type]
                 try:
                     ckpt = open_checkpoint(target / sub)  # type: ignore
@@ -116,7 +130,6 @@ def _single_file_tables(names: Any) -> dict[str | None, dict[str, str | None]]:
     """For a single-file Stable Diffusion checkpoint: the UNet's modules (SGM or diffusers
     underscored names → diffusers names) and the CLIP text encoder's (→ transformers names),
     the names a pipeline folder would give them; empty for other checkpoints."""
-    from .sgm_names import UNET_PREFIX, from_sgm, single_file_config, text_prefix
 
     config = single_file_config(names)
     if config is None:
@@ -141,7 +154,6 @@ def _single_file_tables(names: Any) -> dict[str | None, dict[str, str | None]]:
 def _flux_table(ckpt: Checkpoint) -> dict[str, tuple[tuple[str, ...], list[int], bool]]:
     """For a diffusers Flux transformer: each BFL module name (underscored) → the diffusers
     modules it holds and their output rows; empty for other models."""
-    from .flux_names import is_fused, original_map
 
     if not is_fused(ckpt.config):
         return {}
@@ -157,7 +169,6 @@ def _flux_table(ckpt: Checkpoint) -> dict[str, tuple[tuple[str, ...], list[int],
 def _table(ckpt: Checkpoint) -> dict[str, str | None]:
     """underscored module name → dotted name (None where two dotted names collide); a
     diffusers UNet's modules also under their SGM names (kohya's SDXL files)."""
-    from .sgm_names import UNET_PREFIX, is_unet, to_sgm
 
     t: dict[str, str | None] = {}
     unet = is_unet(ckpt.config)
@@ -181,7 +192,6 @@ def claims(ckpt: Checkpoint) -> bool:
 def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     """A kohya LoRA file → LoraAdapter. Names come from loratool's header record, else from
     the base (``--base``), else they stay underscored (``unresolved``)."""
-    from ..adapter import LoraAdapter
 
     where = str(ckpt.source or ckpt.path)
     meta = dict(ckpt.metadata)
@@ -194,7 +204,6 @@ def read(ckpt: Checkpoint, base: str | None = None) -> Any:
         fused = resolver.fused(m.component, split_stem(stem)[1]) \
             if resolver is not None and stem not in names else None
         if fused is not None:  # a BFL-named Flux module: diffusers' parts, exactly
-            from .flux_names import split
 
             if not hasattr(m, "A"):
                 raise FormatError(f"{where}: {stem} is a LyCORIS module on a fused Flux weight; "
@@ -221,7 +230,6 @@ def _recorded_names(meta: dict[str, str], where: str) -> dict[str, list[Any]]:
 def _groups(ckpt: Checkpoint, where: str) -> dict[str, dict[str, Any]]:
     """The file's tensors by module stem: lora_down, lora_up, alpha, dora_scale, or a LyCORIS
     type's own tensors (hada_*, lokr_*, diff)."""
-    from ..lyco import KINDS, UNSUPPORTED
 
     known = _LORA_PARTS | {p for parts in KINDS.values() for p in parts}
     groups: dict[str, dict[str, Any]] = {}
@@ -269,8 +277,6 @@ def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames
 
 def _module(stem: str, g: dict[str, Any], names: dict[str, list[Any]],
             resolver: BaseNames | None, unresolved: list[str], where: str) -> Any:
-    from ..adapter import LoraModule
-    from .. import lyco, ops
 
     kinds = [k for k, parts in lyco.KINDS.items() if set(g) & set(parts)]
     if kinds:
@@ -338,9 +344,6 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
           note: str = "", base: str | None = None) -> Path:
     """One kohya safetensors file: ``out`` if it ends in .safetensors, else
     ``out/lora.safetensors``."""
-    import torch
-
-    from ..writer import CheckpointWriter
 
     comps = {m.component for m in ad.modules.values()}
     te = "lora_te1_" if "text_encoder_2" in comps else "lora_te_"
@@ -389,9 +392,6 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
 def _base_model(base: str | None, sub: str) -> Checkpoint | None:
     """The model of ``--base`` that ``sub`` names: that folder of a pipeline, else the base
     itself; None without a base or when it cannot be opened (names then stay diffusers')."""
-    from ..adapter import is_pipeline
-    from ..checkpoint import open_checkpoint
-    from ..errors import LoraToolError
 
     if not base:
         return None
@@ -404,7 +404,6 @@ def _base_model(base: str | None, sub: str) -> Checkpoint | None:
 def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
     """The modules to write: a Flux transformer's fused and named as BFL (and sd-scripts)
     names them when ``--base`` is a Flux transformer or pipeline; else as they are."""
-    from .flux_names import is_fused, to_original
 
     mods = list(ad.modules.values())
     ckpt = _base_model(base, "transformer")
@@ -422,7 +421,6 @@ def _sgm_names(ad: Any, base: str | None) -> dict[str, str]:
     """SGM names for the UNet modules of an SDXL adapter, as sd-scripts names them, when the
     base (``--base``) has an SDXL UNet: its config numbers the blocks. Empty (diffusers names,
     which diffusers and ComfyUI read too) without a base, or when a module has no SGM name."""
-    from .sgm_names import is_sdxl, to_sgm
 
     unet = [m for m in ad.modules.values() if m.component in ("unet", None)]
     ckpt = _base_model(base, "unet") if unet else None

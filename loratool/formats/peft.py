@@ -14,12 +14,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
-from ..units import natural_key
+import yaml
+
 from ..errors import FormatError
-from .base import Format, held
-from .peft_params import (experts_module, experts_rank, parameter_modules, pattern_value,
-                          rename_described)
+from ..formats.base import Format, held
+from ..formats.peft_params import (
+    experts_module,
+    experts_rank,
+    parameter_modules,
+    pattern_value,
+    rename_described,
+)
+from ..headers.checkpoint import Checkpoint
+from ..headers.sources import hub_repo_of
+from ..headers.units import natural_key
+from ..io.writer import CheckpointWriter
+from ..model import experts
+from ..model.adapter import LoraAdapter, LoraModule
 
 PREFIX = "base_model.model."
 _PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
@@ -142,7 +153,6 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
 
     Shared by the PEFT and diffusers readers (diffusers keys are PEFT keys per component).
     """
-    from ..adapter import LoraModule
 
     if "r" not in cfg:
         raise FormatError(f"{where}: adapter config has no 'r'; add the rank the adapter was "
@@ -219,7 +229,6 @@ def claims(ckpt: Checkpoint) -> bool:
 
 def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     """A PEFT adapter folder (or bare PEFT safetensors beside its config) → LoraAdapter."""
-    from ..adapter import LoraAdapter
 
     where = str(ckpt.source or ckpt.path)
     if ckpt.adapter_config is None:
@@ -305,7 +314,6 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
 
 def state_for(mods: list, full: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
     """PEFT keys for modules (and full tensors), in natural order."""
-    from .. import experts
 
     out: dict[str, Any] = {}
     wrapped = experts.peft_keys([m.name for m in mods if m.experts])
@@ -340,6 +348,8 @@ TASKS = (("ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM"),
          ("ForTokenClassification", "TOKEN_CLS", "AutoModelForTokenClassification"),
          ("ForQuestionAnswering", "QUESTION_ANS", "AutoModelForQuestionAnswering"),
          ("Model", "FEATURE_EXTRACTION", "AutoModel"))
+
+
 AUTO_CLASS = {task: cls for _, task, cls in TASKS}
 
 
@@ -355,9 +365,6 @@ def task_type_for(architectures: Any) -> str | None:
 def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
     """A README.md with the Hub's metadata: base_model (only a Hub id, never a local path),
     library_name: peft, tags; the loading snippet uses the class that fits the task."""
-    import yaml
-
-    from ..sources import hub_repo_of
 
     hub = hub_repo_of(ad.base_model)
     meta: dict[str, Any] = {}
@@ -386,7 +393,6 @@ def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
 def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
           note: str = "", base: str | None = None) -> Path:
     """Write a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as it is."""
-    from ..writer import CheckpointWriter
 
     comps = ad.components
     if len(comps) > 1:

@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import FormatError
+from ..headers.checks import pattern_match
+from ..model import experts
+from ..model.adapter import LoraModule
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any, where: Any = "") -> Any:
     """PEFT's rule: the first key k with ``re.match(rf"(.*\\.)?({k})$", module)`` wins
     (matched with a time limit: see ``validate.pattern_match``)."""
-    from ..validate import pattern_match
 
     if not isinstance(patterns, dict):
         raise FormatError(f"{where}: rank_pattern/alpha_pattern must map names to numbers, got "
@@ -27,7 +29,6 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any, where: An
 def parameter_modules(parts: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> set[str]:
     """Rename the parameter wrappers' keys in ``parts`` to the parameters they adapt; the
     names of the fused expert parameters among them."""
-    from .. import experts
 
     tp = cfg.get("target_parameters") or []
     if not tp:
@@ -52,8 +53,6 @@ def parameter_modules(parts: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> 
 def experts_module(name: str, A: Any, B: Any, cfg: dict[str, Any], default_alpha: float,
                     rslora: bool, where: str, component: str | None) -> Any:
     """A fused expert parameter's module from PEFT's factors of rank r·E."""
-    from .. import experts
-    from ..adapter import LoraModule
 
     alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, default_alpha, where)
     rank = pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"], where)
@@ -70,7 +69,6 @@ def rename_described(modules: dict[str, dict[str, Any]], cfg: dict[str, Any]) ->
     tp = cfg.get("target_parameters") or []
     if not tp:
         return
-    from .. import experts
 
     for old, new in experts.peft_modules(list(modules), list(tp)).items():
         modules[new] = {**modules.pop(old), "name": new}

@@ -9,23 +9,31 @@ resnet, an attention and an upsampler. The map is built from the UNet's config
 (``layers_per_block``, which blocks have attention), so it holds for SD 1.x, SD 2.x and SDXL.
 
 Example::
-
     to_sgm("down_blocks.1.attentions.0.proj_in", config)  # → "input_blocks.4.1.proj_in"
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
+from ..errors import FormatError
+
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
 WHOLE = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
          "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
          "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0",
          "conv_out": "out.2"}
+
+
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|"
                     r"upsamplers)\.(\d+)(?:\.(.*))?$")
+
+
 _MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$")
 
 
@@ -181,9 +189,6 @@ def to_single_file(ad: Any, names: Any, config: dict[str, Any], spec: str) -> An
     """An adapter for a pipeline's components renamed to a single-file checkpoint's tensors:
     the UNet's modules under ``model.diffusion_model.`` by their SGM names, the text
     encoder's under the file's CLIP prefix; one model, no components."""
-    import copy
-
-    from ..errors import FormatError
 
     out = copy.copy(ad)
     out.modules, out.lyco = {}, {}

@@ -1,0 +1,183 @@
+"""The changes a fine-tune made, streamed: which tensors two checkpoints share, their float32
+differences one at a time, and how each changed tensor can be stored (as LoRA of some
+layout, or in full). Shared by ``extract`` and ``analyze``.
+
+Example::
+    for name, W, dW, tuned_raw in diffs(base, tuned, pairs(base, tuned, [], []), "cpu", bar):
+        M = matrix(dW, kind(name, dW.shape, None, False))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import FormatError, LoraToolError, os_input_error
+from ..headers.safetensors import read_exactly
+from ..headers.units import matches
+from ..io.tensors import Buffers, tensor_bytes
+from ..model import experts
+from ..model.adapter import EMBEDDING
+from ..model.adapter import HEAD_TENSOR as HEAD
+
+CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
+CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
+
+
+def kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
+    """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
+
+    if model_type in experts.FUSING_TYPES and experts.ROUTER.search(name):
+        return "full"  # a router is a bare parameter in transformers 5: no Linear to wrap
+    if HEAD.search(name) and len(shape) == 2:
+        return "linear" if embed_lora else "full"
+    if EMBEDDING.search(name) and len(shape) == 2:
+        return "embedding" if embed_lora else "full"
+    if experts.FUSED.match(name) and len(shape) == 3:
+        return experts.orientation(name, shape, model_type, None)
+    if not name.endswith(".weight"):
+        return "full"
+    if len(shape) == 2:
+        if model_type in CONV1D_TYPES and CONV1D_NAMES.search(name):
+            return "fan_in_fan_out"  # GPT-2's Conv1D stores [in, out]
+        return "linear"
+    if len(shape) in (3, 4, 5):
+        return "conv"
+    return "full"
+
+
+def matrix(delta: Any, layout: str) -> Any:
+    """The matrix to factorise, oriented [out, in] as B [out, r] @ A [r, in] expects."""
+    if layout in ("fan_in_fan_out", "embedding"):
+        return delta.T
+    if layout == "conv":
+        return delta.reshape(delta.shape[0], -1)
+    return delta
+
+
+def pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
+           ) -> list[str]:
+    """Names to compare; a name in one model only is an error naming it (after filters)."""
+    def keep(n: str) -> bool:
+        return matches(n, targets) and not (excludes and matches(n, excludes))
+
+    def weight(ckpt: Any, n: str) -> bool:
+        # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
+        # not weights: one model having them and the other not is no mismatch
+        return ckpt.tensors[n].dtype.startswith(("F", "BF"))
+
+    names = [n for n in base.tensors if keep(n) and (n in tuned.tensors or weight(base, n))]
+    only_tuned = [n for n in tuned.tensors if keep(n) and n not in base.tensors
+                  and weight(tuned, n)]
+    only_base = [n for n in names if n not in tuned.tensors]
+    if only_base or only_tuned:
+        which = (f"{only_base[0]} is in the base but not the tuned model" if only_base else
+                 f"{only_tuned[0]} is in the tuned model but not the base")
+        raise FormatError(f"the models do not match: {which} ({len(only_base)} + "
+                          f"{len(only_tuned)} such tensors); are they the same architecture? "
+                          "--exclude GLOB leaves tensors out")
+    if not names:
+        some = sorted(base.tensors)[len(base.tensors) // 2] if base.tensors else None
+        raise LoraToolError("no tensors to compare (check --target/--exclude)"
+                            + (f"; names here look like {some}" if some else ""))
+    return names
+
+
+def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterator[Any]:
+    """(name, W_base and ΔW in float32 on the device, W_tuned as stored) per tensor;
+    W_base is None for a resized tensor (ΔW is then the tuned tensor) and both are None when
+    unchanged. On the CPU all three live in buffers reused for the next tensors (fresh memory
+    costs a page fault per 4 KiB): a caller that keeps one must copy it. The next pair is
+    read in a background thread while the caller works on this one."""
+
+    bufs, reads = Buffers(), [Buffers(), Buffers()]
+
+    def read(i: int) -> tuple[Any, Any] | str | None:
+        name = names[i]
+        bi, ti = base.info(name), tuned.info(name)
+        if bi.shape != ti.shape or not ti.dtype.startswith(("F", "BF")):
+            return None
+        same = _same_bytes(base, tuned, name, reads[i % 2])
+        if same:
+            return "unchanged"  # found without a whole-tensor buffer (embeddings are large)
+        raws = (base.load(name, buffer=reads[i % 2].get("base", torch.uint8, bi.nbytes)),
+                tuned.load(name, buffer=reads[i % 2].get("tuned", torch.uint8, ti.nbytes)))
+        if same is None and raws[0].dtype == raws[1].dtype and torch.equal(*raws):
+            return "unchanged"  # not comparable in the files (.bin, GGUF): loaded, then equal
+        return raws
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, 0) if names else None
+        for i, name in enumerate(names):
+            assert pending is not None
+            raws = pending.result()
+            pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
+            bi, ti = base.info(name), tuned.info(name)
+            bar.update(1)
+            if bi.shape != ti.shape:
+                if EMBEDDING.search(name) or HEAD.search(name):
+                    yield name, None, tuned.load(name), ti  # resized vocabulary: store in full
+                    continue
+                raise FormatError(f"the models do not match: {name} is {list(bi.shape)} in "
+                                  f"the base and {list(ti.shape)} in the tuned model")
+            if raws is None:
+                continue  # integer buffers are not weights
+            if raws == "unchanged":  # told in the stored dtype: no float32 copies
+                yield name, None, None, ti
+                continue
+            raw_base, raw_tuned = raws
+            w_base, delta = _widened_difference(name, raw_base, raw_tuned, dev, bufs)
+            yield name, w_base, delta, raw_tuned
+
+
+COMPARE_CHUNK = 8 << 20
+
+
+def _same_bytes(base: Any, tuned: Any, name: str, bufs: Any) -> bool | None:
+    """Whether a tensor's bytes are identical in both safetensors files, read a chunk at a
+    time and stopping at the first difference; None when the files cannot tell (other
+    formats, other dtypes): the caller then compares the loaded tensors."""
+
+    if base.gguf is not None or tuned.gguf is not None:
+        return None
+    bi, ti = base.local_info(name), tuned.local_info(name)
+    if bi.offset < 0 or ti.offset < 0 or bi.dtype != ti.dtype or bi.nbytes != ti.nbytes:
+        return None
+    a = bufs.get("compare_base", torch.uint8, COMPARE_CHUNK)
+    b = bufs.get("compare_tuned", torch.uint8, COMPARE_CHUNK)
+    try:
+        with open(bi.file, "rb", buffering=0) as fa, open(ti.file, "rb", buffering=0) as fb:
+            for s in range(0, bi.nbytes, COMPARE_CHUNK):
+                n = min(COMPARE_CHUNK, bi.nbytes - s)
+                read_exactly(fa, tensor_bytes(a)[:n], bi.offset + s, bi)
+                read_exactly(fb, tensor_bytes(b)[:n], ti.offset + s, ti)
+                if not torch.equal(a[:n], b[:n]):
+                    return False
+    except OSError as e:
+        raise os_input_error(e.filename or bi.file, e) from e
+    return True
+
+
+def _widened_difference(name: str, raw_base: Any, raw_tuned: Any, dev: Any, bufs: Any
+                        ) -> tuple[Any, Any]:
+    """W_base and W_tuned − W_base in float32 (both widened exactly; one dtype takes torch's
+    fast kernels), in reused buffers on the CPU; NaN or Inf is an error."""
+
+    if dev.type == "cpu":
+        w_base = bufs.tensor("base32", torch.float32, tuple(raw_base.shape))
+        w_base.copy_(raw_base)
+        delta = bufs.tensor("delta", torch.float32, tuple(raw_tuned.shape))
+        delta.copy_(raw_tuned).sub_(w_base)
+    else:
+        w_base = raw_base.to(device=dev, dtype=torch.float32)
+        delta = raw_tuned.to(device=dev, dtype=torch.float32, copy=True).sub_(w_base)
+    if delta.numel():
+        lo, hi = (float(x) for x in torch.aminmax(delta))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise FormatError(f"{name}: the difference holds NaN or Inf (a NaN or Inf in one "
+                              "of the models); nothing was written")
+    return w_base, delta

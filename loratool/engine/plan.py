@@ -1,0 +1,188 @@
+"""What merging adapters into a base does to each tensor, planned before any tensor is read:
+the plan that ``merge``, ``unmerge`` and ``export`` share (``kernel`` applies it).
+
+:func:`plan_edits` maps every adapter module and full tensor onto the base tensor it changes
+(checking shapes, tied heads, DoRA, conflicts between adapters) and returns an :class:`Edit`
+per changed tensor, and the output's tensor list.
+
+Example::
+    edits, order = plan_edits(base, adapters, [1.0], ["adapter/"])
+    edits["model.layers.0.self_attn.q_proj.weight"].lora      # [(LoraModule, 1.0)]
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FormatError
+from ..model.adapter import (
+    EMBEDDING,
+    HEAD_TENSOR,
+    LoraModule,
+    base_tensor_name,
+    drop_head_mirror,
+    expert_parts,
+    input_embedding,
+    match_base,
+    ties_embeddings,
+)
+
+
+@dataclass
+class Edit:
+    """What happens to one output tensor."""
+
+    source: str  # base tensor it starts from
+    lora: list[tuple[Any, float]] = field(default_factory=list)  # (LoraModule, weight)
+    bias: list[tuple[Any, float]] = field(default_factory=list)  # modules whose bias adds here
+    full: tuple[Any, float] | None = None  # (replacement tensor, weight), applied first
+    owner: str | None = None  # the adapter that replaces this tensor
+    dora: tuple[Any, float] | None = None  # the one DoRA module on this tensor
+
+
+def _single_model(ad: Any, spec: str) -> None:
+    comps = ad.components
+    if len(comps) > 1:
+        raise FormatError(f"{spec}: the adapter spans components {comps}; merge one model at a "
+                          "time (convert it per component)")
+    for m in (*ad.modules.values(), *ad.lyco.values()):
+        m.component = None
+
+
+def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], spec: str
+                       ) -> None:
+    """A full tensor replaces a base tensor of its shape; only a lookup table or head may
+    differ, in its first dimension (a resized vocabulary): anything else would write a model
+    its own library refuses."""
+
+    if new == old:
+        return
+    resized = len(new) == len(old) == 2 and new[1:] == old[1:] and (
+        EMBEDDING.search(name) or HEAD_TENSOR.search(name))
+    if not resized:
+        raise FormatError(f"{spec}: full tensor {name} is {list(new)} but the base's is "
+                          f"{list(old)}; only an embedding or head may change size (its "
+                          "vocabulary): is the adapter for this base?")
+
+
+def changes_nothing(m: Any) -> bool:
+    """A LoRA module whose B@A is exactly zero (rank 0, or an all-zero factor, as PEFT's
+    initial lora_B): adding it changes no weight, so no tensor counts as changed by it. A DoRA
+    magnitude still rescales, so DoRA modules always count."""
+    if not hasattr(m, "A") or m.magnitude is not None:
+        return False
+    return m.rank == 0 or m.A.numel() == 0 or m.B.numel() == 0 or not bool(
+        m.A.any()) or not bool(m.B.any())
+
+
+def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
+               untie: bool = False, inert: list[str] | None = None
+               ) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
+    """Which output tensors change and how, and the output tensor list ``(name, source)``;
+    modules that change nothing (:func:`changes_nothing`) are left out, their keys in ``inert``."""
+
+    edits: dict[str, Edit] = {}
+    tied = ties_embeddings(base.config, base.tensors)
+    emb = input_embedding(base.tensors)
+    order = [(n, n) for n in base.tensors]
+    extra: list[tuple[str, str]] = []
+    adapters = list(adapters)
+    for i, (ad, w, spec) in enumerate(zip(adapters, weights, specs)):
+        _single_model(ad, spec)
+        if tied and emb is not None:
+            ad = adapters[i] = copy.copy(ad)  # the caller's adapter stays as it was read
+            ad.modules, ad.full = dict(ad.modules), dict(ad.full)
+            drop_head_mirror(ad, emb)  # tying gives the head the embedding's change
+        heads = [m.name + ".weight" for m in ad.modules.values() if m.name.endswith("lm_head")]
+        heads += [n for n in ad.full if n.endswith("lm_head.weight")]
+        heads = [n for n in heads if n not in base.tensors]
+        if heads and tied:
+            if not untie:
+                raise FormatError(f"{spec}: changes {heads[0][: -len('.weight')]}, which this "
+                                  "base ties to its input embeddings (tie_word_embeddings): "
+                                  "merging would change the embeddings too. Pass --untie to "
+                                  "write a separate lm_head")
+            if emb is None:
+                raise FormatError(f"{spec}: cannot find the tied input embedding to untie from")
+            for name in heads:
+                if name not in [e[0] for e in extra]:
+                    extra.append((name, emb))
+        names = dict(base.tensors)
+        for out_name, src in extra:
+            names[out_name] = base.tensors[src]
+
+        class View:  # the base as the adapter sees it, untied lm_head included
+            tensors = names
+            source = base.source
+            path = base.path
+
+        mapping = match_base(ad, View)
+        _per_expert(ad, View, edits, spec, w)
+        for full_name, t in ad.full.items():
+            name = base_tensor_name(full_name, names) or full_name  # checked by match_base
+            _check_replacement(name, tuple(t.shape), names[name].shape, spec)
+            e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
+            if e.full is not None or e.lora or e.dora:
+                raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
+                                  "a tensor another adapter also changes")
+            e.full, e.owner = (t, w), spec
+        for key, tname in _changing(ad, mapping, inert):
+            m = ad.modules[key] if key in ad.modules else ad.lyco[key]
+            src = dict(extra).get(tname, tname)
+            e = edits.setdefault(tname, Edit(src))
+            if e.full is not None and e.owner != spec:
+                raise FormatError(f"{spec}: {key} changes {tname}, which another adapter "
+                                  "replaces in full (modules_to_save)")
+            if m.magnitude is not None:
+                if e.lora or e.dora or e.full:
+                    raise FormatError(f"{spec}: {key} has DoRA and another adapter changes the "
+                                      "same weight; a DoRA magnitude does not add: merge it "
+                                      "alone")
+                if m.layout == "embedding":
+                    raise FormatError(f"{spec}: DoRA on embedding {key} is not supported")
+                e.dora = (m, w)
+            else:
+                if e.dora is not None:
+                    raise FormatError(f"{spec}: {key} changes a weight that a DoRA adapter "
+                                      "also changes; merge the DoRA adapter alone")
+                e.lora.append((m, w))
+            if m.bias is not None:  # a lora bias, or a LyCORIS full module's diff_b
+                bname = tname[: -len(".weight")] + ".bias"
+                if bname not in base.tensors:
+                    raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
+                                      f"{bname}")
+                edits.setdefault(bname, Edit(bname)).bias.append((m, w))
+    return edits, order + extra
+
+
+def _changing(ad: Any, mapping: dict[str, str], inert: list[str] | None
+              ) -> list[tuple[str, str]]:
+    """The (module key, tensor) pairs that change something; the others' keys go to
+    ``inert``."""
+    out = []
+    for key, tname in mapping.items():
+        m = ad.modules[key] if key in ad.modules else ad.lyco[key]
+        if m.bias is None and changes_nothing(m):
+            if inert is not None:
+                inert.append(key)
+        else:
+            out.append((key, tname))
+    return out
+
+
+def _per_expert(ad: Any, base: Any, edits: dict[str, Edit], spec: str, w: float) -> None:
+    """Experts held one tensor each by the base: each tensor's rows of its expert's ΔW, as a
+    linear module of the same rank and scale (B's rows sliced: the same products)."""
+
+    for key, parts in expert_parts(ad, base).items():
+        m = ad.modules[key]
+        for p in parts:
+            e = edits.setdefault(p.tensor, Edit(p.tensor))
+            if e.full is not None or e.dora is not None:
+                raise FormatError(f"{spec}: {key} changes {p.tensor}, which another adapter "
+                                  "replaces or changes with DoRA")
+            e.lora.append((LoraModule(p.tensor[: -len(".weight")], m.A[p.expert],
+                                      m.B[p.expert, p.start:p.stop], m.alpha, m.rslora,
+                                      "linear"), w))

@@ -1,0 +1,75 @@
+"""GGUF tensor data: dequantized to float32 and quantized again, bit for bit as the ``gguf``
+package (llama.cpp's own Python code) does; Q8_0 in torch, the other types through the package.
+
+Example::
+    t = dequantize(raw, info)               # float32, the tensor's shape
+    data = quantize(t, "Q8_0")              # the bytes ggml's reference quantizer gives
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import FormatError
+from ..headers.gguf import PLAIN, QUANTIZE, byte_size
+from ..headers.safetensors import TensorInfo
+
+PLAIN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def quant_type(name: str) -> gguf.GGMLQuantizationType:
+    """The gguf package's GGMLQuantizationType for a type name (``Q8_0``)."""
+    try:
+        return gguf.GGMLQuantizationType[name]
+    except KeyError:
+        raise FormatError(f"unknown GGUF tensor type {name}") from None
+
+
+def dequantize(raw: bytes | bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
+    """A tensor's bytes as a float32 torch tensor of its shape (F16/BF16/F32: as stored)."""
+    if info.nbytes == 0:  # an empty tensor (a rank-0 factor): nothing to read
+        return torch.zeros(info.shape, dtype=torch.float32)
+    if info.dtype in PLAIN:
+        return torch.frombuffer(bytearray(raw), dtype=PLAIN_DTYPES[info.dtype]).reshape(
+            info.shape)
+    if info.dtype == "Q8_0":  # the gguf package's formula, in torch (tested bit for bit)
+        blocks = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, 34)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(info.shape)
+    qt = quant_type(info.dtype)
+    data = np.frombuffer(raw, dtype=np.uint8).reshape(
+        gguf.quant_shape_to_byte_shape(info.shape, qt))
+    try:
+        arr = gguf.quants.dequantize(data, qt)
+    except NotImplementedError:
+        raise FormatError(f"{info.name}: the gguf package cannot dequantize {info.dtype} "
+                          "tensors; this tensor cannot be merged") from None
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(info.shape)
+
+
+def quantize(t: torch.Tensor, type_name: str) -> bytes:
+    """A float32 tensor as ``type_name`` bytes, with the gguf package's own quantizer."""
+    if type_name not in QUANTIZE:
+        raise FormatError(f"the gguf package cannot write {type_name} tensors; choose one of "
+                          f"{', '.join(QUANTIZE)} with --quant")
+    byte_size(tuple(t.shape), type_name)  # a clear error for a row of partial blocks
+    if type_name == "Q8_0":
+        return _q8_0(t)
+    arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
+    return arr.tobytes()
+
+
+def _q8_0(t: torch.Tensor) -> bytes:
+    """Q8_0 exactly as the gguf package (and ggml's reference) computes it, in torch: per block
+    of 32, d = max|x| / 127, q = x·(1/d) rounded half away from zero, d stored as float16."""
+    x = t.float().reshape(-1, 32)
+    d = x.abs().amax(1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    n = x * inv
+    a = n.abs()
+    fl = a.floor()
+    q = torch.sign(n) * (fl + (2 * (a - fl)).floor())  # the gguf package's np_roundf
+    out = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
+    return out.numpy().tobytes()

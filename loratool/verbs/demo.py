@@ -1,0 +1,231 @@
+"""``loratool demo``: a tour on a small Llama-style model built here, with no network.
+
+It writes a base model and a "fine-tuned" copy (the base plus a low-rank change and a little
+noise in the attention and MLP weights, as a real fine-tune looks) as transformers-loadable
+folders, then runs each command that exists on them and returns what they found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import LoraToolError, OutputError
+from ..formats import peft
+from ..io.tensors import open_checkpoint
+from ..io.writer import CheckpointWriter
+from ..model.adapter import LoraAdapter, LoraModule
+from ..options import RankPolicy
+from ..progress import SILENT, Progress
+from ..reports.render import (
+    format_combine,
+    format_compare,
+    format_convert,
+    format_export,
+    format_extract,
+    format_merge,
+    format_summary,
+)
+from ..verbs.combine import combine
+from ..verbs.compare import compare
+from ..verbs.convert import convert
+from ..verbs.export import export
+from ..verbs.extract import extract
+from ..verbs.inspect import summarize
+from ..verbs.merge import run as merge_run
+
+MARKER = ".loratool-demo"
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "vocab_size": 1024,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "dtype": "bfloat16",
+}
+
+
+def llama_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a LlamaForCausalLM with this config, in transformers' order."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
+                (p + "post_attention_layernorm.weight", (h,))]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings", False):
+        out.append(("lm_head.weight", (v, h)))
+    return out
+
+
+def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int = 0,
+               max_shard_size: str = "2MB") -> tuple[Path, Path, Path]:
+    """Write ``workdir/base``, ``workdir/tuned`` (sharded safetensors, bf16) and
+    ``workdir/adapter`` (PEFT).
+
+    The tuned model changes every attention and MLP matrix by a rank-``rank`` update plus
+    noise 1 % of its size; embeddings, norms and lm_head are unchanged. The adapter holds the
+    rank-``rank`` updates alone (what a LoRA fine-tune would have trained).
+    """
+
+    adapter = LoraAdapter(base_model=str(workdir / "base"), task_type="CAUSAL_LM",
+                          source_format="peft")
+
+    cfg = dict(cfg or CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    shapes = llama_shapes(cfg)
+    paths = (workdir / "base", workdir / "tuned")
+    writers = [CheckpointWriter(p, force=True, max_shard_size=max_shard_size) for p in paths]
+    for w in writers:
+        w.add_file("config.json", json.dumps(cfg, indent=2) + "\n")
+        w.add_file("generation_config.json", json.dumps(
+            {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n")
+    with writers[0] as wb, writers[1] as wt:
+        for name, shape in shapes:
+            if len(shape) == 1:
+                base = 1.0 + 0.02 * torch.randn(shape, generator=g)
+            else:
+                base = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+            tuned = base
+            if len(shape) == 2 and (".self_attn." in name or ".mlp." in name):
+                b = torch.randn(shape[0], rank, generator=g)
+                a = torch.randn(rank, shape[1], generator=g)
+                gain = (0.05 * base.norm() / (b @ a).norm()).sqrt()
+                b, a = b * gain, a * gain
+                delta = b @ a
+                adapter.add(LoraModule(name.removesuffix(".weight"), a.to(torch.bfloat16),
+                                       b.to(torch.bfloat16), float(rank)))
+                noise = torch.randn(shape, generator=g)
+                noise *= 0.01 * delta.norm() / noise.norm()
+                tuned = base + delta + noise
+            wb.add(name, base.to(torch.bfloat16))
+            wt.add(name, tuned.to(torch.bfloat16))
+    peft.write(adapter, workdir / "adapter", force=True,
+               note="The demo adapter of `loratool demo`.")
+    return (*paths, workdir / "adapter")
+
+
+def _shown(command: str, output: str, note: str = "") -> str:
+    """A demo section: the command line, then exactly what that command prints."""
+    return f"$ loratool {command}\n{output}\n" + (f"({note})\n" if note else "")
+
+
+def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
+    """Build the demo models in ``workdir`` and yield, per command, the command line and what
+    it prints."""
+    if workdir.exists() and not workdir.is_dir():
+        raise OutputError(f"--workdir {workdir} is a file; pass a folder")
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        raise OutputError(f"{workdir} exists and is not a loratool demo folder; pass another "
+                          "--workdir (the demo only overwrites its own folder)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("written by `loratool demo`; safe to delete\n")
+    base, tuned, adapter = build_pair(workdir)
+    yield (f"Built a small Llama-style model in {base}, a fine-tuned copy in {tuned}\n"
+           "(bf16, sharded; every attention and MLP matrix changed by a rank-8 update and a\n"
+           f"little noise) and a PEFT adapter holding those rank-8 updates in {adapter}.\n")
+    yield from _inspect(base, tuned, adapter, progress)
+    yield from _convert(workdir, base, adapter)
+    yield from _merge(workdir, base, adapter, progress)
+    yield from _extract_combine(workdir, base, tuned, adapter, progress)
+    yield from _export(workdir, base, adapter, progress)
+    yield ("Next: `loratool push <folder> <you>/<repo>` publishes any of these folders with a "
+           "model card; `loratool pull` brings one back.")
+
+
+def _inspect(base: Path, tuned: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+    yield _shown(f"inspect {base}", format_summary(summarize(open_checkpoint(base))))
+    layer0 = ["*layers.0.*"]
+    data = summarize(open_checkpoint(tuned), layer0)
+    cmp = compare(open_checkpoint(tuned), open_checkpoint(base), layer0, progress=progress)
+    yield _shown(f"inspect {tuned} --against {base} --filter '*layers.0.*'",
+                 format_summary(data) + "\n\n" + format_compare(data, cmp))
+    yield _shown(f"inspect {adapter} --filter '*layers.0.*'",
+                 format_summary(summarize(open_checkpoint(adapter), layer0)))
+
+
+def _convert(workdir: Path, base: Path, adapter: Path) -> Iterator[str]:
+    for to, out in (("kohya", workdir / "adapter-kohya.safetensors"),
+                    ("diffusers", workdir / "adapter-diffusers"),
+                    ("gguf", workdir / "adapter.gguf")):
+        rep = convert(str(adapter), out, to, base=str(base), force=True)
+        yield _shown(f"convert {adapter} --format {to} -o {out} --base {base} --force",
+                     format_convert(rep))
+    kohya = workdir / "adapter-kohya.safetensors"
+    rep = convert(str(kohya), workdir / "adapter-back", "peft", force=True)
+    yield _shown(f"convert {kohya} --format peft -o {workdir / 'adapter-back'} --force",
+                 format_convert(rep), "module names restored from the kohya file's header")
+
+
+def _merge(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+    merged, again = workdir / "merged", workdir / "unmerged"
+    rep = merge_run(str(base), [str(adapter)], merged, weights=None, sign=1.0, force=True,
+                    verify=True, device="cpu", progress=progress)
+    yield _shown(f"merge {base} {adapter} -o {merged} --verify --device cpu --force",
+                 format_merge(rep))
+    rep = merge_run(str(merged), [str(adapter)], again, weights=None, sign=-1.0, force=True,
+                    device="cpu", progress=progress)
+    same = total = 0
+    orig, back = open_checkpoint(base), open_checkpoint(again)
+    for name in orig.tensors:
+        a, b = back.load(name), orig.load(name)
+        same += int((a == b).sum())
+        total += a.numel()
+    yield _shown(f"unmerge {merged} {adapter} -o {again} --device cpu --force",
+                 format_merge(rep), f"{same / total:.2%} of all values are the base's bit for "
+                 "bit after this bf16 merge → unmerge round trip; the rest lost low bits when "
+                 "the merged values were rounded to bf16")
+
+
+def _extract_combine(workdir: Path, base: Path, tuned: Path, adapter: Path,
+                     progress: Progress) -> Iterator[str]:
+
+    rank8 = RankPolicy.from_options(8, None, None, None)
+    ex = workdir / "extracted"
+    rep = extract(str(base), str(tuned), ex, rank8, force=True, device="cpu",
+                  progress=progress)
+    yield _shown(f"extract {base} {tuned} -o {ex} --rank 8 --device cpu --force",
+                 format_extract(rep), "the fine-tune is a rank-8 change plus noise: the error "
+                 "left is that noise and the bf16 rounding of both models")
+    both = combine([str(adapter), str(ex)], workdir / "combined", "cat", weights=[0.5, 0.5],
+                   policy=None, force=True, progress=progress)
+    yield _shown(f"combine {adapter} {ex} --method cat --weight 0.5 --weight 0.5 -o "
+                 f"{workdir / 'combined'} --force", format_combine(both))
+    small = combine([str(workdir / "combined")], workdir / "resized", "svd", weights=None,
+                    policy=rank8, force=True, resize=True, progress=progress)
+    yield _shown(f"resize {workdir / 'combined'} --rank 8 -o {workdir / 'resized'} --force",
+                 format_combine(small), "both adapters span nearly the same rank-8 subspace")
+
+
+def _export(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+    try:
+        rep = export(str(base), [str(adapter)], workdir / "onnx", force=True,
+                     progress=progress)
+    except LoraToolError as e:
+        if "loratool[onnx]" not in str(e):
+            raise
+        yield f"(export skipped: {e})\n"
+        return
+    yield _shown(f"export {base} {adapter} -o {workdir / 'onnx'} --force", format_export(rep))

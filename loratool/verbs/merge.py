@@ -1,0 +1,330 @@
+"""``loratool merge`` and ``unmerge``: fold adapters into base weights and take them out.
+
+Streaming: one base tensor at a time goes reader → math → writer, the next one read in a
+background thread while the current one is computed and written; unchanged tensors are copied
+byte for byte (in the kernel where possible). Math is float32 on the chosen device, in PEFT's
+order of operations (so fp32 results equal PEFT's ``merge_and_unload`` bit for bit), rounded
+once to the output dtype. DoRA norms are recorded beside the output so that unmerge can undo
+them, and the base tensors that adapters replaced in full, so that unmerge gives the base back
+exactly.
+
+Example::
+    report = merge("base/", ["adapter/"], Path("merged"), weights=[1.0])
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch  # noqa: F401  (imported before the clock starts: the report times the merge)
+
+from ..engine import kernel
+from ..engine.plan import Edit, plan_edits
+from ..engine.record import RECORD, UnmergeRecord
+from ..engine.verify import verify_output
+from ..errors import FormatError, LoraToolError
+from ..formats import read_any
+from ..formats.sgm_names import single_file_config, to_single_file
+from ..io.tensors import Buffers, open_checkpoint, torch_dtype
+from ..io.writer import CheckpointWriter
+from ..numerics.device import resolve_device
+from ..options import DTYPES, check_dtype, check_weights
+from ..progress import SILENT, Progress
+from ..verbs import merge_gguf
+
+ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
+
+
+def _by_rows(t: torch.Tensor, e: Edit, sign: float, out_dtype: torch.dtype, name: str,
+             stats: kernel.Stats, bufs: Buffers) -> torch.Tensor:
+    """The CPU path of an edit that only adds: the kernel a block of rows at a time, so that
+    the float32 copy, the guard and the rounding stay in cache instead of streaming whole
+    float32 tensors through memory several times."""
+    prods = kernel.products(e, torch.device("cpu"), bufs)
+    out = bufs.get("out", out_dtype, t.numel())[: t.numel()].view(t.shape)
+    rows = max(1, ROW_CHUNK // max(1, t[0].numel()))
+    for s in range(0, t.shape[0], rows):
+        W = t[s:s + rows].to(torch.float32, copy=True)
+        kernel.add_rows(W, prods, slice(s, s + rows), sign, stats)
+        kernel.guard(W, out_dtype, name)  # per block: min()/max() would skip a NaN
+        out[s:s + rows].copy_(W)
+    return out
+
+
+def _cast(t: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
+    """An unchanged or restored tensor in the output dtype, guarded as computed ones are."""
+    if t.dtype == out_dtype:
+        return t
+    t32 = t.to(torch.float32)
+    kernel.guard(t32, out_dtype, name)
+    return t32.to(out_dtype)
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS
+
+
+def _restore(t: Any, e: Edit, name: str, record: UnmergeRecord | None, dev: Any,
+             stats: dict[str, float]) -> Any:
+    """Unmerge of a tensor an adapter replaced in full: the base tensor the merge recorded,
+    after checking that merging it again gives exactly the merged tensor (else this is not
+    the merge of this adapter, and the record would restore the wrong thing)."""
+
+    original = record.load("replaced", name) if record is not None else None
+    if original is None:
+        raise FormatError(f"{name}: the adapter replaces it in full (modules_to_save) and the "
+                          f"merged folder has no {RECORD} with the tensor it replaced: merge "
+                          "with `loratool merge`, which records it, then unmerge that output "
+                          "(or extract with --skip-full, so that no tensor is replaced)")
+    again = kernel.merged(original.to(dev, torch.float32, copy=True), e, 1.0, dev, {}, name,
+                          None, stats)
+    if tuple(again.shape) != tuple(t.shape) or not torch.equal(again.to(t.dtype).cpu(), t):
+        raise FormatError(f"{name}: merging the recorded base tensor with these adapters does "
+                          "not give the merged tensor; unmerge exactly the adapters and "
+                          "--weight values that were merged")
+    return original
+
+
+def _plan_shapes(base: Any, order: list[tuple[str, str]], edits: dict[str, Edit], sign: float,
+                 record: UnmergeRecord | None, out_code: str | None
+                 ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Each output tensor's (name, dtype code, shape), known before anything is read."""
+    plan = []
+    for name, src in order:
+        info = base.info(src)
+        e = edits.get(name)
+        shape = info.shape
+        if e is not None and e.full is not None:
+            if sign > 0:
+                shape = tuple(e.full[0].shape)
+            elif record is not None and record.shape("replaced", name) is not None:
+                shape = record.shape("replaced", name)
+        plan.append((name, _out_code(out_code, info.dtype), shape))
+    return plan
+
+
+def _out_code(out_code: str | None, code: str) -> str:
+    """``--dtype`` applies to float tensors; integer buffers keep theirs."""
+    return out_code if out_code and code in ("F32", "BF16", "F16", "F64") else code
+
+
+@dataclass
+class _Job:
+    """One merge or unmerge: what is planned, and what happened so far."""
+
+    base: Any
+    edits: dict[str, Edit]
+    order: list[tuple[str, str]]
+    sign: float
+    dev: Any
+    out_code: str | None  # --dtype as a safetensors code, None to keep each tensor's
+    rec: UnmergeRecord | None  # unmerge: what the merge recorded
+    record: bool  # merge: write a record for unmerge
+    recorded: dict[str, int] = field(default_factory=lambda: {"dora_norm": 0, "replaced": 0})
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    bytes_in: int = 0
+    stream_seconds: float = 0.0  # reading, merging and writing the tensors (what the bar shows)
+    bufs: Buffers = field(default_factory=Buffers)
+    read_bufs: list[Buffers] = field(default_factory=lambda: [Buffers(), Buffers()])
+
+    def fetch(self, i: int, name: str, src: str) -> Any:
+        """Read the next tensor (runs in the prefetch thread: one read ahead of the math)."""
+
+        info = self.base.info(src)
+        if name in self.edits or info.offset < 0 or _out_code(self.out_code,
+                                                               info.dtype) != info.dtype:
+            return self.base.load(src, buffer=self.read_bufs[i % 2].get("read", torch.uint8,
+                                                                        info.nbytes))
+        return None  # unchanged and same dtype: copied raw, nothing to read here
+
+
+def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
+        sign: float, device: str = "auto", dtype: str = "keep",
+        max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,
+        verify: bool = False, record: bool = True, quant: str | None = None,
+        progress: Progress = SILENT) -> dict[str, Any]:
+    """Merge (sign +1) or unmerge (sign −1) adapters; returns the report.
+
+    read → plan → stream (compute and write each tensor) → verify → publish → report.
+    ``record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
+    """
+
+    t0 = time.perf_counter()
+    if not adapter_specs:
+        raise LoraToolError("name at least one ADAPTER")
+    weights = check_weights(weights, len(adapter_specs))
+    check_dtype(dtype)
+    dev = resolve_device(device)
+    base = open_checkpoint(base_spec, progress)
+    adapters = [read_any(s, base_spec) for s in adapter_specs]
+    single = single_file_config(base.tensors)
+    if single is not None:  # Stable Diffusion in one file: pipeline names → its own
+        adapters = [to_single_file(ad, base.tensors, single, s)
+                    for ad, s in zip(adapters, adapter_specs)]
+    inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
+    if base.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
+
+        if sign < 0:
+            merge_gguf.refuse_unmerge(base)
+        return merge_gguf.run(base, adapters, weights, adapter_specs, out, quant=quant,
+                              device=dev, force=force, inputs=inputs, verify=verify,
+                              progress=progress)
+    if quant is not None:
+        raise LoraToolError("--quant applies to GGUF models; for safetensors use --dtype")
+    return merge_checkpoint(base, base_spec, adapters, weights, adapter_specs, out, inputs,
+                            sign=sign, dev=dev, dtype=dtype, max_shard_size=max_shard_size,
+                            force=force, untie=untie, verify=verify, record=record,
+                            progress=progress, t0=t0)
+
+
+def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: list[float],
+                     adapter_specs: list[str], out: Path, inputs: list[Path], *, sign: float,
+                     dev: Any, dtype: str, max_shard_size: str | int, force: bool, untie: bool,
+                     verify: bool, record: bool, progress: Progress, t0: float
+                     ) -> dict[str, Any]:
+    """Merge adapters already read into one opened safetensors checkpoint: plan, stream,
+    verify, publish; the report."""
+    inert: list[str] = []
+    edits, order = plan_edits(base, adapters, weights, adapter_specs, untie, inert)
+    # a single .safetensors base and -o x.safetensors: one file out (no room for the record)
+    single = Path(out).suffix == ".safetensors" and base.index is None and len(base.files) == 1
+    job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
+               UnmergeRecord(base) if sign < 0 else None, record and not single)
+    writer = _writer(job, out, inputs, force, max_shard_size, base_spec,
+                     list(zip(adapter_specs, weights)), single)
+    report: dict[str, Any] = {}
+    if verify:
+        def check(folder: Path) -> None:
+            """Runs on the temporary folder: only a verified output is ever published."""
+            report["verify"] = verify_output(base, folder, edits, sign, job.rec, progress)
+
+        writer.before_publish = check
+    if untie and any(n != s for n, s in order) and base.config is not None:
+        writer.add_file("config.json", json.dumps({**base.config, "tie_word_embeddings": False},
+                                                  indent=2) + "\n")
+    t_stream = time.perf_counter()
+    _stream(job, writer, progress)
+    job.stream_seconds = time.perf_counter() - t_stream
+    report.update(_report(job, base_spec, adapter_specs, adapters, weights, out, dtype, writer,
+                          time.perf_counter() - t0))
+    report["inert_modules"] = inert
+    return report
+
+
+def weights_name(base: Any) -> str:
+    """The output's weights file, named as the base names its own, so that its loader finds
+    it: diffusers looks for ``diffusion_pytorch_model.safetensors``, transformers for
+    ``model.safetensors`` (what ``pytorch_model.bin`` becomes)."""
+    first = Path(str(base.index)[: -len(".index.json")]) if base.index else (
+        base.files[0] if base.files else Path("model.safetensors"))
+    diffusers = first.name.split(".")[0] == "diffusion_pytorch_model"
+    return ("diffusion_pytorch_model" if diffusers else "model") + ".safetensors"
+
+
+def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_size: str | int,
+            base_spec: str, merged: list[tuple[str, float]], single: bool) -> Any:
+    """The output, laid out up front (every byte written once), recording its inputs;
+    ``single``: one .safetensors file, not a folder."""
+
+    plan = _plan_shapes(job.base, job.order, job.edits, job.sign, job.rec, job.out_code)
+    return CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
+                            copy_from=None if single else job.base.folder, plan=plan,
+                            filename=weights_name(job.base), single_file=single,
+                            metadata={"loratool": "merge" if job.sign > 0 else "unmerge",
+                                      "loratool.base": base_spec,
+                                      "loratool.adapters": json.dumps(
+                                          [{"adapter": a, "weight": wt} for a, wt in merged])})
+
+
+def _stream(job: _Job, writer: Any, progress: Progress) -> None:
+    """Every output tensor in order: unchanged ones copied raw, changed ones computed, the
+    next one read in a background thread meanwhile."""
+
+    order, base = job.order, job.base
+    total = sum(base.info(src).nbytes for _, src in order)
+    with writer as w, ThreadPoolExecutor(1) as pool, progress.bar(
+            "merge" if job.sign > 0 else "unmerge", total=total, unit="B") as bar:
+        pending = pool.submit(job.fetch, 0, *order[0]) if order else None
+        for i, (name, src) in enumerate(order):
+            t = pending.result() if pending is not None else None
+            pending = (pool.submit(job.fetch, i + 1, *order[i + 1]) if i + 1 < len(order)
+                       else None)
+            info = base.info(src)
+            job.bytes_in += info.nbytes
+            odt = torch_dtype(_out_code(job.out_code, info.dtype))
+            if t is None:
+                info = base.local_info(src)
+                w.add_raw(name, info.dtype, info.shape, info.file, info.offset, info.nbytes)
+            elif name not in job.edits:
+                w.add(name, _cast(t, odt, name))
+            else:
+                w.add(name, _edited(job, w, name, t, odt))
+            bar.update(info.nbytes)
+
+
+def _edited(job: _Job, w: Any, name: str, t: Any, odt: Any) -> Any:
+    """One changed tensor, in the output dtype: restored from the record (unmerge of a full
+    replacement), by row blocks (plain LoRA on the CPU), or whole on the device."""
+
+    e = job.edits[name]
+    stats = kernel.Stats()
+    norms: dict[str, torch.Tensor] = {}
+    if job.sign > 0 and e.full is not None and job.record:
+        w.add_side(RECORD, "replaced." + name, t)
+        job.recorded["replaced"] += 1
+    if job.sign < 0 and e.full is not None:
+        res = _cast(_restore(t, e, name, job.rec, job.dev, stats), odt, name)
+    elif job.dev.type == "cpu" and kernel.is_rows_only(e) and t.dim() >= 2:
+        res = _by_rows(t, e, job.sign, odt, name, stats, job.bufs)
+    else:
+        W = t.to(device=job.dev, dtype=torch.float32, copy=True)
+        del t
+        new = kernel.merged(W, e, job.sign, job.dev, norms, name, job.rec, stats)
+        del W
+        kernel.guard(new, odt, name)
+        res = new.to(odt).cpu()
+    if job.record:
+        for k, v in norms.items():
+            w.add_side(RECORD, "dora_norm." + k, v)
+            job.recorded["dora_norm"] += 1
+    job.changed.append({"name": name, "max_abs_delta": stats.max_abs_delta})
+    return res
+
+
+def _report(job: _Job, base_spec: str, adapter_specs: list[str], adapters: list[Any],
+            weights: list[float], out: Path, dtype: str, writer: Any, elapsed: float
+            ) -> dict[str, Any]:
+
+    report = {
+        "operation": "merge" if job.sign > 0 else "unmerge", "base": base_spec,
+        "adapters": [{"adapter": s, "weight": wt, "modules": len(a.modules),
+                      "full_tensors": len(a.full), "format": a.source_format}
+                     for s, a, wt in zip(adapter_specs, adapters, weights)],
+        "output": str(out), "device": str(job.dev), "dtype": dtype,
+        "tensors": len(job.order), "tensors_changed": len(job.changed),
+        "max_abs_delta": max((c["max_abs_delta"] or 0.0 for c in job.changed), default=0.0),
+        "dora_norms_recorded": job.recorded["dora_norm"],
+        "replaced_recorded": job.recorded["replaced"],
+        "record": RECORD if any(job.recorded.values()) else None,
+        "not_copied": writer.not_copied, "seconds": elapsed,
+        "stream_seconds": job.stream_seconds,
+        # the rate of the stream itself, as its bar shows it (reading the adapters, planning
+        # and start-up are in "seconds", not here)
+        "gb_per_s": job.bytes_in / 1e9 / job.stream_seconds if job.stream_seconds > 0
+        else None,
+        "bytes": job.bytes_in, "peak_rss_mb": _peak_rss_mb(),
+    }
+    if job.dev.type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(job.dev) / 2**20
+    return report

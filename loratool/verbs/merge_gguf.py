@@ -1,0 +1,286 @@
+"""``loratool merge`` into a GGUF model (llama.cpp), quantized or not.
+
+Streams tensor by tensor: a tensor no adapter changes is copied byte for byte; a changed one
+is dequantized (the ``gguf`` package's own code), merged in float32 exactly as a safetensors
+merge is (``engine.kernel``), and quantized again to its own type or ``--quant``. The
+report gives, per changed tensor, the error the re-quantization adds against the exact float32
+merge, relative to the tensor and to the adapter's change (how much of ΔW the quantization
+noise is comparable to). The header's metadata is copied as it is.
+
+Example::
+    report = run(open_checkpoint("model-Q8_0.gguf"), [adapter], [1.0], ["adapter/"],
+                 Path("merged.gguf"), quant=None)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..engine import kernel
+from ..engine.plan import Edit, plan_edits
+from ..errors import FormatError, LoraToolError
+from ..formats import require_lora
+from ..formats.gguf_names import Arch, to_gguf
+from ..headers.checkpoint import Checkpoint
+from ..headers.gguf import QUANTIZE, byte_size, padding, read_header, tensor_info_bytes
+from ..headers.safetensors import TensorInfo, read_tensor_bytes
+from ..io.directio import SequentialWriter
+from ..io.staging import Stage, check_output, output_os_error
+from ..io.tensors import Buffers
+from ..numerics.ops import sum_squares
+from ..numerics.quant import dequantize, quantize
+from ..progress import SILENT, Progress
+
+COPY_CHUNK = 8 << 20  # unchanged tensors are copied this many bytes at a time
+QUANT_CHUNK = 1 << 18  # values quantized at a time (1 MiB of float32: stays in cache)
+
+
+def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], out: Path, *,
+        quant: str | None, device: Any, force: bool, inputs: list[Path], verify: bool = False,
+        progress: Progress = SILENT) -> dict[str, Any]:
+    """Merge ``adapters`` into the GGUF ``base``; writes ``out`` (a .gguf file)."""
+
+    t0 = time.perf_counter()
+    where = str(base.source or base.path)
+    if out.suffix != ".gguf":
+        raise LoraToolError(f"-o {out}: a merge into a GGUF model writes one .gguf file; name "
+                            "it so")
+    check_output(out, inputs, force)
+    arch = Arch.of_header(base.gguf, where)
+    for ad, spec in zip(adapters, specs):
+        require_lora(ad, spec, "a GGUF merge takes LoRA modules only")
+    adapters = [_llama_cpp_named(ad, arch, base, spec) for ad, spec in zip(adapters, specs)]
+    inert: list[str] = []
+    edits, order = plan_edits(base, adapters, weights, specs, inert=inert)
+    if any(n != s for n, s in order):
+        raise LoraToolError("--untie does not apply to GGUF models")
+    if quant is not None and quant not in QUANTIZE:
+        raise LoraToolError(f"--quant {quant}: the gguf package can write {', '.join(QUANTIZE)}")
+    types = {}
+    for name, e in edits.items():
+        info = base.info(name)
+        t = quant or info.dtype
+        if t not in QUANTIZE:
+            raise FormatError(f"{name} is {info.dtype}, which the gguf package can read but not "
+                              f"write: pass --quant with one of {', '.join(QUANTIZE)} (Q8_0 "
+                              "keeps the most of the adapter's change)")
+        byte_size(info.shape, t)  # a row of partial blocks: refused before any work
+        if e.full is not None and tuple(e.full[0].shape) != info.shape:
+            raise FormatError(f"{name}: a resized tensor cannot be merged into a GGUF model")
+        types[name] = t
+    stats, digests = _write(base, edits, types, out, inputs, force, device, progress,
+                            verify)
+    report = _report(base, specs, weights, out, quant, stats, time.perf_counter() - t0)
+    report["inert_modules"] = inert
+    if verify:
+        report["verify"] = digests
+    return report
+
+
+def _llama_cpp_named(ad: Any, arch: Any, base: Any, spec: str) -> Any:
+    """An adapter named as llama.cpp names the model's tensors."""
+
+    if ad.naming == "gguf":
+        return ad
+    tied = "output.weight" not in base.tensors
+    if tied and any(m.name.endswith("lm_head") or m.layout == "embedding"
+                    for m in ad.modules.values()):
+        raise FormatError(f"{spec}: changes the token embeddings or the head, which this GGUF "
+                          "model ties (it has no output.weight): merge into the transformers "
+                          "model instead")
+    if ad.full:
+        raise FormatError(f"{spec}: holds full tensors (modules_to_save: "
+                          f"{', '.join(sorted(ad.full)[:3])}); a GGUF merge takes LoRA modules "
+                          "only")
+    return to_gguf(ad, arch)
+
+
+def _layout(base: Any, types: dict[str, str]) -> tuple[list[tuple[Any, str, int, int]], int]:
+    """Each output tensor's (info, type, offset in the data, bytes), and the data's size."""
+
+    align = base.gguf.alignment
+    rows, offset = [], 0
+    for info in base.gguf.infos:
+        t = types.get(info.name, info.dtype)
+        n = byte_size(info.shape, t) if info.name in types else info.nbytes
+        rows.append((info, t, offset, n))
+        offset += n + padding(n, align)
+    return rows, offset
+
+
+def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
+           inputs: list[Path], force: bool, device: Any, progress: Progress, verify: bool
+           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+
+    h = base.gguf
+    bufs = Buffers()  # the products' buffers, reused from tensor to tensor
+    rows, total = _layout(base, types)
+    stats: list[dict[str, Any]] = []
+    written: dict[str, bytes] = {}  # digests of what was meant to be written (--verify)
+    checked: dict[str, Any] = {}
+    with Stage(out, inputs, force, file=out.name) as stage:
+        assert stage.tmp is not None
+        try:
+            # front to back past the page cache, written while the next tensor is merged
+            with SequentialWriter(stage.tmp / out.name) as f:
+                f.write(read_tensor_bytes(_span(h, 0, h.info_start)))  # magic, counts, KV
+                for info, t, off, _ in rows:
+                    f.write(tensor_info_bytes(info.name, info.shape, t, off))
+                f.write(b"\0" * padding(f.size, h.alignment))
+                start = f.size
+                with progress.bar("merge", total=total, unit="B") as bar:
+                    for info, t, off, n in rows:
+                        f.write(b"\0" * (start + off - f.size))
+                        if info.name in edits:
+                            digest = hashlib.blake2b(digest_size=16)
+
+                            def sink(data: bytes) -> None:
+                                f.write(data)
+                                if verify:
+                                    digest.update(data)
+
+                            stats.append(_merged(base, info, edits[info.name], t, device,
+                                                 sink, bufs))
+                            written[info.name] = digest.digest()
+                        else:
+                            digest = _copy(info, f, verify)
+                            if digest is not None:
+                                written[info.name] = digest
+                        bar.update(n)
+                f.write(b"\0" * padding(f.size - start, h.alignment))
+        except OSError as e:
+            raise output_os_error(out, e) from e
+        if verify:  # read the file back as llama.cpp will: only a checked output is published
+            checked = _verify(stage.tmp / out.name, rows, written)
+        stage.publish()
+    return stats, checked
+
+
+def _span(h: Any, offset: int, n: int) -> Any:
+    return TensorInfo("header", "U8", (n,), n, h.path, offset)
+
+
+def _copy(info: Any, f: Any, digest: bool) -> bytes | None:
+    """An unchanged tensor, byte for byte, a chunk at a time; with ``digest`` the digest of its
+    bytes (for --verify)."""
+
+    h = hashlib.blake2b(digest_size=16) if digest else None
+    for chunk in _chunks(info):
+        f.write(chunk)
+        if h is not None:
+            h.update(chunk)
+    return h.digest() if h is not None else None
+
+
+def _chunks(info: Any) -> Any:
+    for s in range(0, info.nbytes, COPY_CHUNK):
+        n = min(COPY_CHUNK, info.nbytes - s)
+        yield read_tensor_bytes(TensorInfo(info.name, "U8", (n,), n, info.file,
+                                           info.offset + s))
+
+
+def _verify(path: Path, rows: list[tuple[Any, str, int, int]], written: dict[str, bytes]
+            ) -> dict[str, Any]:
+    """The written file parsed afresh: every tensor where the layout put it, of its type and
+    size, its bytes those computed (changed) or the input's (unchanged)."""
+
+    h = read_header(path)
+    got = {i.name: i for i in h.infos}
+    for info, t, _, n in rows:
+        g = got.get(info.name)
+        if g is None or g.dtype != t or g.nbytes != n or g.shape != info.shape:
+            raise LoraToolError(f"verify: {info.name} was not written as planned; nothing was "
+                                "published")
+        d = hashlib.blake2b(digest_size=16)
+        for chunk in _chunks(g):
+            d.update(chunk)
+        if d.digest() != written[info.name]:
+            raise LoraToolError(f"verify: {info.name} reads back different bytes; nothing was "
+                                "published")
+    return {"tensors_checked": len(rows), "metadata_keys": len(h.kv)}
+
+
+def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
+            device: torch.device, sink: Callable[[bytes], None], bufs: Buffers
+            ) -> dict[str, Any]:
+    """One changed tensor: dequantized, merged in float32 by the kernel, quantized, handed to
+    ``sink`` a block of rows at a time; what that cost. An edit that only adds runs on the
+    CPU a block of rows at a time from the quantized bytes (the products whole, as for a
+    safetensors merge: the same bits); anything else (DoRA, biases, a full tensor, a GPU)
+    merges the whole tensor first."""
+    sq = [0.0, 0.0, 0.0, 0.0]  # error², change², norm² of the result, norm² of W
+    stats = kernel.Stats()
+    if device.type == "cpu" and kernel.is_rows_only(edit) and len(info.shape) >= 2:
+        raw = read_tensor_bytes(info)
+        row_bytes = len(raw) // math.prod(info.shape[:-1])
+        prods = kernel.products(edit, device, bufs)
+        flat = [kernel.Product(p.delta.reshape(-1, info.shape[-1]), p.scale, p.weight)
+                for p in prods]
+        for r, r1, W in _row_blocks(info, raw, row_bytes):
+            M = W.clone()
+            kernel.add_rows(M, flat, slice(r, r1), 1.0, stats)
+            sink(_quantized(M, W, type_name, info, sq))
+    else:
+        W = base.load(info.name).to(device=device, dtype=torch.float32)
+        merged = kernel.merged(W.clone(), edit, 1.0, device, name=info.name, stats=stats).cpu()
+        W = W.cpu()
+        m2 = merged.reshape(merged.shape[0], -1) if merged.dim() > 1 else merged.reshape(1, -1)
+        w2 = W.reshape(m2.shape)
+        step = max(1, QUANT_CHUNK // max(1, m2.shape[1]))
+        for r in range(0, m2.shape[0], step):
+            sink(_quantized(m2[r:r + step], w2[r:r + step], type_name, info, sq))
+    err, change, norm, w_norm = (math.sqrt(x) for x in sq)
+    return {"name": info.name, "type": info.dtype, "written_as": type_name,
+            "rel_error": err / norm if norm else 0.0,
+            "error_vs_change": err / change if change else (0.0 if not err else math.inf),
+            "change": change / (w_norm or math.inf)}
+
+
+def _row_blocks(info: TensorInfo, raw: bytes | bytearray | memoryview, row_bytes: int
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(first row, end row, W's rows in float32) of a stored tensor seen as rows of its last
+    dimension (as GGUF stores them), a block at a time."""
+    cols, n_rows = info.shape[-1], math.prod(info.shape[:-1])
+    step = max(1, QUANT_CHUNK // max(1, cols))
+    for r in range(0, n_rows, step):
+        r1 = min(r + step, n_rows)
+        part = type(info)(info.name, info.dtype, (r1 - r, cols), (r1 - r) * row_bytes,
+                          info.file)
+        yield r, r1, dequantize(raw[r * row_bytes:r1 * row_bytes], part).float()
+
+
+def _quantized(M: torch.Tensor, W: torch.Tensor, type_name: str, info: TensorInfo,
+               sq: list[float]) -> bytes:
+    """Rows of the result quantized; their error, change and norms added to ``sq``."""
+    kernel.guard(M, None, info.name)
+    data = quantize(M, type_name)
+    back = dequantize(data, type(info)(info.name, type_name, tuple(M.shape), len(data),
+                                       info.file))
+    sq[0] += sum_squares(back.float().sub_(M))
+    sq[1] += sum_squares(M - W)
+    sq[2] += sum_squares(M)
+    sq[3] += sum_squares(W)
+    return data
+
+
+def _report(base: Any, specs: list[str], weights: list[float], out: Path, quant: str | None,
+            stats: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    return {"operation": "merge", "base": str(base.source or base.path), "output": str(out),
+            "format": "gguf", "adapters": [{"adapter": a, "weight": w}
+                                           for a, w in zip(specs, weights)],
+            "quant": quant, "changed": stats, "tensors": len(base.tensors),
+            "unchanged_copied": len(base.tensors) - len(stats),
+            "max_error_vs_change": max((s["error_vs_change"] for s in stats), default=0.0),
+            "seconds": seconds}
+
+
+def refuse_unmerge(base: Any) -> None:
+    raise LoraToolError(f"{base.source or base.path}: unmerge from a GGUF model is not "
+                        "supported (its quantization lost the bits that would come back); keep "
+                        "the base model, or unmerge in the transformers model")
