@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import LoraToolError, UsageError
-from .headers.units import parse_size
+from .units import parse_size
 
 DTYPES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 

@@ -1,39 +1,42 @@
-"""The package's imports run one way, counting imports inside functions:
-cli → demo → verbs → edits → formats → checkpoint / writer / adapter / policy → … → errors.
+"""The package's layers, read from the tree: each subpackage is a layer, and imports run one
+way, down (or within a layer, without cycles), counting imports inside functions. What
+docs/architecture.md describes, kept true.
 
-Each module has a layer; a module may import only modules of lower layers. That rules out
-cycles and upward imports by itself, so the structure holds without anyone watching it.
+    foundation  about, errors, interrupts, progress
+    headers     what files and names say, and the options: never imports torch
+    reports     what commands print (torch-free)
+    numerics    tensor math: torch only
+    io          tensors in and out of files
+    model       the one in-memory adapter model
+    formats     each adapter format, read and written
+    engine      the merge plan and kernel, extract's deltas, verification
+    verbs       one module per command: the API's implementation
+    api         ``loratool`` itself: the public names
+    cli         the command line over the API
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "loratool"
+ARCHITECTURE = Path(__file__).parent.parent / "docs" / "architecture.md"
 
-LAYERS: dict[str, float] = {
-    "loratool": 0, "errors": 0,
-    "units": 1, "progress": 1, "interrupts": 1, "validate": 1, "ops": 1, "options": 1,
-    "paths": 1.2,  # inputs stay inside the folder the user named
-    "experts": 1.5,  # mixture-of-experts layouts: names and shapes only
-    "tensorfile": 2, "staging": 2, "directio": 2.2, "ggufio": 2.5,
-    "sources": 3,
-    "checkpoint": 4,
-    "lyco": 4.5,  # LyCORIS LoHa / LoKr / full modules: their tensors and ΔW
-    "writer": 5, "adapter": 5, "policy": 5,
-    "formats.base": 5.5, "formats.peft_params": 5.8, "formats.peft": 6, "formats.kohya": 6, "formats.gguf_names": 5.9, "formats.sgm_names": 5.8, "formats.flux_names": 5.8,
-    "formats.gguf": 6,
-    "formats.diffusers": 6.5,  # diffusers files are PEFT keys per component
-    "formats": 7,
-    "edits": 8, "deltas": 8, "merge_gguf": 8.7, "verify": 8.5,
-    # the verbs: one command each, and the reports people read
-    "merge_pipeline": 9.3,
-    "extract": 9, "merge": 9, "combine": 9, "convert": 9, "export": 9, "export_cache": 8.5, "export_stream": 8.6, "export_check": 8.65, "export_adapters": 8.7,
-    "hub": 9, "summary": 9, "render": 9, "analyze": 9, "plots": 8.5, "render_analyze": 9.5,
-    "demo": 10,  # a tour that runs the verbs
-    "clikit": 10.5, "cli": 11, "__main__": 12,
-}
+LAYERS = ["foundation", "headers", "reports", "numerics", "io", "model", "formats", "engine",
+          "verbs", "api", "cli"]
+TOP_LEVEL = {"about": "foundation", "errors": "foundation", "interrupts": "foundation",
+             "progress": "foundation", "options": "headers", "loratool": "api",
+             "__main__": "cli"}
+# imports that stay inside functions, and why: optional heavy dependencies, platform modules,
+# and the command line (and the API) loading a verb's module when that verb runs
+LAZY_DEPENDENCIES = {"onnx", "onnxruntime", "onnxscript", "transformers", "diffusers",
+                     "matplotlib", "peft", "huggingface_hub", "fcntl", "msvcrt", "resource"}
+LAZY_LORATOOL = {"cli.app", "loratool", "verbs.inspect"}
+MAX_FUNCTION_IMPORTS = 40
+TORCH_FREE = {"foundation", "headers", "reports"}
 
 
 def _module(path: Path) -> str:
@@ -42,12 +45,24 @@ def _module(path: Path) -> str:
     return ".".join(parts) or "loratool"
 
 
-def _imports(path: Path) -> set[str]:
-    """loratool modules that ``path`` imports, anywhere in it."""
+def layer(module: str) -> str:
+    """A module's layer: its subpackage, or for a top-level module its table entry."""
+    if module in TOP_LEVEL:
+        return TOP_LEVEL[module]
+    return module.split(".")[0]
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(loratool module imported, inside a function?) for every import in ``path``."""
     me = _module(path).split(".") if _module(path) != "loratool" else []
     package = me if path.name == "__init__.py" else me[:-1]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef,
+                                                               ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    modules = {_module(p) for p in PACKAGE.rglob("*.py")}
+    found = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - (node.level - 1)]
@@ -58,39 +73,94 @@ def _imports(path: Path) -> set[str]:
                 continue
             for alias in node.names:  # `from . import ops` imports the module ops
                 name = ".".join(target + [alias.name])
-                found.add(name if name in LAYERS else ".".join(target) or "loratool")
+                found.append((name if name in modules else ".".join(target) or "loratool",
+                              id(node) in inside))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("loratool"):
-                    found.add(".".join(alias.name.split(".")[1:]) or "loratool")
+                    found.append((".".join(alias.name.split(".")[1:]) or "loratool",
+                                  id(node) in inside))
     return found
 
 
 def test_every_module_has_a_layer():
-    modules = {_module(p) for p in PACKAGE.rglob("*.py")}
-    assert modules == set(LAYERS), modules ^ set(LAYERS)
+    for p in PACKAGE.rglob("*.py"):
+        assert layer(_module(p)) in LAYERS, f"{_module(p)} is in no layer: add it to one"
 
 
 def test_imports_only_go_down():
     wrong = []
     for path in sorted(PACKAGE.rglob("*.py")):
         me = _module(path)
-        for target in sorted(_imports(path)):
-            if target == me:
+        for target, _ in _imports(path):
+            if target == me or target.startswith(me + ".") and path.name == "__init__.py":
                 continue
-            if LAYERS.get(target, 99) >= LAYERS[me]:
-                wrong.append(f"{me} (layer {LAYERS[me]}) imports {target} "
-                             f"(layer {LAYERS.get(target)})")
+            if LAYERS.index(layer(target)) > LAYERS.index(layer(me)):
+                wrong.append(f"{me} ({layer(me)}) imports {target} ({layer(target)})")
     assert not wrong, "\n".join(wrong)
 
 
-def test_ops_imports_only_torch():
-    tree = ast.parse((PACKAGE / "ops.py").read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-             for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree)
-              if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-    assert names <= {"torch", "math", "__future__", "heapq"}, names
+def test_no_import_cycles():
+    """Module-level imports form no cycle (a layer's modules may import each other)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        graph[_module(path)] = {t for t, inside in _imports(path) if not inside}
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        if state.get(m) == 2:
+            return
+        assert state.get(m) != 1, " → ".join(trail + [m])
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            if t != m and not m.startswith(t + "."):
+                visit(t, trail + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_imports_inside_functions_are_few_and_named():
+    """Imports stay at module level, but for optional heavy dependencies, platform modules
+    and the command line or API loading a verb's module when it runs."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module(path)
+        tree = ast.parse(path.read_text())
+        for f in ast.walk(tree):
+            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for n in ast.walk(f):
+                if isinstance(n, ast.Import):
+                    found += [(me, a.name.split(".")[0]) for a in n.names]
+                elif isinstance(n, ast.ImportFrom):
+                    found.append((me, "." if n.level else (n.module or "").split(".")[0]))
+    wrong = [f"{m}: {t}" for m, t in found if not (
+        t in LAZY_DEPENDENCIES or (t in (".", "loratool") and m in LAZY_LORATOOL))]
+    assert not wrong, "\n".join(wrong)
+    assert len(found) < MAX_FUNCTION_IMPORTS, len(found)
+
+
+def test_the_torch_free_layers_never_import_torch():
+    """Imported whole (every module of them), the torch-free layers leave torch unloaded;
+    and `loratool inspect` of a model and of each adapter format stays so (tested in
+    test_inspect, test_checkpoint)."""
+    modules = sorted("loratool." + _module(p) if _module(p) != "loratool" else "loratool"
+                     for p in PACKAGE.rglob("*.py") if layer(_module(p)) in TORCH_FREE)
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + \
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out
+
+
+def test_architecture_describes_every_module():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    missing = [_module(p) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name != "__init__.py" and f"`{p.relative_to(PACKAGE).as_posix()}`"
+               not in text]
+    assert not missing, f"docs/architecture.md does not describe {missing}"
 
 
 def test_files_and_functions_stay_readable():

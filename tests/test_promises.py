@@ -47,7 +47,7 @@ def _within(res, out: Path, budget: str) -> None:
     if budget.isdigit():
         assert params <= int(budget), (params, budget)
     else:
-        from loratool.headers.units import parse_size
+        from loratool.units import parse_size
 
         assert nbytes <= parse_size(budget), (nbytes, budget)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from ..about import __version__
 from ..cli.kit import (
     DEVICE,
     DTYPES,
@@ -80,33 +80,13 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
       loratool inspect ./my-adapter --json
       loratool inspect base/ --against tuned/ --filter '*layers.0.*'
     """
-    from ..headers.checkpoint import PickleNeedsTorch, open_checkpoint
-    from ..reports.render import format_compare, format_summary
-    from ..verbs.inspect import summarize
+    from ..verbs.inspect import inspect as run
 
-    bars = progress(ctx)
-    try:
-        ckpt = open_checkpoint(path, bars)  # headers only: no torch
-    except PickleNeedsTorch:  # a PyTorch pickle has no header: listing it needs torch
-        from ..io.tensors import open_checkpoint as open_tensors
-
-        ckpt = open_tensors(path, bars)
-    data = summarize(ckpt, list(filters) or None)
-    cmp = None
-    if against:  # reads tensor data
-        from ..io.tensors import open_checkpoint as open_tensors
-        from ..verbs.compare import compare
-
-        cmp = compare(open_tensors(path, bars), open_tensors(against, bars),
-                      list(filters) or None, progress=bars)
-        data["compare"] = cmp
+    report = run(path, filters=list(filters), against=against, progress=progress(ctx))
     if as_json:
-        click.echo(json.dumps(data, indent=2, allow_nan=False))  # escapes control characters
-        return
-    echo(format_summary(data, expand=expand))
-    if cmp is not None:
-        echo("")
-        echo(format_compare(data, cmp, expand=expand))
+        click.echo(report.to_json())  # JSON escapes control characters itself
+    else:
+        echo(report.render(expand=expand))
 
 
 @cli.command()

@@ -24,10 +24,10 @@ import click
 
 from .. import interrupts
 from ..errors import LoraToolError, UsageError
-from ..headers.units import parse_size
 from ..io.staging import begin_command, expect_output, interrupted_outcome, set_no_fsync
 from ..options import RankPolicy, parse_budget
 from ..progress import SILENT, TqdmProgress
+from ..units import parse_size
 
 FORMATS = ["peft", "kohya", "diffusers", "gguf"]
 DTYPES = ["keep", "fp32", "bf16", "fp16"]

@@ -17,12 +17,12 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import FormatError, LoraToolError, os_input_error
+from ..headers import moe
 from ..headers.safetensors import read_exactly
-from ..headers.units import matches
 from ..io.tensors import Buffers, tensor_bytes
-from ..model import experts
 from ..model.adapter import EMBEDDING
 from ..model.adapter import HEAD_TENSOR as HEAD
+from ..units import matches
 
 CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
@@ -31,14 +31,14 @@ CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
 def kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
     """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
 
-    if model_type in experts.FUSING_TYPES and experts.ROUTER.search(name):
+    if model_type in moe.FUSING_TYPES and moe.ROUTER.search(name):
         return "full"  # a router is a bare parameter in transformers 5: no Linear to wrap
     if HEAD.search(name) and len(shape) == 2:
         return "linear" if embed_lora else "full"
     if EMBEDDING.search(name) and len(shape) == 2:
         return "embedding" if embed_lora else "full"
-    if experts.FUSED.match(name) and len(shape) == 3:
-        return experts.orientation(name, shape, model_type, None)
+    if moe.FUSED.match(name) and len(shape) == 3:
+        return moe.orientation(name, shape, model_type, None)
     if not name.endswith(".weight"):
         return "full"
     if len(shape) == 2:

@@ -13,8 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from ..errors import FormatError, UsageError
 from ..formats import diffusers, gguf, kohya, peft
 from ..formats.base import Format
+from ..headers.adapters import check_one_format, detect
 from ..headers.checkpoint import Checkpoint
 from ..headers.sources import resolve_input
 from ..io.tensors import open_checkpoint
@@ -33,45 +32,7 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, di
 
 
 FORMATS = tuple(REGISTRY)
-DETECT_ORDER = ("kohya", "diffusers", "peft")  # the most specific first; PEFT claims the rest
-ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
-                   ".lora_down.", ".lora_up.", ".lora_a", ".lora_b", ".hada_w", ".lokr_w")
-
-
 _NEVER_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
-# the low-rank factors of every format: matrices (or more), never scalars or vectors
-FACTOR = re.compile(r"(^|[._])(lora_[ABab]|lora_embedding_[AB]|lora_down|lora_up|lora_mid|"
-                    r"hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t[12])(\.weight)?$")
-
-
-def detect(ckpt: Checkpoint) -> tuple[str, str]:
-    """``(kind, format)``: kind is ``model`` or ``adapter``; format names the layout.
-
-    Example: ``detect(open_checkpoint("adapter/"))`` → ``("adapter", "peft")``.
-    """
-    if ckpt.gguf is not None:  # llama.cpp says which it is
-        return ("adapter" if ckpt.gguf.kv.get("general.type") == "adapter" else "model"), "gguf"
-    names = list(ckpt.tensors)
-    is_adapter = ckpt.adapter_config is not None or any(
-        m in n for n in names for m in ADAPTER_MARKERS) or kohya.claims(
-            ckpt)  # lora_unet_* / lora_te_*: LyCORIS types without lora_down/up too
-    if not is_adapter:
-        return "model", ckpt.container
-    if kohya.claims(ckpt) and any(".lora_A." in n or ".lora_embedding_A" in n for n in names):
-        raise FormatError(f"{ckpt.source or ckpt.path}: mixes kohya (lora_down/lora_up) and PEFT "
-                          "(lora_A/lora_B) keys; split it into one file per format")
-    _check_factor_dims(ckpt)
-    return "adapter", next(f for f in DETECT_ORDER if REGISTRY[f].claims(ckpt))  # type: ignore
-
-
-def _check_factor_dims(ckpt: Checkpoint) -> None:
-    """A factor of fewer than two dimensions is a damaged adapter, said before any format's
-    reader indexes its shape."""
-    for name, info in ckpt.tensors.items():
-        if len(info.shape) < 2 and FACTOR.search(name):
-            raise FormatError(f"{ckpt.source or ckpt.path}: {name} is a {len(info.shape)}-D "
-                              f"tensor {list(info.shape)}, but LoRA factors are matrices: the "
-                              "adapter is damaged (re-export it)")
 
 
 def output_format(out: Path, fmt: str | None, default: str, allowed: tuple[str, ...]) -> str:
@@ -95,19 +56,6 @@ def output_format(out: Path, fmt: str | None, default: str, allowed: tuple[str, 
     return fmt
 
 
-def _check_one_format(folder: Path) -> None:
-    """A folder holding adapters of two formats is ambiguous: refuse rather than guess."""
-    names = set(os.listdir(folder))
-    found = [f"PEFT ({n})" for n in ("adapter_config.json",) if n in names]
-    found += [f"{f.name} ({f.default_file})" for f in REGISTRY.values()
-              if f.default_file and f.default_file in names and f.claims is not None]
-    if any(n.endswith(".gguf") for n in names):
-        found.append("GGUF (*.gguf)")
-    if len(found) > 1:
-        raise FormatError(f"{folder}: holds adapters of several formats ({'; '.join(found)}); "
-                          "pass the file to read, or move the others out")
-
-
 def read_any(spec: str, base: str | None = None) -> Any:
     """Read an adapter of any supported format into a LoraAdapter (``base``, a path or Hub id,
     resolves kohya names that cannot be mapped back alone)."""
@@ -115,7 +63,7 @@ def read_any(spec: str, base: str | None = None) -> Any:
     target = resolve_input(spec)
     if isinstance(target, Path):
         if target.is_dir():
-            _check_one_format(target)
+            check_one_format(target)
     return read_checkpoint(open_checkpoint(spec), base)
 
 

@@ -3,7 +3,12 @@
 Keys are PEFT keys behind a component prefix (``unet.``, ``transformer.``, ``text_encoder.``,
 ``text_encoder_2.``): ``unet.down_blocks.0.….to_q.lora_A.weight``. The PEFT config of each
 component sits, prefixed the same way, as JSON under the header key ``lora_adapter_metadata``
-(diffusers ≥ 0.33). Without it diffusers takes alpha = r (scale 1), and so does loratool.
+(diffusers ≥ 0.33). Without it diffusers takes alpha = r (scale 1), and so does loratool. The
+file's layout is read by ``loratool.headers.adapters.diffusers_layout``.
+
+Example::
+
+    ad = read(open_checkpoint("pytorch_lora_weights.safetensors"))
 """
 
 from __future__ import annotations
@@ -15,70 +20,34 @@ from typing import Any
 from ..errors import FormatError
 from ..formats import peft
 from ..formats.base import Format, held, losses
+from ..headers.adapters import DIFFUSERS_META, DIFFUSERS_RENAMED, diffusers_layout, is_diffusers
 from ..headers.checkpoint import Checkpoint
-from ..headers.checks import ADAPTER_CONFIG, check_fields, parse_json
 from ..io.writer import CheckpointWriter
 from ..model.adapter import LoraAdapter
-
-META_KEY = "lora_adapter_metadata"
-COMPONENTS_KEY = "loratool.components"  # {written prefix: original component or null}
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
-              "prior", "decoder")
-
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def claims(ckpt: Checkpoint) -> bool:
-    """A diffusers file has no adapter_config.json: its config rides in the header, or every
-    key starts with a pipeline component."""
-    return ckpt.adapter_config is None and (META_KEY in ckpt.metadata or all(
-        n.startswith(tuple(c + "." for c in COMPONENTS)) for n in ckpt.tensors))
-
-
-def read(ckpt: Checkpoint, base: str | None = None) -> Any:
+def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     """A diffusers LoRA file → LoraAdapter (one component per key prefix)."""
-
     where = str(ckpt.source or ckpt.path)
-    meta = dict(ckpt.metadata)
-    packed = parse_json(meta.pop(META_KEY), where, f"header metadata {META_KEY}") \
-        if META_KEY in meta else None
-    renamed = parse_json(meta.pop(COMPONENTS_KEY, "{}"), where, f"header metadata "
-                         f"{COMPONENTS_KEY}")
-    if packed is not None and not isinstance(packed, dict):
-        raise FormatError(f"{where}: header metadata {META_KEY} must be a JSON object")
-    if not isinstance(renamed, dict) or not all(v is None or isinstance(v, str)
-                                                for v in renamed.values()):
-        raise FormatError(f"{where}: header metadata {COMPONENTS_KEY} must map prefixes to "
-                          "component names")
-    by_comp: dict[str, dict[str, Any]] = {}
-    for key in ckpt.tensors:
-        comp, _, rest = key.partition(".")
-        if comp not in COMPONENTS or not rest:
-            raise FormatError(f"{where}: unknown key pattern {key!r} (diffusers keys start with "
-                              f"one of {', '.join(COMPONENTS)})")
-        by_comp.setdefault(comp, {})[rest] = ckpt.load(key)
+    by_comp, configs, original, meta = diffusers_layout(ckpt)
     ad = LoraAdapter(source_format="diffusers", metadata=meta)
-    for comp, state in by_comp.items():
-        if packed is not None:
-            cfg = {k[len(comp) + 1:]: v for k, v in packed.items() if k.startswith(comp + ".")}
-            if not cfg:
-                raise FormatError(f"{where}: {META_KEY} has no config for component {comp}")
-            check_fields(cfg, ADAPTER_CONFIG, f"{where}: {META_KEY} of {comp}")
-            modules, full = peft.modules_from_state(state, cfg, where, comp, prefix="")
-        else:
-            modules, full = peft.modules_from_state(state, {"r": 0, "lora_alpha": 0}, where,
-                                                    comp, prefix="")
+    for comp, infos in by_comp.items():
+        state = {rest: ckpt.load(info.name) for rest, info in infos.items()}
+        cfg = configs[comp]
+        modules, full = peft.modules_from_state(state, cfg if cfg is not None else {
+            "r": 0, "lora_alpha": 0}, where, comp, prefix="")
+        if cfg is None:
             for m in modules:
                 m.alpha = float(m.rank)  # diffusers' default without metadata: scale 1
         if full:
             raise FormatError(f"{where}: {comp} holds full tensors ({next(iter(full))} …), "
                               "which diffusers LoRA files do not carry")
-        original = renamed.get(comp, comp)
         for m in modules:
-            m.component = original
+            m.component = original[comp]
             ad.add(m)
-        if packed is not None:
+        if cfg is not None:
             ad.base_model = ad.base_model or cfg.get("base_model_name_or_path")
     return ad
 
@@ -115,10 +84,11 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
                        for k, v in cfg.items()})
         for k, t in peft.state_for(mods, {}, prefix=written + ".").items():
             tensors[k] = t
-    meta = {k: v for k, v in ad.metadata.items() if k not in (META_KEY, COMPONENTS_KEY)}
-    meta[META_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+    meta = {k: v for k, v in ad.metadata.items()
+            if k not in (DIFFUSERS_META, DIFFUSERS_RENAMED)}
+    meta[DIFFUSERS_META] = json.dumps(packed, indent=2, sort_keys=True)
     if any(k != v for k, v in renamed.items()):
-        meta[COMPONENTS_KEY] = json.dumps(renamed)
+        meta[DIFFUSERS_RENAMED] = json.dumps(renamed)
     w, target = CheckpointWriter.file_or_folder(out, WEIGHTS, inputs=inputs, force=force,
                                                 metadata=meta)
     with w:
@@ -127,5 +97,6 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     return target
 
 
-FORMAT = Format("diffusers", "one .safetensors file", ".safetensors", WEIGHTS, claims, read,
+FORMAT = Format("diffusers", "one .safetensors file", ".safetensors", WEIGHTS, is_diffusers,
+                read,
                 lambda ad, out, **kw: (write(ad, out, **kw), None), lossy, keep)

@@ -29,6 +29,8 @@ import torch
 from ..errors import FormatError
 from ..formats.base import Format, held, losses
 from ..formats.gguf_names import Arch, from_gguf, to_gguf
+from ..headers.adapters import gguf_alpha, gguf_pairs
+from ..headers.checkpoint import Checkpoint
 from ..headers.sources import hub_repo_of
 from ..io.staging import Stage, output_os_error
 from ..io.tensors import open_checkpoint
@@ -159,27 +161,25 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
 
 # --------------------------------------------------------------------------- reading
 
-def claims(ckpt: Any) -> bool:
-    return ckpt.gguf is not None
-
-
-def read(ckpt: Any, base: str | None = None) -> Any:
+def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     """A GGUF LoRA adapter → LoraAdapter. Named as llama.cpp names tensors, unless ``base`` is
     a transformers model, whose names it then gets (q/k rows un-permuted, experts fused)."""
-
+    assert ckpt.gguf is not None
     where = str(ckpt.source or ckpt.path)
-    kv = ckpt.gguf.kv
-    if kv.get("adapter.type") != "lora":
-        raise FormatError(f"{where}: a GGUF adapter of type {kv.get('adapter.type')!r}; only "
-                          "LoRA adapters (adapter.type = lora) are supported")
-    alpha = kv.get("adapter.lora.alpha", 0.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(
-            alpha):
-        raise FormatError(f"{where}: adapter.lora.alpha is {alpha!r}, not a number")
+    alpha = gguf_alpha(ckpt)
     arch = ckpt.gguf.architecture or "llama"
     ad = LoraAdapter(source_format="gguf", naming="gguf",
                      metadata={"general.architecture": arch})
-    _modules(ckpt, float(alpha), ad, where)
+    for mod, d in gguf_pairs(ckpt).items():
+        A, B = (ckpt.load(d[p]).to(torch.float32) if ckpt.tensors[d[p]].dtype not in (
+            "F32", "F16", "BF16") else ckpt.load(d[p]) for p in ("lora_a", "lora_b"))
+        if mod == "token_embd":  # rows gathered by token: PEFT's A transposed
+            layout, A = "embedding", A.T.contiguous()
+        else:
+            layout = "experts" if A.dim() == 3 else "linear"
+        r = int(A.shape[1] if layout == "experts" else A.shape[0])
+        # llama.cpp: scale = alpha / r, and alpha 0 means scale 1
+        ad.add(LoraModule(mod, A, B, alpha if alpha else float(r), False, layout))
     if base:
         b = open_checkpoint(base)
         if b.gguf is None:  # a transformers model: its names, its layout
@@ -194,29 +194,6 @@ def read(ckpt: Any, base: str | None = None) -> Any:
     return ad
 
 
-def _modules(ckpt: Any, alpha: float, ad: Any, where: str) -> None:
-    """The lora_a/lora_b pairs as modules named as llama.cpp names tensors."""
-
-    pairs: dict[str, dict[str, str]] = {}
-    for name in ckpt.tensors:
-        stem, dot, part = name.rpartition(".")
-        if part in ("lora_a", "lora_b") and stem.endswith(".weight"):
-            pairs.setdefault(stem[: -len(".weight")], {})[part] = name
-        # other tensors (norms the converter keeps) llama.cpp itself ignores: so does this
-    for mod, d in sorted(pairs.items()):
-        if len(d) != 2:
-            raise FormatError(f"{where}: {mod} has only {', '.join(d)}; the adapter file is "
-                              "incomplete")
-        A, B = (ckpt.load(d[p]).to(torch.float32) if ckpt.tensors[d[p]].dtype not in (
-            "F32", "F16", "BF16") else ckpt.load(d[p]) for p in ("lora_a", "lora_b"))
-        if mod == "token_embd":  # rows gathered by token: PEFT's A transposed
-            layout, A = "embedding", A.T.contiguous()
-        else:
-            layout = "experts" if A.dim() == 3 else "linear"
-        r = int(A.shape[1] if layout == "experts" else A.shape[0])
-        # llama.cpp: scale = alpha / r, and alpha 0 means scale 1
-        ad.add(LoraModule(mod, A, B, alpha if alpha else float(r), False, layout))
-
-
-FORMAT = Format("gguf", "one .gguf file", ".gguf", "adapter.gguf", claims, read, write, lossy,
+FORMAT = Format("gguf", "one .gguf file", ".gguf", "adapter.gguf",
+                lambda ckpt: ckpt.gguf is not None, read, write, lossy,
                 keep)

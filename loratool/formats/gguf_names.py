@@ -24,9 +24,9 @@ import gguf
 import torch
 
 from ..errors import FormatError
-from ..model import experts
+from ..headers import moe
+from ..headers.moe import on_disk
 from ..model.adapter import LoraModule
-from ..model.experts import on_disk
 
 # transformers model_type → llama.cpp architecture (its converter's registrations)
 ARCHES = {
@@ -182,10 +182,10 @@ def from_gguf(ad: Any, arch: Arch, base: Any, model_type: str | None) -> Any:
         if n.endswith(".weight") and len(info.shape) >= 2:
             g = _name(tmap, n[: -len(".weight")])
             if g is not None:
-                back.setdefault(g, (experts.in_memory(n[: -len(".weight")], model_type), 0))
-    for fused in experts.group(list(base.tensors)):
-        for g, block in _expert_names(tmap, experts.in_memory(fused, model_type)):
-            back[g] = (experts.in_memory(fused, model_type), block)
+                back.setdefault(g, (moe.in_memory(n[: -len(".weight")], model_type), 0))
+    for fused in moe.group(list(base.tensors)):
+        for g, block in _expert_names(tmap, moe.in_memory(fused, model_type)):
+            back[g] = (moe.in_memory(fused, model_type), block)
     out = copy.copy(ad)
     out.modules, out.naming = {}, "hf"
     pending: dict[str, dict[int, Any]] = {}

@@ -1,20 +1,16 @@
-"""kohya / sd-scripts LoRA files (also what LyCORIS, ComfyUI and A1111 read).
+"""kohya / sd-scripts LoRA files (also what LyCORIS, ComfyUI and A1111 read), read into the
+adapter model and written from it. The file's layout (key patterns, stems, LyCORIS types,
+recorded names) is ``loratool.headers.kohya``; here its tensors are loaded, names resolved
+against a base (``--base``) where the file does not record them, and files written.
 
-One safetensors file; keys ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL: ``lora_te1_``,
-``lora_te2_``) with the module path's dots turned into underscores, then ``.lora_down.weight``
-[r, in(, kh, kw)], ``.lora_up.weight`` [out, r(, 1, 1)], ``.alpha`` (0-d) and, from LyCORIS,
-``.dora_scale`` [out, 1, …]. Scale is alpha / r; a missing or zero alpha means alpha = r.
+Example::
 
-Underscored names are ambiguous (``layers_0`` or ``layers.0``?), so loratool records the real
-module names in the header (``loratool.modules``) when it writes, and otherwise resolves them
-against a base checkpoint given with ``--base``.
+    ad = read(open_checkpoint("style.safetensors"), base="sdxl-pipeline/")
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,32 +29,25 @@ from ..formats.sgm_names import (
     to_sgm,
 )
 from ..headers.checkpoint import Checkpoint
-from ..headers.checks import parse_json
+from ..headers.kohya import (
+    NAMES_KEY,
+    PREFIX_COMPONENT,
+    alpha,
+    check_dora_scale,
+    is_kohya,
+    kind_of,
+    recorded_names,
+    split_stem,
+    stems,
+)
+from ..headers.safetensors import TensorInfo
 from ..headers.sources import resolve_input
-from ..headers.units import natural_key
 from ..io.tensors import open_checkpoint
 from ..io.writer import CheckpointWriter
-from ..model import lyco
 from ..model.adapter import LoraAdapter, LoraModule, is_pipeline, pipeline_folders
-from ..model.lyco import KINDS, UNSUPPORTED
+from ..model.lyco import LycoModule
 from ..numerics import ops
-
-NAMES_KEY = "loratool.modules"  # {stem: [component, module name, layout]}
-PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                    "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
-
-
-_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>.+)$")
-_LORA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"}
-
-
-def split_stem(stem: str) -> tuple[str, str]:
-    """``lora_te2_text_model_x`` → (``lora_te2_``, ``text_model_x``)."""
-    for p in sorted(PREFIX_COMPONENT, key=len, reverse=True):
-        if stem.startswith(p):
-            return p, stem[len(p):]
-    raise FormatError(f"unknown kohya key prefix in {stem!r}")
+from ..units import natural_key
 
 
 class BaseNames:
@@ -185,27 +174,21 @@ def _table(ckpt: Checkpoint) -> dict[str, str | None]:
     return t
 
 
-def claims(ckpt: Checkpoint) -> bool:
-    return any(n.startswith(PREFIXES) for n in ckpt.tensors)
-
-
-def read(ckpt: Checkpoint, base: str | None = None) -> Any:
+def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     """A kohya LoRA file → LoraAdapter. Names come from loratool's header record, else from
     the base (``--base``), else they stay underscored (``unresolved``)."""
-
     where = str(ckpt.source or ckpt.path)
     meta = dict(ckpt.metadata)
-    names = _recorded_names(meta, where)
+    names = recorded_names(meta, where)
     resolver = BaseNames(base) if base else None
     ad = LoraAdapter(source_format="kohya", metadata=meta)
-    groups = _groups(ckpt, where)
+    groups = stems(ckpt)
     for stem in sorted(groups, key=natural_key):
-        m = _module(stem, groups[stem], names, resolver, ad.unresolved, where)
+        m = _module(ckpt, stem, groups[stem], names, resolver, ad.unresolved, where)
         fused = resolver.fused(m.component, split_stem(stem)[1]) \
             if resolver is not None and stem not in names else None
         if fused is not None:  # a BFL-named Flux module: diffusers' parts, exactly
-
-            if not hasattr(m, "A"):
+            if not isinstance(m, LoraModule):
                 raise FormatError(f"{where}: {stem} is a LyCORIS module on a fused Flux weight; "
                                   "loratool splits only LoRA modules into diffusers' parts")
             for part in split(m, *fused):
@@ -213,39 +196,6 @@ def read(ckpt: Checkpoint, base: str | None = None) -> Any:
         else:
             ad.add(m)
     return ad
-
-
-def _recorded_names(meta: dict[str, str], where: str) -> dict[str, list[Any]]:
-    """The real module names loratool records when it writes a kohya file."""
-    names = parse_json(meta.pop(NAMES_KEY, "{}"), where, f"header metadata {NAMES_KEY}")
-    if not isinstance(names, dict) or not all(
-            isinstance(v, list) and len(v) == 3 and (v[0] is None or isinstance(v[0], str))
-            and isinstance(v[1], str) and v[2] in ("linear", "conv", "fan_in_fan_out",
-                                                   "embedding") for v in names.values()):
-        raise FormatError(f"{where}: header metadata {NAMES_KEY} must map each module to "
-                          "[component, name, layout]; the file was changed by hand or damaged")
-    return names
-
-
-def _groups(ckpt: Checkpoint, where: str) -> dict[str, dict[str, Any]]:
-    """The file's tensors by module stem: lora_down, lora_up, alpha, dora_scale, or a LyCORIS
-    type's own tensors (hada_*, lokr_*, diff)."""
-
-    known = _LORA_PARTS | {p for parts in KINDS.values() for p in parts}
-    groups: dict[str, dict[str, Any]] = {}
-    for key in ckpt.tensors:
-        m = _KEY.match(key)
-        part = m.group("part") if m else ""
-        if m and part in UNSUPPORTED:
-            raise FormatError(f"{where}: {key!r} is a LyCORIS {UNSUPPORTED[part]} module, "
-                              "which loratool does not read (it reads LoRA, LoCon, LoHa, LoKr "
-                              "and full modules)")
-        if not m or part not in known:
-            raise FormatError(f"{where}: unknown key pattern {key!r} (expected lora_unet_*/"
-                              "lora_te*_* with lora_down/lora_up/alpha, or LyCORIS hada_*/"
-                              "lokr_*/diff)")
-        groups.setdefault(m.group("stem"), {})[part] = ckpt.load(key)
-    return groups
 
 
 def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames | None,
@@ -275,57 +225,36 @@ def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames
     return component, name, layout
 
 
-def _module(stem: str, g: dict[str, Any], names: dict[str, list[Any]],
-            resolver: BaseNames | None, unresolved: list[str], where: str) -> Any:
-
-    kinds = [k for k, parts in lyco.KINDS.items() if set(g) & set(parts)]
-    if kinds:
-        if len(kinds) > 1 or set(g) & {"lora_down.weight", "lora_up.weight"}:
-            raise FormatError(f"{where}: module {stem} mixes the tensors of several LyCORIS "
-                              f"types ({', '.join(sorted(g))}); the file is damaged")
+def _module(ckpt: Checkpoint, stem: str, parts: dict[str, TensorInfo],
+            names: dict[str, list[Any]], resolver: BaseNames | None, unresolved: list[str],
+            where: str) -> LoraModule | LycoModule:
+    kind = kind_of(stem, parts, where)
+    if kind != "lora":
         component, name, _ = _name(stem, None, names, resolver, unresolved, where)
-        parts = {k: v for k, v in g.items() if k not in ("alpha", "dora_scale")}
-        alpha = _alpha(g, stem, 0, where) if "alpha" in g else None
-        m = lyco.LycoModule(name, kinds[0], parts, alpha or None, component=component)
-        m.magnitude = _dora_scale(g, stem, m.shape[0], where)
+        tensors = {k: ckpt.load(i.name) for k, i in parts.items()
+                   if k not in ("alpha", "dora_scale")}
+        a = alpha(ckpt, parts, stem, 0) if "alpha" in parts else None
+        m = LycoModule(name, kind, tensors, a or None, component=component)
+        check_dora_scale(parts, stem, m.shape[0], where)
+        m.magnitude = _magnitude(ckpt, parts)
         return m
-    if "lora_down.weight" not in g or "lora_up.weight" not in g:
-        have = "lora_down" if "lora_down.weight" in g else "lora_up"
-        if "lora_down.weight" not in g and "lora_up.weight" not in g:
-            have = "only an alpha"
-        raise FormatError(f"{where}: module {stem} has {have} but not both lora_down and "
-                          "lora_up; the file is incomplete")
-    down, up = g["lora_down.weight"], g["lora_up.weight"]
-    if "lora_mid.weight" in g:  # Tucker LoCon: the same ΔW as a plain conv LoRA of rank r
-        mid = g["lora_mid.weight"]
+    down, up = ckpt.load(parts["lora_down.weight"].name), ckpt.load(parts["lora_up.weight"].name)
+    if "lora_mid.weight" in parts:  # Tucker LoCon: the same ΔW as a plain conv LoRA of rank r
+        mid = ckpt.load(parts["lora_mid.weight"].name)
         if mid.dim() < 3 or down.dim() != mid.dim() or mid.shape[:2] != (down.shape[0],) * 2:
             raise FormatError(f"{where}: {stem}.lora_mid has shape {list(mid.shape)}, which "
                               f"does not fit lora_down {list(down.shape)}")
         down = ops.tucker_fold(mid.float(), down.float())  # float32: exact to rounding
     component, name, layout = _name(stem, down, names, resolver, unresolved, where)
-    return LoraModule(name, down, up, _alpha(g, stem, down.shape[0], where), False, layout,
-                      _dora_scale(g, stem, up.shape[0], where), None, component)
+    check_dora_scale(parts, stem, up.shape[0], where)
+    return LoraModule(name, down, up, alpha(ckpt, parts, stem, down.shape[0]), False, layout,
+                      _magnitude(ckpt, parts), None, component)
 
 
-def _alpha(g: dict[str, Any], stem: str, rank: int, where: str) -> float:
-    alpha_t = g.get("alpha")
-    if alpha_t is not None and alpha_t.numel() != 1:
-        raise FormatError(f"{where}: {stem}.alpha must be one number, has shape "
-                          f"{list(alpha_t.shape)}")
-    alpha = float(alpha_t.reshape(-1)[0]) if alpha_t is not None else 0.0
-    if not math.isfinite(alpha):
-        raise FormatError(f"{where}: {stem}.alpha is {alpha}, not a finite number")
-    return alpha if alpha != 0.0 else float(rank)  # kohya: missing or zero alpha = rank
-
-
-def _dora_scale(g: dict[str, Any], stem: str, out: int, where: str) -> Any:
-    mag = g.get("dora_scale")
-    if mag is None:
-        return None
-    if mag.shape[0] != out or mag.numel() != out:
-        raise FormatError(f"{where}: {stem}.dora_scale has shape {list(mag.shape)}: only "
-                          "the per-output form [out, 1, …] (LyCORIS wd_on_out) is read")
-    return mag.reshape(-1)
+def _magnitude(ckpt: Checkpoint, parts: dict[str, TensorInfo]) -> torch.Tensor | None:
+    """LyCORIS' ``dora_scale`` [out, 1, …] as DoRA's per-row magnitude (its shape checked)."""
+    info = parts.get("dora_scale")
+    return None if info is None else ckpt.load(info.name).reshape(-1)
 
 
 def lossy(ad: Any) -> list[str]:
@@ -431,4 +360,4 @@ def _sgm_names(ad: Any, base: str | None) -> dict[str, str]:
 
 
 FORMAT = Format("kohya", "one .safetensors file", ".safetensors", "lora.safetensors",
-                claims, read, lambda ad, out, **kw: (write(ad, out, **kw), None), lossy, keep)
+                is_kohya, read, lambda ad, out, **kw: (write(ad, out, **kw), None), lossy, keep)

@@ -14,141 +14,25 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..errors import FormatError
 from ..formats.base import Format, held
-from ..formats.peft_params import (
-    experts_module,
-    experts_rank,
-    parameter_modules,
-    pattern_value,
-    rename_described,
-)
+from ..formats.peft_params import experts_module, parameter_modules
+from ..headers import moe
+from ..headers.adapters import PEFT_PREFIX, config_number, pattern_value, split_key
 from ..headers.checkpoint import Checkpoint
 from ..headers.sources import hub_repo_of
-from ..headers.units import natural_key
 from ..io.writer import CheckpointWriter
 from ..model import experts
 from ..model.adapter import LoraAdapter, LoraModule
-
-PREFIX = "base_model.model."
-_PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
-                    r"|lora_magnitude_vector)(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?"
-                    r"(?:\.(?P<leaf>weight|bias))?$")
+from ..units import natural_key
 
 
-def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
-    """The factor in front of B@A: alpha/r, or alpha/sqrt(r) for rsLoRA. (``ops.lora_scale``
-    is the same formula; this copy keeps header-only ``inspect`` free of torch.)"""
-    if rank == 0:
-        return 0.0
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-def describe(ckpt: Checkpoint) -> dict[str, Any]:
-    """Header-only facts about a PEFT adapter: config summary and one entry per module.
-
-    Example: ``describe(open_checkpoint("adapter/"))["modules"][0]["scale"]``.
-    """
-    cfg = ckpt.adapter_config or {}
-    rslora = bool(cfg.get("use_rslora", False))
-    dora = bool(cfg.get("use_dora", False))
-    where = str(ckpt.source or ckpt.path)
-    default_alpha = config_number(cfg, "lora_alpha", where, 8)  # PEFT's default is 8
-    modules: dict[str, dict[str, Any]] = {}
-    full: list[str] = []
-    for name, info in ckpt.tensors.items():
-        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
-        m = _PARTS.match(key)
-        if not m:
-            full.append(key)  # modules_to_save and other full tensors
-            continue
-        mod = modules.setdefault(m.group("module"), {"name": m.group("module")})
-        part, leaf = m.group("part"), m.group("leaf")
-        if part in ("lora_A", "lora_embedding_A") and leaf != "bias":
-            mod["rank"] = info.shape[0]
-            mod["in_features"] = info.shape[1] if len(info.shape) > 1 else None
-            mod["dtype"] = info.dtype
-            if part == "lora_embedding_A":
-                mod["layout"] = "embedding"
-            elif len(info.shape) > 2:
-                mod["layout"] = "conv"
-                mod["kernel"] = list(info.shape[2:])
-        elif part in ("lora_B", "lora_embedding_B"):
-            if leaf == "bias":
-                mod["bias"] = True
-            else:
-                mod["out_features"] = info.shape[0]
-        elif part == "lora_magnitude_vector":
-            mod["dora"] = True
-    rename_described(modules, cfg)
-    out = []
-    for mod_name in sorted(modules, key=natural_key):
-        mod = modules[mod_name]
-        rank = int(mod.get("rank", 0))
-        rank, n_experts = experts_rank(mod, mod_name, rank, cfg, where)
-        alpha = pattern_value(cfg.get("alpha_pattern") or {}, mod_name, default_alpha, where)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise FormatError(f"{where}: alpha_pattern gives {mod_name} the alpha {alpha!r}, "
-                              "not a number")
-        alpha = float(alpha)
-        want = pattern_value(cfg.get("rank_pattern") or {}, mod_name, cfg.get("r"), where)
-        if want is not None and rank != want:
-            raise FormatError(f"{where}: module {mod_name} has rank {rank} but the config says "
-                              f"{want} (r / rank_pattern); the config and the weights do not "
-                              "belong together")
-        layout = mod.get("layout") or ("fan_in_fan_out" if cfg.get("fan_in_fan_out")
-                                       else "linear")
-        entry = {"name": mod_name, "rank": rank, "alpha": alpha,
-                 "scale": lora_scale(alpha, rank, rslora), "layout": layout,
-                 "in_features": mod.get("in_features"), "out_features": mod.get("out_features"),
-                 "rslora": rslora, "dora": bool(mod.get("dora", False)) or dora,
-                 "bias": bool(mod.get("bias", False)), "dtype": mod.get("dtype")}
-        if "kernel" in mod:
-            entry["kernel"] = mod["kernel"]
-        if n_experts is not None:
-            entry["experts"] = n_experts
-        out.append(entry)
-    target = cfg.get("target_modules")
-    return {
-        "peft_type": cfg.get("peft_type", "LORA" if cfg else None),
-        "base_model": cfg.get("base_model_name_or_path"),
-        "base_model_revision": cfg.get("revision"),
-        "task_type": cfg.get("task_type"),
-        "target_modules": sorted(map(str, target)) if isinstance(target, list) else target,
-        "target_parameters": cfg.get("target_parameters") or None,
-        "r": cfg.get("r"),
-        "lora_alpha": cfg.get("lora_alpha"),
-        "use_rslora": rslora,
-        "use_dora": dora,
-        "modules_to_save": cfg.get("modules_to_save"),
-        "full_tensors": full,
-        "modules": out,
-    }
-
-
-# --------------------------------------------------------------------------- read / write
-# (these need torch; describe() above stays header-only for inspect)
-
-def split_key(key: str) -> tuple[str, str, str | None] | None:
-    """``model.x.q_proj.lora_A.weight`` → (``model.x.q_proj``, ``lora_A``, ``weight``)."""
-    m = _PARTS.match(key)
-    if not m:
-        return None
-    return m.group("module"), m.group("part"), m.group("leaf")
-
-
-def config_number(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> float:
-    """A numeric config value, or a clear error naming the file and the key."""
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise FormatError(f"{where}: {key} must be a finite number, got {v!r}")
-    return v
-
-
-def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
-                       component: str | None = None, prefix: str = PREFIX) -> tuple[list, dict]:
+def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str,
+                       component: str | None = None, prefix: str = PEFT_PREFIX
+                       ) -> tuple[list[LoraModule], dict[str, torch.Tensor]]:
     """Group PEFT-style keys into LoraModules (+ full tensors), applying the config's rules.
 
     Shared by the PEFT and diffusers readers (diffusers keys are PEFT keys per component).
@@ -220,11 +104,6 @@ def modules_from_state(state: dict[str, Any], cfg: dict[str, Any], where: str,
                                   mag.reshape(-1) if mag is not None else None, d.get("bias"),
                                   component))
     return modules, full
-
-
-def claims(ckpt: Checkpoint) -> bool:
-    """PEFT is what an adapter is when no other format claims it."""
-    return True
 
 
 def read(ckpt: Checkpoint, base: str | None = None) -> Any:
@@ -312,11 +191,11 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
     return cfg, sorted(mods, key=lambda m: natural_key(m.name))
 
 
-def state_for(mods: list, full: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+def state_for(mods: list, full: dict[str, Any], prefix: str = PEFT_PREFIX) -> dict[str, Any]:
     """PEFT keys for modules (and full tensors), in natural order."""
 
     out: dict[str, Any] = {}
-    wrapped = experts.peft_keys([m.name for m in mods if m.experts])
+    wrapped = moe.peft_keys([m.name for m in mods if m.experts])
     for m in mods:
         p = prefix + m.name
         if m.experts:  # a parameter wrapper, factors of rank r·E
@@ -411,5 +290,5 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
 
 
 FORMAT = Format("peft", "a folder (adapter_config.json + adapter_model.safetensors)", None,
-                None, claims, read, lambda ad, out, **kw: (write(ad, out, **kw), None),
+                None, lambda ckpt: True, read, lambda ad, out, **kw: (write(ad, out, **kw), None),
                 lambda ad: [], held)

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 from ..errors import LoraToolError, OutputError
 from ..headers.paths import containment_root, resolve_inside, walk_files
 from ..headers.safetensors import NOT_CONFIG_SUFFIXES, dtype_bytes
-from ..headers.units import parse_size
 from ..io.directio import SequentialWriter
 from ..io.staging import Stage, output_os_error
 from ..io.tensors import dtype_code, tensor_bytes
+from ..units import parse_size
 
 if TYPE_CHECKING:
     import torch

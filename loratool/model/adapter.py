@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
+from ..headers import moe
+from ..headers.adapters import lora_scale
+from ..headers.moe import on_disk
 from ..headers.paths import entries
-from ..model import experts
-from ..model.experts import on_disk
 from ..model.lyco import LycoModule, fit_shape
 from ..numerics import ops
 
@@ -57,7 +58,7 @@ class LoraModule:
     @property
     def scale(self) -> float:
         """The factor in front of B@A."""
-        return ops.lora_scale(self.alpha, self.rank, self.rslora)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def key(self) -> str:
@@ -349,7 +350,7 @@ def _fused_tensor(m: LoraModule, names: dict[str, Any], where: Any) -> str | Non
     cands = [c for w in _base_candidates(m.name) for c in (w[: -len(".weight")], w)]
     found = next((c for c in cands if c in names), None)
     if found is None:
-        if experts.sources(m.name, _natural(m), names) is None:
+        if moe.sources(m.name, _natural(m), names) is None:
             raise FormatError(f"module {m.key}: the base {where} has neither a tensor {m.name} "
                               "nor one tensor per expert for it; is it the model this adapter "
                               "was trained for?")
@@ -373,13 +374,13 @@ def _natural(m: LoraModule) -> tuple[int, int, int]:
 
 def expert_parts(ad: LoraAdapter, base: Any) -> dict[str, list[Any]]:
     """For each experts module whose base holds one 2-D tensor per expert: the tensors and
-    rows it changes (``experts.Part``), its layout set to ``experts`` ([E, out, in])."""
+    rows it changes (``moe.Part``), its layout set to ``experts`` ([E, out, in])."""
 
     out = {}
     for key, m in ad.modules.items():
         if m.experts and not any(c[: -len(".weight")] in base.tensors or c in base.tensors
                                  for c in _base_candidates(m.name)):
-            parts = experts.sources(m.name, _natural(m), base.tensors)
+            parts = moe.sources(m.name, _natural(m), base.tensors)
             if parts is not None:
                 m.layout = "experts"
                 out[key] = parts

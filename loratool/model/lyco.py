@@ -14,22 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..errors import FormatError
+from ..headers.kohya import KINDS, LOHA, LOKR, lyco_factors, lyco_rank, lyco_scale, lyco_shape
 from ..numerics import ops
-
-LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-FULL = ("diff", "diff_b")
-KINDS = {"loha": LOHA, "lokr": LOKR, "full": FULL}
-# LyCORIS algorithms whose ΔW is not a sum of products of stored factors (or that change
-# norm layers): named when refused
-UNSUPPORTED = {"oft_blocks": "OFT", "oft_diag": "diag-OFT", "boft": "BOFT",
-               "a1.weight": "GLoRA", "w_norm": "norm-layer", "b_norm": "norm-layer",
-               "weight": "IA3", "on_input": "IA3"}
 
 
 @dataclass
@@ -50,9 +40,9 @@ class LycoModule:
     shape_from_base: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        check(self)
+        shape = check(self)
         if not self.shape:
-            self.shape = tuple(self.delta(torch.float32, abs_=True, cheap=True).shape)
+            self.shape = shape
         self.layout = "conv" if len(self.shape) > 2 else "linear"
 
     @property
@@ -63,22 +53,16 @@ class LycoModule:
     def rank(self) -> int:
         """LyCORIS' ``dim``: the rank of each factor pair (LoHa), of the factored side
         (LoKr; 0 when both sides are whole), 0 for a full module."""
-        p = self.parts
-        if self.kind == "loha":
-            return int(p["hada_w1_b"].shape[0])
-        if self.kind == "lokr":
-            side = p.get("lokr_w1_b", p.get("lokr_w2_b"))
-            return int(side.shape[0]) if side is not None else 0
-        return 0
+        return lyco_rank(self.kind, self._shapes())
 
     @property
     def scale(self) -> float:
         """alpha / dim (a missing or zero alpha means dim); 1 for a LoKr with both sides whole
         and for full modules, as LyCORIS defines it."""
-        r = self.rank
-        if not r or not self.alpha:
-            return 1.0
-        return float(self.alpha) / r
+        return lyco_scale(self.alpha, self.rank)
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in self.parts.items()}
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -101,21 +85,7 @@ class LycoModule:
 
     def describe(self) -> str:
         """The factor shapes in one line: ``(8×4 · 4×8) ⊙ (8×4 · 4×8)``, ``2×2 ⊗ 4×4``."""
-        def dims(name: str) -> str:
-            t = self.parts.get(name)
-            return "×".join(map(str, t.shape)) if t is not None else ""
-
-        p = self.parts
-        if self.kind == "loha":
-            t = " Tucker" if "hada_t1" in p else ""
-            return f"({dims('hada_w1_a')}·{dims('hada_w1_b')}) ⊙ ({dims('hada_w2_a')}·" \
-                   f"{dims('hada_w2_b')}){t}"
-        if self.kind == "lokr":
-            w1 = dims("lokr_w1") or f"{dims('lokr_w1_a')}·{dims('lokr_w1_b')}"
-            w2 = dims("lokr_w2") or f"{dims('lokr_w2_a')}·{dims('lokr_w2_b')}" + (
-                " Tucker" if "lokr_t2" in p else "")
-            return f"{w1} ⊗ {w2}"
-        return f"diff {dims('diff')}" + (" + diff_b" if "diff_b" in p else "")
+        return lyco_factors(self.kind, self._shapes())
 
     def num_params(self) -> int:
         return sum(t.numel() for t in self.parts.values()) + (
@@ -125,16 +95,14 @@ class LycoModule:
         """The same products of |factors| and |scale| in float64: a bound on |ΔW|."""
         return self.delta(torch.float64, abs_=True)
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: Any = None,
-              abs_: bool = False, cheap: bool = False) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+              abs_: bool = False) -> torch.Tensor:
         """Dense ΔW in the base weight's shape (no DoRA normalisation). ``abs_``: the same
         products of |factors| and |scale|, a bound on |ΔW| for rounding-error bounds."""
         def g(name: str) -> torch.Tensor | None:
             t = self.parts.get(name)
             if t is None:
                 return None
-            if cheap:  # only the shape is wanted
-                return torch.zeros(t.shape, dtype=torch.float32, device="meta")
             t = t.to(device=device, dtype=dtype)
             return t.abs() if abs_ else t
 
@@ -143,44 +111,28 @@ class LycoModule:
             d = ops.loha_delta(*(g(n) for n in LOHA), s)  # type: ignore[arg-type]
         elif self.kind == "lokr":
             d = ops.lokr_delta(*(g(n) for n in LOKR), s)  # type: ignore[arg-type]
-        elif cheap:
-            d = g("diff")  # type: ignore[assignment]
         else:  # a copy: callers change ΔW in place
             d = self.parts["diff"].to(device=device, dtype=dtype, copy=True)
             d = d.abs_() if abs_ else d
-        return d if cheap or not self.shape else d.reshape(self.shape)
+        return d if not self.shape else d.reshape(self.shape)
 
 
-def check(m: LycoModule) -> None:
+def check(m: LycoModule) -> tuple[int, ...]:
     """The tensors a kind needs are there, their shapes agree, nothing is NaN: else a clear
-    error naming the module."""
+    error naming the module. Returns the shape of its ΔW."""
     where = f"{m.key}: {m.kind} module"
-    p = m.parts
-    extra = set(p) - set(KINDS[m.kind])
+    extra = set(m.parts) - set(KINDS[m.kind])
     if extra:
         raise FormatError(f"{where} also has {', '.join(sorted(extra))}: a mixture of LyCORIS "
                           "types the file's module cannot be")
-    need = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-            "lokr": (), "full": ("diff",)}[m.kind]
-    missing = [n for n in need if n not in p]
-    if m.kind == "lokr":
-        missing += [f"lokr_w{i} or lokr_w{i}_a/_b" for i in (1, 2)
-                    if f"lokr_w{i}" not in p and not {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= set(p)]
-    if m.kind == "loha" and ("hada_t1" in p) != ("hada_t2" in p):
-        missing.append("hada_t2" if "hada_t1" in p else "hada_t1")
-    if missing:
-        raise FormatError(f"{where} lacks {', '.join(missing)}; the file is incomplete")
-    for n, t in p.items():
+    shape = lyco_shape(m.kind, m._shapes(), where)
+    for n, t in m.parts.items():
         if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
             raise FormatError(f"{where}: {n} is not finite floating-point data; the adapter "
                               "is damaged")
     if m.alpha is not None and not math.isfinite(m.alpha):
         raise FormatError(f"{where}: alpha is {m.alpha}, not a finite number")
-    try:
-        m.delta(cheap=True)  # every product's shapes agree
-    except RuntimeError as e:
-        shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in p.items())
-        raise FormatError(f"{where}: the factors do not fit together ({shapes})") from e
+    return shape
 
 
 def fit_shape(m: LycoModule, have: tuple[int, ...]) -> bool:

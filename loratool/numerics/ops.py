@@ -13,15 +13,8 @@ import math
 import torch
 
 # experts: fused mixture-of-experts parameters, [E, out, in] (experts_t: [E, in, out]), with
-# per-expert factors A [E, r, in], B [E, out, r] (see experts.py)
+# per-expert factors A [E, r, in], B [E, out, r] (see headers/moe.py, model/experts.py)
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")
-
-
-def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
-    """alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023). Example: lora_scale(16, 8)."""
-    if rank == 0:
-        return 0.0
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, layout: str,

@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from ..headers.units import human_bytes, human_count
+from ..units import human_bytes
 
 _LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
 
@@ -30,149 +30,8 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     return out
 
 
-def group_tensors(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fold names that differ only in layer numbers: ``layers.*.mlp.up_proj.weight ×32``."""
-    groups: dict[str, dict[str, Any]] = {}
-    for t in tensors:
-        key = _LAYER.sub("*", t["name"])
-        g = groups.setdefault(key, {"name": key, "count": 0, "dtypes": [], "shapes": [],
-                                    "params": 0, "first": t["name"]})
-        g["count"] += 1
-        g["params"] += t["params"]
-        if t["dtype"] not in g["dtypes"]:
-            g["dtypes"].append(t["dtype"])
-        if t["shape"] not in g["shapes"]:
-            g["shapes"].append(t["shape"])
-    for g in groups.values():
-        if g["count"] == 1:
-            g["name"] = g["first"]
-    return list(groups.values())
-
-
 def _shape(s: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in s) + "]"
-
-
-def _format_gguf(g: dict[str, Any]) -> list[str]:
-    """llama.cpp's metadata in one or two lines."""
-    facts = [f"GGUF v{g['version']}"]
-    if g.get("name"):
-        facts.append(f"name {g['name']!r}")
-    if g.get("file_type") is not None:
-        facts.append(f"file type {g['file_type']}")
-    shape = [f"{v} {k}" for k, v in (("layers", g.get("block_count")),
-                                      ("embedding", g.get("embedding_length")),
-                                      ("heads", g.get("head_count")),
-                                      ("kv heads", g.get("head_count_kv")),
-                                      ("experts", g.get("expert_count")),
-                                      ("context", g.get("context_length"))) if v is not None]
-    lines = ["  llama.cpp: " + ", ".join(facts)]
-    if shape:
-        lines.append("  " + ", ".join(shape))
-    if g.get("lora_alpha") is not None:
-        lines.append(f"  adapter.lora.alpha = {g['lora_alpha']:g} (scale alpha / rank)")
-    lines.append(f"  {len(g['metadata'])} metadata keys (--json lists them)")
-    return lines
-
-
-def format_summary(data: dict[str, Any], expand: bool = False) -> str:
-    """The human view of :func:`summarize`; ``expand`` lists every tensor instead of groups."""
-    lines = []
-    what = data["architecture"] or data["model_type"] or "unknown architecture"
-    lines.append(f"{data['source']}: {data['kind']} ({data['format']}), {what}")
-    shard_note = f"{data['shards']} file" + ("s" if data["shards"] != 1 else "")
-    if data["index"]:
-        shard_note += f" via {data['index']}"
-    dts = ", ".join(f"{k} {human_count(v)}" for k, v in data["dtypes"].items())
-    lines.append(f"  {data['num_tensors']} tensors, {human_count(data['total_params'])} "
-                 f"parameters ({data['total_params']:,}), {human_bytes(data['total_bytes'])}, "
-                 f"{shard_note}")
-    lines.append(f"  dtypes: {dts or 'none'}")
-    if data.get("gguf"):
-        lines += _format_gguf(data["gguf"])
-    tensors = data["tensors"]
-    if data.get("filter"):
-        lines.append(f"  filter {' '.join(data['filter'])}: {len(tensors)} tensors match"
-                     + (f" (names here look like {data['names_look_like']})"
-                        if data.get("names_look_like") else ""))
-    if data["kind"] == "adapter":
-        lines += _format_adapter(data, expand)
-    if tensors:
-        lines.append("")
-        if expand or data.get("filter"):
-            rows = [["name", "dtype", "shape", "params"]]
-            rows += [[t["name"], t["dtype"], _shape(t["shape"]), human_count(t["params"])]
-                     for t in tensors]
-        else:
-            rows = [["name", "count", "dtype", "shape", "params"]]
-            for g in group_tensors(tensors):
-                shapes = " | ".join(_shape(s) for s in g["shapes"][:3])
-                if len(g["shapes"]) > 3:
-                    shapes += f" | … ({len(g['shapes'])} shapes)"
-                count = f"×{g['count']}" if g["count"] > 1 else ""
-                rows.append([g["name"], count, "/".join(g["dtypes"]), shapes,
-                             human_count(g["params"])])
-        lines += _table(rows, right={len(rows[0]) - 1})
-        if not expand and not data.get("filter") and len(rows) - 1 < len(tensors):
-            lines.append(f"({len(tensors)} tensors in {len(rows) - 1} groups; --all lists "
-                         "each, --filter GLOB selects)")
-    return "\n".join(lines)
-
-
-def _format_adapter(data: dict[str, Any], expand: bool = False) -> list[str]:
-    a = data.get("adapter") or {}
-    mods = data.get("modules") or []
-    lines = []
-    if "note" in a:
-        return [f"  {a['note']}"]
-    base = a.get("base_model") or "not named"
-    if a.get("base_model_revision"):
-        base += f"@{a['base_model_revision']}"
-    flags = [f for f, on in (("rsLoRA", a.get("use_rslora")), ("DoRA", a.get("use_dora"))) if on]
-    lines.append(f"  base model: {base}; peft_type {a.get('peft_type')}; task "
-                 f"{a.get('task_type') or '-'}" + (f"; {', '.join(flags)}" if flags else ""))
-    tm = a.get("target_modules")
-    if isinstance(tm, list) and len(tm) > 8:  # full module names, one per module
-        tm = [f"{len(tm)} modules ({tm[0]} …)"]
-    lines.append(f"  target modules: {', '.join(tm) if isinstance(tm, list) else tm}")
-    if a.get("target_parameters"):
-        lines.append(f"  target parameters: {', '.join(map(str, a['target_parameters']))}")
-    if a.get("modules_to_save") or a.get("full_tensors"):
-        lines.append(f"  full tensors (modules_to_save): {len(a.get('full_tensors') or [])}")
-    if mods:
-        lyco = any(m.get("type", "lora") != "lora" for m in mods)
-        ranks = Counter(m["rank"] for m in mods)
-        kinds = Counter(_KIND[m.get("type", "lora")] for m in mods)
-        each = (", ".join(f"{r} ×{c}" for r, c in sorted(ranks.items())) if len(ranks) <= 6
-                else f"{min(ranks)}–{max(ranks)} ({len(ranks)} different)")
-        lines.append(f"  {len(mods)} {'LoRA ' if not lyco else ''}modules"
-                     + (f" ({_counts(kinds)})" if lyco else "") + f"; ranks: {each}")
-        rows = [["module", "count"] + (["type"] if lyco else []) +
-                ["rank", "alpha", "scale", "layout", "in→out"]]
-        # one row per kind of module, its layers folded (``layers.*.q_proj``) in the order
-        # they come; ranks, alphas and scales that differ between layers shown as ranges
-        # (--all: one row per module)
-        grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        for m in mods:
-            layout = f"{m['layout']} ×{m['experts']}" if m.get("experts") else m["layout"]
-            key = (m["name"] if expand else _LAYER.sub("*", m["name"]), layout,
-                   m["in_features"], m["out_features"], _KIND[m.get("type", "lora")])
-            grouped.setdefault(key, []).append(m)
-        for (name, layout, n_in, n_out, kind), ms in grouped.items():
-            alphas = sorted({m["alpha"] for m in ms if m["alpha"] is not None})
-            rows.append([name if len(ms) > 1 else ms[0]["name"],
-                         f"×{len(ms)}" if len(ms) > 1 else ""] + ([kind] if lyco else []) +
-                        [_ranks(sorted({m["rank"] for m in ms})),
-                         _span(alphas, "g") if alphas else "-",
-                         _span(sorted({m["scale"] for m in ms}), ".4g"), layout,
-                         f"{n_in}→{n_out}"])
-        lines.append("")
-        right = {1, 3, 4, 5} if lyco else {1, 2, 3, 4}
-        lines += ["  " + r for r in _table(rows, right=right)]
-        if any(m["layout"] == "2-D" for m in mods):
-            lines.append("  (2-D: a linear layer's change, or a convolution's that LyCORIS "
-                         "stores flat as [out, in·kh·kw]; the base tells which)")
-    return lines
 
 
 def _span(values: list[float], fmt: str) -> str:
@@ -190,40 +49,6 @@ def _counts(c: Counter[str]) -> str:
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3e}"
-
-
-def format_compare(data: dict[str, Any], cmp: dict[str, Any], expand: bool = False) -> str:
-    """The human view of :func:`compare`."""
-    lines = [f"{data['source']} vs {cmp['other']}: {cmp['compared']} tensors in both, "
-             f"{len(cmp['changed'])} changed, {cmp['unchanged']} identical"]
-    for key, label in (("only_in_path", f"only in {data['source']}"),
-                       ("only_in_other", f"only in {cmp['other']}")):
-        if cmp[key]:
-            shown = ", ".join(cmp[key][:8]) + (" …" if len(cmp[key]) > 8 else "")
-            lines.append(f"  {len(cmp[key])} {label}: {shown}")
-    for m in cmp["shape_mismatch"]:
-        lines.append(f"  shape differs: {m['name']} {_shape(m['shape'])} vs "
-                     f"{_shape(m['other_shape'])}")
-    if cmp["dtype_mismatch"]:
-        lines.append(f"  {len(cmp['dtype_mismatch'])} tensors differ in dtype, e.g. "
-                     f"{cmp['dtype_mismatch'][0]['name']} {cmp['dtype_mismatch'][0]['dtype']} vs "
-                     f"{cmp['dtype_mismatch'][0]['other_dtype']}")
-    if not cmp["changed"]:
-        return "\n".join(lines)
-    lines.append("")
-    if expand or len(cmp["changed"]) <= 40:
-        rows = [["changed tensor", "shape", "‖ΔW‖/‖W‖", "max |ΔW|"]]
-        rows += [[c["name"], _shape(c["shape"]), _num(c["rel_diff"]), _num(c["max_abs_diff"])]
-                 for c in cmp["changed"]]
-    else:
-        rows = [["changed tensors", "count", "min ‖ΔW‖/‖W‖", "max ‖ΔW‖/‖W‖"]]
-        groups: dict[str, list[float]] = {}
-        for c in cmp["changed"]:
-            rel = c["rel_diff"] if c["rel_diff"] is not None else math.inf
-            groups.setdefault(_LAYER.sub("*", c["name"]), []).append(rel)
-        rows += [[k, f"×{len(v)}", _num(min(v)), _num(max(v))] for k, v in groups.items()]
-    lines += _table(rows, right={2, 3})
-    return "\n".join(lines)
 
 
 def format_extract(r: dict[str, Any], expand: bool = False) -> str:

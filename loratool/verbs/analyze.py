@@ -32,15 +32,15 @@ from ..engine import deltas
 from ..engine.plan import changes_nothing
 from ..errors import LoraToolError, UsageError
 from ..formats import read_any, require_lora, require_resolved
-from ..headers.units import matches
+from ..headers import moe
 from ..io.tensors import open_checkpoint
-from ..model import experts
 from ..model.adapter import match_base
 from ..model.experts import explode
 from ..numerics import ops
 from ..numerics.device import resolve_device
 from ..numerics.lowrank import module_seed, spectrum
 from ..progress import SILENT, Progress
+from ..units import matches
 
 ENERGIES = (0.5, 0.9, 0.99)
 FIRST = 32  # singular values computed first per module
@@ -122,8 +122,8 @@ def _finetune(base_spec: str, tuned_spec: str, targets: list[str], excludes: lis
                             "--target/--exclude left none): nothing to analyse")
 
     # extract factorises each expert's gate and up rows together: other ranks than here
-    fused = model_type in experts.FUSING_TYPES and any(
-        experts.PER_EXPERT.match(m["tensor"]) for m in modules)
+    fused = model_type in moe.FUSING_TYPES and any(
+        moe.PER_EXPERT.match(m["tensor"]) for m in modules)
     return {"mode": "finetune", "base": base_spec, "tuned": tuned_spec, "modules": modules,
             "other_changed": other, "fused_experts": fused}
 

@@ -2,37 +2,39 @@
 data), names, shapes, dtypes and ‖B − A‖/‖A‖.
 
 Example::
-    compare(open_checkpoint("base/"), open_checkpoint("tuned/"))["changed"]
+
+    compare(open_checkpoint("base/"), open_checkpoint("tuned/")).changed
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from ..headers.checkpoint import Checkpoint
-from ..headers.units import matches
 from ..numerics import ops
 from ..progress import SILENT, Progress
+from ..reports.inspect import ChangedTensor, Comparison, DtypeMismatch, ShapeMismatch
+from ..units import matches
 
 
 def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
-            progress: Progress = SILENT) -> dict[str, Any]:
+            progress: Progress = SILENT) -> Comparison:
     """Compare two checkpoints tensor by tensor: names, shapes, dtypes and ‖B−A‖/‖A‖.
 
     Norms are accumulated in float64 over row chunks, so memory stays near one tensor.
-    Example: ``compare(open_checkpoint(base), open_checkpoint(tuned))["changed"]``.
+    Example: ``compare(open_checkpoint(base), open_checkpoint(tuned)).unchanged``.
     """
-
     na = [n for n in a.tensors if matches(n, filters)]
     nb = [n for n in b.tensors if matches(n, filters)]
     sb = set(nb)
     sa = set(na)
     only_a = [n for n in na if n not in sb]
     only_b = [n for n in nb if n not in sa]
-    shape_diff, dtype_diff, changed = [], [], []
+    shape_diff: list[ShapeMismatch] = []
+    dtype_diff: list[DtypeMismatch] = []
+    changed: list[ChangedTensor] = []
     unchanged = 0
     common = [n for n in na if n in sb]
     bar = progress.bar("compare", total=sum(a.tensors[n].nbytes for n in common), unit="B")
@@ -40,10 +42,10 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
         ia, ib = a.tensors[n], b.tensors[n]
         bar.update(ia.nbytes)
         if ia.shape != ib.shape:
-            shape_diff.append({"name": n, "shape": list(ia.shape), "other_shape": list(ib.shape)})
+            shape_diff.append(ShapeMismatch(n, list(ia.shape), list(ib.shape)))
             continue
         if ia.dtype != ib.dtype:
-            dtype_diff.append({"name": n, "dtype": ia.dtype, "other_dtype": ib.dtype})
+            dtype_diff.append(DtypeMismatch(n, ia.dtype, ib.dtype))
         ta, tb = a.load(n), b.load(n)
         if ia.dtype == ib.dtype and torch.equal(ta, tb):
             unchanged += 1
@@ -58,18 +60,16 @@ def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,
             continue
         norm_a = math.sqrt(ss_a)
         # JSON has no inf or NaN: a zero base norm or NaN data gives null
-        changed.append({"name": n, "shape": list(ia.shape), "diff_norm": _finite(math.sqrt(ss_d)),
-                        "norm": _finite(norm_a),
-                        "rel_diff": _finite(math.sqrt(ss_d) / norm_a) if norm_a else None,
-                        "max_abs_diff": _finite(max_abs)})
+        changed.append(ChangedTensor(
+            n, list(ia.shape), _finite(math.sqrt(ss_d)), _finite(norm_a),
+            _finite(math.sqrt(ss_d) / norm_a) if norm_a else None, _finite(max_abs)))
         del ta, tb
     bar.close()
-    return {"other": b.source, "only_in_path": only_a, "only_in_other": only_b,
-            "shape_mismatch": shape_diff, "dtype_mismatch": dtype_diff, "changed": changed,
-            "unchanged": unchanged, "compared": len(common)}
+    return Comparison(b.source, only_a, only_b, shape_diff, dtype_diff, changed, unchanged,
+                      len(common))
 
 
-def _diff_sums(ta: Any, tb: Any) -> tuple[float, float, float]:
+def _diff_sums(ta: torch.Tensor, tb: torch.Tensor) -> tuple[float, float, float]:
     """Σ(b − a)², Σa² and max |b − a|, a chunk of 1M values at a time (in cache, one pass
     over each tensor), summed in float64 across chunks."""
 
@@ -90,7 +90,7 @@ def _diff_sums(ta: Any, tb: Any) -> tuple[float, float, float]:
     return ss_d, ss_a, max_abs
 
 
-def _sum_squares(x: Any) -> float:
+def _sum_squares(x: torch.Tensor) -> float:
     """Σx² of a 1-D chunk: norms of rows of 1024 values (short float32 sums, as
     ops.sum_squares), squared and summed in float64; one long float32 sum drifts by 1e-4."""
 

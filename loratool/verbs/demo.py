@@ -15,26 +15,25 @@ import torch
 
 from ..errors import LoraToolError, OutputError
 from ..formats import peft
+from ..headers.summary import summarize
 from ..io.tensors import open_checkpoint
 from ..io.writer import CheckpointWriter
 from ..model.adapter import LoraAdapter, LoraModule
 from ..options import RankPolicy
 from ..progress import SILENT, Progress
+from ..reports.inspect import render_comparison
 from ..reports.render import (
     format_combine,
-    format_compare,
     format_convert,
     format_export,
     format_extract,
     format_merge,
-    format_summary,
 )
 from ..verbs.combine import combine
 from ..verbs.compare import compare
 from ..verbs.convert import convert
 from ..verbs.export import export
 from ..verbs.extract import extract
-from ..verbs.inspect import summarize
 from ..verbs.merge import run as merge_run
 
 MARKER = ".loratool-demo"
@@ -156,14 +155,14 @@ def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
 
 
 def _inspect(base: Path, tuned: Path, adapter: Path, progress: Progress) -> Iterator[str]:
-    yield _shown(f"inspect {base}", format_summary(summarize(open_checkpoint(base))))
+    yield _shown(f"inspect {base}", summarize(open_checkpoint(base)).render())
     layer0 = ["*layers.0.*"]
     data = summarize(open_checkpoint(tuned), layer0)
     cmp = compare(open_checkpoint(tuned), open_checkpoint(base), layer0, progress=progress)
     yield _shown(f"inspect {tuned} --against {base} --filter '*layers.0.*'",
-                 format_summary(data) + "\n\n" + format_compare(data, cmp))
+                 data.render() + "\n\n" + render_comparison(data.source, cmp))
     yield _shown(f"inspect {adapter} --filter '*layers.0.*'",
-                 format_summary(summarize(open_checkpoint(adapter), layer0)))
+                 summarize(open_checkpoint(adapter), layer0).render())
 
 
 def _convert(workdir: Path, base: Path, adapter: Path) -> Iterator[str]:

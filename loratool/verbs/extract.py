@@ -27,7 +27,7 @@ from ..engine.deltas import diffs, matrix, pairs
 from ..errors import FormatError, LoraToolError
 from ..formats import lossy, output_format, write_adapter
 from ..formats.peft import task_type_for
-from ..headers.units import human_bytes
+from ..headers import moe
 from ..io.staging import REPORT_OUTPUT, Stage, check_output, output_os_error
 from ..io.tensors import open_checkpoint, torch_dtype
 from ..model import experts
@@ -55,6 +55,7 @@ from ..numerics.lowrank import (
 )
 from ..options import DTYPES, RankPolicy, check_dtype
 from ..progress import SILENT, Progress
+from ..units import human_bytes
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
     if kind == "full":
         _take_full(job, name, delta, raw_tuned, ti)
         return
-    if experts.is_experts(kind):  # a fused parameter as stored: one matrix per expert
+    if moe.is_experts(kind):  # a fused parameter as stored: one matrix per expert
         job.expert_layouts[name] = (kind, delta.shape[0])
         for e in range(delta.shape[0]):
             key = f"{name}[{e}]"
@@ -271,9 +272,9 @@ def _find_experts(job: _Job, names: list[str]) -> None:
     """Per-expert tensors that transformers fuses into 3-D parameters (PEFT adapts those):
     each expert's gate and up rows become one matrix, factorised as ``param[e]``."""
 
-    if job.model_type not in experts.FUSING_TYPES:
+    if job.model_type not in moe.FUSING_TYPES:
         return
-    for param, items in experts.group(names).items():
+    for param, items in moe.group(names).items():
         n = max(e for e, _, _ in items) + 1
         job.expert_layouts[param] = ("experts", n)
         for e, tensor, block in items:
@@ -339,11 +340,11 @@ def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
     if job.embedding is not None:
         add_head_mirror(ad, job.embedding)
     experts.implode(ad, job.expert_layouts)
-    if job.model_type in experts.RENAMES:  # PEFT names modules as transformers 5 does
-        ad.modules = {experts.in_memory(k, job.model_type): m for k, m in ad.modules.items()}
+    if job.model_type in moe.RENAMES:  # PEFT names modules as transformers 5 does
+        ad.modules = {moe.in_memory(k, job.model_type): m for k, m in ad.modules.items()}
         for m in ad.modules.values():
-            m.name = experts.in_memory(m.name, job.model_type)
-        ad.full = {experts.in_memory(k, job.model_type): t for k, t in ad.full.items()}
+            m.name = moe.in_memory(m.name, job.model_type)
+        ad.full = {moe.in_memory(k, job.model_type): t for k, t in ad.full.items()}
     return ad
 
 

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from typing import Any, Iterable
 
-from ..errors import UsageError
+from .errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -1,0 +1,203 @@
+"""What ``merge`` and ``unmerge`` report: a model folder's merge (safetensors), a GGUF merge
+(each changed tensor's re-quantization error) and a pipeline's (one merge per component);
+and their text.
+
+Example::
+
+    report = loratool.merge("base/", ["adapter/"], "merged/")
+    report.tensors_changed, report.max_abs_delta
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Report, optional
+from .text import LAYER, listing, num, rate, table
+
+
+@dataclass
+class AdapterWeight:
+    """An adapter and the weight its delta was taken with."""
+
+    adapter: str
+    weight: float
+
+
+@dataclass
+class MergedAdapter(AdapterWeight):
+    """An adapter of a model-folder merge: what it holds."""
+
+    modules: int = 0
+    full_tensors: int = 0
+    format: str = ""
+
+
+@dataclass
+class VerifyResult:
+    """``--verify``: every changed tensor of the output against a float64 reference, the
+    worst one (its error against the rounding bound)."""
+
+    name: str | None
+    ratio: float
+    max_abs_error: float
+    checked: int
+    ok: bool
+
+
+@dataclass
+class MergeReport(Report):
+    """A merge (or unmerge) into a model folder or a single safetensors file."""
+
+    operation: str  # "merge" or "unmerge"
+    base: str
+    adapters: list[MergedAdapter]
+    output: str
+    device: str
+    dtype: str
+    tensors: int
+    tensors_changed: int
+    max_abs_delta: float  # the largest single |w·s·ΔW| value added
+    dora_norms_recorded: int
+    replaced_recorded: int
+    record: str | None  # the record file unmerge needs, or None
+    not_copied: list[str]  # files of the base left out (its weights in other formats)
+    seconds: float
+    stream_seconds: float  # reading, merging and writing the tensors (what the bar shows)
+    gb_per_s: float | None  # the stream's rate
+    bytes: int
+    peak_rss_mb: float | None
+    inert_modules: list[str]  # modules that change nothing, left out
+    peak_gpu_mb: float | None = optional()
+    verify: VerifyResult | None = optional()
+
+    def render(self) -> str:
+        names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
+        how = "into" if self.operation == "merge" else "from"
+        return "\n".join([f"wrote {self.output}: {self.operation}d {names} {how} {self.base}"]
+                         + self.detail())
+
+    def detail(self) -> list[str]:
+        """The lines under the first: what changed, what was recorded, verified."""
+        lines = [f"  {self.tensors_changed} of {self.tensors} tensors changed, max |ΔW| "
+                 f"{self.max_abs_delta:.3g}; {self.seconds:.2f} s, {rate(self.gb_per_s)} while "
+                 f"streaming on {self.device}, peak RSS "
+                 + (f"{self.peak_rss_mb:.0f} MiB" if self.peak_rss_mb is not None else "n/a")
+                 + (f", peak GPU {self.peak_gpu_mb:.0f} MiB" if self.peak_gpu_mb is not None
+                    else "")]
+        kept = [f"{n} tensors replaced in full" for n in [self.replaced_recorded] if n] + [
+            f"DoRA row norms of {n} tensors" for n in [self.dora_norms_recorded] if n]
+        if kept:
+            lines.append(f"  recorded {' and '.join(kept)} in {self.record}, so that unmerge "
+                         "gives the base back")
+        lines += inert_lines(self.inert_modules)
+        if self.not_copied:
+            lines.append(f"  left out {len(self.not_copied)} file(s) of the base that hold its "
+                         f"old weights in another format: {listing(self.not_copied)}")
+        v = self.verify
+        if v:
+            lines.append(f"  verify: {v.checked} changed tensors within the rounding bound; "
+                         f"worst {v.name} at {v.ratio:.3f}× the bound (max error "
+                         f"{v.max_abs_error:.3g})")
+        return lines
+
+
+def inert_lines(inert: list[str]) -> list[str]:
+    """Modules left out of a merge because they change nothing."""
+    if not inert:
+        return []
+    return [f"  {len(inert)} module(s) change nothing (rank 0, or a factor all zero) and were "
+            f"left out: {listing(inert, 3)}"]
+
+
+@dataclass
+class GgufChange:
+    """One changed tensor of a GGUF merge: its type in and out, and what re-quantizing cost
+    against the exact float32 merge."""
+
+    name: str
+    type: str
+    written_as: str
+    rel_error: float  # ‖quantized − exact‖ / ‖exact‖
+    error_vs_change: float  # the quantization noise against the adapter's change
+    change: float  # ‖ΔW‖ / ‖W‖
+
+
+@dataclass
+class GgufVerify:
+    """``--verify`` of a GGUF merge: the written file read back."""
+
+    tensors_checked: int
+    metadata_keys: int
+
+
+@dataclass
+class GgufMergeReport(Report):
+    """A merge into a GGUF model (llama.cpp), quantized or not."""
+
+    operation: str
+    base: str
+    output: str
+    format: str  # "gguf"
+    adapters: list[AdapterWeight]
+    quant: str | None
+    changed: list[GgufChange]
+    tensors: int
+    unchanged_copied: int
+    max_error_vs_change: float
+    seconds: float
+    inert_modules: list[str]
+    verify: GgufVerify | None = optional()
+
+    def render(self) -> str:
+        names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
+        lines = [f"wrote {self.output}: merged {names} into {self.base} (GGUF)",
+                 f"  {len(self.changed)} of {self.tensors} tensors changed and re-quantized, "
+                 f"{self.unchanged_copied} copied byte for byte; {self.seconds:.2f} s"]
+        lines += inert_lines(self.inert_modules)
+        if self.changed:
+            rows = [["tensor", "type", "written", "‖ΔW‖/‖W‖", "quant. error / ‖W′‖",
+                     "quant. error / ‖ΔW‖"]]
+            groups: dict[tuple[str, str, str], list[GgufChange]] = {}
+            for c in self.changed:
+                groups.setdefault((LAYER.sub("*", c.name), c.type, c.written_as), []).append(c)
+            for (name, t, w), cs in groups.items():
+                rows.append([name + (f" ×{len(cs)}" if len(cs) > 1 else ""), t, w,
+                             num(max(c.change for c in cs)), num(max(c.rel_error for c in cs)),
+                             num(max(c.error_vs_change for c in cs))])
+            lines += [""] + ["  " + x for x in table(rows, right={3, 4, 5})]
+            lines.append("  (largest per group; the last column is the quantization noise "
+                         "against the adapter's change: near or above 1, the quantization "
+                         "hides the change)")
+        if self.verify:
+            lines.append(f"  verify: the written file read back; {self.verify.tensors_checked} "
+                         "tensors where planned, their bytes as computed or copied")
+        return "\n".join(lines)
+
+
+@dataclass
+class PipelineMergeReport(Report):
+    """A merge into a diffusers pipeline folder: one merge per component it changes."""
+
+    output: str
+    base: str
+    pipeline: bool
+    adapters: list[AdapterWeight]
+    components: dict[str, MergeReport]
+    carried_over: list[str]
+    seconds: float
+
+    def render(self) -> str:
+        names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
+        lines = [f"wrote {self.output}: a pipeline, {names} into {self.base}; "
+                 f"{self.seconds:.2f} s; carried over as they are: "
+                 f"{', '.join(self.carried_over) or 'nothing'}"]
+        for name, r in self.components.items():
+            merged = ", ".join(f"{a.adapter}×{a.weight:g}" for a in r.adapters)
+            lines.append(f"  {name}: {r.operation}d {merged} "
+                         f"{'into' if r.operation == 'merge' else 'from'} {r.base}")
+            lines += ["  " + x for x in r.detail()]
+        return "\n".join(lines)
+
+
+MergeResult = MergeReport | GgufMergeReport | PipelineMergeReport
