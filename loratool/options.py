@@ -1,19 +1,81 @@
-"""Options several commands share, checked without torch: rank policies (``--rank N``,
-``--energy F``, ``--max-error E``, ``--budget P``, capped by ``--max-rank N``), output dtypes
-and adapter weights.
+"""Options the verbs share, checked without torch: how outputs are written and math runs
+(:class:`Options`, passed down explicitly: the same from the command line, the demo or
+Python), rank policies (``--rank N``, ``--energy F``, ``--max-error E``, ``--budget P``,
+capped by ``--max-rank N``), output dtypes and adapter weights.
 
-Example: ``RankPolicy.from_options(rank=None, energy=0.9, max_error=None, budget=None)``.
+Example::
+
+    options = Options(fsync=False)              # scratch work: no flush before publishing
+    RankPolicy.from_options(rank=None, energy=0.9, max_error=None, budget=None)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import LoraToolError, UsageError
 from .units import parse_size
 
 DTYPES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+
+
+@dataclass
+class OutputRecord:
+    """An output a command began writing: where, whether one was there, whether it is now."""
+
+    out: Path
+    existed: bool
+    published: bool = False
+
+
+@dataclass
+class OutputLog:
+    """The outputs a command began, outermost first, so that an interrupt can say what it
+    left (the command line keeps one per command)."""
+
+    expected: list[Path] = field(default_factory=list)  # -o as given, before any work
+    records: list[OutputRecord] = field(default_factory=list)
+
+    def began(self, out: Path, existed: bool) -> OutputRecord:
+        self.records.append(OutputRecord(out, existed))
+        return self.records[-1]
+
+    def outcome(self) -> str:
+        """What an interrupt left, in words: nothing written (an existing output kept as it
+        was), or the output complete because the interrupt came after it was in place."""
+        first = self.records[0] if self.records else None
+        if first is not None and first.published:
+            return f"it came after {first.out} was written: that output is complete"
+        out = first.out if first else (self.expected[0] if self.expected else None)
+        existed = first.existed if first else out is not None and os.path.lexists(out)
+        return f"nothing was written; {out} was kept as it was" if existed \
+            else "nothing was written"
+
+
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a verb writes its outputs and runs its math, passed down to everything it calls.
+
+    ``fsync``: flush an output to disk before it is renamed into place (``--no-fsync``, for
+    scratch work, at the price of a power cut's safety). ``direct_io``: write merged weights
+    past the page cache (O_DIRECT) where the file system allows. ``threads``: torch's threads
+    while a merge streams (None: half the cores, at most 4; ``OMP_NUM_THREADS`` wins). The
+    defaults follow ``LORATOOL_NO_FSYNC=1`` and ``LORATOOL_NO_DIRECT_IO=1`` when set.
+
+    Example: ``loratool.merge("base/", ["a/"], "out/", options=Options(fsync=False))``.
+    """
+
+    fsync: bool = field(default_factory=lambda: not _env_off("LORATOOL_NO_FSYNC"))
+    direct_io: bool = field(default_factory=lambda: not _env_off("LORATOOL_NO_DIRECT_IO"))
+    threads: int | None = None
+    log: OutputLog | None = field(default=None, compare=False, repr=False)
 
 
 def check_weights(weights: list[float] | None, n: int) -> list[float]:
@@ -65,10 +127,35 @@ def parse_budget(text: str) -> Budget:
 
 @dataclass(frozen=True)
 class RankPolicy:
+    """How ranks are chosen per module: a fixed rank, the smallest rank keeping a share of the
+    energy, the smallest meeting a measured error, or a total budget split to minimise the
+    error; ``max_rank`` caps any of them.
+
+    Example::
+
+        RankPolicy.rank(16)
+        RankPolicy.of(max_error=0.05, max_rank=128)
+    """
+
     kind: str  # "rank" | "energy" | "max_error" | "budget"
     value: float  # N, F or E (unused for a budget)
     max_rank: int | None = None
     budget: Budget | None = None
+
+    @classmethod
+    def rank(cls, n: int) -> "RankPolicy":
+        """A fixed rank ``n`` (capped at each matrix's own)."""
+        return cls.from_options(n, None, None, None)
+
+    @classmethod
+    def of(cls, *, rank: int | None = None, energy: float | None = None,
+           max_error: float | None = None, budget: str | int | None = None,
+           max_rank: int | None = None) -> "RankPolicy":
+        """The policy one keyword names, as the command line's flags do (checked the same
+        way): ``RankPolicy.of(max_error=0.05, max_rank=64)``, ``RankPolicy.of(budget="50MB")``.
+        """
+        return cls.from_options(rank, energy, max_error,
+                                None if budget is None else str(budget), max_rank)
 
     @classmethod
     def from_options(cls, rank: int | None, energy: float | None, max_error: float | None,

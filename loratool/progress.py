@@ -13,9 +13,11 @@ Example::
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator
+from typing import Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 class Bar:
@@ -30,7 +32,7 @@ class Bar:
     def __enter__(self) -> "Bar":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -45,7 +47,7 @@ class Progress:
         """A bar for one step; ``unit="B"`` shows bytes with SI prefixes."""
         return Bar()
 
-    def iterate(self, items: list[Any], desc: str, unit: str = "it") -> Iterator[Any]:
+    def iterate(self, items: Sequence[T], desc: str, unit: str = "it") -> Iterator[T]:
         """The items, one bar step each."""
         with self.bar(desc, total=len(items), unit=unit) as bar:
             for x in items:

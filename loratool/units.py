@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Iterable
+from typing import Iterable
 
 from .errors import UsageError
 
@@ -42,7 +42,7 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def natural_key(s: str) -> list[tuple[int, Any]]:
+def natural_key(s: str) -> list[tuple[int, int | str]]:
     """Sort key that puts ``layers.10`` after ``layers.9``."""
     return [(1, int(p)) if p.isdigit() else (0, p) for p in re.split(r"(\d+)", s)]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -23,6 +23,15 @@ from ..io.tensors import Buffers, tensor_bytes
 from ..model.adapter import EMBEDDING
 from ..model.adapter import HEAD_TENSOR as HEAD
 from ..units import matches
+
+if TYPE_CHECKING:
+    from ..headers.checkpoint import Checkpoint
+    from ..headers.safetensors import TensorInfo
+    from ..progress import Bar
+
+    # what diffs yields per tensor: (name, W_base, ΔW, W_tuned as stored); for a resized or
+    # an unchanged tensor the last is the tuned tensor's info
+    Diff = tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | TensorInfo]
 
 CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
@@ -50,7 +59,7 @@ def kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: 
     return "full"
 
 
-def matrix(delta: Any, layout: str) -> Any:
+def matrix(delta: torch.Tensor, layout: str) -> torch.Tensor:
     """The matrix to factorise, oriented [out, in] as B [out, r] @ A [r, in] expects."""
     if layout in ("fan_in_fan_out", "embedding"):
         return delta.T
@@ -59,13 +68,13 @@ def matrix(delta: Any, layout: str) -> Any:
     return delta
 
 
-def pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
-           ) -> list[str]:
+def pairs(base: Checkpoint, tuned: Checkpoint, targets: list[str], excludes: list[str]
+          ) -> list[str]:
     """Names to compare; a name in one model only is an error naming it (after filters)."""
     def keep(n: str) -> bool:
         return matches(n, targets) and not (excludes and matches(n, excludes))
 
-    def weight(ckpt: Any, n: str) -> bool:
+    def weight(ckpt: Checkpoint, n: str) -> bool:
         # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
         # not weights: one model having them and the other not is no mismatch
         return ckpt.tensors[n].dtype.startswith(("F", "BF"))
@@ -87,7 +96,8 @@ def pairs(base: Any, tuned: Any, targets: list[str], excludes: list[str]
     return names
 
 
-def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterator[Any]:
+def diffs(base: Checkpoint, tuned: Checkpoint, names: list[str], dev: torch.device, bar: Bar
+          ) -> Iterator[Diff]:
     """(name, W_base and ΔW in float32 on the device, W_tuned as stored) per tensor;
     W_base is None for a resized tensor (ΔW is then the tuned tensor) and both are None when
     unchanged. On the CPU all three live in buffers reused for the next tensors (fresh memory
@@ -96,7 +106,7 @@ def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterat
 
     bufs, reads = Buffers(), [Buffers(), Buffers()]
 
-    def read(i: int) -> tuple[Any, Any] | str | None:
+    def read(i: int) -> tuple[torch.Tensor, torch.Tensor] | str | None:
         name = names[i]
         bi, ti = base.info(name), tuned.info(name)
         if bi.shape != ti.shape or not ti.dtype.startswith(("F", "BF")):
@@ -137,7 +147,7 @@ def diffs(base: Any, tuned: Any, names: list[str], dev: Any, bar: Any) -> Iterat
 COMPARE_CHUNK = 8 << 20
 
 
-def _same_bytes(base: Any, tuned: Any, name: str, bufs: Any) -> bool | None:
+def _same_bytes(base: Checkpoint, tuned: Checkpoint, name: str, bufs: Buffers) -> bool | None:
     """Whether a tensor's bytes are identical in both safetensors files, read a chunk at a
     time and stopping at the first difference; None when the files cannot tell (other
     formats, other dtypes): the caller then compares the loaded tensors."""
@@ -162,8 +172,8 @@ def _same_bytes(base: Any, tuned: Any, name: str, bufs: Any) -> bool | None:
     return True
 
 
-def _widened_difference(name: str, raw_base: Any, raw_tuned: Any, dev: Any, bufs: Any
-                        ) -> tuple[Any, Any]:
+def _widened_difference(name: str, raw_base: torch.Tensor, raw_tuned: torch.Tensor,
+                        dev: torch.device, bufs: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
     """W_base and W_tuned − W_base in float32 (both widened exactly; one dtype takes torch's
     fast kernels), in reused buffers on the CPU; NaN or Inf is an error."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..model.adapter import (
@@ -29,20 +29,28 @@ from ..model.adapter import (
     ties_embeddings,
 )
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..headers.checkpoint import Checkpoint
+    from ..model.adapter import AdapterModule, BaseTensors, LoraAdapter
+
 
 @dataclass
 class Edit:
     """What happens to one output tensor."""
 
     source: str  # base tensor it starts from
-    lora: list[tuple[Any, float]] = field(default_factory=list)  # (LoraModule, weight)
-    bias: list[tuple[Any, float]] = field(default_factory=list)  # modules whose bias adds here
-    full: tuple[Any, float] | None = None  # (replacement tensor, weight), applied first
+    # (module, weight): LoRA, or a LyCORIS module's dense ΔW
+    lora: list[tuple[AdapterModule, float]] = field(default_factory=list)
+    # modules whose bias adds here
+    bias: list[tuple[AdapterModule, float]] = field(default_factory=list)
+    full: tuple[torch.Tensor, float] | None = None  # (replacement tensor, weight), applied first
     owner: str | None = None  # the adapter that replaces this tensor
-    dora: tuple[Any, float] | None = None  # the one DoRA module on this tensor
+    dora: tuple[AdapterModule, float] | None = None  # the one DoRA module on this tensor
 
 
-def _single_model(ad: Any, spec: str) -> None:
+def _single_model(ad: LoraAdapter, spec: str) -> None:
     comps = ad.components
     if len(comps) > 1:
         raise FormatError(f"{spec}: the adapter spans components {comps}; merge one model at a "
@@ -67,7 +75,7 @@ def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], sp
                           "vocabulary): is the adapter for this base?")
 
 
-def changes_nothing(m: Any) -> bool:
+def changes_nothing(m: AdapterModule) -> bool:
     """A LoRA module whose B@A is exactly zero (rank 0, or an all-zero factor, as PEFT's
     initial lora_B): adding it changes no weight, so no tensor counts as changed by it. A DoRA
     magnitude still rescales, so DoRA modules always count."""
@@ -77,8 +85,8 @@ def changes_nothing(m: Any) -> bool:
         m.A.any()) or not bool(m.B.any())
 
 
-def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
-               untie: bool = False, inert: list[str] | None = None
+def plan_edits(base: Checkpoint, adapters: list[LoraAdapter], weights: list[float],
+               specs: list[str], untie: bool = False, inert: list[str] | None = None
                ) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
     """Which output tensors change and how, and the output tensor list ``(name, source)``;
     modules that change nothing (:func:`changes_nothing`) are left out, their keys in ``inert``."""
@@ -157,7 +165,7 @@ def plan_edits(base: Any, adapters: list[Any], weights: list[float], specs: list
     return edits, order + extra
 
 
-def _changing(ad: Any, mapping: dict[str, str], inert: list[str] | None
+def _changing(ad: LoraAdapter, mapping: dict[str, str], inert: list[str] | None
               ) -> list[tuple[str, str]]:
     """The (module key, tensor) pairs that change something; the others' keys go to
     ``inert``."""
@@ -172,7 +180,8 @@ def _changing(ad: Any, mapping: dict[str, str], inert: list[str] | None
     return out
 
 
-def _per_expert(ad: Any, base: Any, edits: dict[str, Edit], spec: str, w: float) -> None:
+def _per_expert(ad: LoraAdapter, base: BaseTensors, edits: dict[str, Edit], spec: str, w: float
+                ) -> None:
     """Experts held one tensor each by the base: each tensor's rows of its expert's ΔW, as a
     linear module of the same rank and scale (B's rows sliced: the same products)."""
 

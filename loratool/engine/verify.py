@@ -2,28 +2,30 @@
 checked against a float64 reference within a rigorous bound of float32 arithmetic and one
 rounding to the output dtype.
 
-Example: ``verify_output(base, Path("merged"), edits, +1.0, None)`` → the worst tensor.
+Example: ``verify_output(base, Path("merged"), edits, +1.0, None)`` → the worst tensor
+(a :class:`VerifyResult`).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..engine.plan import Edit
 from ..engine.record import UnmergeRecord
 from ..errors import LoraToolError
+from ..headers.checkpoint import Checkpoint
 from ..headers.safetensors import dtype_bytes
 from ..io.tensors import open_checkpoint
 from ..numerics import ops
 from ..progress import SILENT, Progress
+from ..reports.merge import VerifyResult
 
 
-def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
-                  record: UnmergeRecord | None, progress: Progress = SILENT) -> dict[str, Any]:
+def verify_output(base: Checkpoint, out: Path, edits: dict[str, Edit], sign: float,
+                  record: UnmergeRecord | None, progress: Progress = SILENT) -> VerifyResult:
     """Re-read the output and check every changed tensor against a float64 reference.
 
     The bound per element is half an ulp of the output dtype at the reference value plus the
@@ -35,7 +37,7 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
 
     merged = open_checkpoint(out)
     _all_finite(merged, edits, progress)
-    worst: dict[str, Any] = {"name": None, "ratio": 0.0, "max_abs_error": 0.0}
+    worst = VerifyResult(name=None, ratio=0.0, max_abs_error=0.0, checked=len(edits), ok=True)
     with progress.bar("verify", total=len(edits), unit="tensor") as bar:
         for name, e in edits.items():
             bar.update(1)
@@ -43,8 +45,8 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
             if sign < 0 and e.full is not None:
                 ref = record.load("replaced", name, dtype=torch.float64)  # type: ignore
                 if not torch.equal(got, ref):
-                    worst = {"name": name, "ratio": math.inf,
-                             "max_abs_error": float((got - ref).abs().max())}
+                    worst.name, worst.ratio = name, math.inf
+                    worst.max_abs_error = float((got - ref).abs().max())
                     break
                 continue
             ref, bound_abs, r = _reference(base.load(e.source, dtype=torch.float64), e, sign,
@@ -57,18 +59,17 @@ def verify_output(base: Any, out: Path, edits: dict[str, Edit], sign: float,
             bound = half_ulp * ref.abs() + (r + 3) * 2.0 ** -24 * bound_abs + tiny
             err = (got - ref).abs()
             ratio = float((err / bound).max()) if err.numel() else 0.0
-            if ratio > worst["ratio"]:
-                worst = {"name": name, "ratio": ratio, "max_abs_error": float(err.max())}
-    worst["checked"] = len(edits)
-    worst["ok"] = worst["ratio"] <= 1.0
-    if not worst["ok"]:
-        raise LoraToolError(f"--verify: {worst['name']} is off by {worst['max_abs_error']:.3g}, "
-                            f"{worst['ratio']:.2f}× the rounding bound; the output is wrong "
+            if ratio > worst.ratio:
+                worst.name, worst.ratio, worst.max_abs_error = name, ratio, float(err.max())
+    worst.ok = worst.ratio <= 1.0
+    if not worst.ok:
+        raise LoraToolError(f"--verify: {worst.name} is off by {worst.max_abs_error:.3g}, "
+                            f"{worst.ratio:.2f}× the rounding bound; the output is wrong "
                             "and was not written (please report this)")
     return worst
 
 
-def _all_finite(merged: Any, edits: dict[str, Edit], progress: Progress) -> None:
+def _all_finite(merged: Checkpoint, edits: dict[str, Edit], progress: Progress) -> None:
     """No NaN or Inf in the tensors merge copied unchanged (they came from the base as they
     were: merge computes and checks only the ones it changes)."""
 
@@ -83,8 +84,8 @@ def _all_finite(merged: Any, edits: dict[str, Edit], progress: Progress) -> None
                                     "the base: the base is damaged there; nothing was written")
 
 
-def _reference(W: Any, e: Edit, sign: float, record: UnmergeRecord | None, name: str
-               ) -> tuple[Any, Any, int]:
+def _reference(W: torch.Tensor, e: Edit, sign: float, record: UnmergeRecord | None,
+               name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The float64 result of one edit, the absolute-value sum that bounds its float32
     rounding, and the largest rank involved."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 
@@ -26,6 +26,10 @@ from ..headers.adapters import check_one_format, detect
 from ..headers.checkpoint import Checkpoint
 from ..headers.sources import resolve_input
 from ..io.tensors import open_checkpoint
+from ..options import Options
+
+if TYPE_CHECKING:
+    from ..model.adapter import LoraAdapter
 
 REGISTRY: dict[str, Format] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT,
                                                    gguf.FORMAT)}
@@ -56,7 +60,7 @@ def output_format(out: Path, fmt: str | None, default: str, allowed: tuple[str, 
     return fmt
 
 
-def read_any(spec: str, base: str | None = None) -> Any:
+def read_any(spec: str, base: str | None = None) -> LoraAdapter:
     """Read an adapter of any supported format into a LoraAdapter (``base``, a path or Hub id,
     resolves kohya names that cannot be mapped back alone)."""
 
@@ -70,7 +74,7 @@ def read_any(spec: str, base: str | None = None) -> Any:
 read_adapter = read_any
 
 
-def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
+def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     """Read an already opened adapter checkpoint into a LoraAdapter."""
     spec = ckpt.source or str(ckpt.path)
     kind, fmt = detect(ckpt)
@@ -87,7 +91,7 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> Any:
     return ad
 
 
-def lyco_message(ad: Any, why: str, how: str = "") -> str:
+def lyco_message(ad: LoraAdapter, why: str, how: str = "") -> str:
     """The one line for LyCORIS modules a step cannot take: what they are, and how to turn
     them into LoRA."""
 
@@ -100,14 +104,14 @@ def lyco_message(ad: Any, why: str, how: str = "") -> str:
     return f"the adapter holds LyCORIS modules ({what}); {why}: {how}"
 
 
-def require_lora(ad: Any, spec: str, why: str) -> None:
+def require_lora(ad: LoraAdapter, spec: str, why: str) -> None:
     """Refuse LyCORIS modules where a step works on LoRA factors only; ``why`` says so in a
     whole clause ("combine works on LoRA factors")."""
     if ad.lyco:
         raise FormatError(f"{spec}: " + lyco_message(ad, why))
 
 
-def require_resolved(ad: Any, spec: str) -> None:
+def require_resolved(ad: LoraAdapter, spec: str) -> None:
     """kohya names read without --base stay underscored; nothing but kohya can use them."""
     if ad.unresolved:
         raise FormatError(f"{spec}: kohya names like {ad.unresolved[0]} cannot be mapped back "
@@ -115,17 +119,17 @@ def require_resolved(ad: Any, spec: str) -> None:
                           "ambiguous); pass --base BASE")
 
 
-def lossy(ad: Any, fmt: str) -> list[str]:
+def lossy(ad: LoraAdapter, fmt: str) -> list[str]:
     """What ``fmt`` cannot hold of ``ad``: one phrase per kind of loss."""
     return REGISTRY[fmt].lossy(ad)
 
 
-def drop_unsupported(ad: Any, fmt: str) -> Any:
+def drop_unsupported(ad: LoraAdapter, fmt: str) -> LoraAdapter:
     """A copy of ``ad`` without what ``fmt`` cannot hold (only when the user asked)."""
     return REGISTRY[fmt].keep(ad)
 
 
-def drop_base_copies(ad: Any, base: Checkpoint) -> list[str]:
+def drop_base_copies(ad: LoraAdapter, base: Checkpoint) -> list[str]:
     """Remove the full tensors that equal the base's own (PEFT saves ``base_layer.weight``
     copies of adapted embeddings and heads); they change nothing when merged, and formats
     without full tensors (kohya, GGUF) can then hold the adapter. Returns their names."""
@@ -140,9 +144,23 @@ def drop_base_copies(ad: Any, base: Checkpoint) -> list[str]:
     return same
 
 
-def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
+@overload
+def write_adapter(ad: LoraAdapter, out: Path, fmt: str, *, base: str | None = ...,
+                  force: bool = ..., inputs: list[Path] | None = ..., note: str = ...,
+                  with_info: Literal[False] = ..., options: Options | None = ...) -> str: ...
+
+
+@overload
+def write_adapter(ad: LoraAdapter, out: Path, fmt: str, *, base: str | None = ...,
+                  force: bool = ..., inputs: list[Path] | None = ..., note: str = ...,
+                  with_info: Literal[True], options: Options | None = ...
+                  ) -> tuple[str, dict[str, object] | None]: ...
+
+
+def write_adapter(ad: LoraAdapter, out: Path, fmt: str, *, base: str | None = None,
                   force: bool = False, inputs: list[Path] | None = None, note: str = "",
-                  with_info: bool = False) -> Any:
+                  with_info: bool = False, options: Options | None = None
+                  ) -> str | tuple[str, dict[str, object] | None]:
     """Write ``ad`` in ``fmt`` (refusing what the format cannot hold); the output path (and,
     with ``with_info``, what the writer reports, such as GGUF's alpha)."""
     if ad.lyco:
@@ -155,5 +173,6 @@ def write_adapter(ad: Any, out: Path, fmt: str, *, base: str | None = None,
     lost = lossy(ad, fmt)
     if lost:
         raise FormatError(f"{fmt} cannot hold {'; '.join(lost)}; choose another format")
-    path, info = REGISTRY[fmt].write(ad, out, force=force, inputs=inputs, note=note, base=base)
+    path, info = REGISTRY[fmt].write(ad, out, force=force, inputs=inputs, note=note, base=base,
+                                     options=options)
     return (str(path), info) if with_info else str(path)

@@ -12,10 +12,22 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
-# write(ad, out, *, force, inputs, note, base) → (the path written, details or None)
-Writer = Callable[..., tuple[Path, Any]]
+from ..model.adapter import LoraAdapter, LoraModule
+
+if TYPE_CHECKING:
+    from ..headers.checkpoint import Checkpoint
+    from ..options import Options
+
+
+class Writer(Protocol):
+    """write(ad, out, *, force, inputs, note, base, options) → (the path written, details or
+    None)."""
+
+    def __call__(self, ad: LoraAdapter, out: Path, *, force: bool = ...,
+                 inputs: list[Path] | None = ..., note: str = ..., base: str | None = ...,
+                 options: Options | None = ...) -> tuple[Path, dict[str, object] | None]: ...
 
 
 @dataclass(frozen=True)
@@ -26,15 +38,17 @@ class Format:
     writes: str  # what -o becomes, for messages: "one .gguf file"
     suffix: str | None  # the file suffix of a single-file output; None: always a folder
     default_file: str | None  # the file written inside a folder -o (None: several files)
-    claims: Callable[[Any], bool] | None  # (checkpoint) → is it this format? None: write-only
-    read: Callable[[Any, str | None], Any] | None  # (checkpoint, base) → LoraAdapter
+    claims: Callable[[Checkpoint], bool] | None  # is it this format? None: write-only
+    read: Callable[[Checkpoint, str | None], LoraAdapter] | None  # (checkpoint, base)
     write: Writer
-    lossy: Callable[[Any], list[str]]  # what it cannot hold of an adapter: one phrase a kind
-    keep: Callable[[Any], Any]  # a copy of an adapter without what it cannot hold
+    # what it cannot hold of an adapter: one phrase a kind
+    lossy: Callable[[LoraAdapter], list[str]]
+    keep: Callable[[LoraAdapter], LoraAdapter]  # a copy of an adapter without what it cannot hold
 
 
-def held(ad: Any, *, full: bool = True, bias: bool = True, magnitude: bool = True,
-         layouts: tuple[str, ...] = ("linear", "fan_in_fan_out", "embedding", "conv")) -> Any:
+def held(ad: LoraAdapter, *, full: bool = True, bias: bool = True, magnitude: bool = True,
+         layouts: tuple[str, ...] = ("linear", "fan_in_fan_out", "embedding", "conv")
+         ) -> LoraAdapter:
     """A copy of ``ad`` with only what a format holds (for ``keep``)."""
     out = copy.copy(ad)
     out.full = dict(ad.full) if full else {}
@@ -49,8 +63,8 @@ def held(ad: Any, *, full: bool = True, bias: bool = True, magnitude: bool = Tru
     return out
 
 
-def losses(ad: Any, checks: list[tuple[str, Callable[[Any], bool]]], full: bool = False
-           ) -> list[str]:
+def losses(ad: LoraAdapter, checks: list[tuple[str, Callable[[LoraModule], bool]]],
+           full: bool = False) -> list[str]:
     """One phrase per kind of module a format cannot hold (and its full tensors)."""
     out = []
     for label, pred in checks:

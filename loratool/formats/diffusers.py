@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..formats import peft
@@ -24,6 +24,10 @@ from ..headers.adapters import DIFFUSERS_META, DIFFUSERS_RENAMED, diffusers_layo
 from ..headers.checkpoint import Checkpoint
 from ..io.writer import CheckpointWriter
 from ..model.adapter import LoraAdapter
+from ..options import Options
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -52,23 +56,23 @@ def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     return ad
 
 
-def lossy(ad: Any) -> list[str]:
+def lossy(ad: LoraAdapter) -> list[str]:
     """What a diffusers LoRA file cannot hold."""
     return losses(ad, [("mixture-of-experts parameters", lambda m: bool(m.experts))],
                   full=True)
 
 
-def keep(ad: Any) -> Any:
+def keep(ad: LoraAdapter) -> LoraAdapter:
     return held(ad, full=False)
 
 
-def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
-          note: str = "", base: str | None = None) -> Path:
+def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None, options: Options | None = None) -> Path:
     """``out`` ending in .safetensors, else ``out/pytorch_lora_weights.safetensors``."""
 
-    packed: dict[str, Any] = {}
+    packed: dict[str, object] = {}
     renamed: dict[str, str | None] = {}
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for comp in ad.components:
         # an adapter for a plain model (no component) is written as the pipeline's denoiser
         written = comp if comp is not None else "transformer"
@@ -90,7 +94,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     if any(k != v for k, v in renamed.items()):
         meta[DIFFUSERS_RENAMED] = json.dumps(renamed)
     w, target = CheckpointWriter.file_or_folder(out, WEIGHTS, inputs=inputs, force=force,
-                                                metadata=meta)
+                                                metadata=meta, options=options)
     with w:
         for k, t in tensors.items():
             w.add(k, t)

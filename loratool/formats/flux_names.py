@@ -16,12 +16,15 @@ Example: ``original_map(config)["double_blocks.0.img_attn.qkv"]`` → its diffus
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from ..errors import FormatError
 from ..model.adapter import LoraModule
+
+if TYPE_CHECKING:
+    from ..headers.safetensors import TensorInfo
 
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
            "img_attn.proj": ("attn.to_out.0",), "img_mlp.0": ("ff.net.0.proj",),
@@ -72,12 +75,12 @@ _SD3_OTHER = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_
 CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")
 
 
-def is_fused(config: dict[str, Any] | None) -> bool:
+def is_fused(config: dict[str, object] | None) -> bool:
     """A transformer whose original checkpoints fuse modules: Flux or SD3."""
     return bool(config) and config.get("_class_name") in CLASSES  # type: ignore
 
 
-def original_map(config: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], bool]]:
+def original_map(config: dict[str, object]) -> dict[str, tuple[tuple[str, ...], bool]]:
     """Every original module name → (the diffusers modules it holds in row order, whether its
     two halves of rows are swapped)."""
     out: dict[str, tuple[tuple[str, ...], bool]] = {}
@@ -103,14 +106,15 @@ def original_map(config: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], boo
     return out
 
 
-def swap_rows(t: Any) -> Any:
+def swap_rows(t: torch.Tensor) -> torch.Tensor:
     """(shift, scale) ↔ (scale, shift): the two halves of the rows exchanged."""
 
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 
 
-def split(m: Any, parts: tuple[str, ...], rows: list[int], swapped: bool) -> list[Any]:
+def split(m: LoraModule, parts: tuple[str, ...], rows: list[int], swapped: bool
+          ) -> list[LoraModule]:
     """A LoRA on a fused BFL weight as LoRAs on diffusers' parts: each part's rows of B and
     the same scale: exactly the same ΔW rows. Columns of B a part does not use (a fused file
     made from separate LoRAs is block-diagonal) are dropped with their rows of A, and a part
@@ -140,7 +144,8 @@ def split(m: Any, parts: tuple[str, ...], rows: list[int], swapped: bool) -> lis
     return out
 
 
-def fuse(name: str, parts: list[Any | None], rows: list[int], dtype: Any) -> Any:
+def fuse(name: str, parts: list[LoraModule | None], rows: list[int], dtype: torch.dtype
+         ) -> LoraModule:
     """LoRAs on some of a fused weight's parts as one LoRA on the fused weight: A stacked
     [Σr, in], B block-diagonal [Σrows, Σr] with each part's scale folded in (a part without
     LoRA gets zero rows), alpha = Σr so the scale is 1."""
@@ -159,8 +164,8 @@ def fuse(name: str, parts: list[Any | None], rows: list[int], dtype: Any) -> Any
                       component=first.component)
 
 
-def to_original(modules: list[Any], config: dict[str, Any], shapes: dict[str, Any]
-                ) -> tuple[list[Any], set[str]] | None:
+def to_original(modules: list[LoraModule], config: dict[str, object],
+                shapes: Mapping[str, TensorInfo]) -> tuple[list[LoraModule], set[str]] | None:
     """A Flux or SD3 transformer's LoRA modules named as the original model names them
     (parts fused, one rank Σrᵢ), for kohya files; and the keys of the modules that now carry
     original names. None when a module has no counterpart or cannot be fused (DoRA, bias)."""
@@ -169,7 +174,7 @@ def to_original(modules: list[Any], config: dict[str, Any], shapes: dict[str, An
     for orig, (parts, swapped) in original_map(config).items():
         for i, p in enumerate(parts):
             where[p] = (orig, i, parts, swapped)
-    groups: dict[str, list[Any]] = {}
+    groups: dict[str, list[LoraModule | None]] = {}
     for m in modules:
         if m.name not in where or m.magnitude is not None or m.bias is not None or (
                 len(where[m.name][2]) > 1 and m.layout != "linear"):

@@ -20,7 +20,6 @@ import copy
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -35,9 +34,10 @@ from ..headers.sources import hub_repo_of
 from ..io.staging import Stage, output_os_error
 from ..io.tensors import open_checkpoint
 from ..model.adapter import LoraAdapter, LoraModule, drop_head_mirror
+from ..options import Options
 
 
-def lossy(ad: Any) -> list[str]:
+def lossy(ad: LoraAdapter) -> list[str]:
     """What a GGUF adapter cannot hold."""
     return losses(ad, [("DoRA magnitude", lambda m: m.magnitude is not None),
                        ("lora_B bias", lambda m: m.bias is not None),
@@ -46,12 +46,12 @@ def lossy(ad: Any) -> list[str]:
                   full=True)
 
 
-def keep(ad: Any) -> Any:
+def keep(ad: LoraAdapter) -> LoraAdapter:
     return held(ad, full=False, bias=False, magnitude=False,
                 layouts=("linear", "fan_in_fan_out", "embedding", "experts"))
 
 
-def _for_tied_base(ad: Any) -> Any:
+def _for_tied_base(ad: LoraAdapter) -> LoraAdapter:
     """A base that ties its head to the token embeddings: llama.cpp's model has one tensor,
     token_embd, for both, and looks LoRA pairs up by tensor name, so it would apply a token
     embedding LoRA to the output layer too, in a layout that does not fit."""
@@ -70,7 +70,8 @@ def _for_tied_base(ad: Any) -> Any:
     return ad
 
 
-def for_llama_cpp(ad: Any, config: dict[str, Any] | None, where: str) -> tuple[Any, str]:
+def for_llama_cpp(ad: LoraAdapter, config: dict[str, object] | None, where: str
+                  ) -> tuple[LoraAdapter, str]:
     """``ad`` named and laid out as llama.cpp's model (see ``gguf_names.to_gguf``), and the
     architecture name; an adapter read from GGUF is already."""
     if ad.naming == "gguf":
@@ -84,7 +85,7 @@ def for_llama_cpp(ad: Any, config: dict[str, Any] | None, where: str) -> tuple[A
     return to_gguf(ad, arch), arch.name
 
 
-def plan(ad: Any) -> tuple[float, list[tuple[str, Any, Any, float]]]:
+def plan(ad: LoraAdapter) -> tuple[float, list[tuple[str, torch.Tensor, torch.Tensor, float]]]:
     """For an adapter in llama.cpp's naming: the file's alpha and, per module, (tensor name,
     lora_a, lora_b, factor baked into b)."""
 
@@ -102,7 +103,7 @@ def plan(ad: Any) -> tuple[float, list[tuple[str, Any, Any, float]]]:
     return alpha, rows
 
 
-def _base_model(w: Any, spec: str | None) -> None:
+def _base_model(w: gguf.GGUFWriter, spec: str | None) -> None:
     """``general.base_model.*`` as llama.cpp's converter writes it, for a Hub id only (a local
     path means nothing to whoever loads the file)."""
 
@@ -118,8 +119,9 @@ def _base_model(w: Any, spec: str | None) -> None:
         w.add_base_model_version(0, hub[1])
 
 
-def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
-          note: str = "", base: str | None = None) -> tuple[Path, dict[str, Any]]:
+def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None, options: Options | None = None
+          ) -> tuple[Path, dict[str, object]]:
     """Write ``out`` (a .gguf file; a folder gets ``adapter.gguf``) atomically. ``base``
     (path or Hub id) gives the architecture and llama.cpp's tensor names."""
     config = None
@@ -133,7 +135,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     alpha, rows = plan(ad)
     target = out if out.suffix == ".gguf" else out / "adapter.gguf"
     # a .gguf file, or a folder holding adapter.gguf: the same stage as every output
-    with Stage(out, inputs, force, file=target.name if target is out else None) as stage:
+    with Stage(out, inputs, force, file=target.name if target is out else None,
+               options=options) as stage:
         assert stage.tmp is not None
         try:
             w = gguf.GGUFWriter(str(stage.tmp / target.name), arch)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gguf
 import torch
@@ -27,6 +27,11 @@ from ..errors import FormatError
 from ..headers import moe
 from ..headers.moe import on_disk
 from ..model.adapter import LoraModule
+
+if TYPE_CHECKING:
+    from ..headers.checkpoint import Checkpoint
+    from ..headers.gguf import GgufHeader
+    from ..model.adapter import LoraAdapter
 
 # transformers model_type → llama.cpp architecture (its converter's registrations)
 ARCHES = {
@@ -60,7 +65,7 @@ class Arch:
         return self.name in PERMUTED
 
     @staticmethod
-    def of_config(cfg: dict[str, Any], where: str = "the base") -> Arch:
+    def of_config(cfg: dict[str, object], where: str = "the base") -> Arch:
         """From a transformers config.json."""
         model_type = cfg.get("model_type")
         if model_type not in ARCHES:
@@ -72,7 +77,7 @@ class Arch:
                     heads, int(cfg.get("num_key_value_heads") or heads))
 
     @staticmethod
-    def of_header(h: Any, where: str) -> Arch:
+    def of_header(h: GgufHeader, where: str) -> Arch:
         """From a GGUF model's metadata."""
         arch = h.architecture
         if not arch:
@@ -82,7 +87,7 @@ class Arch:
         kv = h.arch_value("attention.head_count_kv")
         return Arch(arch, int(n or 0), int(heads or 0), int(kv or heads or 0))
 
-    def tensor_map(self) -> Any:
+    def tensor_map(self) -> gguf.TensorNameMap:
         try:
             enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.name)
         except StopIteration:
@@ -91,7 +96,7 @@ class Arch:
         return gguf.get_tensor_name_map(enum, self.n_layers)
 
 
-def permute_rows(w: Any, n_head: int, inverse: bool = False) -> Any:
+def permute_rows(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
     """llama.cpp's q/k row permutation (its converter's ``LlamaModel.permute``), or its
     inverse: rows within each head reordered, a pure data movement."""
     rows = w.shape[0]
@@ -104,7 +109,7 @@ def permute_rows(w: Any, n_head: int, inverse: bool = False) -> Any:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def _name(tmap: Any, hf: str) -> str | None:
+def _name(tmap: gguf.TensorNameMap, hf: str) -> str | None:
     for n in on_disk(hf):
         found = tmap.get_name(n + ".weight", try_suffixes=(".weight",))
         if found is not None:
@@ -112,7 +117,7 @@ def _name(tmap: Any, hf: str) -> str | None:
     return None
 
 
-def _expert_names(tmap: Any, fused: str) -> list[tuple[str, int]]:
+def _expert_names(tmap: gguf.TensorNameMap, fused: str) -> list[tuple[str, int]]:
     """The llama.cpp tensors of a fused expert parameter: (name, row block)."""
     module, _, param = fused.rpartition(".")
     layer = module[: -len(".mlp.experts")] if module.endswith(".mlp.experts") else None
@@ -140,7 +145,7 @@ def _refuse(arch: Arch, name: str) -> None:
                               "merge with `loratool merge` into the transformers model instead")
 
 
-def to_gguf(ad: Any, arch: Arch) -> Any:
+def to_gguf(ad: LoraAdapter, arch: Arch) -> LoraAdapter:
     """A copy of ``ad`` named and laid out as llama.cpp's model of ``arch``: modules
     ``blk.N.…`` whose ΔW is the GGUF weight's change."""
 
@@ -172,7 +177,8 @@ def to_gguf(ad: Any, arch: Arch) -> Any:
     return out
 
 
-def from_gguf(ad: Any, arch: Arch, base: Any, model_type: str | None) -> Any:
+def from_gguf(ad: LoraAdapter, arch: Arch, base: Checkpoint, model_type: str | None
+              ) -> LoraAdapter:
     """``ad`` named as llama.cpp names tensors, renamed for the transformers model ``base``
     (q/k rows un-permuted; a layer's gate and up experts fused as transformers fuses them)."""
 
@@ -188,7 +194,7 @@ def from_gguf(ad: Any, arch: Arch, base: Any, model_type: str | None) -> Any:
             back[g] = (moe.in_memory(fused, model_type), block)
     out = copy.copy(ad)
     out.modules, out.naming = {}, "hf"
-    pending: dict[str, dict[int, Any]] = {}
+    pending: dict[str, dict[int, LoraModule]] = {}
     for m in ad.modules.values():
         if m.name not in back:
             raise FormatError(f"tensor {m.name}: the base has no module llama.cpp names so")
@@ -205,7 +211,7 @@ def from_gguf(ad: Any, arch: Arch, base: Any, model_type: str | None) -> Any:
     return out
 
 
-def _fuse(name: str, parts: list[Any]) -> Any:
+def _fuse(name: str, parts: list[LoraModule]) -> LoraModule:
     """gate and up experts as one gate_up_proj module: one A when they share it, else both
     A's stacked and B block-diagonal (rank r_gate + r_up): the same ΔW either way."""
 

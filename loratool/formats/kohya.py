@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Collection
 
 import torch
 
@@ -47,6 +47,7 @@ from ..io.writer import CheckpointWriter
 from ..model.adapter import LoraAdapter, LoraModule, is_pipeline, pipeline_folders
 from ..model.lyco import LycoModule
 from ..numerics import ops
+from ..options import Options
 from ..units import natural_key
 
 
@@ -115,7 +116,7 @@ class BaseNames:
         return t.get(underscored)
 
 
-def _single_file_tables(names: Any) -> dict[str | None, dict[str, str | None]]:
+def _single_file_tables(names: Collection[str]) -> dict[str | None, dict[str, str | None]]:
     """For a single-file Stable Diffusion checkpoint: the UNet's modules (SGM or diffusers
     underscored names → diffusers names) and the CLIP text encoder's (→ transformers names),
     the names a pipeline folder would give them; empty for other checkpoints."""
@@ -198,8 +199,9 @@ def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     return ad
 
 
-def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames | None,
-          unresolved: list[str], where: str) -> tuple[str | None, str, str]:
+def _name(stem: str, down: torch.Tensor | None, names: dict[str, list[str | None]],
+          resolver: BaseNames | None, unresolved: list[str], where: str
+          ) -> tuple[str | None, str, str]:
     """(component, module name, layout) of a stem: recorded, resolved against the base, or
     left underscored."""
     prefix, rest = split_stem(stem)
@@ -226,7 +228,7 @@ def _name(stem: str, down: Any, names: dict[str, list[Any]], resolver: BaseNames
 
 
 def _module(ckpt: Checkpoint, stem: str, parts: dict[str, TensorInfo],
-            names: dict[str, list[Any]], resolver: BaseNames | None, unresolved: list[str],
+            names: dict[str, list[str | None]], resolver: BaseNames | None, unresolved: list[str],
             where: str) -> LoraModule | LycoModule:
     kind = kind_of(stem, parts, where)
     if kind != "lora":
@@ -257,7 +259,7 @@ def _magnitude(ckpt: Checkpoint, parts: dict[str, TensorInfo]) -> torch.Tensor |
     return None if info is None else ckpt.load(info.name).reshape(-1)
 
 
-def lossy(ad: Any) -> list[str]:
+def lossy(ad: LoraAdapter) -> list[str]:
     """What a kohya file cannot hold."""
     return losses(ad, [("embedding LoRA", lambda m: m.layout == "embedding"),
                        ("lora_B bias", lambda m: m.bias is not None),
@@ -265,12 +267,12 @@ def lossy(ad: Any) -> list[str]:
                   full=True)
 
 
-def keep(ad: Any) -> Any:
+def keep(ad: LoraAdapter) -> LoraAdapter:
     return held(ad, full=False, bias=False, layouts=("linear", "fan_in_fan_out", "conv"))
 
 
-def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
-          note: str = "", base: str | None = None) -> Path:
+def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None, options: Options | None = None) -> Path:
     """One kohya safetensors file: ``out`` if it ends in .safetensors, else
     ``out/lora.safetensors``."""
 
@@ -281,8 +283,8 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     prefix_of = {None: "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_",
                  "text_encoder": te, "text_encoder_2": "lora_te2_",
                  "text_encoder_3": "lora_te3_"}
-    names: dict[str, list[Any]] = {}
-    tensors: dict[str, Any] = {}
+    names: dict[str, list[str | None]] = {}
+    tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = [], []
     for m in sorted(modules, key=lambda m: natural_key(m.key)):
         if m.component not in prefix_of:
@@ -311,7 +313,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     names = {s: v for s, v in names.items() if (f"{v[0]}.{v[1]}" if v[0] else v[1]) not in bfl}
     meta[NAMES_KEY] = json.dumps(names, separators=(",", ":"))
     w, target = CheckpointWriter.file_or_folder(out, "lora.safetensors", inputs=inputs,
-                                                force=force, metadata=meta)
+                                                force=force, metadata=meta, options=options)
     with w:
         for k, t in tensors.items():
             w.add(k, t)
@@ -330,7 +332,7 @@ def _base_model(base: str | None, sub: str) -> Checkpoint | None:
         return None
 
 
-def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
+def _flux_modules(ad: LoraAdapter, base: str | None) -> tuple[list[LoraModule], set[str]]:
     """The modules to write: a Flux transformer's fused and named as BFL (and sd-scripts)
     names them when ``--base`` is a Flux transformer or pipeline; else as they are."""
 
@@ -346,7 +348,7 @@ def _flux_modules(ad: Any, base: str | None) -> tuple[list[Any], set[str]]:
     return [m for m in mods if id(m) not in taken] + fused[0], fused[1]
 
 
-def _sgm_names(ad: Any, base: str | None) -> dict[str, str]:
+def _sgm_names(ad: LoraAdapter, base: str | None) -> dict[str, str]:
     """SGM names for the UNet modules of an SDXL adapter, as sd-scripts names them, when the
     base (``--base``) has an SDXL UNet: its config numbers the blocks. Empty (diffusers names,
     which diffusers and ComfyUI read too) without a base, or when a module has no SGM name."""

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -27,10 +27,14 @@ from ..headers.sources import hub_repo_of
 from ..io.writer import CheckpointWriter
 from ..model import experts
 from ..model.adapter import LoraAdapter, LoraModule
+from ..options import Options
 from ..units import natural_key
 
+if TYPE_CHECKING:
+    from ..formats.peft_params import FactorParts
 
-def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str,
+
+def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, object], where: str,
                        component: str | None = None, prefix: str = PEFT_PREFIX
                        ) -> tuple[list[LoraModule], dict[str, torch.Tensor]]:
     """Group PEFT-style keys into LoraModules (+ full tensors), applying the config's rules.
@@ -49,8 +53,8 @@ def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], wher
                 raise FormatError(f"{where}: {pat}[{k!r}] must be a number, got {v!r}")
     rslora = bool(cfg.get("use_rslora", False))
     fan = bool(cfg.get("fan_in_fan_out", False))
-    parts: dict[str, dict[str, Any]] = {}
-    full: dict[str, Any] = {}
+    parts: dict[str, FactorParts] = {}
+    full: dict[str, torch.Tensor] = {}
     for key, t in state.items():
         rel = key[len(prefix):] if key.startswith(prefix) else key
         sk = split_key(rel)
@@ -106,7 +110,7 @@ def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], wher
     return modules, full
 
 
-def read(ckpt: Checkpoint, base: str | None = None) -> Any:
+def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
     """A PEFT adapter folder (or bare PEFT safetensors beside its config) → LoraAdapter."""
 
     where = str(ckpt.source or ckpt.path)
@@ -129,7 +133,8 @@ def read(ckpt: Checkpoint, base: str | None = None) -> Any:
     return ad
 
 
-def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, Any], list]:
+def peft_config_for(ad: LoraAdapter, component: str | None = None
+                    ) -> tuple[dict[str, object], list[LoraModule]]:
     r"""The adapter_config for ``ad``'s modules (of one component): minimal, complete, exact.
 
     rank_pattern/alpha_pattern carry per-module values; keys are escaped full module names, so
@@ -152,7 +157,7 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
     names = {m.name for m in mods}
     orig = ad.peft_config or {}
     params = sorted((m.name for m in mods if m.experts), key=natural_key)
-    target: Any = sorted(names - set(params), key=natural_key) or None
+    target: object = sorted(names - set(params), key=natural_key) or None
     if ad.source_modules == names:
         # unchanged since read: keep the original (often shorter, suffix-style) targets
         target = orig.get("target_modules") or target
@@ -191,10 +196,11 @@ def peft_config_for(ad: Any, component: str | None = None) -> tuple[dict[str, An
     return cfg, sorted(mods, key=lambda m: natural_key(m.name))
 
 
-def state_for(mods: list, full: dict[str, Any], prefix: str = PEFT_PREFIX) -> dict[str, Any]:
+def state_for(mods: list[LoraModule], full: dict[str, torch.Tensor], prefix: str = PEFT_PREFIX
+              ) -> dict[str, torch.Tensor]:
     """PEFT keys for modules (and full tensors), in natural order."""
 
-    out: dict[str, Any] = {}
+    out: dict[str, torch.Tensor] = {}
     wrapped = moe.peft_keys([m.name for m in mods if m.experts])
     for m in mods:
         p = prefix + m.name
@@ -232,7 +238,7 @@ TASKS = (("ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM"),
 AUTO_CLASS = {task: cls for _, task, cls in TASKS}
 
 
-def task_type_for(architectures: Any) -> str | None:
+def task_type_for(architectures: object) -> str | None:
     """PEFT's task_type for a config's ``architectures`` (``BertModel`` → FEATURE_EXTRACTION)."""
     for arch in architectures if isinstance(architectures, list) else []:
         for suffix, task, _ in TASKS:
@@ -241,12 +247,12 @@ def task_type_for(architectures: Any) -> str | None:
     return None
 
 
-def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
+def model_card(ad: LoraAdapter, cfg: dict[str, object], note: str) -> str:
     """A README.md with the Hub's metadata: base_model (only a Hub id, never a local path),
     library_name: peft, tags; the loading snippet uses the class that fits the task."""
 
     hub = hub_repo_of(ad.base_model)
-    meta: dict[str, Any] = {}
+    meta: dict[str, object] = {}
     if hub:
         meta.update(base_model=hub[0], base_model_relation="adapter")
     meta.update(library_name="peft", tags=["lora", "loratool"])
@@ -269,8 +275,8 @@ def model_card(ad: Any, cfg: dict[str, Any], note: str) -> str:
     return "\n".join(lines)
 
 
-def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
-          note: str = "", base: str | None = None) -> Path:
+def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
+          note: str = "", base: str | None = None, options: Options | None = None) -> Path:
     """Write a PEFT adapter folder that ``PeftModel.from_pretrained`` loads as it is."""
 
     comps = ad.components
@@ -281,7 +287,7 @@ def write(ad: Any, out: Path, *, force: bool = False, inputs: list[Path] | None 
     cfg = {k: v for k, v in cfg.items() if v is not None or k in ("task_type",
                                                                    "base_model_name_or_path")}
     with CheckpointWriter(out, inputs=inputs, force=force, filename="adapter_model.safetensors",
-                          max_shard_size=1 << 62) as w:
+                          max_shard_size=1 << 62, options=options) as w:
         for name, t in state_for(mods, ad.full).items():
             w.add(name, t)
         w.add_file("adapter_config.json", json.dumps(cfg, indent=2) + "\n")

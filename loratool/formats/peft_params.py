@@ -6,7 +6,7 @@ rank r·E as one factor pair per expert. The naming rules are ``loratool.headers
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from ..errors import FormatError
 from ..headers import moe
@@ -14,8 +14,22 @@ from ..headers.adapters import pattern_value
 from ..model import experts
 from ..model.adapter import LoraModule
 
+if TYPE_CHECKING:
+    import torch
 
-def parameter_modules(parts: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> set[str]:
+
+class FactorParts(TypedDict, total=False):
+    """One PEFT module's tensors as read from its keys: the factors, the embedding flag,
+    and DoRA's magnitude and lora_B's bias when present."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    emb: bool  # lora_embedding_A/B rather than lora_A/B
+    magnitude: torch.Tensor
+    bias: torch.Tensor
+
+
+def parameter_modules(parts: dict[str, FactorParts], cfg: dict[str, object]) -> set[str]:
     """Rename the parameter wrappers' keys in ``parts`` to the parameters they adapt; the
     names of the fused expert parameters among them."""
 
@@ -39,8 +53,9 @@ def parameter_modules(parts: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> 
     return fused
 
 
-def experts_module(name: str, A: Any, B: Any, cfg: dict[str, Any], default_alpha: float,
-                    rslora: bool, where: str, component: str | None) -> Any:
+def experts_module(name: str, A: torch.Tensor, B: torch.Tensor, cfg: dict[str, object],
+                   default_alpha: float, rslora: bool, where: str, component: str | None
+                   ) -> LoraModule:
     """A fused expert parameter's module from PEFT's factors of rank r·E."""
 
     alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, default_alpha, where)

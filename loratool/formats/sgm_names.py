@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Collection
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:
+    from ..model.adapter import LoraAdapter
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -37,16 +40,16 @@ _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downs
 _MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$")
 
 
-def is_unet(config: dict[str, Any] | None) -> bool:
+def is_unet(config: dict[str, object] | None) -> bool:
     return bool(config) and config.get("_class_name") == "UNet2DConditionModel"  # type: ignore
 
 
-def is_sdxl(config: dict[str, Any] | None) -> bool:
+def is_sdxl(config: dict[str, object] | None) -> bool:
     """A UNet with SDXL's added time and text conditioning."""
     return is_unet(config) and config.get("addition_embed_type") == "text_time"  # type: ignore
 
 
-def _layers(config: dict[str, Any], b: int) -> int:
+def _layers(config: dict[str, object], b: int) -> int:
     lpb = config.get("layers_per_block", 2)
     return int(lpb[b] if isinstance(lpb, (list, tuple)) else lpb)
 
@@ -61,7 +64,7 @@ def _inner(kind: str, rest: str | None) -> str | None:
     return RESNET[head] + ("." + tail if tail else "") if head in RESNET else None
 
 
-def to_sgm(name: str, config: dict[str, Any]) -> str | None:
+def to_sgm(name: str, config: dict[str, object]) -> str | None:
     """A diffusers UNet module name in SGM naming, or None where the layouts have no
     counterpart."""
     if name in WHOLE:
@@ -114,7 +117,7 @@ def _inner_back(kind: str, rest: str | None) -> str | None:
     return None
 
 
-def from_sgm(name: str, config: dict[str, Any]) -> str | None:
+def from_sgm(name: str, config: dict[str, object]) -> str | None:
     """The inverse of :func:`to_sgm`: an SGM module name as the diffusers UNet names it."""
     if name in _WHOLE_BACK:
         return _WHOLE_BACK[name]
@@ -164,7 +167,7 @@ UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 
 
-def single_file_config(names: Any) -> dict[str, Any] | None:
+def single_file_config(names: Collection[str]) -> dict[str, object] | None:
     """For a single-file Stable Diffusion checkpoint (``model.diffusion_model.*`` keys), the
     UNet structure its keys show (layers per block 2, which up blocks have attention); None
     for anything else."""
@@ -180,12 +183,13 @@ def single_file_config(names: Any) -> dict[str, Any] | None:
                                else "UpBlock2D" for u in ups]}
 
 
-def text_prefix(names: Any) -> str | None:
+def text_prefix(names: Collection[str]) -> str | None:
     """The prefix under which a single file keeps its transformers-layout CLIP text encoder."""
     return next((p for p in TEXT_PREFIXES if any(n.startswith(p) for n in names)), None)
 
 
-def to_single_file(ad: Any, names: Any, config: dict[str, Any], spec: str) -> Any:
+def to_single_file(ad: LoraAdapter, names: Collection[str], config: dict[str, object],
+                   spec: str) -> LoraAdapter:
     """An adapter for a pipeline's components renamed to a single-file checkpoint's tensors:
     the UNet's modules under ``model.diffusion_model.`` by their SGM names, the text
     encoder's under the file's CLIP prefix; one model, no components."""

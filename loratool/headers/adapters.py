@@ -18,7 +18,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping, TypedDict
 
 from ..errors import FormatError
 from ..reports.inspect import AdapterFacts, ModuleEntry
@@ -28,7 +28,21 @@ from .checkpoint import Checkpoint
 from .checks import ADAPTER_CONFIG, check_fields, parse_json, pattern_match
 from .safetensors import TensorInfo
 
-JsonDict = dict[str, Any]  # a config or a report entry, as JSON holds it
+JsonDict = dict[str, object]  # a config, as JSON holds it
+
+
+class _Described(TypedDict, total=False):
+    """One PEFT module as its tensors' names and shapes describe it (``describe_peft``)."""
+
+    name: str
+    rank: int
+    in_features: int | None
+    out_features: int
+    dtype: str
+    layout: str
+    kernel: list[int]
+    bias: bool
+    dora: bool
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -124,7 +138,7 @@ def config_number(cfg: JsonDict, key: str, where: str, default: float | None = N
 
 
 def pattern_value(patterns: object, module: str, default: object, where: object = ""
-                  ) -> Any:
+                  ) -> object:
     """PEFT's rule: the first key k with ``re.match(rf"(.*\\.)?({k})$", module)`` wins
     (matched with a time limit: see ``checks.pattern_match``)."""
     if not isinstance(patterns, dict):
@@ -136,7 +150,7 @@ def pattern_value(patterns: object, module: str, default: object, where: object 
     return default
 
 
-def rename_described(modules: dict[str, JsonDict], cfg: JsonDict) -> None:
+def rename_described(modules: dict[str, _Described], cfg: JsonDict) -> None:
     """Name parameter wrappers by the parameter they adapt (``target_parameters``)."""
     tp = cfg.get("target_parameters") or []
     if not tp:
@@ -147,7 +161,7 @@ def rename_described(modules: dict[str, JsonDict], cfg: JsonDict) -> None:
             modules[new]["layout"] = "experts"
 
 
-def experts_rank(mod: JsonDict, name: str, rows: int, cfg: JsonDict, where: str
+def experts_rank(mod: _Described, name: str, rows: int, cfg: JsonDict, where: str
                  ) -> tuple[int, int | None]:
     """(rank, experts) of a described module: an experts module's A has rank·E rows."""
     if mod.get("layout") != "experts":
@@ -164,7 +178,7 @@ def describe_peft(tensors: Mapping[str, TensorInfo], cfg: JsonDict, where: str,
     rslora = bool(cfg.get("use_rslora", False))
     dora = bool(cfg.get("use_dora", False))
     default_alpha = config_number(cfg, "lora_alpha", where, 8)  # PEFT's default is 8
-    modules: dict[str, JsonDict] = {}
+    modules: dict[str, _Described] = {}
     full: list[str] = []
     for name, info in tensors.items():
         key = name[len(prefix):] if name.startswith(prefix) else name
@@ -205,7 +219,7 @@ def describe_peft(tensors: Mapping[str, TensorInfo], cfg: JsonDict, where: str,
     return facts, out
 
 
-def _peft_module(mod: JsonDict, name: str, cfg: JsonDict, default_alpha: float, rslora: bool,
+def _peft_module(mod: _Described, name: str, cfg: JsonDict, default_alpha: float, rslora: bool,
                  dora: bool, where: str) -> ModuleEntry:
     rank, n_experts = experts_rank(mod, name, int(mod.get("rank", 0)), cfg, where)
     alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, default_alpha, where)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from ..errors import FormatError, InputError, os_input_error
 from ..progress import SILENT, Progress
@@ -63,7 +63,7 @@ class PickleNeedsTorch(FormatError):
 # --------------------------------------------------------------------------- folders
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> object:
     check_regular(path)
     try:
         raw = path.read_bytes()
@@ -93,8 +93,8 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     index: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] | None = None  # config.json
-    adapter_config: dict[str, Any] | None = None  # adapter_config.json
+    config: dict[str, object] | None = None  # config.json
+    adapter_config: dict[str, object] | None = None  # adapter_config.json
     source: str = ""  # what the user typed (a path or a Hub id)
     gguf: GgufHeader | None = None  # a GGUF file's header: metadata, tensor types
     # reads tensor data (None: headers only, as inspect opens a checkpoint)
@@ -275,7 +275,7 @@ def _open_hub(repo: HubRepo, spec: str, reader: TensorSource | None) -> Checkpoi
     return _assemble(folder, folder, rels, index, opener, spec, reader, repo.fetch)
 
 
-def _config(path: Path, lenient: bool) -> dict[str, Any] | None:
+def _config(path: Path, lenient: bool) -> dict[str, object] | None:
     """A JSON config beside the weights; for a single file named directly, a broken config in
     its folder is not the user's input, so it is ignored rather than fatal."""
     if not os.path.lexists(path):

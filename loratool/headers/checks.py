@@ -13,7 +13,7 @@ import math
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, TypeGuard
 
 import regex
 
@@ -23,7 +23,7 @@ REGEX_SECONDS = 0.25  # one pattern against one module name
 MAX_PICKLE_BYTES = 256 * 2**20  # data.pkl of a real checkpoint is KBs: it holds no tensor data
 
 
-def parse_json(text: str | bytes, where: Any, what: str = "the file") -> Any:
+def parse_json(text: str | bytes, where: str | Path, what: str = "the file") -> object:
     """``json.loads`` whose every failure (syntax, depth, a 5000-digit number, bad UTF-8, a
     lone surrogate) is a FormatError naming ``where``."""
     try:
@@ -40,7 +40,7 @@ def parse_json(text: str | bytes, where: Any, what: str = "the file") -> Any:
     return data
 
 
-def depth(data: Any) -> int:
+def depth(data: object) -> int:
     """How deeply lists and objects nest in parsed JSON (a scalar: 0)."""
     top, stack = 0, [(data, 0)]
     while stack:
@@ -56,7 +56,7 @@ def depth(data: Any) -> int:
     return top
 
 
-def check_text(data: Any, where: Any, what: str) -> None:
+def check_text(data: object, where: str | Path, what: str) -> None:
     """Every string (keys included) in parsed JSON must be valid UTF-8: JSON's ``\\ud800``
     escapes can smuggle in lone surrogates that no file name or terminal can take."""
     stack = [data]
@@ -72,7 +72,7 @@ def check_text(data: Any, where: Any, what: str) -> None:
             stack.extend(x)
 
 
-def _utf8(s: str, where: Any, what: str) -> None:
+def _utf8(s: str, where: str | Path, what: str) -> None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -82,23 +82,23 @@ def _utf8(s: str, where: Any, what: str) -> None:
 
 # --------------------------------------------------------------------------- typed fields
 
-def _is_str(v: Any) -> bool:
+def _is_str(v: object) -> TypeGuard[str]:
     return isinstance(v, str)
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: object) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_str_list(v: Any) -> bool:
+def _is_str_list(v: object) -> TypeGuard[list[str]]:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "str": (_is_str, "a string"),
     "int": (_is_int, "an integer"),
     "positive int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -131,7 +131,7 @@ MODEL_CONFIG = {"model_type": "str", "architectures": "str list",
                 "type_vocab_size": "int", "head_dim": "positive int"}
 
 
-def check_fields(cfg: dict[str, Any], schema: dict[str, str], where: Any) -> None:
+def check_fields(cfg: dict[str, object], schema: dict[str, str], where: str | Path) -> None:
     """Each known key is null or of its kind; unknown keys are left alone."""
     for key, kind in schema.items():
         v = cfg.get(key)
@@ -145,7 +145,7 @@ def check_fields(cfg: dict[str, Any], schema: dict[str, str], where: Any) -> Non
 _SPENT: dict[str, float] = {}  # seconds each pattern has taken so far in this process
 
 
-def pattern_match(pattern: str, name: str, where: Any) -> bool:
+def pattern_match(pattern: str, name: str, where: object) -> bool:
     """PEFT's rule for rank_pattern/alpha_pattern keys, ``(.*\\.)?(key)$`` matched against a
     module name, on an engine with a time limit: a pathological pattern such as ``(a|a)+$``
     is refused instead of taking exponential time, per name and over all names."""

@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal, Union, overload
 
 from ..errors import FormatError, os_input_error
 from .safetensors import TensorInfo
@@ -28,6 +28,11 @@ from .safetensors import TensorInfo
 QUANTIZE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 PLAIN = ("F32", "F16", "BF16")  # stored as the torch dtype of the same name
 MAX_KV_ARRAY_SHOWN = 16  # longer arrays (the tokenizer's) are kept as their length
+# a metadata value as read: a number, a string, or a short array of them; a long array is the
+# string "<array of N>"
+GgufValue = Union[bool, int, float, str, list["GgufValue"]]
+# struct formats of the integer scalars ``_Reader.take`` reads
+_IntFormat = Literal["<B", "<b", "<H", "<h", "<I", "<i", "<Q", "<q"]
 
 
 @dataclass
@@ -35,7 +40,7 @@ class GgufHeader:
     """What a GGUF file's header says; no tensor data is read to build this."""
 
     path: Path
-    kv: dict[str, Any]  # scalars and short arrays as values; long arrays as "<array of N>"
+    kv: dict[str, GgufValue]  # scalars and short arrays as values; long arrays as "<array of N>"
     infos: list[TensorInfo]
     alignment: int
     version: int
@@ -47,7 +52,7 @@ class GgufHeader:
         a = self.kv.get("general.architecture")
         return a if isinstance(a, str) else None
 
-    def arch_value(self, key: str) -> Any:
+    def arch_value(self, key: str) -> GgufValue | None:
         """``{architecture}.{key}`` (``attention.head_count`` …), or None."""
         return self.kv.get(f"{self.architecture}.{key}")
 
@@ -82,7 +87,7 @@ class _Reader:
     """Bounded reads from a GGUF file's bytes: every count is checked against what is left
     of the file before anything of that size is read or allocated."""
 
-    def __init__(self, data: Any, path: Path) -> None:
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
         self.data, self.pos, self.path = data, 0, path
 
     def fail(self, what: str) -> FormatError:
@@ -90,7 +95,13 @@ class _Reader:
                            f"{self.pos}); it is damaged or not what it claims: download it "
                            "again")
 
-    def take(self, fmt: str) -> Any:
+    @overload
+    def take(self, fmt: _IntFormat) -> int: ...
+
+    @overload
+    def take(self, fmt: str) -> bool | int | float: ...
+
+    def take(self, fmt: str) -> bool | int | float:
         n = struct.calcsize(fmt)
         if self.pos + n > len(self.data):
             raise self.fail("the header runs past the end of the file")
@@ -112,7 +123,7 @@ class _Reader:
         self.pos += n
         return raw.decode("utf-8", "backslashreplace")
 
-    def value(self, kind: int, depth: int = 0) -> Any:
+    def value(self, kind: int, depth: int = 0) -> GgufValue:
         """One metadata value; arrays longer than MAX_KV_ARRAY_SHOWN as their length."""
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
@@ -169,7 +180,7 @@ def _parse(r: _Reader, size: int) -> GgufHeader:
         raise FormatError(f"{path}: GGUF version {version}; loratool reads versions 2 and 3")
     n_tensors = r.count("the tensor count", 24)  # name length, dims, type, offset
     n_kv = r.count("the metadata count", 13)  # key length, type, one byte
-    kv: dict[str, Any] = {}
+    kv: dict[str, GgufValue] = {}
     spans: dict[str, tuple[int, int]] = {}
     for _ in range(n_kv):
         key = r.string()

@@ -22,7 +22,7 @@ import math
 import re
 import struct
 from collections import Counter
-from typing import Any
+from typing import Collection
 
 from ..errors import FormatError
 from ..reports.inspect import AdapterFacts, ModuleEntry
@@ -63,7 +63,7 @@ def split_stem(stem: str) -> tuple[str, str]:
     raise FormatError(f"unknown kohya key prefix in {stem!r}")
 
 
-def recorded_names(meta: dict[str, str], where: str) -> dict[str, list[Any]]:
+def recorded_names(meta: dict[str, str], where: str) -> dict[str, list[str | None]]:
     """The real module names loratool records when it writes a kohya file (taken out of
     ``meta``): ``{stem: [component, name, layout]}``."""
     names = parse_json(meta.pop(NAMES_KEY, "{}"), where, f"header metadata {NAMES_KEY}")
@@ -97,7 +97,7 @@ def stems(ckpt: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
     return groups
 
 
-def kind_of(stem: str, parts: dict[str, Any], where: str) -> str:
+def kind_of(stem: str, parts: Collection[str], where: str) -> str:
     """``lora``, or the one LyCORIS type whose tensors a stem holds."""
     kinds = [k for k, names in KINDS.items() if set(parts) & set(names)]
     if not kinds:
@@ -250,7 +250,8 @@ def lyco_factors(kind: str, shapes: dict[str, Shape]) -> str:
     return f"diff {dims('diff')}" + (" + diff_b" if "diff_b" in shapes else "")
 
 
-def module_name(stem: str, names: dict[str, list[Any]]) -> tuple[str | None, str, str | None]:
+def module_name(stem: str, names: dict[str, list[str | None]]
+                ) -> tuple[str | None, str, str | None]:
     """(component, name, layout) of a stem as recorded, or its component and the underscored
     rest (layout None) when the file records no names."""
     if stem in names:

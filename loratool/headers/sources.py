@@ -13,7 +13,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from types import ModuleType
+from typing import Iterator, MutableMapping, Protocol
 
 from ..errors import HubError, InputError, os_input_error
 from ..headers.safetensors import NOT_CONFIG_SUFFIXES, header_length
@@ -64,41 +65,66 @@ def resolve_input(spec: str, bars: bool = False) -> "Path | HubRepo":
     return HubRepo(*hub, bars=bars)
 
 
+def hub() -> ModuleType:
+    """``huggingface_hub`` with the submodules used here, imported on first use: a command on
+    local paths never pays for its import."""
+    import huggingface_hub
+    import huggingface_hub.constants  # noqa: F401  (each, once imported, an attribute)
+    import huggingface_hub.errors  # noqa: F401
+    import huggingface_hub.utils  # noqa: F401
+
+    return huggingface_hub
+
+
 def timeout() -> float:
     """Seconds the Hub may stay silent (connect, or between bytes) before a call fails."""
-    from huggingface_hub import constants
-
-    return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    return float(hub().constants.HF_HUB_DOWNLOAD_TIMEOUT)
 
 
-def _hub_output(bars: bool) -> None:
-    """huggingface_hub's warnings would break the one-line error contract; its download bars
-    are drawn only when the caller's progress draws bars (a person at a terminal). Its client
-    waits forever by default: every call gets a timeout instead, so an endpoint that accepts
-    the connection and never answers is an error, not a hang."""
-    from huggingface_hub import utils
-
-    if bars:
+@contextlib.contextmanager
+def _hub_output(bars: bool) -> Iterator[None]:
+    """For the duration of one of our Hub calls, and restored after (a Python caller's own
+    huggingface_hub settings stay theirs): its warnings off (they would break the one-line
+    error contract), its download bars drawn only when the caller's progress draws bars (a
+    person at a terminal), and a timeout on every request (see :func:`_fill_timeouts`)."""
+    utils = hub().utils
+    was_off = utils.are_progress_bars_disabled()
+    verbosity = utils.logging.get_verbosity()
+    if bars and was_off and not hub().constants.HF_HUB_DISABLE_PROGRESS_BARS:
         utils.enable_progress_bars()
-    else:
+    elif not bars and not was_off:
         utils.disable_progress_bars()
     utils.logging.set_verbosity_error()
-    _install_deadline()
+    client = hub().get_session()
+    hooks = client.event_hooks.get("request", [])
+    added = _fill_timeouts not in hooks
+    if added:
+        client.event_hooks = {**client.event_hooks, "request": [*hooks, _fill_timeouts]}
+    try:
+        yield
+    finally:
+        if added:
+            now = client.event_hooks.get("request", [])
+            client.event_hooks = {**client.event_hooks,
+                                  "request": [h for h in now if h is not _fill_timeouts]}
+        utils.logging.set_verbosity(verbosity)
+        if was_off != utils.are_progress_bars_disabled():
+            utils.disable_progress_bars() if was_off else utils.enable_progress_bars()
 
 
-def _install_deadline() -> None:
+class _Request(Protocol):
+    """An httpx request as the hook sees it: only its ``timeout`` extension is touched
+    (seconds, or None, for ``connect``, ``read``, ``write`` and ``pool``)."""
+
+    @property
+    def extensions(self) -> MutableMapping[str, dict[str, float | None]]: ...
+
+
+def _fill_timeouts(request: _Request) -> None:
     """huggingface_hub passes ``timeout=None`` (wait forever) on many calls, which overrides
-    any client default: a request hook fills in every missing timeout, on the client it uses
-    (its transport, proxies included, stays as it is)."""
-    import huggingface_hub as hf
-
-    client = hf.get_session()
-    hooks = client.event_hooks
-    if _fill_timeouts not in hooks.get("request", []):
-        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _fill_timeouts]}
-
-
-def _fill_timeouts(request: Any) -> None:
+    any client default: this request hook fills in every missing timeout, so an endpoint that
+    accepts the connection and never answers is an error, not a hang (the client's transport,
+    proxies included, stays as it is)."""
     limits = dict(request.extensions.get("timeout") or {})
     for key in ("connect", "read", "write", "pool"):
         if limits.get(key) is None:
@@ -106,7 +132,7 @@ def _fill_timeouts(request: Any) -> None:
     request.extensions["timeout"] = limits
 
 
-def _status(e: BaseException) -> tuple[Any, str]:
+def _status(e: BaseException) -> tuple[int | None, str]:
     """The HTTP status (or the timeout) behind an error huggingface_hub wrapped in another."""
     seen = 0
     cause: BaseException | None = e
@@ -124,11 +150,10 @@ def _status(e: BaseException) -> tuple[Any, str]:
 def hub_errors(where: str, revision: str | None = None, bars: bool = False
                ) -> Iterator[None]:
     """One clear line for every way a Hub call fails; the token never appears in it."""
-    from huggingface_hub import errors as hfe
-
-    _hub_output(bars)
+    hfe = hub().errors
     try:
-        yield
+        with _hub_output(bars):
+            yield
     except hfe.HFValidationError as e:
         raise HubError(f"{where}: not a valid Hub id ({str(e).splitlines()[0][:120]})") from e
     except json.JSONDecodeError as e:  # an endpoint that is not a Hub (a proxy's page …)
@@ -203,39 +228,31 @@ class HubRepo:
 
     def snapshot(self, patterns: list[str]) -> Path:
         """Download the files matching ``patterns`` (cached); the snapshot folder."""
-        import huggingface_hub as hf
-
         with hub_errors(self.where, self.revision, self.bars):
-            folder = Path(hf.snapshot_download(self.repo, revision=self.commit or self.revision,
+            folder = Path(hub().snapshot_download(self.repo, revision=self.commit or self.revision,
                                                allow_patterns=patterns))
         self.commit = self.commit or folder.name
         return folder
 
     def list_files(self) -> list[str] | None:
         """All file names of the repo at this revision; None when offline."""
-        import huggingface_hub as hf
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
+        if hub().constants.HF_HUB_OFFLINE:
             return None
         with hub_errors(self.where, self.revision):
-            return hf.list_repo_files(self.repo, revision=self.commit or self.revision)
+            return hub().list_repo_files(self.repo, revision=self.commit or self.revision)
 
     def fetch(self, filename: str) -> Path:
         """Download one file (or find it in the cache); its local path."""
-        import huggingface_hub as hf
-
         with hub_errors(f"{self.where}: {filename}", self.revision, self.bars):
-            return Path(hf.hf_hub_download(self.repo, filename,
+            return Path(hub().hf_hub_download(self.repo, filename,
                                            revision=self.commit or self.revision))
 
     def read_header(self, filename: str) -> tuple[bytes, int, int]:
         """A remote safetensors file's JSON header with ranged GETs: ``(raw, length, size)``."""
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-        url = hf_hub_url(self.repo, filename, revision=self.commit or self.revision)
-        headers = build_hf_headers()
+        hf = hub()
+        url = hf.hf_hub_url(self.repo, filename, revision=self.commit or self.revision)
+        headers = hf.utils.build_hf_headers()
+        get_session, hf_raise_for_status = hf.get_session, hf.utils.hf_raise_for_status
         label = f"{self.where}: {filename}"
         with hub_errors(label, self.revision):
             r = get_session().get(url, headers={**headers, "Range": f"bytes=0-{HEADER_PROBE}"})

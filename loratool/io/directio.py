@@ -23,28 +23,32 @@ import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..headers.safetensors import pread_into
 
+if TYPE_CHECKING:
+    from types import TracebackType
+
+try:  # O_DIRECT taken back from a file that refuses it (Linux)
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows)
+    fcntl = None  # type: ignore[assignment]
+
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (≤ 4 KiB)
 CHUNK = 16 << 20  # one buffer; large enough that a write is one device request queue's worth
-
-
-def _direct_enabled() -> bool:
-    return hasattr(os, "O_DIRECT") and os.environ.get("LORATOOL_NO_DIRECT_IO", "") in ("", "0")
 
 
 class SequentialWriter:
     """Write a new file front to back through two aligned buffers, each written by a
     background thread while the caller fills the other. ``size`` counts the bytes accepted."""
 
-    def __init__(self, path: Path, chunk: int = CHUNK) -> None:
+    def __init__(self, path: Path, chunk: int = CHUNK, direct: bool = True) -> None:
         self.path = path
         self.chunk = chunk
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0) | \
             getattr(os, "O_CLOEXEC", 0)
-        self.direct = _direct_enabled()
+        self.direct = direct and hasattr(os, "O_DIRECT")  # ``direct``: Options.direct_io
         try:
             self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError as e:
@@ -65,11 +69,12 @@ class SequentialWriter:
     def __enter__(self) -> "SequentialWriter":
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         """Finished on success; after an error only stopped (the caller removes the file)."""
         self.close() if exc_type is None else self.discard()
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes (copied into the buffers: ``data`` may be reused at once)."""
         done, total = 0, len(data)
         while done < total:
@@ -78,7 +83,7 @@ class SequentialWriter:
             self._advance(n)
             done += n
 
-    def copy_from(self, f: Any, offset: int, nbytes: int) -> int:
+    def copy_from(self, f: BinaryIO, offset: int, nbytes: int) -> int:
         """Append ``nbytes`` of the open file ``f`` from ``offset``, read straight into the
         buffers; returns how many there were (fewer only at the source's end)."""
         done = 0
@@ -127,8 +132,7 @@ class SequentialWriter:
                 # accepted at open, refused at the first write (some FUSE file systems)
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
-                import fcntl
-
+                assert fcntl is not None  # O_DIRECT exists on Linux only
                 fcntl.fcntl(self.fd, fcntl.F_SETFL,
                             fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False

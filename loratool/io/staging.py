@@ -22,10 +22,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import OutputError, os_message
 from ..interrupts import check_interrupted, held
+from ..options import Options, OutputRecord
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+try:  # the lock of an output being written: fcntl on POSIX, msvcrt on Windows
+    import fcntl
+    msvcrt = None
+except ImportError:  # pragma: no cover  (Windows)
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt  # type: ignore[no-redef]
 
 # Top-level names an output of loratool, transformers, PEFT or an exporter holds: --force
 # replaces a folder only when it holds one of them (or nothing), never an unrelated folder.
@@ -49,49 +60,6 @@ MODEL_OUTPUT = OutputKind("-o", OUTPUT_MARKERS)
 REPORT_OUTPUT = OutputKind("--report", (".json",), what="a JSON report")
 HTML_OUTPUT = OutputKind("--html", (".html", ".htm"), what="an HTML page")
 PLOTS_OUTPUT = OutputKind("--plot", (".png",), every=True, what="a folder of PNG figures")
-
-
-_no_fsync = False  # --no-fsync on this command line (reset by the CLI for each command)
-_stages: list["Stage"] = []  # the outputs this command began, outermost first (for messages)
-
-
-_expected: list[Path] = []  # the -o of this command, as given
-
-
-def begin_command() -> None:
-    """A new command: forget the outputs of the last one."""
-    _stages.clear()
-    _expected.clear()
-
-
-def expect_output(out: Path | None) -> None:
-    """The output this command will write (``-o``), known before any stage begins."""
-    if out is not None:
-        _expected.append(Path(out))
-
-
-def interrupted_outcome() -> str:
-    """What an interrupt left, in words: nothing written (an existing output kept as it was),
-    or the output complete because the interrupt came after it was in place."""
-    if _stages and _stages[0].published:
-        return f"it came after {_stages[0].out} was written: that output is complete"
-    existed = _stages[0].existed if _stages else bool(_expected) and os.path.lexists(
-        _expected[0])
-    out = _stages[0].out if _stages else (_expected[0] if _expected else None)
-    if existed:
-        return f"nothing was written; {out} was kept as it was"
-    return "nothing was written"
-
-
-def set_no_fsync(value: bool) -> None:
-    global _no_fsync
-    _no_fsync = value
-
-
-def durable() -> bool:
-    """fsync outputs before publishing them (``--no-fsync`` or ``LORATOOL_NO_FSYNC=1`` skips
-    it, for scratch work where a power cut may lose the result)."""
-    return not _no_fsync and os.environ.get("LORATOOL_NO_FSYNC", "") in ("", "0")
 
 
 def output_os_error(path: Path, e: OSError, need: int | None = None) -> OutputError:
@@ -212,7 +180,8 @@ class Stage:
     ``tmp / file``, published as ``out`` itself."""
 
     def __init__(self, out: Path, inputs: list[Path] | None = None, force: bool = False,
-                 file: str | None = None, kind: OutputKind = MODEL_OUTPUT) -> None:
+                 file: str | None = None, kind: OutputKind = MODEL_OUTPUT,
+                 options: Options | None = None) -> None:
         self.out = Path(os.path.abspath(out))
         if self.out.name in ("", ".", ".."):
             raise OutputError(f"output {out} is not a usable file or folder name")
@@ -225,6 +194,8 @@ class Stage:
         self.lock: Path | None = None
         self._lock_fd = -1
         self.published = False
+        self.options = options or Options()
+        self.record: OutputRecord | None = None
         check_output(self.out, self.inputs, force, kind)
         self.existed = os.path.lexists(self.out)
 
@@ -280,7 +251,8 @@ class Stage:
 
     def __enter__(self) -> "Stage":
         parent = self.out.parent
-        _stages.append(self)
+        if self.options.log is not None:
+            self.record = self.options.log.began(self.out, self.existed)
         try:
             p = parent
             while not p.exists():
@@ -308,7 +280,7 @@ class Stage:
         check_interrupted()  # a Ctrl-C that something swallowed still stops the publish
         new = self.tmp / self.file if self.file else self.tmp
         try:
-            if durable():
+            if self.options.fsync:
                 sync_tree(new)
             if os.path.lexists(self.out) and not self.force:
                 raise OutputError(f"output {self.out} appeared while this run was writing it; "
@@ -318,12 +290,14 @@ class Stage:
             with held():
                 _swap(new, self.out, self.inputs, self.kind)
                 self.published = True
+                if self.record is not None:
+                    self.record.published = True
                 if self.file:
                     shutil.rmtree(self.tmp, ignore_errors=True)
                 self.tmp = None
                 self.created = []
                 self._release()
-                if durable():
+                if self.options.fsync:
                     _sync(self.out.parent)
         except OSError as e:
             raise output_os_error(self.out, e) from e
@@ -343,20 +317,17 @@ class Stage:
                     break
             self.created = []
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if not self.published:
             self.abort()
 
 
 def _try_lock(fd: int) -> bool:
     """Take an exclusive lock on ``fd`` without waiting; False when another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: msvcrt locks a byte range instead
-        import msvcrt
-
+    if fcntl is None:  # Windows: msvcrt locks a byte range instead
         try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,union-attr]
         except OSError:
             return False
         return True

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, TypedDict
 
 from ..errors import LoraToolError, OutputError
 from ..headers.paths import containment_root, resolve_inside, walk_files
@@ -26,10 +26,14 @@ from ..headers.safetensors import NOT_CONFIG_SUFFIXES, dtype_bytes
 from ..io.directio import SequentialWriter
 from ..io.staging import Stage, output_os_error
 from ..io.tensors import dtype_code, tensor_bytes
+from ..options import Options
 from ..units import parse_size
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     import torch
+    from typing_extensions import Unpack
 
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # transformers' default "5GB"
@@ -37,7 +41,26 @@ DEFAULT_MAX_SHARD = 5 * 10**9  # transformers' default "5GB"
 NOT_COPIED = {"README.md", ".gitattributes", "adapter_config.json"}
 
 
-def _header_bytes(metadata: dict[str, str], header: dict[str, Any]) -> bytes:
+class HeaderEntry(TypedDict):
+    """One tensor's entry in a safetensors header."""
+
+    dtype: str  # safetensors code: "BF16", "F32", …
+    shape: list[int]
+    data_offsets: list[int]  # [start, end) within the data that follows the header
+
+
+class WriterOptions(TypedDict, total=False):
+    """What :meth:`CheckpointWriter.file_or_folder` passes on to the writer."""
+
+    inputs: list[Path] | None
+    force: bool
+    copy_from: Path | None
+    metadata: dict[str, str] | None
+    plan: list[tuple[str, str, tuple[int, ...]]] | None
+    options: Options | None
+
+
+def _header_bytes(metadata: dict[str, str], header: dict[str, HeaderEntry]) -> bytes:
     raw = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
 
@@ -48,17 +71,17 @@ class _Shard:
     goes straight after it, so every byte is written once."""
 
     def __init__(self, folder: Path, number: int | str, metadata: dict[str, str],
-                 planned: dict[str, Any] | None = None) -> None:
+                 planned: dict[str, HeaderEntry] | None = None, direct: bool = True) -> None:
         self.path = folder / f".shard-{number}.safetensors"
         self.metadata = metadata
-        self.header: dict[str, Any] = dict(planned or {})
+        self.header: dict[str, HeaderEntry] = dict(planned or {})
         self.planned = planned is not None
         self.size = 0
         self.seq: SequentialWriter | None = None
         if self.planned:
             self.data_path = None
             # front to back, past the page cache, written while the caller computes
-            self.seq = SequentialWriter(self.path)
+            self.seq = SequentialWriter(self.path, direct=direct)
             raw = _header_bytes(metadata, self.header)
             self.seq.write(memoryview(len(raw).to_bytes(8, "little") + raw))
         else:
@@ -177,8 +200,10 @@ class CheckpointWriter:
                  max_shard_size: int | str = DEFAULT_MAX_SHARD, copy_from: Path | None = None,
                  filename: str = "model.safetensors",
                  metadata: dict[str, str] | None = None, single_file: bool = False,
-                 plan: list[tuple[str, str, tuple[int, ...]]] | None = None) -> None:
+                 plan: list[tuple[str, str, tuple[int, ...]]] | None = None,
+                 options: Options | None = None) -> None:
         self.out = Path(os.path.abspath(out))
+        self.options = options or Options()
         # single_file: ``out`` is the .safetensors file itself (kohya, diffusers), never sharded
         self.single_file = single_file
         if single_file:
@@ -203,11 +228,13 @@ class CheckpointWriter:
         self.plan = self._layout(plan) if plan is not None else None
         self.need = sum(v["data_offsets"][1] - v["data_offsets"][0] for p in self.plan
                         for v in p.values()) if self.plan else None  # bytes, for disk-full
-        self.stage = Stage(self.out, self.inputs, force, file=filename if single_file else None)
+        self.stage = Stage(self.out, self.inputs, force, file=filename if single_file else None,
+                           options=self.options)
 
-    def _layout(self, plan: list[tuple[str, str, tuple[int, ...]]]) -> list[dict[str, Any]]:
+    def _layout(self, plan: list[tuple[str, str, tuple[int, ...]]]
+                ) -> list[dict[str, HeaderEntry]]:
         """Cut a known tensor list into shards exactly as streaming would."""
-        shards: list[dict[str, Any]] = []
+        shards: list[dict[str, HeaderEntry]] = []
         size = 0
         for name, code, shape in plan:
             n = dtype_bytes(code)
@@ -227,7 +254,7 @@ class CheckpointWriter:
         return self
 
     @classmethod
-    def file_or_folder(cls, out: Path, default_name: str, **kw: Any
+    def file_or_folder(cls, out: Path, default_name: str, **kw: Unpack[WriterOptions]
                        ) -> tuple["CheckpointWriter", Path]:
         """One unsharded file: ``out`` itself when it ends like ``default_name`` (e.g.
         ``.safetensors``), else ``out/default_name``. Returns the writer and the file's path."""
@@ -290,7 +317,8 @@ class CheckpointWriter:
             k = len(self.shards)
             if k >= len(self.plan) or name not in self.plan[k]:
                 raise LoraToolError(f"tensor {name!r} does not follow the planned layout")
-            self.shards.append(_Shard(self.tmp, f"{k + 1:05d}", self.metadata, self.plan[k]))
+            self.shards.append(_Shard(self.tmp, f"{k + 1:05d}", self.metadata, self.plan[k],
+                                      self.options.direct_io))
 
     def add_side(self, filename: str, name: str, tensor: "torch.Tensor") -> None:
         """Stream a tensor into a second safetensors file of the output (``filename``), such as
@@ -354,7 +382,8 @@ class CheckpointWriter:
         self.stage.abort()
         self.tmp = None
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
             return

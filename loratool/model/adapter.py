@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Collection, Iterable, Mapping, Protocol
 
 import torch
 
@@ -29,6 +29,9 @@ from ..headers.moe import on_disk
 from ..headers.paths import entries
 from ..model.lyco import LycoModule, fit_shape
 from ..numerics import ops
+
+if TYPE_CHECKING:
+    from ..headers.safetensors import TensorInfo
 
 
 @dataclass
@@ -90,7 +93,8 @@ class LoraModule:
                           "linear" if self.layout == "experts" else "fan_in_fan_out",
                           component=self.component)
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+              ) -> torch.Tensor:
         """Dense ΔW = scale·B@A in the base weight's layout (no DoRA normalisation)."""
         return ops.lora_delta(self.A.to(device=device, dtype=dtype),
                               self.B.to(device=device, dtype=dtype), self.scale, self.layout)
@@ -98,6 +102,24 @@ class LoraModule:
     def abs_delta(self) -> torch.Tensor:
         """|s|·(|B|@|A|) in float64: a bound on |ΔW| for rounding-error bounds."""
         return ops.lora_abs_delta(self.A.double(), self.B.double(), self.scale, self.layout)
+
+
+# a module of an adapter: LoRA factors, or a LyCORIS module's (LoHa, LoKr, full)
+AdapterModule = LoraModule | LycoModule
+
+
+class BaseTensors(Protocol):
+    """What fitting an adapter to its base reads of the base: its tensors by name, and what
+    messages call it (a Checkpoint, or the view of one that ``engine.plan`` makes)."""
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def path(self) -> Path: ...
 
 
 @dataclass
@@ -111,7 +133,7 @@ class LoraAdapter:
     source_format: str = ""
     task_type: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # header metadata to keep (kohya ss_*)
-    peft_config: dict[str, Any] | None = None  # the original PEFT config, when read from one
+    peft_config: dict[str, object] | None = None  # the original PEFT config, when read from one
     source_modules: set[str] | None = None  # module names as read, to know if they changed
     # the base ties its output head to the input embeddings: a loader must tie what the
     # adapter changes in one to the other (PEFT's ensure_weight_tying)
@@ -123,9 +145,9 @@ class LoraAdapter:
     # adapter without a transformers base to name them back
     naming: str = "hf"
     # LyCORIS LoHa, LoKr and full modules (lyco.LycoModule), by key: dense ΔW, no B@A
-    lyco: dict[str, Any] = field(default_factory=dict)
+    lyco: dict[str, LycoModule] = field(default_factory=dict)
 
-    def add(self, m: Any) -> None:
+    def add(self, m: AdapterModule) -> None:
         """Add a module (a LoraModule after checking its factors agree, or a LycoModule)."""
 
         if m.key in self.modules or m.key in self.lyco:
@@ -144,7 +166,7 @@ class LoraAdapter:
     def common(self) -> tuple[int, float]:
         """The most common (rank, alpha): what a config states once, patterns override. LoRA
         modules and LyCORIS ones alike (a LyCORIS module without alpha has alpha = rank)."""
-        mods: list[Any] = [*self.modules.values(), *self.lyco.values()]
+        mods: list[AdapterModule] = [*self.modules.values(), *self.lyco.values()]
         ranks = Counter(m.rank for m in mods)
         alphas = Counter(float(m.alpha) if m.alpha else float(m.rank) for m in mods)
         return (ranks.most_common(1)[0][0] if ranks else 8,
@@ -202,7 +224,7 @@ def check_module(m: LoraModule) -> None:
 HEAD_ARCHS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")
 
 
-def ties_embeddings(config: dict[str, Any] | None, tensor_names: Any) -> bool:
+def ties_embeddings(config: dict[str, object] | None, tensor_names: Iterable[str]) -> bool:
     """Whether a model's output head shares the input embeddings' weight: a language model
     whose checkpoint holds no head tensor (transformers saves a tied head once), unless its
     config says otherwise."""
@@ -224,7 +246,7 @@ _INPUT_EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
                     "embed_in.weight", "shared.weight")
 
 
-def input_embedding(tensor_names: Any) -> str | None:
+def input_embedding(tensor_names: Iterable[str]) -> str | None:
     """The name of a model's token-embedding tensor, or None."""
     return next((n for n in tensor_names if n.endswith(_INPUT_EMBEDDING)), None)
 
@@ -276,14 +298,14 @@ def _base_candidates(name: str) -> list[str]:
     return out
 
 
-def base_tensor_name(name: str, names: Any) -> str | None:
+def base_tensor_name(name: str, names: Collection[str]) -> str | None:
     """The base tensor a full tensor of the adapter replaces: its name, or the name the
     checkpoint stores it under (``mlp.gate.weight`` is Mixtral's ``block_sparse_moe.gate``)."""
 
     return next((n for n in on_disk(name) if n in names), None)
 
 
-def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
+def match_base(ad: LoraAdapter, base: BaseTensors) -> dict[str, str]:
     """Map each module to its base tensor (``module key → tensor name``) and check shapes.
 
     A linear module whose base weight is stored transposed (GPT-2's Conv1D) becomes
@@ -323,7 +345,7 @@ def match_base(ad: LoraAdapter, base: Any) -> dict[str, str]:
     return out
 
 
-def lyco_tensor(m: Any, names: dict[str, Any], where: Any) -> str:
+def lyco_tensor(m: LycoModule, names: Mapping[str, TensorInfo], where: str | Path) -> str:
     """The base tensor a LyCORIS module changes; a conv stored flat takes the base's shape."""
 
     found = next((c for c in _base_candidates(m.name) if c in names), None)
@@ -342,7 +364,8 @@ def lyco_tensor(m: Any, names: dict[str, Any], where: Any) -> str:
     return found
 
 
-def _fused_tensor(m: LoraModule, names: dict[str, Any], where: Any) -> str | None:
+def _fused_tensor(m: LoraModule, names: Mapping[str, TensorInfo], where: str | Path
+                  ) -> str | None:
     """The base tensor of a fused expert parameter, orienting the module by it; None when the
     base holds the experts one tensor each (see :func:`expert_parts`)."""
 
@@ -372,7 +395,7 @@ def _natural(m: LoraModule) -> tuple[int, int, int]:
     return (m.experts, int(m.B.shape[1]), int(m.A.shape[2]))
 
 
-def expert_parts(ad: LoraAdapter, base: Any) -> dict[str, list[Any]]:
+def expert_parts(ad: LoraAdapter, base: BaseTensors) -> dict[str, list[moe.Part]]:
     """For each experts module whose base holds one 2-D tensor per expert: the tensors and
     rows it changes (``moe.Part``), its layout set to ``experts`` ([E, out, in])."""
 
@@ -415,7 +438,7 @@ def component_folder(component: str | None, folders: set[str], spec: str) -> str
                       f"folder for (it has {', '.join(sorted(folders))})")
 
 
-def only_component(ad: Any, component: str | None) -> Any:
+def only_component(ad: LoraAdapter, component: str | None) -> LoraAdapter:
     """The part of an adapter for one component, named as that component's model names it."""
 
     part = copy.copy(ad)

@@ -3,7 +3,7 @@ streams.
 
 Example::
     dev = resolve_device("auto")            # cuda when torch sees a GPU, else cpu
-    with streaming_threads():
+    with streaming_threads(Options()):
         ...
 """
 
@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..errors import LoraToolError
+from ..options import Options
 
 
 def resolve_device(device: str) -> torch.device:
@@ -33,8 +34,11 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def streaming_threads_count() -> int:
-    """Half the cores this process may run on, at most 4 (``OMP_NUM_THREADS`` wins)."""
+def streaming_threads_count(options: Options | None = None) -> int:
+    """``options.threads`` when set; else half the cores this process may run on, at most 4
+    (``OMP_NUM_THREADS`` wins)."""
+    if options is not None and options.threads is not None:
+        return max(1, options.threads)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
@@ -43,7 +47,7 @@ def streaming_threads_count() -> int:
 
 
 @contextmanager
-def streaming_threads() -> Iterator[None]:
+def streaming_threads(options: Options | None = None) -> Iterator[None]:
     """torch's intra-op threads while a merge streams, restored after.
 
     A merge is many short memory-bound operations per tensor. With a thread per core, each
@@ -52,7 +56,7 @@ def streaming_threads() -> Iterator[None]:
     1.9× its idle time with two threads on two cores, 1.1× with one, and one thread is as
     fast when idle (reads and writes run in their own threads anyway)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(streaming_threads_count())
+    torch.set_num_threads(streaming_threads_count(options))
     try:
         yield
     finally:

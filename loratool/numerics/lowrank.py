@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable
 
 import torch
 
@@ -34,19 +34,20 @@ def module_seed(seed: int, name: str) -> int:
 class Factored:
     """One module factorised: B [m, k], A [k, n] (as stored) and what was measured."""
 
-    B: Any
-    A: Any
+    B: torch.Tensor
+    A: torch.Tensor
     rank: int
     rel_error: float  # measured ‖M − B@A‖/‖M‖ with the stored factors
     kept_energy: float  # Σ_{i≤k} σ²/‖M‖²
     norm: float  # ‖M‖
     svd: str  # "randomized" or "exact"
     full_rank: int = 0  # min(m, n)
-    spectrum: Any = None  # the leading singular values computed on the way
+    spectrum: torch.Tensor | None = None  # the leading singular values computed on the way
 
 
-def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2,
-             total_sq: float | None = None) -> tuple[Any, Any, Any, str]:
+def spectrum(M: torch.Tensor, want: int, exact: bool, seed: int, power_iters: int = 2,
+             total_sq: float | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """At least ``want`` singular triplets of M (all of them when exact or when ``want`` is
     close to full rank). With ``total_sq`` (‖M‖²) the power iterations stop once the rank-
     ``want`` error has converged to 0.1 % (see ops.randomized_svd)."""
@@ -62,7 +63,7 @@ def spectrum(M: Any, want: int, exact: bool, seed: int, power_iters: int = 2,
     return U, S, Vh, "randomized"
 
 
-def _tail_error(S: Any, total_sq: float, k: int) -> float:
+def _tail_error(S: torch.Tensor, total_sq: float, k: int) -> float:
     """The relative error of the unrounded rank-k truncation: for the exact SVD, and for a
     randomized one (whose U·S·Vh is M projected onto span(U)), ‖M‖² − Σ_{i≤k} S_i² exactly."""
     if not total_sq:
@@ -71,9 +72,9 @@ def _tail_error(S: Any, total_sq: float, k: int) -> float:
     return math.sqrt(max(total_sq - kept, 0.0) / total_sq)
 
 
-def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype: Any,
-              rank: int | None = None, name: str = "", total_sq: float | None = None
-              ) -> Factored:
+def factorize(M: torch.Tensor, policy: RankPolicy, *, exact: bool, seed: int,
+              store_dtype: torch.dtype, rank: int | None = None, name: str = "",
+              total_sq: float | None = None) -> Factored:
     """Factorise M by the policy (or at a given ``rank``, for budgets). The subspace grows
     when a policy needs more singular values than were computed; the error is measured on
     the factors rounded to ``store_dtype``."""
@@ -111,7 +112,8 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
     else:
         k = min(want, len(S))
 
-    def build(k: int, dtype: Any = store_dtype) -> tuple[Any, Any, float]:
+    def build(k: int, dtype: torch.dtype = store_dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
         B, A = ops.split_factors(U, S, Vh, k)
         B, A = B.to(dtype), A.to(dtype)
         res = ops.residual_norm(M, B.to(M.dtype), A.to(M.dtype)) if k else norm
@@ -134,7 +136,7 @@ def factorize(M: Any, policy: RankPolicy, *, exact: bool, seed: int, store_dtype
     return Factored(B, A, k, err, min(kept, 1.0), norm, how, full, S.cpu())
 
 
-def rank_from_spectrum(policy: RankPolicy, S: Any, total_sq: float) -> int | None:
+def rank_from_spectrum(policy: RankPolicy, S: torch.Tensor, total_sq: float) -> int | None:
     """The rank ``--energy`` or ``--max-error`` read off a spectrum (for max-error, the rank
     whose unrounded error meets it); None when these singular values do not reach it."""
 
@@ -142,8 +144,9 @@ def rank_from_spectrum(policy: RankPolicy, S: Any, total_sq: float) -> int | Non
     return ops.rank_for_energy(S, total_sq, frac - 1e-12)
 
 
-def smallest_rank_meeting(build: Any, lo: int, hi: int, target: float
-                          ) -> tuple[int, Any, Any, float] | None:
+def smallest_rank_meeting(build: Callable[[int], tuple[torch.Tensor, torch.Tensor, float]],
+                          lo: int, hi: int, target: float
+                          ) -> tuple[int, torch.Tensor, torch.Tensor, float] | None:
     """The smallest rank in (lo, hi] whose stored factors' measured error is ≤ target, by
     bisection (the error falls with the rank); ``build(k)`` → (B, A, error). None when even
     ``hi`` misses: a measured guarantee, one residual per probe rather than per rank."""
@@ -162,7 +165,8 @@ def smallest_rank_meeting(build: Any, lo: int, hi: int, target: float
 
 
 def unreachable_message(policy: RankPolicy, name: str, k: int, full: int, err: float,
-                        tail: float, dtype: Any, fp32_error: Any) -> str:
+                        tail: float, dtype: torch.dtype, fp32_error: Callable[[], float]
+                        ) -> str:
     """Why ``--max-error`` cannot be met, with advice that is possible and sufficient."""
     where = f"{name}: " if name else ""
     dt = str(dtype).removeprefix("torch.")
@@ -200,7 +204,7 @@ class BudgetItem:
     more rank costs (factor entries of both factors, in the budget's unit), its rank cap."""
 
     name: str
-    spectrum: Any
+    spectrum: torch.Tensor | None  # None only for a group's placeholder (_grouped)
     per_rank: int
     cap: int
     min_rank: int = 0  # 1 for a module that must keep a rank (its lora bias needs one)

@@ -1,7 +1,8 @@
 """Pure torch math: the dense delta of a LoRA module in the base tensor's layout, low-rank
 factorisations and their errors, budgets, and the elementwise merges (TIES, DARE).
 
-This module imports only torch. Formulas follow PEFT exactly (``(B @ A) * scale``, transposed
+It imports torch and the report type it fills (``SpectrumMeasures``), nothing that reads or
+writes files. Formulas follow PEFT exactly (``(B @ A) * scale``, transposed
 for fan_in_fan_out and embeddings), so that a merge computed from them is bit for bit PEFT's.
 """
 
@@ -11,6 +12,8 @@ import heapq
 import math
 
 import torch
+
+from ..reports.analyze import SpectrumMeasures
 
 # experts: fused mixture-of-experts parameters, [E, out, in] (experts_t: [E, in, out]), with
 # per-expert factors A [E, r, in], B [E, out, r] (see headers/moe.py, model/experts.py)
@@ -275,7 +278,7 @@ def trim(d: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(d.abs() >= thresh, d, torch.zeros_like(d))
 
 
-def dare(d: torch.Tensor, density: float, gen: torch.Tensor) -> torch.Tensor:
+def dare(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
     """DARE: drop each entry with probability 1 − density, rescale the rest by 1/density."""
     keep = torch.rand(d.shape, generator=gen, dtype=torch.float32) < density
     return torch.where(keep, d / density, torch.zeros_like(d))
@@ -348,13 +351,13 @@ def amplification(delta_norm: float, W: torch.Tensor, U: torch.Tensor, Vh: torch
 
 
 def spectrum_measures(S: torch.Tensor, total_sq: float, energies: tuple[float, ...],
-                      shown: int = 64) -> dict[str, object]:
+                      shown: int = 64) -> SpectrumMeasures:
     """What a spectrum says, as ``analyze`` and ``extract --report`` give it: the leading
     singular values, the rank that keeps each fraction of ‖M‖² (None where these values do not
     reach it), and the Eckart–Young error of every rank they cover."""
-    return {"singular_values": [float(x) for x in S[:shown]],
-            "computed": len(S),
-            "captured_energy": float((S.double() ** 2).sum()) / total_sq if total_sq else 1.0,
-            "effective_rank": {f"{e:g}": rank_for_energy(S, total_sq, e - 1e-12)
-                               for e in energies},
-            "error_curve": error_curve(S[:shown], total_sq)}
+    return SpectrumMeasures(
+        singular_values=[float(x) for x in S[:shown]],
+        computed=len(S),
+        captured_energy=float((S.double() ** 2).sum()) / total_sq if total_sq else 1.0,
+        effective_rank={f"{e:g}": rank_for_energy(S, total_sq, e - 1e-12) for e in energies},
+        error_curve=error_curve(S[:shown], total_sq))
