@@ -28,7 +28,7 @@ JsonValue = Union[None, bool, int, float, str, list["JsonValue"], dict[str, "Jso
 _OMIT = "omit_none"
 
 
-def optional(default: Any = None) -> Any:
+def optional(default: None = None) -> Any:  # a dataclass field, typed as its default is
     """A field left out of JSON when it is None (a part a report has only sometimes)."""
     return dataclasses.field(default=default, metadata={_OMIT: True})
 
@@ -57,6 +57,10 @@ def plain(value: object) -> JsonValue:
 class Report:
     """What a verb returns: a dataclass whose JSON is the report ``--json`` prints."""
 
+    def render(self) -> str:
+        """The report as the terminal shows it (made from the same fields as the JSON)."""
+        raise NotImplementedError(type(self).__name__)
+
     def to_dict(self) -> dict[str, JsonValue]:
         """The report as plain JSON values."""
         out = plain(self)
@@ -82,12 +86,12 @@ def schema(tp: object) -> dict[str, JsonValue]:
         return {"type": "boolean"}
     if tp is int:
         return {"type": "integer"}
-    if tp is float:
-        return {"type": "number"}
+    if tp is float:  # a value that is not finite is written as null: JSON has no inf or NaN
+        return {"type": ["number", "null"]}
     if tp is str:
         return {"type": "string"}
-    if tp is JsonValue or tp is Any or tp is object:
-        return {}
+    if tp is JsonValue or tp is Any or tp is object or tp == typing.ForwardRef("JsonValue"):
+        return {}  # any JSON value (free-form: a config, GGUF metadata)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):

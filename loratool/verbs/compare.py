@@ -9,14 +9,24 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from ..headers.checkpoint import Checkpoint
+from ..io.tensors import open_checkpoint as open_tensors
 from ..numerics import ops
 from ..progress import SILENT, Progress
 from ..reports.inspect import ChangedTensor, Comparison, DtypeMismatch, ShapeMismatch
 from ..units import matches
+
+
+def compare_paths(path: str | os.PathLike[str], against: str | os.PathLike[str],
+                  filters: list[str] | None = None, progress: Progress = SILENT
+                  ) -> Comparison:
+    """``inspect PATH --against OTHER``: both opened with their tensors, then compared."""
+    return compare(open_tensors(path, progress), open_tensors(against, progress), filters,
+                   progress)
 
 
 def compare(a: Checkpoint, b: Checkpoint, filters: list[str] | None = None,

@@ -2,12 +2,18 @@
 
 Reads with the format readers into the one ``LoraAdapter`` model and writes with the target's
 writer. What the target cannot hold is named and refused, unless ``drop`` says to drop it.
+
+Example::
+
+    import loratool
+    report = loratool.convert("adapter/", "lora.safetensors", "kohya")
+    print(report.render())
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,8 +29,10 @@ from ..formats import (
     require_resolved,
     write_adapter,
 )
+from ..headers.checkpoint import Checkpoint
 from ..io.tensors import open_checkpoint, torch_dtype
 from ..model.adapter import (
+    LoraAdapter,
     LoraModule,
     component_folder,
     is_pipeline,
@@ -33,6 +41,7 @@ from ..model.adapter import (
     only_component,
     pipeline_folders,
 )
+from ..model.lyco import LycoModule
 from ..numerics.lowrank import (
     BudgetItem,
     Fixed,
@@ -42,45 +51,51 @@ from ..numerics.lowrank import (
     spectrum,
     spectrum_cap,
 )
-from ..options import DTYPES
+from ..options import DTYPES, Options, RankPolicy
 from ..progress import SILENT, Progress
+from ..reports.convert import ConvertReport, GgufInfo, LycorisModule, LycorisPart
+
+PathLike = str | os.PathLike[str]
 
 
 def _local(spec: str | None) -> list[Path]:
     return [Path(spec)] if spec and Path(spec).exists() else []
 
 
-def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool = False,
-            drop: bool = False, policy: Any = None, dtype: str = "keep", seed: int = 0,
-            exact: bool = False, progress: Progress = SILENT) -> dict[str, Any]:
-    """Convert ``spec`` to format ``to`` in ``out``; returns a report for the CLI. LyCORIS
-    LoHa, LoKr and full modules become LoRA at the rank ``policy`` (required for them).
+def convert(adapter: PathLike, out: PathLike, to: str, *, base: str | None = None,
+            drop: bool = False, policy: RankPolicy | None = None, dtype: str = "keep",
+            force: bool = False, options: Options | None = None,
+            progress: Progress = SILENT) -> ConvertReport:
+    """Convert ``adapter`` (a path or Hub id, its format detected) to format ``to`` (peft,
+    kohya, diffusers or gguf) in ``out``. ``base``: the base model, which resolves kohya names,
+    gives GGUF its architecture and checks that the adapter fits. ``drop``: leave out what
+    ``to`` cannot hold (named in the report) instead of refusing. LyCORIS LoHa, LoKr and full
+    modules become LoRA at the rank ``policy`` (required for them, and only for them), their
+    factors in ``dtype`` (keep: theirs).
 
-    Example: ``convert("adapter/", Path("lora.safetensors"), "kohya")``.
+    Example::
+
+        r = loratool.convert("adapter/", "adapter.gguf", "gguf", base="org/Llama-3.2-1B")
+        r.modules, r.gguf.alpha if r.gguf else None
     """
-
+    spec, out = os.fspath(adapter), Path(out)
     to = output_format(out, to, to, FORMATS)  # refuses -o x.safetensors for PEFT and the like
     ad = read_any(spec, base)
-    if ad.lyco and policy is None:
-        raise FormatError(f"{spec}: " + lyco_message(
-            ad, f"a {to} LoRA cannot hold them as they are", "choose the LoRA rank with "
-            "--max-error 0.01 (a guaranteed error per module), --rank N, --energy F or "
-            "--budget SIZE"))
-    if policy is not None and not ad.lyco:
-        raise FormatError(f"{spec}: a rank policy ({policy.describe()}) applies to LyCORIS "
-                          "modules and this adapter has none; `loratool resize` changes a "
-                          "LoRA's ranks")
+    _check_policy(ad, spec, to, policy)
     if to != "kohya" or ad.lyco:
         require_resolved(ad, spec)
     base_ckpt = None
     same: list[str] = []
     if base and not is_pipeline(base):  # a pipeline is checked per component below
-
         base_ckpt = open_checkpoint(base)
         same = drop_base_copies(ad, base_ckpt)
+    lycoris = None
     if ad.lyco:
+        assert policy is not None  # _check_policy refused LyCORIS without one
         _fit_lyco(ad, base, spec)  # a conv stored flat takes its kernel from the base
-    converted = lyco_to_lora(ad, policy, dtype, seed, exact, progress) if ad.lyco else []
+        converted = lyco_to_lora(ad, policy, dtype, progress=progress)
+        lycoris = LycorisPart(policy.describe(), converted,
+                              max(e.rel_error for e in converted))
     lost = lossy(ad, to)
     if lost and not drop:
         raise FormatError(f"converting to {to} would lose {'; '.join(lost)}; pass "
@@ -97,24 +112,41 @@ def convert(spec: str, out: Path, to: str, base: str | None = None, force: bool 
         match_base(ad, base_ckpt)  # the adapter must fit the base it is for
     if base and is_pipeline(base):
         _fits_pipeline(ad, Path(base), spec)
-    inputs = _local(spec) + _local(base)
-    report: dict[str, Any] = {"input": spec, "source_format": ad.source_format, "format": to,
-                              "modules": len(ad.modules), "full_tensors": len(ad.full),
-                              "dropped": lost, "base_copies_left_out": same,
-                              "rank_0_left_out": empty}
-    if converted:
-        report["lycoris"] = {"policy": policy.describe(), "modules": converted,
-                             "max_rel_error": max(e["rel_error"] for e in converted)}
+    report = ConvertReport(input=spec, source_format=ad.source_format, format=to,
+                           modules=len(ad.modules), full_tensors=len(ad.full), dropped=lost,
+                           base_copies_left_out=same, rank_0_left_out=empty, lycoris=lycoris)
     note = f"Converted by loratool from a {ad.source_format} adapter."
-    out_path, info = write_adapter(ad, out, to, base=base, force=force, inputs=inputs, note=note,
-                                   with_info=True)
-    report["output"] = out_path
-    if info:
-        report["gguf"] = info
+    # options reach the writer's stage once write_adapter takes them
+    report.output, info = write_adapter(ad, out, to, base=base, force=force,
+                                        inputs=_local(spec) + _local(base), note=note,
+                                        with_info=True, options=options)
+    report.gguf = _gguf_info(info) if info else None
     return report
 
 
-def _fits_pipeline(ad: Any, root: Path, spec: str) -> None:
+def _check_policy(ad: LoraAdapter, spec: str, to: str, policy: RankPolicy | None) -> None:
+    """A rank policy is needed for LyCORIS modules, and means nothing without them."""
+    if ad.lyco and policy is None:
+        raise FormatError(f"{spec}: " + lyco_message(
+            ad, f"a {to} LoRA cannot hold them as they are", "choose the LoRA rank with "
+            "--max-error 0.01 (a guaranteed error per module), --rank N, --energy F or "
+            "--budget SIZE"))
+    if policy is not None and not ad.lyco:
+        raise FormatError(f"{spec}: a rank policy ({policy.describe()}) applies to LyCORIS "
+                          "modules and this adapter has none; `loratool resize` changes a "
+                          "LoRA's ranks")
+
+
+def _gguf_info(info: dict[str, object]) -> GgufInfo:
+    """What the GGUF writer reports, typed."""
+    alpha, modules, rescaled, inexact = (info["alpha"], info["modules"], info["rescaled"],
+                                         info["inexact"])
+    assert isinstance(alpha, (int, float)) and isinstance(modules, int)
+    assert isinstance(rescaled, int) and isinstance(inexact, list)
+    return GgufInfo(alpha, modules, rescaled, [str(n) for n in inexact])
+
+
+def _fits_pipeline(ad: LoraAdapter, root: Path, spec: str) -> None:
     """Each component of the adapter fits the pipeline's model of that name."""
 
     folders = pipeline_folders(root)
@@ -123,7 +155,7 @@ def _fits_pipeline(ad: Any, root: Path, spec: str) -> None:
         match_base(only_component(ad, comp), open_checkpoint(str(root / sub)))
 
 
-def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
+def _fit_lyco(ad: LoraAdapter, base: str | None, spec: str) -> None:
     """Give each LyCORIS module its base weight's shape (and check it fits): a LoHa or LoKr
     conv stores ΔW flat, [out, in·kh·kw], and only the base knows the kernel."""
 
@@ -132,7 +164,7 @@ def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
                           "BASE): LoHa and LoKr store a convolution's change flat, like a "
                           "linear layer's, and only the base tells which each module is")
     folders = pipeline_folders(Path(base)) if is_pipeline(base) else None
-    ckpts: dict[Any, Any] = {}
+    ckpts: dict[str | None, Checkpoint] = {}
     for m in ad.lyco.values():
         sub = component_folder(m.component, folders, spec) if folders is not None else None
         if sub not in ckpts:
@@ -140,8 +172,13 @@ def _fit_lyco(ad: Any, base: str | None, spec: str) -> None:
         lyco_tensor(m, ckpts[sub].tensors, ckpts[sub].source or base)
 
 
-def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool,
-                 progress: Progress = SILENT) -> list[dict[str, Any]]:
+def _dense(m: LycoModule) -> torch.Tensor:
+    """A LyCORIS module's ΔW as a matrix [out, in·…] (float32)."""
+    return m.delta(torch.float32).reshape(m.shape[0], -1)
+
+
+def lyco_to_lora(ad: LoraAdapter, policy: RankPolicy, dtype: str, seed: int = 0,
+                 exact: bool = False, progress: Progress = SILENT) -> list[LycorisModule]:
     """Replace each LyCORIS module of ``ad`` by the truncated SVD of its dense ΔW at the
     policy's rank (a budget shared with the LoRA modules already there, which stay as they
     are); per module the rank and the relative error measured on the stored factors."""
@@ -149,30 +186,12 @@ def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool,
     mods = list(ad.lyco.values())
     store = torch_dtype(DTYPES[dtype]) if DTYPES[dtype] else next(
         iter(mods[0].parts.values())).dtype
-
-    def dense(m: Any) -> Any:
-        return m.delta(torch.float32).reshape(m.shape[0], -1)
-
-    chosen: dict[str, int] = {}
-    if policy.budget is not None:
-        items, fixed = [], []
-        for m in progress.iterate(mods, "spectra for the budget", unit="module"):
-            D = dense(m)
-            cap = spectrum_cap(policy, min(D.shape))
-            _, S, _, _ = spectrum(D, cap, exact, module_seed(seed, m.key))
-            cost = policy.budget.cost(sum(D.shape), store.itemsize)
-            items.append(BudgetItem(m.key, S[:cap], cost, cap, int(m.bias is not None)))
-        for m in ad.modules.values():
-            fixed.append(Fixed("LoRA modules kept as they are", policy.budget.cost(
-                m.A.numel() + m.B.numel(), m.A.element_size()), None))
-        chosen = allocate(policy, items, fixed)
+    chosen = _budget_ranks(ad, mods, policy, store, seed, exact, progress)
     entries = []
     for m in progress.iterate(mods, "LyCORIS → LoRA", unit="module"):
-        D = dense(m)
-        f = factorize(D, policy, exact=exact, seed=module_seed(seed, m.key), store_dtype=store,
-                      rank=chosen.get(m.key), name=m.key)
-        entries.append({"name": m.key, "type": m.kind, "rank": f.rank,
-                        "rel_error": f.rel_error, "kept_energy": f.kept_energy})
+        f = factorize(_dense(m), policy, exact=exact, seed=module_seed(seed, m.key),
+                      store_dtype=store, rank=chosen.get(m.key), name=m.key)
+        entries.append(LycorisModule(m.key, m.kind, f.rank, f.rel_error, f.kept_energy))
         del ad.lyco[m.key]
         if not f.rank:
             continue
@@ -183,3 +202,23 @@ def lyco_to_lora(ad: Any, policy: Any, dtype: str, seed: int, exact: bool,
         ad.add(LoraModule(m.name, A.contiguous(), B.contiguous(), float(k), False, m.layout,
                           m.magnitude, bias, m.component))
     return entries
+
+
+def _budget_ranks(ad: LoraAdapter, mods: list[LycoModule], policy: RankPolicy,
+                  store: torch.dtype, seed: int, exact: bool, progress: Progress
+                  ) -> dict[str, int]:
+    """With a budget, each LyCORIS module's rank from the spectra of all of them (after the
+    LoRA modules already there); without one, none (the policy decides per module)."""
+    if policy.budget is None:
+        return {}
+    items, fixed = [], []
+    for m in progress.iterate(mods, "spectra for the budget", unit="module"):
+        D = _dense(m)
+        cap = spectrum_cap(policy, min(D.shape))
+        _, S, _, _ = spectrum(D, cap, exact, module_seed(seed, m.key))
+        cost = policy.budget.cost(sum(D.shape), store.itemsize)
+        items.append(BudgetItem(m.key, S[:cap], cost, cap, int(m.bias is not None)))
+    for lm in ad.modules.values():
+        fixed.append(Fixed("LoRA modules kept as they are", policy.budget.cost(
+            lm.A.numel() + lm.B.numel(), lm.A.element_size()), None))
+    return allocate(policy, items, fixed)

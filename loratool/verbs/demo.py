@@ -15,26 +15,17 @@ import torch
 
 from ..errors import LoraToolError, OutputError
 from ..formats import peft
-from ..headers.summary import summarize
 from ..io.tensors import open_checkpoint
 from ..io.writer import CheckpointWriter
 from ..model.adapter import LoraAdapter, LoraModule
-from ..options import RankPolicy
+from ..options import Options, RankPolicy
 from ..progress import SILENT, Progress
-from ..reports.inspect import render_comparison
-from ..reports.render import (
-    format_combine,
-    format_convert,
-    format_export,
-    format_extract,
-    format_merge,
-)
-from ..verbs.combine import combine
-from ..verbs.compare import compare
-from ..verbs.convert import convert
-from ..verbs.export import export
-from ..verbs.extract import extract
-from ..verbs.merge import run as merge_run
+from .combine import combine, resize
+from .convert import convert
+from .export import export
+from .extract import extract
+from .inspect import inspect
+from .merge import merge, unmerge
 
 MARKER = ".loratool-demo"
 CONFIG = {
@@ -79,8 +70,9 @@ def llama_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int = 0,
-               max_shard_size: str = "2MB") -> tuple[Path, Path, Path]:
+def build_pair(workdir: Path, cfg: dict[str, object] | None = None, rank: int = 8,
+               seed: int = 0, max_shard_size: str = "2MB", options: Options | None = None
+               ) -> tuple[Path, Path, Path]:
     """Write ``workdir/base``, ``workdir/tuned`` (sharded safetensors, bf16) and
     ``workdir/adapter`` (PEFT).
 
@@ -96,7 +88,8 @@ def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int 
     g = torch.Generator().manual_seed(seed)
     shapes = llama_shapes(cfg)
     paths = (workdir / "base", workdir / "tuned")
-    writers = [CheckpointWriter(p, force=True, max_shard_size=max_shard_size) for p in paths]
+    writers = [CheckpointWriter(p, force=True, max_shard_size=max_shard_size, options=options)
+               for p in paths]
     for w in writers:
         w.add_file("config.json", json.dumps(cfg, indent=2) + "\n")
         w.add_file("generation_config.json", json.dumps(
@@ -122,7 +115,7 @@ def build_pair(workdir: Path, cfg: dict | None = None, rank: int = 8, seed: int 
             wb.add(name, base.to(torch.bfloat16))
             wt.add(name, tuned.to(torch.bfloat16))
     peft.write(adapter, workdir / "adapter", force=True,
-               note="The demo adapter of `loratool demo`.")
+               note="The demo adapter of `loratool demo`.", options=options)
     return (*paths, workdir / "adapter")
 
 
@@ -131,9 +124,11 @@ def _shown(command: str, output: str, note: str = "") -> str:
     return f"$ loratool {command}\n{output}\n" + (f"({note})\n" if note else "")
 
 
-def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
+def run_demo(workdir: Path, options: Options | None = None, progress: Progress = SILENT
+             ) -> Iterator[str]:
     """Build the demo models in ``workdir`` and yield, per command, the command line and what
     it prints."""
+    options = options or Options()
     if workdir.exists() and not workdir.is_dir():
         raise OutputError(f"--workdir {workdir} is a file; pass a folder")
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
@@ -141,51 +136,50 @@ def run_demo(workdir: Path, progress: Progress = SILENT) -> Iterator[str]:
                           "--workdir (the demo only overwrites its own folder)")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("written by `loratool demo`; safe to delete\n")
-    base, tuned, adapter = build_pair(workdir)
+    base, tuned, adapter = build_pair(workdir, options=options)
     yield (f"Built a small Llama-style model in {base}, a fine-tuned copy in {tuned}\n"
            "(bf16, sharded; every attention and MLP matrix changed by a rank-8 update and a\n"
            f"little noise) and a PEFT adapter holding those rank-8 updates in {adapter}.\n")
     yield from _inspect(base, tuned, adapter, progress)
-    yield from _convert(workdir, base, adapter)
-    yield from _merge(workdir, base, adapter, progress)
-    yield from _extract_combine(workdir, base, tuned, adapter, progress)
-    yield from _export(workdir, base, adapter, progress)
+    yield from _convert(workdir, base, adapter, options)
+    yield from _merge(workdir, base, adapter, options, progress)
+    yield from _extract_combine(workdir, base, tuned, adapter, options, progress)
+    yield from _export(workdir, base, adapter, options, progress)
     yield ("Next: `loratool push <folder> <you>/<repo>` publishes any of these folders with a "
            "model card; `loratool pull` brings one back.")
 
 
 def _inspect(base: Path, tuned: Path, adapter: Path, progress: Progress) -> Iterator[str]:
-    yield _shown(f"inspect {base}", summarize(open_checkpoint(base)).render())
+    yield _shown(f"inspect {base}", inspect(base).render())
     layer0 = ["*layers.0.*"]
-    data = summarize(open_checkpoint(tuned), layer0)
-    cmp = compare(open_checkpoint(tuned), open_checkpoint(base), layer0, progress=progress)
     yield _shown(f"inspect {tuned} --against {base} --filter '*layers.0.*'",
-                 data.render() + "\n\n" + render_comparison(data.source, cmp))
+                 inspect(tuned, filters=layer0, against=base, progress=progress).render())
     yield _shown(f"inspect {adapter} --filter '*layers.0.*'",
-                 summarize(open_checkpoint(adapter), layer0).render())
+                 inspect(adapter, filters=layer0).render())
 
 
-def _convert(workdir: Path, base: Path, adapter: Path) -> Iterator[str]:
+def _convert(workdir: Path, base: Path, adapter: Path, options: Options) -> Iterator[str]:
     for to, out in (("kohya", workdir / "adapter-kohya.safetensors"),
                     ("diffusers", workdir / "adapter-diffusers"),
                     ("gguf", workdir / "adapter.gguf")):
-        rep = convert(str(adapter), out, to, base=str(base), force=True)
+        rep = convert(adapter, out, to, base=str(base), force=True, options=options)
         yield _shown(f"convert {adapter} --format {to} -o {out} --base {base} --force",
-                     format_convert(rep))
+                     rep.render())
     kohya = workdir / "adapter-kohya.safetensors"
-    rep = convert(str(kohya), workdir / "adapter-back", "peft", force=True)
+    rep = convert(kohya, workdir / "adapter-back", "peft", force=True, options=options)
     yield _shown(f"convert {kohya} --format peft -o {workdir / 'adapter-back'} --force",
-                 format_convert(rep), "module names restored from the kohya file's header")
+                 rep.render(), "module names restored from the kohya file's header")
 
 
-def _merge(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+def _merge(workdir: Path, base: Path, adapter: Path, options: Options, progress: Progress
+           ) -> Iterator[str]:
     merged, again = workdir / "merged", workdir / "unmerged"
-    rep = merge_run(str(base), [str(adapter)], merged, weights=None, sign=1.0, force=True,
-                    verify=True, device="cpu", progress=progress)
+    rep = merge(base, [adapter], merged, force=True, verify=True, device="cpu",
+                options=options, progress=progress)
     yield _shown(f"merge {base} {adapter} -o {merged} --verify --device cpu --force",
-                 format_merge(rep))
-    rep = merge_run(str(merged), [str(adapter)], again, weights=None, sign=-1.0, force=True,
-                    device="cpu", progress=progress)
+                 rep.render())
+    back_rep = unmerge(merged, [adapter], again, force=True, device="cpu", options=options,
+                       progress=progress)
     same = total = 0
     orig, back = open_checkpoint(base), open_checkpoint(again)
     for name in orig.tensors:
@@ -193,38 +187,39 @@ def _merge(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iter
         same += int((a == b).sum())
         total += a.numel()
     yield _shown(f"unmerge {merged} {adapter} -o {again} --device cpu --force",
-                 format_merge(rep), f"{same / total:.2%} of all values are the base's bit for "
+                 back_rep.render(), f"{same / total:.2%} of all values are the base's bit for "
                  "bit after this bf16 merge → unmerge round trip; the rest lost low bits when "
                  "the merged values were rounded to bf16")
 
 
 def _extract_combine(workdir: Path, base: Path, tuned: Path, adapter: Path,
-                     progress: Progress) -> Iterator[str]:
+                     options: Options, progress: Progress) -> Iterator[str]:
 
-    rank8 = RankPolicy.from_options(8, None, None, None)
+    rank8 = RankPolicy.rank(8)
     ex = workdir / "extracted"
-    rep = extract(str(base), str(tuned), ex, rank8, force=True, device="cpu",
+    rep = extract(base, tuned, ex, policy=rank8, force=True, device="cpu", options=options,
                   progress=progress)
     yield _shown(f"extract {base} {tuned} -o {ex} --rank 8 --device cpu --force",
-                 format_extract(rep), "the fine-tune is a rank-8 change plus noise: the error "
+                 rep.render(), "the fine-tune is a rank-8 change plus noise: the error "
                  "left is that noise and the bf16 rounding of both models")
-    both = combine([str(adapter), str(ex)], workdir / "combined", "cat", weights=[0.5, 0.5],
-                   policy=None, force=True, progress=progress)
+    both = combine([adapter, ex], workdir / "combined", "cat", weights=[0.5, 0.5],
+                   force=True, options=options, progress=progress)
     yield _shown(f"combine {adapter} {ex} --method cat --weight 0.5 --weight 0.5 -o "
-                 f"{workdir / 'combined'} --force", format_combine(both))
-    small = combine([str(workdir / "combined")], workdir / "resized", "svd", weights=None,
-                    policy=rank8, force=True, resize=True, progress=progress)
+                 f"{workdir / 'combined'} --force", both.render())
+    small = resize(workdir / "combined", workdir / "resized", policy=rank8, force=True,
+                   options=options, progress=progress)
     yield _shown(f"resize {workdir / 'combined'} --rank 8 -o {workdir / 'resized'} --force",
-                 format_combine(small), "both adapters span nearly the same rank-8 subspace")
+                 small.render(), "both adapters span nearly the same rank-8 subspace")
 
 
-def _export(workdir: Path, base: Path, adapter: Path, progress: Progress) -> Iterator[str]:
+def _export(workdir: Path, base: Path, adapter: Path, options: Options, progress: Progress
+            ) -> Iterator[str]:
     try:
-        rep = export(str(base), [str(adapter)], workdir / "onnx", force=True,
+        rep = export(base, [adapter], workdir / "onnx", force=True, options=options,
                      progress=progress)
     except LoraToolError as e:
         if "loratool[onnx]" not in str(e):
             raise
         yield f"(export skipped: {e})\n"
         return
-    yield _shown(f"export {base} {adapter} -o {workdir / 'onnx'} --force", format_export(rep))
+    yield _shown(f"export {base} {adapter} -o {workdir / 'onnx'} --force", rep.render())

@@ -5,41 +5,71 @@ weights from the base with the adapters merged in memory by the merge code, the 
 ``torch.onnx.export(dynamo=True)`` with dynamic batch and sequence axes. Verification always
 runs (unless ``verify=False``): random token batches of two shapes other than the traced one,
 one of them padded, through PyTorch and onnxruntime; above ``atol`` the export fails and its
-output is removed.
+output is removed. ``stream`` writes the merged weights tensor by tensor (export_stream),
+``adapters_as_inputs`` leaves them unmerged as onnxruntime adapter files (export_adapters),
+``with_past`` adds KV-cache graphs (export_cache).
 
 Example::
-    report = export("base/", ["adapter/"], Path("onnx-out"))
+
+    import loratool
+    report = loratool.export("base/", ["adapter/"], "onnx/")
+    print(report.opset, report.verification.max_abs_diff)
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import shutil
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
 import torch
 
-from ..engine import kernel
-from ..engine.plan import plan_edits
+from ..engine.plan import Edit, plan_edits
 from ..errors import FormatError, LoraToolError
 from ..formats import read_any
+from ..headers.checkpoint import Checkpoint
 from ..io.staging import Stage, check_output
 from ..io.tensors import open_checkpoint
 from ..io.writer import copy_config_files
+from ..model.adapter import LoraAdapter
 from ..numerics.device import resolve_device
-from ..options import check_weights
-from ..progress import SILENT, Progress
-from ..verbs import export_adapters as xa
-from ..verbs import export_cache, export_stream
-from ..verbs.export_cache import quiet_exporter
-from ..verbs.export_check import check_config, load_config
+from ..options import Options, check_weights
+from ..progress import SILENT, Bar, Progress
+from ..reports.export import (
+    AdapterInputsExportReport,
+    ExportReport,
+    LoraInputs,
+    MergedExportReport,
+    Streamed,
+    StreamedInputs,
+    Verification,
+    WithPast,
+)
+from . import export_cache, export_stream, export_verify
+from .export_adapters import lora_plan, write_adapters
+from .export_check import check_config, load_config
+from .export_model import (
+    GraphSpec,
+    Wrapper,
+    batch,
+    input_names,
+    load_model,
+    merge_in_memory,
+    meta_model,
+    vocab,
+    wrapper,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 EXTRA = "pip install 'loratool[onnx]'"
+SEED = 0  # the traced batch; verification draws from SEED + 1, the KV-cache graphs SEED + 2
+PathLike = str | os.PathLike[str]
+R = TypeVar("R", MergedExportReport, AdapterInputsExportReport)
 
 
 def _need_extra() -> None:
@@ -53,7 +83,7 @@ def _need_extra() -> None:
         raise LoraToolError(f"export needs {', '.join(missing)}: {EXTRA}")
 
 
-def _task(config: Any, task: str) -> str:
+def _task(config: PretrainedConfig, task: str) -> str:
     if task != "auto":
         return task
     archs = getattr(config, "architectures", None) or []
@@ -62,101 +92,108 @@ def _task(config: Any, task: str) -> str:
     return "feature-extraction"
 
 
-def _load_model(folder: Path, task: str, config: Any) -> Any:
-    import transformers
+@dataclass
+class Job:
+    """One export, its inputs checked: what every step reads."""
 
-    cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with quiet_exporter():
-            model, info = cls.from_pretrained(folder, config=config, dtype=torch.float32,
-                                              trust_remote_code=False,
-                                              output_loading_info=True)
-    except ValueError as e:
-        raise FormatError(f"{folder}: transformers cannot build {config.model_type!r} for "
-                          f"task {task} ({str(e).splitlines()[0]})") from e
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers would fill them with random values: never export those
-        raise FormatError(f"{folder}: the checkpoint lacks {len(missing)} weights the "
-                          f"architecture needs (first: {missing[0]}); is it complete?")
-    return model.eval()
+    base: Checkpoint
+    base_spec: str
+    specs: list[str]  # the adapters, as given
+    weights: list[float]
+    out: Path
+    inputs: list[Path]  # the local inputs, which the output may not touch
+    config: PretrainedConfig
+    task: str
+    dtype: str
+    opset: int | None
+    atol: float
+    verify: bool
+    force: bool
+    options: Options
+    t0: float
 
-
-def input_names(model: Any, config: Any) -> list[str]:
-    """The inputs a tokenizer gives this model: ids and mask, and token_type_ids where the
-    model has token types (BERT and its kin; GPT-2 takes the argument but has no types)."""
-
-    names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in inspect.signature(model.forward).parameters and int(
-            getattr(config, "type_vocab_size", 0) or 0) > 0:
-        names.append("token_type_ids")
-    return names
+    def graph(self, names: list[str]) -> GraphSpec:
+        """What is traced: this architecture with these inputs and the task's output, on a
+        random (2, 8) batch (seq ≥ 2: a sequence of 1 would bake a branch into the graph)."""
+        example = batch(names, 2, 8, vocab(self.config), torch.Generator().manual_seed(SEED))
+        output = "logits" if self.task == "causal-lm" else "last_hidden_state"
+        return GraphSpec(self.config, self.task, self.dtype, self.opset, names, output,
+                         example)
 
 
-def _merge_in_memory(model: Any, base: Any, adapters: list[Any], weights: list[float],
-                     specs: list[str], partial: bool = False) -> int:
-    """Apply the adapters to the model's parameters with the merge code's math (``partial``:
-    a model of the first layers only, which lacks the later layers' parameters)."""
+def export(base: PathLike, adapters: list[PathLike], out: PathLike, *,
+           weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
+           task: str = "auto", atol: float | None = None, verify: bool = True,
+           force: bool = False, with_past: bool = False, stream: bool = False,
+           adapters_as_inputs: bool = False, device: str = "auto",
+           options: Options | None = None, progress: Progress = SILENT
+           ) -> MergedExportReport | AdapterInputsExportReport:
+    """Export ``base`` (a model folder or Hub id with a ``config.json``) with ``adapters``
+    merged to ``out/model.onnx`` and verify it in onnxruntime against PyTorch.
 
-    if not adapters:
-        return 0
-    edits, _ = plan_edits(base, adapters, weights, specs)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+    ``dtype``: fp32 or fp16. ``task``: auto (from the config's architectures), causal-lm
+    (logits) or feature-extraction (the last hidden state). ``atol``: the largest accepted
+    |ONNX − PyTorch| (default 1e-4 for fp32, 2e-2 for fp16). ``stream``: trace without
+    weights and write the merged weights tensor by tensor (any size). ``adapters_as_inputs``:
+    the base graph with LoRA inputs and one onnxruntime adapter file per adapter
+    (an :class:`AdapterInputsExportReport`). ``with_past``: also prefill.onnx and decode.onnx
+    over a KV cache. Needs the extra ``loratool[onnx]``; raises
+    :class:`loratool.LoraToolError` (nothing is written) on bad input or a failed check.
 
-    def find(name: str) -> Any:
-        if name in params:
-            return params[name]
-        hits = [p for n, p in params.items() if n.endswith("." + name) or name.endswith(
-            "." + n)]
-        if len(hits) == 1:
-            return hits[0]
-        raise FormatError(f"cannot find {name} among the model's parameters")
+    Example::
 
-    with torch.no_grad():
-        for name, e in edits.items():
-            if partial and not any(n == name or n.endswith("." + name) or name.endswith(
-                    "." + n) for n in params):
-                continue
-            p = find(name)
-            W = p.data.to(torch.float32, copy=True)
-            new = kernel.merged(W, e, 1.0, torch.device("cpu"), name=name)
-            if new.shape != p.shape:
-                raise FormatError(f"{name}: a resized full tensor cannot be exported in place")
-            p.data.copy_(new.to(p.dtype))
-    return len(edits)
+        r = loratool.export("base/", ["adapter/"], "onnx/", dtype="fp16")
+        r.files, r.verification.max_abs_diff
+    """
+    _need_extra()
 
+    t0 = time.perf_counter()
+    if dtype not in ATOL:
+        raise LoraToolError("--dtype must be fp32 or fp16 (bf16 does not run on "
+                            "onnxruntime's CPU provider)")
+    if task not in ("auto", "causal-lm", "feature-extraction"):
+        raise LoraToolError(f"unknown --task {task}; use auto, causal-lm or feature-extraction")
 
-def _batch(names: list[str], batch: int, seq: int, vocab: int, types: int, pad_id: int,
-           g: Any, padded: bool = False) -> dict[str, Any]:
-    """Random inputs by name; ``padded`` right-pads rows 1 and 2 as a tokenizer would."""
+    base_spec, specs, out = os.fspath(base), [os.fspath(a) for a in adapters], Path(out)
+    weights = check_weights(weights, len(specs))
+    atol = ATOL[dtype] if atol is None else atol
+    if not (atol >= 0 and atol < float("inf")):
+        raise LoraToolError(f"--atol must be a finite number ≥ 0, got {atol}")
+    ckpt = open_checkpoint(base_spec, progress)
+    if ckpt.config is None:
+        raise FormatError(f"{base_spec}: no config.json beside the weights; export needs the "
+                          "architecture")
+    inputs = [p for p in [Path(base_spec), *map(Path, specs)] if p.exists()]
+    check_output(out, inputs, force)
+    for name in ckpt.tensors:  # a Hub base: make every weight file local first
+        ckpt.local_info(name)
 
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 11:] = 0
-        mask[2, 6:] = 0
-        ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
-    out = {"input_ids": ids, "attention_mask": mask}
-    if "token_type_ids" in names:  # a second segment in the later half of each row
-        out["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq) \
-            .clone() % max(types, 1)
-    return out
+    config = load_config(ckpt, base_spec)
+    task = _task(config, task)
 
+    # the config is a claim: checked against the weights before any model is built
+    check_config(ckpt, config, task, dtype, stream or adapters_as_inputs)
+    if with_past and task != "causal-lm":
+        raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
+    if with_past and (stream or adapters_as_inputs):
+        raise LoraToolError("--with-past builds the merged model in memory; export it without "
+                            "--stream and --adapters-as-inputs")
 
-def _trace(wrapper: Any, example: dict[str, Any], names: list[str], output: str, path: Path,
-           opset: int | None, config: Any) -> None:
-    """torch.onnx.export (dynamo) with dynamic batch and sequence axes."""
-
-    dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
-    try:
-        with quiet_exporter(), torch.no_grad():
-            torch.onnx.export(wrapper, tuple(example[n] for n in names), str(path),
-                              dynamo=True, dynamic_shapes=dyn, input_names=names,
-                              output_names=[output], opset_version=opset, external_data=True)
-    except Exception as e:  # the exporter's errors are long; keep the first line
-        raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
-                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    dev = resolve_device("cpu" if with_past and device == "auto" else device)
+    if with_past and dev.type != "cpu":
+        raise LoraToolError("--with-past is verified on the CPU; use --device cpu")
+    job = Job(ckpt, base_spec, specs, weights, out, inputs, config, task, dtype, opset, atol,
+              verify, force, options or Options(), t0)
+    if adapters_as_inputs:
+        if not specs:
+            raise LoraToolError("--adapters-as-inputs: name the adapters to write as "
+                                "onnxruntime adapter files")
+        with progress.bar("export", total=3, unit="step") as bar, \
+                export_verify.on_device(dev):
+            return _swappable(job, bar)
+    with progress.bar("export", total=4 if with_past else 3, unit="step") as bar, \
+            export_verify.on_device(dev):
+        return _merged(job, with_past, stream, bar)
 
 
 def _check_opset(path: Path, opset: int | None) -> int | None:
@@ -174,260 +211,162 @@ def _check_opset(path: Path, opset: int | None) -> int | None:
     return got
 
 
-def _verify(wrapper: Any, path: Path, names: list[str], vocab: int, types: int, pad: int,
-            seed: int, atol: float) -> dict[str, Any]:
-    """Two shapes unlike the traced (2, 8) one, the second right-padded, through PyTorch and
-    onnxruntime; padded positions are not compared."""
-    import onnxruntime as ort
+def _trace(module: Wrapper, graph: GraphSpec, path: Path) -> None:
+    """torch.onnx.export (dynamo) with dynamic batch and sequence axes."""
 
+    names = graph.names
+    dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
     try:
-        sess = ort.InferenceSession(str(path), providers=export_stream.providers())
-    except Exception as e:  # onnxruntime's own errors share no base class
-        raise LoraToolError(f"verification failed: onnxruntime cannot load the exported graph "
-                            f"({str(e).splitlines()[0][:200]}); nothing was written") from e
-    g = torch.Generator().manual_seed(seed)
-    worst, shapes = 0.0, []
-    forward = export_stream.reference_run(wrapper)
-    for batch, seq in ((1, 5), (3, 17)):
-        b = _batch(names, batch, seq, vocab, types, pad, g, padded=batch > 1)
-        ref = forward(b)
-        got = sess.run(None, {k: v.numpy() for k, v in b.items()})[0].astype(np.float32)
-        keep = b["attention_mask"].numpy().astype(bool)
-        if not (np.isfinite(ref[keep]).all() and np.isfinite(got[keep]).all()):
-            raise LoraToolError("verification failed: the outputs hold NaN or Inf (in "
-                                "PyTorch or ONNX; fp16 overflow?); nothing was written")
-        worst = max(worst, float(np.abs(got - ref)[keep].max()))
-        shapes.append([batch, seq])
-    if not worst <= atol:
-        raise LoraToolError(f"verification failed: ONNX and PyTorch outputs differ by "
-                            f"{worst:.3g} > --atol {atol:g}; nothing was written")
-    return {"checked": True, "shapes": shapes, "max_abs_diff": worst, "atol": atol, "ok": True}
+        with export_cache.quiet_exporter(), torch.no_grad():
+            torch.onnx.export(module, tuple(graph.example[n] for n in names), str(path),
+                              dynamo=True, dynamic_shapes=dyn, input_names=names,
+                              output_names=[graph.output], opset_version=graph.opset,
+                              external_data=True)
+    except Exception as e:  # the exporter's errors are long; keep the first line
+        raise LoraToolError(f"torch.onnx.export failed for {graph.config.model_type}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
 
 
-def export(base_spec: str, adapter_specs: list[str], out: Path, *,
-           weights: list[float] | None = None, dtype: str = "fp32", opset: int | None = None,
-           task: str = "auto", atol: float | None = None, verify: bool = True,
-           force: bool = False, seed: int = 0, with_past: bool = False,
-           stream: bool = False, adapters_as_inputs: bool = False, device: str = "auto",
-           progress: Progress = SILENT) -> dict[str, Any]:
-    """Export base + adapters to ``out/model.onnx`` and verify it; returns the report."""
-    _need_extra()
-
-    t0 = time.perf_counter()
-    if dtype not in ATOL:
-        raise LoraToolError("--dtype must be fp32 or fp16 (bf16 does not run on "
-                            "onnxruntime's CPU provider)")
-    if task not in ("auto", "causal-lm", "feature-extraction"):
-        raise LoraToolError(f"unknown --task {task}; use auto, causal-lm or feature-extraction")
-
-    weights = check_weights(weights, len(adapter_specs))
-    atol = ATOL[dtype] if atol is None else atol
-    if not (atol >= 0 and atol < float("inf")):
-        raise LoraToolError(f"--atol must be a finite number ≥ 0, got {atol}")
-    base = open_checkpoint(base_spec, progress)
-    if base.config is None:
-        raise FormatError(f"{base_spec}: no config.json beside the weights; export needs the "
-                          "architecture")
-    inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
-    check_output(out, inputs, force)
-    for name in base.tensors:  # a Hub base: make every weight file local first
-        base.local_info(name)
-
-    config = load_config(base, base_spec)
-    task = _task(config, task)
-
-    # the config is a claim: checked against the weights before any model is built
-    check_config(base, config, task, dtype, stream or adapters_as_inputs)
-    if with_past and task != "causal-lm":
-        raise LoraToolError("--with-past is for causal LMs (it exports a KV-cache decoder)")
-    if with_past and (stream or adapters_as_inputs):
-        raise LoraToolError("--with-past builds the merged model in memory; export it without "
-                            "--stream and --adapters-as-inputs")
-
-    dev = resolve_device("cpu" if with_past and device == "auto" else device)
-    if with_past and dev.type != "cpu":
-        raise LoraToolError("--with-past is verified on the CPU; use --device cpu")
-    if adapters_as_inputs:
-        if not adapter_specs:
-            raise LoraToolError("--adapters-as-inputs: name the adapters to write as "
-                                "onnxruntime adapter files")
-        with progress.bar("export", total=3, unit="step") as bar, \
-                export_stream.on_device(dev):
-            return _swappable(base, base_spec, adapter_specs, out, inputs, config, task,
-                              weights, dtype, opset, atol, verify, seed, bar, t0, force)
-    with progress.bar("export", total=4 if with_past else 3, unit="step") as bar, \
-            export_stream.on_device(dev):
-        return _export(base, base_spec, adapter_specs, out, inputs, config, task, weights,
-                       dtype, opset, atol, verify, seed, with_past, bar, t0, force, stream)
+def _architecture(config: PretrainedConfig) -> str | None:
+    return (config.architectures or [None])[0]
 
 
-def _swappable(base: Any, base_spec: str, specs: list[str], out: Path, inputs: list[Path],
-               config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
-               atol: float, verify: bool, seed: int, bar: Any, t0: float, force: bool
-               ) -> dict[str, Any]:
+def _swappable(job: Job, bar: Bar) -> AdapterInputsExportReport:
     """The base graph with LoRA inputs (streamed: any size) and one onnxruntime adapter file
     per adapter, checked by switching adapters in one session (export_adapters)."""
 
-    adapters = [read_any(s, base_spec) for s in specs]
-    modules, rank, per = xa.lora_plan(adapters, specs, base)
-    names = input_names(export_stream.meta_model(config, task, dtype).model, config)
-    vocab, types, pad = _vocab(config)
-    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    adapters = [read_any(s, job.base_spec) for s in job.specs]
+    plan = lora_plan(adapters, job.specs, job.base)
+    names = input_names(meta_model(job.config, job.task, job.dtype).model, job.config)
+    graph = job.graph(names)
     bar.update(1)
-    with Stage(out, inputs, force) as stage:
+    with Stage(job.out, job.inputs, job.force, options=job.options) as stage:
         tmp = stage.tmp
         assert tmp is not None
-        example = _batch(names, 2, 8, vocab, types, pad, torch.Generator().manual_seed(seed))
-        info = export_stream.write_streamed(base, config, task, {}, dtype, opset, tmp, example,
-                                            names, output, lora=(modules, rank))
-        files, unused = xa.write_adapters(tmp, per, weights, specs, rank, dtype,
-                                          info["lora_inputs"])
-        graph_opset = _check_opset(tmp / "model.onnx", opset)
+        info = export_stream.write_streamed(job.base, graph, {}, tmp,
+                                            lora=(plan.modules, plan.rank),
+                                            options=job.options)
+        written = write_adapters(tmp, plan, job.weights, job.specs, job.dtype,
+                                 info.lora_inputs)
+        graph_opset = _check_opset(tmp / "model.onnx", job.opset)
         bar.update(1)
-        result: dict[str, Any] = {"checked": False}
-        if verify:
-            g = torch.Generator().manual_seed(seed + 1)
-            batches = [_batch(names, b, s, vocab, types, pad, g, padded=b > 1)
-                       for b, s in ((1, 5), (3, 17))]
-
-            result = _check_swappable(tmp, info, base, config, task, dtype, opset, example,
-                                      names, output, adapters, weights, specs, per, rank,
-                                      modules, files, batches, atol)
+        result = Verification(checked=False)
+        if job.verify:
+            feeds = export_verify.batches(names, vocab(job.config), SEED + 1)
+            result = export_verify.check_swappable(
+                tmp, info, job.base, graph, adapters, job.weights, job.specs, plan,
+                written.files, feeds, job.atol, options=job.options)
         bar.update(1)
-        not_copied = copy_config_files(base.folder, tmp)
-        report = {"base": base_spec, "adapters": specs, "weights": weights, "task": task,
-                  "architecture": (config.architectures or [None])[0], "inputs": names,
-                  "outputs": [output], "dynamic_axes": {"batch": 0, "sequence": 1},
-                  "dtype": dtype, "opset": graph_opset, "adapter_files": files,
-                  "lora": {"modules": len(modules) - len(unused), "rank": rank,
-                           "outside_the_graph": unused}, "verification": result,
-                  "streamed": info | {"lora_inputs": len(info["lora_inputs"])},
-                  "tensors_changed_by_adapters": 0, "with_past": None,
-                  "not_copied": not_copied}
-        return _publish(stage, report, out, t0)
+        not_copied = copy_config_files(job.base.folder, tmp)
+        report = AdapterInputsExportReport(
+            base=job.base_spec, adapters=job.specs, weights=job.weights, task=job.task,
+            architecture=_architecture(job.config), inputs=names, outputs=[graph.output],
+            dynamic_axes={"batch": 0, "sequence": 1}, dtype=job.dtype, opset=graph_opset,
+            adapter_files=written.files,
+            lora=LoraInputs(modules=len(plan.modules) - len(written.unused), rank=plan.rank,
+                            outside_the_graph=written.unused),
+            verification=result,
+            streamed=StreamedInputs(initializers=info.initializers, changed=info.changed,
+                                    bytes=info.bytes, lora_inputs=len(info.lora_inputs)),
+            tensors_changed_by_adapters=0, with_past=None, not_copied=not_copied, files=[],
+            output=str(job.out), seconds=0.0)
+        return _publish(stage, report, job.t0)
 
 
-def _check_swappable(tmp: Path, info: dict[str, Any], base: Any, config: Any, task: str,
-                     dtype: str, opset: int | None, example: dict[str, Any], names: list[str],
-                     output: str, adapters: list[Any], weights: list[float], specs: list[str],
-                     per: list[Any], rank: int, modules: list[str], files: list[str],
-                     batches: list[Any], atol: float) -> dict[str, Any]:
-    """The swappable graph in one session, switching adapters, against transformers' merged
-    models: whole when small, else a copy of its first layer written the same way."""
+@dataclass
+class _Prepared:
+    """The model merged in memory and its wrapper, or (``stream``) only the edits."""
 
-    cut = export_stream.verification_cut(config, info["bytes"])
-    cfg, folder = (config, tmp) if cut is None else (cut[0], tmp / ".verify")
-
-    def reference(i: int | None) -> Any:  # the base, or the base with adapter i merged
-        m = _load_model(base.folder, task, cfg)
-        if i is not None:
-            _merge_in_memory(m, base, [adapters[i]], [weights[i]], [specs[i]], partial=True)
-        return export_stream.reference_run(
-            export_stream.wrapper(m.half() if dtype == "fp16" else m, task))
-
-    if cut is None:
-        return xa.check(tmp, "model.onnx", files, reference, batches, atol) | {
-            "mode": "whole model"}
-    folder.mkdir()
-    try:
-        small = export_stream.write_streamed(base, cfg, task, {}, dtype, opset, folder,
-                                             example, names, output, lora=(modules, rank))
-        sub = xa.write_adapters(folder, per, weights, specs, rank, dtype,
-                                small["lora_inputs"])[0]
-        result = xa.check(folder, "model.onnx", sub, reference, batches, atol)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return result | {"mode": export_stream.cut_mode(cut[1])}
+    model: torch.nn.Module | None
+    module: Wrapper | None
+    edits: dict[str, Edit]
+    changed: int  # tensors the adapters change
+    names: list[str]  # the graph's inputs
 
 
-def _vocab(config: Any) -> tuple[int, int, int]:
-    """Vocabulary size, token types and pad id: what random test batches need."""
-    pad = getattr(config, "pad_token_id", None)
-    return (int(getattr(config, "vocab_size", 1000)),
-            int(getattr(config, "type_vocab_size", 0) or 0), int(pad) if isinstance(pad, int)
-            else 0)
-
-
-def _prepare(base: Any, adapters: list[Any], weights: list[float], specs: list[str],
-             config: Any, task: str, dtype: str, stream: bool) -> tuple[Any, ...]:
-    """The model merged in memory (and its wrapper), or for ``stream`` only the edits:
-    (model, wrapper, edits, tensors changed, input names)."""
+def _prepare(job: Job, adapters: list[LoraAdapter], stream: bool) -> _Prepared:
     if stream:
-        edits = plan_edits(base, adapters, weights, specs)[0] if adapters else {}
-        names = input_names(export_stream.meta_model(config, task, dtype).model, config)
-        return None, None, edits, len(edits), names
-    model = _load_model(base.folder, task, config)
-    changed = _merge_in_memory(model, base, adapters, weights, specs)
-    if dtype == "fp16":
+        edits = plan_edits(job.base, adapters, job.weights, job.specs)[0] if adapters else {}
+        names = input_names(meta_model(job.config, job.task, job.dtype).model, job.config)
+        return _Prepared(None, None, edits, len(edits), names)
+    model = load_model(job.base.folder, job.task, job.config)
+    changed = merge_in_memory(model, job.base, adapters, job.weights, job.specs)
+    if job.dtype == "fp16":
         model = model.half()
-    return model, export_stream.wrapper(model, task), {}, changed, input_names(model, config)
+    return _Prepared(model, wrapper(model, job.task), {}, changed,
+                     input_names(model, job.config))
 
 
-def _export(base: Any, base_spec: str, adapter_specs: list[str], out: Path, inputs: list[Path],
-            config: Any, task: str, weights: list[float], dtype: str, opset: int | None,
-            atol: float, verify: bool, seed: int, with_past: bool, bar: Any, t0: float,
-            force: bool, stream: bool) -> dict[str, Any]:
+def _merged(job: Job, with_past: bool, stream: bool, bar: Bar) -> MergedExportReport:
     """load → merge in memory → trace → verify → (KV-cache graphs) → publish; with ``stream``
     trace the meta model and write the merged weights tensor by tensor (export_stream)."""
 
-    adapters = [read_any(s, base_spec) for s in adapter_specs]
-    model, wrapper, edits, changed, names = _prepare(base, adapters, weights, adapter_specs,
-                                                     config, task, dtype, stream)
+    adapters = [read_any(s, job.base_spec) for s in job.specs]
+    prep = _prepare(job, adapters, stream)
     bar.update(1)
-    vocab, types, pad = _vocab(config)
-
-    output = "logits" if task == "causal-lm" else "last_hidden_state"
-    with Stage(out, inputs, force) as stage:
+    v = vocab(job.config)
+    graph = job.graph(prep.names)
+    with Stage(job.out, job.inputs, job.force, options=job.options) as stage:
         tmp = stage.tmp
         assert tmp is not None
-        example = _batch(names, 2, 8, vocab, types, pad,  # seq ≥ 2 (NOTES: 1 bakes a branch)
-                         torch.Generator().manual_seed(seed))
-        streamed = None
-        if stream:
-            streamed = export_stream.write_streamed(base, config, task, edits, dtype, opset,
-                                                    tmp, example, names, output)
+        streamed: Streamed | None = None
+        if prep.module is None:
+            streamed = export_stream.write_streamed(job.base, graph, prep.edits, tmp,
+                                                    options=job.options)
         else:
-            _trace(wrapper, example, names, output, tmp / "model.onnx", opset, config)
-        graph_opset = _check_opset(tmp / "model.onnx", opset)
+            _trace(prep.module, graph, tmp / "model.onnx")
+        graph_opset = _check_opset(tmp / "model.onnx", job.opset)
         bar.update(1)
-        result: dict[str, Any] = {"checked": False}
-        if verify and stream:
-            def merged(cfg: Any) -> Any:  # the reference: what the in-memory export checks
-                m = _load_model(base.folder, task, cfg)
-                _merge_in_memory(m, base, adapters, weights, adapter_specs, partial=True)
-                return export_stream.wrapper(m.half() if dtype == "fp16" else m, task)
-
-            result = export_stream.verify_streamed(
-                tmp, streamed, base, config, task, edits, dtype, opset, example, names, output,
-                merged, lambda w, path: _verify(w, path, names, vocab, types, pad, seed + 1,
-                                                atol))
-        elif verify:
-            result = _verify(wrapper, tmp / "model.onnx", names, vocab, types, pad, seed + 1,
-                             atol)
-            wrapper.cpu()  # verification may have moved it to the GPU
+        result = _verify_merged(job, adapters, prep, graph, streamed, tmp) if job.verify \
+            else Verification(checked=False)
         bar.update(1)
-        cached = None
+        cached: WithPast | None = None
         if with_past:
-            cached = export_cache.with_past(model, config, tmp, vocab, opset, seed + 2,
-                                            verify, atol)
+            assert prep.model is not None  # with_past is refused with stream
+            cached = export_cache.with_past(prep.model, job.config, tmp, v.size, job.opset,
+                                            SEED + 2, job.verify, job.atol)
             bar.update(1)
-        not_copied = copy_config_files(base.folder, tmp)
-        report = {"base": base_spec, "adapters": adapter_specs, "weights": weights,
-                  "task": task, "architecture": (config.architectures or [None])[0],
-                  "inputs": names, "outputs": [output],
-                  "dynamic_axes": {"batch": 0, "sequence": 1}, "dtype": dtype,
-                  "opset": graph_opset, "tensors_changed_by_adapters": changed,
-                  "verification": result, "with_past": cached, "not_copied": not_copied,
-                  "streamed": streamed,
-                  "files": sorted(p.name for p in tmp.iterdir())}
-        return _publish(stage, report, out, t0)
+        not_copied = copy_config_files(job.base.folder, tmp)
+        report = MergedExportReport(
+            base=job.base_spec, adapters=job.specs, weights=job.weights, task=job.task,
+            architecture=_architecture(job.config), inputs=prep.names,
+            outputs=[graph.output], dynamic_axes={"batch": 0, "sequence": 1},
+            dtype=job.dtype, opset=graph_opset,
+            tensors_changed_by_adapters=prep.changed, verification=result, with_past=cached,
+            not_copied=not_copied, streamed=streamed,
+            files=sorted(p.name for p in tmp.iterdir()), output=str(job.out), seconds=0.0)
+        return _publish(stage, report, job.t0)
 
 
-def _publish(stage: Any, report: dict[str, Any], out: Path, t0: float) -> dict[str, Any]:
+def _verify_merged(job: Job, adapters: list[LoraAdapter], prep: _Prepared, graph: GraphSpec,
+                   streamed: Streamed | None, tmp: Path) -> Verification:
+    """The merged graph against PyTorch: the model merged in memory, or for a streamed graph
+    the one transformers loads with the adapters merged (what the in-memory export checks)."""
+    v = vocab(job.config)
+
+    def check(module: Wrapper, path: Path) -> Verification:
+        return export_verify.verify_graph(module, path, graph.names, v, SEED + 1, job.atol)
+
+    if prep.module is None:
+        assert streamed is not None
+
+        def merged(cfg: PretrainedConfig) -> Wrapper:
+            m = load_model(job.base.folder, job.task, cfg)
+            merge_in_memory(m, job.base, adapters, job.weights, job.specs, partial=True)
+            return wrapper(m.half() if job.dtype == "fp16" else m, job.task)
+
+        return export_verify.verify_streamed(tmp, streamed, job.base, graph, prep.edits,
+                                             merged, check, options=job.options)
+    result = check(prep.module, tmp / "model.onnx")
+    prep.module.cpu()  # verification may have moved it to the GPU
+    return result
+
+
+def _publish(stage: Stage, report: R, t0: float) -> R:
     """export.json beside the graph, then the folder into place; the report completed."""
-    (stage.tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
-    report["files"] = sorted(p.name for p in stage.tmp.iterdir())
+    assert stage.tmp is not None
+    (stage.tmp / "export.json").write_text(report.saved())
+    report.files = sorted(p.name for p in stage.tmp.iterdir())
     stage.publish()
-    report["output"] = str(out)
-    report["seconds"] = time.perf_counter() - t0
+    report.seconds = time.perf_counter() - t0
     return report

@@ -6,35 +6,54 @@ The graph has PEFT's LoRA branch on every module any adapter targets, at the lar
 among them and scale 1; its factors are initializers that are also graph inputs, zero by
 default, so a run without an adapter is the base. Each adapter is written with its factors
 zero-padded to rank r and its scale (times ``--weight``) folded into lora_B; modules it does
-not target keep the zero defaults.
+not target keep the zero defaults. The session that switches them is checked in
+export_verify.
 
 Example::
-    mods, rank, per = lora_plan(adapters, specs, base)
-    files = write_adapters(folder, per, weights, specs, rank, "fp32", info["lora_inputs"])
+    plan = lora_plan(adapters, specs, base)
+    written = write_adapters(folder, plan, weights, specs, "fp32", streamed.lora_inputs)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import FormatError, LoraToolError
+from ..errors import FormatError
 from ..formats import require_lora
-from ..model.adapter import match_base
-from ..verbs.export_stream import providers
+from ..headers.checkpoint import Checkpoint
+from ..model.adapter import LoraAdapter, LoraModule, match_base
 
 SUFFIX = ".onnx_adapter"
 
 
-def lora_plan(adapters: list[Any], specs: list[str], base: Any
-              ) -> tuple[list[str], int, list[dict[str, Any]]]:
+@dataclass
+class LoraPlan:
+    """The LoRA branch the graph gets: on which modules, at which rank, and each adapter's
+    modules by name."""
+
+    modules: list[str]
+    rank: int  # the largest among the adapters
+    per: list[dict[str, LoraModule]]  # one per adapter, in order
+
+
+@dataclass
+class AdapterFiles:
+    """What :func:`write_adapters` wrote: the files in order (relative to the folder) and
+    the modules left out because the graph has no LoRA inputs for them."""
+
+    files: list[str]
+    unused: list[str]
+
+
+def lora_plan(adapters: list[LoraAdapter], specs: list[str], base: Checkpoint) -> LoraPlan:
     """The modules the graph needs LoRA inputs on, its rank, and each adapter's modules by
     name; what an onnxruntime adapter cannot express is refused by name."""
 
-    per: list[dict[str, Any]] = []
+    per: list[dict[str, LoraModule]] = []
     for ad, spec in zip(adapters, specs):
         require_lora(ad, spec, "an onnxruntime adapter holds LoRA factors only")
         if ad.full:
@@ -55,7 +74,7 @@ def lora_plan(adapters: list[Any], specs: list[str], base: Any
         per.append({m.name: m for m in ad.modules.values()})
     modules = sorted({n for p in per for n in p})
     rank = max((m.rank for p in per for m in p.values()), default=1)
-    return modules, rank, per
+    return LoraPlan(modules, rank, per)
 
 
 def adapter_name(spec: str, taken: set[str]) -> str:
@@ -68,9 +87,8 @@ def adapter_name(spec: str, taken: set[str]) -> str:
     return name
 
 
-def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float],
-                   specs: list[str], rank: int, dtype: str, inputs: list[str]
-                   ) -> tuple[list[str], list[str]]:
+def write_adapters(folder: Path, plan: LoraPlan, weights: list[float], specs: list[str],
+                   dtype: str, inputs: list[str]) -> AdapterFiles:
     """One ``adapters/NAME.onnx_adapter`` per adapter: the file names, in order, and the
     modules left out because the graph has no LoRA inputs for them: the exporter drops what
     the output does not depend on (BERT's pooler under last_hidden_state; the layers a
@@ -83,7 +101,8 @@ def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float]
     files: list[str] = []
     unused: set[str] = set()
     graph = set(inputs)
-    for mods, w, spec in zip(per, weights, specs):
+    rank = plan.rank
+    for mods, w, spec in zip(plan.per, weights, specs):
         params = {}
         for name, m in mods.items():
             a_name = f"model.{name}.lora_A.default.weight"
@@ -105,37 +124,4 @@ def write_adapters(folder: Path, per: list[dict[str, Any]], weights: list[float]
         path = folder / "adapters" / (adapter_name(spec, taken) + SUFFIX)
         fmt.export_adapter(str(path))
         files.append(f"adapters/{path.name}")
-    return files, sorted(unused)
-
-
-def check(folder: Path, model: str, files: list[str], references: Any, batches: Any,
-          atol: float) -> dict[str, Any]:
-    """In one session: no adapter against the base, then each adapter against the base with
-    that adapter merged (``references(i)``; ``None`` the base)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # LoRA inputs are initializers by design: no warnings about it
-
-    sess = ort.InferenceSession(str(folder / model), opts, providers=providers())
-    results = []
-    for i in [None, *range(len(files))]:
-        run = ort.RunOptions()
-        if i is not None:
-            lora = ort.LoraAdapter()
-            lora.Load(str(folder / files[i]))
-            run.add_active_adapter(lora)
-        ref = references(i)
-        worst = 0.0
-        for feed in batches:
-            want = ref(feed)
-            got = sess.run(None, {k: v.numpy() for k, v in feed.items()}, run)[0]
-            keep = feed["attention_mask"].numpy().astype(bool)
-            worst = max(worst, float(np.abs(got.astype(np.float32) - want)[keep].max()))
-        results.append({"adapter": None if i is None else files[i], "max_abs_diff": worst})
-        if not worst <= atol:
-            which = "the base (no adapter active)" if i is None else files[i]
-            raise LoraToolError(f"verification failed: with {which}, ONNX and PyTorch differ "
-                                f"by {worst:.3g} > --atol {atol:g}; nothing was written")
-    return {"checked": True, "ok": True, "atol": atol, "switches": results,
-            "max_abs_diff": max(r["max_abs_diff"] for r in results)}
+    return AdapterFiles(files, sorted(unused))

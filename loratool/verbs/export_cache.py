@@ -7,7 +7,8 @@ verified by a prefill and one decode step in onnxruntime against PyTorch's logit
 whole sequence.
 
 Example::
-    report = with_past(model, config, tmp, vocab, opset=None, seed=2, verify=True, atol=1e-4)
+    past = with_past(model, config, tmp, vocab=1024, opset=None, seed=2, verify=True,
+                     atol=1e-4)
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from ..errors import LoraToolError
+from ..reports.export import PastVerification, WithPast
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PretrainedConfig
 
 
 @contextlib.contextmanager
-def quiet_exporter() -> Any:
+def quiet_exporter() -> Iterator[None]:
     """The exporter and transformers print progress and warnings; only cli.py prints."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export",
                                               "transformers", "onnxscript")]
@@ -43,7 +48,7 @@ def quiet_exporter() -> Any:
             lg.setLevel(lv)
 
 
-def _cache_layout(config: Any) -> tuple[int, int, int]:
+def _cache_layout(config: PretrainedConfig) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of a decoder's KV cache."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(cfg.num_hidden_layers)
@@ -53,7 +58,8 @@ def _cache_layout(config: Any) -> tuple[int, int, int]:
     return layers, kv, head_dim
 
 
-def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
+def _cached_wrappers(model: torch.nn.Module, layers: int
+                     ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Prefill (ids, mask → logits, present.*) and decode (ids, mask, past.* → logits,
     present.*) modules over a DynamicCache, flattened to plain tensors for ONNX."""
 
@@ -62,7 +68,7 @@ def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else \
         "past_key_values"
 
-    def flat(cache: Any) -> list[Any]:
+    def flat(cache: DynamicCache) -> list[torch.Tensor]:
         out = []
         for i in range(layers):
             layer = cache.layers[i]
@@ -74,7 +80,8 @@ def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, ...]:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              use_cache=True, **{kw: DynamicCache()})
             return (out.logits, *flat(out.past_key_values))
@@ -84,7 +91,8 @@ def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any, *past: Any) -> Any:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
             cache = DynamicCache()
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
@@ -95,11 +103,9 @@ def _cached_wrappers(model: Any, layers: int) -> tuple[Any, Any]:
     return Prefill().eval(), Decode().eval()
 
 
-def _export_with_past(model: Any, config: Any, tmp: Path, vocab: int, opset: int | None,
-                      seed: int, verify: bool, atol: float) -> dict[str, Any]:
-    """prefill.onnx and decode.onnx; verified by a prefill and one decode step in
-    onnxruntime against PyTorch's logits for the whole sequence."""
-    import onnxruntime as ort
+def _export_with_past(model: torch.nn.Module, config: PretrainedConfig, tmp: Path, vocab: int,
+                      opset: int | None, seed: int, verify: bool, atol: float) -> WithPast:
+    """prefill.onnx and decode.onnx, traced on random inputs, then checked (``verify``)."""
 
     layers, kv, head_dim = _cache_layout(config)
     prefill, decode = _cached_wrappers(model, layers)
@@ -127,33 +133,43 @@ def _export_with_past(model: Any, config: Any, tmp: Path, vocab: int, opset: int
                           input_names=["input_ids", "attention_mask", *names],
                           output_names=["logits", *presents], opset_version=opset,
                           external_data=True)
-    result: dict[str, Any] = {"checked": False}
-    if verify:
-        pre = ort.InferenceSession(str(tmp / "prefill.onnx"), providers=["CPUExecutionProvider"])
-        dec = ort.InferenceSession(str(tmp / "decode.onnx"), providers=["CPUExecutionProvider"])
-        prompt = torch.randint(0, vocab, (3, 6), generator=g)
-        nxt = torch.randint(0, vocab, (3, 1), generator=g)
-        outs = pre.run(None, {"input_ids": prompt.numpy(),
-                              "attention_mask": np.ones((3, 6), dtype=np.int64)})
-        step_out = dec.run(None, {"input_ids": nxt.numpy(),
-                                  "attention_mask": np.ones((3, 7), dtype=np.int64),
-                                  **dict(zip(names, outs[1:]))})
-        full = torch.cat([prompt, nxt], 1)
-        with torch.no_grad():  # the reference: one forward pass over the whole sequence
-            ref = model(input_ids=full, attention_mask=torch.ones_like(full),
-                        use_cache=False).logits.float().numpy()
-        worst = max(float(np.abs(outs[0].astype(np.float32) - ref[:, :6]).max()),
-                    float(np.abs(step_out[0].astype(np.float32) - ref[:, 6:]).max()))
-        result = {"checked": True, "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
-        if not worst <= atol:
-            raise LoraToolError(f"verification failed: the prefill/decode graphs differ from "
-                                f"PyTorch by {worst:.3g} > --atol {atol:g}; nothing was written")
-    return {"graphs": ["prefill.onnx", "decode.onnx"], "past_inputs": names,
-            "present_outputs": presents, "verification": result}
+    result = _check_past(model, tmp, names, vocab, g, atol) if verify else \
+        PastVerification(checked=False)
+    return WithPast(graphs=["prefill.onnx", "decode.onnx"], past_inputs=names,
+                    present_outputs=presents, verification=result)
 
 
-def with_past(model: Any, config: Any, tmp: Path, vocab: int, opset: int | None,
-                        seed: int, verify: bool, atol: float) -> dict[str, Any]:
+def _check_past(model: torch.nn.Module, tmp: Path, names: list[str], vocab: int,
+                g: torch.Generator, atol: float) -> PastVerification:
+    """A prefill and one decode step in onnxruntime against PyTorch's logits for the whole
+    sequence."""
+    import onnxruntime as ort
+
+    pre = ort.InferenceSession(str(tmp / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(tmp / "decode.onnx"), providers=["CPUExecutionProvider"])
+    prompt = torch.randint(0, vocab, (3, 6), generator=g)
+    nxt = torch.randint(0, vocab, (3, 1), generator=g)
+    outs = pre.run(None, {"input_ids": prompt.numpy(),
+                          "attention_mask": np.ones((3, 6), dtype=np.int64)})
+    step_out = dec.run(None, {"input_ids": nxt.numpy(),
+                              "attention_mask": np.ones((3, 7), dtype=np.int64),
+                              **dict(zip(names, outs[1:]))})
+    full = torch.cat([prompt, nxt], 1)
+    with torch.no_grad():  # the reference: one forward pass over the whole sequence
+        ref = model(input_ids=full, attention_mask=torch.ones_like(full),
+                    use_cache=False).logits.float().numpy()
+    worst = max(float(np.abs(outs[0].astype(np.float32) - ref[:, :6]).max()),
+                float(np.abs(step_out[0].astype(np.float32) - ref[:, 6:]).max()))
+    if not worst <= atol:
+        raise LoraToolError(f"verification failed: the prefill/decode graphs differ from "
+                            f"PyTorch by {worst:.3g} > --atol {atol:g}; nothing was written")
+    return PastVerification(checked=True, max_abs_diff=worst, atol=atol, ok=worst <= atol)
+
+
+def with_past(model: torch.nn.Module, config: PretrainedConfig, tmp: Path, vocab: int,
+              opset: int | None, seed: int, verify: bool, atol: float) -> WithPast:
+    """prefill.onnx and decode.onnx over a KV cache for ``model`` (merged, in memory) in
+    ``tmp``; any failure of the exporter is one line naming the architecture."""
     try:
         return _export_with_past(model, config, tmp, vocab, opset, seed, verify, atol)
     except LoraToolError:

@@ -12,6 +12,7 @@ there.
 
 Example::
     need = check_config(base, config, "causal-lm", "fp32", stream=False)
+    need.need_gb, need.available_gb
 """
 
 from __future__ import annotations
@@ -19,17 +20,31 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import FormatError, LoraToolError
+from ..headers.checkpoint import Checkpoint
 from ..model.adapter import input_embedding
-from ..verbs.export_stream import meta_model, source
+from .export_model import meta_model
+from .export_stream import source
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _FIRST_INDEX = re.compile(r"\.(\d+)\.")
 GB = 1e9
 
 
-def checkpoint_layers(names: Any) -> int:
+@dataclass(frozen=True)
+class MemoryNeed:
+    """The memory an export needs at its peak and what the machine has (NaN: not known)."""
+
+    need_gb: float
+    available_gb: float
+
+
+def checkpoint_layers(names: Iterable[str]) -> int:
     """Layers a checkpoint holds: one more than the largest first index in its tensor names
     (``model.layers.3.mlp.experts.7.w1`` is layer 3); 0 when no name has one."""
     top = -1
@@ -40,7 +55,7 @@ def checkpoint_layers(names: Any) -> int:
     return top + 1
 
 
-def _claimed_layers(config: Any) -> int | None:
+def _claimed_layers(config: PretrainedConfig) -> int | None:
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         v = getattr(cfg, key, None)
@@ -49,7 +64,7 @@ def _claimed_layers(config: Any) -> int | None:
     return None
 
 
-def load_config(base: Any, spec: str) -> Any:
+def load_config(base: Checkpoint, spec: str) -> PretrainedConfig:
     """transformers' config of the base (never custom code), or one line saying why not."""
     import transformers
 
@@ -66,8 +81,8 @@ def load_config(base: Any, spec: str) -> Any:
                           f"({(why or [type(e).__name__])[-1][:200]})") from e
 
 
-def check_config(base: Any, config: Any, task: str, dtype: str, stream: bool,
-                 lora: tuple[list[str], int] | None = None) -> dict[str, float]:
+def check_config(base: Checkpoint, config: PretrainedConfig, task: str, dtype: str,
+                 stream: bool) -> MemoryNeed:
     """Refuse a config that does not describe the checkpoint, or an export the machine has
     not the memory for; the estimate (``need_gb``, ``available_gb``) otherwise."""
     where = base.source or base.path
@@ -111,7 +126,7 @@ def check_config(base: Any, config: Any, task: str, dtype: str, stream: bool,
         raise LoraToolError(f"exporting {where} ({params / 1e9:.2f} B parameters) needs about "
                             f"{need / GB:.1f} GB of memory and {have_bytes / GB:.1f} GB is "
                             f"available{how}; free memory or use a bigger machine")
-    return {"need_gb": need / GB, "available_gb": (have_bytes or math.nan) / GB}
+    return MemoryNeed(need_gb=need / GB, available_gb=(have_bytes or math.nan) / GB)
 
 
 def export_memory(params: int, largest: int, layers: int, dtype: str, stream: bool) -> float:

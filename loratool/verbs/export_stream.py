@@ -7,94 +7,69 @@ the merge code (float32, rounded once), appended at an aligned offset, and decla
 external initializer of the graph. Buffers the checkpoint does not hold (rotary frequencies,
 position ids) come from a one-layer stand-in of the same config.
 
-Verification runs the exported graph in onnxruntime against the model transformers loads
-from the base with the adapters merged in memory (the in-memory export's path, independent of
-how the weights were placed here); a model too big to hold twice is verified on a truncated
-copy (its first layers, exported by the same code), and the report says which.
+Verification (export_verify) runs the exported graph in onnxruntime against the model
+transformers loads from the base with the adapters merged in memory (the in-memory export's
+path, independent of how the weights were placed here); a model too big to hold twice is
+verified on a truncated copy (its first layers, exported by the same code), and the report
+says which.
 
 Example::
-    info = write_streamed(base, config, "causal-lm", edits, "fp32", None, Path("tmp"))
+    streamed = write_streamed(base, graph, edits, Path("tmp"))
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import re
-import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..engine import kernel
+from ..engine.plan import Edit
 from ..errors import FormatError, LoraToolError
+from ..headers.checkpoint import Checkpoint
 from ..io.directio import SequentialWriter
 from ..io.tensors import tensor_bytes
 from ..model.adapter import HEAD_TENSOR, input_embedding
-from ..verbs.export_cache import quiet_exporter
+from ..options import Options
+from ..reports.export import Streamed
+from .export_cache import quiet_exporter
+from .export_model import GraphSpec, Wrapper, meta_model
+
+if TYPE_CHECKING:
+    import onnx
+    from transformers import PretrainedConfig
 
 DATA = "model.onnx.data"
-# where verification runs (export --device): set for one export by ``on_device``
-_DEVICE: list[Any] = []
 ALIGN = 4096  # initializers at page offsets: onnxruntime can map them
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def wrapper(model: Any, task: str) -> Any:
-    """The traced module: logits (causal LM) or last hidden state, no cache."""
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None
-                    ) -> Any:
-            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            if task == "causal-lm":
-                return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False, **extra).logits
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              **extra).last_hidden_state
-
-    return Wrapper().eval()
-
-
-def meta_model(config: Any, task: str, dtype: str) -> Any:
-    """The architecture with meta parameters: every shape, no memory."""
-    import transformers
-
-    cls = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
-    with quiet_exporter(), torch.device("meta"):
-        model = cls.from_config(config, trust_remote_code=False, dtype=torch.float32).eval()
-    if dtype == "fp16":
-        model = model.half()
-    return wrapper(model, task)
-
-
-def trace(module: Any, example: dict[str, Any], names: list[str], output: str,
-          opset: int | None, config: Any, path: Path) -> Any:
+def trace(module: Wrapper, graph: GraphSpec, path: Path) -> onnx.ModelProto:
     """The ONNX graph of the meta model, without initializers (they are written after)."""
     import onnx
 
+    names = graph.names
     dyn = tuple({0: "batch", 1: "sequence"} for _ in names)
     try:
         with quiet_exporter(), torch.no_grad():
             # optimize=False: constant folding would read weights the meta model does not have
-            prog = torch.onnx.export(module, tuple(example[n] for n in names), dynamo=True,
-                                     dynamic_shapes=dyn, input_names=names,
-                                     output_names=[output], opset_version=opset,
+            prog = torch.onnx.export(module, tuple(graph.example[n] for n in names),
+                                     dynamo=True, dynamic_shapes=dyn, input_names=names,
+                                     output_names=[graph.output], opset_version=graph.opset,
                                      optimize=False)
     except Exception as e:  # the exporter's errors are long; keep the first line
-        raise LoraToolError(f"torch.onnx.export failed for {config.model_type}: "
+        raise LoraToolError(f"torch.onnx.export failed for {graph.config.model_type}: "
                             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    assert prog is not None  # dynamo=True returns the program
     prog.save(str(path), include_initializers=False)  # meta values: the real ones come after
     return onnx.load(str(path), load_external_data=False)
 
 
-def needed(proto: Any) -> list[str]:
+def needed(proto: onnx.ModelProto) -> list[str]:
     """The names the graph reads that no node or input produces: its initializers."""
     made = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
     out: list[str] = []
@@ -105,7 +80,8 @@ def needed(proto: Any) -> list[str]:
     return out
 
 
-def stand_in_buffers(config: Any, task: str, dtype: str) -> dict[str, Any]:
+def stand_in_buffers(config: PretrainedConfig, task: str, dtype: str
+                     ) -> dict[str, torch.Tensor]:
     """Buffers of a one-layer, small-vocabulary copy of the architecture, by name with layer
     numbers as ``.0.``: what __init__ computes (rotary frequencies, position ids), which a
     checkpoint does not hold."""
@@ -127,7 +103,7 @@ def stand_in_buffers(config: Any, task: str, dtype: str) -> dict[str, Any]:
     return {_LAYER.sub(".0.", n): b.detach() for n, b in model.named_buffers()}
 
 
-def source(name: str, base: Any, tied: str | None) -> str | None:
+def source(name: str, base: Checkpoint, tied: str | None) -> str | None:
     """The base tensor behind a graph initializer (``model.`` is the wrapper's attribute)."""
 
     p = name[len("model."):] if name.startswith("model.") else name
@@ -141,27 +117,27 @@ def source(name: str, base: Any, tied: str | None) -> str | None:
     return None
 
 
-def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dtype: str,
-                   opset: int | None, folder: Path, example: dict[str, Any],
-                   names: list[str], output: str,
-                   lora: tuple[list[str], int] | None = None) -> dict[str, Any]:
+def write_streamed(base: Checkpoint, graph: GraphSpec, edits: dict[str, Edit], folder: Path,
+                   lora: tuple[list[str], int] | None = None, options: Options | None = None
+                   ) -> Streamed:
     """Trace the meta model and write ``folder/model.onnx`` + ``model.onnx.data``. ``lora``
     (module names, rank): LoRA factors on those modules become graph inputs, zero by default
     (so that without an adapter the graph is the base), for onnxruntime's adapters."""
     import onnx
 
-    meta = meta_model(config, task, dtype)
+    options = options or Options()
+    meta = meta_model(graph.config, graph.task, graph.dtype)
     if lora is not None:
         inject_lora(meta.model, *lora)
     shapes = {**dict(meta.named_parameters(remove_duplicate=False)),
               **dict(meta.named_buffers(remove_duplicate=False))}
-    proto = trace(meta, example, names, output, opset, config, folder / "model.onnx")
-    buffers = stand_in_buffers(config, task, dtype)
+    proto = trace(meta, graph, folder / "model.onnx")
+    buffers = stand_in_buffers(graph.config, graph.task, graph.dtype)
     tied = input_embedding(base.tensors)
     offset, written, changed = 0, 0, 0
-    inputs: list[Any] = []  # LoRA factors: overridable initializers
+    inputs: list[onnx.ValueInfoProto] = []  # LoRA factors: overridable initializers
     # front to back past the page cache, while the next tensor is read and merged
-    with SequentialWriter(folder / DATA) as f:
+    with SequentialWriter(folder / DATA, direct=options.direct_io) as f:
         for name in needed(proto):
             spec = shapes.get(name)
             if spec is None:
@@ -179,10 +155,11 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
                     changed += 1
                 t = t.to(spec.dtype)
             else:
-                t = buffers.get(_LAYER.sub(".0.", name[len("model."):]))
-                if t is None:
+                found = buffers.get(_LAYER.sub(".0.", name[len("model."):]))
+                if found is None:
                     raise FormatError(f"{name} is neither in the base checkpoint nor a buffer "
                                       "the architecture computes; is the checkpoint complete?")
+                t = found
             if tuple(t.shape) != tuple(spec.shape):
                 raise FormatError(f"{name}: the checkpoint's {src} is {list(t.shape)}, the "
                                   f"architecture needs {list(spec.shape)}")
@@ -191,24 +168,29 @@ def write_streamed(base: Any, config: Any, task: str, edits: dict[str, Any], dty
             f.write(b"\0" * (-offset % ALIGN))
             offset += -offset % ALIGN
             f.write(data)
-            init = onnx.TensorProto(name=name, data_type=_onnx_type(t.dtype),
-                                    dims=list(t.shape))
-            init.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", DATA), ("offset", str(offset)),
-                         ("length", str(len(data)))):
-                e = init.external_data.add()
-                e.key, e.value = k, v
-            proto.graph.initializer.append(init)
+            proto.graph.initializer.append(_external(name, t, offset, len(data)))
             offset += len(data)
             written += 1
             del t, data
     proto.graph.input.extend(inputs)
     onnx.save(proto, str(folder / "model.onnx"))
-    return {"initializers": written, "changed": changed, "bytes": offset,
-            "lora_inputs": [i.name for i in inputs]}
+    return Streamed(initializers=written, changed=changed, bytes=offset,
+                    lora_inputs=[i.name for i in inputs])
 
 
-def inject_lora(model: Any, modules: list[str], rank: int) -> None:
+def _external(name: str, t: torch.Tensor, offset: int, length: int) -> onnx.TensorProto:
+    """An initializer whose values lie in ``model.onnx.data`` at ``offset``."""
+    import onnx
+
+    init = onnx.TensorProto(name=name, data_type=_onnx_type(t.dtype), dims=list(t.shape))
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", DATA), ("offset", str(offset)), ("length", str(length))):
+        e = init.external_data.add()
+        e.key, e.value = k, v
+    return init
+
+
+def inject_lora(model: torch.nn.Module, modules: list[str], rank: int) -> None:
     """PEFT's LoRA layers on exactly these modules, rank ``rank``, scale 1 (each adapter's
     scale is folded into its lora_B when it is written as an onnxruntime adapter)."""
 
@@ -222,19 +204,21 @@ def inject_lora(model: Any, modules: list[str], rank: int) -> None:
                                            init_lora_weights=False), model)
 
 
-def _onnx_type(dtype: Any) -> int:
+def _onnx_type(dtype: torch.dtype) -> int:
     import onnx
 
-    return {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-            torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
-            torch.int32: onnx.TensorProto.INT32, torch.bool: onnx.TensorProto.BOOL}[dtype]
+    types: dict[torch.dtype, int] = {
+        torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+        torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
+        torch.int32: onnx.TensorProto.INT32, torch.bool: onnx.TensorProto.BOOL}
+    return types[dtype]
 
 
 FULL_CHECK = 256 << 20  # bytes of weights up to which the whole model is checked in memory
 KEEP_LAYERS = 1  # the embeddings, one layer, the head: every kind of weight, placed
 
 
-def truncated(config: Any) -> tuple[Any, int] | None:
+def truncated(config: PretrainedConfig) -> tuple[PretrainedConfig, int] | None:
     """The config cut to its first layers (and the number it had), or None when it has no
     layer count transformers reads."""
 
@@ -246,7 +230,8 @@ def truncated(config: Any) -> tuple[Any, int] | None:
     return small, n
 
 
-def verification_cut(config: Any, nbytes: int) -> tuple[Any, int] | None:
+def verification_cut(config: PretrainedConfig, nbytes: int
+                     ) -> tuple[PretrainedConfig, int] | None:
     """What a streamed export is verified on: None for the whole model (small enough to hold
     beside its graph), else the config of a copy of its first layers and the layer count."""
     return truncated(config) if nbytes > FULL_CHECK else None
@@ -256,69 +241,3 @@ def cut_mode(n: int) -> str:
     """The report's words for a verification on the first-layers copy."""
     return (f"the embeddings, the first {KEEP_LAYERS} of {n} layers and the head, exported by "
             "the same code (the whole model would not fit in memory twice)")
-
-
-def verify_streamed(folder: Path, info: dict[str, Any], base: Any, config: Any, task: str,
-                    edits: dict[str, Any], dtype: str, opset: int | None,
-                    example: dict[str, Any], names: list[str], output: str,
-                    reference: Any, check: Any) -> dict[str, Any]:
-    """The exported graph against ``reference(config)`` (the merged PyTorch model): the whole
-    model when it is small, else a copy of its first layers exported the same way (so memory
-    stays small)."""
-
-    gc.collect()  # the traced graph's memory, before the reference model takes its own
-    cut = verification_cut(config, info["bytes"])
-    if cut is None:
-        result = check(reference(config), folder / "model.onnx")
-        result["mode"] = "whole model"
-        return result
-    small, n = cut
-    sub = folder / ".verify"
-    sub.mkdir()
-    try:
-        write_streamed(base, small, task, edits, dtype, opset, sub, example, names, output)
-        result = check(reference(small), sub / "model.onnx")
-    finally:
-        shutil.rmtree(sub, ignore_errors=True)
-    result["mode"] = cut_mode(n)
-    return result
-
-
-class on_device:
-    """``with on_device(dev):`` verification of this export runs on ``dev``: onnxruntime's
-    CUDA provider and the PyTorch reference on the GPU for ``cuda``."""
-
-    def __init__(self, dev: Any) -> None:
-        self.dev = dev
-
-    def __enter__(self) -> None:
-        if self.dev.type == "cuda":
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise LoraToolError("--device cuda: this onnxruntime has no CUDA provider; "
-                                    "install onnxruntime-gpu (in place of onnxruntime), or "
-                                    "use --device cpu")
-        _DEVICE.append(self.dev)
-
-    def __exit__(self, *exc: Any) -> None:
-        _DEVICE.pop()
-
-
-def providers() -> list[str]:
-    """onnxruntime's providers for the device verification runs on."""
-    if _DEVICE and _DEVICE[-1].type == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def reference_run(module: Any) -> Any:
-    """``module`` on the verification device, as a function of a CPU feed → numpy output."""
-
-    dev = _DEVICE[-1] if _DEVICE else torch.device("cpu")
-    module = module.to(dev)
-
-    def run(feed: dict[str, Any]) -> Any:
-        with torch.no_grad():
-            return module(**{k: v.to(dev) for k, v in feed.items()}).float().cpu().numpy()
-    return run

@@ -8,17 +8,17 @@ stored in full (or dropped with ``skip_full``); bias changes of factorised modul
 ``lora_B.bias``.
 
 Example::
-    report = extract("base/", "tuned/", Path("adapter"), RankPolicy.from_options(16, ...))
+    report = extract("base/", "tuned/", "adapter/", policy=RankPolicy.rank(16))
+    report.totals.max_rel_error
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,6 +28,8 @@ from ..errors import FormatError, LoraToolError
 from ..formats import lossy, output_format, write_adapter
 from ..formats.peft import task_type_for
 from ..headers import moe
+from ..headers.checkpoint import Checkpoint
+from ..headers.safetensors import TensorInfo
 from ..io.staging import REPORT_OUTPUT, Stage, check_output, output_os_error
 from ..io.tensors import open_checkpoint, torch_dtype
 from ..model import experts
@@ -53,18 +55,28 @@ from ..numerics.lowrank import (
     spectrum,
     spectrum_cap,
 )
-from ..options import DTYPES, RankPolicy, check_dtype
+from ..options import DTYPES, Options, RankPolicy, check_dtype
 from ..progress import SILENT, Progress
+from ..reports.extract import ExtractedModule, ExtractReport, ExtractTotals
 from ..units import human_bytes
+
+
+@dataclass
+class _Factorised:
+    """A module's report entry, and what the adapter is built from."""
+
+    entry: ExtractedModule
+    factors: Factored
+    shape: tuple[int, ...]
 
 
 @dataclass
 class _Job:
     """One extract run: the inputs, the options, and what the scan has found so far."""
 
-    base: Any
-    tuned: Any
-    dev: Any
+    base: Checkpoint
+    tuned: Checkpoint
+    dev: torch.device
     policy: RankPolicy
     dtype: str
     exact: bool
@@ -74,12 +86,12 @@ class _Job:
     model_type: str | None
     embedding: str | None  # the input embedding of a tied base: the head gets its change too
     fmt: str = "peft"
-    modules: list[dict[str, Any]] = field(default_factory=list)  # report entries, factors
-    full: dict[str, Any] = field(default_factory=dict)
-    biases: dict[str, Any] = field(default_factory=dict)  # bias name -> delta
+    modules: list[_Factorised] = field(default_factory=list)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # bias name -> delta
     dropped: list[str] = field(default_factory=list)
     skipped: int = 0
-    items: list[Any] = field(default_factory=list)  # BudgetItem per module (budget only)
+    items: list[BudgetItem] = field(default_factory=list)  # per module (a budget only)
     pending: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, rel)
     fixed: list[Fixed] = field(default_factory=list)  # written whatever the ranks
     over: bool = False  # what is written whatever the ranks exceeds the budget: count only
@@ -88,9 +100,10 @@ class _Job:
     expert_of: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     expert_sources: dict[str, list[str]] = field(default_factory=dict)  # "param[e]" → tensors
     expert_layouts: dict[str, tuple[str, int]] = field(default_factory=dict)
-    waiting: dict[str, dict[int, Any]] = field(default_factory=dict)
+    # an expert's row blocks seen so far: block → (ΔW rows, ‖W rows‖²)
+    waiting: dict[str, dict[int, tuple[torch.Tensor, float]]] = field(default_factory=dict)
 
-    def store_dtype(self, code: str) -> Any:
+    def store_dtype(self, code: str) -> torch.dtype:
         return torch_dtype(DTYPES[self.dtype] or code)
 
     def cost(self, numel: int, code: str) -> int:
@@ -107,30 +120,45 @@ class _Job:
             self.over = self.over or sum(f.cost for f in self.fixed) > self.policy.budget.amount
 
 
-def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
+def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str],
+            out: str | os.PathLike[str], *, policy: RankPolicy | None = None,
             targets: list[str] | None = None, excludes: list[str] | None = None,
             device: str = "auto", fmt: str | None = None, exact_svd: bool = False,
             embed_lora: bool = False, skip_full: bool = False, seed: int = 0,
-            dtype: str = "keep", force: bool = False, report_path: Path | None = None,
-            progress: Progress = SILENT) -> dict[str, Any]:
-    """Extract an adapter; returns the report (also what the model card summarises).
+            dtype: str = "keep", force: bool = False,
+            report_path: str | os.PathLike[str] | None = None,
+            options: Options | None = None, progress: Progress = SILENT) -> ExtractReport:
+    """Extract a LoRA adapter from the difference ``tuned`` − ``base``, factorised at the ranks
+    ``policy`` chooses (default rank 16), into ``out`` (a PEFT folder; ``fmt`` or the suffix:
+    kohya ``.safetensors``, ``.gguf``). The errors reported are measured on the written
+    factors. ``report_path``: also write the report as JSON there.
 
-    read → diff and factorise (two passes for a budget) → adapter → report → write.
+    Example::
+
+        policy = RankPolicy.from_options(rank=None, energy=0.9, max_error=None, budget=None)
+        report = loratool.extract("base/", "tuned/", "adapter/", policy=policy)
+        for m in report.modules:
+            print(m.name, m.rank, m.rel_error)
     """
 
     t0 = time.perf_counter()
+    policy = policy or RankPolicy.rank(16)
+    base_spec, tuned_spec, out = os.fspath(base), os.fspath(tuned), Path(out)
+    report_file = Path(report_path) if report_path is not None else None
     fmt = output_format(out, fmt, "peft", ("peft", "kohya", "gguf"))
     check_dtype(dtype)
     dev = resolve_device(device)
-    base = open_checkpoint(base_spec, progress)
-    tuned = open_checkpoint(tuned_spec, progress)
-    names = pairs(base, tuned, list(targets or []), list(excludes or []))
-    cfg = tuned.config or base.config or {}
+    base_ck = open_checkpoint(base_spec, progress)
+    tuned_ck = open_checkpoint(tuned_spec, progress)
+    names = pairs(base_ck, tuned_ck, list(targets or []), list(excludes or []))
+    cfg = tuned_ck.config or base_ck.config or {}
     inputs = [p for p in (Path(base_spec), Path(tuned_spec)) if p.exists()]
-    _check_outputs(out, report_path, inputs, force)
-    tied = ties_embeddings(cfg, base.tensors)
-    job = _Job(base, tuned, dev, policy, dtype, exact_svd, seed, embed_lora, skip_full,
-               cfg.get("model_type"), input_embedding(base.tensors) if tied else None, fmt)
+    _check_outputs(out, report_file, inputs, force)
+    tied = ties_embeddings(cfg, base_ck.tensors)
+    model_type = cfg.get("model_type")
+    job = _Job(base_ck, tuned_ck, dev, policy, dtype, exact_svd, seed, embed_lora, skip_full,
+               model_type if isinstance(model_type, str) else None,
+               input_embedding(base_ck.tensors) if tied else None, fmt)
     _find_experts(job, names)
     with progress.bar("extract", total=len(names), unit="tensor") as bar:
         for name, w_base, delta, raw_tuned in diffs(job.base, job.tuned, names, job.dev, bar):
@@ -140,20 +168,20 @@ def extract(base_spec: str, tuned_spec: str, out: Path, policy: RankPolicy, *,
         _at_budget_ranks(job, progress)
     ad = _adapter(job, base_spec, cfg, tied)
     report = _report(job, base_spec, tuned_spec, out, fmt, ad, time.perf_counter() - t0)
-    if report_path is None:
-        _write(ad, out, fmt, report, base_spec, force, inputs)
+    if report_file is None:
+        _write(ad, out, fmt, report, base_spec, force, inputs, options)
     else:  # staged first (a full disk fails before the adapter appears), published after it
 
-        with Stage(report_path, inputs + [out], force, file=report_path.name,
-                   kind=REPORT_OUTPUT) as stage:
+        with Stage(report_file, inputs + [out], force, file=report_file.name,
+                   kind=REPORT_OUTPUT, options=options) as stage:
             assert stage.tmp is not None
             try:
-                (stage.tmp / report_path.name).write_text(report_json(report) + "\n")
+                (stage.tmp / report_file.name).write_text(report.to_json() + "\n")
             except OSError as e:
-                raise output_os_error(report_path, e) from e
-            _write(ad, out, fmt, report, base_spec, force, inputs)
+                raise output_os_error(report_file, e) from e
+            _write(ad, out, fmt, report, base_spec, force, inputs, options)
             stage.publish()
-    report["seconds"] = time.perf_counter() - t0
+    report.seconds = time.perf_counter() - t0
     return report
 
 
@@ -169,7 +197,8 @@ def _check_outputs(out: Path, report_path: Path | None, inputs: list[Path], forc
                                 "exist")
 
 
-def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None:
+def _take(job: _Job, name: str, w_base: torch.Tensor | None, delta: torch.Tensor | None,
+          raw_tuned: torch.Tensor | None) -> None:
     """Decide how one tensor is stored: skipped, in full, as a bias change, or factorised (now,
     or after the budget is split)."""
 
@@ -207,8 +236,9 @@ def _take(job: _Job, name: str, w_base: Any, delta: Any, raw_tuned: Any) -> None
     _factor_or_wait(job, name, kind, matrix(delta, kind), rel_w, ti, delta, delta_sq)
 
 
-def _factor_or_wait(job: _Job, name: str, kind: str, M: Any, rel_w: float, ti: Any,
-                    delta: Any, total_sq: float | None = None) -> None:
+def _factor_or_wait(job: _Job, name: str, kind: str, M: torch.Tensor, rel_w: float,
+                    ti: TensorInfo, delta: torch.Tensor, total_sq: float | None = None
+                    ) -> None:
     """Factorise now, or (a budget) keep the spectrum and factorise at the budget's rank."""
     if job.over:  # the budget is already exceeded by what is stored in full: only counting
         return
@@ -228,7 +258,8 @@ def _factor_or_wait(job: _Job, name: str, kind: str, M: Any, rel_w: float, ti: A
     job.modules.append(_module_entry(name, kind, f, rel_w, ti, delta))
 
 
-def _take_full(job: _Job, name: str, delta: Any, raw_tuned: Any, ti: Any) -> None:
+def _take_full(job: _Job, name: str, delta: torch.Tensor, raw_tuned: torch.Tensor,
+               ti: TensorInfo) -> None:
     """A changed tensor that is not LoRA-able: a bias change, or the tuned tensor in full."""
     if name.endswith(".bias"):
         job.biases[name] = delta.to("cpu", copy=True)  # delta's buffer serves the next one
@@ -282,7 +313,8 @@ def _find_experts(job: _Job, names: list[str]) -> None:
             job.expert_sources.setdefault(f"{param}[{e}]", []).append(tensor)
 
 
-def _take_expert_block(job: _Job, name: str, w_base: Any, delta: Any) -> None:
+def _take_expert_block(job: _Job, name: str, w_base: torch.Tensor | None,
+                       delta: torch.Tensor | None) -> None:
     """Keep one block of an expert's matrix; factorise the matrix once it is whole."""
 
     param, e, block = job.expert_of[name]
@@ -306,21 +338,20 @@ def _take_expert_block(job: _Job, name: str, w_base: Any, delta: Any) -> None:
     _factor_or_wait(job, key, "linear", M, rel_w, job.tuned.info(name), M)
 
 
-def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
+def _adapter(job: _Job, base_spec: str, cfg: dict[str, object], tied: bool) -> LoraAdapter:
     """The LoraAdapter: factorised modules, bias changes, full tensors, the tied head's copy."""
 
     ad = LoraAdapter(base_model=base_spec, source_format="extract",
                      task_type=task_type_for(cfg.get("architectures")), tie_embeddings=tied)
-    for m in job.modules:
-        f: Factored = m.pop("_factors")
-        shape = m.pop("_shape")
+    for done in job.modules:
+        f, shape, layout = done.factors, done.shape, done.entry.layout
         if f.rank == 0:
             continue
         A, B = f.A, f.B
-        if m["layout"] == "conv":
+        if layout == "conv":
             A = A.reshape(f.rank, *shape[1:])
             B = B.reshape(shape[0], f.rank, *[1] * (len(shape) - 2))
-        ad.add(LoraModule(m["name"], A.cpu(), B.cpu(), float(f.rank), False, m["layout"]))
+        ad.add(LoraModule(done.entry.name, A.cpu(), B.cpu(), float(f.rank), False, layout))
     # PEFT's lora_bias is one flag for the whole adapter and refuses embedding modules: with
     # embedding LoRA, bias changes are stored as the tuned biases in full instead; kohya and
     # GGUF hold no biases at all, so --skip-full leaves them out there
@@ -348,57 +379,53 @@ def _adapter(job: _Job, base_spec: str, cfg: dict[str, Any], tied: bool) -> Any:
     return ad
 
 
-def _module_entry(name: str, kind: str, f: Factored, rel_w: float, ti: Any, delta: Any
-                  ) -> dict[str, Any]:
-
+def _module_entry(name: str, kind: str, f: Factored, rel_w: float, ti: TensorInfo,
+                  delta: torch.Tensor) -> _Factorised:
+    assert f.spectrum is not None
     # the same measures `loratool analyze` gives, from the singular values computed here
     analysis = ops.spectrum_measures(f.spectrum, f.norm ** 2, (0.5, 0.9, 0.99))
-    return {"name": name.removesuffix(".weight"), "tensor": name, "layout": kind, "rank": f.rank,
-            "full_rank": f.full_rank, "rel_error": f.rel_error, "kept_energy": f.kept_energy,
-            "delta_norm": f.norm, "rel_delta": rel_w, "shape": list(delta.shape), "svd": f.svd,
-            "analysis": analysis, "_factors": f, "_shape": tuple(delta.shape)}
+    entry = ExtractedModule(name=name.removesuffix(".weight"), tensor=name, layout=kind,
+                            rank=f.rank, full_rank=f.full_rank, rel_error=f.rel_error,
+                            kept_energy=f.kept_energy, delta_norm=f.norm, rel_delta=rel_w,
+                            shape=list(delta.shape), svd=f.svd, analysis=analysis)
+    return _Factorised(entry, f, tuple(delta.shape))
 
 
-def _report(job: _Job, base: str, tuned: str, out: Path, fmt: str, ad: Any, seconds: float
-            ) -> dict[str, Any]:
-    modules = job.modules
-    tot_sq = sum(m["delta_norm"] ** 2 for m in modules)
-    err_sq = sum((m["rel_error"] * m["delta_norm"]) ** 2 for m in modules)
+def _report(job: _Job, base: str, tuned: str, out: Path, fmt: str, ad: LoraAdapter,
+            seconds: float) -> ExtractReport:
+    modules = [done.entry for done in job.modules]
+    tot_sq = sum(m.delta_norm ** 2 for m in modules)
+    err_sq = sum((m.rel_error * m.delta_norm) ** 2 for m in modules)
     nbytes = ad.num_bytes()
-    return {
-        "base": base, "tuned": tuned, "output": str(out), "format": fmt,
-        "policy": job.policy.describe(), "seed": job.seed,
-        "svd": "exact" if job.exact else "randomized", "device": str(job.dev),
-        "modules": modules,
-        "full_tensors": sorted(ad.full), "dropped": job.dropped,
-        "bias_deltas": sorted(m.name + ".bias" for m in ad.modules.values()
-                              if m.bias is not None),
-        "unchanged_tensors": job.skipped,
-        "totals": {"lora_modules": len(ad.modules), "parameters": ad.num_params(),
-                   "bytes": nbytes,
-                   "max_rel_error": max((m["rel_error"] for m in modules), default=0.0),
-                   "total_rel_error": math.sqrt(err_sq / tot_sq) if tot_sq else 0.0,
-                   "ranks": sorted({m["rank"] for m in modules})},
-        "notes": _notes(job, nbytes),
-        "seconds": seconds,
-    }
+    totals = ExtractTotals(lora_modules=len(ad.modules), parameters=ad.num_params(),
+                           bytes=nbytes,
+                           max_rel_error=max((m.rel_error for m in modules), default=0.0),
+                           total_rel_error=math.sqrt(err_sq / tot_sq) if tot_sq else 0.0,
+                           ranks=sorted({m.rank for m in modules}))
+    return ExtractReport(
+        base=base, tuned=tuned, output=str(out), format=fmt, policy=job.policy.describe(),
+        seed=job.seed, svd="exact" if job.exact else "randomized", device=str(job.dev),
+        modules=modules, full_tensors=sorted(ad.full), dropped=job.dropped,
+        bias_deltas=sorted(m.name + ".bias" for m in ad.modules.values() if m.bias is not None),
+        unchanged_tensors=job.skipped, totals=totals, notes=_notes(job, modules, nbytes),
+        seconds=seconds)
 
 
-def _notes(job: _Job, nbytes: int) -> list[str]:
+def _notes(job: _Job, modules: list[ExtractedModule], nbytes: int) -> list[str]:
     """What a user should know about the result: ranks capped, factors larger than the
     matrices they replace, an adapter larger than the model."""
 
     notes = []
     p = job.policy
-    capped = [m for m in job.modules if p.kind == "rank" and m["full_rank"] < p.value]
+    capped = [m for m in modules if p.kind == "rank" and m.full_rank < p.value]
     if capped:
         notes.append(f"--rank {int(p.value)} is above the full rank of {len(capped)} "
-                     f"module(s) (e.g. {capped[0]['name']}: {capped[0]['full_rank']}); they "
+                     f"module(s) (e.g. {capped[0].name}: {capped[0].full_rank}); they "
                      "are stored at full rank, exactly")
-    big = [m for m in job.modules if m["rank"] and m["rank"] * (
-        m["shape"][0] + math.prod(m["shape"][1:])) >= math.prod(m["shape"])]
+    big = [m for m in modules if m.rank and m.rank * (
+        m.shape[0] + math.prod(m.shape[1:])) >= math.prod(m.shape)]
     if big:
-        notes.append(f"{len(big)} module(s) (e.g. {big[0]['name']}, rank {big[0]['rank']}) "
+        notes.append(f"{len(big)} module(s) (e.g. {big[0].name}, rank {big[0].rank}) "
                      "hold more values in their two factors than the matrix itself: at these "
                      "ranks LoRA saves nothing on them")
     model = job.tuned.total_bytes
@@ -409,23 +436,8 @@ def _notes(job: _Job, nbytes: int) -> list[str]:
     return notes
 
 
-def card_note(report: dict[str, Any]) -> str:
-    """The model card's account of how the adapter was made and what it loses."""
-    t = report["totals"]
-    lines = [f"Extracted by loratool from `{report['tuned']}` against `{report['base']}` with "
-             f"a truncated {report['svd']} SVD of each weight difference.", "",
-             f"- rank policy: {report['policy']}; seed {report['seed']}",
-             f"- relative Frobenius error ‖ΔW − BA‖/‖ΔW‖, measured on the stored factors: max "
-             f"{t['max_rel_error']:.4g}, over all modules {t['total_rel_error']:.4g}",
-             f"- {t['lora_modules']} LoRA modules (ranks {', '.join(map(str, t['ranks']))}), "
-             f"{len(report['full_tensors'])} full tensors, {t['parameters']:,} parameters"]
-    if report["dropped"]:
-        lines.append(f"- dropped (--skip-full): {', '.join(report['dropped'][:8])}")
-    return "\n".join(lines)
-
-
-def _write(ad: Any, out: Path, fmt: str, report: dict[str, Any], base: str, force: bool,
-           inputs: list[Path]) -> None:
+def _write(ad: LoraAdapter, out: Path, fmt: str, report: ExtractReport, base: str,
+           force: bool, inputs: list[Path], options: Options | None) -> None:
 
     if not ad.modules:
         raise LoraToolError("nothing to extract: no weight differs between the two models "
@@ -440,8 +452,5 @@ def _write(ad: Any, out: Path, fmt: str, report: dict[str, Any], base: str, forc
             fixes.append("without --embed-lora the embeddings are not factorised")
         raise FormatError(f"--format {fmt} cannot hold {'; '.join(lost)}: use --format peft"
                           + "".join(f"; or {f}" for f in fixes))
-    write_adapter(ad, out, fmt, base=base, force=force, inputs=inputs, note=card_note(report))
-
-
-def report_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, allow_nan=False, default=str)
+    write_adapter(ad, out, fmt, base=base, force=force, inputs=inputs,
+                  note=report.card_note(), options=options)

@@ -7,8 +7,8 @@ told otherwise, and refuses file names that would escape the target folder. ``pu
 folder in one commit, writing the model card in the commit (the local folder is not changed).
 
 Example::
-    pull("org/adapter", Path("adapter"))
-    push(Path("adapter"), "me/my-adapter", private=True)
+    pull("org/adapter", "adapter/").path
+    push("adapter/", "me/my-adapter", private=True).commit_url
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import json
 import os
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import yaml
 
 from ..errors import HubError, InputError
 from ..formats import detect
 from ..headers import sources
-from ..headers.sources import CONFIG_PATTERNS, hub_errors, hub_repo_of
+from ..headers.sources import CONFIG_PATTERNS, hub, hub_errors, hub_repo_of
 from ..io.staging import Stage, check_output
 from ..io.tensors import open_checkpoint
+from ..options import Options
 from ..progress import SILENT, Progress
+from ..reports.base import JsonValue
+from ..reports.hub import PullReport, PushReport
 
 # what a command reads of a repo besides weights, the model card, and (patterns match across
 # folders) the same in subfolders
@@ -56,18 +58,25 @@ def _check_names(names: list[str], repo: str) -> None:
                            "target folder; refusing to download")
 
 
-def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
-         include: list[str] | None = None, exclude: list[str] | None = None,
-         repo_type: str = "model", force: bool = False,
-         progress: Progress = SILENT) -> dict[str, Any]:
-    """Download a repo (its model-relevant files by default); returns its local path. Into
-    ``out`` the files arrive all at once: downloaded beside it and moved into place."""
+def pull(repo_id: str, out: str | os.PathLike[str] | None = None, *,
+         revision: str | None = None, include: list[str] | None = None,
+         exclude: list[str] | None = None, repo_type: str = "model", force: bool = False,
+         options: Options | None = None, progress: Progress = SILENT) -> PullReport:
+    """Download a repo (its weights, configs, tokenizer and adapter files by default, or the
+    ``include`` globs) into the Hub cache, or into ``out``, where the files arrive all at once
+    (downloaded beside it and moved into place).
+
+    Example::
+
+        path = loratool.pull("org/adapter", revision="v2").path
+    """
 
     parsed = sources.parse_hub_id(repo_id)
     if parsed is None:
         raise InputError(f"{repo_id}: not a Hub id (org/name or org/name@revision)")
     repo_id, at = parsed
     revision = revision or at
+    out = Path(out) if out is not None else None
     if out is not None:
         check_output(out, [], force)
     where = f"{repo_id}@{revision}" if revision else repo_id
@@ -75,7 +84,7 @@ def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
         root = _download(repo_id, revision, repo_type, include, exclude, None, where,
                          progress.hub_bars)
     else:
-        with Stage(out, [], force) as stage:
+        with Stage(out, [], force, options=options) as stage:
             assert stage.tmp is not None
             _download(repo_id, revision, repo_type, include, exclude, stage.tmp, where,
                       progress.hub_bars)
@@ -84,18 +93,16 @@ def pull(repo_id: str, out: Path | None = None, *, revision: str | None = None,
         root = out
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                    if p.is_file() and ".cache" not in p.parts)
-    return {"repo": repo_id, "revision": revision, "path": str(root), "files": files}
+    return PullReport(repo=repo_id, revision=revision, path=str(root), files=files)
 
 
 def _download(repo_id: str, revision: str | None, repo_type: str, include: list[str] | None,
               exclude: list[str] | None, local_dir: Path | None, where: str, bars: bool
               ) -> Path:
-    import huggingface_hub as hf
-    from huggingface_hub import constants
-
+    hf = hub()
     with hub_errors(where, revision, bars):
         names = None
-        if not constants.HF_HUB_OFFLINE:
+        if not hf.constants.HF_HUB_OFFLINE:
             names = hf.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
             _check_names(names, where)
         patterns = list(include or default_patterns(names))
@@ -105,16 +112,16 @@ def _download(repo_id: str, revision: str | None, repo_type: str, include: list[
                                          local_dir=str(local_dir) if local_dir else None))
 
 
-def _hub_base(spec: Any) -> tuple[str | None, str | None]:
+def _hub_base(spec: object) -> tuple[str | None, str | None]:
     """(repo id, revision) when ``spec`` names a Hub repo; local paths are not Hub ids."""
 
     return (hub_repo_of(spec) if isinstance(spec, str) else None) or (None, None)
 
 
-def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
+def card_metadata(folder: Path) -> tuple[dict[str, JsonValue], str]:
     """YAML metadata and a short description for the folder's model card."""
 
-    meta: dict[str, Any] = {}
+    meta: dict[str, JsonValue] = {}
     try:
         ckpt = open_checkpoint(folder)
     except Exception:  # not weights loratool reads: upload as is, with a minimal card
@@ -152,8 +159,7 @@ def card_metadata(folder: Path) -> tuple[dict[str, Any], str]:
 def model_card(folder: Path) -> str:
     """The README.md to push: the folder's own card with its metadata brought up to date, or a
     new one."""
-    import huggingface_hub as hf
-
+    hf = hub()
     meta, text = card_metadata(folder)
     readme = folder / "README.md"
     if readme.is_file():
@@ -173,7 +179,7 @@ def model_card(folder: Path) -> str:
     return f"---\n{_yaml(meta)}---\n\n# {folder.name}\n\n{text}\n"
 
 
-def _yaml(data: dict[str, Any]) -> str:
+def _yaml(data: dict[str, JsonValue]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -202,9 +208,7 @@ def _files(folder: Path, include: list[str], exclude: list[str]) -> list[Path]:
 def _in_hub_cache(target: Path) -> bool:
     """A file in the real Hub cache's blob store (``<cache>/models--org--name/blobs/…``): what
     the links of a downloaded snapshot point at. Any other folder named blobs is not."""
-    from huggingface_hub import constants
-
-    cache = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    cache = Path(os.path.realpath(hub().constants.HF_HUB_CACHE))
     if not target.is_relative_to(cache):
         return False
     parts = target.relative_to(cache).parts
@@ -212,26 +216,30 @@ def _in_hub_cache(target: Path) -> bool:
         ("models--", "datasets--", "spaces--"))
 
 
-def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         message: str | None = None, create_pr: bool = False,
+def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False,
+         revision: str | None = None, message: str | None = None, create_pr: bool = False,
          include: list[str] | None = None, exclude: list[str] | None = None,
-         repo_type: str = "model", progress: Progress = SILENT) -> dict[str, Any]:
-    """Create the repo if needed and upload the folder in one commit; returns the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+         repo_type: str = "model", progress: Progress = SILENT) -> PushReport:
+    """Create the repo if needed and upload ``folder`` in one commit (or a pull request),
+    with a model card made from what the folder holds.
 
+    Example::
+
+        loratool.push("adapter/", "me/my-adapter", private=True).commit_url
+    """
+    hf = hub()
+    folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; push uploads a model or adapter folder")
     files = _files(folder, list(include or []), list(exclude or []))
     if not files:
         raise InputError(f"{folder}: nothing to upload (check --include/--exclude)")
     card = model_card(folder)
-    api = HfApi()
+    api = hf.HfApi()
     where = f"{repo_id}@{revision}" if revision else repo_id
     with hub_errors(where, revision, progress.hub_bars):
         if not api.token and not os.environ.get("HF_TOKEN"):
-            from huggingface_hub import get_token
-
-            if not get_token():
+            if not hf.get_token():
                 raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
         if private and not api.repo_info(repo_id, repo_type=repo_type).private:
@@ -239,12 +247,12 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
                            "existing repo (make it private on the Hub, or drop --private)")
         if revision and not create_pr:  # a pull request targets an existing revision
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
-        ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(),
+        ops = [hf.CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(),
                                   path_or_fileobj=str(p)) for p in files]
-        ops.append(CommitOperationAdd(path_in_repo="README.md",
+        ops.append(hf.CommitOperationAdd(path_in_repo="README.md",
                                       path_or_fileobj=card.encode("utf-8")))
         info = api.create_commit(repo_id, operations=ops, revision=revision,
                                  commit_message=message or f"Upload {folder.name} with loratool",
                                  create_pr=create_pr, repo_type=repo_type)
-    return {"repo": repo_id, "revision": revision, "files": len(ops),
-            "commit_url": info.commit_url, "pr_url": info.pr_url, "commit": info.oid}
+    return PushReport(repo=repo_id, revision=revision, files=len(ops),
+                      commit_url=info.commit_url, pr_url=info.pr_url, commit=info.oid)

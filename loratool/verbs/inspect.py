@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 from ..headers.checkpoint import Checkpoint, PickleNeedsTorch, open_checkpoint
 from ..headers.summary import summarize
@@ -21,14 +22,20 @@ from ..progress import SILENT, Progress
 from ..reports.inspect import InspectReport
 
 
+def _with_torch() -> ModuleType:
+    """What needs torch (and loads it): listing a PyTorch pickle, which has no header, and
+    comparing tensors."""
+    from . import compare
+
+    return compare
+
+
 def open_headers(spec: str | os.PathLike[str], progress: Progress = SILENT) -> Checkpoint:
     """A checkpoint's headers; a PyTorch pickle, which has none, is listed by torch."""
     try:
         return open_checkpoint(spec, progress)
     except PickleNeedsTorch:
-        from ..io.tensors import open_checkpoint as open_tensors  # torch: pickles only
-
-        return open_tensors(spec, progress)
+        return _with_torch().open_tensors(spec, progress)
 
 
 def inspect(path: str | os.PathLike[str], *, filters: list[str] | None = None,
@@ -40,10 +47,7 @@ def inspect(path: str | os.PathLike[str], *, filters: list[str] | None = None,
     Example: ``inspect("adapter/").modules[0].rank``.
     """
     report = summarize(open_headers(path, progress), list(filters or []) or None)
-    if against is not None:
-        from ..io.tensors import open_checkpoint as open_tensors  # comparing reads tensors
-        from .compare import compare
-
-        report.compare = compare(open_tensors(path, progress), open_tensors(against, progress),
-                                 list(filters or []) or None, progress=progress)
+    if against is not None:  # comparing reads tensors
+        report.compare = _with_torch().compare_paths(path, against,
+                                                     list(filters or []) or None, progress)
     return report

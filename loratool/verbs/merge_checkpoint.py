@@ -1,42 +1,39 @@
-"""``loratool merge`` and ``unmerge``: fold adapters into base weights and take them out.
+"""Merge and unmerge into a model folder or a single safetensors file, streaming.
 
-Streaming: one base tensor at a time goes reader → math → writer, the next one read in a
-background thread while the current one is computed and written; unchanged tensors are copied
-byte for byte (in the kernel where possible). Math is float32 on the chosen device, in PEFT's
-order of operations (so fp32 results equal PEFT's ``merge_and_unload`` bit for bit), rounded
-once to the output dtype. DoRA norms are recorded beside the output so that unmerge can undo
-them, and the base tensors that adapters replaced in full, so that unmerge gives the base back
-exactly.
+One base tensor at a time goes reader → math → writer, the next one read in a background
+thread while the current one is computed and written; unchanged tensors are copied byte for
+byte (in the kernel where possible). Math is float32 on the chosen device, in PEFT's order of
+operations (so fp32 results equal PEFT's ``merge_and_unload`` bit for bit), rounded once to
+the output dtype. DoRA norms are recorded beside the output so that unmerge can undo them, and
+the base tensors that adapters replaced in full, so that unmerge gives the base back exactly.
 
 Example::
-    report = merge("base/", ["adapter/"], Path("merged"), weights=[1.0])
+    report = merge_into(open_checkpoint("base/"), "base/", [Part(adapter, 1.0, "adapter/")],
+                        Path("merged"), [], MergeSettings(1.0, torch.device("cpu")))
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch  # noqa: F401  (imported before the clock starts: the report times the merge)
+import torch
 
 from ..engine import kernel
 from ..engine.plan import Edit, plan_edits
 from ..engine.record import RECORD, UnmergeRecord
 from ..engine.verify import verify_output
-from ..errors import FormatError, LoraToolError
-from ..formats import read_any
-from ..formats.sgm_names import single_file_config, to_single_file
-from ..io.tensors import Buffers, open_checkpoint, torch_dtype
+from ..errors import FormatError
+from ..headers.checkpoint import Checkpoint
+from ..io.tensors import Buffers, torch_dtype
 from ..io.writer import CheckpointWriter
-from ..numerics.device import resolve_device
-from ..options import DTYPES, check_dtype, check_weights
-from ..progress import SILENT, Progress
-from ..verbs import merge_gguf
+from ..options import DTYPES
+from ..progress import Progress
+from ..reports.merge import MergedAdapter, MergeReport, VerifyResult
+from .merge_settings import MergeSettings, Part, peak_rss_mb
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
 
@@ -66,17 +63,8 @@ def _cast(t: torch.Tensor, out_dtype: torch.dtype, name: str) -> torch.Tensor:
     return t32.to(out_dtype)
 
 
-def _peak_rss_mb() -> float | None:
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS
-
-
-def _restore(t: Any, e: Edit, name: str, record: UnmergeRecord | None, dev: Any,
-             stats: dict[str, float]) -> Any:
+def _restore(t: torch.Tensor, e: Edit, name: str, record: UnmergeRecord | None,
+             dev: torch.device, stats: kernel.Stats) -> torch.Tensor:
     """Unmerge of a tensor an adapter replaced in full: the base tensor the merge recorded,
     after checking that merging it again gives exactly the merged tensor (else this is not
     the merge of this adapter, and the record would restore the wrong thing)."""
@@ -96,8 +84,8 @@ def _restore(t: Any, e: Edit, name: str, record: UnmergeRecord | None, dev: Any,
     return original
 
 
-def _plan_shapes(base: Any, order: list[tuple[str, str]], edits: dict[str, Edit], sign: float,
-                 record: UnmergeRecord | None, out_code: str | None
+def _plan_shapes(base: Checkpoint, order: list[tuple[str, str]], edits: dict[str, Edit],
+                 sign: float, record: UnmergeRecord | None, out_code: str | None
                  ) -> list[tuple[str, str, tuple[int, ...]]]:
     """Each output tensor's (name, dtype code, shape), known before anything is read."""
     plan = []
@@ -123,22 +111,22 @@ def _out_code(out_code: str | None, code: str) -> str:
 class _Job:
     """One merge or unmerge: what is planned, and what happened so far."""
 
-    base: Any
+    base: Checkpoint
     edits: dict[str, Edit]
     order: list[tuple[str, str]]
     sign: float
-    dev: Any
+    dev: torch.device
     out_code: str | None  # --dtype as a safetensors code, None to keep each tensor's
     rec: UnmergeRecord | None  # unmerge: what the merge recorded
     record: bool  # merge: write a record for unmerge
     recorded: dict[str, int] = field(default_factory=lambda: {"dora_norm": 0, "replaced": 0})
-    changed: list[dict[str, Any]] = field(default_factory=list)
+    max_abs_delta: list[float] = field(default_factory=list)  # per changed tensor
     bytes_in: int = 0
     stream_seconds: float = 0.0  # reading, merging and writing the tensors (what the bar shows)
     bufs: Buffers = field(default_factory=Buffers)
     read_bufs: list[Buffers] = field(default_factory=lambda: [Buffers(), Buffers()])
 
-    def fetch(self, i: int, name: str, src: str) -> Any:
+    def fetch(self, i: int, name: str, src: str) -> torch.Tensor | None:
         """Read the next tensor (runs in the prefetch thread: one read ahead of the math)."""
 
         info = self.base.info(src)
@@ -149,80 +137,42 @@ class _Job:
         return None  # unchanged and same dtype: copied raw, nothing to read here
 
 
-def run(base_spec: str, adapter_specs: list[str], out: Path, *, weights: list[float] | None,
-        sign: float, device: str = "auto", dtype: str = "keep",
-        max_shard_size: str | int = "5GB", force: bool = False, untie: bool = False,
-        verify: bool = False, record: bool = True, quant: str | None = None,
-        progress: Progress = SILENT) -> dict[str, Any]:
-    """Merge (sign +1) or unmerge (sign −1) adapters; returns the report.
+def merge_into(base: Checkpoint, base_spec: str, parts: list[Part], out: Path,
+               inputs: list[Path], s: MergeSettings, t0: float | None = None) -> MergeReport:
+    """Merge (``s.sign`` +1) or unmerge (−1) adapters already read into one opened safetensors
+    checkpoint: plan, stream, verify, publish; the report. ``t0``: when the verb began (its
+    report's ``seconds`` count from there).
 
-    read → plan → stream (compute and write each tensor) → verify → publish → report.
-    ``record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
+    ``s.record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
     """
-
-    t0 = time.perf_counter()
-    if not adapter_specs:
-        raise LoraToolError("name at least one ADAPTER")
-    weights = check_weights(weights, len(adapter_specs))
-    check_dtype(dtype)
-    dev = resolve_device(device)
-    base = open_checkpoint(base_spec, progress)
-    adapters = [read_any(s, base_spec) for s in adapter_specs]
-    single = single_file_config(base.tensors)
-    if single is not None:  # Stable Diffusion in one file: pipeline names → its own
-        adapters = [to_single_file(ad, base.tensors, single, s)
-                    for ad, s in zip(adapters, adapter_specs)]
-    inputs = [p for p in [Path(base_spec), *map(Path, adapter_specs)] if p.exists()]
-    if base.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
-
-        if sign < 0:
-            merge_gguf.refuse_unmerge(base)
-        return merge_gguf.run(base, adapters, weights, adapter_specs, out, quant=quant,
-                              device=dev, force=force, inputs=inputs, verify=verify,
-                              progress=progress)
-    if quant is not None:
-        raise LoraToolError("--quant applies to GGUF models; for safetensors use --dtype")
-    return merge_checkpoint(base, base_spec, adapters, weights, adapter_specs, out, inputs,
-                            sign=sign, dev=dev, dtype=dtype, max_shard_size=max_shard_size,
-                            force=force, untie=untie, verify=verify, record=record,
-                            progress=progress, t0=t0)
-
-
-def merge_checkpoint(base: Any, base_spec: str, adapters: list[Any], weights: list[float],
-                     adapter_specs: list[str], out: Path, inputs: list[Path], *, sign: float,
-                     dev: Any, dtype: str, max_shard_size: str | int, force: bool, untie: bool,
-                     verify: bool, record: bool, progress: Progress, t0: float
-                     ) -> dict[str, Any]:
-    """Merge adapters already read into one opened safetensors checkpoint: plan, stream,
-    verify, publish; the report."""
+    t0 = time.perf_counter() if t0 is None else t0
     inert: list[str] = []
-    edits, order = plan_edits(base, adapters, weights, adapter_specs, untie, inert)
+    adapters, weights, specs = ([p.adapter for p in parts], [p.weight for p in parts],
+                                [p.spec for p in parts])
+    edits, order = plan_edits(base, adapters, weights, specs, s.untie, inert)
     # a single .safetensors base and -o x.safetensors: one file out (no room for the record)
     single = Path(out).suffix == ".safetensors" and base.index is None and len(base.files) == 1
-    job = _Job(base, edits, order, sign, dev, DTYPES[dtype],
-               UnmergeRecord(base) if sign < 0 else None, record and not single)
-    writer = _writer(job, out, inputs, force, max_shard_size, base_spec,
-                     list(zip(adapter_specs, weights)), single)
-    report: dict[str, Any] = {}
-    if verify:
+    job = _Job(base, edits, order, s.sign, s.device, DTYPES[s.dtype],
+               UnmergeRecord(base) if s.sign < 0 else None, s.record and not single)
+    writer = _writer(job, out, inputs, s, base_spec, parts, single)
+    verified: list[VerifyResult] = []
+    if s.verify:
         def check(folder: Path) -> None:
             """Runs on the temporary folder: only a verified output is ever published."""
-            report["verify"] = verify_output(base, folder, edits, sign, job.rec, progress)
+            verified.append(verify_output(base, folder, edits, s.sign, job.rec, s.progress))
 
         writer.before_publish = check
-    if untie and any(n != s for n, s in order) and base.config is not None:
+    if s.untie and any(n != src for n, src in order) and base.config is not None:
         writer.add_file("config.json", json.dumps({**base.config, "tie_word_embeddings": False},
                                                   indent=2) + "\n")
     t_stream = time.perf_counter()
-    _stream(job, writer, progress)
+    _stream(job, writer, s.progress)
     job.stream_seconds = time.perf_counter() - t_stream
-    report.update(_report(job, base_spec, adapter_specs, adapters, weights, out, dtype, writer,
-                          time.perf_counter() - t0))
-    report["inert_modules"] = inert
-    return report
+    return _report(job, base_spec, parts, out, s.dtype, writer, time.perf_counter() - t0,
+                   inert, verified[0] if verified else None)
 
 
-def weights_name(base: Any) -> str:
+def weights_name(base: Checkpoint) -> str:
     """The output's weights file, named as the base names its own, so that its loader finds
     it: diffusers looks for ``diffusion_pytorch_model.safetensors``, transformers for
     ``model.safetensors`` (what ``pytorch_model.bin`` becomes)."""
@@ -232,22 +182,24 @@ def weights_name(base: Any) -> str:
     return ("diffusion_pytorch_model" if diffusers else "model") + ".safetensors"
 
 
-def _writer(job: _Job, out: Path, inputs: list[Path], force: bool, max_shard_size: str | int,
-            base_spec: str, merged: list[tuple[str, float]], single: bool) -> Any:
+def _writer(job: _Job, out: Path, inputs: list[Path], s: MergeSettings, base_spec: str,
+            parts: list[Part], single: bool) -> CheckpointWriter:
     """The output, laid out up front (every byte written once), recording its inputs;
     ``single``: one .safetensors file, not a folder."""
 
     plan = _plan_shapes(job.base, job.order, job.edits, job.sign, job.rec, job.out_code)
-    return CheckpointWriter(out, inputs=inputs, force=force, max_shard_size=max_shard_size,
+    return CheckpointWriter(out, inputs=inputs, force=s.force, max_shard_size=s.max_shard_size,
+                            options=s.options,
                             copy_from=None if single else job.base.folder, plan=plan,
                             filename=weights_name(job.base), single_file=single,
                             metadata={"loratool": "merge" if job.sign > 0 else "unmerge",
                                       "loratool.base": base_spec,
                                       "loratool.adapters": json.dumps(
-                                          [{"adapter": a, "weight": wt} for a, wt in merged])})
+                                          [{"adapter": p.spec, "weight": p.weight}
+                                           for p in parts])})
 
 
-def _stream(job: _Job, writer: Any, progress: Progress) -> None:
+def _stream(job: _Job, writer: CheckpointWriter, progress: Progress) -> None:
     """Every output tensor in order: unchanged ones copied raw, changed ones computed, the
     next one read in a background thread meanwhile."""
 
@@ -273,7 +225,8 @@ def _stream(job: _Job, writer: Any, progress: Progress) -> None:
             bar.update(info.nbytes)
 
 
-def _edited(job: _Job, w: Any, name: str, t: Any, odt: Any) -> Any:
+def _edited(job: _Job, w: CheckpointWriter, name: str, t: torch.Tensor, odt: torch.dtype
+            ) -> torch.Tensor:
     """One changed tensor, in the output dtype: restored from the record (unmerge of a full
     replacement), by row blocks (plain LoRA on the CPU), or whole on the device."""
 
@@ -298,33 +251,29 @@ def _edited(job: _Job, w: Any, name: str, t: Any, odt: Any) -> Any:
         for k, v in norms.items():
             w.add_side(RECORD, "dora_norm." + k, v)
             job.recorded["dora_norm"] += 1
-    job.changed.append({"name": name, "max_abs_delta": stats.max_abs_delta})
+    job.max_abs_delta.append(stats.max_abs_delta or 0.0)
     return res
 
 
-def _report(job: _Job, base_spec: str, adapter_specs: list[str], adapters: list[Any],
-            weights: list[float], out: Path, dtype: str, writer: Any, elapsed: float
-            ) -> dict[str, Any]:
-
-    report = {
-        "operation": "merge" if job.sign > 0 else "unmerge", "base": base_spec,
-        "adapters": [{"adapter": s, "weight": wt, "modules": len(a.modules),
-                      "full_tensors": len(a.full), "format": a.source_format}
-                     for s, a, wt in zip(adapter_specs, adapters, weights)],
-        "output": str(out), "device": str(job.dev), "dtype": dtype,
-        "tensors": len(job.order), "tensors_changed": len(job.changed),
-        "max_abs_delta": max((c["max_abs_delta"] or 0.0 for c in job.changed), default=0.0),
-        "dora_norms_recorded": job.recorded["dora_norm"],
-        "replaced_recorded": job.recorded["replaced"],
-        "record": RECORD if any(job.recorded.values()) else None,
-        "not_copied": writer.not_copied, "seconds": elapsed,
-        "stream_seconds": job.stream_seconds,
+def _report(job: _Job, base_spec: str, parts: list[Part], out: Path, dtype: str,
+            writer: CheckpointWriter, elapsed: float, inert: list[str],
+            verified: VerifyResult | None) -> MergeReport:
+    dev = job.dev
+    return MergeReport(
+        operation="merge" if job.sign > 0 else "unmerge", base=base_spec,
+        adapters=[MergedAdapter(p.spec, p.weight, len(p.adapter.modules), len(p.adapter.full),
+                                p.adapter.source_format) for p in parts],
+        output=str(out), device=str(dev), dtype=dtype, tensors=len(job.order),
+        tensors_changed=len(job.max_abs_delta),
+        max_abs_delta=max(job.max_abs_delta, default=0.0),
+        dora_norms_recorded=job.recorded["dora_norm"],
+        replaced_recorded=job.recorded["replaced"],
+        record=RECORD if any(job.recorded.values()) else None,
+        not_copied=writer.not_copied, seconds=elapsed, stream_seconds=job.stream_seconds,
         # the rate of the stream itself, as its bar shows it (reading the adapters, planning
         # and start-up are in "seconds", not here)
-        "gb_per_s": job.bytes_in / 1e9 / job.stream_seconds if job.stream_seconds > 0
+        gb_per_s=job.bytes_in / 1e9 / job.stream_seconds if job.stream_seconds > 0 else None,
+        bytes=job.bytes_in, peak_rss_mb=peak_rss_mb(), inert_modules=inert,
+        peak_gpu_mb=torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
         else None,
-        "bytes": job.bytes_in, "peak_rss_mb": _peak_rss_mb(),
-    }
-    if job.dev.type == "cuda":
-        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(job.dev) / 2**20
-    return report
+        verify=verified)

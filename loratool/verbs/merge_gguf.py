@@ -8,8 +8,8 @@ merge, relative to the tensor and to the adapter's change (how much of ΔW the q
 noise is comparable to). The header's metadata is copied as it is.
 
 Example::
-    report = run(open_checkpoint("model-Q8_0.gguf"), [adapter], [1.0], ["adapter/"],
-                 Path("merged.gguf"), quant=None)
+    report = merge_into_gguf(open_checkpoint("model-Q8_0.gguf"), [Part(adapter, 1.0, "a/")],
+                             Path("merged.gguf"), [], MergeSettings(1.0, torch.device("cpu")))
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,38 +29,46 @@ from ..errors import FormatError, LoraToolError
 from ..formats import require_lora
 from ..formats.gguf_names import Arch, to_gguf
 from ..headers.checkpoint import Checkpoint
-from ..headers.gguf import QUANTIZE, byte_size, padding, read_header, tensor_info_bytes
+from ..headers.gguf import QUANTIZE, GgufHeader, byte_size, padding, read_header, tensor_info_bytes
 from ..headers.safetensors import TensorInfo, read_tensor_bytes
 from ..io.directio import SequentialWriter
 from ..io.staging import Stage, check_output, output_os_error
 from ..io.tensors import Buffers
+from ..model.adapter import LoraAdapter
 from ..numerics.ops import sum_squares
 from ..numerics.quant import dequantize, quantize
-from ..progress import SILENT, Progress
+from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify
+from .merge_settings import MergeSettings, Part, named
 
 COPY_CHUNK = 8 << 20  # unchanged tensors are copied this many bytes at a time
 QUANT_CHUNK = 1 << 18  # values quantized at a time (1 MiB of float32: stays in cache)
 
 
-def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], out: Path, *,
-        quant: str | None, device: Any, force: bool, inputs: list[Path], verify: bool = False,
-        progress: Progress = SILENT) -> dict[str, Any]:
-    """Merge ``adapters`` into the GGUF ``base``; writes ``out`` (a .gguf file)."""
+def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list[Path],
+                    s: MergeSettings, t0: float | None = None) -> GgufMergeReport:
+    """Merge the adapters of ``parts`` into the GGUF ``base``; writes ``out`` (a .gguf file)."""
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
+    assert base.gguf is not None
     where = str(base.source or base.path)
+    if s.sign < 0:
+        raise LoraToolError(f"{where}: unmerge from a GGUF model is not supported (its "
+                            "quantization lost the bits that would come back); keep the base "
+                            "model, or unmerge in the transformers model")
     if out.suffix != ".gguf":
         raise LoraToolError(f"-o {out}: a merge into a GGUF model writes one .gguf file; name "
                             "it so")
-    check_output(out, inputs, force)
+    check_output(out, inputs, s.force)
     arch = Arch.of_header(base.gguf, where)
-    for ad, spec in zip(adapters, specs):
-        require_lora(ad, spec, "a GGUF merge takes LoRA modules only")
-    adapters = [_llama_cpp_named(ad, arch, base, spec) for ad, spec in zip(adapters, specs)]
+    for p in parts:
+        require_lora(p.adapter, p.spec, "a GGUF merge takes LoRA modules only")
+    adapters = [_llama_cpp_named(p.adapter, arch, base, p.spec) for p in parts]
     inert: list[str] = []
-    edits, order = plan_edits(base, adapters, weights, specs, inert=inert)
-    if any(n != s for n, s in order):
+    edits, order = plan_edits(base, adapters, [p.weight for p in parts],
+                              [p.spec for p in parts], inert=inert)
+    if any(n != src for n, src in order):
         raise LoraToolError("--untie does not apply to GGUF models")
+    quant = s.quant
     if quant is not None and quant not in QUANTIZE:
         raise LoraToolError(f"--quant {quant}: the gguf package can write {', '.join(QUANTIZE)}")
     types = {}
@@ -74,16 +83,17 @@ def run(base: Any, adapters: list[Any], weights: list[float], specs: list[str], 
         if e.full is not None and tuple(e.full[0].shape) != info.shape:
             raise FormatError(f"{name}: a resized tensor cannot be merged into a GGUF model")
         types[name] = t
-    stats, digests = _write(base, edits, types, out, inputs, force, device, progress,
-                            verify)
-    report = _report(base, specs, weights, out, quant, stats, time.perf_counter() - t0)
-    report["inert_modules"] = inert
-    if verify:
-        report["verify"] = digests
-    return report
+    changed, checked = _write(base, edits, types, out, inputs, s)
+    return GgufMergeReport(
+        operation="merge", base=where, output=str(out), format="gguf", adapters=named(parts),
+        quant=quant, changed=changed, tensors=len(base.tensors),
+        unchanged_copied=len(base.tensors) - len(changed),
+        max_error_vs_change=max((c.error_vs_change for c in changed), default=0.0),
+        seconds=time.perf_counter() - t0, inert_modules=inert, verify=checked)
 
 
-def _llama_cpp_named(ad: Any, arch: Any, base: Any, spec: str) -> Any:
+def _llama_cpp_named(ad: LoraAdapter, arch: Arch, base: Checkpoint, spec: str
+                     ) -> LoraAdapter:
     """An adapter named as llama.cpp names the model's tensors."""
 
     if ad.naming == "gguf":
@@ -101,9 +111,13 @@ def _llama_cpp_named(ad: Any, arch: Any, base: Any, spec: str) -> Any:
     return to_gguf(ad, arch)
 
 
-def _layout(base: Any, types: dict[str, str]) -> tuple[list[tuple[Any, str, int, int]], int]:
+Row = tuple[TensorInfo, str, int, int]  # a tensor's info, type, offset in the data, bytes
+
+
+def _layout(base: Checkpoint, types: dict[str, str]) -> tuple[list[Row], int]:
     """Each output tensor's (info, type, offset in the data, bytes), and the data's size."""
 
+    assert base.gguf is not None
     align = base.gguf.alignment
     rows, offset = [], 0
     for info in base.gguf.infos:
@@ -114,21 +128,23 @@ def _layout(base: Any, types: dict[str, str]) -> tuple[list[tuple[Any, str, int,
     return rows, offset
 
 
-def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
-           inputs: list[Path], force: bool, device: Any, progress: Progress, verify: bool
-           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str], out: Path,
+           inputs: list[Path], s: MergeSettings
+           ) -> tuple[list[GgufChange], GgufVerify | None]:
 
     h = base.gguf
+    assert h is not None
     bufs = Buffers()  # the products' buffers, reused from tensor to tensor
     rows, total = _layout(base, types)
-    stats: list[dict[str, Any]] = []
+    stats: list[GgufChange] = []
     written: dict[str, bytes] = {}  # digests of what was meant to be written (--verify)
-    checked: dict[str, Any] = {}
-    with Stage(out, inputs, force, file=out.name) as stage:
+    checked: GgufVerify | None = None
+    verify, progress = s.verify, s.progress
+    with Stage(out, inputs, s.force, file=out.name, options=s.options) as stage:
         assert stage.tmp is not None
         try:
             # front to back past the page cache, written while the next tensor is merged
-            with SequentialWriter(stage.tmp / out.name) as f:
+            with SequentialWriter(stage.tmp / out.name, direct=s.options.direct_io) as f:
                 f.write(read_tensor_bytes(_span(h, 0, h.info_start)))  # magic, counts, KV
                 for info, t, off, _ in rows:
                     f.write(tensor_info_bytes(info.name, info.shape, t, off))
@@ -145,7 +161,7 @@ def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
                                 if verify:
                                     digest.update(data)
 
-                            stats.append(_merged(base, info, edits[info.name], t, device,
+                            stats.append(_merged(base, info, edits[info.name], t, s.device,
                                                  sink, bufs))
                             written[info.name] = digest.digest()
                         else:
@@ -162,11 +178,11 @@ def _write(base: Any, edits: dict[str, Any], types: dict[str, str], out: Path,
     return stats, checked
 
 
-def _span(h: Any, offset: int, n: int) -> Any:
+def _span(h: GgufHeader, offset: int, n: int) -> TensorInfo:
     return TensorInfo("header", "U8", (n,), n, h.path, offset)
 
 
-def _copy(info: Any, f: Any, digest: bool) -> bytes | None:
+def _copy(info: TensorInfo, f: SequentialWriter, digest: bool) -> bytes | None:
     """An unchanged tensor, byte for byte, a chunk at a time; with ``digest`` the digest of its
     bytes (for --verify)."""
 
@@ -178,15 +194,14 @@ def _copy(info: Any, f: Any, digest: bool) -> bytes | None:
     return h.digest() if h is not None else None
 
 
-def _chunks(info: Any) -> Any:
+def _chunks(info: TensorInfo) -> Iterator[bytes]:
     for s in range(0, info.nbytes, COPY_CHUNK):
         n = min(COPY_CHUNK, info.nbytes - s)
         yield read_tensor_bytes(TensorInfo(info.name, "U8", (n,), n, info.file,
                                            info.offset + s))
 
 
-def _verify(path: Path, rows: list[tuple[Any, str, int, int]], written: dict[str, bytes]
-            ) -> dict[str, Any]:
+def _verify(path: Path, rows: list[Row], written: dict[str, bytes]) -> GgufVerify:
     """The written file parsed afresh: every tensor where the layout put it, of its type and
     size, its bytes those computed (changed) or the input's (unchanged)."""
 
@@ -203,18 +218,18 @@ def _verify(path: Path, rows: list[tuple[Any, str, int, int]], written: dict[str
         if d.digest() != written[info.name]:
             raise LoraToolError(f"verify: {info.name} reads back different bytes; nothing was "
                                 "published")
-    return {"tensors_checked": len(rows), "metadata_keys": len(h.kv)}
+    return GgufVerify(tensors_checked=len(rows), metadata_keys=len(h.kv))
 
 
 def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
             device: torch.device, sink: Callable[[bytes], None], bufs: Buffers
-            ) -> dict[str, Any]:
+            ) -> GgufChange:
     """One changed tensor: dequantized, merged in float32 by the kernel, quantized, handed to
     ``sink`` a block of rows at a time; what that cost. An edit that only adds runs on the
     CPU a block of rows at a time from the quantized bytes (the products whole, as for a
     safetensors merge: the same bits); anything else (DoRA, biases, a full tensor, a GPU)
     merges the whole tensor first."""
-    sq = [0.0, 0.0, 0.0, 0.0]  # error², change², norm² of the result, norm² of W
+    sq = _Squares()
     stats = kernel.Stats()
     if device.type == "cpu" and kernel.is_rows_only(edit) and len(info.shape) >= 2:
         raw = read_tensor_bytes(info)
@@ -235,11 +250,23 @@ def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
         step = max(1, QUANT_CHUNK // max(1, m2.shape[1]))
         for r in range(0, m2.shape[0], step):
             sink(_quantized(m2[r:r + step], w2[r:r + step], type_name, info, sq))
-    err, change, norm, w_norm = (math.sqrt(x) for x in sq)
-    return {"name": info.name, "type": info.dtype, "written_as": type_name,
-            "rel_error": err / norm if norm else 0.0,
-            "error_vs_change": err / change if change else (0.0 if not err else math.inf),
-            "change": change / (w_norm or math.inf)}
+    err, change, norm, w_norm = (math.sqrt(x) for x in (sq.error, sq.change, sq.result,
+                                                         sq.base))
+    return GgufChange(name=info.name, type=info.dtype, written_as=type_name,
+                      rel_error=err / norm if norm else 0.0,
+                      error_vs_change=err / change if change else (0.0 if not err
+                                                                   else math.inf),
+                      change=change / (w_norm or math.inf))
+
+
+@dataclass
+class _Squares:
+    """Sums of squares over one tensor's row blocks."""
+
+    error: float = 0.0  # ‖quantized − exact‖²
+    change: float = 0.0  # ‖W′ − W‖²
+    result: float = 0.0  # ‖W′‖²
+    base: float = 0.0  # ‖W‖²
 
 
 def _row_blocks(info: TensorInfo, raw: bytes | bytearray | memoryview, row_bytes: int
@@ -256,31 +283,14 @@ def _row_blocks(info: TensorInfo, raw: bytes | bytearray | memoryview, row_bytes
 
 
 def _quantized(M: torch.Tensor, W: torch.Tensor, type_name: str, info: TensorInfo,
-               sq: list[float]) -> bytes:
+               sq: _Squares) -> bytes:
     """Rows of the result quantized; their error, change and norms added to ``sq``."""
     kernel.guard(M, None, info.name)
     data = quantize(M, type_name)
     back = dequantize(data, type(info)(info.name, type_name, tuple(M.shape), len(data),
                                        info.file))
-    sq[0] += sum_squares(back.float().sub_(M))
-    sq[1] += sum_squares(M - W)
-    sq[2] += sum_squares(M)
-    sq[3] += sum_squares(W)
+    sq.error += sum_squares(back.float().sub_(M))
+    sq.change += sum_squares(M - W)
+    sq.result += sum_squares(M)
+    sq.base += sum_squares(W)
     return data
-
-
-def _report(base: Any, specs: list[str], weights: list[float], out: Path, quant: str | None,
-            stats: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    return {"operation": "merge", "base": str(base.source or base.path), "output": str(out),
-            "format": "gguf", "adapters": [{"adapter": a, "weight": w}
-                                           for a, w in zip(specs, weights)],
-            "quant": quant, "changed": stats, "tensors": len(base.tensors),
-            "unchanged_copied": len(base.tensors) - len(stats),
-            "max_error_vs_change": max((s["error_vs_change"] for s in stats), default=0.0),
-            "seconds": seconds}
-
-
-def refuse_unmerge(base: Any) -> None:
-    raise LoraToolError(f"{base.source or base.path}: unmerge from a GGUF model is not "
-                        "supported (its quantization lost the bits that would come back); keep "
-                        "the base model, or unmerge in the transformers model")
