@@ -11,22 +11,21 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, TypeVar
 
 import click
 
 from .. import interrupts
 from ..errors import LoraToolError, UsageError
-from ..io.staging import begin_command, expect_output, interrupted_outcome, set_no_fsync
-from ..options import RankPolicy, parse_budget
-from ..progress import SILENT, TqdmProgress
+from ..options import Options, OutputLog, RankPolicy, parse_budget
+from ..progress import SILENT, Progress, TqdmProgress
+from ..reports.base import Report
 from ..units import parse_size
 
 FORMATS = ["peft", "kohya", "diffusers", "gguf"]
@@ -34,10 +33,29 @@ DTYPES = ["keep", "fp32", "bf16", "fp16"]
 
 
 class State:
-    """Options of the group that every command sees."""
+    """What one command line sets for its command: --quiet, --no-fsync, and the log of the
+    outputs it begins (so that an interrupt can say what it left). A fresh one per command:
+    nothing carries over to the next (tests run many in one process)."""
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+    def __init__(self) -> None:
+        self.quiet = False
+        self.fsync = True
+        self.log = OutputLog()
+
+    def options(self) -> Options:
+        """The options a verb runs with, as this command line sets them."""
+        return Options(fsync=self.fsync and Options().fsync, log=self.log)
+
+
+def state(ctx: click.Context) -> State:
+    found = ctx.find_object(State)
+    assert found is not None, "commands run inside run(), which makes the State"
+    return found
+
+
+def options_of(ctx: click.Context) -> Options:
+    """The options a verb of this command runs with."""
+    return state(ctx).options()
 
 
 # --------------------------------------------------------------------------- option types
@@ -50,7 +68,8 @@ class Finite(click.ParamType):
     def __init__(self, minimum: float | None = None) -> None:
         self.minimum = minimum
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
         try:
             x = float(value)
         except (TypeError, ValueError):
@@ -65,11 +84,12 @@ class Finite(click.ParamType):
 class Checked(click.ParamType):
     """A string that a loratool parser accepts (sizes, budgets, devices); kept as typed."""
 
-    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
+    def __init__(self, name: str, check: Callable[[str], object]) -> None:
         self.name = name
         self.check = check
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
         try:
             self.check(str(value))
         except UsageError as e:
@@ -97,11 +117,9 @@ DEVICE = Checked("device", _check_device)
 RANK = click.IntRange(min=1)
 
 
-def set_quiet(ctx: click.Context, param: Any, value: bool) -> None:
+def set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
-        state = ctx.find_object(State)
-        if state is not None:
-            state.quiet = True
+        state(ctx).quiet = True
 
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False,
@@ -109,15 +127,14 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False,
                             help="No progress bars or notes on stderr (as `loratool -q`).")
 
 
-def progress(ctx: click.Context) -> Any:
+def progress(ctx: click.Context) -> Progress:
     """Drawn bars when a person watches (stderr is a terminal, no --quiet), else silence."""
 
     return SILENT if quiet(ctx) or not sys.stderr.isatty() else TqdmProgress()
 
 
 def quiet(ctx: click.Context) -> bool:
-    state = ctx.find_object(State)
-    return bool(state and state.quiet)
+    return state(ctx).quiet
 
 
 def notes(ctx: click.Context, notes: list[str]) -> None:
@@ -127,17 +144,20 @@ def notes(ctx: click.Context, notes: list[str]) -> None:
             echo(f"loratool: note: {note}", err=True)
 
 
-def show(report: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]
-           ) -> None:
+def show(report: Report, as_json: bool) -> None:
+    """A verb's report: its JSON (``--json``), or its text."""
     if as_json:  # JSON escapes control characters itself
-        click.echo(json.dumps(report, indent=2, allow_nan=False, default=str))
+        click.echo(report.to_json())
     else:
-        echo(human(report))
+        echo(report.render())
 
 
-def options(*opts: Any) -> Callable[[Any], Any]:
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def options(*opts: Callable[[F], F]) -> Callable[[F], F]:
     """Apply several click options in the order written."""
-    def wrap(f: Any) -> Any:
+    def wrap(f: F) -> F:
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -145,17 +165,19 @@ def options(*opts: Any) -> Callable[[Any], Any]:
 
 
 def _expect(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    expect_output(value)  # an interrupt before anything is written can name it
+    if value is not None:  # an interrupt before anything is written can name it
+        state(ctx).log.expected.append(Path(value))
     return value
 
 
-def output(help_text: str, required: bool = True) -> Any:
+def output(help_text: str, required: bool = True) -> Callable[[F], F]:
     return click.option("-o", "--output", "out", required=required, callback=_expect,
                         type=click.Path(path_type=Path), help=help_text)
 
 
 def _no_fsync(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    set_no_fsync(value)
+    if value:
+        state(ctx).fsync = False
 
 
 FORCE = options(
@@ -185,7 +207,7 @@ rank_policy_options = options(
 
 
 def policy(rank: int | None, energy: float | None, max_error: float | None,
-            budget: str | None, max_rank: int | None) -> Any:
+            budget: str | None, max_rank: int | None) -> RankPolicy | None:
     """The rank policy the flags give, or None when none was given."""
 
     if all(v is None for v in (rank, energy, max_error, budget, max_rank)):
@@ -282,7 +304,7 @@ analyze_options = options(
     FORCE, JSON, quiet_option)
 
 
-def adapter_out_options(one: bool) -> Callable[[Any], Any]:
+def adapter_out_options(one: bool) -> Callable[[F], F]:
     """The output flags combine and resize share (``one``: resize's single input)."""
     source = "the input's" if one else "the first input's"
     return options(
@@ -298,7 +320,7 @@ def adapter_out_options(one: bool) -> Callable[[Any], Any]:
         FORCE, JSON, quiet_option)
 
 
-def file_filters(default: str) -> Callable[[Any], Any]:
+def file_filters(default: str) -> Callable[[F], F]:
     """--include and --exclude: which files of a folder or repo take part."""
     return options(
         click.option("--include", multiple=True, metavar="GLOB",
@@ -337,21 +359,20 @@ def _error(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def run(cli: Any, argv: list[str] | None) -> None:
+def run(cli: click.Group, argv: list[str] | None) -> None:
     """The one error boundary: every expected failure is one line and exit 1 (usage: 2),
     an interrupt 130, a bug one line naming it (LORATOOL_DEBUG=1: the traceback)."""
 
     program = argv is None
     interrupts.reset()
     interrupts.install(armed=False)
-    set_no_fsync(False)  # a flag of one command, never of the next (tests run many in-process)
-    begin_command()
+    command = State()  # this command's flags and outputs, never the last one's
     try:
         interrupts.arm()  # inside the boundary: from here an interrupt is caught below
-        rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False, obj=command)
         interrupts.check_interrupted()  # an interrupt something swallowed is still one
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _interrupted(program)
+        _interrupted(program, command.log)
     except click.UsageError as e:  # click's: the same one line as a verb's usage error
         where = e.ctx.command_path if e.ctx is not None else "loratool"
         _error(f"loratool: usage error: {e.format_message()} (see `{where} -h`)",
@@ -369,7 +390,7 @@ def run(cli: Any, argv: list[str] | None) -> None:
         sys.exit(0)
     except Exception as e:  # a bug: still one line, unless asked for the traceback
         if interrupts.interrupted():  # e.g. an import cut short by Ctrl-C
-            _interrupted(program)
+            _interrupted(program, command.log)
         if _debug():
             traceback.print_exc()
         if isinstance(e, OSError) and e.errno is not None:  # what no verb mapped: still one line
@@ -383,12 +404,12 @@ def run(cli: Any, argv: list[str] | None) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def _interrupted(program: bool) -> None:
+def _interrupted(program: bool, log: OutputLog) -> None:
     """Exit 130. The program exits at once: the temporary output is already removed, and
     interpreter teardown after an interrupted import can end the process by SIGINT instead
     of this exit code."""
 
-    echo(f"loratool: interrupted; {interrupted_outcome()}", err=True)
+    echo(f"loratool: interrupted; {log.outcome()}", err=True)
     if not program:
         sys.exit(130)
     sys.stdout.flush()

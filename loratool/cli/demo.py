@@ -1,0 +1,35 @@
+"""``loratool demo``: every command on a small model built on the spot.
+
+Each command parses its flags, calls the verb of the public API with them and shows the
+report it returns (its text, or ``--json``); the verb's module is imported when the command
+runs, so that every other command starts without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .kit import (
+    echo,
+    options_of,
+    progress,
+    quiet_option,
+)
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("loratool-demo"),
+              show_default=True, help="Where the demo models and results are written.")
+@quiet_option
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path) -> None:
+    """Build a small Llama-style model and a fine-tune of it, and run every command on them.
+
+    Nothing is downloaded. Example: loratool demo --workdir /tmp/demo
+    """
+    from ..verbs.demo import run_demo
+
+    for section in run_demo(workdir, options_of(ctx), progress(ctx)):
+        echo(section)

@@ -1,0 +1,85 @@
+"""``loratool merge`` and ``unmerge``: adapters folded into a model and taken out again.
+
+Each command parses its flags, calls the verb of the public API with them and shows the
+report it returns (its text, or ``--json``); the verb's module is imported when the command
+runs, so that every other command starts without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from .kit import (
+    merge_options,
+    options_of,
+    progress,
+    show,
+)
+
+MergeFlag = Path | tuple[float, ...] | str | bool | None  # the values merge_options gives
+
+
+def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
+               out: Path, weights: tuple[float, ...], device: str, dtype: str,
+               max_shard_size: str, untie: bool, verify: bool, force: bool,
+               as_json: bool, quant: str | None, record: bool = True) -> None:
+    from ..verbs import merge as verb
+
+    common = dict(weights=list(weights), device=device, dtype=dtype,
+                  max_shard_size=max_shard_size, untie=untie, verify=verify, force=force,
+                  options=options_of(ctx), progress=progress(ctx))
+    if sign > 0:
+        report = verb.merge(base, list(adapters), out, record=record, quant=quant, **common)
+    else:
+        if quant is not None:
+            raise UsageError("--quant applies to merges into GGUF models")
+        report = verb.unmerge(base, list(adapters), out, **common)
+    show(report, as_json)
+
+
+@click.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@merge_options
+@click.option("--no-record", is_flag=True,
+              help="Do not write loratool-unmerge.safetensors (the base tensors that full "
+                   "tensors replace, DoRA row norms); unmerge then refuses those.")
+@click.pass_context
+def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: bool,
+          **kw: MergeFlag) -> None:
+    """Fold one or more adapters into BASE and write a model folder transformers loads.
+
+    Streams tensor by tensor (memory stays near one tensor); math in float32 on the chosen
+    device, rounded once to the output dtype; in float32 the result equals PEFT's
+    merge_and_unload bit for bit.
+
+    \b
+    Examples:
+      loratool merge ./Llama-3.2-1B ./my-adapter -o ./merged
+      loratool merge base/ style/ task/ --weight 0.7 --weight 1.0 -o merged/ --dtype bf16
+      loratool merge base/ adapter/ -o merged/ --device cuda --verify
+      loratool merge ./sdxl-pipeline style.safetensors -o ./sdxl-style
+    """
+    _run_merge(ctx, 1.0, base, adapters, record=not no_record, **kw)
+
+
+@click.command()
+@click.argument("merged")
+@click.argument("adapters", nargs=-1, required=True)
+@merge_options
+@click.pass_context
+def unmerge(ctx: click.Context, merged: str, adapters: tuple[str, ...], **kw: MergeFlag
+            ) -> None:
+    """Take adapters back out of a merged model (the same deltas, subtracted in float32).
+
+    Tensors an adapter replaced in full, and DoRA merges, are undone exactly with what
+    `loratool merge` recorded beside the model (loratool-unmerge.safetensors).
+
+    \b
+    Example:
+      loratool unmerge ./merged ./my-adapter -o ./base-again
+    """
+    _run_merge(ctx, -1.0, merged, adapters, **kw)
