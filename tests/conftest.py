@@ -16,6 +16,31 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
 
 
+SCHEMA_CHECKS: dict[str, int] = {}  # report class → JSON outputs validated in this session
+
+
+@pytest.fixture(autouse=True)
+def _every_json_follows_its_schema(monkeypatch):
+    """Every report a test turns into JSON (``--json``, ``report.to_json()``) is validated
+    against the schema generated from its class, the one docs/json-schema.md lists."""
+    import jsonschema
+
+    from loratool.reports.base import Report
+
+    real = Report.to_json
+    validators: dict[type, jsonschema.Draft202012Validator] = {}
+
+    def checked(self: Report) -> str:
+        cls = type(self)
+        if cls not in validators:
+            validators[cls] = jsonschema.Draft202012Validator(cls.json_schema())
+        validators[cls].validate(json.loads(json.dumps(self.to_dict())))
+        SCHEMA_CHECKS[cls.__name__] = SCHEMA_CHECKS.get(cls.__name__, 0) + 1
+        return real(self)
+
+    monkeypatch.setattr(Report, "to_json", checked)
+
+
 class Result(NamedTuple):
     rc: int
     out: str

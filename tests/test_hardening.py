@@ -51,7 +51,7 @@ def _leftovers(folder: Path, out: str) -> list[str]:
 
 
 def test_interrupt_during_verify_keeps_the_old_output(demo, tmp_path, monkeypatch):
-    import loratool.verbs.merge as merge
+    import loratool.verbs.merge_checkpoint as merge
 
     out = tmp_path / "m"
     assert run_cli("merge", demo / "base", demo / "adapter", "-o", out).rc == 0
@@ -212,7 +212,9 @@ def test_without_the_fast_system_calls(demo, tmp_path, monkeypatch):
     assert run_cli("merge", demo / "base", demo / "adapter", "-o", tmp_path / "fast").rc == 0
     for name in ("preadv", "pread", "copy_file_range"):
         monkeypatch.delattr(os, name, raising=False)
-    monkeypatch.setitem(sys.modules, "resource", None)  # Windows has no resource module
+    import loratool.verbs.merge_settings as settings
+
+    monkeypatch.setattr(settings, "resource", None)  # Windows has no resource module
     res = run_cli("merge", demo / "base", demo / "adapter", "-o", tmp_path / "slow", "--verify")
     assert res.rc == 0, res.err
     assert "peak RSS n/a" in res.out

@@ -400,7 +400,7 @@ def test_verify_also_scans_tensors_copied_unchanged(tmp_path):
 def test_merge_uses_fewer_threads_than_cores_and_restores_them(tmp_path, monkeypatch, omp):
     """Streaming work on every core stalls when one core is busy elsewhere: the merge runs
     with half the cores (at most 4; OMP_NUM_THREADS wins) and gives torch's setting back."""
-    import loratool.verbs.merge as merge
+    import loratool.verbs.merge_checkpoint as merge
 
     _setup(tmp_path, "lora+patterns", seed=1)
     if omp is None:
@@ -409,13 +409,13 @@ def test_merge_uses_fewer_threads_than_cores_and_restores_them(tmp_path, monkeyp
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     cores = len(os.sched_getaffinity(0))
     seen = []
-    real = merge.merge_checkpoint
+    real = merge.merge_into
 
     def spy(*a, **k):
         seen.append(torch.get_num_threads())
         return real(*a, **k)
 
-    monkeypatch.setattr(merge, "merge_checkpoint", spy)
+    monkeypatch.setattr(merge, "merge_into", spy)
     before = torch.get_num_threads()
     assert run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o",
                    tmp_path / "m").rc == 0

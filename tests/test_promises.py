@@ -247,7 +247,7 @@ def test_max_error_advice_is_possible_and_sufficient(tmp_path):
 
 
 def test_combine_refuses_doubled_full_tensors_before_any_math(tmp_path, monkeypatch):
-    import loratool.verbs.combine as combine
+    import loratool.verbs.combine_methods as combine
 
     paths = _adapters(tmp_path, [(8, 8)], 1, 0, False, True, "fp32")
     paths += _adapters(tmp_path / "b", [(8, 8)], 1, 1, False, True, "fp32")
