@@ -192,3 +192,41 @@ class RankPolicy:
 
     def cap(self, full: int) -> int:
         return min(full, self.max_rank or full)
+
+
+@dataclass
+class Fixed:
+    """Something written whatever the ranks (full tensors, biases), with the option that would
+    leave it out (None when nothing would)."""
+
+    label: str
+    cost: int
+    hint: str | None = None
+
+
+def check_fixed(policy: RankPolicy, fixed: list[Fixed]) -> None:
+    """Refuse as soon as what is written whatever the ranks exceeds the budget."""
+    budget = policy.budget
+    if budget is None:
+        return
+    total = sum(f.cost for f in fixed)
+    if total > budget.amount:
+        parts = {}
+        for f in fixed:
+            parts[f.label] = parts.get(f.label, 0) + f.cost
+        raise LoraToolError(f"--budget {budget.describe()} is less than the {total:,} "
+                            f"{budget.unit} written whatever the ranks ("
+                            + ", ".join(f"{k}: {v:,}" for k, v in parts.items()) + ")"
+                            + budget_hints(fixed))
+
+
+def budget_hints(fixed: list[Fixed]) -> str:
+    """The options that would leave the largest fixed parts out, with their size."""
+    saved: dict[str, int] = {}
+    for f in fixed:
+        if f.hint:
+            saved[f.hint] = saved.get(f.hint, 0) + f.cost
+    if not saved:
+        return ""
+    return "; " + ", ".join(f"{h} saves {n:,}" for h, n in
+                            sorted(saved.items(), key=lambda kv: -kv[1]))

@@ -246,3 +246,100 @@ def test_adapter_with_only_full_tensors_is_a_clear_error(tmp_path):
 def test_budget_too_small_for_any_rank(tmp_path, three):
     res = run_cli("resize", tmp_path / "a", "--budget", "1", "-o", tmp_path / "r")
     assert res.rc == 1 and "raise --budget" in res.err and not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- cat, byte for byte
+
+def _cat_generally(monkeypatch, *args, **kw):
+    """The general (torch) path of cat, the byte path turned off."""
+    import loratool.verbs.combine as verb
+
+    monkeypatch.setattr(verb, "cat_bytes", lambda *a, **k: None)
+    return verb.combine(*args, **kw)
+
+
+@pytest.mark.parametrize("case", ["one scale", "patterns", "fan_in_fan_out"])
+def test_cat_of_peft_folders_is_their_bytes_and_what_the_general_path_writes(
+        tmp_path, monkeypatch, case):
+    """Adapters whose modules share one w·s: the command writes the factors as they are,
+    without loading torch, and the same files (config, card, tensors) and report as the
+    general path."""
+    import subprocess
+    import sys
+
+    import loratool
+    from conftest import tiny_gpt2
+
+    if case == "fan_in_fan_out":
+        base = tiny_gpt2()
+        for name, seed in (("a", 1), ("b", 2)):
+            torch.manual_seed(seed)
+            from peft import LoraConfig, get_peft_model
+            get_peft_model(copy.deepcopy(base), LoraConfig(
+                r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                init_lora_weights=False)).save_pretrained(tmp_path / name)
+    elif case == "patterns":  # r 4 alpha 8 and r 2 alpha 4: one scale, two ranks
+        _adapter(tmp_path, "a", 1, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4})
+        _adapter(tmp_path, "b", 2, r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    else:
+        _adapter(tmp_path, "a", 1)
+        _adapter(tmp_path, "b", 2)
+    probe = ("import atexit, sys\natexit.register(lambda: print('torch', 'torch' in "
+             "sys.modules, file=sys.stderr))\nfrom loratool.cli import main\nmain(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", probe, "combine", tmp_path / "a", tmp_path / "b",
+                        "--method", "cat", "-o", tmp_path / "bytes", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "torch False" in r.stderr, r.stderr
+    fast = json.loads(r.stdout)
+    general = _cat_generally(monkeypatch, [tmp_path / "a", tmp_path / "b"],
+                             tmp_path / "general", "cat")
+    assert tree(tmp_path / "bytes") == tree(tmp_path / "general")
+    slow = json.loads(general.to_json())
+    fast["seconds"] = slow["seconds"] = 0
+    fast["output"] = slow["output"] = ""
+    assert fast == slow
+    assert fast["totals"]["max_rel_error"] == 0
+    # and it is the exact sum: against each input's own ΔW in float64
+    ref = _dense_sum(tmp_path, ["a", "b"], [1.0, 1.0])
+    got = loratool.formats.read_adapter(str(tmp_path / "bytes"))
+    for k, m in got.modules.items():
+        assert torch.equal(m.delta(torch.float64), ref[k]) or torch.allclose(
+            m.delta(torch.float64), ref[k], rtol=1e-12, atol=0), k
+
+
+def test_cat_equals_peft_own_cat(tmp_path):
+    """PEFT's add_weighted_adapter(combination_type="cat") of the same two adapters gives the
+    same ΔW as the adapter cat writes (byte path), merged by PEFT itself."""
+    from peft import PeftModel
+
+    base = _adapter(tmp_path, "a", 1)
+    _adapter(tmp_path, "b", 2)
+    res = run_cli("combine", tmp_path / "a", tmp_path / "b", "--method", "cat", "-o",
+                  tmp_path / "ours")
+    assert res.rc == 0, res.err
+    m = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    m.load_adapter(tmp_path / "b", adapter_name="b")
+    m.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="cat")
+    m.set_adapter("ab")
+    theirs = m.merge_and_unload(adapter_names=["ab"]).state_dict()
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    ours = ours.merge_and_unload().state_dict()
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=1e-6), k
+
+
+def test_cat_takes_the_general_path_where_bytes_are_not_enough(tmp_path):
+    """Weights that give modules different w·s: A is scaled (scale 1), torch does it."""
+    import subprocess
+    import sys
+
+    _adapter(tmp_path, "a", 1)
+    _adapter(tmp_path, "b", 2)
+    probe = ("import atexit, sys\natexit.register(lambda: print('torch', 'torch' in "
+             "sys.modules, file=sys.stderr))\nfrom loratool.cli import main\nmain(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", probe, "combine", tmp_path / "a", tmp_path / "b",
+                        "--method", "cat", "--weight", "0.7", "--weight", "1", "-o",
+                        tmp_path / "w"], capture_output=True, text=True)
+    assert r.returncode == 0 and "torch True" in r.stderr, r.stderr
+    got = read_adapter(str(tmp_path / "w"))
+    assert {m.scale for m in got.modules.values()} == {1.0}

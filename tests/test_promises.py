@@ -274,7 +274,8 @@ def test_format_and_to_are_one_option_and_the_suffix_decides(tmp_path):
     _pair(tmp_path, [(12, 20)], 0, bias=False, norm=False)
     b, t = tmp_path / "base", tmp_path / "tuned"
     res = run_cli("extract", b, t, "-o", tmp_path / "a.gguf", "--rank", "2", "--skip-full")
-    assert res.rc == 1 and "gguf" in res.err.lower()  # GGUF needs an architecture: the suffix chose it
+    # GGUF needs an architecture: the suffix chose it
+    assert res.rc == 1 and "gguf" in res.err.lower()
     res = run_cli("extract", b, t, "-o", tmp_path / "k.safetensors", "--rank", "2", "--json")
     assert res.rc == 0 and json.loads(res.out)["format"] == "kohya"
     assert (tmp_path / "k.safetensors").is_file()

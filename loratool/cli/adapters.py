@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from ..options import check_weights
+from ..verbs import prechecks
 from .kit import (
     DTYPES,
     FORCE,
@@ -26,6 +28,7 @@ from .kit import (
     quiet_option,
     rank_policy_options,
     show,
+    starting,
 )
 
 
@@ -57,13 +60,25 @@ def combine(ctx: click.Context, adapters: tuple[str, ...], method: str,
       loratool combine a/ b/ c/ d/ --method svd --rank 16 -o merged-16/
       loratool combine a/ b/ --method ties --density 0.3 --rank 32 -o ties/
     """
+    starting(ctx, f"combining {len(adapters)} adapters ({method}) → {out}")
+    prechecks.adapters_out(list(adapters), out, force=force)
+    if method == "cat" and all(v is None for v in (rank, energy, max_error, budget,
+                                                       max_rank)):
+        from ..verbs.combine_cat import cat_bytes  # torch-free: concatenation
+
+        done = cat_bytes(list(adapters), out, check_weights(list(weights), len(adapters)),
+                         fmt=fmt, dtype=dtype, base=base, seed=seed, force=force,
+                         options=options_of(ctx), progress=progress(ctx))
+        if done is not None:
+            show(ctx, done, as_json)
+            return
     from ..verbs.combine import combine as run
 
     report = run(list(adapters), out, method, weights=list(weights),
                  policy=policy(rank, energy, max_error, budget, max_rank),
                  density=density, seed=seed, fmt=fmt, dtype=dtype, exact_svd=exact_svd,
                  base=base, force=force, options=options_of(ctx), progress=progress(ctx))
-    show(report, as_json)
+    show(ctx, report, as_json)
     notes(ctx, report.notes)
 
 
@@ -83,12 +98,14 @@ def resize(ctx: click.Context, adapter: str, out: Path, rank: int | None,
       loratool resize ./adapter-r64 --rank 16 -o ./adapter-r16
       loratool resize ./adapter --energy 0.99 -o ./smaller
     """
+    starting(ctx, f"resizing {adapter} → {out}")
+    prechecks.adapters_out([adapter], out, force=force)
     from ..verbs.combine import resize as run
 
     report = run(adapter, out, policy=policy(rank, energy, max_error, budget, max_rank),
                  fmt=fmt, dtype=dtype, base=base, force=force, options=options_of(ctx),
                  progress=progress(ctx))
-    show(report, as_json)
+    show(ctx, report, as_json)
     notes(ctx, report.notes)
 
 
@@ -130,8 +147,10 @@ def convert(ctx: click.Context, adapter: str, out: Path, to: str, base: str | No
       loratool convert ./my-peft-adapter --format gguf -o adapter.gguf --base org/Llama-3.2-1B
       loratool convert loha.safetensors --to kohya --max-error 0.01 --base sdxl/ -o l.safetensors
     """
+    starting(ctx, f"converting {adapter} to {to} → {out}")
+    prechecks.convert(adapter, out, to, base=base, drop=drop_unsupported, force=force)
     from ..verbs.convert import convert as run
 
-    show(run(adapter, out, to, base=base, drop=drop_unsupported,
+    show(ctx, run(adapter, out, to, base=base, drop=drop_unsupported,
              policy=policy(rank, energy, max_error, budget, max_rank), dtype=dtype,
              force=force, options=options_of(ctx), progress=progress(ctx)), as_json)

@@ -17,6 +17,7 @@ from .kit import (
     progress,
     safe,
     show,
+    starting,
 )
 
 
@@ -41,11 +42,13 @@ def analyze(ctx: click.Context, paths: tuple[str, ...], base: str | None, compar
       loratool analyze ./my-adapter --base ./Llama-3.2-1B
       loratool analyze --compare ./adapter-r8 ./adapter-r64
     """
-    from ..verbs import plots
-    from ..verbs.analyze import analyze as run_analysis
+    starting(ctx, f"analyzing {' '.join(paths)}")
+    from ..verbs import plots  # torch-free: its outputs are checked before torch loads
 
     inputs = [Path(p) for p in (*paths, base) if p and Path(p).exists()]
     plots.check_outputs(plot, html, inputs, force)
+    from ..verbs.analyze import analyze as run_analysis
+
     report = run_analysis(list(paths), base=base, compare=compare, subspace=subspace,
                           energies=tuple(energies) or (0.5, 0.9, 0.99), rank=rank,
                           max_rank=max_rank, targets=list(targets), excludes=list(excludes),
@@ -54,4 +57,4 @@ def analyze(ctx: click.Context, paths: tuple[str, ...], base: str | None, compar
     if plot or html:  # the page shows the table as the terminal would
         report.written = plots.write(report, plot, html, safe(report.render()), inputs, force,
                                      options=options_of(ctx))
-    show(report, as_json)
+    show(ctx, report, as_json)

@@ -16,6 +16,8 @@ from .kit import (
     options_of,
     progress,
     quiet_option,
+    starting,
+    state,
 )
 
 
@@ -29,7 +31,9 @@ def demo(ctx: click.Context, workdir: Path) -> None:
 
     Nothing is downloaded. Example: loratool demo --workdir /tmp/demo
     """
+    starting(ctx, f"building a small model and its fine-tune in {workdir}")
     from ..verbs.demo import run_demo
 
     for section in run_demo(workdir, options_of(ctx), progress(ctx)):
+        state(ctx).clear()
         echo(section)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..verbs import prechecks
 from .kit import (
     DEVICE,
     FORCE,
@@ -22,6 +23,7 @@ from .kit import (
     progress,
     quiet_option,
     show,
+    starting,
 )
 
 
@@ -72,10 +74,13 @@ def export(ctx: click.Context, base: str, adapters: tuple[str, ...], out: Path,
       loratool export ./Llama-3.1-8B ./adapter -o ./onnx --stream
       loratool export ./Llama-3.2-1B ./task-a ./task-b -o ./onnx --adapters-as-inputs
     """
+    what = "with adapters as inputs" if adapters_as_inputs else "merged"
+    starting(ctx, f"exporting {base} to ONNX ({what}) → {out}")
+    prechecks.export(base, list(adapters), out, force=force, as_inputs=adapters_as_inputs)
     from ..verbs.export import export as run
 
     report = run(base, list(adapters), out, weights=list(weights), dtype=dtype, opset=opset,
                  task=task, atol=atol, verify=not no_verify, force=force, with_past=with_past,
                  stream=stream, adapters_as_inputs=adapters_as_inputs, device=device,
                  options=options_of(ctx), progress=progress(ctx))
-    show(report, as_json)
+    show(ctx, report, as_json)

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from ..options import RankPolicy
-from .kit import extract_options, notes, options_of, progress, show
+from ..verbs import prechecks
+from .kit import extract_options, notes, options_of, progress, show, starting
 
 
 @click.command()
@@ -38,6 +39,10 @@ def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | No
       loratool extract ./base ./tuned -o ./adapter --budget 50MB --report report.json
     """
     policy = RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
+    starting(ctx, f"extracting {tuned} − {base} → {out}")
+    prechecks.extract(base, tuned, out, report_path, force=force, policy=policy,
+                      targets=list(targets), excludes=list(excludes), embed_lora=embed_lora,
+                      skip_full=skip_full, dtype=dtype)
     from ..verbs.extract import extract as verb
 
     report = verb(base, tuned, out, policy=policy, targets=list(targets),
@@ -45,5 +50,5 @@ def extract(ctx: click.Context, base: str, tuned: str, out: Path, rank: int | No
                   embed_lora=embed_lora, skip_full=skip_full, seed=seed, dtype=dtype,
                   force=force, report_path=report_path, options=options_of(ctx),
                   progress=progress(ctx))
-    show(report, as_json)
+    show(ctx, report, as_json)
     notes(ctx, report.notes)

@@ -21,6 +21,7 @@ from .kit import (
     progress,
     quiet_option,
     show,
+    starting,
 )
 
 
@@ -44,9 +45,10 @@ def pull(ctx: click.Context, repo_id: str, out: Path | None, revision: str | Non
       loratool pull meta-llama/Llama-3.2-1B
       loratool pull org/adapter --revision v2 -o ./adapter
     """
+    starting(ctx, f"downloading {repo_id}")
     from ..verbs.hub import pull as verb
 
-    show(verb(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
+    show(ctx, verb(repo_id, out, revision=revision, include=list(include), exclude=list(exclude),
               repo_type=repo_type, force=force, options=options_of(ctx),
               progress=progress(ctx)), as_json)
 
@@ -73,8 +75,9 @@ def push(ctx: click.Context, path: Path, repo_id: str, private: bool, revision: 
       loratool push ./adapter me/my-adapter --private
       loratool push ./merged me/merged-model --revision v2 --message "rank 32"
     """
+    starting(ctx, f"uploading {path} to {repo_id}")
     from ..verbs.hub import push as verb
 
-    show(verb(path, repo_id, private=private, revision=revision, message=message,
+    show(ctx, verb(path, repo_id, private=private, revision=revision, message=message,
               create_pr=create_pr, include=list(include), exclude=list(exclude),
               repo_type=repo_type, progress=progress(ctx)), as_json)

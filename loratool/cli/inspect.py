@@ -13,6 +13,8 @@ from .kit import (
     echo,
     progress,
     quiet_option,
+    starting,
+    state,
 )
 
 
@@ -36,9 +38,11 @@ def inspect(ctx: click.Context, path: str, as_json: bool, filters: tuple[str, ..
       loratool inspect ./my-adapter --json
       loratool inspect base/ --against tuned/ --filter '*layers.0.*'
     """
+    starting(ctx, f"comparing {path} with {against}" if against else f"reading {path}")
     from ..verbs.inspect import inspect as run
 
     report = run(path, filters=list(filters), against=against, progress=progress(ctx))
+    state(ctx).clear()
     if as_json:
         click.echo(report.to_json())  # JSON escapes control characters itself
     else:

@@ -41,6 +41,12 @@ class State:
         self.quiet = False
         self.fsync = True
         self.log = OutputLog()
+        self.shown: Progress | None = None  # the command's bars and status line, once asked
+
+    def clear(self) -> None:
+        """Take the status line away before anything else is printed."""
+        if self.shown is not None:
+            self.shown.clear()
 
     def options(self) -> Options:
         """The options a verb runs with, as this command line sets them."""
@@ -128,9 +134,24 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False,
 
 
 def progress(ctx: click.Context) -> Progress:
-    """Drawn bars when a person watches (stderr is a terminal, no --quiet), else silence."""
+    """Drawn bars when a person watches (stderr is a terminal, no --quiet), else silence;
+    one for the whole command, so that its status line is taken away by its first bar."""
 
-    return SILENT if quiet(ctx) or not sys.stderr.isatty() else TqdmProgress()
+    s = state(ctx)
+    if s.shown is None:
+        s.shown = SILENT if s.quiet or not sys.stderr.isatty() else TqdmProgress()
+    return s.shown
+
+
+def adapters_text(adapters: tuple[str, ...] | list[str]) -> str:
+    """``adapter/`` for one, ``3 adapters`` for more."""
+    return adapters[0] if len(adapters) == 1 else f"{len(adapters)} adapters"
+
+
+def starting(ctx: click.Context, what: str) -> None:
+    """The command's first line, shown at once (before torch is imported, 1–10 s) where a
+    person watches: what it is about to do. Bars and output take its place."""
+    progress(ctx).status(safe(f"loratool {ctx.info_name}: {what} …"))
 
 
 def quiet(ctx: click.Context) -> bool:
@@ -139,13 +160,15 @@ def quiet(ctx: click.Context) -> bool:
 
 def notes(ctx: click.Context, notes: list[str]) -> None:
     """Things a user should know about a result, on stderr (not with --quiet)."""
+    state(ctx).clear()
     if not quiet(ctx):
         for note in notes:
             echo(f"loratool: note: {note}", err=True)
 
 
-def show(report: Report, as_json: bool) -> None:
+def show(ctx: click.Context, report: Report, as_json: bool) -> None:
     """A verb's report: its JSON (``--json``), or its text."""
+    state(ctx).clear()
     if as_json:  # JSON escapes control characters itself
         click.echo(report.to_json())
     else:
@@ -372,16 +395,21 @@ def run(cli: click.Group, argv: list[str] | None) -> None:
         rc = cli.main(args=argv, prog_name="loratool", standalone_mode=False, obj=command)
         interrupts.check_interrupted()  # an interrupt something swallowed is still one
     except (click.exceptions.Abort, KeyboardInterrupt):
+        command.clear()
         _interrupted(program, command.log)
     except click.UsageError as e:  # click's: the same one line as a verb's usage error
+        command.clear()
         where = e.ctx.command_path if e.ctx is not None else "loratool"
         _error(f"loratool: usage error: {e.format_message()} (see `{where} -h`)",
                e.exit_code)
     except click.ClickException as e:
+        command.clear()
         _error(f"loratool: error: {e.format_message()}", e.exit_code)
     except UsageError as e:  # options that cannot work together, found by a verb
+        command.clear()
         _error(f"loratool: usage error: {e}", 2)
     except LoraToolError as e:
+        command.clear()
         if _debug():
             traceback.print_exc()
         _error(f"loratool: error: {e}", 1)
@@ -389,6 +417,7 @@ def run(cli: click.Group, argv: list[str] | None) -> None:
         sys.stderr.close()  # `loratool inspect … | head` is not an error
         sys.exit(0)
     except Exception as e:  # a bug: still one line, unless asked for the traceback
+        command.clear()
         if interrupts.interrupted():  # e.g. an import cut short by Ctrl-C
             _interrupted(program, command.log)
         if _debug():
@@ -399,6 +428,7 @@ def run(cli: click.Group, argv: list[str] | None) -> None:
         first = (str(e).splitlines() or [""])[0]
         _error(f"loratool: internal error: {type(e).__name__}: {first} (set LORATOOL_DEBUG=1 "
                "for the traceback, and please report it)", 1)
+    command.clear()
     if program:
         interrupts.done()  # the work is done and published: a late Ctrl-C changes nothing
     sys.exit(rc if isinstance(rc, int) else 0)

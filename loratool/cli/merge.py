@@ -11,12 +11,14 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
+from ..verbs import prechecks
 from .kit import (
+    adapters_text,
     merge_options,
     options_of,
     progress,
     show,
+    starting,
 )
 
 MergeFlag = Path | tuple[float, ...] | str | bool | None  # the values merge_options gives
@@ -26,6 +28,11 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                out: Path, weights: tuple[float, ...], device: str, dtype: str,
                max_shard_size: str, untie: bool, verify: bool, force: bool,
                as_json: bool, quant: str | None, record: bool = True) -> None:
+    if sign > 0:
+        starting(ctx, f"merging {adapters_text(adapters)} into {base} → {out}")
+    else:
+        starting(ctx, f"taking {adapters_text(adapters)} out of {base} → {out}")
+    prechecks.merge(base, list(adapters), out, force=force, quant=quant, unmerge=sign < 0)
     from ..verbs import merge as verb
 
     common = dict(weights=list(weights), device=device, dtype=dtype,
@@ -34,10 +41,8 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
     if sign > 0:
         report = verb.merge(base, list(adapters), out, record=record, quant=quant, **common)
     else:
-        if quant is not None:
-            raise UsageError("--quant applies to merges into GGUF models")
         report = verb.unmerge(base, list(adapters), out, **common)
-    show(report, as_json)
+    show(ctx, report, as_json)
 
 
 @click.command()

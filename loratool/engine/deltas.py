@@ -10,19 +10,16 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..errors import FormatError, LoraToolError, os_input_error
-from ..headers import moe
+from ..errors import FormatError, os_input_error
+from ..headers.changes import EMBEDDING
+from ..headers.changes import HEAD_TENSOR as HEAD
 from ..headers.safetensors import read_exactly
 from ..io.tensors import Buffers, tensor_bytes
-from ..model.adapter import EMBEDDING
-from ..model.adapter import HEAD_TENSOR as HEAD
-from ..units import matches
 
 if TYPE_CHECKING:
     from ..headers.checkpoint import Checkpoint
@@ -33,32 +30,6 @@ if TYPE_CHECKING:
     # an unchanged tensor the last is the tuned tensor's info
     Diff = tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | TensorInfo]
 
-CONV1D_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
-CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
-
-
-def kind(name: str, shape: tuple[int, ...], model_type: str | None, embed_lora: bool) -> str:
-    """How a changed tensor is stored: linear / fan_in_fan_out / embedding / conv / full."""
-
-    if model_type in moe.FUSING_TYPES and moe.ROUTER.search(name):
-        return "full"  # a router is a bare parameter in transformers 5: no Linear to wrap
-    if HEAD.search(name) and len(shape) == 2:
-        return "linear" if embed_lora else "full"
-    if EMBEDDING.search(name) and len(shape) == 2:
-        return "embedding" if embed_lora else "full"
-    if moe.FUSED.match(name) and len(shape) == 3:
-        return moe.orientation(name, shape, model_type, None)
-    if not name.endswith(".weight"):
-        return "full"
-    if len(shape) == 2:
-        if model_type in CONV1D_TYPES and CONV1D_NAMES.search(name):
-            return "fan_in_fan_out"  # GPT-2's Conv1D stores [in, out]
-        return "linear"
-    if len(shape) in (3, 4, 5):
-        return "conv"
-    return "full"
-
-
 def matrix(delta: torch.Tensor, layout: str) -> torch.Tensor:
     """The matrix to factorise, oriented [out, in] as B [out, r] @ A [r, in] expects."""
     if layout in ("fan_in_fan_out", "embedding"):
@@ -66,34 +37,6 @@ def matrix(delta: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "conv":
         return delta.reshape(delta.shape[0], -1)
     return delta
-
-
-def pairs(base: Checkpoint, tuned: Checkpoint, targets: list[str], excludes: list[str]
-          ) -> list[str]:
-    """Names to compare; a name in one model only is an error naming it (after filters)."""
-    def keep(n: str) -> bool:
-        return matches(n, targets) and not (excludes and matches(n, excludes))
-
-    def weight(ckpt: Checkpoint, n: str) -> bool:
-        # integer buffers (BERT's position_ids, which newer transformers no longer saves) are
-        # not weights: one model having them and the other not is no mismatch
-        return ckpt.tensors[n].dtype.startswith(("F", "BF"))
-
-    names = [n for n in base.tensors if keep(n) and (n in tuned.tensors or weight(base, n))]
-    only_tuned = [n for n in tuned.tensors if keep(n) and n not in base.tensors
-                  and weight(tuned, n)]
-    only_base = [n for n in names if n not in tuned.tensors]
-    if only_base or only_tuned:
-        which = (f"{only_base[0]} is in the base but not the tuned model" if only_base else
-                 f"{only_tuned[0]} is in the tuned model but not the base")
-        raise FormatError(f"the models do not match: {which} ({len(only_base)} + "
-                          f"{len(only_tuned)} such tensors); are they the same architecture? "
-                          "--exclude GLOB leaves tensors out")
-    if not names:
-        some = sorted(base.tensors)[len(base.tensors) // 2] if base.tensors else None
-        raise LoraToolError("no tensors to compare (check --target/--exclude)"
-                            + (f"; names here look like {some}" if some else ""))
-    return names
 
 
 def diffs(base: Checkpoint, tuned: Checkpoint, names: list[str], dev: torch.device, bar: Bar

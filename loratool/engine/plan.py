@@ -17,16 +17,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import FormatError
+from ..headers.changes import EMBEDDING, HEAD_TENSOR, input_embedding, ties_embeddings
 from ..model.adapter import (
-    EMBEDDING,
-    HEAD_TENSOR,
     LoraModule,
     base_tensor_name,
     drop_head_mirror,
     expert_parts,
-    input_embedding,
     match_base,
-    ties_embeddings,
 )
 
 if TYPE_CHECKING:

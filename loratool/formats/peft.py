@@ -9,13 +9,10 @@ and ``alpha_pattern`` override per module with PEFT's matching rule (:func:`patt
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
 from ..errors import FormatError
 from ..formats.base import Format, held
@@ -23,7 +20,8 @@ from ..formats.peft_params import experts_module, parameter_modules
 from ..headers import moe
 from ..headers.adapters import PEFT_PREFIX, config_number, pattern_value, split_key
 from ..headers.checkpoint import Checkpoint
-from ..headers.sources import hub_repo_of
+from ..headers.peft_config import AdapterMeta, peft_config, written_config
+from ..headers.peft_config import model_card as card_for
 from ..io.writer import CheckpointWriter
 from ..model import experts
 from ..model.adapter import LoraAdapter, LoraModule
@@ -135,65 +133,18 @@ def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
 
 def peft_config_for(ad: LoraAdapter, component: str | None = None
                     ) -> tuple[dict[str, object], list[LoraModule]]:
-    r"""The adapter_config for ``ad``'s modules (of one component): minimal, complete, exact.
-
-    rank_pattern/alpha_pattern carry per-module values; keys are escaped full module names, so
-    PEFT's rule ``(.*\.)?(k)$`` matches exactly one module.
-    """
+    """The adapter_config for ``ad``'s modules (of one component): minimal, complete, exact
+    (the rules are ``headers.peft_config``'s)."""
     mods = [m for m in ad.modules.values() if m.component == component]
     if not mods:
         raise FormatError("the adapter has no LoRA modules to write")
-    rslora = all(m.rslora for m in mods)
-    # a mix of rsLoRA and plain modules: restate alphas so that every scale is kept
-    alphas = {m.name: (m.alpha if m.rslora == rslora else
-                       (m.scale * (math.sqrt(m.rank) if rslora else m.rank))) for m in mods}
-    ranks = {m.name: m.rank for m in mods}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    dora = [m.magnitude is not None for m in mods]
-    if any(dora) and not all(dora):
-        raise FormatError("some modules have a DoRA magnitude and others do not; PEFT applies "
-                          "DoRA to all modules of an adapter or none")
-    names = {m.name for m in mods}
-    orig = ad.peft_config or {}
-    params = sorted((m.name for m in mods if m.experts), key=natural_key)
-    target: object = sorted(names - set(params), key=natural_key) or None
-    if ad.source_modules == names:
-        # unchanged since read: keep the original (often shorter, suffix-style) targets
-        target = orig.get("target_modules") or target
-        params = orig.get("target_parameters") or params
-    if any(m.bias is not None for m in mods) and any(m.layout == "embedding" for m in mods):
-        raise FormatError("PEFT cannot load lora_B biases in an adapter that also has embedding "
-                          "LoRA (its lora_bias flag covers every module and refuses embeddings); "
-                          "write the biases as full tensors (extract does this itself), or "
-                          "choose --format kohya/diffusers without the embeddings")
-    # a full tensor of a module that has LoRA is saved as its base layer (base_layer.bias, as
-    # PEFT's bias="lora_only" saves it); other full tensors are modules_to_save
-    full_modules = sorted({n.rsplit(".", 1)[0] for n in ad.full} - names, key=natural_key)
-    base_layer_full = any(n.rsplit(".", 1)[0] in names for n in ad.full)
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": ad.task_type,
-        "base_model_name_or_path": ad.base_model,
-        "revision": ad.base_revision,
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": target,
-        "target_parameters": params or None,
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
-        "use_rslora": rslora,
-        "use_dora": all(dora),
-        "lora_bias": any(m.bias is not None for m in mods),
-        "fan_in_fan_out": any(m.layout == "fan_in_fan_out" for m in mods),
-        "modules_to_save": full_modules or None,
-        "bias": "lora_only" if base_layer_full else "none",
-        "ensure_weight_tying": True if ad.tie_embeddings else None,
-        "lora_dropout": 0.0,
-        "inference_mode": True,
-        "init_lora_weights": True,
-    }
-    return cfg, sorted(mods, key=lambda m: natural_key(m.name))
+    return peft_config(mods, _described(ad), ad.full)
+
+
+def _described(ad: LoraAdapter) -> AdapterMeta:
+    return AdapterMeta(task_type=ad.task_type, base_model=ad.base_model,
+                       base_revision=ad.base_revision, tie_embeddings=ad.tie_embeddings,
+                       peft_config=ad.peft_config, source_modules=ad.source_modules)
 
 
 def state_for(mods: list[LoraModule], full: dict[str, torch.Tensor], prefix: str = PEFT_PREFIX
@@ -225,54 +176,11 @@ def state_for(mods: list[LoraModule], full: dict[str, torch.Tensor], prefix: str
     return out
 
 
-# architecture name suffix → (PEFT task_type, the transformers class that loads the base)
-TASKS = (("ForCausalLM", "CAUSAL_LM", "AutoModelForCausalLM"),
-         ("LMHeadModel", "CAUSAL_LM", "AutoModelForCausalLM"),
-         ("ForConditionalGeneration", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM"),
-         ("ForSequenceClassification", "SEQ_CLS", "AutoModelForSequenceClassification"),
-         ("ForTokenClassification", "TOKEN_CLS", "AutoModelForTokenClassification"),
-         ("ForQuestionAnswering", "QUESTION_ANS", "AutoModelForQuestionAnswering"),
-         ("Model", "FEATURE_EXTRACTION", "AutoModel"))
-
-
-AUTO_CLASS = {task: cls for _, task, cls in TASKS}
-
-
-def task_type_for(architectures: object) -> str | None:
-    """PEFT's task_type for a config's ``architectures`` (``BertModel`` → FEATURE_EXTRACTION)."""
-    for arch in architectures if isinstance(architectures, list) else []:
-        for suffix, task, _ in TASKS:
-            if isinstance(arch, str) and arch.endswith(suffix):
-                return task
-    return None
-
-
 def model_card(ad: LoraAdapter, cfg: dict[str, object], note: str) -> str:
-    """A README.md with the Hub's metadata: base_model (only a Hub id, never a local path),
-    library_name: peft, tags; the loading snippet uses the class that fits the task."""
-
-    hub = hub_repo_of(ad.base_model)
-    meta: dict[str, object] = {}
-    if hub:
-        meta.update(base_model=hub[0], base_model_relation="adapter")
-    meta.update(library_name="peft", tags=["lora", "loratool"])
-    title = f"LoRA adapter for {hub[0]}" if hub else "LoRA adapter"
-    ranks = sorted({m.rank for m in ad.modules.values()})
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {title}", "", note, "",
-             f"- LoRA modules: {len(ad.modules)}; ranks: {', '.join(map(str, ranks))}; "
-             f"lora_alpha: {cfg['lora_alpha']:g}" + ("; rsLoRA" if cfg["use_rslora"] else "")
-             + ("; DoRA" if cfg["use_dora"] else ""),
-             f"- full tensors (modules_to_save): {len(ad.full)}",
-             f"- parameters: {ad.num_params():,}", ""]
-    cls = AUTO_CLASS.get(ad.task_type or "", "AutoModel")
-    base = json.dumps(hub[0] if hub else "PATH_OR_HUB_ID_OF_THE_BASE_MODEL")
-    lines += ["```python", "from peft import PeftModel", f"from transformers import {cls}", "",
-              f"base = {cls}.from_pretrained({base}"
-              + (f", revision={json.dumps(hub[1])})" if hub and hub[1] else ")"),
-              'model = PeftModel.from_pretrained(base, "PATH_OR_HUB_ID_OF_THIS_ADAPTER")',
-              "```", ""]
-    return "\n".join(lines)
+    """A README.md with the Hub's metadata (``headers.peft_config.model_card``)."""
+    return card_for(_described(ad), cfg, note, modules=len(ad.modules),
+                    ranks=sorted({m.rank for m in ad.modules.values()}), full=len(ad.full),
+                    params=ad.num_params())
 
 
 def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path] | None = None,
@@ -284,8 +192,7 @@ def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path]
         raise FormatError(f"the adapter spans components {', '.join(str(c) for c in comps)}; a "
                           "PEFT folder holds one model: write it --to diffusers or --to kohya")
     cfg, mods = peft_config_for(ad, comps[0] if comps else None)
-    cfg = {k: v for k, v in cfg.items() if v is not None or k in ("task_type",
-                                                                   "base_model_name_or_path")}
+    cfg = written_config(cfg)
     with CheckpointWriter(out, inputs=inputs, force=force, filename="adapter_model.safetensors",
                           max_shard_size=1 << 62, options=options) as w:
         for name, t in state_for(mods, ad.full).items():

@@ -195,7 +195,8 @@ def _open_file(path: Path, reader: TensorSource | None
     return reader.list_pickle(path), {}
 
 
-def _is_gguf(path: Path) -> bool:
+def is_gguf(path: Path) -> bool:
+    """A file that starts as GGUF does (the suffix is not trusted)."""
     check_regular(path)
     try:
         with open(path, "rb") as f:
@@ -224,6 +225,7 @@ def open_checkpoint(spec: str | os.PathLike[str], progress: Progress = SILENT,
     """
     target = resolve_input(str(spec), bars=progress.hub_bars)
     if isinstance(target, HubRepo):
+        progress.clear()  # the Hub's own bars take the line
         return _open_hub(target, str(spec), reader)
     path = target
     check_exists(path)
@@ -236,7 +238,7 @@ def open_checkpoint(spec: str | os.PathLike[str], progress: Progress = SILENT,
         folder, rels, index = path.parent, [path.name], None
     if path.is_dir() and len(rels) == 1:
         resolve_inside(folder / rels[0], containment_root(folder), path)
-    if len(rels) == 1 and index is None and _is_gguf(folder / rels[0]):
+    if len(rels) == 1 and index is None and is_gguf(folder / rels[0]):
         return _open_gguf(folder / rels[0], path, str(spec), reader)
     root = containment_root(folder)
 

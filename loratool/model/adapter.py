@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Collection, Mapping, Protocol
 
 import torch
 
@@ -57,6 +56,18 @@ class LoraModule:
     def experts(self) -> int:
         """The number of experts of a fused mixture-of-experts parameter, else 0."""
         return int(self.A.shape[0]) if self.layout in ("experts", "experts_t") else 0
+
+    @property
+    def is_experts(self) -> bool:
+        return bool(self.experts)
+
+    @property
+    def has_dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
 
     @property
     def scale(self) -> float:
@@ -221,34 +232,7 @@ def check_module(m: LoraModule) -> None:
             raise FormatError(f"{where}: {label} has {t.numel()} values for {out} outputs")
 
 
-HEAD_ARCHS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")
-
-
-def ties_embeddings(config: dict[str, object] | None, tensor_names: Iterable[str]) -> bool:
-    """Whether a model's output head shares the input embeddings' weight: a language model
-    whose checkpoint holds no head tensor (transformers saves a tied head once), unless its
-    config says otherwise."""
-    cfg = config or {}
-    archs = cfg.get("architectures") or []
-    if not any(isinstance(a, str) and a.endswith(HEAD_ARCHS) for a in archs):
-        return False
-    if any(n.endswith(("lm_head.weight", "embed_out.weight")) for n in tensor_names):
-        return False
-    return bool(cfg.get("tie_word_embeddings", True))
-
-
-# lookup tables (token, position, relative-position): a LoRA on them is PEFT's embedding
-# LoRA, never a linear one; extract stores them in full by default
-EMBEDDING = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared|relative_attention_bias)\.weight$")
-HEAD_TENSOR = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
 HEAD = "lm_head"  # the name transformers gives a tied output head (GPT-2, Llama, BLOOM …)
-_INPUT_EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
-                    "embed_in.weight", "shared.weight")
-
-
-def input_embedding(tensor_names: Iterable[str]) -> str | None:
-    """The name of a model's token-embedding tensor, or None."""
-    return next((n for n in tensor_names if n.endswith(_INPUT_EMBEDDING)), None)
 
 
 def add_head_mirror(ad: LoraAdapter, embedding: str) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import LoraToolError
 from ..numerics import ops
-from ..options import RankPolicy
+from ..options import Fixed, RankPolicy, budget_hints, check_fixed
 
 BUDGET_SPECTRUM = 256  # singular values computed per module for a budget without --max-rank
 
@@ -213,16 +213,6 @@ class BudgetItem:
     group: str | None = None
 
 
-@dataclass
-class Fixed:
-    """Something written whatever the ranks (full tensors, biases), with the option that would
-    leave it out (None when nothing would)."""
-
-    label: str
-    cost: int
-    hint: str | None = None
-
-
 def spectrum_cap(policy: RankPolicy, full: int) -> int:
     """How many singular values a module needs for a budget: up to --max-rank, else 256."""
     return policy.cap(full) if policy.max_rank else min(full, BUDGET_SPECTRUM)
@@ -251,7 +241,7 @@ def allocate(policy: RankPolicy, items: list[BudgetItem], fixed: list[Fixed]
                             f"LoRA factors after what is stored in full, less than one rank of "
                             f"the cheapest module needs ({cheapest:,}); raise --budget to at "
                             f"least {budget.amount - left + cheapest:,} {budget.unit}"
-                            + _hints(fixed))
+                            + budget_hints(fixed))
     return {n: r for i, r in zip(items, ranks) for n in members.get(i.name, [i.name])}
 
 
@@ -280,31 +270,3 @@ def _grouped(items: list[BudgetItem], members: dict[str, list[str]]) -> list[Bud
         out[k] = BudgetItem(item.name, sq.sqrt(), sum(i.per_rank for i in g),
                             min(i.cap for i in g), max(i.min_rank for i in g))
     return out
-
-
-def check_fixed(policy: RankPolicy, fixed: list[Fixed]) -> None:
-    """Refuse as soon as what is written whatever the ranks exceeds the budget."""
-    budget = policy.budget
-    if budget is None:
-        return
-    total = sum(f.cost for f in fixed)
-    if total > budget.amount:
-        parts = {}
-        for f in fixed:
-            parts[f.label] = parts.get(f.label, 0) + f.cost
-        raise LoraToolError(f"--budget {budget.describe()} is less than the {total:,} "
-                            f"{budget.unit} written whatever the ranks ("
-                            + ", ".join(f"{k}: {v:,}" for k, v in parts.items()) + ")"
-                            + _hints(fixed))
-
-
-def _hints(fixed: list[Fixed]) -> str:
-    """The options that would leave the largest fixed parts out, with their size."""
-    saved: dict[str, int] = {}
-    for f in fixed:
-        if f.hint:
-            saved[f.hint] = saved.get(f.hint, 0) + f.cost
-    if not saved:
-        return ""
-    return "; " + ", ".join(f"{h} saves {n:,}" for h, n in
-                            sorted(saved.items(), key=lambda kv: -kv[1]))

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import JsonValue, Report, optional
+from .base import Report, optional
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..engine import deltas
 from ..engine.plan import changes_nothing
 from ..errors import LoraToolError, UsageError
 from ..formats import read_any, require_lora, require_resolved
-from ..headers import moe
+from ..headers import changes, moe
 from ..io.tensors import open_checkpoint
 from ..model.adapter import LoraModule, match_base
 from ..model.experts import explode
@@ -147,7 +147,7 @@ def _finetune(base_spec: str, tuned_spec: str, targets: list[str], excludes: lis
 
     base = open_checkpoint(base_spec, progress)
     tuned = open_checkpoint(tuned_spec, progress)
-    names = deltas.pairs(base, tuned, targets, excludes)
+    names = changes.pairs(base, tuned, targets, excludes)
     model_type = (tuned.config or base.config or {}).get("model_type")
     modules: list[FinetuneModule] = []
     other: list[str] = []
@@ -155,7 +155,7 @@ def _finetune(base_spec: str, tuned_spec: str, targets: list[str], excludes: lis
         for name, W, dW, _ in deltas.diffs(base, tuned, names, settings.device, bar):
             if W is None or not bool(dW.any()):
                 continue  # unchanged, or resized (nothing to compare it with)
-            layout = deltas.kind(name, tuple(dW.shape), model_type, embed_lora=True)
+            layout = changes.kind(name, tuple(dW.shape), model_type, embed_lora=True)
             if layout == "full":  # norms and biases: not matrices
                 other.append(name)
                 continue
@@ -192,7 +192,7 @@ def _finetune_module(name: str, layout: str, W: torch.Tensor, dW: torch.Tensor,
         name=name[: -len(".weight")], tensor=name, layout=layout, shape=list(dW.shape),
         rel_delta=math.sqrt(total_sq / w_sq) if w_sq else None,
         # extract stores embeddings and heads in full unless --embed-lora
-        needs_embed_lora=deltas.kind(name, tuple(dW.shape), model_type,
+        needs_embed_lora=changes.kind(name, tuple(dW.shape), model_type,
                                      embed_lora=False) == "full",
         singular_values=sm.singular_values, computed=sm.computed,
         captured_energy=sm.captured_energy, effective_rank=sm.effective_rank,

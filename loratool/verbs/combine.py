@@ -1,9 +1,10 @@
 """``loratool combine`` and ``resize``: adapter arithmetic done right, without dense matrices
 where the math allows (the per-module math is in ``combine_methods``).
 
-- ``cat``: Σ wᵢ·ΔWᵢ exactly, as one adapter of rank Σ rᵢ: B = [B₁ … Bₙ] side by side and A the
-  wᵢ·sᵢ-scaled Aᵢ stacked (scale 1). Summing A's and B's separately, as PEFT's ``linear`` and
-  kohya's merge do, adds cross terms Bᵢ·Aⱼ.
+- ``cat``: Σ wᵢ·ΔWᵢ exactly, as one adapter of rank Σ rᵢ: B = [B₁ … Bₙ] side by side and the
+  Aᵢ stacked, as they are with the one scale wᵢ·sᵢ they share (PEFT folders: copied byte for
+  byte by ``combine_cat``, without torch), else scaled by wᵢ·sᵢ (scale 1). Summing A's and B's
+  separately, as PEFT's ``linear`` and kohya's merge do, adds cross terms Bᵢ·Aⱼ.
 - ``svd`` (and ``resize``): that exact sum recompressed to a rank policy without forming it:
   QR of the stacked B's and of the stacked A's, SVD of the small core R_B·R_Aᵀ — the best
   rank-k approximation of the dense sum (Eckart–Young), in O((out + in)·R²).
@@ -40,10 +41,10 @@ from ..io.staging import check_output
 from ..io.tensors import torch_dtype
 from ..model import experts
 from ..model.adapter import LoraAdapter
-from ..numerics.lowrank import Fixed, check_fixed
-from ..options import DTYPES, Options, RankPolicy, check_dtype, check_weights
+from ..options import DTYPES, Fixed, Options, RankPolicy, check_dtype, check_fixed, check_weights
 from ..progress import SILENT, Progress
 from ..reports.combine import CombineReport, CombineTotals
+from .combine_cat import cat_bytes
 from .combine_methods import (
     CombineJob,
     add_biases,
@@ -90,6 +91,11 @@ def _run(adapters: list[PathLike], out: PathLike, method: str, weights: list[flo
     _check_options(method, density, policy)
     weights = check_weights(weights, len(specs))
     check_dtype(dtype)
+    if method == "cat" and not resize:  # concatenation, where it is only that: the bytes
+        done = cat_bytes(specs, out, weights, fmt=fmt, dtype=dtype, base=base, seed=seed,
+                         force=force, options=options, progress=progress)
+        if done is not None:
+            return done
     read = _read(specs, base, "resize" if resize else "combine")
     full = _full_tensors(read, weights, specs)  # refused before any math, not after it
     read, layouts = _explode(read)

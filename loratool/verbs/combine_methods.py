@@ -25,7 +25,6 @@ from ..numerics import ops
 from ..numerics.lowrank import (
     BudgetItem,
     Factored,
-    Fixed,
     allocate,
     factorize,
     module_seed,
@@ -35,8 +34,9 @@ from ..numerics.lowrank import (
     spectrum_cap,
     unreachable_message,
 )
-from ..options import RankPolicy
+from ..options import Fixed, RankPolicy
 from ..reports.combine import CombineModule
+from .combine_cat import kept_scale
 
 Part = tuple[LoraModule, float]  # a module of one input, and that input's weight
 
@@ -152,15 +152,17 @@ def sum_of(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _to_module(like: LoraModule, B: torch.Tensor, A: torch.Tensor,
-               dtype: torch.dtype) -> LoraModule:
-    """A LoraModule of scale 1 in ``like``'s layout from [out, k] / [k, in] factors."""
+               dtype: torch.dtype, alpha: float | None = None) -> LoraModule:
+    """A LoraModule in ``like``'s layout from [out, k] / [k, in] factors, of scale
+    ``alpha``/k (default 1)."""
 
     k = B.shape[1]
     if like.layout == "conv":
         A = A.reshape(k, *like.A.shape[1:])
         B = B.reshape(B.shape[0], k, *[1] * (like.B.dim() - 2))
-    return LoraModule(like.name, A.to(dtype).contiguous(), B.to(dtype).contiguous(), float(k),
-                      False, like.layout, None, None, like.component)
+    return LoraModule(like.name, A.to(dtype).contiguous(), B.to(dtype).contiguous(),
+                      float(k) if alpha is None else alpha, False, like.layout, None, None,
+                      like.component)
 
 
 def needs_rank(parts: list[Part]) -> int:
@@ -199,21 +201,31 @@ def combine_module(job: CombineJob, key: str) -> CombineModule:
 
 
 def _cat(job: CombineJob, parts: list[Part], entry: CombineModule) -> None:
-    """cat: the exact sum's stacked factors, rounded once to the stored dtype; a sum that is
-    zero (B@A is zero) gets rank 0 and is left out."""
+    """cat: the exact sum's stacked factors; a sum that is zero (B@A is zero) gets rank 0 and
+    is left out. When every part has the same wᵢ·sᵢ (the usual case: one alpha/r, weights 1)
+    the factors are written as they are, with that scale: nothing is rounded. Otherwise the
+    scaled A's are rounded once, from the exact values, and the module's scale is 1."""
     like = parts[0][0]
     B, A = stacked(parts)
     total = ops.product_norm(B, A)
     if not total and not needs_rank(parts):
         return  # rank 0, error 0
-    Bs, As = B.to(job.store), A.to(job.store)  # rounded once, from the exact values
-    job.result.add(_to_module(like, Bs, As, job.store))
-    # the written factors against the exact sum: 0 when rounding changed no value (the
-    # usual case: scales and weights of powers of two), else measured
+    c = kept_scale([(m.scale, m.rank, w) for m, w in parts])
+    if c is not None:  # B and A as stored, the scale on the module
+        Bs = torch.cat([m.factors_2d(job.store)[0] for m, _ in parts], 1)
+        As = torch.cat([m.factors_2d(job.store)[1] for m, _ in parts], 0)
+        job.result.add(_to_module(like, Bs, As, job.store, alpha=c * B.shape[1]))
+        applied = As.double() * c  # the A the written module applies, its scale folded in
+    else:
+        Bs, As = B.to(job.store), A.to(job.store)  # rounded once, from the exact values
+        job.result.add(_to_module(like, Bs, As, job.store))
+        applied = As.double()
+    # the written factors against the exact sum (whose A's are scaled the same way, in
+    # float64): 0 when nothing was rounded, else measured
     if not torch.equal(Bs.double(), B):
-        err = ops.factored_residual(B, A, Bs, As)
+        err = ops.factored_residual(B, A, Bs, applied)
     else:  # B written as it is: the error is B·(A − Ã), or nothing when Ã = A
-        D = A - As.double()
+        D = A - applied
         err = ops.product_norm(B, D) if D.any() else 0.0
     entry.rank, entry.rel_error = B.shape[1], err / total if total else 0.0
 

@@ -44,14 +44,13 @@ from ..model.adapter import (
 from ..model.lyco import LycoModule
 from ..numerics.lowrank import (
     BudgetItem,
-    Fixed,
     allocate,
     factorize,
     module_seed,
     spectrum,
     spectrum_cap,
 )
-from ..options import DTYPES, Options, RankPolicy
+from ..options import DTYPES, Fixed, Options, RankPolicy
 from ..progress import SILENT, Progress
 from ..reports.convert import ConvertReport, GgufInfo, LycorisModule, LycorisPart
 

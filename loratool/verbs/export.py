@@ -30,16 +30,15 @@ from ..engine.plan import Edit, plan_edits
 from ..errors import FormatError, LoraToolError
 from ..formats import read_any
 from ..headers.checkpoint import Checkpoint
+from ..io.shards import copy_config_files
 from ..io.staging import Stage, check_output
 from ..io.tensors import open_checkpoint
-from ..io.writer import copy_config_files
 from ..model.adapter import LoraAdapter
 from ..numerics.device import resolve_device
 from ..options import Options, check_weights
 from ..progress import SILENT, Bar, Progress
 from ..reports.export import (
     AdapterInputsExportReport,
-    ExportReport,
     LoraInputs,
     MergedExportReport,
     Streamed,
@@ -235,11 +234,13 @@ def _swappable(job: Job, bar: Bar) -> AdapterInputsExportReport:
     """The base graph with LoRA inputs (streamed: any size) and one onnxruntime adapter file
     per adapter, checked by switching adapters in one session (export_adapters)."""
 
+    bar.describe("export: reading the adapters")
     adapters = [read_any(s, job.base_spec) for s in job.specs]
     plan = lora_plan(adapters, job.specs, job.base)
     names = input_names(meta_model(job.config, job.task, job.dtype).model, job.config)
     graph = job.graph(names)
     bar.update(1)
+    bar.describe("export: writing the graph with LoRA inputs and the adapter files")
     with Stage(job.out, job.inputs, job.force, options=job.options) as stage:
         tmp = stage.tmp
         assert tmp is not None
@@ -250,6 +251,7 @@ def _swappable(job: Job, bar: Bar) -> AdapterInputsExportReport:
                                  info.lora_inputs)
         graph_opset = _check_opset(tmp / "model.onnx", job.opset)
         bar.update(1)
+        bar.describe("export: switching adapters in onnxruntime")
         result = Verification(checked=False)
         if job.verify:
             feeds = export_verify.batches(names, vocab(job.config), SEED + 1)
@@ -301,9 +303,13 @@ def _merged(job: Job, with_past: bool, stream: bool, bar: Bar) -> MergedExportRe
     """load → merge in memory → trace → verify → (KV-cache graphs) → publish; with ``stream``
     trace the meta model and write the merged weights tensor by tensor (export_stream)."""
 
+    bar.describe("export: reading the adapters" if stream else
+                 "export: loading the model and merging the adapters")
     adapters = [read_any(s, job.base_spec) for s in job.specs]
     prep = _prepare(job, adapters, stream)
     bar.update(1)
+    bar.describe("export: writing the graph, tensor by tensor" if stream else
+                 "export: tracing the ONNX graph")
     v = vocab(job.config)
     graph = job.graph(prep.names)
     with Stage(job.out, job.inputs, job.force, options=job.options) as stage:
@@ -317,12 +323,15 @@ def _merged(job: Job, with_past: bool, stream: bool, bar: Bar) -> MergedExportRe
             _trace(prep.module, graph, tmp / "model.onnx")
         graph_opset = _check_opset(tmp / "model.onnx", job.opset)
         bar.update(1)
+        if job.verify:
+            bar.describe("export: checking the graph in onnxruntime")
         result = _verify_merged(job, adapters, prep, graph, streamed, tmp) if job.verify \
             else Verification(checked=False)
         bar.update(1)
         cached: WithPast | None = None
         if with_past:
             assert prep.model is not None  # with_past is refused with stream
+            bar.describe("export: the prefill and decode graphs (KV cache)")
             cached = export_cache.with_past(prep.model, job.config, tmp, v.size, job.opset,
                                             SEED + 2, job.verify, job.atol)
             bar.update(1)

@@ -26,6 +26,7 @@ from ..errors import FormatError
 from ..formats import require_lora
 from ..headers.checkpoint import Checkpoint
 from ..model.adapter import LoraAdapter, LoraModule, match_base
+from . import prechecks
 
 SUFFIX = ".onnx_adapter"
 
@@ -57,9 +58,7 @@ def lora_plan(adapters: list[LoraAdapter], specs: list[str], base: Checkpoint) -
     for ad, spec in zip(adapters, specs):
         require_lora(ad, spec, "an onnxruntime adapter holds LoRA factors only")
         if ad.full:
-            raise FormatError(f"{spec}: full tensors ({next(iter(ad.full))} …) replace base "
-                              "weights; an onnxruntime adapter can only add LoRA factors: "
-                              "export it merged instead (without --adapters-as-inputs)")
+            raise prechecks.export_inputs_full(spec, next(iter(ad.full)))
         if len(ad.components) > 1 or ad.components[0] is not None:
             for m in ad.modules.values():
                 m.component = None

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import FormatError, LoraToolError
+from ..headers.changes import input_embedding
 from ..headers.checkpoint import Checkpoint
-from ..model.adapter import input_embedding
 from .export_model import meta_model
 from .export_stream import source
 

@@ -30,10 +30,10 @@ import torch
 from ..engine import kernel
 from ..engine.plan import Edit
 from ..errors import FormatError, LoraToolError
+from ..headers.changes import HEAD_TENSOR, input_embedding
 from ..headers.checkpoint import Checkpoint
 from ..io.directio import SequentialWriter
 from ..io.tensors import tensor_bytes
-from ..model.adapter import HEAD_TENSOR, input_embedding
 from ..options import Options
 from ..reports.export import Streamed
 from .export_cache import quiet_exporter

@@ -22,40 +22,31 @@ from pathlib import Path
 
 import torch
 
-from ..engine import deltas
-from ..engine.deltas import diffs, matrix, pairs
+from ..engine.deltas import diffs, matrix
 from ..errors import FormatError, LoraToolError
 from ..formats import lossy, output_format, write_adapter
-from ..formats.peft import task_type_for
-from ..headers import moe
+from ..headers import changes, moe
+from ..headers.changes import EMBEDDING, input_embedding, pairs, ties_embeddings
+from ..headers.changes import HEAD_TENSOR as HEAD
 from ..headers.checkpoint import Checkpoint
+from ..headers.peft_config import task_type_for
 from ..headers.safetensors import TensorInfo
 from ..io.staging import REPORT_OUTPUT, Stage, check_output, output_os_error
 from ..io.tensors import open_checkpoint, torch_dtype
 from ..model import experts
-from ..model.adapter import (
-    EMBEDDING,
-    LoraAdapter,
-    LoraModule,
-    add_head_mirror,
-    input_embedding,
-    ties_embeddings,
-)
-from ..model.adapter import HEAD_TENSOR as HEAD
+from ..model.adapter import LoraAdapter, LoraModule, add_head_mirror
 from ..numerics import ops
 from ..numerics.device import resolve_device
 from ..numerics.lowrank import (
     BudgetItem,
     Factored,
-    Fixed,
     allocate,
-    check_fixed,
     factorize,
     module_seed,
     spectrum,
     spectrum_cap,
 )
-from ..options import DTYPES, Options, RankPolicy, check_dtype
+from ..options import DTYPES, Fixed, Options, RankPolicy, check_dtype, check_fixed
 from ..progress import SILENT, Progress
 from ..reports.extract import ExtractedModule, ExtractReport, ExtractTotals
 from ..units import human_bytes
@@ -217,7 +208,7 @@ def _take(job: _Job, name: str, w_base: torch.Tensor | None, delta: torch.Tensor
     if not delta_sq:
         job.skipped += 1
         return
-    kind = deltas.kind(name, ti.shape, job.model_type, job.embed_lora)
+    kind = changes.kind(name, ti.shape, job.model_type, job.embed_lora)
     if kind == "full":
         _take_full(job, name, delta, raw_tuned, ti)
         return

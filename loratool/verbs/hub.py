@@ -80,6 +80,7 @@ def pull(repo_id: str, out: str | os.PathLike[str] | None = None, *,
     if out is not None:
         check_output(out, [], force)
     where = f"{repo_id}@{revision}" if revision else repo_id
+    progress.clear()  # the Hub's own bars take the line
     if out is None:
         root = _download(repo_id, revision, repo_type, include, exclude, None, where,
                          progress.hub_bars)
@@ -237,6 +238,7 @@ def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False,
     card = model_card(folder)
     api = hf.HfApi()
     where = f"{repo_id}@{revision}" if revision else repo_id
+    progress.clear()  # the Hub's own bars take the line
     with hub_errors(where, revision, progress.hub_bars):
         if not api.token and not os.environ.get("HF_TOKEN"):
             if not hf.get_token():

@@ -25,7 +25,7 @@ from ..numerics.device import resolve_device, streaming_threads
 from ..options import Options, check_dtype, check_weights
 from ..progress import SILENT, Progress
 from ..reports.merge import GgufMergeReport, MergeReport, PipelineMergeReport
-from . import merge_checkpoint, merge_gguf, merge_pipeline
+from . import merge_checkpoint, merge_gguf, merge_pipeline, prechecks
 from .merge_settings import MergeSettings, Part, existing
 
 PathLike = str | os.PathLike[str]
@@ -106,5 +106,5 @@ def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *
         if ckpt.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
             return merge_gguf.merge_into_gguf(ckpt, parts, out, inputs, s, t0)
         if quant is not None:
-            raise LoraToolError("--quant applies to GGUF models; for safetensors use --dtype")
+            raise prechecks.quant_not_gguf(pipeline=False)
         return merge_checkpoint.merge_into(ckpt, base_spec, parts, out, inputs, s, t0)

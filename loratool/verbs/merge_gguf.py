@@ -38,6 +38,7 @@ from ..model.adapter import LoraAdapter
 from ..numerics.ops import sum_squares
 from ..numerics.quant import dequantize, quantize
 from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify
+from . import prechecks
 from .merge_settings import MergeSettings, Part, named
 
 COPY_CHUNK = 8 << 20  # unchanged tensors are copied this many bytes at a time
@@ -105,9 +106,7 @@ def _llama_cpp_named(ad: LoraAdapter, arch: Arch, base: Checkpoint, spec: str
                           "model ties (it has no output.weight): merge into the transformers "
                           "model instead")
     if ad.full:
-        raise FormatError(f"{spec}: holds full tensors (modules_to_save: "
-                          f"{', '.join(sorted(ad.full)[:3])}); a GGUF merge takes LoRA modules "
-                          "only")
+        raise prechecks.gguf_merge_full(spec, list(ad.full))
     return to_gguf(ad, arch)
 
 

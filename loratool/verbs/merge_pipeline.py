@@ -15,14 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import FormatError
 from ..formats import read_any, require_resolved
 from ..headers.paths import containment_root, copy_tree, entries
 from ..io.staging import Stage
 from ..io.tensors import open_checkpoint
 from ..model.adapter import component_folder, only_component
 from ..reports.merge import AdapterWeight, MergeReport, PipelineMergeReport
-from . import merge_checkpoint
+from . import merge_checkpoint, prechecks
 from .merge_settings import MergeSettings, Part, existing
 
 
@@ -32,7 +31,7 @@ def merge_pipeline(base_spec: str, adapter_specs: list[str], out: Path, weights:
 
     t0 = time.perf_counter() if t0 is None else t0
     if s.quant is not None:
-        raise FormatError("--quant applies to GGUF models; for a pipeline use --dtype")
+        raise prechecks.quant_not_gguf(pipeline=True)
     root = Path(base_spec)
     within = containment_root(root)
     listing = entries(root, within)  # every entry inside the pipeline; special files refused
@@ -42,8 +41,7 @@ def merge_pipeline(base_spec: str, adapter_specs: list[str], out: Path, weights:
         ad = read_any(spec, base_spec)  # kohya names resolve against each component
         require_resolved(ad, spec)
         if ad.full:
-            raise FormatError(f"{spec}: holds full tensors (modules_to_save), which name no "
-                              "pipeline component; merge it into the component's folder")
+            raise prechecks.pipeline_merge_full(spec)
         for comp in ad.components:
             parts.setdefault(component_folder(comp, folders, spec), []).append(
                 Part(only_component(ad, comp), w, spec))

@@ -16,9 +16,12 @@ import os
 from pathlib import Path
 
 from ..errors import FormatError, LoraToolError, UsageError
+from ..headers import changes, moe
 from ..headers.adapters import describe, detect
 from ..headers.checkpoint import is_gguf, open_checkpoint
+from ..headers.safetensors import TensorInfo, dtype_bytes, read_exactly
 from ..io.staging import MODEL_OUTPUT, REPORT_OUTPUT, OutputKind, check_output
+from ..options import DTYPES, Budget, Fixed, RankPolicy, check_fixed
 
 
 def local(*specs: str | os.PathLike[str] | None) -> list[Path]:
@@ -51,6 +54,8 @@ def full_tensors(spec: str | os.PathLike[str]) -> list[str]:
         facts, _ = describe(ckpt, fmt)
     except LoraToolError:
         return []
+    if any(mark in n for n in facts.full_tensors for mark in ("lora_", "hada_", "lokr_")):
+        return []  # not a full tensor but a key the reader does not know: it says so
     return sorted(facts.full_tensors)
 
 
@@ -72,8 +77,8 @@ def export_inputs_full(spec: str, name: str) -> FormatError:
                        "--adapters-as-inputs)")
 
 
-def quant_not_gguf(pipeline: bool) -> LoraToolError:
-    return LoraToolError("--quant applies to GGUF models; for "
+def quant_not_gguf(pipeline: bool) -> FormatError:
+    return FormatError("--quant applies to GGUF models; for "
                          f"{'a pipeline' if pipeline else 'safetensors'} use --dtype")
 
 
@@ -97,12 +102,102 @@ def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str 
                 raise gguf_merge_full(spec, full) if gguf else pipeline_merge_full(spec)
 
 
-def extract(base: str, tuned: str, out: Path, report_path: Path | None, *, force: bool
-            ) -> None:
-    """extract: the adapter's output and the --report file free."""
+def extract(base: str, tuned: str, out: Path, report_path: Path | None, *, force: bool,
+            policy: RankPolicy | None = None, targets: list[str] | None = None,
+            excludes: list[str] | None = None, embed_lora: bool = False,
+            skip_full: bool = False, dtype: str = "keep") -> None:
+    """extract: the adapter's output and the --report file free, and a --budget that what is
+    written whatever the ranks (changed biases, norms, embeddings in full) already exceeds."""
     output(out, [base, tuned], force)
     if report_path is not None:
         output(report_path, [base, tuned, out], force, REPORT_OUTPUT)
+    if policy is not None and policy.budget is not None:
+        fixed = fixed_cost(base, tuned, policy.budget, targets or [], excludes or [],
+                           embed_lora, skip_full, dtype)
+        if fixed is not None:
+            check_fixed(policy, fixed)
+
+
+def fixed_cost(base: str, tuned: str, budget: Budget, targets: list[str], excludes: list[str],
+               embed_lora: bool, skip_full: bool, dtype: str) -> list[Fixed] | None:
+    """What extract writes whatever the ranks, found as extract finds it (the same tensors,
+    in the same order, with the same labels) but from the bytes of the tensors it stores in
+    full, without torch; None where the headers cannot tell (a Hub id, GGUF, a pickle, base
+    and tuned of different dtypes)."""
+    if not (Path(base).exists() and Path(tuned).exists()):
+        return None
+    try:
+        b, t = open_checkpoint(base), open_checkpoint(tuned)
+    except LoraToolError:
+        return None  # the verb says what is wrong, in full
+    if b.gguf is not None or t.gguf is not None:
+        return None
+    names = changes.pairs(b, t, targets, excludes)
+    cfg = t.config or b.config or {}
+    model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None
+    embedding = (changes.input_embedding(b.tensors)
+                 if changes.ties_embeddings(cfg, b.tensors) else None)
+    blocks = ({n for items in moe.group(names).values() for _, n, _ in items}
+              if model_type in moe.FUSING_TYPES else set())
+    fixed: list[Fixed] = []
+
+    def fix(label: str, info: TensorInfo, hint: str | None) -> None:
+        size = dtype_bytes(DTYPES[dtype] or info.dtype)
+        fixed.append(Fixed(label, budget.cost(info.params, size), hint))
+
+    for name in names:
+        bi, ti = b.tensors[name], t.tensors[name]
+        if bi.offset < 0 or ti.offset < 0 or bi.dtype != ti.dtype:
+            return None  # not two safetensors tensors whose bytes compare
+        if bi.shape != ti.shape:
+            fix("resized tensors in full", ti, None)
+            continue
+        if name in blocks or changes.kind(name, ti.shape, model_type, embed_lora) != "full":
+            continue
+        differ = _differ(bi, ti)
+        if differ is None:
+            return None
+        if not differ:
+            continue
+        if name.endswith(".bias"):
+            fix("bias changes", ti, None)
+        elif not skip_full:
+            lookup = changes.EMBEDDING.search(name) or changes.HEAD_TENSOR.search(name)
+            label = "embeddings and heads in full" if lookup else "norms and other tensors in full"
+            hint = ("--embed-lora" if not embed_lora else None) if lookup else "--skip-full"
+            for _ in range(2 if name == embedding else 1):  # a tied head carries a copy
+                fix(label, ti, hint)
+    return fixed
+
+
+_ZERO = {2: (0x0000, 0x8000), 4: (0x00000000, 0x80000000)}  # +0 and −0 as bits
+_CHUNK = 1 << 20
+
+
+def _differ(a: TensorInfo, b: TensorInfo) -> bool | None:
+    """Whether two tensors of one float dtype hold different values: bytes that differ, unless
+    only in the sign of zeros (equal values, which extract does not store); None when they
+    cannot be read (the verb says why)."""
+    size = dtype_bytes(a.dtype)
+    zero = _ZERO.get(size)
+    try:
+        with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
+            for start in range(0, a.nbytes, _CHUNK):
+                n = min(_CHUNK, a.nbytes - start)
+                x, y = bytearray(n), bytearray(n)
+                read_exactly(fa, memoryview(x), a.offset + start, a)
+                read_exactly(fb, memoryview(y), b.offset + start, b)
+                if x == y:
+                    continue
+                if zero is None:
+                    return True
+                code = "H" if size == 2 else "I"
+                for u, v in zip(memoryview(x).cast(code), memoryview(y).cast(code)):
+                    if u != v and not (u in zero and v in zero):
+                        return True
+    except (OSError, LoraToolError):
+        return None
+    return False
 
 
 def adapters_out(adapters: list[str], out: Path, *, force: bool) -> None:
