@@ -33,12 +33,16 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
-    """The exporter and transformers print progress and warnings; only cli.py prints."""
+    """The exporter and transformers print progress and warnings; only cli.py prints. The
+    fake-tensor dispatcher also logs, with a traceback, every exception that passes through
+    it (a Ctrl-C while tracing among them) before raising it: the exception itself reaches
+    the error boundary, which says it in one line."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export",
-                                              "transformers", "onnxscript")]
+                                              "transformers", "onnxscript",
+                                              "torch._subclasses")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL if lg.name == "torch._subclasses" else logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
