@@ -19,7 +19,9 @@ The peers run from a separate virtual environment (``--peers-python``) so that t
 dependencies do not touch loratool's:
     python3 -m venv bench-work/peers && bench-work/peers/bin/pip install torch==2.13.0 \\
         mergekit==0.1.5 peft
-Usage: python benchmarks/bench_merge.py [--layers 8 20] [--repeat 3] [--busy]
+``--also TREE``: the merge of another checkout of loratool (e.g. a worktree of an older
+commit) in the same alternation, to compare two versions on one machine in one run.
+Usage: python benchmarks/bench_merge.py [--layers 8 20] [--repeat 3] [--busy] [--also TREE]
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ base, adapter, out = sys.argv[1:4]
 m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
 m.save_pretrained(out)
+"""
+
+
+# runs ``loratool`` from the checkout in argv[1], not the installed one
+RUN_TREE = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in repr(f)]
+sys.path.insert(0, sys.argv.pop(1))
+sys.argv[0] = "loratool"
+runpy.run_module("loratool", run_name="__main__")
 """
 
 
@@ -124,6 +136,9 @@ def cases(args: argparse.Namespace, n: int, peers: Path) -> dict[str, list[str]]
     }
     if not peers.exists():
         c = {k: v for k, v in c.items() if not k.startswith(("PEFT", "mergekit"))}
+    for tree in args.also:  # another checkout of loratool, side by side with this one
+        c[f"loratool merge ({Path(tree).name})"] = [sys.executable, "-c", RUN_TREE, tree,
+                                                    *merge[3:]]
     return c
 
 
@@ -169,6 +184,8 @@ def main() -> None:
                     help="the default merge idle and beside a busy process, nothing else")
     ap.add_argument("--peers-python", default=str(ROOT / "bench-work" / "peers" / "bin" /
                                                  "python"))
+    ap.add_argument("--also", nargs="*", default=[], metavar="TREE",
+                    help="other checkouts of loratool whose merge runs beside this one's")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.build_only:
