@@ -7,8 +7,8 @@ that a mode cannot take, flags that conflict) give the time to the one-line erro
 come before torch is loaded: ``python -c "import torch"`` is timed beside them.
 
 Also ``combine --method cat`` against what it must do: ``inspect`` both adapters and write the
-output (``cp -r`` of both, as the floor of writing), on the demo's small adapters and on two
-rank-64 adapters of a 1B Llama shape.
+output (``cp -r`` of both, then ``sync`` as cat flushes its output by default), on the demo's
+small adapters and on two rank-64 adapters of a 1B Llama shape.
 
 Usage: python benchmarks/bench_first_line.py [--repeat 5] [--loratool PATH]
 """
@@ -86,8 +86,8 @@ def full_tensor_adapter(adapter: Path, out: Path) -> Path:
 
 def big_adapter(out: Path, seed: int, layers: int = 16, hidden: int = 2048,
                 inter: int = 5632, rank: int = 64) -> Path:
-    """A Llama-shaped PEFT adapter (rank 64 on all seven projections, bf16): 18M parameters,
-    the size of a real one for a 1B model."""
+    """A Llama-shaped PEFT adapter (rank 64 on all seven projections of 16 layers, bf16):
+    40M parameters, 81 MB, the size of a real one for a 1B model."""
     import json
 
     import torch
@@ -112,26 +112,31 @@ def big_adapter(out: Path, seed: int, layers: int = 16, hidden: int = 2048,
     return out
 
 
-def cat_ratio(lt: str, a: Path, b: Path, work: Path, repeat: int) -> tuple[float, float]:
-    """Median seconds of ``combine --method cat`` of a and b, and of its floor: ``inspect``
-    of both and ``cp -r`` of both (the bytes written)."""
-    cat, floor = [], []
+def cat_times(lt: str, a: Path, b: Path, work: Path, repeat: int) -> dict[str, float]:
+    """Median seconds of ``combine --method cat`` of a and b (durable, and --no-fsync) and of
+    its floor: ``inspect`` of both, then ``cp -r`` of both (then ``sync``, for the durable
+    one)."""
+    runs: dict[str, list[float]] = {"cat": [], "floor": [], "cat --no-fsync": [],
+                                    "floor, no flush": []}
     for _ in range(repeat):
-        os.sync()
-        t0 = time.perf_counter()
-        subprocess.run([lt, "-q", "combine", str(a), str(b), "--method", "cat", "-o",
-                        str(work / "cat")], check=True, stdout=subprocess.DEVNULL)
-        cat.append(time.perf_counter() - t0)
-        shutil.rmtree(work / "cat")
-        os.sync()
-        t0 = time.perf_counter()
-        for x in (a, b):
-            subprocess.run([lt, "-q", "inspect", str(x)], check=True, stdout=subprocess.DEVNULL)
-        (work / "cp").mkdir()
-        subprocess.run(["cp", "-r", str(a), str(b), str(work / "cp")], check=True)
-        floor.append(time.perf_counter() - t0)
-        shutil.rmtree(work / "cp")
-    return statistics.median(cat), statistics.median(floor)
+        for name in runs:
+            os.sync()
+            t0 = time.perf_counter()
+            if name.startswith("cat"):
+                subprocess.run([lt, "-q", "combine", str(a), str(b), "--method", "cat", "-o",
+                                str(work / "cat"), *name.split()[1:]], check=True,
+                               stdout=subprocess.DEVNULL)
+            else:
+                for x in (a, b):
+                    subprocess.run([lt, "-q", "inspect", str(x)], check=True,
+                                   stdout=subprocess.DEVNULL)
+                (work / "cat").mkdir()
+                subprocess.run(["cp", "-r", str(a), str(b), str(work / "cat")], check=True)
+                if name == "floor":  # each file flushed, as cat flushes what it writes
+                    subprocess.run(["sync", *map(str, (work / "cat").rglob("*"))], check=True)
+            runs[name].append(time.perf_counter() - t0)
+            shutil.rmtree(work / "cat")
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def main() -> None:
@@ -198,14 +203,18 @@ def main() -> None:
             w = med(t[1] for t in timings[name])
             first, last = lines[name]
             print(f"| {name} | {f:.2f} | {w:.2f} | `{first}` | `{last}` |")
-        print("\n| combine --method cat of | cat (s) | inspect both + cp -r both (s) | ratio |")
-        print("|---|---:|---:|---:|")
+        print("\n| combine --method cat of | cat (s) | inspect both + cp -r both + sync (s) "
+              "| ratio | cat --no-fsync (s) | inspect both + cp -r both (s) | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         big = [big_adapter(work / f"big-{i}", i) for i in (1, 2)]
         for what, (a, b) in (("the demo's two adapters (0.3 MB each)",
                               (d / "adapter", d / "extracted")),
-                             ("two rank-64 adapters of a 1B Llama shape (37 MB each)", big)):
-            c, f = cat_ratio(lt, a, b, work, args.repeat)
-            print(f"| {what} | {c:.2f} | {f:.2f} | {c / f:.2f} |")
+                             ("two rank-64 adapters of a 1B Llama shape (81 MB each)", big)):
+            t = cat_times(lt, a, b, work, args.repeat)
+            print(f"| {what} | {t['cat']:.2f} | {t['floor']:.2f} | "
+                  f"{t['cat'] / t['floor']:.2f} | {t['cat --no-fsync']:.2f} | "
+                  f"{t['floor, no flush']:.2f} | "
+                  f"{t['cat --no-fsync'] / t['floor, no flush']:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -343,3 +343,23 @@ def test_cat_takes_the_general_path_where_bytes_are_not_enough(tmp_path):
     assert r.returncode == 0 and "torch True" in r.stderr, r.stderr
     got = read_adapter(str(tmp_path / "w"))
     assert {m.scale for m in got.modules.values()} == {1.0}
+
+
+def test_cat_bytes_keep_a_zero_part_and_leave_a_zero_module_to_the_general_path(
+        tmp_path, monkeypatch):
+    """A freshly initialised adapter (lora_B = 0) beside a trained one: its parts are copied
+    as they are, as the general path writes them; alone, every module is zero and the
+    general path refuses to write nothing."""
+    _adapter(tmp_path, "a", 1)
+    _adapter(tmp_path, "z", 2, init_lora_weights=True)
+    res = run_cli("combine", tmp_path / "a", tmp_path / "z", "--method", "cat", "-o",
+                  tmp_path / "bytes")
+    assert res.rc == 0, res.err
+    _cat_generally(monkeypatch, [tmp_path / "a", tmp_path / "z"], tmp_path / "general",
+                   "cat")
+    assert tree(tmp_path / "bytes") == tree(tmp_path / "general")
+    monkeypatch.undo()
+    res = run_cli("combine", tmp_path / "z", tmp_path / "z", "--method", "cat", "-o",
+                  tmp_path / "zero")
+    assert res.rc == 1 and "every module's change is zero" in res.err, res.err
+    assert not (tmp_path / "zero").exists()

@@ -175,3 +175,14 @@ def test_an_error_replaces_the_status_line(models):
     status, _, rest = out.partition("…")
     assert "loratool merge: merging" in status
     assert rest.startswith("\r\x1b[Kloratool: error: output "), out
+
+
+def test_export_names_each_step_on_its_bar(models, tmp_path):
+    """The export bar says what each long step is (it was a bare "0/3 step" for the 30 s of
+    a trace)."""
+    rc, out = run_in_terminal("export", models / "base", models / "plain", "-o",
+                              tmp_path / "onnx")
+    assert rc == 0, out
+    for step in ("loading the model and merging the adapters", "tracing the ONNX graph",
+                 "checking the graph in onnxruntime"):
+        assert f"export: {step}" in out, out

@@ -5,8 +5,9 @@ each module's parts share one wᵢ·sᵢ (one alpha/r, weights 1: the usual case
 the factors as they are, B side by side and A stacked, with that scale: the bytes are copied,
 nothing is computed or rounded. The files written are the ones the general path writes
 (``combine_methods._cat``, which makes the same choice), in the time it takes to read and
-write them. Anything else (another format, DoRA, biases, scales that differ, a factor of
-zeros, which the general path leaves out at rank 0) returns None and takes the general path.
+write them. Anything else (another format, DoRA, biases, scales that differ, a module whose
+every part has a factor of zeros, which the general path leaves out at rank 0) returns None and
+takes the general path.
 
 Example::
     report = cat_bytes(["a/", "b/"], Path("both"), [1.0, 1.0], fmt=None, dtype="keep",
@@ -19,6 +20,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import LoraToolError
 from ..headers.adapters import PEFT_PREFIX, check_one_format, describe_peft, detect, split_key
@@ -117,17 +120,18 @@ def cat_bytes(specs: list[str], out: Path, weights: list[float], *, fmt: str | N
     cfg, order = peft_config(modules, meta, [])
     cfg = written_config(cfg)
     params = sum(m.rank * (m.parts[0].A.shape[1] + m.parts[0].B.shape[0]) for m in modules)
-    try:
+    plan = [(f"{PEFT_PREFIX}{m.name}.lora_{ab}.weight", code, shape) for m in order
+            for ab, shape in (("A", (m.rank, m.parts[0].A.shape[1])),
+                              ("B", (m.parts[0].B.shape[0], m.rank)))]
+    try:  # laid out up front: the header first, then each byte written once
         with ShardWriter(out, inputs=inputs, force=force, filename="adapter_model.safetensors",
-                         max_shard_size=1 << 62, options=options) as w, \
+                         max_shard_size=1 << 62, plan=plan, options=options) as w, \
                 progress.bar("combine", total=len(order), unit="module") as bar:
             for m in order:
                 bar.update(1)
                 a, b = _stacked(m)
-                w.add_bytes(f"{PEFT_PREFIX}{m.name}.lora_A.weight", code,
-                            (m.rank, m.parts[0].A.shape[1]), a)
-                w.add_bytes(f"{PEFT_PREFIX}{m.name}.lora_B.weight", code,
-                            (m.parts[0].B.shape[0], m.rank), b)
+                w.add_bytes(f"{PEFT_PREFIX}{m.name}.lora_A.weight", code, a.shape, a.data)
+                w.add_bytes(f"{PEFT_PREFIX}{m.name}.lora_B.weight", code, b.shape, b.data)
             w.add_file("adapter_config.json", json.dumps(cfg, indent=2) + "\n")
             w.add_file("README.md", model_card(meta, cfg, NOTE, modules=len(modules),
                                                ranks=sorted({m.rank for m in modules}),
@@ -205,38 +209,25 @@ def _modules(adapters: list[_Adapter]) -> list[_Module] | None:
 
 
 class _Zero(Exception):
-    """A factor of zeros: the general path leaves such a module out at rank 0."""
+    """A module whose B@A is zero: the general path leaves it out at rank 0. (Parts that
+    cancel each other exactly are not looked for: their module is written, its ΔW zero.)"""
 
 
-_NO_SIGN = bytes(range(128)) * 2  # a byte with its top bit cleared
+def _values(info: TensorInfo) -> tuple[np.ndarray, bool]:
+    """A factor's values as little-endian unsigned integers of their width, [rows, columns]
+    (only bytes are moved: no float is read), and whether every one is ±0."""
+    kind = np.dtype(f"<u{dtype_bytes(info.dtype)}")
+    v = np.frombuffer(read_tensor_bytes(info), dtype=kind).reshape(info.shape)
+    magnitude = np.iinfo(kind).max >> 1  # every bit but the sign
+    return v, not np.bitwise_and(v, magnitude).any()
 
 
-def _bytes(info: TensorInfo) -> bytes:
-    """A factor's bytes; :class:`_Zero` when every value is ±0."""
-    data = bytes(read_tensor_bytes(info))
-    size = dtype_bytes(info.dtype)
-    top = data[size - 1::size].translate(_NO_SIGN)  # little-endian: the sign is the top bit
-    if top.count(0) == len(top) and all(data[i::size].count(0) * size == len(data)
-                                        for i in range(size - 1)):
+def _stacked(m: _Module) -> tuple[np.ndarray, np.ndarray]:
+    """A: the parts' rows one after another; B: each row the parts' rows side by side.
+    :class:`_Zero` when every part has a factor of zeros (B@A is zero: rank 0, left out)."""
+    As = [_values(p.A) for p in m.parts]
+    Bs = [_values(p.B) for p in m.parts]
+    if all(za or zb for (_, za), (_, zb) in zip(As, Bs)):
         raise _Zero
-    return data
-
-
-def _stacked(m: _Module) -> tuple[bytearray, bytearray]:
-    """A: the parts' rows one after another; B: each row the parts' rows side by side."""
-    a = bytearray()
-    for p in m.parts:
-        a += _bytes(p.A)
-    rows = m.parts[0].B.shape[0]
-    size = dtype_bytes(m.parts[0].B.dtype)
-    widths = [p.rank * size for p in m.parts]
-    total = sum(widths)
-    b = bytearray(rows * total)
-    view = memoryview(b)
-    start = 0
-    for p, width in zip(m.parts, widths):
-        src = memoryview(_bytes(p.B))
-        for r in range(rows):
-            view[r * total + start:r * total + start + width] = src[r * width:(r + 1) * width]
-        start += width
-    return a, b
+    return (np.concatenate([a for a, _ in As], axis=0),
+            np.concatenate([b for b, _ in Bs], axis=1))
