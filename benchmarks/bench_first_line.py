@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--loratool", default=shutil.which("loratool") or "loratool")
     args = ap.parse_args()
     lt = args.loratool
-    work = Path(tempfile.mkdtemp(prefix="bench-first-line-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-first-line-", dir="/tmp"))
     try:
         subprocess.run([lt, "-q", "demo", "--workdir", str(work / "d")], check=True,
                        stdout=subprocess.DEVNULL)
@@ -187,8 +187,9 @@ def main() -> None:
             for name, argv, clean in runs:
                 first, total, rc, shown = in_pty([lt, *argv])
                 timings[name].append((first, total))
-                lines[name] = (shown[0].replace(str(work), "…")[:60],
-                               f"rc={rc}: " + shown[1].replace(str(work), "…")[:70])
+                # the work folder's name, also where a status line cut it short
+                short = [re.sub(r"/tmp/bench[-\w]*…?", "…", x) for x in shown]
+                lines[name] = (short[0][:60], f"rc={rc}: " + short[1][:70])
                 if clean:
                     for p in (o, Path(f"{o}.safetensors")):
                         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(
