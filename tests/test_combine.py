@@ -267,8 +267,9 @@ def test_cat_of_peft_folders_is_their_bytes_and_what_the_general_path_writes(
     import subprocess
     import sys
 
-    import loratool
     from conftest import tiny_gpt2
+
+    import loratool
 
     if case == "fan_in_fan_out":
         base = tiny_gpt2()

@@ -294,6 +294,21 @@ def test_k_quants_need_a_type_gguf_can_write(tmp_path):
         assert np.array_equal(np.array(got[g].data), want), g
     assert got["blk.0.attn_k.weight"].tensor_type == q4k  # unchanged: kept as it was
 
+    # the header's file type: kept while most of the layers stay Q4_K; MOSTLY_Q8_0 once
+    # --quant made them Q8_0 (an adapter on every projection)
+    def file_type(path: Path) -> int:
+        return int(gguf.GGUFReader(str(path)).fields["general.file_type"].contents())
+
+    assert file_type(tmp_path / "m.gguf") == file_type(tmp_path / "k.gguf")
+    get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"])).save_pretrained(tmp_path / "all")
+    _ok("merge", tmp_path / "k.gguf", tmp_path / "all", "-o", tmp_path / "all.gguf",
+        "--quant", "Q8_0", "--verify")
+    assert file_type(tmp_path / "all.gguf") == 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+    assert "MOSTLY_Q8_0" in _ok("inspect", tmp_path / "all.gguf")
+
 
 def _rewrite(src: Path, out: Path, convert: Any) -> None:
     """A copy of a GGUF model with each tensor passed through ``convert(name, array)``
@@ -358,11 +373,21 @@ def test_moe_adapter_in_gguf(tmp_path):
         got = torch.from_numpy(t[key + ".weight.lora_b"]) @ torch.from_numpy(
             t[key + ".weight.lora_a"]) * 2
         assert torch.allclose(got, want, atol=1e-6), key
+    # inspect gives each expert module the shape of one expert's weight: in → out
+    shown = json.loads(_ok("inspect", tmp_path / "a.gguf", "--json"))
+    shapes = {m["name"]: (m["in_features"], m["out_features"], m.get("experts"))
+              for m in shown["modules"] if m["name"].startswith("blk.0.")}
+    assert shapes["blk.0.ffn_gate_exps"] == (64, 128, 4)
+    assert shapes["blk.0.ffn_down_exps"] == (128, 64, 4)
     _ok("convert", tmp_path / "a.gguf", "--to", "peft", "--base", tmp_path / "base", "-o",
         tmp_path / "back")
     a = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "back" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the config says what the base says: the model it is for, and its task
+    cfg = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM", cfg
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base"), cfg
 
 
 def test_quant_option_is_for_gguf(llama_gguf, tmp_path):

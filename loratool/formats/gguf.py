@@ -30,6 +30,7 @@ from ..formats.base import Format, held, losses
 from ..formats.gguf_names import Arch, from_gguf, to_gguf
 from ..headers.adapters import gguf_alpha, gguf_pairs
 from ..headers.checkpoint import Checkpoint
+from ..headers.peft_config import task_type_for
 from ..headers.sources import hub_repo_of
 from ..io.staging import Stage, output_os_error
 from ..io.tensors import open_checkpoint
@@ -194,6 +195,9 @@ def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
                 raise FormatError(f"{where} is a {arch} adapter, but {base} is a {a.name} "
                                   "model: is it the model the adapter was made for?")
             ad = from_gguf(ad, a, b, b.config.get("model_type"))
+            # what a PEFT config of it says: the base it is for and that base's task
+            ad.task_type = ad.task_type or task_type_for(b.config.get("architectures"))
+            ad.base_model = ad.base_model or base
     return ad
 
 

@@ -5,7 +5,8 @@ is dequantized (the ``gguf`` package's own code), merged in float32 exactly as a
 merge is (``engine.kernel``), and quantized again to its own type or ``--quant``. The
 report gives, per changed tensor, the error the re-quantization adds against the exact float32
 merge, relative to the tensor and to the adapter's change (how much of ΔW the quantization
-noise is comparable to). The header's metadata is copied as it is.
+noise is comparable to). The header's metadata is copied as it is, but for a file type that
+--quant made untrue (``general.file_type``: the type most of the layers' values have).
 
 Example::
     report = merge_into_gguf(open_checkpoint("model-Q8_0.gguf"), [Part(adapter, 1.0, "a/")],
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -144,7 +146,7 @@ def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str], out:
         try:
             # front to back past the page cache, written while the next tensor is merged
             with SequentialWriter(stage.tmp / out.name, direct=s.options.direct_io) as f:
-                f.write(read_tensor_bytes(_span(h, 0, h.info_start)))  # magic, counts, KV
+                f.write(_header(h, rows))  # magic, counts, KV
                 for info, t, off, _ in rows:
                     f.write(tensor_info_bytes(info.name, info.shape, t, off))
                 f.write(b"\0" * padding(f.size, h.alignment))
@@ -175,6 +177,35 @@ def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str], out:
             checked = _verify(stage.tmp / out.name, rows, written)
         stage.publish()
     return stats, checked
+
+
+# llama.cpp's general.file_type of a model whose layers are mostly of a type loratool writes
+MOSTLY = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+          "BF16": 32}
+FILE_TYPE = "general.file_type"
+
+
+def _main_type(rows: list[Row], written: bool) -> str | None:
+    """The type most values of the layers' matrices (``blk.*``, 2-D and up) have, as written
+    (or, ``written`` False, as they were): what llama.cpp's file type names."""
+    counts: Counter[str] = Counter()
+    for info, t, _, _ in rows:
+        if info.name.startswith("blk.") and len(info.shape) >= 2:
+            counts[t if written else info.dtype] += math.prod(info.shape)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _header(h: GgufHeader, rows: list[Row]) -> bytes:
+    """The base's magic, counts and metadata, as they are, except a file type that --quant
+    made untrue: when the re-typed tensors are now most of the layers' values, it names their
+    type (MOSTLY_Q8_0 for a Q4_K_M model whose layers became Q8_0)."""
+    data = bytearray(read_tensor_bytes(_span(h, 0, h.info_start)))
+    before, after = _main_type(rows, False), _main_type(rows, True)
+    span = h.kv_offsets.get(FILE_TYPE)
+    if after != before and after in MOSTLY and span is not None:
+        start, n = span
+        data[start:start + n] = MOSTLY[after].to_bytes(n, "little")
+    return bytes(data)
 
 
 def _span(h: GgufHeader, offset: int, n: int) -> TensorInfo:
