@@ -77,8 +77,6 @@ def cases(d: Path) -> dict[str, list[object]]:
         "merge: --quant without GGUF": ["merge", d / "base", d / "plain", "-o", o,
                                         "--quant", "Q8_0"],
         "unmerge: --quant": ["unmerge", d / "base", d / "plain", "-o", o, "--quant", "Q8_0"],
-        "merge: GGUF and full tensors": ["merge", d / "model.gguf", d / "full", "-o",
-                                         d / "m.gguf"],
         "merge: pipeline and full tensors": ["merge", d / "pipe", d / "full", "-o", o],
         "extract: output exists": ["extract", d / "base", d / "tuned", "-o", d / "exists"],
         "extract: --report exists": ["extract", d / "base", d / "tuned", "-o", o, "--report",

@@ -468,3 +468,34 @@ def test_q8_0_in_torch_is_the_gguf_packages():
         back = dequantize(ours, TensorInfo("t", "Q8_0", (64, 256), len(ours), Path("t")))
         assert np.array_equal(back.numpy(), gguf.quants.dequantize(
             np.frombuffer(ref, np.uint8).reshape(64, -1), q8)), scale
+
+
+@pytest.mark.parametrize("model_file", ["model-q8_0.gguf", "model-f32.gguf"])
+def test_a_peft_copy_of_the_head_merges_into_a_gguf_model(llama_gguf, tmp_path, model_file):
+    """PEFT saves a copy of every modules_to_save module, trained or not: a head it did not
+    train is the base's own (the same bytes in the GGUF tensor's type), left out and named;
+    the merge is the adapter's without it. A head that changed is refused."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    d = llama_gguf["dir"]
+    src = llama_gguf["adapter"]
+    head = llama_gguf["model"].lm_head.weight.detach().clone()
+    for name, t in (("copy", head), ("trained", head + 0.01)):
+        (tmp_path / name).mkdir()
+        tensors = load_file(src / "adapter_model.safetensors")
+        tensors["base_model.model.lm_head.weight"] = t.contiguous()
+        save_file(tensors, tmp_path / name / "adapter_model.safetensors")
+        cfg = _json.loads((src / "adapter_config.json").read_text())
+        cfg["modules_to_save"] = ["lm_head"]
+        (tmp_path / name / "adapter_config.json").write_text(_json.dumps(cfg))
+    res = run_cli("merge", d / model_file, tmp_path / "copy", "-o", tmp_path / "m.gguf",
+                  "--json")
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["base_copies_left_out"] == ["output.weight"]
+    _ok("merge", d / model_file, src, "-o", tmp_path / "plain.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
+    res = run_cli("merge", d / model_file, tmp_path / "trained", "-o", tmp_path / "t.gguf")
+    assert res.rc == 1 and "differ from the base's" in res.err and "lm_head" in res.err, res.err
+    assert not (tmp_path / "t.gguf").exists()

@@ -117,6 +117,14 @@ def _name(tmap: gguf.TensorNameMap, hf: str) -> str | None:
     return None
 
 
+def tensor_name(arch: Arch, hf: str) -> str | None:
+    """llama.cpp's name of a transformers weight (``lm_head.weight`` → ``output.weight``), or
+    None where it has none."""
+    module, _, leaf = hf.rpartition(".")
+    found = _name(arch.tensor_map(), module)
+    return f"{found}.{leaf}" if found is not None else None
+
+
 def _expert_names(tmap: gguf.TensorNameMap, fused: str) -> list[tuple[str, int]]:
     """The llama.cpp tensors of a fused expert parameter: (name, row block)."""
     module, _, param = fused.rpartition(".")

@@ -148,6 +148,8 @@ class GgufMergeReport(Report):
     seconds: float
     inert_modules: list[str]
     verify: GgufVerify | None = optional()
+    # full tensors that are the base's own, as PEFT saves modules_to_save it did not train
+    base_copies_left_out: list[str] | None = optional()
 
     def render(self) -> str:
         names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
@@ -155,6 +157,10 @@ class GgufMergeReport(Report):
                  f"  {len(self.changed)} of {self.tensors} tensors changed and re-quantized, "
                  f"{self.unchanged_copied} copied byte for byte; {self.seconds:.2f} s"]
         lines += inert_lines(self.inert_modules)
+        if self.base_copies_left_out:
+            lines.append(f"  left out {len(self.base_copies_left_out)} full tensor(s) equal to "
+                         f"the base's own (they change nothing): "
+                         f"{listing(self.base_copies_left_out, 3)}")
         if self.changed:
             rows = [["tensor", "type", "written", "‖ΔW‖/‖W‖", "quant. error / ‖W′‖",
                      "quant. error / ‖ΔW‖"]]

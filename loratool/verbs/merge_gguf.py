@@ -29,7 +29,7 @@ from ..engine import kernel
 from ..engine.plan import Edit, plan_edits
 from ..errors import FormatError, LoraToolError
 from ..formats import require_lora
-from ..formats.gguf_names import Arch, to_gguf
+from ..formats.gguf_names import Arch, tensor_name, to_gguf
 from ..headers.checkpoint import Checkpoint
 from ..headers.gguf import QUANTIZE, GgufHeader, byte_size, padding, read_header, tensor_info_bytes
 from ..headers.safetensors import TensorInfo, read_tensor_bytes
@@ -65,7 +65,9 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
     arch = Arch.of_header(base.gguf, where)
     for p in parts:
         require_lora(p.adapter, p.spec, "a GGUF merge takes LoRA modules only")
-    adapters = [_llama_cpp_named(p.adapter, arch, base, p.spec) for p in parts]
+    renamed = [_llama_cpp_named(p.adapter, arch, base, p.spec) for p in parts]
+    adapters = [ad for ad, _ in renamed]
+    copies = [c for _, cs in renamed for c in cs]
     inert: list[str] = []
     edits, order = plan_edits(base, adapters, [p.weight for p in parts],
                               [p.spec for p in parts], inert=inert)
@@ -92,24 +94,43 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
         quant=quant, changed=changed, tensors=len(base.tensors),
         unchanged_copied=len(base.tensors) - len(changed),
         max_error_vs_change=max((c.error_vs_change for c in changed), default=0.0),
-        seconds=time.perf_counter() - t0, inert_modules=inert, verify=checked)
+        seconds=time.perf_counter() - t0, inert_modules=inert, verify=checked,
+        base_copies_left_out=copies or None)
 
 
 def _llama_cpp_named(ad: LoraAdapter, arch: Arch, base: Checkpoint, spec: str
-                     ) -> LoraAdapter:
-    """An adapter named as llama.cpp names the model's tensors."""
+                     ) -> tuple[LoraAdapter, list[str]]:
+    """An adapter named as llama.cpp names the model's tensors, and the full tensors left out
+    as copies of the base's own."""
 
     if ad.naming == "gguf":
-        return ad
+        return ad, []
     tied = "output.weight" not in base.tensors
     if tied and any(m.name.endswith("lm_head") or m.layout == "embedding"
                     for m in ad.modules.values()):
         raise FormatError(f"{spec}: changes the token embeddings or the head, which this GGUF "
                           "model ties (it has no output.weight): merge into the transformers "
                           "model instead")
+    copies = _base_copies(ad, arch, base)
     if ad.full:
         raise prechecks.gguf_merge_full(spec, list(ad.full))
-    return to_gguf(ad, arch)
+    return to_gguf(ad, arch), copies
+
+
+def _base_copies(ad: LoraAdapter, arch: Arch, base: Checkpoint) -> list[str]:
+    """Take out the full tensors that are the base's own (PEFT saves a copy of every module
+    in modules_to_save, trained or not): each one that, written in the GGUF tensor's type
+    with ggml's quantizer, gives its very bytes. Their names, as llama.cpp names them."""
+    same = []
+    for name, t in list(ad.full.items()):
+        g = tensor_name(arch, name)
+        info = base.tensors.get(g) if g is not None else None
+        if info is None or info.shape != tuple(t.shape) or info.dtype not in QUANTIZE:
+            continue
+        if quantize(t.to(torch.float32), info.dtype) == bytes(read_tensor_bytes(info)):
+            del ad.full[name]
+            same.append(g)
+    return same
 
 
 Row = tuple[TensorInfo, str, int, int]  # a tensor's info, type, offset in the data, bytes

@@ -62,8 +62,9 @@ def full_tensors(spec: str | os.PathLike[str]) -> list[str]:
 # the refusals of full tensors, one wording each, shared with the verbs
 
 def gguf_merge_full(spec: str, names: list[str]) -> FormatError:
-    return FormatError(f"{spec}: holds full tensors (modules_to_save: "
-                       f"{', '.join(sorted(names)[:3])}); a GGUF merge takes LoRA modules only")
+    return FormatError(f"{spec}: holds full tensors that differ from the base's "
+                       f"(modules_to_save: {', '.join(sorted(names)[:3])}); a GGUF merge takes "
+                       "LoRA modules only: merge into the transformers model, then convert it")
 
 
 def pipeline_merge_full(spec: str) -> FormatError:
@@ -87,7 +88,7 @@ def quant_not_gguf(pipeline: bool) -> FormatError:
 def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str | None,
           unmerge: bool = False) -> None:
     """merge/unmerge: --quant only for a GGUF base, the output free, and the full tensors
-    that a GGUF or pipeline merge cannot take."""
+    that a pipeline merge cannot take."""
     if unmerge and quant is not None:
         raise UsageError("--quant applies to merges into GGUF models")
     gguf = Path(base).is_file() and is_gguf(Path(base))
@@ -95,11 +96,10 @@ def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str 
     if quant is not None and not gguf and Path(base).exists():
         raise quant_not_gguf(pipeline)
     output(out, [base, *adapters], force)
-    if gguf or pipeline:
+    if pipeline:  # (a GGUF merge takes full tensors that are the base's own: it reads them)
         for spec in adapters:
-            full = full_tensors(spec)
-            if full:
-                raise gguf_merge_full(spec, full) if gguf else pipeline_merge_full(spec)
+            if full_tensors(spec):
+                raise pipeline_merge_full(spec)
 
 
 def extract(base: str, tuned: str, out: Path, report_path: Path | None, *, force: bool,
