@@ -499,3 +499,33 @@ def test_a_peft_copy_of_the_head_merges_into_a_gguf_model(llama_gguf, tmp_path, 
     res = run_cli("merge", d / model_file, tmp_path / "trained", "-o", tmp_path / "t.gguf")
     assert res.rc == 1 and "differ from the base's" in res.err and "lm_head" in res.err, res.err
     assert not (tmp_path / "t.gguf").exists()
+
+
+def test_a_base_quantized_with_an_importance_matrix_is_said_so(llama_gguf, tmp_path):
+    """llama-quantize records the importance matrix it used (quantize.imatrix.*); the merge
+    re-quantizes without one and says so. Without that metadata, nothing is said."""
+    import gguf
+
+    d = llama_gguf["dir"]
+    src = gguf.GGUFReader(str(d / "model-q8_0.gguf"))
+    w = gguf.GGUFWriter(str(tmp_path / "imatrix.gguf"), "llama")
+    for f in src.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            w.add_key_value(f.name, f.contents(), f.types[0],
+                            f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    w.add_string("quantize.imatrix.file", "imatrix.dat")
+    w.add_uint32("quantize.imatrix.chunks_count", 125)
+    for t in src.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    res = run_cli("merge", tmp_path / "imatrix.gguf", llama_gguf["adapter"], "-o",
+                  tmp_path / "m.gguf", "--json")
+    assert res.rc == 0, res.err
+    note = json.loads(res.out)["imatrix"]
+    assert "file imatrix.dat" in note and "chunks_count 125" in note, note
+    res = run_cli("merge", d / "model-q8_0.gguf", llama_gguf["adapter"], "-o",
+                  tmp_path / "plain.gguf", "--json")
+    assert res.rc == 0 and "imatrix" not in json.loads(res.out), res.err

@@ -150,6 +150,8 @@ class GgufMergeReport(Report):
     verify: GgufVerify | None = optional()
     # full tensors that are the base's own, as PEFT saves modules_to_save it did not train
     base_copies_left_out: list[str] | None = optional()
+    # the base was quantized with an importance matrix, which the re-quantization did not use
+    imatrix: str | None = optional()
 
     def render(self) -> str:
         names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
@@ -157,6 +159,8 @@ class GgufMergeReport(Report):
                  f"  {len(self.changed)} of {self.tensors} tensors changed and re-quantized, "
                  f"{self.unchanged_copied} copied byte for byte; {self.seconds:.2f} s"]
         lines += inert_lines(self.inert_modules)
+        if self.imatrix:
+            lines.append(f"  note: {self.imatrix}")
         if self.base_copies_left_out:
             lines.append(f"  left out {len(self.base_copies_left_out)} full tensor(s) equal to "
                          f"the base's own (they change nothing): "

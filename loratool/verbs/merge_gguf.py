@@ -95,7 +95,23 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
         unchanged_copied=len(base.tensors) - len(changed),
         max_error_vs_change=max((c.error_vs_change for c in changed), default=0.0),
         seconds=time.perf_counter() - t0, inert_modules=inert, verify=checked,
-        base_copies_left_out=copies or None)
+        base_copies_left_out=copies or None, imatrix=_imatrix(base.gguf, types))
+
+
+IMATRIX = "quantize.imatrix."  # what llama-quantize records of the importance matrix it used
+
+
+def _imatrix(h: GgufHeader, types: dict[str, str]) -> str | None:
+    """What to say when the base was quantized with an importance matrix (its metadata says
+    so) and changed tensors were re-quantized without one; None otherwise."""
+    quantized = sum(1 for t in types.values() if t not in ("F32", "F16", "BF16"))
+    keys = {k[len(IMATRIX):]: v for k, v in h.kv.items() if k.startswith(IMATRIX)}
+    if not keys or not quantized:
+        return None
+    what = ", ".join(f"{k} {v}" for k, v in keys.items() if k in ("file", "chunks_count"))
+    return (f"the base was quantized with an importance matrix ({what or 'quantize.imatrix.*'}"
+            f"); the {quantized} re-quantized tensor(s) were quantized without one, as "
+            "llama-quantize does without --imatrix")
 
 
 def _llama_cpp_named(ad: LoraAdapter, arch: Arch, base: Checkpoint, spec: str
