@@ -179,6 +179,13 @@ def test_kohya_sdxl_names_both_ways(sdxl: tuple[Path, Path], tmp_path: Path) -> 
     assert not any("down_blocks" in s or "up_blocks" in s for s in stems)
     assert any(s.startswith("lora_te1_") for s in stems) and any(
         s.startswith("lora_te2_") for s in stems)
+    # text encoders as sd-scripts names them, with CLIP's text_model wrapper, whether the base
+    # stores it (CLIPTextModelWithProjection) or not (CLIPTextModel, saved by transformers 5)
+    assert "text_model.encoder.layers.0.self_attn.q_proj.weight" not in load_file(
+        folder / "text_encoder" / "model.safetensors")
+    te = [s for s in stems if s.startswith(("lora_te1_", "lora_te2_"))]
+    assert te and all(s.startswith(("lora_te1_text_model_", "lora_te2_text_model_"))
+                      for s in te), te
     want = generate(with_lora(folder, lora))
     assert torch.allclose(generate(with_lora(folder, k)), want, rtol=1e-5, atol=1e-4)
     # as sd-scripts would write it: no name record; --base resolves the SGM names
@@ -189,6 +196,15 @@ def test_kohya_sdxl_names_both_ways(sdxl: tuple[Path, Path], tmp_path: Path) -> 
     a = load_file(lora / "pytorch_lora_weights.safetensors")
     b = load_file(back / "pytorch_lora_weights.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    # the other spelling too: text encoders named without the wrapper, both of them
+    bare = {k.replace("_te1_text_model_", "_te1_").replace("_te2_text_model_", "_te2_"): v
+            for k, v in keys.items()}
+    assert bare.keys() != keys.keys()
+    save_file(bare, tmp_path / "bare.safetensors")
+    run_cli("convert", tmp_path / "bare.safetensors", "--to", "diffusers", "--base", folder,
+            "-o", tmp_path / "back-bare")
+    c = load_file(tmp_path / "back-bare" / "pytorch_lora_weights.safetensors")
+    assert set(a) == set(c) and all(torch.equal(a[n], c[n]) for n in a)
     # and merged into the pipeline straight from the SGM-named file: fuse_lora's weights
     run_cli("merge", folder, tmp_path / "foreign.safetensors", "-o", tmp_path / "m")
     from diffusers import UNet2DConditionModel

@@ -110,10 +110,13 @@ class BaseNames:
                               "pipeline folder instead")
         if t is None:
             raise FormatError(f"base {self.base} has no component {component}")
-        if underscored in t and t[underscored] is None:
-            raise FormatError(f"kohya name {underscored} matches several modules of "
-                              f"{self.base}")
-        return t.get(underscored)
+        for name in _spellings(component, underscored):
+            if name in t and t[name] is None:
+                raise FormatError(f"kohya name {underscored} matches several modules of "
+                                  f"{self.base}")
+            if name in t:
+                return t[name]
+        return None
 
 
 def _single_file_tables(names: Collection[str]) -> dict[str | None, dict[str, str | None]]:
@@ -197,6 +200,28 @@ def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
         else:
             ad.add(m)
     return ad
+
+
+TEXT_MODEL = "text_model_"  # CLIP's wrapper, as sd-scripts names every text encoder module
+CLIP_MODULES = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
+def _spellings(component: str | None, underscored: str) -> list[str]:
+    """A kohya name, then for a text encoder its other spelling: sd-scripts always writes
+    CLIP's ``text_model_`` wrapper, transformers 5 saves ``CLIPTextModel`` without it (and
+    ``CLIPTextModelWithProjection`` with it), and diffusers loads both."""
+    if not (component or "").startswith("text_encoder"):
+        return [underscored]
+    if underscored.startswith(TEXT_MODEL):
+        return [underscored, underscored[len(TEXT_MODEL):]]
+    return [underscored, TEXT_MODEL + underscored]
+
+
+def kohya_te_name(component: str | None, name: str) -> str:
+    """A text encoder's CLIP module as sd-scripts names it, with ``text_model.``."""
+    if (component or "").startswith("text_encoder") and name.startswith(CLIP_MODULES):
+        return "text_model." + name
+    return name
 
 
 def _name(stem: str, down: torch.Tensor | None, names: dict[str, list[str | None]],
@@ -289,7 +314,8 @@ def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path]
     for m in sorted(modules, key=lambda m: natural_key(m.key)):
         if m.component not in prefix_of:
             raise FormatError(f"module {m.key}: component {m.component!r} has no kohya prefix")
-        stem = prefix_of[m.component] + sgm.get(m.key, m.name).replace(".", "_")
+        stem = prefix_of[m.component] + sgm.get(m.key, kohya_te_name(m.component, m.name)
+                                                ).replace(".", "_")
         if stem in names:
             raise FormatError(f"modules {names[stem][1]} and {m.name} both become {stem}")
         names[stem] = [m.component, m.name, m.layout]
