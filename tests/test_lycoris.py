@@ -245,3 +245,51 @@ def test_unsupported_lycoris_types_are_named(tmp_path: Path) -> None:
                "lora_unet_conv_in.alpha": torch.tensor(1.0)}, str(tmp_path / "oft.safetensors"))
     r = run_cli(["inspect", str(tmp_path / "oft.safetensors")], expect=1)
     assert "LyCORIS OFT module" in r.err
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_lycoris_own_names_on_a_language_model(tmp_path: Path, algo: str) -> None:
+    """LyCORIS wrapping a model itself (create_lycoris, as LLM trainers use it) names its
+    modules lycoris_<path with underscores>: resolved against the base's module names, read,
+    inspected and merged; the merge equals LyCORIS' own (merge_to) to float32 rounding.
+    alpha = dim (scale 1), as above: LyCORIS' merge of LoHa applies alpha/dim twice."""
+    from lycoris import LycorisNetwork, create_lycoris
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    model.save_pretrained(tmp_path / "base")
+    before = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
+    try:  # the preset is class state: restored for the other tests
+        LycorisNetwork.apply_preset({"target_module": ["LlamaAttention", "LlamaMLP"]})
+        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=4, algo=algo, factor=4)
+    finally:
+        for k, v in before.items():
+            setattr(LycorisNetwork, k, v)
+    net.apply_to()
+    # as LyCORIS initialises it (one side zero): it changes nothing, and says so
+    net.save_weights(str(tmp_path / "initial.safetensors"), torch.float32, {})
+    initial = json.loads(run_cli(["merge", str(tmp_path / "base"),
+                                  str(tmp_path / "initial.safetensors"), "-o",
+                                  str(tmp_path / "same"), "--json"]).out)
+    assert initial["tensors_changed"] == 0 and len(initial["inert_modules"]) == 14, initial
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(net.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = tmp_path / "lycoris.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    assert all(k.startswith("lycoris_model_layers_") for k in load_file(str(path)))
+    shown = json.loads(run_cli(["inspect", str(path), "--json"]).out)
+    assert len(shown["modules"]) == 14
+    out = tmp_path / "merged"
+    report = json.loads(run_cli(["merge", str(tmp_path / "base"), str(path), "-o", str(out),
+                                 "--json"]).out)
+    assert report["tensors_changed"] == 14, report
+    net.merge_to(1.0)
+    theirs = model.state_dict()
+    ours = load_file(str(out / "model.safetensors"))
+    for k, t in ours.items():
+        assert torch.allclose(t, theirs[k], rtol=0, atol=4e-7), k

@@ -25,6 +25,7 @@ from ..model.adapter import (
     expert_parts,
     match_base,
 )
+from ..model.lyco import LycoModule
 
 if TYPE_CHECKING:
     import torch
@@ -73,11 +74,14 @@ def _check_replacement(name: str, new: tuple[int, ...], old: tuple[int, ...], sp
 
 
 def changes_nothing(m: AdapterModule) -> bool:
-    """A LoRA module whose B@A is exactly zero (rank 0, or an all-zero factor, as PEFT's
-    initial lora_B): adding it changes no weight, so no tensor counts as changed by it. A DoRA
-    magnitude still rescales, so DoRA modules always count."""
-    if not hasattr(m, "A") or m.magnitude is not None:
+    """A module whose ΔW is exactly zero (LoRA: rank 0, or an all-zero factor, as PEFT's
+    initial lora_B; LyCORIS: a factor of zeros, as it initialises one side): adding it changes
+    no weight, so no tensor counts as changed by it. A DoRA magnitude still rescales, so DoRA
+    modules always count."""
+    if m.magnitude is not None:
         return False
+    if isinstance(m, LycoModule):
+        return m.is_zero()
     return m.rank == 0 or m.A.numel() == 0 or m.B.numel() == 0 or not bool(
         m.A.any()) or not bool(m.B.any())
 

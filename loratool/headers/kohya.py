@@ -32,10 +32,14 @@ from .checks import parse_json
 from .safetensors import TensorInfo, read_tensor_bytes
 
 NAMES_KEY = "loratool.modules"  # {stem: [component, module name, layout]}
-PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                    "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
-KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>.+)$")
+# LyCORIS wrapping a model itself (``lycoris.create_lycoris``, as trainers of LLMs and
+# diffusion transformers use it) names its modules ``lycoris_<module path, dots as _>``: one
+# model, no pipeline component
+PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_")
+PREFIX_COMPONENT: dict[str, str | None] = {
+    "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lycoris_": None}
+KEY = re.compile(r"^(?P<stem>(?:lora_(?:unet|te\d?)|lycoris)_[^.]+)\.(?P<part>.+)$")
 LORA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"}
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -51,7 +55,8 @@ Shape = tuple[int, ...]
 
 
 def is_kohya(ckpt: Checkpoint) -> bool:
-    """Whether a checkpoint's keys are kohya's (``lora_unet_*``, ``lora_te_*`` …)."""
+    """Whether a checkpoint's keys are kohya's (``lora_unet_*``, ``lora_te_*`` …) or
+    LyCORIS' own (``lycoris_*``)."""
     return any(n.startswith(PREFIXES) for n in ckpt.tensors)
 
 
@@ -91,8 +96,8 @@ def stems(ckpt: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
                               "and full modules)")
         if not m or part not in known:
             raise FormatError(f"{where}: unknown key pattern {key!r} (expected lora_unet_*/"
-                              "lora_te*_* with lora_down/lora_up/alpha, or LyCORIS hada_*/"
-                              "lokr_*/diff)")
+                              "lora_te*_*/lycoris_* with lora_down/lora_up/alpha, or LyCORIS "
+                              "hada_*/lokr_*/diff)")
         groups.setdefault(m.group("stem"), {})[part] = info
     return groups
 

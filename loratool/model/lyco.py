@@ -49,6 +49,20 @@ class LycoModule:
     def key(self) -> str:
         return f"{self.component}.{self.name}" if self.component else self.name
 
+    def is_zero(self) -> bool:
+        """Whether ΔW is zero because a factor is (LyCORIS initialises one side so): LoHa's
+        ΔW is a product of two products, LoKr's a Kronecker product of two, full's the diff."""
+        def zero(*names: str) -> bool:
+            return any(n in self.parts and not bool(self.parts[n].any()) for n in names)
+
+        if self.kind == "loha":
+            return zero("hada_w1_a", "hada_w1_b", "hada_t1") or zero("hada_w2_a", "hada_w2_b",
+                                                                     "hada_t2")
+        if self.kind == "lokr":
+            return zero("lokr_w1", "lokr_w1_a", "lokr_w1_b") or zero(
+                "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        return all(not bool(t.any()) for t in self.parts.values())
+
     @property
     def rank(self) -> int:
         """LyCORIS' ``dim``: the rank of each factor pair (LoHa), of the factored side
