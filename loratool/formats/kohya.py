@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Collection
 
@@ -40,7 +41,7 @@ from ..headers.kohya import (
     split_stem,
     stems,
 )
-from ..headers.safetensors import TensorInfo
+from ..headers.safetensors import TensorInfo, read_safetensors_header
 from ..headers.sources import resolve_input
 from ..io.tensors import open_checkpoint
 from ..io.writer import CheckpointWriter
@@ -346,6 +347,24 @@ def write(ad: LoraAdapter, out: Path, *, force: bool = False, inputs: list[Path]
     return target
 
 
+# BFL's Flux modules outside the blocks: diffusers' kohya-Flux converter (0.42) leaves them
+# out of what it loads, without a word
+DIFFUSERS_DROPS = re.compile(r"^lora_unet_(img_in|txt_in|time_in|vector_in|guidance_in|"
+                             r"final_layer)(_|$)")
+
+
+def _write_told(ad: LoraAdapter, out: Path, *, force: bool = False,
+                inputs: list[Path] | None = None, note: str = "", base: str | None = None,
+                options: Options | None = None) -> tuple[Path, dict[str, object] | None]:
+    """write, and what a consumer will not load of what was written (read back from the
+    file's header): the Flux modules diffusers' kohya loader drops."""
+    target = write(ad, out, force=force, inputs=inputs, note=note, base=base, options=options)
+    infos, _ = read_safetensors_header(target)
+    stems = sorted({stem for stem in (i.name.split(".")[0] for i in infos)
+                    if DIFFUSERS_DROPS.match(stem)}, key=natural_key)
+    return target, ({"diffusers_drops": stems} if stems else None)
+
+
 def _base_model(base: str | None, sub: str) -> Checkpoint | None:
     """The model of ``--base`` that ``sub`` names: that folder of a pipeline, else the base
     itself; None without a base or when it cannot be opened (names then stay diffusers')."""
@@ -388,4 +407,4 @@ def _sgm_names(ad: LoraAdapter, base: str | None) -> dict[str, str]:
 
 
 FORMAT = Format("kohya", "one .safetensors file", ".safetensors", "lora.safetensors",
-                is_kohya, read, lambda ad, out, **kw: (write(ad, out, **kw), None), lossy, keep)
+                is_kohya, read, _write_told, lossy, keep)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .base import Report, optional
-from .text import KIND, counts, fold, ranks_text
+from .text import KIND, counts, fold, listing, ranks_text
 
 
 @dataclass
@@ -64,6 +64,8 @@ class ConvertReport(Report):
     lycoris: LycorisPart | None = optional()
     output: str = ""
     gguf: GgufInfo | None = optional()
+    # modules written that diffusers' kohya-Flux loader leaves out when it loads the file
+    diffusers_drops: list[str] | None = optional()
 
     def render(self) -> str:
         lines = [f"wrote {self.output}: {self.format} adapter, {self.modules} LoRA modules, "
@@ -79,6 +81,12 @@ class ConvertReport(Report):
                          "change nothing")
         if self.lycoris:
             lines += lycoris_lines(self.lycoris)
+        if self.diffusers_drops:
+            lines.append(f"  note: diffusers' kohya-Flux loader (0.42) leaves "
+                         f"{len(self.diffusers_drops)} module(s) of this file out when it "
+                         f"loads it ({listing(self.diffusers_drops, 3)}), so in diffusers the "
+                         "adapter acts without them; ComfyUI and sd-scripts load them; for "
+                         "diffusers write --to diffusers")
         g = self.gguf
         if g and g.rescaled:
             lines.append(f"  adapter.lora.alpha = {g.alpha:g}; lora_b of {g.rescaled} "

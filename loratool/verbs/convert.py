@@ -119,6 +119,8 @@ def convert(adapter: PathLike, out: PathLike, to: str, *, base: str | None = Non
     report.output, info = write_adapter(ad, out, to, base=base, force=force,
                                         inputs=_local(spec) + _local(base), note=note,
                                         with_info=True, options=options)
+    drops = info.pop("diffusers_drops", None) if info else None
+    report.diffusers_drops = list(drops) if isinstance(drops, list) else None
     report.gguf = _gguf_info(info) if info else None
     return report
 
