@@ -212,7 +212,9 @@ def _train(model, steps: int = 12, lr: float = 5e-5):
 @needs_minilm
 def test_minilm_extract_merge_unmerge_gives_the_base_back(minilm):
     """On a real fine-tune (AdamW steps: every tensor changes, the embeddings by weight decay
-    only): the defaults store embeddings and LayerNorms in full, the rest as LoRA."""
+    only): the defaults store embeddings and LayerNorms in full, the rest as LoRA; unmerge
+    gives the base back bit for bit with the merge's exact record, and within float32
+    rounding without it."""
     from transformers import AutoModel
 
     d = minilm
@@ -225,10 +227,11 @@ def test_minilm_extract_merge_unmerge_gives_the_base_back(minilm):
     assert res.rc == 0, res.err
     full = json.loads(res.out)["full_tensors"]
     assert full  # LayerNorms, lookup tables and unpaired biases are stored in full
-    assert run_cli("merge", d / "base", d / "ad0", "-o", d / "m0").rc == 0
-    res = run_cli("unmerge", d / "m0", d / "ad0", "-o", d / "u0", "--verify")
+    # without the exact record: (W + ΔW) − ΔW, exact up to float32 rounding
+    assert run_cli("merge", d / "base", d / "ad0", "-o", d / "m1", "--no-exact-record").rc == 0
+    res = run_cli("unmerge", d / "m1", d / "ad0", "-o", d / "u1", "--verify")
     assert res.rc == 0, res.err
-    base, back = open_checkpoint(d / "base"), open_checkpoint(d / "u0")
+    base, back = open_checkpoint(d / "base"), open_checkpoint(d / "u1")
     assert list(back.tensors) == list(base.tensors)
     same = total = 0
     for name in base.tensors:
@@ -237,5 +240,20 @@ def test_minilm_extract_merge_unmerge_gives_the_base_back(minilm):
             assert torch.equal(a, b), name  # restored from the merge's record, exactly
         same += int((a == b).sum())
         total += a.numel()
-    assert same / total >= 0.99, same / total
-    assert _embed(d / "u0").allclose(_embed(d / "base"), atol=1e-6)
+    assert 0.99 <= same / total < 1, same / total
+    assert _embed(d / "u1").allclose(_embed(d / "base"), atol=1e-6)
+    # with it (the default): the base bit for bit; the record holds exactly the values the
+    # round trip above lost, and says how many
+    res = run_cli("merge", d / "base", d / "ad0", "-o", d / "m0", "--json")
+    assert res.rc == 0, res.err
+    exact = json.loads(res.out)["exact"]
+    assert exact["values"] == total - same, (exact, total - same)
+    res = run_cli("unmerge", d / "m0", d / "ad0", "-o", d / "u0", "--verify", "--json")
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["exact"]["values"] == total - same
+    back = open_checkpoint(d / "u0")
+    for name in base.tensors:
+        a, b = base.load(name), back.load(name)
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    print(f"exact record: {exact['values']:,} values of {exact['changed_values']:,} changed "
+          f"({exact['bytes']:,} bytes)")

@@ -27,7 +27,8 @@ MergeFlag = Path | tuple[float, ...] | str | bool | None  # the values merge_opt
 def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
                out: Path, weights: tuple[float, ...], device: str, dtype: str,
                max_shard_size: str, untie: bool, verify: bool, force: bool,
-               as_json: bool, quant: str | None, record: bool = True) -> None:
+               as_json: bool, quant: str | None, record: bool = True, exact: bool = True
+               ) -> None:
     if sign > 0:
         starting(ctx, f"merging {adapters_text(adapters)} into {base} → {out}")
     else:
@@ -39,7 +40,8 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                   max_shard_size=max_shard_size, untie=untie, verify=verify, force=force,
                   options=options_of(ctx), progress=progress(ctx))
     if sign > 0:
-        report = verb.merge(base, list(adapters), out, record=record, quant=quant, **common)
+        report = verb.merge(base, list(adapters), out, record=record, exact_record=exact,
+                            quant=quant, **common)
     else:
         report = verb.unmerge(base, list(adapters), out, **common)
     show(ctx, report, as_json)
@@ -52,9 +54,12 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
 @click.option("--no-record", is_flag=True,
               help="Do not write loratool-unmerge.safetensors (the base tensors that full "
                    "tensors replace, DoRA row norms); unmerge then refuses those.")
+@click.option("--no-exact-record", is_flag=True,
+              help="Leave out of that record the values (W + ΔW) − ΔW does not give back "
+                   "(about 1 %% of the changed ones); unmerge is then exact up to rounding.")
 @click.pass_context
 def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: bool,
-          **kw: MergeFlag) -> None:
+          no_exact_record: bool, **kw: MergeFlag) -> None:
     """Fold one or more adapters into BASE and write a model folder transformers loads.
 
     Streams tensor by tensor (memory stays near one tensor); math in float32 on the chosen
@@ -68,7 +73,8 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: b
       loratool merge base/ adapter/ -o merged/ --device cuda --verify
       loratool merge ./sdxl-pipeline style.safetensors -o ./sdxl-style
     """
-    _run_merge(ctx, 1.0, base, adapters, record=not no_record, **kw)
+    _run_merge(ctx, 1.0, base, adapters, record=not no_record, exact=not no_exact_record,
+               **kw)
 
 
 @click.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..units import human_bytes
 from .base import Report, optional
 from .text import LAYER, listing, num, rate, table
 
@@ -46,6 +47,17 @@ class VerifyResult:
 
 
 @dataclass
+class ExactFixes:
+    """The values unmerge cannot recompute exactly ((W + ΔW) − ΔW rounds to another value
+    than W): merge records them (index and base value); unmerge puts them back."""
+
+    values: int  # merge: recorded; unmerge: put back
+    changed_values: int  # values of the tensors the adapters change
+    bytes: int  # merge: their size in the record
+    not_applied: list[str]  # unmerge: tensors whose recomputation differs from the merge's
+
+
+@dataclass
 class MergeReport(Report):
     """A merge (or unmerge) into a model folder or a single safetensors file."""
 
@@ -70,6 +82,7 @@ class MergeReport(Report):
     inert_modules: list[str]  # modules that change nothing, left out
     peak_gpu_mb: float | None = optional()
     verify: VerifyResult | None = optional()
+    exact: ExactFixes | None = optional()
 
     def render(self) -> str:
         names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
@@ -90,6 +103,18 @@ class MergeReport(Report):
         if kept:
             lines.append(f"  recorded {' and '.join(kept)} in {self.record}, so that unmerge "
                          "gives the base back")
+        x = self.exact
+        if x and self.operation == "merge":
+            share = x.values / x.changed_values if x.changed_values else 0.0
+            lines.append(f"  recorded {x.values:,} values ({share:.2%} of the changed tensors'"
+                         f", {human_bytes(x.bytes)}) that (W + ΔW) − ΔW does not give back, so "
+                         "that unmerge is exact")
+        elif x:
+            lines.append(f"  put back {x.values:,} values from the merge's record: the base "
+                         "bit for bit" + (f"; not in {len(x.not_applied)} tensor(s) whose "
+                                          f"unmerge differs from the merge's (other adapters, "
+                                          f"weights, dtype or device): {listing(x.not_applied, 3)}"
+                                          if x.not_applied else ""))
         lines += inert_lines(self.inert_modules)
         if self.not_copied:
             lines.append(f"  left out {len(self.not_copied)} file(s) of the base that hold its "

@@ -34,8 +34,8 @@ PathLike = str | os.PathLike[str]
 def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
           weights: list[float] | None = None, device: str = "auto", dtype: str = "keep",
           max_shard_size: str | int = "5GB", untie: bool = False, verify: bool = False,
-          record: bool = True, quant: str | None = None, force: bool = False,
-          options: Options | None = None, progress: Progress = SILENT
+          record: bool = True, exact_record: bool = True, quant: str | None = None,
+          force: bool = False, options: Options | None = None, progress: Progress = SILENT
           ) -> MergeReport | GgufMergeReport | PipelineMergeReport:
     """Fold ``adapters`` (paths or Hub ids, any format) into ``base`` and write ``out``.
 
@@ -44,8 +44,10 @@ def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
     file (``out`` a ``.gguf``; ``quant`` re-types changed tensors), or a diffusers pipeline
     folder. ``weights``: one per adapter (default 1). ``dtype``: keep, fp32, bf16 or fp16.
     ``record``: write ``loratool-unmerge.safetensors`` so that :func:`unmerge` can undo
-    replaced tensors and DoRA. ``verify``: check the output against float64 before it is
-    published. Raises :class:`loratool.LoraToolError` (nothing is written) on bad input.
+    replaced tensors and DoRA; ``exact_record``: with it, the values (W + ΔW) − ΔW does not give
+    back (about 1 % of them), so that :func:`unmerge` gives the base back bit for bit.
+    ``verify``: check the output against float64 before it is published. Raises
+    :class:`loratool.LoraToolError` (nothing is written) on bad input.
 
     Example::
 
@@ -54,7 +56,8 @@ def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
     """
     return _run(1.0, base, adapters, out, weights=weights, device=device, dtype=dtype,
                 max_shard_size=max_shard_size, untie=untie, verify=verify, record=record,
-                quant=quant, force=force, options=options, progress=progress)
+                exact=exact_record, quant=quant, force=force, options=options,
+                progress=progress)
 
 
 def unmerge(merged: PathLike, adapters: list[PathLike], out: PathLike, *,
@@ -72,14 +75,15 @@ def unmerge(merged: PathLike, adapters: list[PathLike], out: PathLike, *,
     """
     report = _run(-1.0, merged, adapters, out, weights=weights, device=device, dtype=dtype,
                   max_shard_size=max_shard_size, untie=untie, verify=verify, record=False,
-                  quant=None, force=force, options=options, progress=progress)
+                  exact=False, quant=None, force=force, options=options, progress=progress)
     assert not isinstance(report, GgufMergeReport)  # a GGUF unmerge is refused
     return report
 
 
 def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *,
          weights: list[float] | None, device: str, dtype: str, max_shard_size: str | int,
-         untie: bool, verify: bool, record: bool, quant: str | None, force: bool,
+         untie: bool, verify: bool, record: bool, exact: bool, quant: str | None,
+         force: bool,
          options: Options | None, progress: Progress
          ) -> MergeReport | GgufMergeReport | PipelineMergeReport:
     """The one entry of every merge: check, then the pipeline, GGUF or checkpoint path, with
@@ -92,7 +96,7 @@ def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *
     check_dtype(dtype)
     options = options or Options()
     s = MergeSettings(sign, resolve_device(device), dtype, max_shard_size, force, untie,
-                      verify, record, quant, options, progress)
+                      verify, record, exact, quant, options, progress)
     with streaming_threads(options):
         if is_pipeline(base_spec):
             return merge_pipeline.merge_pipeline(base_spec, specs, out, ws, s, t0)

@@ -14,12 +14,14 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..engine import kernel
@@ -28,29 +30,43 @@ from ..engine.record import RECORD, UnmergeRecord
 from ..engine.verify import verify_output
 from ..errors import FormatError
 from ..headers.checkpoint import Checkpoint
-from ..io.tensors import Buffers, torch_dtype
+from ..io.tensors import Buffers, tensor_bytes, torch_dtype
 from ..io.writer import CheckpointWriter
 from ..options import DTYPES
 from ..progress import Progress
-from ..reports.merge import MergedAdapter, MergeReport, VerifyResult
+from ..reports.merge import ExactFixes, MergedAdapter, MergeReport, VerifyResult
 from .merge_settings import MergeSettings, Part, peak_rss_mb
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
 
 
 def _by_rows(t: torch.Tensor, e: Edit, sign: float, out_dtype: torch.dtype, name: str,
-             stats: kernel.Stats, bufs: Buffers) -> torch.Tensor:
+             stats: kernel.Stats, bufs: Buffers,
+             fixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """The CPU path of an edit that only adds: the kernel a block of rows at a time, so that
     the float32 copy, the guard and the rounding stay in cache instead of streaming whole
-    float32 tensors through memory several times."""
+    float32 tensors through memory several times. ``fixes`` (a merge in the base's dtype):
+    receives the flat indices where unmerge's (W + ΔW) − ΔW would not give W back, and the
+    values it would give there."""
     prods = kernel.products(e, torch.device("cpu"), bufs)
     out = bufs.get("out", out_dtype, t.numel())[: t.numel()].view(t.shape)
     rows = max(1, ROW_CHUNK // max(1, t[0].numel()))
+    cols = t[0].numel()
     for s in range(0, t.shape[0], rows):
         W = t[s:s + rows].to(torch.float32, copy=True)
         kernel.add_rows(W, prods, slice(s, s + rows), sign, stats)
         kernel.guard(W, out_dtype, name)  # per block: min()/max() would skip a NaN
         out[s:s + rows].copy_(W)
+        if fixes is not None:  # unmerge's own steps on what was written: the same bits
+            W.copy_(out[s:s + rows])  # W's buffer, done with: never the output itself
+            for p in prods:  # the products as add_rows left them: scaled, weighted
+                W.sub_(p.delta[s:s + rows])
+            got = W.to(out_dtype).reshape(-1)
+            # numpy's flatnonzero: a third of torch's nonzero time on the CPU
+            lost = torch.from_numpy(np.flatnonzero(
+                (got != t[s:s + rows].reshape(-1)).numpy()))
+            if lost.numel():
+                fixes.append((lost + s * cols, got[lost]))
     return out
 
 
@@ -119,7 +135,9 @@ class _Job:
     out_code: str | None  # --dtype as a safetensors code, None to keep each tensor's
     rec: UnmergeRecord | None  # unmerge: what the merge recorded
     record: bool  # merge: write a record for unmerge
+    exact: bool = True  # merge: record the values unmerge cannot recompute (with record)
     recorded: dict[str, int] = field(default_factory=lambda: {"dora_norm": 0, "replaced": 0})
+    fixes: ExactFixes = field(default_factory=lambda: ExactFixes(0, 0, 0, []))
     max_abs_delta: list[float] = field(default_factory=list)  # per changed tensor
     bytes_in: int = 0
     stream_seconds: float = 0.0  # reading, merging and writing the tensors (what the bar shows)
@@ -143,7 +161,8 @@ def merge_into(base: Checkpoint, base_spec: str, parts: list[Part], out: Path,
     checkpoint: plan, stream, verify, publish; the report. ``t0``: when the verb began (its
     report's ``seconds`` count from there).
 
-    ``s.record`` (merge): write what unmerge needs (replaced tensors, DoRA norms) as ``RECORD``.
+    ``s.record`` (merge): write what unmerge needs (replaced tensors, DoRA norms and, with
+    ``s.exact``, the values unmerge cannot recompute) as ``RECORD``.
     """
     t0 = time.perf_counter() if t0 is None else t0
     inert: list[str] = []
@@ -153,7 +172,7 @@ def merge_into(base: Checkpoint, base_spec: str, parts: list[Part], out: Path,
     # a single .safetensors base and -o x.safetensors: one file out (no room for the record)
     single = Path(out).suffix == ".safetensors" and base.index is None and len(base.files) == 1
     job = _Job(base, edits, order, s.sign, s.device, DTYPES[s.dtype],
-               UnmergeRecord(base) if s.sign < 0 else None, s.record and not single)
+               UnmergeRecord(base) if s.sign < 0 else None, s.record and not single, s.exact)
     writer = _writer(job, out, inputs, s, base_spec, parts, single)
     verified: list[VerifyResult] = []
     if s.verify:
@@ -236,23 +255,85 @@ def _edited(job: _Job, w: CheckpointWriter, name: str, t: torch.Tensor, odt: tor
     if job.sign > 0 and e.full is not None and job.record:
         w.add_side(RECORD, "replaced." + name, t)
         job.recorded["replaced"] += 1
+    # values unmerge will not recompute exactly: for additions (a replaced tensor comes back
+    # whole from the record; DoRA from its norms) written in the base's own dtype
+    fixes: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+        [] if job.sign > 0 and job.record and job.exact and odt == t.dtype and e.full is None
+        and e.dora is None else None)
     if job.sign < 0 and e.full is not None:
         res = _cast(_restore(t, e, name, job.rec, job.dev, stats), odt, name)
     elif job.dev.type == "cpu" and kernel.is_rows_only(e) and t.dim() >= 2:
-        res = _by_rows(t, e, job.sign, odt, name, stats, job.bufs)
+        res = _by_rows(t, e, job.sign, odt, name, stats, job.bufs, fixes)
     else:
         W = t.to(device=job.dev, dtype=torch.float32, copy=True)
-        del t
         new = kernel.merged(W, e, job.sign, job.dev, norms, name, job.rec, stats)
         del W
         kernel.guard(new, odt, name)
         res = new.to(odt).cpu()
+        del new
+        if fixes is not None:  # unmerge's own computation on what was written
+            back = kernel.merged(res.to(job.dev, torch.float32, copy=True), e, -1.0, job.dev,
+                                 name=name)  # a copy: merged() works in place
+            got = back.to(odt).cpu().reshape(-1)
+            lost = (got != t.reshape(-1)).nonzero().reshape(-1)
+            if lost.numel():
+                fixes.append((lost, got[lost]))
     if job.record:
         for k, v in norms.items():
             w.add_side(RECORD, "dora_norm." + k, v)
             job.recorded["dora_norm"] += 1
+    if fixes is not None:
+        _record_fixes(job, w, name, t, fixes)
+    elif job.sign < 0 and job.rec is not None and e.full is None:
+        _apply_fixes(job, name, res)
     job.max_abs_delta.append(stats.max_abs_delta or 0.0)
     return res
+
+
+def _record_fixes(job: _Job, w: CheckpointWriter, name: str, base: torch.Tensor,
+                  lost: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Record where unmerge would not give the base back: the flat indices, the base's
+    values there, and a digest of what unmerge will compute there (so that it puts them back
+    only after the same merge's unmerge)."""
+    job.fixes.changed_values += base.numel()
+    if not lost:
+        return
+    idx = torch.cat([i for i, _ in lost])
+    found = torch.cat([v for _, v in lost])
+    index = idx.to(torch.int32 if base.numel() < 2**31 else torch.int64)
+    values = base.reshape(-1)[idx].contiguous()
+    w.add_side(RECORD, "exact_index." + name, index)
+    w.add_side(RECORD, "exact_value." + name, values)
+    w.add_side(RECORD, "exact_check." + name, _digest(found))
+    job.fixes.values += idx.numel()
+    job.fixes.bytes += index.numel() * index.element_size() + values.numel() * \
+        values.element_size() + 16
+
+
+def _digest(t: torch.Tensor) -> torch.Tensor:
+    h = hashlib.blake2b(tensor_bytes(t.contiguous()), digest_size=16).digest()
+    return torch.frombuffer(bytearray(h), dtype=torch.uint8)
+
+
+def _apply_fixes(job: _Job, name: str, res: torch.Tensor) -> None:
+    """Unmerge: put back the values the merge recorded, where what was computed there is
+    what the merge foresaw (else the unmerge is not that merge's: left as computed)."""
+    assert job.rec is not None
+    index = job.rec.load("exact_index", name)
+    if index is None:
+        return
+    idx = index.to(torch.int64)
+    flat = res.reshape(-1)
+    check = job.rec.load("exact_check", name)
+    values = job.rec.load("exact_value", name)
+    if check is None or values is None or values.dtype != res.dtype or idx.numel() != \
+            values.numel() or (idx.numel() and int(idx.max()) >= flat.numel()) or \
+            not torch.equal(_digest(flat[idx]), check):
+        job.fixes.not_applied.append(name)
+        return
+    flat[idx] = values
+    job.fixes.values += idx.numel()
+    job.fixes.changed_values += res.numel()
 
 
 def _report(job: _Job, base_spec: str, parts: list[Part], out: Path, dtype: str,
@@ -268,7 +349,8 @@ def _report(job: _Job, base_spec: str, parts: list[Part], out: Path, dtype: str,
         max_abs_delta=max(job.max_abs_delta, default=0.0),
         dora_norms_recorded=job.recorded["dora_norm"],
         replaced_recorded=job.recorded["replaced"],
-        record=RECORD if any(job.recorded.values()) else None,
+        record=RECORD if any(job.recorded.values()) or job.fixes.values and job.sign > 0
+        else None,
         not_copied=writer.not_copied, seconds=elapsed, stream_seconds=job.stream_seconds,
         # the rate of the stream itself, as its bar shows it (reading the adapters, planning
         # and start-up are in "seconds", not here)
@@ -276,4 +358,6 @@ def _report(job: _Job, base_spec: str, parts: list[Part], out: Path, dtype: str,
         bytes=job.bytes_in, peak_rss_mb=peak_rss_mb(), inert_modules=inert,
         peak_gpu_mb=torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
         else None,
-        verify=verified)
+        verify=verified,
+        exact=job.fixes if job.fixes.values or job.fixes.not_applied or (
+            job.sign > 0 and job.record and job.exact and job.fixes.changed_values) else None)

@@ -47,7 +47,8 @@ class MergeSettings:
     component of a pipeline.
 
     ``sign``: +1 merges, −1 unmerges. ``dtype``: keep, fp32, bf16 or fp16 (float tensors).
-    ``record``: write what unmerge needs beside the output. ``quant``: a GGUF output type.
+    ``record``: write what unmerge needs beside the output; ``exact``: with it, the values
+    (W + ΔW) − ΔW does not give back, so that unmerge is exact. ``quant``: a GGUF output type.
     """
 
     sign: float
@@ -58,6 +59,7 @@ class MergeSettings:
     untie: bool = False
     verify: bool = False
     record: bool = True
+    exact: bool = True
     quant: str | None = None
     options: Options = field(default_factory=Options)
     progress: Progress = SILENT
