@@ -7,6 +7,8 @@ rank-16 PEFT adapter on every attention and MLP matrix):
   * ``python -c "import torch"``                         interpreter start-up with torch
   * ``loratool merge BASE ADAPTER -o OUT``               (fsync'd before it is published)
   * ``loratool merge BASE ADAPTER -o OUT --no-fsync``
+  * ``loratool merge BASE ADAPTER -o OUT --no-exact-record`` (no record of the values unmerge
+    cannot recompute)
   * PEFT: ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
   * mergekit: ``mergekit-yaml`` with the ``BASE+ADAPTER`` model syntax (passthrough)
 Every case starts after a ``sync``, so that no case pays for the previous one's dirty pages.
@@ -128,6 +130,8 @@ def cases(args: argparse.Namespace, n: int, peers: Path) -> dict[str, list[str]]
         "loratool merge": merge,
         "cp -r (floor, no flush)": ["cp", "-r", str(base), str(out)],
         "loratool merge --no-fsync": merge + ["--no-fsync"],
+        # the record of the values unmerge cannot recompute exactly (on by default) left out
+        "loratool merge --no-exact-record": merge + ["--no-exact-record"],
         "PEFT merge_and_unload": [str(peers), "-c", PEFT_MERGE, str(base), str(adapter),
                                   str(out)],
         "mergekit-yaml (base+lora)": [str(peers.parent / "mergekit-yaml"), str(yml), str(out),
