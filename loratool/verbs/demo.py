@@ -186,10 +186,12 @@ def _merge(workdir: Path, base: Path, adapter: Path, options: Options, progress:
         a, b = back.load(name), orig.load(name)
         same += int((a == b).sum())
         total += a.numel()
+    fixed = back_rep.exact.values if back_rep.exact else 0
     yield _shown(f"unmerge {merged} {adapter} -o {again} --device cpu --force",
                  back_rep.render(), f"{same / total:.2%} of all values are the base's bit for "
-                 "bit after this bf16 merge → unmerge round trip; the rest lost low bits when "
-                 "the merged values were rounded to bf16")
+                 f"bit after this bf16 merge → unmerge: {(same - fixed) / total:.2%} by the "
+                 f"round trip itself, the other {fixed:,} (low bits lost when the merged values "
+                 "were rounded to bf16) from the merge's exact record")
 
 
 def _extract_combine(workdir: Path, base: Path, tuned: Path, adapter: Path,
