@@ -38,6 +38,7 @@ from ..reports.merge import ExactFixes, MergedAdapter, MergeReport, VerifyResult
 from .merge_settings import MergeSettings, Part, peak_rss_mb
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
+BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a dtype's bits
 
 
 def _by_rows(t: torch.Tensor, e: Edit, sign: float, out_dtype: torch.dtype, name: str,
@@ -61,10 +62,14 @@ def _by_rows(t: torch.Tensor, e: Edit, sign: float, out_dtype: torch.dtype, name
             W.copy_(out[s:s + rows])  # W's buffer, done with: never the output itself
             for p in prods:  # the products as add_rows left them: scaled, weighted
                 W.sub_(p.delta[s:s + rows])
-            got = W.to(out_dtype).reshape(-1)
+            # into reused buffers: fresh memory costs a page fault per 4 KiB
+            got = bufs.get("exact_got", out_dtype, W.numel())[: W.numel()]
+            got.copy_(W.reshape(-1))
+            mask = bufs.get("exact_mask", torch.bool, W.numel())[: W.numel()]
+            bits = BITS[out_dtype.itemsize]  # bit for bit (−0 is not +0), and fast: integers
+            torch.ne(got.view(bits), t[s:s + rows].reshape(-1).view(bits), out=mask)
             # numpy's flatnonzero: a third of torch's nonzero time on the CPU
-            lost = torch.from_numpy(np.flatnonzero(
-                (got != t[s:s + rows].reshape(-1)).numpy()))
+            lost = torch.from_numpy(np.flatnonzero(mask.numpy()))
             if lost.numel():
                 fixes.append((lost + s * cols, got[lost]))
     return out
