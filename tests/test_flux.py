@@ -141,3 +141,42 @@ def test_bfl_names_read_back_merge_and_convert(flux: Path, tmp_path: Path) -> No
             flux / "transformer", "-o", tmp_path / "d")
     assert torch.allclose(with_adapter(flux, tmp_path / "d"), with_adapter(flux, flux / "all"),
                           rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_lycoris_own_names_on_a_flux_transformer(tmp_path: Path, algo: str) -> None:
+    """LyCORIS wrapping a diffusion transformer itself (create_lycoris, lycoris_<path> names,
+    alpha ≠ dim): merged into the transformer folder, it gives the output of the transformer
+    with the LyCORIS network applied (LyCORIS' own forward)."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    model = tiny_flux()
+    model.save_pretrained(tmp_path / "transformer")
+    before = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
+    try:  # the preset is class state: restored for the other tests
+        LycorisNetwork.apply_preset({"target_module": ["FluxTransformerBlock",
+                                                       "FluxSingleTransformerBlock"]})
+        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2, algo=algo, factor=4)
+    finally:
+        for k, v in before.items():
+            setattr(LycorisNetwork, k, v)
+    net.apply_to()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in sorted(net.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tmp_path / "lycoris.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    keys = load_file(path)
+    assert keys and all(k.startswith("lycoris_") for k in keys)
+    want = run(model)  # LyCORIS' forward: the network applied
+    assert (want - run(tiny_flux())).abs().max() > 1e-3  # the network matters
+    res = run_cli("merge", tmp_path / "transformer", path, "-o", tmp_path / "m", "--json")
+    assert json.loads(res.out)["tensors_changed"] == len(net.loras)
+    from diffusers import FluxTransformer2DModel
+
+    got = run(FluxTransformer2DModel.from_pretrained(tmp_path / "m").eval())
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
