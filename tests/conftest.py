@@ -273,3 +273,23 @@ def gguf_model(model_dir: Path, path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def lycoris_network(model, targets: list[str], alpha: float, algo: str):  # type: ignore[no-untyped-def]
+    """LyCORIS wrapping ``model`` itself (``create_lycoris``, rank 4, its own lycoris_ names)
+    on the module classes ``targets``, applied. The preset is LyCORIS' class state: restored
+    after, for the other tests."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    before = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
+    try:
+        LycorisNetwork.apply_preset({"target_module": targets})
+        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=alpha, algo=algo, factor=4)
+    finally:
+        for k, v in before.items():
+            setattr(LycorisNetwork, k, v)
+    net.apply_to()
+    return net

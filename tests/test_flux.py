@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli as run_cli
+from conftest import lycoris_network
 from safetensors.torch import load_file, save_file
 
 
@@ -148,22 +149,10 @@ def test_lycoris_own_names_on_a_flux_transformer(tmp_path: Path, algo: str) -> N
     """LyCORIS wrapping a diffusion transformer itself (create_lycoris, lycoris_<path> names,
     alpha ≠ dim): merged into the transformer folder, it gives the output of the transformer
     with the LyCORIS network applied (LyCORIS' own forward)."""
-    import logging
-
-    from lycoris import LycorisNetwork, create_lycoris
-
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     model = tiny_flux()
     model.save_pretrained(tmp_path / "transformer")
-    before = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
-    try:  # the preset is class state: restored for the other tests
-        LycorisNetwork.apply_preset({"target_module": ["FluxTransformerBlock",
-                                                       "FluxSingleTransformerBlock"]})
-        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2, algo=algo, factor=4)
-    finally:
-        for k, v in before.items():
-            setattr(LycorisNetwork, k, v)
-    net.apply_to()
+    net = lycoris_network(model, ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+                          alpha=2, algo=algo)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, p in sorted(net.named_parameters()):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, lycoris_network
 from lycoris.kohya import create_network
 from lycoris.utils import merge as lycoris_merge
 from safetensors.torch import load_file
@@ -253,7 +253,6 @@ def test_lycoris_own_names_on_a_language_model(tmp_path: Path, algo: str) -> Non
     modules lycoris_<path with underscores>: resolved against the base's module names, read,
     inspected and merged; the merge equals LyCORIS' own (merge_to) to float32 rounding.
     alpha = dim (scale 1), as above: LyCORIS' merge of LoHa applies alpha/dim twice."""
-    from lycoris import LycorisNetwork, create_lycoris
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -261,14 +260,7 @@ def test_lycoris_own_names_on_a_language_model(tmp_path: Path, algo: str) -> Non
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2)).eval()
     model.save_pretrained(tmp_path / "base")
-    before = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
-    try:  # the preset is class state: restored for the other tests
-        LycorisNetwork.apply_preset({"target_module": ["LlamaAttention", "LlamaMLP"]})
-        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=4, algo=algo, factor=4)
-    finally:
-        for k, v in before.items():
-            setattr(LycorisNetwork, k, v)
-    net.apply_to()
+    net = lycoris_network(model, ["LlamaAttention", "LlamaMLP"], alpha=4, algo=algo)
     # as LyCORIS initialises it (one side zero): it changes nothing, and says so
     net.save_weights(str(tmp_path / "initial.safetensors"), torch.float32, {})
     initial = json.loads(run_cli(["merge", str(tmp_path / "base"),

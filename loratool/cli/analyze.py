@@ -1,9 +1,4 @@
-"""``loratool analyze``: how low-rank a fine-tune or an adapter is, and what two share.
-
-Each command parses its flags, calls the verb of the public API with them and shows the
-report it returns (its text, or ``--json``); the verb's module is imported when the command
-runs, so that every other command starts without it.
-"""
+"""``loratool analyze``: how low-rank a fine-tune or an adapter is, and what two share."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""``loratool demo``: every command on a small model built on the spot.
-
-Each command parses its flags, calls the verb of the public API with them and shows the
-report it returns (its text, or ``--json``); the verb's module is imported when the command
-runs, so that every other command starts without it.
-"""
+"""``loratool demo``: every command on a small model built on the spot."""
 
 from __future__ import annotations
 

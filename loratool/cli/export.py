@@ -1,9 +1,4 @@
-"""``loratool export``: a model with adapters merged, as ONNX verified in onnxruntime.
-
-Each command parses its flags, calls the verb of the public API with them and shows the
-report it returns (its text, or ``--json``); the verb's module is imported when the command
-runs, so that every other command starts without it.
-"""
+"""``loratool export``: a model with adapters merged, as ONNX verified in onnxruntime."""
 
 from __future__ import annotations
 

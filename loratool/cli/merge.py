@@ -1,9 +1,4 @@
-"""``loratool merge`` and ``unmerge``: adapters folded into a model and taken out again.
-
-Each command parses its flags, calls the verb of the public API with them and shows the
-report it returns (its text, or ``--json``); the verb's module is imported when the command
-runs, so that every other command starts without it.
-"""
+"""``loratool merge`` and ``unmerge``: adapters folded into a model and taken out again."""
 
 from __future__ import annotations
 

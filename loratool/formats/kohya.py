@@ -41,11 +41,12 @@ from ..headers.kohya import (
     split_stem,
     stems,
 )
+from ..headers.paths import is_pipeline
 from ..headers.safetensors import TensorInfo, read_safetensors_header
 from ..headers.sources import resolve_input
 from ..io.tensors import open_checkpoint
 from ..io.writer import CheckpointWriter
-from ..model.adapter import LoraAdapter, LoraModule, is_pipeline, pipeline_folders
+from ..model.adapter import LoraAdapter, LoraModule, pipeline_folders
 from ..model.lyco import LycoModule
 from ..numerics import ops
 from ..options import Options
@@ -66,7 +67,7 @@ class BaseNames:
         # Flux transformers: BFL's fused names (underscored) → (diffusers parts, their rows)
         self.flux: dict[str | None, dict[str, tuple[tuple[str, ...], list[int], bool]]] = {}
         target = resolve_input(base)
-        self.pipeline = isinstance(target, Path) and (target / "model_index.json").is_file()
+        self.pipeline = isinstance(target, Path) and is_pipeline(target)
         self.single_model = False
         if self.pipeline:
             for sub in sorted(pipeline_folders(target)):  # type: ignore[arg-type]

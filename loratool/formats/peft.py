@@ -18,7 +18,13 @@ from ..errors import FormatError
 from ..formats.base import Format, held
 from ..formats.peft_params import experts_module, parameter_modules
 from ..headers import moe
-from ..headers.adapters import PEFT_PREFIX, config_number, pattern_value, split_key
+from ..headers.adapters import (
+    PEFT_PREFIX,
+    UNKNOWN_KIND_MARKS,
+    config_number,
+    pattern_value,
+    split_key,
+)
 from ..headers.checkpoint import Checkpoint
 from ..headers.peft_config import AdapterMeta, peft_config, written_config
 from ..headers.peft_config import model_card as card_for
@@ -57,7 +63,7 @@ def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, object], w
         rel = key[len(prefix):] if key.startswith(prefix) else key
         sk = split_key(rel)
         if sk is None:
-            if "lora_" in rel or "hada_" in rel or "lokr_" in rel:
+            if any(mark in rel for mark in UNKNOWN_KIND_MARKS):
                 raise FormatError(f"{where}: unknown key pattern {key!r} (LoHa, LoKr, AdaLoRA "
                                   "and other non-LoRA adapters are not supported)")
             # modules_to_save and other full tensors; PEFT saves the embedding it adapts (for a

@@ -116,6 +116,9 @@ def check_one_format(folder: Path) -> None:
 # --------------------------------------------------------------------------- PEFT's rules
 
 PEFT_PREFIX = "base_model.model."
+# in a key that no PEFT pattern matches: an adapter kind the reader does not know (LoHa, LoKr,
+# AdaLoRA …), not a full tensor
+UNKNOWN_KIND_MARKS = ("lora_", "hada_", "lokr_")
 PEFT_PARTS = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
                         r"lora_embedding_B|lora_magnitude_vector)(?:\.(?P<adapter>(?!(?:weight|"
                         r"bias)$)[^.]+))?(?:\.(?P<leaf>weight|bias))?$")

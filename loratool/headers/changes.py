@@ -98,3 +98,17 @@ def pairs(base: Checkpoint, tuned: Checkpoint, targets: list[str], excludes: lis
         raise LoraToolError("no tensors to compare (check --target/--exclude)"
                             + (f"; names here look like {some}" if some else ""))
     return names
+
+
+# extract's fixed cost, what it writes whatever the ranks, in parts: their labels
+BIAS_CHANGES = "bias changes"
+RESIZED = "resized tensors in full"
+
+
+def stored_in_full(name: str, embed_lora: bool) -> tuple[str, str | None]:
+    """How extract counts a changed tensor it stores in full (not a bias, not resized): the
+    label of its part of the fixed cost, and the option that would leave it out (None when
+    none would). Shared with the check made before torch loads, so that both say the same."""
+    if EMBEDDING.search(name) or HEAD_TENSOR.search(name):
+        return "embeddings and heads in full", None if embed_lora else "--embed-lora"
+    return "norms and other tensors in full", "--skip-full"

@@ -28,6 +28,11 @@ from ..errors import FormatError, InputError, OutsideInputError, os_input_error
 HUB_CACHE_KINDS = ("models--", "datasets--", "spaces--")
 
 
+def is_pipeline(spec: str | os.PathLike[str]) -> bool:
+    """A local diffusers pipeline folder (it has model_index.json)."""
+    return (Path(spec) / "model_index.json").is_file()
+
+
 def check_exists(path: Path) -> None:
     """Raise a clear error for a missing path, a broken link or a symlink loop."""
     try:

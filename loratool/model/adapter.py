@@ -396,11 +396,6 @@ def expert_parts(ad: LoraAdapter, base: BaseTensors) -> dict[str, list[moe.Part]
 
 # --------------------------------------------------------------------------- pipelines
 
-def is_pipeline(spec: str) -> bool:
-    """A local diffusers pipeline folder."""
-    return (Path(spec) / "model_index.json").is_file()
-
-
 def pipeline_folders(root: Path) -> set[str]:
     """The subfolders of a pipeline folder (its components and others), each checked to lie
     inside it: a component linked to a folder elsewhere is refused, never read."""

@@ -30,12 +30,12 @@ from ..formats import (
     write_adapter,
 )
 from ..headers.checkpoint import Checkpoint
+from ..headers.paths import is_pipeline
 from ..io.tensors import open_checkpoint, torch_dtype
 from ..model.adapter import (
     LoraAdapter,
     LoraModule,
     component_folder,
-    is_pipeline,
     lyco_tensor,
     match_base,
     only_component,

@@ -222,8 +222,7 @@ def _trace(module: Wrapper, graph: GraphSpec, path: Path) -> None:
                               output_names=[graph.output], opset_version=graph.opset,
                               external_data=True)
     except Exception as e:  # the exporter's errors are long; keep the first line
-        raise LoraToolError(f"torch.onnx.export failed for {graph.config.model_type}: "
-                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+        raise export_cache.export_failed("torch.onnx.export", graph.config.model_type, e) from e
 
 
 def _architecture(config: PretrainedConfig) -> str | None:

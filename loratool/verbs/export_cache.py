@@ -52,6 +52,12 @@ def quiet_exporter() -> Iterator[None]:
             lg.setLevel(lv)
 
 
+def export_failed(what: str, model_type: object, e: Exception) -> LoraToolError:
+    """An exporter's failure in one line, naming the architecture (its errors are long)."""
+    return LoraToolError(f"{what} failed for {model_type}: {type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}")
+
+
 def _cache_layout(config: PretrainedConfig) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of a decoder's KV cache."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -179,5 +185,4 @@ def with_past(model: torch.nn.Module, config: PretrainedConfig, tmp: Path, vocab
     except LoraToolError:
         raise
     except Exception as e:
-        raise LoraToolError(f"--with-past export failed for {config.model_type}: "
-                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+        raise export_failed("--with-past export", config.model_type, e) from e

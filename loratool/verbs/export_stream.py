@@ -29,14 +29,14 @@ import torch
 
 from ..engine import kernel
 from ..engine.plan import Edit
-from ..errors import FormatError, LoraToolError
+from ..errors import FormatError
 from ..headers.changes import HEAD_TENSOR, input_embedding
 from ..headers.checkpoint import Checkpoint
 from ..io.directio import SequentialWriter
 from ..io.tensors import tensor_bytes
 from ..options import Options
 from ..reports.export import Streamed
-from .export_cache import quiet_exporter
+from .export_cache import export_failed, quiet_exporter
 from .export_model import GraphSpec, Wrapper, meta_model
 
 if TYPE_CHECKING:
@@ -62,8 +62,7 @@ def trace(module: Wrapper, graph: GraphSpec, path: Path) -> onnx.ModelProto:
                                      output_names=[graph.output], opset_version=graph.opset,
                                      optimize=False)
     except Exception as e:  # the exporter's errors are long; keep the first line
-        raise LoraToolError(f"torch.onnx.export failed for {graph.config.model_type}: "
-                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+        raise export_failed("torch.onnx.export", graph.config.model_type, e) from e
     assert prog is not None  # dynamo=True returns the program
     prog.save(str(path), include_initializers=False)  # meta values: the real ones come after
     return onnx.load(str(path), load_external_data=False)

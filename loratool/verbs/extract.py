@@ -26,8 +26,7 @@ from ..engine.deltas import diffs, matrix
 from ..errors import FormatError, LoraToolError
 from ..formats import lossy, output_format, write_adapter
 from ..headers import changes, moe
-from ..headers.changes import EMBEDDING, input_embedding, pairs, ties_embeddings
-from ..headers.changes import HEAD_TENSOR as HEAD
+from ..headers.changes import input_embedding, pairs, ties_embeddings
 from ..headers.checkpoint import Checkpoint
 from ..headers.peft_config import task_type_for
 from ..headers.safetensors import TensorInfo
@@ -199,7 +198,7 @@ def _take(job: _Job, name: str, w_base: torch.Tensor | None, delta: torch.Tensor
         return
     if w_base is None:  # resized: the tuned tensor, whatever the ranks
         job.full[name] = delta.to(job.store_dtype(ti.dtype))
-        job.fix("resized tensors in full", delta.numel(), ti.dtype, None)
+        job.fix(changes.RESIZED, delta.numel(), ti.dtype, None)
         return
     if name in job.expert_of:  # one block of an expert's matrix
         _take_expert_block(job, name, w_base, delta)
@@ -254,15 +253,13 @@ def _take_full(job: _Job, name: str, delta: torch.Tensor, raw_tuned: torch.Tenso
     """A changed tensor that is not LoRA-able: a bias change, or the tuned tensor in full."""
     if name.endswith(".bias"):
         job.biases[name] = delta.to("cpu", copy=True)  # delta's buffer serves the next one
-        job.fix("bias changes", delta.numel(), ti.dtype, None)
+        job.fix(changes.BIAS_CHANGES, delta.numel(), ti.dtype, None)
         return
     if job.skip_full:
         job.dropped.append(name)
         return
     job.full[name] = raw_tuned.to("cpu", job.store_dtype(ti.dtype), copy=True)  # tuned values
-    lookup = EMBEDDING.search(name) or HEAD.search(name)
-    label = "embeddings and heads in full" if lookup else "norms and other tensors in full"
-    hint = ("--embed-lora" if not job.embed_lora else None) if lookup else "--skip-full"
+    label, hint = changes.stored_in_full(name, job.embed_lora)
     copies = 2 if name == job.embedding else 1  # a tied head carries a copy
     for _ in range(copies):
         job.fix(label, delta.numel(), ti.dtype, hint)

@@ -19,8 +19,8 @@ from pathlib import Path
 from ..errors import LoraToolError
 from ..formats import read_any
 from ..formats.sgm_names import single_file_config, to_single_file
+from ..headers.paths import is_pipeline
 from ..io.tensors import open_checkpoint
-from ..model.adapter import is_pipeline
 from ..numerics.device import resolve_device, streaming_threads
 from ..options import Options, check_dtype, check_weights
 from ..progress import SILENT, Progress

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..errors import FormatError, LoraToolError, UsageError
 from ..headers import changes, moe
-from ..headers.adapters import describe, detect
+from ..headers.adapters import UNKNOWN_KIND_MARKS, describe, detect
 from ..headers.checkpoint import is_gguf, open_checkpoint
+from ..headers.paths import is_pipeline
 from ..headers.safetensors import TensorInfo, dtype_bytes, read_exactly
 from ..io.staging import MODEL_OUTPUT, REPORT_OUTPUT, OutputKind, check_output
 from ..options import DTYPES, Budget, Fixed, RankPolicy, check_fixed
@@ -27,11 +28,6 @@ from ..options import DTYPES, Budget, Fixed, RankPolicy, check_fixed
 def local(*specs: str | os.PathLike[str] | None) -> list[Path]:
     """The specs that are local paths (a Hub id is resolved by the verb)."""
     return [Path(s) for s in specs if s is not None and Path(s).exists()]
-
-
-def is_pipeline(spec: str | os.PathLike[str]) -> bool:
-    """A local diffusers pipeline folder."""
-    return (Path(spec) / "model_index.json").is_file()
 
 
 def output(out: Path, inputs: list[str | os.PathLike[str] | None], force: bool,
@@ -54,7 +50,7 @@ def full_tensors(spec: str | os.PathLike[str]) -> list[str]:
         facts, _ = describe(ckpt, fmt)
     except LoraToolError:
         return []
-    if any(mark in n for n in facts.full_tensors for mark in ("lora_", "hada_", "lokr_")):
+    if any(mark in n for n in facts.full_tensors for mark in UNKNOWN_KIND_MARKS):
         return []  # not a full tensor but a key the reader does not know: it says so
     return sorted(facts.full_tensors)
 
@@ -150,7 +146,7 @@ def fixed_cost(base: str, tuned: str, budget: Budget, targets: list[str], exclud
         if bi.offset < 0 or ti.offset < 0 or bi.dtype != ti.dtype:
             return None  # not two safetensors tensors whose bytes compare
         if bi.shape != ti.shape:
-            fix("resized tensors in full", ti, None)
+            fix(changes.RESIZED, ti, None)
             continue
         if name in blocks or changes.kind(name, ti.shape, model_type, embed_lora) != "full":
             continue
@@ -160,11 +156,9 @@ def fixed_cost(base: str, tuned: str, budget: Budget, targets: list[str], exclud
         if not differ:
             continue
         if name.endswith(".bias"):
-            fix("bias changes", ti, None)
+            fix(changes.BIAS_CHANGES, ti, None)
         elif not skip_full:
-            lookup = changes.EMBEDDING.search(name) or changes.HEAD_TENSOR.search(name)
-            label = "embeddings and heads in full" if lookup else "norms and other tensors in full"
-            hint = ("--embed-lora" if not embed_lora else None) if lookup else "--skip-full"
+            label, hint = changes.stored_in_full(name, embed_lora)
             for _ in range(2 if name == embedding else 1):  # a tied head carries a copy
                 fix(label, ti, hint)
     return fixed
