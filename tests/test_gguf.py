@@ -249,76 +249,86 @@ def _requantize(src: Path, out: Path, qtype: str) -> None:
 
 
 @needs_llama_cpp
-def test_k_quants_need_a_type_gguf_can_write(tmp_path):
-    """A Q4_K base: the gguf package dequantizes it but cannot quantize it, so the merge asks
-    for --quant, and with it writes quantize(dequantize(W) + ΔW) in that type."""
+def test_a_k_quant_model_is_merged_in_its_own_types(tmp_path):
+    """A Q4_K_M-style model (Q4_K projections, Q6_K attn_v and ffn_down, one Q5_K): merged
+    without --quant, each changed tensor is quantize(dequantize(W) + ΔW) in its own type with
+    ggml's quantizer (test_kquants.py holds ggml's bytes for it), the file is the base's size
+    and keeps its file type; --quant still picks another type and the header then says so."""
     import gguf
     from peft import LoraConfig, get_peft_model
 
+    from loratool.numerics.kquants import quantize_k
+
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": 256,
-                                                "intermediate_size": 256,
+                                                "intermediate_size": 512,
                                                 "num_hidden_layers": 1})).eval()
     model.save_pretrained(tmp_path / "base")
     sentencepiece_tokenizer(tmp_path / "base")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     ).save_pretrained(tmp_path / "adapter")
     llama_cpp("convert_hf_to_gguf.py", tmp_path / "base", "--outfile", tmp_path / "f32.gguf",
               "--outtype", "f32")
-    q4k = gguf.GGMLQuantizationType.Q4_K
-    rng = np.random.default_rng(0)
+    kinds = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_up": "Q5_K"}
 
-    def k_quant(arr: np.ndarray) -> np.ndarray:  # any Q4_K bytes, with small scales
-        raw = rng.integers(0, 256, size=gguf.quant_shape_to_byte_shape(arr.shape, q4k),
-                           dtype=np.uint8)
-        raw.reshape(-1, 144)[:, :4] = np.frombuffer(np.float16([1e-3, 1e-4]).tobytes(),
-                                                    dtype=np.uint8)
-        return raw
+    def k_type(name: str) -> str:
+        return next((t for k, t in kinds.items() if k in name), "Q4_K")
 
-    _rewrite(tmp_path / "f32.gguf", tmp_path / "k.gguf",
-             lambda name, arr: (k_quant(arr), q4k) if arr.ndim == 2 else (arr, None))
-    res = run_cli("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf")
-    assert res.rc == 1 and "Q4_K" in res.err and "--quant" in res.err
-    assert not (tmp_path / "m.gguf").exists()
-    _ok("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf",
-        "--quant", "Q8_0")
+    def k_quant(name: str, arr: np.ndarray) -> tuple[np.ndarray, Any]:
+        if arr.ndim != 2 or name in ("token_embd.weight", "output.weight"):
+            return arr, None
+        qt = gguf.GGMLQuantizationType[k_type(name)]
+        raw = np.frombuffer(quantize_k(torch.from_numpy(arr), k_type(name)), dtype=np.uint8)
+        return raw.reshape(gguf.quant_shape_to_byte_shape(arr.shape, qt)), qt
+
+    _rewrite(tmp_path / "f32.gguf", tmp_path / "k.gguf", k_quant,
+             {"general.file_type": 15})  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    out = _ok("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf",
+              "--verify")
+    assert "7 of 12 tensors changed and re-quantized" in out, out
+    assert (tmp_path / "m.gguf").stat().st_size == (tmp_path / "k.gguf").stat().st_size
     src = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
     got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     deltas = _peft_deltas(model, tmp_path / "adapter")
+    assert len(deltas) == 7
     for hf, delta in deltas.items():
         g = _gguf_name(hf, heads=(4, 2), layers=1)
-        W = gguf.quants.dequantize(np.array(src[g].data), q4k)
-        want = gguf.quants.quantize((W + _to_gguf_layout(hf, delta).numpy()).astype(
-            np.float32), gguf.GGMLQuantizationType.Q8_0)
-        assert np.array_equal(np.array(got[g].data), want), g
-    assert got["blk.0.attn_k.weight"].tensor_type == q4k  # unchanged: kept as it was
+        qt = src[g].tensor_type
+        W = gguf.quants.dequantize(np.array(src[g].data), qt)
+        merged = torch.from_numpy((W + _to_gguf_layout(hf, delta).numpy()).astype(np.float32))
+        assert got[g].tensor_type == qt, g
+        assert np.array(got[g].data).tobytes() == quantize_k(merged, qt.name), g
+    for name, t in src.items():
+        if name not in {_gguf_name(h, heads=(4, 2), layers=1) for h in deltas}:
+            assert np.array(got[name].data).tobytes() == np.array(t.data).tobytes(), name
 
-    # the header's file type: kept while most of the layers stay Q4_K; MOSTLY_Q8_0 once
-    # --quant made them Q8_0 (an adapter on every projection)
     def file_type(path: Path) -> int:
         return int(gguf.GGUFReader(str(path)).fields["general.file_type"].contents())
 
-    assert file_type(tmp_path / "m.gguf") == file_type(tmp_path / "k.gguf")
-    get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"])).save_pretrained(tmp_path / "all")
-    _ok("merge", tmp_path / "k.gguf", tmp_path / "all", "-o", tmp_path / "all.gguf",
+    assert file_type(tmp_path / "m.gguf") == 15
+    _ok("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "q8.gguf",
         "--quant", "Q8_0", "--verify")
-    assert file_type(tmp_path / "all.gguf") == 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
-    assert "MOSTLY_Q8_0" in _ok("inspect", tmp_path / "all.gguf")
+    assert file_type(tmp_path / "q8.gguf") == 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+    assert "MOSTLY_Q8_0" in _ok("inspect", tmp_path / "q8.gguf")
+    q8 = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors}
+    assert q8["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
-def _rewrite(src: Path, out: Path, convert: Any) -> None:
+def _rewrite(src: Path, out: Path, convert: Any, metadata: dict[str, int] | None = None
+             ) -> None:
     """A copy of a GGUF model with each tensor passed through ``convert(name, array)``
-    (returning the new array and its raw type, or None for a plain one), metadata kept."""
+    (returning the new array and its raw type, or None for a plain one), metadata kept
+    (``metadata``: integer values replaced)."""
     import gguf
 
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(out), "llama")
     for f in r.fields.values():
-        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+        if f.name in (metadata or {}):
+            w.add_key_value(f.name, metadata[f.name], f.types[0])
+        elif not f.name.startswith("GGUF.") and f.name != "general.architecture":
             w.add_key_value(f.name, f.contents(), f.types[0],
                             f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
     for t in r.tensors:

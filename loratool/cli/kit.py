@@ -238,7 +238,8 @@ def policy(rank: int | None, energy: float | None, max_error: float | None,
     return RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
 
 
-GGUF_QUANT = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # ggufio.QUANTIZE
+GGUF_QUANT = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+              "Q4_K", "Q5_K", "Q6_K")  # headers.gguf.QUANTIZE (torch-free here)
 
 merge_options = options(
     output("Output model folder (a .gguf file for a GGUF base)."),

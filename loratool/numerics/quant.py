@@ -1,5 +1,6 @@
-"""GGUF tensor data: dequantized to float32 and quantized again, bit for bit as the ``gguf``
-package (llama.cpp's own Python code) does; Q8_0 in torch, the other types through the package.
+"""GGUF tensor data: dequantized to float32 and quantized again, bit for bit as ggml does:
+Q8_0 in torch and Q4_0 … Q5_1 through the ``gguf`` package (llama.cpp's own Python code, equal
+to ggml's reference quantizer), the K-quants in torch (``kquants``: ggml's reference bytes).
 
 Example::
     t = dequantize(raw, info)               # float32, the tensor's shape
@@ -15,6 +16,7 @@ import torch
 from ..errors import FormatError
 from ..headers.gguf import PLAIN, QUANTIZE, byte_size
 from ..headers.safetensors import TensorInfo
+from .kquants import QUANTIZERS, quantize_k
 
 PLAIN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -50,13 +52,15 @@ def dequantize(raw: bytes | bytearray | memoryview, info: TensorInfo) -> torch.T
 
 
 def quantize(t: torch.Tensor, type_name: str) -> bytes:
-    """A float32 tensor as ``type_name`` bytes, with the gguf package's own quantizer."""
+    """A float32 tensor as ``type_name`` bytes, the bytes ggml's reference quantizer writes."""
     if type_name not in QUANTIZE:
-        raise FormatError(f"the gguf package cannot write {type_name} tensors; choose one of "
+        raise FormatError(f"loratool cannot write {type_name} tensors; choose one of "
                           f"{', '.join(QUANTIZE)} with --quant")
     byte_size(tuple(t.shape), type_name)  # a clear error for a row of partial blocks
     if type_name == "Q8_0":
         return _q8_0(t)
+    if type_name in QUANTIZERS:
+        return quantize_k(t, type_name)
     arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
     return arr.tobytes()
 

@@ -75,15 +75,15 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
         raise LoraToolError("--untie does not apply to GGUF models")
     quant = s.quant
     if quant is not None and quant not in QUANTIZE:
-        raise LoraToolError(f"--quant {quant}: the gguf package can write {', '.join(QUANTIZE)}")
+        raise LoraToolError(f"--quant {quant}: loratool writes {', '.join(QUANTIZE)}")
     types = {}
     for name, e in edits.items():
         info = base.info(name)
         t = quant or info.dtype
         if t not in QUANTIZE:
-            raise FormatError(f"{name} is {info.dtype}, which the gguf package can read but not "
-                              f"write: pass --quant with one of {', '.join(QUANTIZE)} (Q8_0 "
-                              "keeps the most of the adapter's change)")
+            raise FormatError(f"{name} is {info.dtype}, which loratool can read but not write: "
+                              f"pass --quant with one of {', '.join(QUANTIZE)} (Q8_0 keeps the "
+                              "most of the adapter's change)")
         byte_size(info.shape, t)  # a row of partial blocks: refused before any work
         if e.full is not None and tuple(e.full[0].shape) != info.shape:
             raise FormatError(f"{name}: a resized tensor cannot be merged into a GGUF model")
