@@ -248,12 +248,13 @@ def _requantize(src: Path, out: Path, qtype: str) -> None:
              else (arr, None))
 
 
-@needs_llama_cpp
-def test_a_k_quant_model_is_merged_in_its_own_types(tmp_path):
-    """A Q4_K_M-style model (Q4_K projections, Q6_K attn_v and ffn_down, one Q5_K): merged
-    without --quant, each changed tensor is quantize(dequantize(W) + ΔW) in its own type with
-    ggml's quantizer (test_kquants.py holds ggml's bytes for it), the file is the base's size
-    and keeps its file type; --quant still picks another type and the header then says so."""
+K_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _k_quant_model(d: Path) -> tuple[Any, Path, Path]:
+    """A one-layer Llama as llama.cpp's converter writes it, then its matrices quantized as a
+    Q4_K_M model's are (Q4_K, Q6_K attn_v and ffn_down, here one Q5_K too), and a PEFT
+    adapter on every projection."""
     import gguf
     from peft import LoraConfig, get_peft_model
 
@@ -263,57 +264,127 @@ def test_a_k_quant_model_is_merged_in_its_own_types(tmp_path):
     model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": 256,
                                                 "intermediate_size": 512,
                                                 "num_hidden_layers": 1})).eval()
-    model.save_pretrained(tmp_path / "base")
-    sentencepiece_tokenizer(tmp_path / "base")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model.save_pretrained(d / "base")
+    sentencepiece_tokenizer(d / "base")
     get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    ).save_pretrained(tmp_path / "adapter")
-    llama_cpp("convert_hf_to_gguf.py", tmp_path / "base", "--outfile", tmp_path / "f32.gguf",
+        r=4, lora_alpha=8, target_modules=K_TARGETS, init_lora_weights=False)
+    ).save_pretrained(d / "adapter")
+    llama_cpp("convert_hf_to_gguf.py", d / "base", "--outfile", d / "f32.gguf",
               "--outtype", "f32")
     kinds = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_up": "Q5_K"}
-
-    def k_type(name: str) -> str:
-        return next((t for k, t in kinds.items() if k in name), "Q4_K")
 
     def k_quant(name: str, arr: np.ndarray) -> tuple[np.ndarray, Any]:
         if arr.ndim != 2 or name in ("token_embd.weight", "output.weight"):
             return arr, None
-        qt = gguf.GGMLQuantizationType[k_type(name)]
-        raw = np.frombuffer(quantize_k(torch.from_numpy(arr), k_type(name)), dtype=np.uint8)
+        t = next((t for k, t in kinds.items() if k in name), "Q4_K")
+        qt = gguf.GGMLQuantizationType[t]
+        raw = np.frombuffer(quantize_k(torch.from_numpy(arr), t), dtype=np.uint8)
         return raw.reshape(gguf.quant_shape_to_byte_shape(arr.shape, qt)), qt
 
-    _rewrite(tmp_path / "f32.gguf", tmp_path / "k.gguf", k_quant,
+    _rewrite(d / "f32.gguf", d / "k.gguf", k_quant,
              {"general.file_type": 15})  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    out = _ok("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf",
-              "--verify")
-    assert "7 of 12 tensors changed and re-quantized" in out, out
-    assert (tmp_path / "m.gguf").stat().st_size == (tmp_path / "k.gguf").stat().st_size
-    src = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
-    got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
-    deltas = _peft_deltas(model, tmp_path / "adapter")
-    assert len(deltas) == 7
-    for hf, delta in deltas.items():
+    return model, d / "k.gguf", d / "adapter"
+
+
+def _merged_exactly(model: Any, adapter: Path, src: Path) -> dict[str, tuple[torch.Tensor, Any]]:
+    """deq(W) + ΔW (PEFT's ΔW, llama.cpp's layout) per changed tensor, and its type."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    out = {}
+    for hf, delta in _peft_deltas(model, adapter).items():
         g = _gguf_name(hf, heads=(4, 2), layers=1)
-        qt = src[g].tensor_type
-        W = gguf.quants.dequantize(np.array(src[g].data), qt)
-        merged = torch.from_numpy((W + _to_gguf_layout(hf, delta).numpy()).astype(np.float32))
+        qt = tensors[g].tensor_type
+        W = gguf.quants.dequantize(np.array(tensors[g].data), qt)
+        out[g] = (torch.from_numpy((W + _to_gguf_layout(hf, delta).numpy()).astype(
+            np.float32)), qt)
+    return out
+
+
+@needs_llama_cpp
+def test_a_k_quant_model_is_merged_in_its_own_types(tmp_path):
+    """A Q4_K_M-style model merged without --quant: each changed tensor is quantize(deq(W) +
+    ΔW) in its own type with ggml's quantizer (test_kquants.py holds ggml's bytes for it), the
+    file is the base's size and keeps its file type; --quant still picks another type and the
+    header then says so."""
+    import gguf
+
+    from loratool.numerics.kquants import quantize_k
+
+    model, src, adapter = _k_quant_model(tmp_path)
+    out = _ok("merge", src, adapter, "-o", tmp_path / "m.gguf", "--verify")
+    assert "7 of 12 tensors changed and re-quantized" in out, out
+    assert (tmp_path / "m.gguf").stat().st_size == src.stat().st_size
+    before = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    exact = _merged_exactly(model, adapter, src)
+    assert len(exact) == 7
+    for g, (merged, qt) in exact.items():
         assert got[g].tensor_type == qt, g
         assert np.array(got[g].data).tobytes() == quantize_k(merged, qt.name), g
-    for name, t in src.items():
-        if name not in {_gguf_name(h, heads=(4, 2), layers=1) for h in deltas}:
+    for name, t in before.items():
+        if name not in exact:
             assert np.array(got[name].data).tobytes() == np.array(t.data).tobytes(), name
 
     def file_type(path: Path) -> int:
         return int(gguf.GGUFReader(str(path)).fields["general.file_type"].contents())
 
     assert file_type(tmp_path / "m.gguf") == 15
-    _ok("merge", tmp_path / "k.gguf", tmp_path / "adapter", "-o", tmp_path / "q8.gguf",
-        "--quant", "Q8_0", "--verify")
+    _ok("merge", src, adapter, "-o", tmp_path / "q8.gguf", "--quant", "Q8_0", "--verify")
     assert file_type(tmp_path / "q8.gguf") == 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
     assert "MOSTLY_Q8_0" in _ok("inspect", tmp_path / "q8.gguf")
     q8 = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors}
     assert q8["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+@needs_llama_cpp
+def test_merge_with_an_importance_matrix(tmp_path):
+    """--imatrix: a changed tensor the matrix has an entry for is quantized with it, as
+    llama-quantize --imatrix does (quantize_q*_K with that entry: test_kquants.py checks those
+    bytes against ggml's); one without an entry is quantized without; the report names both.
+    A matrix of another model, a type loratool cannot weight and a safetensors base are one
+    line each."""
+    import gguf
+    from test_kquants import write_imatrix_gguf
+
+    from loratool.numerics.kquants import quantize_k
+
+    model, src, adapter = _k_quant_model(tmp_path)
+    rng = np.random.default_rng(3)
+    weighted = {"blk.0.attn_q.weight": 256, "blk.0.ffn_down.weight": 512,
+                "blk.0.ffn_up.weight": 256, "blk.0.attn_output.weight": 256}
+    sums = {n: rng.uniform(0, 40, (1, c)).astype(np.float32) for n, c in weighted.items()}
+    write_imatrix_gguf(tmp_path / "im.gguf", {n: (s, np.array([37.0])) for n, s in sums.items()})
+    res = run_cli("merge", src, adapter, "-o", tmp_path / "m.gguf", "--imatrix",
+                  tmp_path / "im.gguf", "--json")
+    assert res.rc == 0, res.err
+    report = json.loads(res.out)["imatrix_used"]
+    assert report["used"] == sorted(weighted)
+    assert report["no_entry"] == sorted(["blk.0.attn_k.weight", "blk.0.attn_v.weight",
+                                         "blk.0.ffn_gate.weight"])
+    got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for g, (merged, qt) in _merged_exactly(model, adapter, src).items():
+        im = None
+        if g in sums:
+            im = torch.from_numpy(sums[g].reshape(-1) / np.float32(37))  # float32 division
+        assert np.array(got[g].data).tobytes() == quantize_k(merged, qt.name, im), g
+    plain = _ok("merge", src, adapter, "-o", tmp_path / "plain.gguf")
+    assert "importance matrix" not in plain
+    assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "m.gguf").read_bytes()
+
+    write_imatrix_gguf(tmp_path / "other.gguf", {"blk.0.attn_q.weight": (
+        np.ones((1, 4096)), np.array([1.0]))})
+    for args, says in [
+        (["--imatrix", tmp_path / "other.gguf"], "4096 values and the tensor 256"),
+        (["--imatrix", tmp_path / "im.gguf", "--quant", "Q4_0"], "leave out --imatrix"),
+        (["--imatrix", tmp_path / "missing.gguf"], "missing.gguf"),
+    ]:
+        res = run_cli("merge", src, adapter, "-o", tmp_path / "x.gguf", *args)
+        assert res.rc == 1 and says in res.err and res.err.count("\n") <= 1, res.err
+        assert not (tmp_path / "x.gguf").exists()
+    res = run_cli("merge", tmp_path / "base", adapter, "-o", tmp_path / "st", "--imatrix",
+                  tmp_path / "im.gguf")
+    assert res.rc == 1 and "--imatrix applies to merges into GGUF models" in res.err
 
 
 def _rewrite(src: Path, out: Path, convert: Any, metadata: dict[str, int] | None = None

@@ -65,3 +65,99 @@ def test_nearest_int_is_round_half_to_even():
     """ggml's rounding (add 1.5·2²³, read the bits): halves go to the even neighbour."""
     v = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 0.49999997, 4194303.0, -7.5])
     assert nearest_int(v).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 0.0, 4194303.0, -8.0]
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_with_an_importance_matrix_gives_ggmls_bytes(type_name):
+    """quantize_q*_K with quant_weights (what llama-quantize --imatrix calls): the same
+    importance for every row, one weight per column, some zero."""
+    x = torch.from_numpy(FIXTURES["input"])
+    im = torch.from_numpy(FIXTURES["imatrix"])
+    want = FIXTURES[f"{type_name}.imatrix"].reshape(x.shape[0], -1)
+    got = _rows(quantize(x, type_name, im), type_name, x.shape[0])
+    differ = [i for i in range(x.shape[0]) if not np.array_equal(got[i], want[i])]
+    assert differ == []
+    assert not np.array_equal(got, FIXTURES[type_name].reshape(x.shape[0], -1))  # it mattered
+
+
+# --------------------------------------------------------------------------- imatrix files
+
+def write_imatrix_gguf(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]],
+                       metadata: bool = True) -> None:
+    """An importance matrix as llama-imatrix writes one (tools/imatrix/imatrix.cpp): per
+    tensor ``<name>.in_sum2`` [experts, columns] and ``<name>.counts`` [experts, 1], F32."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch="imatrix")
+    w.add_string("general.type", "imatrix")
+    if metadata:
+        w.add_array("imatrix.datasets", ["wiki.train.raw"])
+        w.add_uint32("imatrix.chunk_count", 100)
+        w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in entries.items():
+        w.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
+        w.add_tensor(f"{name}.counts", counts.astype(np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_imatrix_dat(path: Path, entries: dict[str, tuple[int, np.ndarray]]) -> None:
+    """The legacy format: count; per entry name length, name, ncall, nval, values; trailer."""
+    import struct
+
+    out = struct.pack("<i", len(entries))
+    for name, (ncall, values) in entries.items():
+        b = name.encode()
+        out += struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, len(values))
+        out += values.astype(np.float32).tobytes()
+    out += struct.pack("<i", 100) + struct.pack("<i", 4) + b"wiki"
+    path.write_bytes(out)
+
+
+def test_imatrix_files_are_read_as_llama_quantize_reads_them(tmp_path):
+    """GGUF: each expert's sums divided by its count in float32, 1 where the count is 0;
+    legacy .dat: the sums divided by the call count."""
+    from loratool.io.imatrix import read_imatrix
+
+    rng = np.random.default_rng(0)
+    sums = rng.uniform(0, 50, (3, 512)).astype(np.float32)
+    write_imatrix_gguf(tmp_path / "im.gguf", {"blk.0.ffn_up_exps.weight": (sums, np.array(
+        [7.0, 0.0, 1234.0])), "blk.0.attn_q.weight": (sums[:1], np.array([3.0]))})
+    im = read_imatrix(tmp_path / "im.gguf")
+    got = im.entries["blk.0.ffn_up_exps.weight"].numpy().reshape(3, 512)
+    assert np.array_equal(got[0], sums[0] / np.float32(7))
+    assert np.array_equal(got[1], np.ones(512, np.float32))
+    assert np.array_equal(got[2], sums[2] / np.float32(1234))
+    assert im.chunks == 100 and im.datasets == ["wiki.train.raw"] and not im.legacy
+    assert im.for_tensor("blk.0.ffn_up_exps.weight", (3, 64, 512)).shape == (3, 1, 512)
+    with pytest.raises(FormatError, match="was it computed for this model"):
+        im.for_tensor("blk.0.attn_q.weight", (64, 256))
+
+    write_imatrix_dat(tmp_path / "im.dat", {"blk.0.attn_q.weight": (9, sums[0])})
+    dat = read_imatrix(tmp_path / "im.dat")
+    assert np.array_equal(dat.entries["blk.0.attn_q.weight"].numpy(), sums[0] / np.float32(9))
+    assert dat.legacy and dat.chunks == 100 and dat.datasets == ["wiki"]
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncated", "past the end|ends inside"), ("garbage", "not an importance matrix"),
+    ("nan", "non-finite"), ("no metadata", "llama-quantize reads"),
+])
+def test_a_bad_imatrix_file_is_one_line(tmp_path, damage, says):
+    from loratool.io.imatrix import read_imatrix
+
+    path = tmp_path / "im"
+    values = np.ones(256, np.float32)
+    if damage == "truncated":
+        write_imatrix_dat(path, {"blk.0.attn_q.weight": (1, values)})
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"\xff\xff\xff\x7f" + bytes(64))
+    elif damage == "nan":
+        write_imatrix_dat(path, {"blk.0.attn_q.weight": (1, np.full(256, np.nan))})
+    else:
+        write_imatrix_gguf(path, {"blk.0.attn_q.weight": (values[None], np.ones(1))}, False)
+    with pytest.raises(FormatError, match=says):
+        read_imatrix(path)

@@ -22,13 +22,14 @@ MergeFlag = Path | tuple[float, ...] | str | bool | None  # the values merge_opt
 def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, ...],
                out: Path, weights: tuple[float, ...], device: str, dtype: str,
                max_shard_size: str, untie: bool, verify: bool, force: bool,
-               as_json: bool, quant: str | None, record: bool = True, exact: bool = True
-               ) -> None:
+               as_json: bool, quant: str | None, record: bool = True, exact: bool = True,
+               imatrix: Path | None = None) -> None:
     if sign > 0:
         starting(ctx, f"merging {adapters_text(adapters)} into {base} → {out}")
     else:
         starting(ctx, f"taking {adapters_text(adapters)} out of {base} → {out}")
-    prechecks.merge(base, list(adapters), out, force=force, quant=quant, unmerge=sign < 0)
+    prechecks.merge(base, list(adapters), out, force=force, quant=quant, unmerge=sign < 0,
+                    imatrix=imatrix)
     from ..verbs import merge as verb
 
     common = dict(weights=list(weights), device=device, dtype=dtype,
@@ -36,7 +37,7 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
                   options=options_of(ctx), progress=progress(ctx))
     if sign > 0:
         report = verb.merge(base, list(adapters), out, record=record, exact_record=exact,
-                            quant=quant, **common)
+                            quant=quant, imatrix=imatrix, **common)
     else:
         report = verb.unmerge(base, list(adapters), out, **common)
     show(ctx, report, as_json)
@@ -52,9 +53,13 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
 @click.option("--no-exact-record", is_flag=True,
               help="Leave out of that record the values (W + ΔW) − ΔW does not give back "
                    "(about 1 %% of the changed ones); unmerge is then exact up to rounding.")
+@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="GGUF bases: a llama.cpp importance matrix (llama-imatrix's .gguf or .dat); "
+                   "changed K-quant tensors are quantized with it as llama-quantize --imatrix "
+                   "does.")
 @click.pass_context
 def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: bool,
-          no_exact_record: bool, **kw: MergeFlag) -> None:
+          no_exact_record: bool, imatrix: Path | None, **kw: MergeFlag) -> None:
     """Fold one or more adapters into BASE and write a model folder transformers loads.
 
     Streams tensor by tensor (memory stays near one tensor); math in float32 on the chosen
@@ -67,9 +72,10 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], no_record: b
       loratool merge base/ style/ task/ --weight 0.7 --weight 1.0 -o merged/ --dtype bf16
       loratool merge base/ adapter/ -o merged/ --device cuda --verify
       loratool merge ./sdxl-pipeline style.safetensors -o ./sdxl-style
+      loratool merge model-Q4_K_M.gguf adapter/ -o merged.gguf --imatrix imatrix.gguf
     """
     _run_merge(ctx, 1.0, base, adapters, record=not no_record, exact=not no_exact_record,
-               **kw)
+               imatrix=imatrix, **kw)
 
 
 @click.command()

@@ -51,8 +51,10 @@ def dequantize(raw: bytes | bytearray | memoryview, info: TensorInfo) -> torch.T
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(info.shape)
 
 
-def quantize(t: torch.Tensor, type_name: str) -> bytes:
-    """A float32 tensor as ``type_name`` bytes, the bytes ggml's reference quantizer writes."""
+def quantize(t: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> bytes:
+    """A float32 tensor as ``type_name`` bytes, the bytes ggml writes: its reference quantizer,
+    or for a K-quant with ``importance`` (the columns' weights, an imatrix entry) the weighted
+    one llama-quantize runs with ``--imatrix``."""
     if type_name not in QUANTIZE:
         raise FormatError(f"loratool cannot write {type_name} tensors; choose one of "
                           f"{', '.join(QUANTIZE)} with --quant")
@@ -60,7 +62,7 @@ def quantize(t: torch.Tensor, type_name: str) -> bytes:
     if type_name == "Q8_0":
         return _q8_0(t)
     if type_name in QUANTIZERS:
-        return quantize_k(t, type_name)
+        return quantize_k(t, type_name, importance)
     arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
     return arr.tobytes()
 

@@ -157,6 +157,16 @@ class GgufVerify:
 
 
 @dataclass
+class ImatrixUse:
+    """``--imatrix``: the importance matrix given and which changed tensors it weighted."""
+
+    file: str  # path, entries, chunks, dataset
+    used: list[str]  # re-quantized with their entry, as llama-quantize --imatrix does
+    no_entry: list[str]  # K-quant tensors the file has no entry for: quantized without
+    not_weighted: list[str]  # written in a type ggml quantizes without one (Q8_0, F16 …)
+
+
+@dataclass
 class GgufMergeReport(Report):
     """A merge into a GGUF model (llama.cpp), quantized or not."""
 
@@ -177,6 +187,7 @@ class GgufMergeReport(Report):
     base_copies_left_out: list[str] | None = optional()
     # the base was quantized with an importance matrix, which the re-quantization did not use
     imatrix: str | None = optional()
+    imatrix_used: ImatrixUse | None = optional()  # --imatrix
 
     def render(self) -> str:
         names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
@@ -186,6 +197,16 @@ class GgufMergeReport(Report):
         lines += inert_lines(self.inert_modules)
         if self.imatrix:
             lines.append(f"  note: {self.imatrix}")
+        if self.imatrix_used:
+            u = self.imatrix_used
+            lines.append(f"  importance matrix {u.file}: used for {len(u.used)} re-quantized "
+                         "tensor(s), as llama-quantize --imatrix does")
+            if u.no_entry:
+                lines.append(f"  note: no entry for {listing(u.no_entry, 3)}: quantized "
+                             "without one (as llama-quantize does)")
+            if u.not_weighted:
+                lines.append(f"  ({len(u.not_weighted)} written as Q8_0 or a float type, "
+                             "which ggml quantizes without importance)")
         if self.base_copies_left_out:
             lines.append(f"  left out {len(self.base_copies_left_out)} full tensor(s) equal to "
                          f"the base's own (they change nothing): "

@@ -35,13 +35,14 @@ def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
           weights: list[float] | None = None, device: str = "auto", dtype: str = "keep",
           max_shard_size: str | int = "5GB", untie: bool = False, verify: bool = False,
           record: bool = True, exact_record: bool = True, quant: str | None = None,
-          force: bool = False, options: Options | None = None, progress: Progress = SILENT
-          ) -> MergeReport | GgufMergeReport | PipelineMergeReport:
+          imatrix: PathLike | None = None, force: bool = False, options: Options | None = None,
+          progress: Progress = SILENT) -> MergeReport | GgufMergeReport | PipelineMergeReport:
     """Fold ``adapters`` (paths or Hub ids, any format) into ``base`` and write ``out``.
 
     ``base`` may be a model folder or safetensors file (the result loads in transformers or
     diffusers; in float32 it equals PEFT's ``merge_and_unload`` bit for bit), a ``.gguf``
-    file (``out`` a ``.gguf``; ``quant`` re-types changed tensors), or a diffusers pipeline
+    file (``out`` a ``.gguf``; ``quant`` re-types changed tensors; ``imatrix``, a llama.cpp
+    importance matrix, weights their K-quants as llama-quantize does), or a diffusers pipeline
     folder. ``weights``: one per adapter (default 1). ``dtype``: keep, fp32, bf16 or fp16.
     ``record``: write ``loratool-unmerge.safetensors`` so that :func:`unmerge` can undo
     replaced tensors and DoRA; ``exact_record``: with it, the values (W + ΔW) − ΔW does not give
@@ -56,7 +57,7 @@ def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
     """
     return _run(1.0, base, adapters, out, weights=weights, device=device, dtype=dtype,
                 max_shard_size=max_shard_size, untie=untie, verify=verify, record=record,
-                exact=exact_record, quant=quant, force=force, options=options,
+                exact=exact_record, quant=quant, imatrix=imatrix, force=force, options=options,
                 progress=progress)
 
 
@@ -75,7 +76,8 @@ def unmerge(merged: PathLike, adapters: list[PathLike], out: PathLike, *,
     """
     report = _run(-1.0, merged, adapters, out, weights=weights, device=device, dtype=dtype,
                   max_shard_size=max_shard_size, untie=untie, verify=verify, record=False,
-                  exact=False, quant=None, force=force, options=options, progress=progress)
+                  exact=False, quant=None, imatrix=None, force=force, options=options,
+                  progress=progress)
     assert not isinstance(report, GgufMergeReport)  # a GGUF unmerge is refused
     return report
 
@@ -83,8 +85,7 @@ def unmerge(merged: PathLike, adapters: list[PathLike], out: PathLike, *,
 def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *,
          weights: list[float] | None, device: str, dtype: str, max_shard_size: str | int,
          untie: bool, verify: bool, record: bool, exact: bool, quant: str | None,
-         force: bool,
-         options: Options | None, progress: Progress
+         imatrix: PathLike | None, force: bool, options: Options | None, progress: Progress
          ) -> MergeReport | GgufMergeReport | PipelineMergeReport:
     """The one entry of every merge: check, then the pipeline, GGUF or checkpoint path, with
     torch's threads as ``options`` sets them (see ``streaming_threads``)."""
@@ -96,7 +97,8 @@ def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *
     check_dtype(dtype)
     options = options or Options()
     s = MergeSettings(sign, resolve_device(device), dtype, max_shard_size, force, untie,
-                      verify, record, exact, quant, options, progress)
+                      verify, record, exact, quant,
+                      None if imatrix is None else os.fspath(imatrix), options, progress)
     with streaming_threads(options):
         if is_pipeline(base_spec):
             return merge_pipeline.merge_pipeline(base_spec, specs, out, ws, s, t0)
@@ -109,6 +111,6 @@ def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *
         inputs = existing([base_spec, *specs])
         if ckpt.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
             return merge_gguf.merge_into_gguf(ckpt, parts, out, inputs, s, t0)
-        if quant is not None:
-            raise prechecks.quant_not_gguf(pipeline=False)
+        if quant is not None or imatrix is not None:
+            raise prechecks.quant_not_gguf(pipeline=False, imatrix=quant is None)
         return merge_checkpoint.merge_into(ckpt, base_spec, parts, out, inputs, s, t0)

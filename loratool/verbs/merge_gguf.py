@@ -34,12 +34,14 @@ from ..headers.checkpoint import Checkpoint
 from ..headers.gguf import QUANTIZE, GgufHeader, byte_size, padding, read_header, tensor_info_bytes
 from ..headers.safetensors import TensorInfo, read_tensor_bytes
 from ..io.directio import SequentialWriter
+from ..io.imatrix import Imatrix, describe, read_imatrix
 from ..io.staging import Stage, check_output, output_os_error
 from ..io.tensors import Buffers
 from ..model.adapter import LoraAdapter
+from ..numerics.kquants import QUANTIZERS as K_QUANTS
 from ..numerics.ops import sum_squares
 from ..numerics.quant import dequantize, quantize
-from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify
+from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify, ImatrixUse
 from . import prechecks
 from .merge_settings import MergeSettings, Part, named
 
@@ -88,14 +90,51 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
         if e.full is not None and tuple(e.full[0].shape) != info.shape:
             raise FormatError(f"{name}: a resized tensor cannot be merged into a GGUF model")
         types[name] = t
-    changed, checked = _write(base, edits, types, out, inputs, s)
+    im = read_imatrix(Path(s.imatrix)) if s.imatrix is not None else None
+    importance = _importance(im, base, types) if im is not None else {}
+    changed, checked = _write(base, edits, types, importance, out, inputs, s)
     return GgufMergeReport(
         operation="merge", base=where, output=str(out), format="gguf", adapters=named(parts),
         quant=quant, changed=changed, tensors=len(base.tensors),
         unchanged_copied=len(base.tensors) - len(changed),
         max_error_vs_change=max((c.error_vs_change for c in changed), default=0.0),
         seconds=time.perf_counter() - t0, inert_modules=inert, verify=checked,
-        base_copies_left_out=copies or None, imatrix=_imatrix(base.gguf, types))
+        base_copies_left_out=copies or None,
+        imatrix=_imatrix(base.gguf, types) if im is None else None,
+        imatrix_used=None if im is None else _use(im, types, importance))
+
+
+# what llama-quantize quantizes with an importance matrix by its own routine that loratool
+# does not have (Q8_0, F16, BF16 and F32 ignore the matrix in ggml; the K-quants use it here)
+WEIGHTED_ELSEWHERE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def _importance(im: Imatrix, base: Checkpoint, types: dict[str, str]
+                ) -> dict[str, torch.Tensor]:
+    """Each changed K-quant tensor's importance ([experts, 1, columns]) where the file has
+    an entry, as llama-quantize passes it; a type quantized otherwise with one is refused."""
+    out = {}
+    for name, t in types.items():
+        entry = im.for_tensor(name, base.info(name).shape)
+        if entry is None:
+            continue
+        if t in WEIGHTED_ELSEWHERE:
+            raise FormatError(f"--imatrix: {name} is written as {t}, which llama-quantize "
+                              "quantizes with an importance matrix in a way loratool does not "
+                              "(it does for the K-quants); leave out --imatrix, or pass "
+                              "--quant Q4_K (or Q8_0)")
+        if t in K_QUANTS:
+            out[name] = entry
+    return out
+
+
+def _use(im: Imatrix, types: dict[str, str], importance: dict[str, torch.Tensor]
+         ) -> ImatrixUse:
+    """What the report says of the importance matrix given."""
+    quantized = [n for n, t in types.items() if t in K_QUANTS]
+    return ImatrixUse(file=describe(im), used=sorted(importance),
+                      no_entry=sorted(n for n in quantized if n not in importance),
+                      not_weighted=sorted(n for n, t in types.items() if t not in K_QUANTS))
 
 
 IMATRIX = "quantize.imatrix."  # what llama-quantize records of the importance matrix it used
@@ -166,8 +205,8 @@ def _layout(base: Checkpoint, types: dict[str, str]) -> tuple[list[Row], int]:
     return rows, offset
 
 
-def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str], out: Path,
-           inputs: list[Path], s: MergeSettings
+def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str],
+           importance: dict[str, torch.Tensor], out: Path, inputs: list[Path], s: MergeSettings
            ) -> tuple[list[GgufChange], GgufVerify | None]:
 
     h = base.gguf
@@ -200,7 +239,7 @@ def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str], out:
                                     digest.update(data)
 
                             stats.append(_merged(base, info, edits[info.name], t, s.device,
-                                                 sink, bufs))
+                                                 sink, bufs, importance.get(info.name)))
                             written[info.name] = digest.digest()
                         else:
                             digest = _copy(info, f, verify)
@@ -218,7 +257,7 @@ def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str], out:
 
 # llama.cpp's general.file_type of a model whose layers are mostly of a type loratool writes
 MOSTLY = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-          "BF16": 32}
+          "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32}
 FILE_TYPE = "general.file_type"
 
 
@@ -289,14 +328,23 @@ def _verify(path: Path, rows: list[Row], written: dict[str, bytes]) -> GgufVerif
 
 
 def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
-            device: torch.device, sink: Callable[[bytes], None], bufs: Buffers
-            ) -> GgufChange:
+            device: torch.device, sink: Callable[[bytes], None], bufs: Buffers,
+            importance: torch.Tensor | None = None) -> GgufChange:
     """One changed tensor: dequantized, merged in float32 by the kernel, quantized, handed to
     ``sink`` a block of rows at a time; what that cost. An edit that only adds runs on the
     CPU a block of rows at a time from the quantized bytes (the products whole, as for a
     safetensors merge: the same bits); anything else (DoRA, biases, a full tensor, a GPU)
-    merges the whole tensor first."""
+    merges the whole tensor first. ``importance``: the columns' weights per expert
+    ([experts, 1, columns]) for a K-quant quantized as with an importance matrix."""
     sq = _Squares()
+    n_rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
+
+    def weights(r: int, r1: int) -> torch.Tensor | None:  # rows r…r1's importance
+        if importance is None:
+            return None
+        per_expert = n_rows // importance.shape[0]
+        return importance[torch.arange(r, r1) // per_expert, 0]
+
     stats = kernel.Stats()
     if device.type == "cpu" and kernel.is_rows_only(edit) and len(info.shape) >= 2:
         raw = read_tensor_bytes(info)
@@ -307,7 +355,7 @@ def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
         for r, r1, W in _row_blocks(info, raw, row_bytes):
             M = W.clone()
             kernel.add_rows(M, flat, slice(r, r1), 1.0, stats)
-            sink(_quantized(M, W, type_name, info, sq))
+            sink(_quantized(M, W, type_name, info, sq, weights(r, r1)))
     else:
         W = base.load(info.name).to(device=device, dtype=torch.float32)
         merged = kernel.merged(W.clone(), edit, 1.0, device, name=info.name, stats=stats).cpu()
@@ -316,7 +364,8 @@ def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
         w2 = W.reshape(m2.shape)
         step = max(1, QUANT_CHUNK // max(1, m2.shape[1]))
         for r in range(0, m2.shape[0], step):
-            sink(_quantized(m2[r:r + step], w2[r:r + step], type_name, info, sq))
+            r1 = min(r + step, m2.shape[0])
+            sink(_quantized(m2[r:r1], w2[r:r1], type_name, info, sq, weights(r, r1)))
     err, change, norm, w_norm = (math.sqrt(x) for x in (sq.error, sq.change, sq.result,
                                                          sq.base))
     return GgufChange(name=info.name, type=info.dtype, written_as=type_name,
@@ -350,10 +399,11 @@ def _row_blocks(info: TensorInfo, raw: bytes | bytearray | memoryview, row_bytes
 
 
 def _quantized(M: torch.Tensor, W: torch.Tensor, type_name: str, info: TensorInfo,
-               sq: _Squares) -> bytes:
-    """Rows of the result quantized; their error, change and norms added to ``sq``."""
+               sq: _Squares, importance: torch.Tensor | None = None) -> bytes:
+    """Rows of the result quantized (with their columns' importance where given); their
+    error, change and norms added to ``sq``."""
     kernel.guard(M, None, info.name)
-    data = quantize(M, type_name)
+    data = quantize(M, type_name, importance)
     back = dequantize(data, type(info)(info.name, type_name, tuple(M.shape), len(data),
                                        info.file))
     sq.error += sum_squares(back.float().sub_(M))

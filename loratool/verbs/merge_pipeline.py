@@ -30,8 +30,8 @@ def merge_pipeline(base_spec: str, adapter_specs: list[str], out: Path, weights:
     """Merge (``s.sign`` +1) or unmerge (−1) adapters into a pipeline folder."""
 
     t0 = time.perf_counter() if t0 is None else t0
-    if s.quant is not None:
-        raise prechecks.quant_not_gguf(pipeline=True)
+    if s.quant is not None or s.imatrix is not None:
+        raise prechecks.quant_not_gguf(pipeline=True, imatrix=s.quant is None)
     root = Path(base_spec)
     within = containment_root(root)
     listing = entries(root, within)  # every entry inside the pipeline; special files refused

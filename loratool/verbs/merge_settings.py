@@ -48,7 +48,8 @@ class MergeSettings:
 
     ``sign``: +1 merges, −1 unmerges. ``dtype``: keep, fp32, bf16 or fp16 (float tensors).
     ``record``: write what unmerge needs beside the output; ``exact``: with it, the values
-    (W + ΔW) − ΔW does not give back, so that unmerge is exact. ``quant``: a GGUF output type.
+    (W + ΔW) − ΔW does not give back, so that unmerge is exact. ``quant``: a GGUF output type;
+    ``imatrix``: the importance matrix its K-quants are quantized with.
     """
 
     sign: float
@@ -61,6 +62,7 @@ class MergeSettings:
     record: bool = True
     exact: bool = True
     quant: str | None = None
+    imatrix: str | None = None  # a llama.cpp importance matrix for the re-quantized tensors
     options: Options = field(default_factory=Options)
     progress: Progress = SILENT
 

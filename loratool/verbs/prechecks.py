@@ -19,7 +19,7 @@ from ..errors import FormatError, LoraToolError, UsageError
 from ..headers import changes, moe
 from ..headers.adapters import UNKNOWN_KIND_MARKS, describe, detect
 from ..headers.checkpoint import is_gguf, open_checkpoint
-from ..headers.paths import is_pipeline
+from ..headers.paths import check_exists, check_regular, is_pipeline
 from ..headers.safetensors import TensorInfo, dtype_bytes, read_exactly
 from ..io.staging import MODEL_OUTPUT, REPORT_OUTPUT, OutputKind, check_output
 from ..options import DTYPES, Budget, Fixed, RankPolicy, check_fixed
@@ -74,7 +74,10 @@ def export_inputs_full(spec: str, name: str) -> FormatError:
                        "--adapters-as-inputs)")
 
 
-def quant_not_gguf(pipeline: bool) -> FormatError:
+def quant_not_gguf(pipeline: bool, imatrix: bool = False) -> FormatError:
+    if imatrix:
+        return FormatError("--imatrix applies to merges into GGUF models (the importance matrix "
+                           "llama-quantize weights their K-quants with)")
     return FormatError("--quant applies to GGUF models; for "
                          f"{'a pipeline' if pipeline else 'safetensors'} use --dtype")
 
@@ -82,15 +85,20 @@ def quant_not_gguf(pipeline: bool) -> FormatError:
 # --------------------------------------------------------------------------- per command
 
 def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str | None,
-          unmerge: bool = False) -> None:
-    """merge/unmerge: --quant only for a GGUF base, the output free, and the full tensors
-    that a pipeline merge cannot take."""
+          unmerge: bool = False, imatrix: Path | None = None) -> None:
+    """merge/unmerge: --quant and --imatrix only for a GGUF base (the importance matrix a
+    regular file), the output free, and the full tensors that a pipeline merge cannot take."""
     if unmerge and quant is not None:
         raise UsageError("--quant applies to merges into GGUF models")
     gguf = Path(base).is_file() and is_gguf(Path(base))
     pipeline = is_pipeline(base)
     if quant is not None and not gguf and Path(base).exists():
         raise quant_not_gguf(pipeline)
+    if imatrix is not None:
+        if not gguf and Path(base).exists():
+            raise quant_not_gguf(pipeline, imatrix=True)
+        check_exists(imatrix)
+        check_regular(imatrix)
     output(out, [base, *adapters], force)
     if pipeline:  # (a GGUF merge takes full tensors that are the base's own: it reads them)
         for spec in adapters:

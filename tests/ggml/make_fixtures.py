@@ -1,6 +1,7 @@
 """Makes tests/ggml/kquants.npz: fixed float32 inputs, the bytes ggml's own quantizer writes
-for them in each K-quant type and the values ggml's dequantizer reads back from those bytes —
-the reference tests/test_kquants.py compares with.
+for them in each K-quant type, without and with an importance matrix (one weight per column,
+as llama-quantize passes an imatrix entry), and the values ggml's dequantizer reads back from
+those bytes — the reference tests/test_kquants.py compares with.
 
 The bytes come from ggml-quants.c of llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI
 sdist, vendor/llama.cpp/ggml/src/ggml-quants.c), compiled as ggml builds it (ggml-base: no
@@ -52,16 +53,32 @@ def inputs() -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
+def importance() -> np.ndarray:
+    """One importance per column, as an imatrix entry holds (mean squared activations): spread
+    over six orders of magnitude, with a few columns never active (0) and one whole sub-block."""
+    rng = np.random.default_rng(7)
+    im = np.exp(rng.normal(0, 2.5, COLS))
+    im[rng.integers(0, COLS, 12)] = 0.0
+    im[288:304] = 0.0
+    return im.astype(np.float32)
+
+
 def main(ref: str) -> None:
-    x = inputs()
-    out = {"input": x}
+    x, im = inputs(), importance()
+    out = {"input": x, "imatrix": im}
+    path = Path(__file__).with_name("imatrix.f32")
+    path.write_bytes(im.tobytes())
     for name, code in TYPES.items():
         done = subprocess.run([ref, str(code), str(x.shape[0]), str(COLS)], input=x.tobytes(),
                               capture_output=True, check=True)
         out[name] = np.frombuffer(done.stdout, dtype=np.uint8)
+        weighted = subprocess.run([ref, str(code), str(x.shape[0]), str(COLS), str(path)],
+                                  input=x.tobytes(), capture_output=True, check=True)
+        out[f"{name}.imatrix"] = np.frombuffer(weighted.stdout, dtype=np.uint8)
         back = subprocess.run([ref, str(-code), str(x.shape[0]), str(COLS)], input=done.stdout,
                               capture_output=True, check=True)
         out[f"{name}.dequantized"] = np.frombuffer(back.stdout, dtype=np.float32)
+    path.unlink()
     np.savez_compressed(Path(__file__).with_name("kquants.npz"), **out)
 
 
