@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, llama_config
 from safetensors.torch import load_file
 
 import loratool
 from loratool.errors import FormatError
-
-from conftest import cli, llama_config
 
 TUNERS = ["adalora", "ia3", "loha", "lokr", "vera", "oft", "boft"]
 MODELS = ["llama", "bert"]
@@ -112,7 +111,6 @@ def test_merge_equals_peft_and_unmerge_gives_the_base_back(made, tmp_path: Path,
     out = tmp_path / "merged"
     report = loratool.merge(c["base"], [c["adapter"]], out, verify=True)
     assert report.verify is not None and report.verify.ok
-    print(kind, model, "verify ratio", report.verify.ratio)
     got = _merged_file(out)
     want = c["merged"]
     changed = 0
@@ -124,7 +122,154 @@ def test_merge_equals_peft_and_unmerge_gives_the_base_back(made, tmp_path: Path,
     assert changed == report.tensors_changed and changed >= 6
     back = tmp_path / "back"
     u = loratool.unmerge(out, [c["adapter"]], back, verify=True)
-    print(kind, model, "unmerge verify ratio", u.verify.ratio)
+    assert u.verify is not None and u.verify.ok
     restored = _merged_file(back)
     for name, t in base.items():  # bit for bit: the merge's record holds what rounding lost
         assert torch.equal(restored[name], t), (kind, model, name)
+
+
+@pytest.mark.parametrize("kind,model", CASES)
+def test_convert_reports_the_error_an_svd_measures(made, tmp_path: Path, kind: str,
+                                                   model: str) -> None:
+    """ΔW measured independently (PEFT's merged weight − the base, float64): the error that
+    convert reports for each module is the written LoRA's own error against it, and no better
+    than the optimum of a dense SVD at that rank (Eckart–Young) nor far from it."""
+    c = made[kind, model]
+    out = tmp_path / "lora"
+    r = loratool.convert(c["adapter"], out, "peft", base=str(c["base"]),
+                         policy=loratool.RankPolicy.rank(2))
+    assert r.lycoris is not None and len(r.lycoris.modules) >= 6
+    base = _merged_file(Path(c["base"]))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    lora = load_file(out / "adapter_model.safetensors")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    for e in r.lycoris.modules:
+        name = next(n for n in (e.name + ".weight", "model." + e.name + ".weight")
+                    if n in c["merged"])
+        D = c["merged"][name].double() - base[name].double()
+        key = "base_model.model." + e.name + ".lora_"
+        BA = lora[key + "B.weight"].double() @ lora[key + "A.weight"].double() * scale
+        measured = float((D - BA).norm() / D.norm())
+        S = torch.linalg.svdvals(D)
+        best = float(S[2:].norm() / S.norm())
+        assert e.rank == 2 and e.type == kind
+        # D here carries PEFT's float32 rounding of W + ΔW: a few 1e-7 of |W|
+        assert abs(e.rel_error - measured) <= 1e-4 * measured + 1e-5, (e.name, e.rel_error,
+                                                                       measured)
+        assert best - 1e-5 <= e.rel_error <= 1.02 * best + 1e-5, (e.name, e.rel_error, best)
+
+
+def test_ia3_bias_scaling_becomes_a_lora_bias(made, tmp_path: Path) -> None:
+    """IA³ on BERT's query/value outputs scales their biases too (PEFT's merge does): the
+    converted LoRA carries b·(l − 1) as lora_B.bias, PEFT's merged bias − the base's."""
+    c = made["ia3", "bert"]
+    out = tmp_path / "lora"
+    loratool.convert(c["adapter"], out, "peft", base=str(c["base"]),
+                     policy=loratool.RankPolicy.rank(2))
+    lora = load_file(out / "adapter_model.safetensors")
+    base = _merged_file(Path(c["base"]))
+    name = "encoder.layer.0.attention.self.query"
+    got = lora[f"base_model.model.{name}.lora_B.bias"]
+    want = c["merged"][name + ".bias"].double() - base[name + ".bias"].double()
+    assert float((got.double() - want).abs().max()) <= 1e-7 * float(want.abs().max()) + 1e-8
+    assert float(want.abs().max()) > 1e-3  # the biases are not zero: the test can fail
+
+
+EXPECT = {  # (type, what inspect says of the first module: rank, block size, parameters)
+    ("adalora", "llama"): ("adalora", 6, None, 6 * 128 + 6 + 64 * 6),
+    ("ia3", "llama"): ("ia3", 0, None, 128),
+    ("loha", "llama"): ("loha", 4, None, 2 * (64 * 4 + 4 * 128)),
+    ("lokr", "llama"): ("lokr", 4, None, 8 * 8 + 8 * 4 + 4 * 16),
+    ("vera", "llama"): ("vera", 4, None, 64 + 4),
+    ("oft", "llama"): ("oft", 0, 8, 16 * 28),
+    ("boft", "llama"): ("boft", 0, 4, 32 * 16 + 64),
+}
+
+
+@pytest.mark.parametrize("kind", TUNERS)
+def test_inspect_tells_type_rank_or_block_and_parameters(made, kind: str) -> None:
+    c = made[kind, "llama"]
+    r = cli("inspect", c["adapter"], "--json")
+    info = json.loads(r.out)
+    assert info["adapter"]["peft_type"] == kind.upper()
+    mods = info["modules"]
+    assert len(mods) == 6
+    first = mods[0]  # natural order: layers.0.mlp.down_proj
+    assert first["name"] == "model.layers.0.mlp.down_proj"
+    want_type, rank, block, params = EXPECT[kind, "llama"]
+    assert (first["type"], first["rank"], first.get("block_size"), first["params"]) == (
+        want_type, rank, block, params)
+    text = cli("inspect", c["adapter"]).out
+    assert "params" in text and ("block" in text) == (block is not None)
+
+
+@pytest.mark.parametrize("kind", TUNERS)
+def test_steps_that_need_lora_factors_refuse_naming_convert(made, tmp_path: Path,
+                                                            kind: str) -> None:
+    c = made[kind, "llama"]
+    out = tmp_path / "o"
+    for args in (["resize", c["adapter"], "--rank", "2", "-o", out],
+                 ["combine", c["adapter"], c["adapter"], "--method", "svd", "--rank", "2",
+                  "-o", out],
+                 ["analyze", c["adapter"]]):
+        r = cli(*args, expect=1)
+        assert "PEFT tuner modules" in r.err and "loratool convert" in r.err, (args, r.err)
+        assert "--to peft" in r.err and "Traceback" not in r.err
+        assert len(r.err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["ia3", "oft", "boft", "vera"])
+def test_convert_without_the_base_says_why_it_needs_it(made, tmp_path: Path,
+                                                       kind: str) -> None:
+    r = cli("convert", made[kind, "llama"]["adapter"], "--to", "peft", "--rank", "2", "-o",
+            tmp_path / "o", expect=1)
+    assert "--base BASE" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_unknown_peft_types_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    d = tmp_path / "ln"
+    d.mkdir()
+    save_file({"base_model.model.model.norm.ln_tuning_layers.weight": torch.ones(4)},
+              d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LN_TUNING"}))
+    for args in (["inspect", d], ["convert", d, "--to", "kohya", "-o", tmp_path / "o"]):
+        r = cli(*args, expect=1)
+        assert "LN_TUNING" in r.err and "ADALORA" in r.err and "Traceback" not in r.err
+
+
+def test_a_weight_on_a_multiplicative_tuner_is_refused(made, tmp_path: Path) -> None:
+    c = made["ia3", "llama"]
+    with pytest.raises(FormatError, match="convert it to LoRA first"):
+        loratool.merge(c["base"], [c["adapter"]], tmp_path / "o", weights=[0.5])
+    with pytest.raises(FormatError, match="merge that adapter alone"):
+        loratool.merge(c["base"], [c["adapter"], made["oft", "llama"]["adapter"]],
+                       tmp_path / "o")
+
+
+def test_export_merges_a_rotation(made, tmp_path: Path) -> None:
+    """export goes through the same merge: OFT on the tiny Llama, the ONNX graph's logits
+    against PEFT's own merged model's."""
+    ort = pytest.importorskip("onnxruntime")
+    from transformers import LlamaForCausalLM
+
+    c = made["oft", "llama"]
+    r = loratool.export(c["base"], [c["adapter"]], tmp_path / "onnx")
+    assert r.verification.ok
+    peft_merged = LlamaForCausalLM(llama_config()).eval()
+    peft_merged.load_state_dict(c["merged"])
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    got = sess.run(None, {k: v for k, v in feed.items()
+                          if k in {i.name for i in sess.get_inputs()}})[0]
+    with torch.no_grad():
+        want = peft_merged(input_ids=ids, attention_mask=mask).logits.numpy()
+    base = LlamaForCausalLM.from_pretrained(c["base"]).eval()
+    with torch.no_grad():
+        before = base(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert abs(got - want).max() <= 1e-4 < abs(before - want).max()

@@ -27,9 +27,9 @@ from ..headers.adapters import (
     split_key,
 )
 from ..headers.checkpoint import Checkpoint
-from ..headers.peft_tuners import kind_of, not_read
 from ..headers.peft_config import AdapterMeta, peft_config, written_config
 from ..headers.peft_config import model_card as card_for
+from ..headers.peft_tuners import kind_of, not_read
 from ..io.writer import CheckpointWriter
 from ..model import experts
 from ..model.adapter import LoraAdapter, LoraModule

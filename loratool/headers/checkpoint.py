@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 from ..errors import FormatError, InputError, os_input_error
 from ..progress import SILENT, Progress
 from .checks import ADAPTER_CONFIG as ADAPTER_CONFIG_FIELDS
-from .checks import ADAPTER_CONFIG_ANY
-from .checks import MODEL_CONFIG, check_fields, check_zip, parse_json
+from .checks import ADAPTER_CONFIG_ANY, MODEL_CONFIG, check_fields, check_zip, parse_json
 from .gguf import GgufHeader, read_header
 from .paths import check_exists, check_regular, containment_root, member, resolve_inside
 from .safetensors import (

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +51,8 @@ class TunerModule:
     bias: None = None  # no additive bias; IA³'s bias scaling is scales_bias
     layout: str = "linear"
     shape_from_base: bool = field(init=False, default=False)
+    # IA³ on outputs scales the base's bias: b·l − b, for a LoRA made of it (convert sets it)
+    bias_change: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         where = f"{self.key}: {TUNER_NAMES[self.kind]} module"
@@ -59,6 +60,9 @@ class TunerModule:
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise FormatError(f"{where}: {n} is not finite floating-point data; the "
                                   "adapter is damaged")
+        if self.kind == "adalora":  # its tensors give the shape: [out, r] · [r, in]
+            shape = (int(self.parts["lora_B"].shape[0]), int(self.parts["lora_A"].shape[1]))
+            self.shape = shape[::-1] if self.settings.get("fan_in_fan_out") else shape
         if self.kind in ("oft", "boft") and self.settings.get("fan_in_fan_out"):
             raise FormatError(f"{where}: fan_in_fan_out (GPT-2's Conv1D) is not supported for "
                               "rotations")
@@ -270,16 +274,3 @@ class TunerModule:
         ref = (W / s) @ M.T
         return ref, (W / s).abs() @ M.abs().T
 
-
-def fit_any(m: object, have: tuple[int, ...]) -> bool:
-    """Fit a non-LoRA module (LyCORIS or PEFT tuner) to its base weight's shape."""
-    return m.fit_base(have)  # type: ignore[attr-defined]
-
-
-def is_tuner(m: object) -> bool:
-    return isinstance(m, TunerModule)
-
-
-def check_bias(m: TunerModule, have: tuple[int, ...] | None) -> bool:
-    """Whether an IA³ module's scaling fits the bias the base has (None: no bias)."""
-    return have is not None and math.prod(have) == m.parts["ia3_l"].numel()
