@@ -194,7 +194,8 @@ class LoraAdapter:
               if t is not None] + list(self.full.values())
         ts += [t for m in self.lyco.values() for t in (*m.parts.values(), m.magnitude)
                if t is not None]
-        return sum(t.numel() * t.element_size() for t in ts)
+        once = {id(t): t for t in ts}  # VeRA's projections are shared by every module
+        return sum(t.numel() * t.element_size() for t in once.values())
 
     def num_params(self) -> int:
         n = sum(m.A.numel() + m.B.numel() + (m.bias.numel() if m.bias is not None else 0)
