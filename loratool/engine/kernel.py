@@ -1,5 +1,6 @@
 """The merge kernel: W ± Σ wᵢ·sᵢ·ΔWᵢ for one tensor, in PEFT's order of operations, and the
-one guard on what it computes. Every merge path runs through here: a safetensors model a
+one guard on what it computes; for a multiplicative tuner (IA³, OFT, BOFT) its own product
+(W·l, R·W …) and its inverse. Every merge path runs through here: a safetensors model a
 block of rows at a time, a GGUF model a block of dequantized rows at a time, the in-memory and
 streamed ONNX exports and unmerge's check whole.
 
@@ -106,7 +107,7 @@ def guard(W: torch.Tensor, out_dtype: torch.dtype | None, name: str) -> None:
 def is_rows_only(edit: Edit) -> bool:
     """Whether an edit is additions only (no full replacement, DoRA or bias), which can run a
     block of rows at a time."""
-    return edit.full is None and edit.dora is None and not edit.bias
+    return edit.full is None and edit.dora is None and not edit.bias and edit.mult is None
 
 
 def merged(W: torch.Tensor, edit: Edit, sign: float, device: torch.device,
@@ -118,6 +119,11 @@ def merged(W: torch.Tensor, edit: Edit, sign: float, device: torch.device,
     ``norms`` receives the DoRA row norms a merge computes. Full replacements are undone by
     unmerge's restore from the record, not here."""
     stats = Stats() if stats is None else stats
+    if edit.mult is not None:  # planned alone on its tensor: nothing else changes it
+        new = edit.mult.apply(W, sign)
+        if new.numel():
+            stats.max_abs_delta = max(stats.max_abs_delta, float((new - W).abs().max()))
+        return new
     if edit.full is not None:
         t, w = edit.full
         F = t.to(device=device, dtype=torch.float32, copy=True)  # W is changed in place

@@ -26,6 +26,7 @@ from ..model.adapter import (
     match_base,
 )
 from ..model.lyco import LycoModule
+from ..model.tuners import TunerModule
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +47,9 @@ class Edit:
     full: tuple[torch.Tensor, float] | None = None  # (replacement tensor, weight), applied first
     owner: str | None = None  # the adapter that replaces this tensor
     dora: tuple[AdapterModule, float] | None = None  # the one DoRA module on this tensor
+    # the one multiplicative module (IA³, OFT, BOFT): W·diag(l), R·W …, not W + ΔW; on a bias
+    # (1-D), IA³'s scaling of it
+    mult: TunerModule | None = None
 
 
 def _single_model(ad: LoraAdapter, spec: str) -> None:
@@ -80,7 +84,7 @@ def changes_nothing(m: AdapterModule) -> bool:
     modules always count."""
     if m.magnitude is not None:
         return False
-    if isinstance(m, LycoModule):
+    if isinstance(m, (LycoModule, TunerModule)):
         return m.is_zero()
     return m.rank == 0 or m.A.numel() == 0 or m.B.numel() == 0 or not bool(
         m.A.any()) or not bool(m.B.any())
@@ -133,37 +137,80 @@ def plan_edits(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             name = base_tensor_name(full_name, names) or full_name  # checked by match_base
             _check_replacement(name, tuple(t.shape), names[name].shape, spec)
             e = edits.setdefault(name, Edit(dict(extra).get(name, name)))
-            if e.full is not None or e.lora or e.dora:
+            if e.full is not None or e.lora or e.dora or e.mult:
                 raise FormatError(f"{spec}: full tensor {name} (modules_to_save) would replace "
                                   "a tensor another adapter also changes")
             e.full, e.owner = (t, w), spec
         for key, tname in _changing(ad, mapping, inert):
             m = ad.modules[key] if key in ad.modules else ad.lyco[key]
-            src = dict(extra).get(tname, tname)
-            e = edits.setdefault(tname, Edit(src))
-            if e.full is not None and e.owner != spec:
-                raise FormatError(f"{spec}: {key} changes {tname}, which another adapter "
-                                  "replaces in full (modules_to_save)")
-            if m.magnitude is not None:
-                if e.lora or e.dora or e.full:
-                    raise FormatError(f"{spec}: {key} has DoRA and another adapter changes the "
-                                      "same weight; a DoRA magnitude does not add: merge it "
-                                      "alone")
-                if m.layout == "embedding":
-                    raise FormatError(f"{spec}: DoRA on embedding {key} is not supported")
-                e.dora = (m, w)
-            else:
-                if e.dora is not None:
-                    raise FormatError(f"{spec}: {key} changes a weight that a DoRA adapter "
-                                      "also changes; merge the DoRA adapter alone")
-                e.lora.append((m, w))
-            if m.bias is not None:  # a lora bias, or a LyCORIS full module's diff_b
-                bname = tname[: -len(".weight")] + ".bias"
-                if bname not in base.tensors:
-                    raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
-                                      f"{bname}")
-                edits.setdefault(bname, Edit(bname)).bias.append((m, w))
+            e = edits.setdefault(tname, Edit(dict(extra).get(tname, tname)))
+            _place(m, w, e, tname, base, edits, spec, key)
     return edits, order + extra
+
+
+def _place(m: AdapterModule, w: float, e: Edit, tname: str, base: Checkpoint,
+           edits: dict[str, Edit], spec: str, key: str) -> None:
+    """One module's change to the edit of its tensor (and of its bias), or the one line that
+    says why it cannot share that tensor."""
+    if e.full is not None and e.owner != spec:
+        raise FormatError(f"{spec}: {key} changes {tname}, which another adapter replaces "
+                          "in full (modules_to_save)")
+    if e.mult is not None:
+        raise FormatError(_alone(spec, key, e.mult))
+    if isinstance(m, TunerModule) and m.multiplicative:
+        if e.lora or e.dora or e.full:
+            raise FormatError(_alone(spec, key, m))
+        _multiply(m, w, e, tname, base, edits, spec, key)
+        return
+    if m.magnitude is not None:
+        if e.lora or e.dora or e.full:
+            raise FormatError(f"{spec}: {key} has DoRA and another adapter changes the "
+                              "same weight; a DoRA magnitude does not add: merge it "
+                              "alone")
+        if m.layout == "embedding":
+            raise FormatError(f"{spec}: DoRA on embedding {key} is not supported")
+        e.dora = (m, w)
+    else:
+        if e.dora is not None:
+            raise FormatError(f"{spec}: {key} changes a weight that a DoRA adapter "
+                              "also changes; merge the DoRA adapter alone")
+        e.lora.append((m, w))
+    if m.bias is not None:  # a lora bias, or a LyCORIS full module's diff_b
+        bname = tname[: -len(".weight")] + ".bias"
+        if bname not in base.tensors:
+            raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
+                              f"{bname}")
+        b = edits.setdefault(bname, Edit(bname))
+        if b.mult is not None:
+            raise FormatError(_alone(spec, key, b.mult))
+        b.bias.append((m, w))
+
+
+def _alone(spec: str, key: str, m: TunerModule) -> str:
+    return (f"{spec}: {key} and another module change the same weight, and {m.kind} "
+            f"({m.key}) multiplies it: the order would matter; merge that adapter alone")
+
+
+def _multiply(m: TunerModule, w: float, e: Edit, tname: str, base: Checkpoint,
+              edits: dict[str, Edit], spec: str, key: str) -> None:
+    """A multiplicative module's edit, and IA³'s on the bias it scales (PEFT's merge scales
+    the bias of an output-side vector too)."""
+    if w != 1.0:
+        raise FormatError(f"{spec}: {key} multiplies the weight ({m.kind}); a --weight other "
+                          "than 1 has no meaning for it: convert it to LoRA first "
+                          "(`loratool convert ADAPTER --to peft --max-error 0.01 --base BASE "
+                          "-o OUT`)")
+    e.mult = m
+    bname = tname[: -len(".weight")] + ".bias"
+    if m.scales_bias and bname in base.tensors:
+        b = edits.setdefault(bname, Edit(bname))
+        if b.bias or b.mult or b.full:
+            raise FormatError(_alone(spec, key, m))
+        if tuple(base.tensors[bname].shape) != (m.parts["ia3_l"].numel(),):
+            raise FormatError(f"{spec}: {key}: the base's {bname} has shape "
+                              f"{list(base.tensors[bname].shape)}, which IA³'s "
+                              f"{m.parts['ia3_l'].numel()} values do not scale")
+        b.mult = m
 
 
 def _changing(ad: LoraAdapter, mapping: dict[str, str], inert: list[str] | None

@@ -89,6 +89,9 @@ def _reference(W: torch.Tensor, e: Edit, sign: float, record: UnmergeRecord | No
     """The float64 result of one edit, the absolute-value sum that bounds its float32
     rounding, and the largest rank involved."""
 
+    if e.mult is not None:  # IA³, OFT, BOFT: their product (the rotation in float64 too)
+        ref, bound_abs = e.mult.reference(W, sign)
+        return ref, bound_abs, e.mult.error_terms
     bound_abs = W.abs()
     ref = W
     if e.full is not None:

@@ -24,8 +24,11 @@ from ..formats import diffusers, gguf, kohya, peft
 from ..formats.base import Format
 from ..headers.adapters import check_one_format, detect
 from ..headers.checkpoint import Checkpoint
+from ..headers.kohya import KIND_NAMES
+from ..headers.peft_tuners import TUNER_NAMES
 from ..headers.sources import resolve_input
 from ..io.tensors import open_checkpoint
+from ..model.tuners import TunerModule
 from ..options import Options
 
 if TYPE_CHECKING:
@@ -92,16 +95,19 @@ def read_checkpoint(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
 
 
 def lyco_message(ad: LoraAdapter, why: str, how: str = "") -> str:
-    """The one line for LyCORIS modules a step cannot take: what they are, and how to turn
-    them into LoRA."""
+    """The one line for modules that are not LoRA (LyCORIS', or PEFT's other tuners) where a
+    step cannot take them: what they are, and how to turn them into LoRA."""
 
-    kinds = Counter({"loha": "LoHa", "lokr": "LoKr", "full": "full"}[m.kind]
-                    for m in ad.lyco.values())
+    # PEFT's own (its LoHa and LoKr carry PEFT's r): convert writes PEFT LoRA for them
+    tuners = any(isinstance(m, TunerModule) or m.dim is not None for m in ad.lyco.values())
+    kinds = Counter({**KIND_NAMES, **TUNER_NAMES}[m.kind] for m in ad.lyco.values())
     what = ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items()))
+    to = "peft" if tuners else "kohya"
     how = how or ("turn them into LoRA at a rank policy with `loratool convert ADAPTER --to "
-                  "kohya --max-error 0.01 --base BASE -o OUT` (or --rank N, --energy F, "
+                  f"{to} --max-error 0.01 --base BASE -o OUT` (or --rank N, --energy F, "
                   "--budget SIZE)")
-    return f"the adapter holds LyCORIS modules ({what}); {why}: {how}"
+    label = "PEFT tuner modules" if tuners else "LyCORIS modules"
+    return f"the adapter holds {label} ({what}); {why}: {how}"
 
 
 def require_lora(ad: LoraAdapter, spec: str, why: str) -> None:

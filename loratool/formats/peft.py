@@ -17,6 +17,7 @@ import torch
 from ..errors import FormatError
 from ..formats.base import Format, held
 from ..formats.peft_params import experts_module, parameter_modules
+from ..formats.peft_tuners import read_tuner
 from ..headers import moe
 from ..headers.adapters import (
     PEFT_PREFIX,
@@ -28,6 +29,7 @@ from ..headers.adapters import (
 from ..headers.checkpoint import Checkpoint
 from ..headers.peft_config import AdapterMeta, peft_config, written_config
 from ..headers.peft_config import model_card as card_for
+from ..headers.peft_tuners import kind_of, not_read
 from ..io.writer import CheckpointWriter
 from ..model import experts
 from ..model.adapter import LoraAdapter, LoraModule
@@ -64,8 +66,9 @@ def modules_from_state(state: dict[str, torch.Tensor], cfg: dict[str, object], w
         sk = split_key(rel)
         if sk is None:
             if any(mark in rel for mark in UNKNOWN_KIND_MARKS):
-                raise FormatError(f"{where}: unknown key pattern {key!r} (LoHa, LoKr, AdaLoRA "
-                                  "and other non-LoRA adapters are not supported)")
+                raise FormatError(f"{where}: unknown key pattern {key!r} in a LoRA adapter "
+                                  "(another tuner's tensors? its adapter_config.json's "
+                                  "peft_type says which)")
             # modules_to_save and other full tensors; PEFT saves the embedding it adapts (for a
             # resized vocabulary) as <module>.base_layer.weight: it replaces <module>.weight
             full[rel.replace(".base_layer.", ".")] = t
@@ -122,9 +125,10 @@ def read(ckpt: Checkpoint, base: str | None = None) -> LoraAdapter:
         raise FormatError(f"{where}: PEFT adapter weights without adapter_config.json: its "
                           "alpha is unknown; put the adapter_config.json beside the weights")
     cfg = ckpt.adapter_config
+    if kind_of(cfg) is not None:  # AdaLoRA, IA³, LoHa, LoKr, VeRA, OFT, BOFT
+        return read_tuner(ckpt, where)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise FormatError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LoRA; only LoRA "
-                          "adapters are supported")
+        raise not_read(cfg, where)
     state = {n: ckpt.load(n) for n in ckpt.tensors}
     modules, full = modules_from_state(state, cfg, where)
     ad = LoraAdapter(full=full, base_model=cfg.get("base_model_name_or_path"),

@@ -26,6 +26,7 @@ from ..units import natural_key
 from . import kohya, moe
 from .checkpoint import Checkpoint
 from .checks import ADAPTER_CONFIG, check_fields, parse_json, pattern_match
+from .peft_tuners import PEFT_PREFIX, describe_tuner, kind_of, not_read
 from .safetensors import TensorInfo
 
 JsonDict = dict[str, object]  # a config, as JSON holds it
@@ -115,7 +116,6 @@ def check_one_format(folder: Path) -> None:
 
 # --------------------------------------------------------------------------- PEFT's rules
 
-PEFT_PREFIX = "base_model.model."
 # in a key that no PEFT pattern matches: an adapter kind the reader does not know (LoHa, LoKr,
 # AdaLoRA …), not a full tensor
 UNKNOWN_KIND_MARKS = ("lora_", "hada_", "lokr_")
@@ -396,8 +396,12 @@ def describe(ckpt: Checkpoint, fmt: str) -> tuple[AdapterFacts, list[ModuleEntry
     """An adapter's facts (``inspect --json``'s ``adapter``) and its ``modules``, from its
     headers, for the format ``detect`` found."""
     if fmt == "peft":
-        return describe_peft(ckpt.tensors, ckpt.adapter_config or {},
-                             str(ckpt.source or ckpt.path))
+        cfg, where = ckpt.adapter_config or {}, str(ckpt.source or ckpt.path)
+        if kind_of(cfg) is not None:
+            return describe_tuner(ckpt.tensors, cfg, where)
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise not_read(cfg, where)
+        return describe_peft(ckpt.tensors, cfg, where)
     if fmt == "kohya":
         return kohya.describe(ckpt)
     if fmt == "diffusers":

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 from ..errors import FormatError, InputError, os_input_error
 from ..progress import SILENT, Progress
 from .checks import ADAPTER_CONFIG as ADAPTER_CONFIG_FIELDS
-from .checks import MODEL_CONFIG, check_fields, check_zip, parse_json
+from .checks import ADAPTER_CONFIG_ANY, MODEL_CONFIG, check_fields, check_zip, parse_json
 from .gguf import GgufHeader, read_header
 from .paths import check_exists, check_regular, containment_root, member, resolve_inside
 from .safetensors import (
@@ -291,7 +291,8 @@ def _config(path: Path, lenient: bool) -> dict[str, object] | None:
         if path.name == "config.json":
             check_fields(data, MODEL_CONFIG, path)
         elif path.name == ADAPTER_CONFIG:
-            check_fields(data, ADAPTER_CONFIG_FIELDS, path)
+            lora = data.get("peft_type", "LORA") == "LORA"
+            check_fields(data, ADAPTER_CONFIG_FIELDS if lora else ADAPTER_CONFIG_ANY, path)
     except (FormatError, InputError):
         if lenient:
             return None

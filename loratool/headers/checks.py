@@ -121,6 +121,11 @@ ADAPTER_CONFIG = {"peft_type": "str", "task_type": "str", "base_model_name_or_pa
                   "rank_pattern": "positive ints by name", "alpha_pattern": "numbers by name",
                   "use_rslora": "bool", "use_dora": "bool", "fan_in_fan_out": "bool",
                   "lora_bias": "bool", "bias": "str", "ensure_weight_tying": "bool"}
+# the same keys mean other things for PEFT's other tuners (OFT's r may be 0, AdaLoRA's
+# rank_pattern holds masks): their readers check what they use
+ADAPTER_CONFIG_ANY = {"peft_type": "str", "task_type": "str", "base_model_name_or_path": "str",
+                      "revision": "str", "target_modules": "str or str list",
+                      "modules_to_save": "str list", "fan_in_fan_out": "bool"}
 
 
 # config.json: the keys loratool reads from a model's config

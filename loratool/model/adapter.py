@@ -26,7 +26,8 @@ from ..headers import moe
 from ..headers.adapters import lora_scale
 from ..headers.moe import on_disk
 from ..headers.paths import entries
-from ..model.lyco import LycoModule, fit_shape
+from ..model.lyco import LycoModule
+from ..model.tuners import TunerModule
 from ..numerics import ops
 
 if TYPE_CHECKING:
@@ -115,8 +116,11 @@ class LoraModule:
         return ops.lora_abs_delta(self.A.double(), self.B.double(), self.scale, self.layout)
 
 
-# a module of an adapter: LoRA factors, or a LyCORIS module's (LoHa, LoKr, full)
-AdapterModule = LoraModule | LycoModule
+# a module that is not LoRA: LyCORIS' (LoHa, LoKr, full; PEFT's LoHa and LoKr too) or one of
+# PEFT's other tuners (AdaLoRA, VeRA, IA³, OFT, BOFT)
+OtherModule = LycoModule | TunerModule
+# a module of an adapter: LoRA factors, or another kind's tensors
+AdapterModule = LoraModule | OtherModule
 
 
 class BaseTensors(Protocol):
@@ -155,15 +159,16 @@ class LoraAdapter:
     # "gguf": modules named as llama.cpp names tensors (blk.0.attn_q), read from a GGUF
     # adapter without a transformers base to name them back
     naming: str = "hf"
-    # LyCORIS LoHa, LoKr and full modules (lyco.LycoModule), by key: dense ΔW, no B@A
-    lyco: dict[str, LycoModule] = field(default_factory=dict)
+    # modules that are not LoRA, by key: LyCORIS LoHa, LoKr and full modules (lyco.LycoModule,
+    # PEFT's LoHa and LoKr too) and PEFT's other tuners (tuners.TunerModule)
+    lyco: dict[str, OtherModule] = field(default_factory=dict)
 
     def add(self, m: AdapterModule) -> None:
-        """Add a module (a LoraModule after checking its factors agree, or a LycoModule)."""
+        """Add a module (a LoraModule after checking its factors agree, or another kind)."""
 
         if m.key in self.modules or m.key in self.lyco:
             raise FormatError(f"module {m.key} appears twice in the adapter")
-        if isinstance(m, LycoModule):
+        if isinstance(m, (LycoModule, TunerModule)):
             self.lyco[m.key] = m
             return
         check_module(m)
@@ -189,7 +194,8 @@ class LoraAdapter:
               if t is not None] + list(self.full.values())
         ts += [t for m in self.lyco.values() for t in (*m.parts.values(), m.magnitude)
                if t is not None]
-        return sum(t.numel() * t.element_size() for t in ts)
+        once = {id(t): t for t in ts}  # VeRA's projections are shared by every module
+        return sum(t.numel() * t.element_size() for t in once.values())
 
     def num_params(self) -> int:
         n = sum(m.A.numel() + m.B.numel() + (m.bias.numel() if m.bias is not None else 0)
@@ -329,17 +335,19 @@ def match_base(ad: LoraAdapter, base: BaseTensors) -> dict[str, str]:
     return out
 
 
-def lyco_tensor(m: LycoModule, names: Mapping[str, TensorInfo], where: str | Path) -> str:
-    """The base tensor a LyCORIS module changes; a conv stored flat takes the base's shape."""
+def lyco_tensor(m: OtherModule, names: Mapping[str, TensorInfo], where: str | Path) -> str:
+    """The base tensor a module that is not LoRA changes; a conv stored flat (LyCORIS) takes
+    the base's shape, as do the tuners whose tensors tell only one side of it (IA³, VeRA)."""
 
     found = next((c for c in _base_candidates(m.name) if c in names), None)
     if found is None:
         raise FormatError(f"module {m.key}: the base {where} has no tensor {m.name}.weight; is "
                           "it the model this adapter was trained for?")
     have = tuple(names[found].shape)
-    if not fit_shape(m, have):
-        raise FormatError(f"module {m.key}: the {m.kind} module's ΔW has shape "
-                          f"{list(m.shape)} but {found} in {where} is {list(have)}")
+    if not m.fit_base(have):
+        raise FormatError(f"module {m.key}: the {m.kind} module does not fit {found} in "
+                          f"{where}, of shape {list(have)}" + (
+                              f" (its ΔW has shape {list(m.shape)})" if m.shape else ""))
     if m.bias is not None:
         bname = found[: -len(".weight")] + ".bias"
         if bname not in names or tuple(names[bname].shape) != tuple(m.bias.shape):

@@ -34,6 +34,9 @@ class LycoModule:
     shape: tuple[int, ...] = ()
     magnitude: torch.Tensor | None = None  # dora_scale, per output row
     component: str | None = None
+    # PEFT's r for its LoHa and LoKr (the config's, or rank_pattern's): its scale is alpha / r
+    # even where LyCORIS' would be 1 (a LoKr with both sides whole)
+    dim: int | None = None
     layout: str = field(init=False, default="linear")
     # a 2-D ΔW of LoHa or LoKr may be a linear layer's or a conv's stored flat; only the base
     # tells (fit_shape sets this)
@@ -67,13 +70,23 @@ class LycoModule:
     def rank(self) -> int:
         """LyCORIS' ``dim``: the rank of each factor pair (LoHa), of the factored side
         (LoKr; 0 when both sides are whole), 0 for a full module."""
-        return lyco_rank(self.kind, self._shapes())
+        return self.dim if self.dim is not None else lyco_rank(self.kind, self._shapes())
 
     @property
     def scale(self) -> float:
         """alpha / dim (a missing or zero alpha means dim); 1 for a LoKr with both sides whole
-        and for full modules, as LyCORIS defines it."""
+        and for full modules, as LyCORIS defines it; PEFT's alpha / r for PEFT's."""
+        if self.dim is not None:
+            return float(self.alpha or 0.0) / self.dim if self.dim else 0.0
         return lyco_scale(self.alpha, self.rank)
+
+    @property
+    def multiplicative(self) -> bool:
+        return False
+
+    def fit_base(self, have: tuple[int, ...]) -> bool:
+        """Take the base weight's shape, if this module's ΔW fits it."""
+        return fit_shape(self, have)
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(t.shape) for n, t in self.parts.items()}

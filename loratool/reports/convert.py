@@ -102,7 +102,9 @@ class ConvertReport(Report):
 def lycoris_lines(ly: LycorisPart) -> list[str]:
     """The LyCORIS modules made LoRA: their kinds, then the 12 worst (folded) groups."""
     kinds = Counter(KIND[m.type] for m in ly.modules)
-    lines = [f"  {len(ly.modules)} LyCORIS modules ({counts(kinds)}) made LoRA at "
+    label = "LyCORIS" if all(m.type in ("loha", "lokr", "full") for m in ly.modules) else \
+        "non-LoRA"
+    lines = [f"  {len(ly.modules)} {label} modules ({counts(kinds)}) made LoRA at "
              f"{ly.policy}; largest relative error {ly.max_rel_error:.4g}"
              + ("; the 12 worst groups (--json lists all):" if len(ly.modules) > 12 else "")]
     groups = sorted(fold(ly.modules, lambda m: m.name),  # the worst first

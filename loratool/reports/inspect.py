@@ -51,11 +51,11 @@ class GgufFacts:
 
 @dataclass
 class ModuleEntry:
-    """One adapter module: its type (LoRA or a LyCORIS kind), rank, alpha, scale, layout and
-    the shape of the weight it changes."""
+    """One adapter module: its type (LoRA, a LyCORIS kind or a PEFT tuner), rank (or block
+    size), alpha, scale, layout, the shape of the weight it changes (what its tensors tell)."""
 
     name: str
-    type: str | None = optional()  # absent for PEFT adapters (always LoRA)
+    type: str | None = optional()  # absent for PEFT LoRA adapters
     rank: int = 0
     alpha: float | None = None
     scale: float = 0.0
@@ -69,6 +69,8 @@ class ModuleEntry:
     dtype: str | None = None
     kernel: list[int] | None = optional()
     experts: int | None = optional()
+    block_size: int | None = optional()  # OFT, BOFT: the rotation's block size
+    params: int | None = optional()  # PEFT's other tuners: trainable values of the module
 
 
 @dataclass
@@ -268,8 +270,11 @@ def _module_lines(mods: list[ModuleEntry], expand: bool) -> list[str]:
             else f"{min(ranks)}–{max(ranks)} ({len(ranks)} different)")
     lines = [f"  {len(mods)} {'LoRA ' if not lyco else ''}modules"
              + (f" ({counts(kinds)})" if lyco else "") + f"; ranks: {each}"]
+    blocks = any(m.block_size for m in mods)  # OFT, BOFT: a block size, not a rank
+    params = any(m.params is not None for m in mods)
     rows = [["module", "count"] + (["type"] if lyco else []) +
-            ["rank", "alpha", "scale", "layout", "in→out"]]
+            ["rank", "alpha", "scale", "layout", "in→out"] + (["block"] if blocks else []) +
+            (["params"] if params else [])]
     grouped: dict[tuple[object, ...], list[ModuleEntry]] = {}
     for m in mods:
         layout = f"{m.layout} ×{m.experts}" if m.experts else m.layout
@@ -278,14 +283,22 @@ def _module_lines(mods: list[ModuleEntry], expand: bool) -> list[str]:
         grouped.setdefault(key, []).append(m)
     for (name, layout, n_in, n_out, kind), ms in grouped.items():
         alphas = sorted({m.alpha for m in ms if m.alpha is not None})
+        sizes = sorted({m.block_size for m in ms if m.block_size})
+        counted = sorted({m.params for m in ms if m.params is not None})
         rows.append([str(name) if len(ms) > 1 else ms[0].name,
                      f"×{len(ms)}" if len(ms) > 1 else ""] + ([str(kind)] if lyco else []) +
                     [ranks_text(sorted({m.rank for m in ms})),
                      span(alphas, "g") if alphas else "-",
                      span(sorted({m.scale for m in ms}), ".4g"), str(layout),
-                     f"{n_in}→{n_out}"])
-    right = {1, 3, 4, 5} if lyco else {1, 2, 3, 4}
+                     f"{n_in or '?'}→{n_out or '?'}"] +
+                    ([span(sizes, "d") if sizes else "-"] if blocks else []) +
+                    ([span(counted, ",d") if counted else "-"] if params else []))
+    first = 3 if lyco else 2
+    right = {1, *range(first, first + 3)} | {i for i in (first + 5, first + 6)
+                                             if i < len(rows[0])}
     lines += [""] + ["  " + x for x in table(rows, right=right)]
+    if any(m.in_features is None or m.out_features is None for m in mods if m.type):
+        lines.append("  (?: a side the module's tensors do not tell; the base's weight has it)")
     if any(m.layout == "2-D" for m in mods):
         lines.append("  (2-D: a linear layer's change, or a convolution's that LyCORIS "
                      "stores flat as [out, in·kh·kw]; the base tells which)")

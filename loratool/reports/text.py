@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Callable, Sequence, TypeVar
 
 LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
-KIND = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full"}
+KIND = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "adalora": "AdaLoRA",
+        "ia3": "IA³", "vera": "VeRA", "oft": "OFT", "boft": "BOFT"}
 T = TypeVar("T")
 
 

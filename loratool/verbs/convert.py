@@ -31,17 +31,19 @@ from ..formats import (
 )
 from ..headers.checkpoint import Checkpoint
 from ..headers.paths import is_pipeline
+from ..headers.peft_tuners import TUNER_NAMES
 from ..io.tensors import open_checkpoint, torch_dtype
 from ..model.adapter import (
     LoraAdapter,
     LoraModule,
+    OtherModule,
     component_folder,
     lyco_tensor,
     match_base,
     only_component,
     pipeline_folders,
 )
-from ..model.lyco import LycoModule
+from ..model.tuners import TunerModule
 from ..numerics.lowrank import (
     BudgetItem,
     allocate,
@@ -157,24 +159,50 @@ def _fits_pipeline(ad: LoraAdapter, root: Path, spec: str) -> None:
 
 
 def _fit_lyco(ad: LoraAdapter, base: str | None, spec: str) -> None:
-    """Give each LyCORIS module its base weight's shape (and check it fits): a LoHa or LoKr
-    conv stores ΔW flat, [out, in·kh·kw], and only the base knows the kernel."""
+    """Give each module that is not LoRA its base weight's shape (and check it fits): a LoHa
+    or LoKr conv stores ΔW flat, [out, in·kh·kw], and only the base knows the kernel; VeRA's
+    tensors do not tell its inputs; IA³, OFT and BOFT change W by a product, so their ΔW is
+    computed from the base weight itself."""
 
     if base is None:
-        raise FormatError(f"{spec}: converting LyCORIS modules needs the base model (--base "
-                          "BASE): LoHa and LoKr store a convolution's change flat, like a "
-                          "linear layer's, and only the base tells which each module is")
+        need = [m for m in ad.lyco.values() if not _known_alone(m)]
+        if not need:
+            return  # PEFT's AdaLoRA, LoHa and LoKr on linear layers: their tensors say it all
+        m = need[0]
+        why = (f"{TUNER_NAMES[m.kind]} changes W by a product, so its ΔW depends on W"
+               if isinstance(m, TunerModule) and m.multiplicative else
+               "VeRA's tensors do not tell each layer's inputs" if m.kind == "vera" else
+               "LoHa and LoKr store a convolution's change flat, like a linear layer's, and "
+               "only the base tells which each module is")
+        raise FormatError(f"{spec}: converting {m.key} needs the base model (--base BASE): "
+                          f"{why}")
     folders = pipeline_folders(Path(base)) if is_pipeline(base) else None
     ckpts: dict[str | None, Checkpoint] = {}
     for m in ad.lyco.values():
         sub = component_folder(m.component, folders, spec) if folders is not None else None
         if sub not in ckpts:
             ckpts[sub] = open_checkpoint(str(Path(base) / sub) if sub else base)
-        lyco_tensor(m, ckpts[sub].tensors, ckpts[sub].source or base)
+        ck = ckpts[sub]
+        name = lyco_tensor(m, ck.tensors, ck.source or base)
+        if isinstance(m, TunerModule) and m.multiplicative:
+            m.base_weight = ck.load(name, dtype=torch.float32)
+            bias = name[: -len(".weight")] + ".bias"
+            if m.scales_bias and bias in ck.tensors:  # IA³ scales it: a lora bias of b·(l − 1)
+                b = ck.load(bias, dtype=torch.float32)
+                m.bias_change = m.apply(b.clone(), +1.0) - b
 
 
-def _dense(m: LycoModule) -> torch.Tensor:
-    """A LyCORIS module's ΔW as a matrix [out, in·…] (float32)."""
+def _known_alone(m: OtherModule) -> bool:
+    """Whether a module's ΔW needs nothing of the base (PEFT's AdaLoRA, LoHa, LoKr on linear
+    layers, whose shapes their tensors give)."""
+    if isinstance(m, TunerModule):
+        return m.kind == "adalora"
+    return m.dim is not None and m.layout == "linear" and "hada_t1" not in m.parts and \
+        "lokr_t2" not in m.parts
+
+
+def _dense(m: OtherModule) -> torch.Tensor:
+    """A non-LoRA module's ΔW as a matrix [out, in·…] (float32)."""
     return m.delta(torch.float32).reshape(m.shape[0], -1)
 
 
@@ -199,13 +227,14 @@ def lyco_to_lora(ad: LoraAdapter, policy: RankPolicy, dtype: str, seed: int = 0,
         k = f.rank
         A = f.A.reshape(k, *m.shape[1:]) if m.layout == "conv" else f.A
         B = f.B.reshape(m.shape[0], k, 1, 1) if m.layout == "conv" else f.B
-        bias = m.bias.to(store) if m.bias is not None else None
+        change = m.bias if m.bias is not None else getattr(m, "bias_change", None)
+        bias = change.to(store) if change is not None else None
         ad.add(LoraModule(m.name, A.contiguous(), B.contiguous(), float(k), False, m.layout,
                           m.magnitude, bias, m.component))
     return entries
 
 
-def _budget_ranks(ad: LoraAdapter, mods: list[LycoModule], policy: RankPolicy,
+def _budget_ranks(ad: LoraAdapter, mods: list[OtherModule], policy: RankPolicy,
                   store: torch.dtype, seed: int, exact: bool, progress: Progress
                   ) -> dict[str, int]:
     """With a budget, each LyCORIS module's rank from the spectra of all of them (after the
