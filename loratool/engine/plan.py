@@ -26,6 +26,7 @@ from ..model.adapter import (
     match_base,
 )
 from ..model.lyco import LycoModule
+from ..numerics.nf4 import FourBit
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +47,8 @@ class Edit:
     full: tuple[torch.Tensor, float] | None = None  # (replacement tensor, weight), applied first
     owner: str | None = None  # the adapter that replaces this tensor
     dora: tuple[AdapterModule, float] | None = None  # the one DoRA module on this tensor
+    # --qlora: the base is bitsandbytes' dequantize(quantize(W)) (transposed: a Conv1D)
+    quant: tuple[FourBit, bool] | None = None
 
 
 def _single_model(ad: LoraAdapter, spec: str) -> None:
@@ -87,11 +90,11 @@ def changes_nothing(m: AdapterModule) -> bool:
 
 
 def plan_edits(base: Checkpoint, adapters: list[LoraAdapter], weights: list[float],
-               specs: list[str], untie: bool = False, inert: list[str] | None = None
+               specs: list[str], untie: bool = False, inert: list[str] | None = None,
+               quantized: dict[str, tuple[FourBit, bool]] | None = None
                ) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
     """Which output tensors change and how, and the output tensor list ``(name, source)``;
-    modules that change nothing (:func:`changes_nothing`) are left out, their keys in ``inert``."""
-
+    modules that change nothing go to ``inert``; ``quantized``: :func:`_quantized_bases`."""
     edits: dict[str, Edit] = {}
     tied = ties_embeddings(base.config, base.tensors)
     emb = input_embedding(base.tensors)
@@ -163,7 +166,19 @@ def plan_edits(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
                     raise FormatError(f"{spec}: {key} has a lora bias but the base has no "
                                       f"{bname}")
                 edits.setdefault(bname, Edit(bname)).bias.append((m, w))
+    _quantized_bases(edits, quantized or {})
     return edits, order + extra
+
+
+def _quantized_bases(edits: dict[str, Edit], quantized: dict[str, tuple[FourBit, bool]]
+                     ) -> None:
+    """--qlora: every tensor bitsandbytes quantized for training gets an edit whose base is
+    dequantize(quantize(W)), changed by an adapter or not (the trained model computed with all
+    of them quantized); a tensor an adapter replaces in full keeps the replacement."""
+    for name, q in quantized.items():
+        e = edits.setdefault(name, Edit(name))
+        if e.full is None:
+            e.quant = q
 
 
 def _changing(ad: LoraAdapter, mapping: dict[str, str], inert: list[str] | None
