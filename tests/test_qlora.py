@@ -284,3 +284,20 @@ def test_refusals_are_one_line(qlora_case, tmp_path):
     r = cli("merge", tmp_path / "bnb", d / "adapter", "-o", tmp_path / "v", "--qlora", "nf4",
             expect=1)
     assert "saved quantized" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equals_bitsandbytes_cuda_kernels(quant_type, double, dtype):
+    """On the GPU, where QLoRA trains: loratool (run there too, so that double
+    quantization's mean is CUDA's) equals bitsandbytes' CUDA kernels bit for bit, zero
+    blocks, FP4 ties and shapes that are no multiple of 64 included."""
+    for shape in [(256, 512), (7, 96), (5, 77), (1000,)]:
+        W = _weights(shape, dtype).cuda()
+        W.view(-1)[:64] = 0
+        ref = _bnb(W, quant_type, double)[2]
+        got = nf4.roundtrip(W, nf4.FourBit(quant_type, double_quant=double))
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), shape  # ±0 too
