@@ -27,15 +27,18 @@ from ..errors import FormatError, LoraToolError
 from ..io.tensors import Buffers
 from ..model.adapter import LoraModule
 from ..numerics import ops
+from ..numerics.nf4 import roundtrip
 from .plan import Edit
 from .record import RECORD, UnmergeRecord
 
 
 @dataclass
 class Stats:
-    """What the kernel saw: the largest |w·s·ΔW| added to any value."""
+    """What the kernel saw: the largest |w·s·ΔW| added to any value; with a QLoRA base,
+    ‖W‖, ‖Wq − W‖ (Wq = dequantize(quantize(W))) and ‖ΔW‖ (what the adapters added to Wq)."""
 
     max_abs_delta: float = 0.0
+    quant_norms: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -107,22 +110,41 @@ def guard(W: torch.Tensor, out_dtype: torch.dtype | None, name: str) -> None:
 def is_rows_only(edit: Edit) -> bool:
     """Whether an edit is additions only (no full replacement, DoRA or bias), which can run a
     block of rows at a time."""
-    return edit.full is None and edit.dora is None and not edit.bias and edit.mult is None
+    return (edit.full is None and edit.dora is None and not edit.bias and edit.mult is None
+            and edit.quant is None)
+
+
+def faithful_base(W: torch.Tensor, edit: Edit, dtype: torch.dtype) -> torch.Tensor:
+    """``W`` (float32, the stored tensor of ``dtype``) as the QLoRA model computed with it:
+    bitsandbytes' dequantize(quantize(W)) in the dtype training loaded it in, as float32;
+    ``W`` itself without ``edit.quant``."""
+    if edit.quant is None:
+        return W
+    fmt, transposed = edit.quant
+    return roundtrip(W.to(dtype), fmt, transposed).to(torch.float32)
 
 
 def merged(W: torch.Tensor, edit: Edit, sign: float, device: torch.device,
            norms: dict[str, torch.Tensor] | None = None, name: str = "",
-           record: UnmergeRecord | None = None, stats: Stats | None = None) -> torch.Tensor:
+           record: UnmergeRecord | None = None, stats: Stats | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
     """The merged (sign +1) or unmerged (sign −1) float32 tensor, whole, on ``device``; ``W``
     is the caller's own float32 copy and may be changed in place. A full replacement first,
-    then the additions (the same kernel as the row blocks), then DoRA, then the biases.
-    ``norms`` receives the DoRA row norms a merge computes. Full replacements are undone by
-    unmerge's restore from the record, not here."""
+    or the QLoRA base (``edit.quant``: ``W`` was stored as ``dtype``), then the additions (the
+    same kernel as the row blocks), then DoRA, then the biases. ``norms`` receives the DoRA
+    row norms a merge computes. Full replacements are undone by unmerge's restore from the
+    record, not here."""
     stats = Stats() if stats is None else stats
+    if edit.quant is not None:
+        Wq = faithful_base(W, edit, dtype or W.dtype)
+        base_norm, quant_norm = float(W.norm()), float((Wq - W).norm())
+        W = Wq.clone()  # Wq is kept to measure what the adapters add
     if edit.mult is not None:  # planned alone on its tensor: nothing else changes it
         new = edit.mult.apply(W, sign)
         if new.numel():
             stats.max_abs_delta = max(stats.max_abs_delta, float((new - W).abs().max()))
+        if edit.quant is not None:
+            stats.quant_norms = (base_norm, quant_norm, float((new - Wq).norm()))
         return new
     if edit.full is not None:
         t, w = edit.full
@@ -134,6 +156,9 @@ def merged(W: torch.Tensor, edit: Edit, sign: float, device: torch.device,
         else:
             W = F if w == 1.0 else W + w * (F - W)
     add_rows(W, products(edit, device), slice(None), sign, stats)
+    if edit.quant is not None:
+        stats.quant_norms = (base_norm, quant_norm, float((W - Wq).norm()))
+        del Wq
     if edit.dora is not None:
         W = _dora(W, edit, sign, device, norms if norms is not None else {}, name, record,
                   stats)

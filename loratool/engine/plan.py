@@ -27,6 +27,7 @@ from ..model.adapter import (
 )
 from ..model.lyco import LycoModule
 from ..model.tuners import TunerModule
+from ..numerics.nf4 import FourBit
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,8 @@ class Edit:
     # the one multiplicative module (IA³, OFT, BOFT): W·diag(l), R·W …, not W + ΔW; on a bias
     # (1-D), IA³'s scaling of it
     mult: TunerModule | None = None
+    # --qlora: the base is bitsandbytes' dequantize(quantize(W)) (transposed: a Conv1D)
+    quant: tuple[FourBit, bool] | None = None
 
 
 def _single_model(ad: LoraAdapter, spec: str) -> None:
@@ -91,11 +94,11 @@ def changes_nothing(m: AdapterModule) -> bool:
 
 
 def plan_edits(base: Checkpoint, adapters: list[LoraAdapter], weights: list[float],
-               specs: list[str], untie: bool = False, inert: list[str] | None = None
+               specs: list[str], untie: bool = False, inert: list[str] | None = None,
+               quantized: dict[str, tuple[FourBit, bool]] | None = None
                ) -> tuple[dict[str, Edit], list[tuple[str, str]]]:
     """Which output tensors change and how, and the output tensor list ``(name, source)``;
-    modules that change nothing (:func:`changes_nothing`) are left out, their keys in ``inert``."""
-
+    modules that change nothing go to ``inert``; ``quantized``: :func:`_quantized_bases`."""
     edits: dict[str, Edit] = {}
     tied = ties_embeddings(base.config, base.tensors)
     emb = input_embedding(base.tensors)
@@ -145,6 +148,7 @@ def plan_edits(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             m = ad.modules[key] if key in ad.modules else ad.lyco[key]
             e = edits.setdefault(tname, Edit(dict(extra).get(tname, tname)))
             _place(m, w, e, tname, base, edits, spec, key)
+    _quantized_bases(edits, quantized or {})
     return edits, order + extra
 
 
@@ -211,6 +215,17 @@ def _multiply(m: TunerModule, w: float, e: Edit, tname: str, base: Checkpoint,
                               f"{list(base.tensors[bname].shape)}, which IA³'s "
                               f"{m.parts['ia3_l'].numel()} values do not scale")
         b.mult = m
+
+
+def _quantized_bases(edits: dict[str, Edit], quantized: dict[str, tuple[FourBit, bool]]
+                     ) -> None:
+    """--qlora: every tensor bitsandbytes quantized for training gets an edit whose base is
+    dequantize(quantize(W)), changed by an adapter or not (the trained model computed with all
+    of them quantized); a tensor an adapter replaces in full keeps the replacement."""
+    for name, q in quantized.items():
+        e = edits.setdefault(name, Edit(name))
+        if e.full is None:
+            e.quant = q
 
 
 def _changing(ad: LoraAdapter, mapping: dict[str, str], inert: list[str] | None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine import kernel
 from ..engine.plan import Edit
 from ..engine.record import UnmergeRecord
 from ..errors import LoraToolError
@@ -49,8 +50,11 @@ def verify_output(base: Checkpoint, out: Path, edits: dict[str, Edit], sign: flo
                     worst.max_abs_error = float((got - ref).abs().max())
                     break
                 continue
-            ref, bound_abs, r = _reference(base.load(e.source, dtype=torch.float64), e, sign,
-                                           record, name)
+            W = base.load(e.source, dtype=torch.float64)
+            if e.quant is not None:  # --qlora: the base as training dequantized it
+                stored = base.load(e.source)
+                W = kernel.faithful_base(stored.float(), e, stored.dtype).double()
+            ref, bound_abs, r = _reference(W, e, sign, record, name)
             out_dtype = merged.load(name).dtype
             half_ulp = 2.0 ** -ops.mantissa_bits(out_dtype)
             tiny = torch.finfo(out_dtype).tiny

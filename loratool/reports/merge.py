@@ -58,6 +58,61 @@ class ExactFixes:
 
 
 @dataclass
+class QuantizedTensor:
+    """``--qlora``: one tensor bitsandbytes quantized: ‖W‖, ‖Wq − W‖ (Wq its
+    dequantize(quantize(W)): how far the faithful merge is from a plain one) and ‖ΔW‖ (what
+    the adapters add; 0 where none changes it)."""
+
+    name: str
+    base_norm: float
+    quant_error: float
+    change: float
+
+
+@dataclass
+class QloraBase:
+    """``--qlora``: the adapters were folded into bitsandbytes' dequantize(quantize(W)) of
+    every tensor it quantized, as the model was trained."""
+
+    settings: str  # in words: "nf4, blocks of 64, double quantization"
+    quant_type: str  # nf4 or fp4
+    blocksize: int
+    double_quant: bool
+    dtype: str | None  # the dtype the weights were quantized from (None: the base's own)
+    compute_dtype: str | None  # the dtype the layers computed in (None: no cast)
+    source: str  # "given", or the file the settings were read from
+    tensors: int  # tensors quantized (all of them, changed by an adapter or not)
+    changed: int  # of them, changed by an adapter
+    kept: list[str]  # Linear modules bitsandbytes leaves unquantized (lm_head …)
+    rel_base_error: float  # ‖Wq − W‖ / ‖W‖ over all quantized tensors
+    error_vs_change: float | None  # ‖Wq − W‖ / ‖ΔW‖ over the changed ones
+    per_tensor: list[QuantizedTensor]
+
+    def lines(self) -> list[str]:
+        """What the report's text says of it: settings, the distance, the worst tensors."""
+        vs = (f"; {self.error_vs_change:.3g}× the adapters' own change ‖ΔW‖ on the tensors "
+              "they change" if self.error_vs_change is not None else "")
+        out = [f"  QLoRA base ({self.settings}; settings {self.source}): {self.tensors} "
+               f"tensors bitsandbytes quantizes taken as dequantize(quantize(W)), "
+               f"{self.changed} of them changed by the adapters; the faithful merge differs "
+               f"from a plain one by ‖Wq − W‖/‖W‖ = {self.rel_base_error:.3g}{vs}"]
+        if self.kept:
+            out.append(f"  left in float as bitsandbytes leaves them: {listing(self.kept, 3)}")
+        groups: dict[str, list[QuantizedTensor]] = {}
+        for t in self.per_tensor:
+            groups.setdefault(LAYER.sub("*", t.name), []).append(t)
+        rows = [["tensor", "‖Wq − W‖/‖W‖", "‖Wq − W‖/‖ΔW‖"]]
+        for name, ts in groups.items():
+            rel = max(t.quant_error / t.base_norm if t.base_norm else 0.0 for t in ts)
+            vs_change = [t.quant_error / t.change for t in ts if t.change > 0]
+            rows.append([name + (f" ×{len(ts)}" if len(ts) > 1 else ""), num(rel),
+                         num(max(vs_change)) if vs_change else "unchanged"])
+        return out + [""] + ["  " + x for x in table(rows, right={1, 2})] + [
+            "  (largest per group: above 1 in the last column, the quantization moved the "
+            "base further than the adapter moves it)"]
+
+
+@dataclass
 class MergeReport(Report):
     """A merge (or unmerge) into a model folder or a single safetensors file."""
 
@@ -83,6 +138,7 @@ class MergeReport(Report):
     peak_gpu_mb: float | None = optional()
     verify: VerifyResult | None = optional()
     exact: ExactFixes | None = optional()
+    qlora: QloraBase | None = optional()
 
     def render(self) -> str:
         names = ", ".join(f"{a.adapter}×{a.weight:g}" for a in self.adapters)
@@ -119,6 +175,8 @@ class MergeReport(Report):
         if self.not_copied:
             lines.append(f"  left out {len(self.not_copied)} file(s) of the base that hold its "
                          f"old weights in another format: {listing(self.not_copied)}")
+        if self.qlora:
+            lines += self.qlora.lines()
         v = self.verify
         if v:
             lines.append(f"  verify: {v.checked} changed tensors within the rounding bound; "

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -22,10 +23,11 @@ from ..formats.sgm_names import single_file_config, to_single_file
 from ..headers.paths import is_pipeline
 from ..io.tensors import open_checkpoint
 from ..numerics.device import resolve_device, streaming_threads
+from ..numerics.nf4 import FourBit
 from ..options import Options, check_dtype, check_weights
 from ..progress import SILENT, Progress
 from ..reports.merge import GgufMergeReport, MergeReport, PipelineMergeReport
-from . import merge_checkpoint, merge_gguf, merge_pipeline, prechecks
+from . import merge_checkpoint, merge_gguf, merge_pipeline, merge_qlora, prechecks
 from .merge_settings import MergeSettings, Part, existing
 
 PathLike = str | os.PathLike[str]
@@ -35,8 +37,10 @@ def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
           weights: list[float] | None = None, device: str = "auto", dtype: str = "keep",
           max_shard_size: str | int = "5GB", untie: bool = False, verify: bool = False,
           record: bool = True, exact_record: bool = True, quant: str | None = None,
-          imatrix: PathLike | None = None, force: bool = False, options: Options | None = None,
-          progress: Progress = SILENT) -> MergeReport | GgufMergeReport | PipelineMergeReport:
+          imatrix: PathLike | None = None, qlora: str | FourBit | None = None,
+          qlora_config: PathLike | None = None, force: bool = False,
+          options: Options | None = None, progress: Progress = SILENT
+          ) -> MergeReport | GgufMergeReport | PipelineMergeReport:
     """Fold ``adapters`` (paths or Hub ids, any format) into ``base`` and write ``out``.
 
     ``base`` may be a model folder or safetensors file (the result loads in transformers or
@@ -47,18 +51,24 @@ def merge(base: PathLike, adapters: list[PathLike], out: PathLike, *,
     ``record``: write ``loratool-unmerge.safetensors`` so that :func:`unmerge` can undo
     replaced tensors and DoRA; ``exact_record``: with it, the values (W + ΔW) − ΔW does not give
     back (about 1 % of them), so that :func:`unmerge` gives the base back bit for bit.
-    ``verify``: check the output against float64 before it is published. Raises
+    ``verify``: check the output against float64 before it is published.
+    ``qlora`` (a transformers model folder): the adapters were trained on the base quantized
+    by bitsandbytes (QLoRA); fold them into dequantize(quantize(W)) of every tensor it
+    quantizes, as trained: ``"nf4"``, ``"fp4"``, a :class:`loratool.numerics.nf4.FourBit`
+    (block size, double quantization, dtypes), or ``"auto"`` (read from ``qlora_config``, a
+    JSON file with a ``quantization_config``, or from beside the adapter). Raises
     :class:`loratool.LoraToolError` (nothing is written) on bad input.
 
     Example::
 
         r = loratool.merge("base/", ["adapter/"], "merged/", dtype="bf16")
         r.tensors_changed, r.seconds
+        loratool.merge("base/", ["qlora/"], "m/", qlora=FourBit("nf4", double_quant=True))
     """
     return _run(1.0, base, adapters, out, weights=weights, device=device, dtype=dtype,
                 max_shard_size=max_shard_size, untie=untie, verify=verify, record=record,
                 exact=exact_record, quant=quant, imatrix=imatrix, force=force, options=options,
-                progress=progress)
+                progress=progress, qlora=qlora, qlora_config=qlora_config)
 
 
 def unmerge(merged: PathLike, adapters: list[PathLike], out: PathLike, *,
@@ -85,7 +95,8 @@ def unmerge(merged: PathLike, adapters: list[PathLike], out: PathLike, *,
 def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *,
          weights: list[float] | None, device: str, dtype: str, max_shard_size: str | int,
          untie: bool, verify: bool, record: bool, exact: bool, quant: str | None,
-         imatrix: PathLike | None, force: bool, options: Options | None, progress: Progress
+         imatrix: PathLike | None, force: bool, options: Options | None, progress: Progress,
+         qlora: str | FourBit | None = None, qlora_config: PathLike | None = None
          ) -> MergeReport | GgufMergeReport | PipelineMergeReport:
     """The one entry of every merge: check, then the pipeline, GGUF or checkpoint path, with
     torch's threads as ``options`` sets them (see ``streaming_threads``)."""
@@ -99,6 +110,8 @@ def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *
     s = MergeSettings(sign, resolve_device(device), dtype, max_shard_size, force, untie,
                       verify, record, exact, quant,
                       None if imatrix is None else os.fspath(imatrix), options, progress)
+    if qlora is not None or qlora_config is not None:
+        prechecks.qlora_applies(sign < 0, quant, is_pipeline(base_spec))
     with streaming_threads(options):
         if is_pipeline(base_spec):
             return merge_pipeline.merge_pipeline(base_spec, specs, out, ws, s, t0)
@@ -109,6 +122,11 @@ def _run(sign: float, base: PathLike, adapters: list[PathLike], out: PathLike, *
             for p in parts:
                 p.adapter = to_single_file(p.adapter, ckpt.tensors, single, p.spec)
         inputs = existing([base_spec, *specs])
+        if (qlora is not None or qlora_config is not None) and ckpt.gguf is None:
+            s = dataclasses.replace(s, qlora=merge_qlora.resolve(
+                qlora or "auto", qlora_config, ckpt, base_spec, specs))
+        elif qlora is not None or qlora_config is not None:
+            raise prechecks.qlora_gguf()
         if ckpt.gguf is not None:  # llama.cpp's model: its own writer, quantized tensors
             return merge_gguf.merge_into_gguf(ckpt, parts, out, inputs, s, t0)
         if quant is not None or imatrix is not None:

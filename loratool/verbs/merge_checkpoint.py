@@ -34,8 +34,14 @@ from ..io.tensors import Buffers, tensor_bytes, torch_dtype
 from ..io.writer import CheckpointWriter
 from ..options import DTYPES
 from ..progress import Progress
-from ..reports.merge import ExactFixes, MergedAdapter, MergeReport, VerifyResult
-from .merge_settings import MergeSettings, Part, peak_rss_mb
+from ..reports.merge import (
+    ExactFixes,
+    MergedAdapter,
+    MergeReport,
+    QuantizedTensor,
+    VerifyResult,
+)
+from .merge_settings import MergeSettings, Part, QloraPlan, peak_rss_mb
 
 ROW_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 stays in cache
 BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a dtype's bits
@@ -144,6 +150,7 @@ class _Job:
     recorded: dict[str, int] = field(default_factory=lambda: {"dora_norm": 0, "replaced": 0})
     fixes: ExactFixes = field(default_factory=lambda: ExactFixes(0, 0, 0, []))
     max_abs_delta: list[float] = field(default_factory=list)  # per changed tensor
+    quantized: list[QuantizedTensor] = field(default_factory=list)  # --qlora: per tensor
     bytes_in: int = 0
     stream_seconds: float = 0.0  # reading, merging and writing the tensors (what the bar shows)
     bufs: Buffers = field(default_factory=Buffers)
@@ -173,7 +180,9 @@ def merge_into(base: Checkpoint, base_spec: str, parts: list[Part], out: Path,
     inert: list[str] = []
     adapters, weights, specs = ([p.adapter for p in parts], [p.weight for p in parts],
                                 [p.spec for p in parts])
-    edits, order = plan_edits(base, adapters, weights, specs, s.untie, inert)
+    q = s.qlora
+    edits, order = plan_edits(base, adapters, weights, specs, s.untie, inert,
+                              q.tensors if q is not None else None)
     # a single .safetensors base and -o x.safetensors: one file out (no room for the record)
     single = Path(out).suffix == ".safetensors" and base.index is None and len(base.files) == 1
     job = _Job(base, edits, order, s.sign, s.device, DTYPES[s.dtype],
@@ -193,7 +202,7 @@ def merge_into(base: Checkpoint, base_spec: str, parts: list[Part], out: Path,
     _stream(job, writer, s.progress)
     job.stream_seconds = time.perf_counter() - t_stream
     return _report(job, base_spec, parts, out, s.dtype, writer, time.perf_counter() - t0,
-                   inert, verified[0] if verified else None)
+                   inert, verified[0] if verified else None, s.qlora)
 
 
 def weights_name(base: Checkpoint) -> str:
@@ -220,7 +229,9 @@ def _writer(job: _Job, out: Path, inputs: list[Path], s: MergeSettings, base_spe
                                       "loratool.base": base_spec,
                                       "loratool.adapters": json.dumps(
                                           [{"adapter": p.spec, "weight": p.weight}
-                                           for p in parts])})
+                                           for p in parts]),
+                                      **({"loratool.qlora": s.qlora.fmt.describe()}
+                                         if s.qlora is not None else {})})
 
 
 def _stream(job: _Job, writer: CheckpointWriter, progress: Progress) -> None:
@@ -264,14 +275,14 @@ def _edited(job: _Job, w: CheckpointWriter, name: str, t: torch.Tensor, odt: tor
     # whole from the record; DoRA from its norms) written in the base's own dtype
     fixes: list[tuple[torch.Tensor, torch.Tensor]] | None = (
         [] if job.sign > 0 and job.record and job.exact and odt == t.dtype and e.full is None
-        and e.dora is None else None)
+        and e.dora is None and e.quant is None else None)
     if job.sign < 0 and e.full is not None:
         res = _cast(_restore(t, e, name, job.rec, job.dev, stats), odt, name)
     elif job.dev.type == "cpu" and kernel.is_rows_only(e) and t.dim() >= 2:
         res = _by_rows(t, e, job.sign, odt, name, stats, job.bufs, fixes)
     else:
         W = t.to(device=job.dev, dtype=torch.float32, copy=True)
-        new = kernel.merged(W, e, job.sign, job.dev, norms, name, job.rec, stats)
+        new = kernel.merged(W, e, job.sign, job.dev, norms, name, job.rec, stats, t.dtype)
         del W
         kernel.guard(new, odt, name)
         res = new.to(odt).cpu()
@@ -292,6 +303,8 @@ def _edited(job: _Job, w: CheckpointWriter, name: str, t: torch.Tensor, odt: tor
     elif job.sign < 0 and job.rec is not None and e.full is None:
         _apply_fixes(job, name, res)
     job.max_abs_delta.append(stats.max_abs_delta or 0.0)
+    if stats.quant_norms is not None:
+        job.quantized.append(QuantizedTensor(name, *stats.quant_norms))
     return res
 
 
@@ -343,7 +356,7 @@ def _apply_fixes(job: _Job, name: str, res: torch.Tensor) -> None:
 
 def _report(job: _Job, base_spec: str, parts: list[Part], out: Path, dtype: str,
             writer: CheckpointWriter, elapsed: float, inert: list[str],
-            verified: VerifyResult | None) -> MergeReport:
+            verified: VerifyResult | None, qlora: QloraPlan | None = None) -> MergeReport:
     dev = job.dev
     return MergeReport(
         operation="merge" if job.sign > 0 else "unmerge", base=base_spec,
@@ -365,4 +378,5 @@ def _report(job: _Job, base_spec: str, parts: list[Part], out: Path, dtype: str,
         else None,
         verify=verified,
         exact=job.fixes if job.fixes.values or job.fixes.not_applied or (
-            job.sign > 0 and job.record and job.exact and job.fixes.changed_values) else None)
+            job.sign > 0 and job.record and job.exact and job.fixes.changed_values) else None,
+        qlora=qlora.report(job.quantized) if qlora is not None else None)

@@ -20,6 +20,7 @@ from ..model.adapter import LoraAdapter
 from ..options import Options
 from ..progress import SILENT, Progress
 from ..reports.merge import AdapterWeight
+from .merge_qlora import QloraPlan
 
 try:
     import resource  # POSIX only
@@ -49,7 +50,8 @@ class MergeSettings:
     ``sign``: +1 merges, −1 unmerges. ``dtype``: keep, fp32, bf16 or fp16 (float tensors).
     ``record``: write what unmerge needs beside the output; ``exact``: with it, the values
     (W + ΔW) − ΔW does not give back, so that unmerge is exact. ``quant``: a GGUF output type;
-    ``imatrix``: the importance matrix its K-quants are quantized with.
+    ``imatrix``: the importance matrix its K-quants are quantized with. ``qlora``: the tensors
+    to merge into as bitsandbytes' dequantize(quantize(W)).
     """
 
     sign: float
@@ -65,6 +67,7 @@ class MergeSettings:
     imatrix: str | None = None  # a llama.cpp importance matrix for the re-quantized tensors
     options: Options = field(default_factory=Options)
     progress: Progress = SILENT
+    qlora: QloraPlan | None = None
 
     @property
     def operation(self) -> str:

@@ -82,16 +82,37 @@ def quant_not_gguf(pipeline: bool, imatrix: bool = False) -> FormatError:
                          f"{'a pipeline' if pipeline else 'safetensors'} use --dtype")
 
 
+def qlora_applies(unmerge: bool, quant: str | None, pipeline: bool) -> None:
+    """--qlora: a merge into a transformers model folder, nothing else."""
+    if unmerge:
+        raise UsageError("--qlora applies to merge: a QLoRA-faithful merge cannot be undone "
+                         "into the float base (quantization lost it); keep the base instead")
+    if quant is not None or pipeline:
+        raise qlora_gguf() if quant is not None else UsageError(
+            "--qlora applies to transformers model folders, not diffusers pipelines")
+
+
+def qlora_gguf() -> UsageError:
+    return UsageError("--qlora folds an adapter into bitsandbytes' dequantized base of a "
+                      "transformers model folder; a GGUF model is already quantized its own "
+                      "way: merge into the safetensors model, then convert it")
+
+
 # --------------------------------------------------------------------------- per command
 
 def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str | None,
-          unmerge: bool = False, imatrix: Path | None = None) -> None:
+          unmerge: bool = False, imatrix: Path | None = None, qlora: bool = False) -> None:
     """merge/unmerge: --quant and --imatrix only for a GGUF base (the importance matrix a
-    regular file), the output free, and the full tensors that a pipeline merge cannot take."""
+    regular file), --qlora only for a model folder's merge, the output free, and the full
+    tensors that a pipeline merge cannot take."""
     if unmerge and quant is not None:
         raise UsageError("--quant applies to merges into GGUF models")
     gguf = Path(base).is_file() and is_gguf(Path(base))
     pipeline = is_pipeline(base)
+    if qlora:
+        qlora_applies(unmerge, quant, pipeline)
+        if gguf:
+            raise qlora_gguf()
     if quant is not None and not gguf and Path(base).exists():
         raise quant_not_gguf(pipeline)
     if imatrix is not None:
