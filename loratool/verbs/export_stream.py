@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -193,6 +194,9 @@ def inject_lora(model: torch.nn.Module, modules: list[str], rank: int) -> None:
     """PEFT's LoRA layers on exactly these modules, rank ``rank``, scale 1 (each adapter's
     scale is folded into its lora_B when it is written as an onnxruntime adapter)."""
 
+    # peft imports bitsandbytes where it is installed, whose CPU backend logs a warning about
+    # an optional kernels package on import: nothing to do with this export
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from peft import LoraConfig, inject_adapter_in_model
 
     pattern = "|".join(re.escape(m) for m in modules)
