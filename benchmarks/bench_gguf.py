@@ -16,7 +16,13 @@ llama-export-lora comes from the llama-cpp-python source on PyPI:
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf …
     cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DLLAMA_CURL=OFF \\
         && cmake --build build --target llama-export-lora -j2
+With ``--base-type Q4_K_M --llama-quantize PATH`` the same layers are written in F16 and
+made Q4_K_M by llama.cpp's own ``llama-quantize`` (Q4_K, with Q6_K where llama.cpp puts it), and
+loratool's merge re-quantizes each changed tensor in its own K-quant type (``--targets qv``:
+the adapter on q_proj and v_proj only, the common case, instead of all seven matrices).
+
 Usage: python benchmarks/bench_gguf.py [--repeat 3] [--export-lora PATH]
+       [--base-type Q4_K_M --llama-quantize PATH] [--targets all|qv]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,8 +41,10 @@ from bench_extract import PAIRS  # noqa: E402
 from bench_merge import build_in_child, run  # noqa: E402
 
 
-def build(work: Path, rank: int = 16) -> tuple[Path, Path]:
-    """The Q8_0 GGUF model and a GGUF LoRA adapter for it (llama.cpp's names)."""
+def build(work: Path, rank: int = 16, base_type: str = "Q8_0", targets: str = "all",
+          quantizer: Path | None = None) -> tuple[Path, Path]:
+    """The GGUF model (Q8_0 from the gguf package, or Q4_K_M from llama-quantize) and a GGUF
+    LoRA adapter for it (llama.cpp's names)."""
     import gguf
     import numpy as np
     import torch
@@ -46,33 +55,38 @@ def build(work: Path, rank: int = 16) -> tuple[Path, Path]:
     from loratool.model.adapter import LoraAdapter, LoraModule
     from loratool.verbs.demo import llama_shapes
 
-    model, adapter = work / "model-Q8_0.gguf", work / "adapter.gguf"
+    model, adapter = work / f"model-{base_type}.gguf", work / f"adapter-{targets}.gguf"
     if model.exists() and adapter.exists():
         return model, adapter
+    written = model if base_type == "Q8_0" else work / "model-F16.gguf"
     work.mkdir(parents=True, exist_ok=True)
     cfg = {"model_type": "llama", "vocab_size": 32000, **PAIRS["7B-layers"]}
     arch = Arch.of_config(cfg)
     tmap = arch.tensor_map()
     g = torch.Generator().manual_seed(0)
-    w = gguf.GGUFWriter(str(model), "llama")
+    w = gguf.GGUFWriter(str(written), "llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_context_length(2048)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if base_type == "Q8_0"
+                    else gguf.LlamaFileType.MOSTLY_F16)
     ad = LoraAdapter(source_format="gguf", naming="gguf",
                      metadata={"general.architecture": "llama"})
     q8 = gguf.GGMLQuantizationType.Q8_0
     for hf, shape in llama_shapes({**cfg, "tie_word_embeddings": False}):
         name = tmap.get_name(hf, try_suffixes=(".weight",))
         t = torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)
-        if len(shape) == 2:
+        if len(shape) == 2 and base_type == "Q8_0":
             w.add_tensor(name, gguf.quants.quantize(t.numpy(), q8), raw_dtype=q8)
+        elif len(shape) == 2:
+            w.add_tensor(name, t.numpy().astype(np.float16))
         else:
             w.add_tensor(name, t.numpy().astype(np.float32))
-        if len(shape) == 2 and ".layers." in hf:
+        adapted = targets == "all" or hf.endswith(("q_proj.weight", "v_proj.weight"))
+        if len(shape) == 2 and ".layers." in hf and adapted:
             a = torch.randn(rank, shape[1], generator=g) * 0.01
             b = torch.randn(shape[0], rank, generator=g) * 0.01
             ad.add(LoraModule(name.removesuffix(".weight"), a, b, float(rank)))
@@ -80,6 +94,11 @@ def build(work: Path, rank: int = 16) -> tuple[Path, Path]:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if written != model:
+        assert quantizer is not None, "--base-type Q4_K_M needs --llama-quantize"
+        subprocess.run([str(quantizer), str(written), str(model), base_type], check=True,
+                       capture_output=True)
+        written.unlink()
     gguf_format.write(ad, adapter, force=True)
     return model, adapter
 
@@ -89,18 +108,27 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "gguf")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--export-lora", type=Path, default=None)
+    ap.add_argument("--base-type", choices=["Q8_0", "Q4_K_M"], default="Q8_0")
+    ap.add_argument("--targets", choices=["all", "qv"], default="all")
+    ap.add_argument("--llama-quantize", type=Path, default=None)
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.build_only:
-        build(args.work)
+        build(args.work, base_type=args.base_type, targets=args.targets,
+              quantizer=args.llama_quantize)
         return
-    build_in_child(__file__, "--work", str(args.work))
-    model, adapter = args.work / "model-Q8_0.gguf", args.work / "adapter.gguf"
+    extra = ["--base-type", args.base_type, "--targets", args.targets]
+    if args.llama_quantize:
+        extra += ["--llama-quantize", str(args.llama_quantize)]
+    build_in_child(__file__, "--work", str(args.work), *extra)
+    model = args.work / f"model-{args.base_type}.gguf"
+    adapter = args.work / f"adapter-{args.targets}.gguf"
     out = args.work / "out.gguf"
     py = sys.executable
     cmds = {"cp (I/O floor)": ["cp", str(model), str(out)],
-            "loratool merge (Q8_0 out)": [py, "-m", "loratool", "merge", str(model),
-                                          str(adapter), "-o", str(out), "--device", "cpu"],
+            f"loratool merge ({args.base_type} kept)": [py, "-m", "loratool", "merge",
+                                                       str(model), str(adapter), "-o",
+                                                       str(out), "--device", "cpu"],
             "loratool merge --quant F16": [py, "-m", "loratool", "merge", str(model),
                                            str(adapter), "-o", str(out), "--quant", "F16",
                                            "--device", "cpu"]}
@@ -116,7 +144,7 @@ def main() -> None:
             res[name].append(run(cmd))
             sizes[name] = out.stat().st_size
     ref = statistics.median(w for w, _ in res["cp (I/O floor)"])
-    print(f"model {model.stat().st_size / 2**20:.0f} MiB (Q8_0), adapter "
+    print(f"model {model.stat().st_size / 2**20:.0f} MiB ({args.base_type}), adapter "
           f"{adapter.stat().st_size / 2**20:.0f} MiB; {args.repeat} run(s) each, alternating\n")
     print("| command | median wall (s) | vs cp | peak RSS (MiB) | output (MiB) |")
     print("|---|---:|---:|---:|---:|")

@@ -19,13 +19,11 @@ import hashlib
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from ..engine import kernel
 from ..engine.plan import Edit, plan_edits
 from ..errors import FormatError, LoraToolError
 from ..formats import require_lora
@@ -34,19 +32,17 @@ from ..headers.checkpoint import Checkpoint
 from ..headers.gguf import QUANTIZE, GgufHeader, byte_size, padding, read_header, tensor_info_bytes
 from ..headers.safetensors import TensorInfo, read_tensor_bytes
 from ..io.directio import SequentialWriter
-from ..io.imatrix import Imatrix, describe, read_imatrix
+from ..io.imatrix import read_imatrix
 from ..io.staging import Stage, check_output, output_os_error
 from ..io.tensors import Buffers
 from ..model.adapter import LoraAdapter
-from ..numerics.kquants import QUANTIZERS as K_QUANTS
-from ..numerics.ops import sum_squares
-from ..numerics.quant import dequantize, quantize
-from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify, ImatrixUse
+from ..numerics.quant import quantize
+from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify
 from . import prechecks
+from .gguf_requant import imatrix_note, imatrix_use, importance_of, merged_tensor
 from .merge_settings import MergeSettings, Part, named
 
 COPY_CHUNK = 8 << 20  # unchanged tensors are copied this many bytes at a time
-QUANT_CHUNK = 1 << 18  # values quantized at a time (1 MiB of float32: stays in cache)
 
 
 def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list[Path],
@@ -91,7 +87,7 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
             raise FormatError(f"{name}: a resized tensor cannot be merged into a GGUF model")
         types[name] = t
     im = read_imatrix(Path(s.imatrix)) if s.imatrix is not None else None
-    importance = _importance(im, base, types) if im is not None else {}
+    importance = importance_of(im, base, types) if im is not None else {}
     changed, checked = _write(base, edits, types, importance, out, inputs, s)
     return GgufMergeReport(
         operation="merge", base=where, output=str(out), format="gguf", adapters=named(parts),
@@ -100,57 +96,8 @@ def merge_into_gguf(base: Checkpoint, parts: list[Part], out: Path, inputs: list
         max_error_vs_change=max((c.error_vs_change for c in changed), default=0.0),
         seconds=time.perf_counter() - t0, inert_modules=inert, verify=checked,
         base_copies_left_out=copies or None,
-        imatrix=_imatrix(base.gguf, types) if im is None else None,
-        imatrix_used=None if im is None else _use(im, types, importance))
-
-
-# what llama-quantize quantizes with an importance matrix by its own routine that loratool
-# does not have (Q8_0, F16, BF16 and F32 ignore the matrix in ggml; the K-quants use it here)
-WEIGHTED_ELSEWHERE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
-
-
-def _importance(im: Imatrix, base: Checkpoint, types: dict[str, str]
-                ) -> dict[str, torch.Tensor]:
-    """Each changed K-quant tensor's importance ([experts, 1, columns]) where the file has
-    an entry, as llama-quantize passes it; a type quantized otherwise with one is refused."""
-    out = {}
-    for name, t in types.items():
-        entry = im.for_tensor(name, base.info(name).shape)
-        if entry is None:
-            continue
-        if t in WEIGHTED_ELSEWHERE:
-            raise FormatError(f"--imatrix: {name} is written as {t}, which llama-quantize "
-                              "quantizes with an importance matrix in a way loratool does not "
-                              "(it does for the K-quants); leave out --imatrix, or pass "
-                              "--quant Q4_K (or Q8_0)")
-        if t in K_QUANTS:
-            out[name] = entry
-    return out
-
-
-def _use(im: Imatrix, types: dict[str, str], importance: dict[str, torch.Tensor]
-         ) -> ImatrixUse:
-    """What the report says of the importance matrix given."""
-    quantized = [n for n, t in types.items() if t in K_QUANTS]
-    return ImatrixUse(file=describe(im), used=sorted(importance),
-                      no_entry=sorted(n for n in quantized if n not in importance),
-                      not_weighted=sorted(n for n, t in types.items() if t not in K_QUANTS))
-
-
-IMATRIX = "quantize.imatrix."  # what llama-quantize records of the importance matrix it used
-
-
-def _imatrix(h: GgufHeader, types: dict[str, str]) -> str | None:
-    """What to say when the base was quantized with an importance matrix (its metadata says
-    so) and changed tensors were re-quantized without one; None otherwise."""
-    quantized = sum(1 for t in types.values() if t not in ("F32", "F16", "BF16"))
-    keys = {k[len(IMATRIX):]: v for k, v in h.kv.items() if k.startswith(IMATRIX)}
-    if not keys or not quantized:
-        return None
-    what = ", ".join(f"{k} {v}" for k, v in keys.items() if k in ("file", "chunks_count"))
-    return (f"the base was quantized with an importance matrix ({what or 'quantize.imatrix.*'}"
-            f"); the {quantized} re-quantized tensor(s) were quantized without one, as "
-            "llama-quantize does without --imatrix")
+        imatrix=imatrix_note(base.gguf, types) if im is None else None,
+        imatrix_used=None if im is None else imatrix_use(im, types, importance))
 
 
 def _llama_cpp_named(ad: LoraAdapter, arch: Arch, base: Checkpoint, spec: str
@@ -238,8 +185,9 @@ def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str],
                                 if verify:
                                     digest.update(data)
 
-                            stats.append(_merged(base, info, edits[info.name], t, s.device,
-                                                 sink, bufs, importance.get(info.name)))
+                            stats.append(merged_tensor(base, info, edits[info.name], t,
+                                                       s.device, sink, bufs,
+                                                       importance.get(info.name)))
                             written[info.name] = digest.digest()
                         else:
                             digest = _copy(info, f, verify)
@@ -325,89 +273,3 @@ def _verify(path: Path, rows: list[Row], written: dict[str, bytes]) -> GgufVerif
             raise LoraToolError(f"verify: {info.name} reads back different bytes; nothing was "
                                 "published")
     return GgufVerify(tensors_checked=len(rows), metadata_keys=len(h.kv))
-
-
-def _merged(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
-            device: torch.device, sink: Callable[[bytes], None], bufs: Buffers,
-            importance: torch.Tensor | None = None) -> GgufChange:
-    """One changed tensor: dequantized, merged in float32 by the kernel, quantized, handed to
-    ``sink`` a block of rows at a time; what that cost. An edit that only adds runs on the
-    CPU a block of rows at a time from the quantized bytes (the products whole, as for a
-    safetensors merge: the same bits); anything else (DoRA, biases, a full tensor, a GPU)
-    merges the whole tensor first. ``importance``: the columns' weights per expert
-    ([experts, 1, columns]) for a K-quant quantized as with an importance matrix."""
-    sq = _Squares()
-    n_rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
-
-    def weights(r: int, r1: int) -> torch.Tensor | None:  # rows r…r1's importance
-        if importance is None:
-            return None
-        per_expert = n_rows // importance.shape[0]
-        return importance[torch.arange(r, r1) // per_expert, 0]
-
-    stats = kernel.Stats()
-    if device.type == "cpu" and kernel.is_rows_only(edit) and len(info.shape) >= 2:
-        raw = read_tensor_bytes(info)
-        row_bytes = len(raw) // math.prod(info.shape[:-1])
-        prods = kernel.products(edit, device, bufs)
-        flat = [kernel.Product(p.delta.reshape(-1, info.shape[-1]), p.scale, p.weight)
-                for p in prods]
-        for r, r1, W in _row_blocks(info, raw, row_bytes):
-            M = W.clone()
-            kernel.add_rows(M, flat, slice(r, r1), 1.0, stats)
-            sink(_quantized(M, W, type_name, info, sq, weights(r, r1)))
-    else:
-        W = base.load(info.name).to(device=device, dtype=torch.float32)
-        merged = kernel.merged(W.clone(), edit, 1.0, device, name=info.name, stats=stats).cpu()
-        W = W.cpu()
-        m2 = merged.reshape(merged.shape[0], -1) if merged.dim() > 1 else merged.reshape(1, -1)
-        w2 = W.reshape(m2.shape)
-        step = max(1, QUANT_CHUNK // max(1, m2.shape[1]))
-        for r in range(0, m2.shape[0], step):
-            r1 = min(r + step, m2.shape[0])
-            sink(_quantized(m2[r:r1], w2[r:r1], type_name, info, sq, weights(r, r1)))
-    err, change, norm, w_norm = (math.sqrt(x) for x in (sq.error, sq.change, sq.result,
-                                                         sq.base))
-    return GgufChange(name=info.name, type=info.dtype, written_as=type_name,
-                      rel_error=err / norm if norm else 0.0,
-                      error_vs_change=err / change if change else (0.0 if not err
-                                                                   else math.inf),
-                      change=change / (w_norm or math.inf))
-
-
-@dataclass
-class _Squares:
-    """Sums of squares over one tensor's row blocks."""
-
-    error: float = 0.0  # ‖quantized − exact‖²
-    change: float = 0.0  # ‖W′ − W‖²
-    result: float = 0.0  # ‖W′‖²
-    base: float = 0.0  # ‖W‖²
-
-
-def _row_blocks(info: TensorInfo, raw: bytes | bytearray | memoryview, row_bytes: int
-                ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(first row, end row, W's rows in float32) of a stored tensor seen as rows of its last
-    dimension (as GGUF stores them), a block at a time."""
-    cols, n_rows = info.shape[-1], math.prod(info.shape[:-1])
-    step = max(1, QUANT_CHUNK // max(1, cols))
-    for r in range(0, n_rows, step):
-        r1 = min(r + step, n_rows)
-        part = type(info)(info.name, info.dtype, (r1 - r, cols), (r1 - r) * row_bytes,
-                          info.file)
-        yield r, r1, dequantize(raw[r * row_bytes:r1 * row_bytes], part).float()
-
-
-def _quantized(M: torch.Tensor, W: torch.Tensor, type_name: str, info: TensorInfo,
-               sq: _Squares, importance: torch.Tensor | None = None) -> bytes:
-    """Rows of the result quantized (with their columns' importance where given); their
-    error, change and norms added to ``sq``."""
-    kernel.guard(M, None, info.name)
-    data = quantize(M, type_name, importance)
-    back = dequantize(data, type(info)(info.name, type_name, tuple(M.shape), len(data),
-                                       info.file))
-    sq.error += sum_squares(back.float().sub_(M))
-    sq.change += sum_squares(M - W)
-    sq.result += sum_squares(M)
-    sq.base += sum_squares(W)
-    return data

@@ -1,0 +1,150 @@
+"""How close a merge into a Q4_K_M model stays to the exact merge, measured in llama.cpp
+itself: loratool (changed tensors re-quantized to their own Q4_K/Q6_K, the file the base's
+size) beside ``llama-export-lora`` (changed tensors written as F16), with and without an
+importance matrix.
+
+The model: a Llama (hidden 512, intermediate 1536, 4 layers, a 128-token SentencePiece
+vocabulary) with transformers' initialisation, its head scaled so that next-token distributions are
+peaked as a trained model's are, a PEFT LoRA adapter of rank 16 on every projection whose ΔW
+is 10 % of each weight. llama.cpp's converter writes the F32 GGUF,
+``llama-quantize`` the Q4_K_M one (and with ``llama-imatrix``'s matrix, the imatrix one).
+The exact merge is loratool's merge into the F32 GGUF (bit for bit the safetensors merge,
+tested). Every candidate runs through ``llama-perplexity --kl-divergence`` against the exact
+merge's logits on the same text: mean KL divergence and how often the top token agrees.
+
+Usage: python benchmarks/bench_kquant_quality.py --llama-bin PATH/TO/llama.cpp/build/bin
+(the folder with llama-quantize, llama-export-lora, llama-perplexity, llama-imatrix; they come
+from the llama-cpp-python 0.3.36 source: ``cmake -B build && cmake --build build --target
+llama-quantize llama-export-lora llama-perplexity llama-imatrix``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_CPP = Path(os.environ.get("LORATOOL_LLAMA_CPP", ROOT / ".ci-llamacpp"))
+
+
+def sh(*cmd: object, **kw: object) -> str:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if res.returncode:
+        raise SystemExit(f"{cmd[0]} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return res.stdout + res.stderr
+
+
+def build(work: Path, bins: Path) -> dict[str, Path]:
+    """The models and the adapter; returns the paths by name."""
+    import torch
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import sentencepiece_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1536,
+                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                        max_position_embeddings=512)
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked next-token distributions, as a trained model's are
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(work / "base")
+    sentencepiece_tokenizer(work / "base")
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=16, lora_alpha=16, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"]))
+    with torch.no_grad():  # each ΔW 10 % of its W (Frobenius)
+        for mod in pm.modules():
+            if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_B", {}):
+                ratio = mod.get_delta_weight("default").norm() / mod.base_layer.weight.norm()
+                mod.lora_B["default"].weight.mul_(0.1 / ratio)
+    pm.save_pretrained(work / "adapter")
+    text = work / "text.txt"
+    text.write_text(" ".join(f"the {a} and the {b} are {c}" for _ in range(12) for a in
+                             "cat dog bird fish tree".split() for b in
+                             "red blue green sky sea".split() for c in
+                             "here there now then".split()))
+    f32 = work / "f32.gguf"
+    sh(sys.executable, LLAMA_CPP / "convert_hf_to_gguf.py", work / "base", "--outfile", f32,
+       "--outtype", "f32")
+    lt = [sys.executable, "-m", "loratool"]
+    sh(*lt, "convert", work / "adapter", "--to", "gguf", "--base", work / "base", "-o",
+       work / "adapter.gguf", "--force")
+    sh(bins / "llama-quantize", f32, work / "q4km.gguf", "Q4_K_M")
+    sh(bins / "llama-imatrix", "-m", f32, "-f", text, "-o", work / "imatrix.gguf", "-c", "128",
+       "--chunks", "8")
+    sh(bins / "llama-quantize", "--imatrix", work / "imatrix.gguf", f32, work / "q4km-im.gguf",
+       "Q4_K_M")
+    return {"f32": f32, "q4km": work / "q4km.gguf", "q4km-im": work / "q4km-im.gguf",
+            "adapter": work / "adapter", "adapter.gguf": work / "adapter.gguf", "text": text,
+            "imatrix": work / "imatrix.gguf"}
+
+
+def kld(bins: Path, model: Path, base_logits: Path, text: Path) -> tuple[float, float]:
+    """Mean KL divergence from the exact merge's logits, and the top-token agreement (%)."""
+    out = sh(bins / "llama-perplexity", "-m", model, "-f", text, "-c", "128",
+             "--kl-divergence-base", base_logits, "--kl-divergence", "-t", "2")
+    # the last chunk's row holds the running means: PPL, ln(PPL(Q)/PPL(base)), KLD, Δp RMS,
+    # same top p, each "value ± error"
+    rows = [r for r in out.splitlines() if re.match(r"\s*\d+\s+[\d.]+\s+±", r)]
+    if not rows:
+        raise SystemExit(out[-3000:])
+    values = re.findall(r"([-\d.]+)\s+±", rows[-1])
+    return float(values[2]), float(values[4])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-bin", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "kquant-quality")
+    args = ap.parse_args()
+    bins, work = args.llama_bin, args.work
+    p = build(work, bins)
+    lt = [sys.executable, "-m", "loratool"]
+    exact = work / "exact.gguf"
+    sh(*lt, "merge", p["f32"], p["adapter"], "-o", exact, "--force")
+    logits = work / "exact.kld"
+    sh(bins / "llama-perplexity", "-m", exact, "-f", p["text"], "-c", "128",
+       "--kl-divergence-base", logits, "-t", "2")
+    cands = {
+        "Q4_K_M base, adapter not merged": p["q4km"],
+        "loratool merge (Q4_K_M kept)": work / "lt.gguf",
+        "loratool merge --quant Q8_0": work / "lt-q8.gguf",
+        "llama-export-lora (changed → F16)": work / "el.gguf",
+        "imatrix Q4_K_M base, not merged": p["q4km-im"],
+        "loratool merge --imatrix": work / "lt-im.gguf",
+        "loratool merge, imatrix base, no --imatrix": work / "lt-noim.gguf",
+        "llama-export-lora, imatrix base": work / "el-im.gguf",
+    }
+    sh(*lt, "merge", p["q4km"], p["adapter"], "-o", cands["loratool merge (Q4_K_M kept)"],
+       "--force")
+    sh(*lt, "merge", p["q4km"], p["adapter"], "-o", cands["loratool merge --quant Q8_0"],
+       "--quant", "Q8_0", "--force")
+    sh(bins / "llama-export-lora", "-m", p["q4km"], "--lora", p["adapter.gguf"], "-o",
+       cands["llama-export-lora (changed → F16)"])
+    sh(*lt, "merge", p["q4km-im"], p["adapter"], "-o", cands["loratool merge --imatrix"],
+       "--imatrix", p["imatrix"], "--force")
+    sh(*lt, "merge", p["q4km-im"], p["adapter"], "-o",
+       cands["loratool merge, imatrix base, no --imatrix"], "--force")
+    sh(bins / "llama-export-lora", "-m", p["q4km-im"], "--lora", p["adapter.gguf"], "-o",
+       cands["llama-export-lora, imatrix base"])
+    print(f"exact merge: {exact.name} (F32, {exact.stat().st_size / 2**20:.1f} MiB)\n")
+    print("| model | file (MiB) | mean KLD vs exact merge | same top token |")
+    print("|---|---:|---:|---:|")
+    for name, path in cands.items():
+        d, same = kld(bins, path, logits, p["text"])
+        print(f"| {name} | {path.stat().st_size / 2**20:.2f} | {d:.6f} | {same:.2f} % |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
