@@ -102,6 +102,31 @@ def kld(bins: Path, model: Path, base_logits: Path, text: Path) -> tuple[float, 
     return float(values[2]), float(values[4])
 
 
+def same_as_llama_quantize(bins: Path, ours: Path, base: Path, adapter: Path,
+                           imatrix: Path | None, work: Path) -> str:
+    """Whether loratool's re-quantized tensors are llama-quantize's: the same merged float32
+    weights (deq(W) + ΔW, written as F32 by ``merge --quant F32``) quantized by llama-quantize
+    to Q4_K_M (with the same imatrix), compared tensor by tensor."""
+    import gguf
+
+    f32, lq = work / "check-f32.gguf", work / "check-lq.gguf"
+    sh(sys.executable, "-m", "loratool", "merge", base, adapter, "-o", f32, "--quant", "F32",
+       "--force")
+    sh(bins / "llama-quantize", "--allow-requantize",
+       *(["--imatrix", imatrix] if imatrix else []), f32, lq, "Q4_K_M")
+
+    def tensors(path: Path) -> dict:
+        return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+    a, b = tensors(ours), tensors(lq)
+    changed = [n for n, t in tensors(f32).items()
+               if t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 2]
+    same = sum(a[n].tensor_type == b[n].tensor_type and bytes(a[n].data) == bytes(b[n].data)
+               for n in changed)
+    return (f"{ours.name}: {same} of {len(changed)} changed tensors byte for byte what "
+            f"llama-quantize{' --imatrix' if imatrix else ''} writes for the same merged weights")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-bin", type=Path, required=True)
@@ -117,6 +142,7 @@ def main() -> None:
        "--kl-divergence-base", logits, "-t", "2")
     cands = {
         "Q4_K_M base, adapter not merged": p["q4km"],
+        "changed tensors in F32 (the floor: unchanged ones Q4_K_M)": work / "lt-f32.gguf",
         "loratool merge (Q4_K_M kept)": work / "lt.gguf",
         "loratool merge --quant Q8_0": work / "lt-q8.gguf",
         "llama-export-lora (changed → F16)": work / "el.gguf",
@@ -129,6 +155,8 @@ def main() -> None:
        "--force")
     sh(*lt, "merge", p["q4km"], p["adapter"], "-o", cands["loratool merge --quant Q8_0"],
        "--quant", "Q8_0", "--force")
+    floor = cands["changed tensors in F32 (the floor: unchanged ones Q4_K_M)"]
+    sh(*lt, "merge", p["q4km"], p["adapter"], "-o", floor, "--quant", "F32", "--force")
     sh(bins / "llama-export-lora", "-m", p["q4km"], "--lora", p["adapter.gguf"], "-o",
        cands["llama-export-lora (changed → F16)"])
     sh(*lt, "merge", p["q4km-im"], p["adapter"], "-o", cands["loratool merge --imatrix"],
@@ -137,7 +165,11 @@ def main() -> None:
        cands["loratool merge, imatrix base, no --imatrix"], "--force")
     sh(bins / "llama-export-lora", "-m", p["q4km-im"], "--lora", p["adapter.gguf"], "-o",
        cands["llama-export-lora, imatrix base"])
-    print(f"exact merge: {exact.name} (F32, {exact.stat().st_size / 2**20:.1f} MiB)\n")
+    print(f"exact merge: {exact.name} (F32, {exact.stat().st_size / 2**20:.1f} MiB)")
+    for ours, base, im in ((cands["loratool merge (Q4_K_M kept)"], p["q4km"], None),
+                           (cands["loratool merge --imatrix"], p["q4km-im"], p["imatrix"])):
+        print(same_as_llama_quantize(bins, ours, base, p["adapter"], im, work))
+    print()
     print("| model | file (MiB) | mean KLD vs exact merge | same top token |")
     print("|---|---:|---:|---:|")
     for name, path in cands.items():

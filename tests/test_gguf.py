@@ -212,6 +212,41 @@ def test_merge_into_f32_gguf_is_the_safetensors_merge(llama_gguf, tmp_path):
     assert [n for n in base if not np.array_equal(base[n], got[n]) and "norm" in n] == []
 
 
+@needs_llama_cpp
+def test_rows_past_the_last_whole_block_merge_as_in_safetensors(tmp_path):
+    """A GGUF merge adds ΔW a block of rows at a time (2¹⁸ values); with 512 columns that is
+    512 rows, so a 1000-row ffn_up ends in a partial block of 488 (and ffn_down, 1000 wide,
+    in one of 250 after 262): every value of both still equals the safetensors merge and
+    PEFT's merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loratool.verbs.gguf_requant import QUANT_CHUNK
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": 512,
+                                                "intermediate_size": 1000,
+                                                "num_hidden_layers": 1})).eval()
+    model.save_pretrained(tmp_path / "base")
+    sentencepiece_tokenizer(tmp_path / "base")
+    get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["up_proj", "down_proj", "q_proj"],
+        init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    assert 1000 % (QUANT_CHUNK // 512) and 512 % (QUANT_CHUNK // 1000)
+    llama_cpp("convert_hf_to_gguf.py", tmp_path / "base", "--outfile", tmp_path / "f32.gguf",
+              "--outtype", "f32")
+    _ok("merge", tmp_path / "f32.gguf", tmp_path / "adapter", "-o", tmp_path / "m.gguf")
+    _ok("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m")
+    hf = load_file(tmp_path / "m" / "model.safetensors")
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter"
+                                     ).merge_and_unload().state_dict()
+    got = _tensors(tmp_path / "m.gguf")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.layers.0.self_attn.q_proj.weight"):
+        g = _gguf_name(name, heads=(4, 2), layers=1)
+        assert torch.equal(hf[name], peft[name]), name
+        assert np.array_equal(got[g], _to_gguf_layout(name, hf[name]).numpy()), name
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16"])
 def test_merge_into_a_quantized_gguf(llama_gguf, tmp_path, qtype):
     """The merged tensors are quantize(dequantize(W) + ΔW) with gguf's own functions and
