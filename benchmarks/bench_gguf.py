@@ -71,6 +71,7 @@ def build(work: Path, rank: int = 16, base_type: str = "Q8_0", targets: str = "a
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_context_length(2048)
+    w.add_layer_norm_rms_eps(1e-5)  # llama.cpp's loader (llama-quantize) requires it
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if base_type == "Q8_0"
                     else gguf.LlamaFileType.MOSTLY_F16)
     ad = LoraAdapter(source_format="gguf", naming="gguf",

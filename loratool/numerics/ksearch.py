@@ -62,8 +62,10 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     Returns (scale [N], the_min [N], L [n, N] as floats).
 
     Written for speed as much as for ggml's order: the search's 20-odd steps run over
-    buffers allocated once (``out=``), and the three sums of a step are one stacked
-    ``[n, 3, N]`` tensor added up row by row."""
+    buffers allocated once (``out=``), the three sums of a step are one stacked ``[n, 3, N]``
+    tensor added up row by row, and the levels are not kept per step: each sub-block's
+    winning step is remembered by its (iscale, min), and its levels computed again from them
+    at the end (the same elementwise operations: the same values)."""
     n = x.shape[0]
     mn = x.amin(0)
     mx = x.amax(0)
@@ -72,32 +74,42 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     mn0 = mn  # what a flat sub-block returns (ggml stops before its search)
     flat = mx == mn
-    v = torch.empty_like(x)  # scratch: iscale·(x − min), then the error terms
+    v = torch.empty_like(x)  # scratch: the error terms
+    rows_v = v.unbind(0)
     laux = torch.empty_like(x)
     prods = torch.empty((n, 3, x.shape[1]), dtype=x.dtype)  # w·l, w·l·l, w·l·x
+    rows_p = prods.unbind(0)
 
     def levels(iscale: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # |iscale·(x − min)| ≤ 2·(nmax + 1) here, where ggml's nearest_int is round half to
         # even, as adding and taking away 1.5·2²³ in float32 is
-        torch.sub(x, m, out=v).mul_(iscale)
-        return out.copy_(v.add_(12582912.0).sub_(12582912.0).clamp_(0, nmax))
+        torch.sub(x, m, out=out).mul_(iscale)
+        return out.add_(12582912.0).sub_(12582912.0).clamp_(0, nmax)
+
+    def total(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        s = torch.zeros_like(rows[0])
+        for r in rows:
+            s.add_(r)
+        return s
 
     def err(scale: torch.Tensor, lv: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         torch.mul(lv, scale, out=v).add_(m).sub_(x)  # scale·l + min − x, as ggml rounds it
         v.abs_() if use_mad else v.mul_(v)
-        return seq_sum(v.mul_(w))
+        v.mul_(w)
+        return total(rows_v)
 
     iscale = div_once(nmax, mx - mn)
     scale = div_once(1.0, iscale)
-    L = levels(iscale, mn, torch.empty_like(x))
-    best = err(scale, L, mn)
+    best = err(scale, levels(iscale, mn, laux), mn)
+    win_iscale, win_min = iscale, mn  # the levels of the best fit so far come from these
     for step in range(nstep + 1):
         c = f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + nmax)
-        levels(div_once(c, mx - mn), mn, laux)
+        isc = div_once(c, mx - mn)
+        levels(isc, mn, laux)
         wl = torch.mul(w, laux, out=prods[:, 0])
         torch.mul(wl, laux, out=prods[:, 1])
         torch.mul(wl, x, out=prods[:, 2])
-        sum_l, sum_l2, sum_xl = seq_sum(prods)
+        sum_l, sum_l2, sum_xl = total(rows_p)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -108,10 +120,12 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         better = (D > 0) & (cur < best)
         if not bool(better.any()):
             continue
-        torch.where(better, laux, L, out=L)
+        win_iscale = torch.where(better, isc, win_iscale)
+        win_min = torch.where(better, mn, win_min)  # the min these levels were made with
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
+    L = levels(win_iscale, win_min, torch.empty_like(x))
     zero = torch.zeros_like(scale)
     return (torch.where(flat, zero, scale), -torch.where(flat, mn0, mn),
             torch.where(flat, torch.zeros_like(L), L))
@@ -125,23 +139,36 @@ def make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
     zero = x.abs().amax(0) < GROUP_MAX_EPS
     w = x * x if qw is None else qw
     wx = w * x
+    lv = torch.empty_like(x)
+    prods = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype)  # w·x·l, w·l·l
+    rows = prods.unbind(0)
 
-    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lv = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
-        return lv, seq_sum(wx * lv), seq_sum(w * lv * lv)
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # |iscale·x| ≤ nmax + 1 (x's largest magnitude sets iscale), where nearest_int is
+        # round half to even, as adding and taking away 1.5·2²³ is
+        torch.mul(x, iscale, out=lv).add_(12582912.0).sub_(12582912.0).clamp_(-nmax, nmax - 1)
+        torch.mul(wx, lv, out=prods[:, 0])
+        torch.mul(w, lv, out=prods[:, 1]).mul_(lv)
+        s = torch.zeros_like(rows[0])
+        for r in rows:
+            s.add_(r)
+        return s[0], s[1]
 
-    lv, sumlx, suml2 = sums(div_once(-nmax, mx))
-    L = lv + nmax
+    win = div_once(-nmax, mx)  # the iscale whose levels are the best so far
+    sumlx, suml2 = sums(win)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lv, sumlx, suml2 = sums(div_once(-f32(nmax + f32(f32(0.1) * step)), mx))
+        isc = div_once(-f32(nmax + f32(f32(0.1) * step)), mx)
+        sumlx, suml2 = sums(isc)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(better, lv + nmax, L)
+        win = torch.where(better, isc, win)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
+    torch.mul(x, win, out=lv).add_(12582912.0).sub_(12582912.0).clamp_(-nmax, nmax - 1)
+    L = lv + nmax  # the winning step's levels, computed again as they were
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, L)
 
 
