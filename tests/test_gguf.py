@@ -645,3 +645,19 @@ def test_a_base_quantized_with_an_importance_matrix_is_said_so(llama_gguf, tmp_p
     res = run_cli("merge", d / "model-q8_0.gguf", llama_gguf["adapter"], "-o",
                   tmp_path / "plain.gguf", "--json")
     assert res.rc == 0 and "imatrix" not in json.loads(res.out), res.err
+
+
+@needs_llama_cpp
+def test_k_quant_blocks_quantized_in_threads_are_the_same_bytes(tmp_path, monkeypatch):
+    """With several quantizing threads (as many as torch's threads while a merge streams:
+    half the cores, or OMP_NUM_THREADS, 3 here) the file is byte for byte the one-thread
+    file, its blocks in order."""
+    from loratool.verbs.gguf_requant import in_order
+
+    assert list(in_order(lambda v: v * v, iter(range(50)), 3)) == [v * v for v in range(50)]
+    model, src, adapter = _k_quant_model(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _ok("merge", src, adapter, "-o", tmp_path / "one.gguf")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    _ok("merge", src, adapter, "-o", tmp_path / "three.gguf")
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "three.gguf").read_bytes()

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,14 +87,16 @@ def imatrix_note(h: GgufHeader, types: dict[str, str]) -> str | None:
 
 
 def merged_tensor(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
-            device: torch.device, sink: Callable[[bytes], None], bufs: Buffers,
-            importance: torch.Tensor | None = None) -> GgufChange:
+                  device: torch.device, sink: Callable[[bytes], None], bufs: Buffers,
+                  importance: torch.Tensor | None = None, workers: int = 1) -> GgufChange:
     """One changed tensor: dequantized, merged in float32 by the kernel, quantized, handed to
     ``sink`` a block of rows at a time; what that cost. An edit that only adds runs on the
     CPU a block of rows at a time from the quantized bytes (the products whole, as for a
     safetensors merge: the same bits); anything else (DoRA, biases, a full tensor, a GPU)
     merges the whole tensor first. ``importance``: the columns' weights per expert
-    ([experts, 1, columns]) for a K-quant quantized as with an importance matrix."""
+    ([experts, 1, columns]) for a K-quant quantized as with an importance matrix; ``workers``:
+    threads that quantize K-quant blocks side by side (ggml's searches are many small torch
+    operations, which release the GIL while they compute)."""
     sq = _Squares()
     n_rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
 
@@ -136,8 +137,7 @@ def merged_tensor(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str
         part = _Squares()
         return _quantized(M, W, type_name, info, part, weights(r, r1)), part
 
-    workers = quant_workers() if type_name in K_QUANTS else 1
-    for data, part in _in_order(quantized, blocks(), workers):
+    for data, part in in_order(quantized, blocks(), workers if type_name in K_QUANTS else 1):
         sink(data)
         sq.add(part)
     err, change, norm, w_norm = (math.sqrt(x) for x in (sq.error, sq.change, sq.result,
@@ -165,20 +165,11 @@ class _Squares:
         self.base += o.base
 
 
-def quant_workers() -> int:
-    """Threads that quantize K-quant blocks side by side: one per core this process may run
-    on, at most 8. ggml's searches are many small torch operations, which release the GIL
-    while they compute; torch's own threads stay as the merge set them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, min(8, cores))
-
-
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _in_order(fn: Callable[[T], R], items: Iterator[T], workers: int) -> Iterator[R]:
+def in_order(fn: Callable[[T], R], items: Iterator[T], workers: int) -> Iterator[R]:
     """``fn`` of each item, in order; with several workers, up to ``workers`` items computed
     ahead in threads (the next block is merged while earlier ones are quantized)."""
     if workers <= 1:
