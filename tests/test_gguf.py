@@ -218,19 +218,11 @@ def test_rows_past_the_last_whole_block_merge_as_in_safetensors(tmp_path):
     512 rows, so a 1000-row ffn_up ends in a partial block of 488 (and ffn_down, 1000 wide,
     in one of 250 after 262): every value of both still equals the safetensors merge and
     PEFT's merge_and_unload."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     from loratool.verbs.gguf_requant import QUANT_CHUNK
 
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": 512,
-                                                "intermediate_size": 1000,
-                                                "num_hidden_layers": 1})).eval()
-    model.save_pretrained(tmp_path / "base")
-    sentencepiece_tokenizer(tmp_path / "base")
-    get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=8, lora_alpha=16, target_modules=["up_proj", "down_proj", "q_proj"],
-        init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    model = _one_layer_llama(tmp_path, 512, 1000, ["up_proj", "down_proj", "q_proj"], r=8)
     assert 1000 % (QUANT_CHUNK // 512) and 512 % (QUANT_CHUNK // 1000)
     llama_cpp("convert_hf_to_gguf.py", tmp_path / "base", "--outfile", tmp_path / "f32.gguf",
               "--outtype", "f32")
@@ -286,24 +278,33 @@ def _requantize(src: Path, out: Path, qtype: str) -> None:
 K_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _one_layer_llama(d: Path, hidden: int, intermediate: int, targets: list[str], r: int
+                     ) -> Any:
+    """A one-layer Llama in d/base (with a tokenizer for llama.cpp's converter) and a PEFT
+    adapter with random factors on ``targets`` in d/adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": hidden,
+                                                "intermediate_size": intermediate,
+                                                "num_hidden_layers": 1})).eval()
+    model.save_pretrained(d / "base")
+    sentencepiece_tokenizer(d / "base")
+    get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    ).save_pretrained(d / "adapter")
+    return model
+
+
 def _k_quant_model(d: Path) -> tuple[Any, Path, Path]:
     """A one-layer Llama as llama.cpp's converter writes it, then its matrices quantized as a
     Q4_K_M model's are (Q4_K, Q6_K attn_v and ffn_down, here one Q5_K too), and a PEFT
     adapter on every projection."""
     import gguf
-    from peft import LoraConfig, get_peft_model
 
     from loratool.numerics.kquants import quantize_k
 
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(**{**SMALL, "hidden_size": 256,
-                                                "intermediate_size": 512,
-                                                "num_hidden_layers": 1})).eval()
-    model.save_pretrained(d / "base")
-    sentencepiece_tokenizer(d / "base")
-    get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=4, lora_alpha=8, target_modules=K_TARGETS, init_lora_weights=False)
-    ).save_pretrained(d / "adapter")
+    model = _one_layer_llama(d, 256, 512, K_TARGETS, r=4)
     llama_cpp("convert_hf_to_gguf.py", d / "base", "--outfile", d / "f32.gguf",
               "--outtype", "f32")
     kinds = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_up": "Q5_K"}

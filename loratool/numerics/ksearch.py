@@ -180,27 +180,41 @@ def make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     zero = x.abs().amax(0) < GROUP_MAX_EPS
     L = nearest_int(div_once(-nmax, mx) * x).clamp_(-nmax, nmax - 1)
     w = x * x
+    sumlx, suml2 = seq_sum(w * x * L), seq_sum(w * L * L)
+    sumlx, suml2 = _refine(x, w, L, sumlx, suml2, -nmax, nmax - 1, q3=True)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, L + nmax)
+
+
+def _refine(x: torch.Tensor, w: torch.Tensor, L: torch.Tensor, sumlx: torch.Tensor,
+            suml2: torch.Tensor, lo: int | None, hi: int, q3: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second half of make_q3_quants (``q3``) and of make_qp_quants: up to five passes
+    over the values, each moving one value's level (in ``L``, in place) to where the
+    weighted least-squares fit says while that improves it. They differ in what admits a
+    move: make_q3 asks Σwxl > 0 before and Σwl² > 0 after it, make_qp both before; and
+    make_qp's levels are uint8 (a negative one wraps). Returns the sums Σwxl, Σwl²."""
     wx = w * x
-    sumlx, suml2 = seq_sum(wx * L), seq_sum(w * L * L)
     for _ in range(5):
-        changed = torch.zeros_like(zero)
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(x.shape[0]):
             li = L[i]
             slx = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            new = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            ok = slx > 0 if q3 else (slx > 0) & (sl2 > 0)
+            new = nearest_int(x[i] * sl2 / slx).clamp_(lo, hi)
             slx = slx + wx[i] * new
             sl2 = sl2 + w[i] * new * new
-            take = ((sumlx - wx[i] * li) > 0) & (new != li) & (sl2 > 0) & (
-                slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(take, new, li)
+            take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            if q3:
+                take &= sl2 > 0
+            L[i] = torch.where(take, new if q3 else u8(new), li)
             sumlx = torch.where(take, slx, sumlx)
             suml2 = torch.where(take, sl2, suml2)
             changed |= take
         if not bool(changed.any()):  # a pass that changes nothing would repeat itself
             break
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, L + nmax)
+    return sumlx, suml2
 
 
 def u8(v: torch.Tensor) -> torch.Tensor:
@@ -230,22 +244,6 @@ def make_qp(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor,
     lv = nearest_int(iscale * x).clamp_(max=nmax)
     L = u8(lv)
     sumlx, suml2 = seq_sum(qw * x * lv), seq_sum(qw * lv * lv)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[0]):
-            w, xi, li = qw[i], x[i], L[i]
-            slx = sumlx - w * xi * li
-            sl2 = suml2 - w * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new = nearest_int(xi * sl2 / slx).clamp_(max=nmax)
-            slx = slx + w * xi * new
-            sl2 = sl2 + w * new * new
-            take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(take, u8(new), li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
-            changed |= take
-        if not bool(changed.any()):  # a pass that changes nothing would repeat itself
-            break
+    sumlx, suml2 = _refine(x, qw, L, sumlx, suml2, None, nmax, q3=False)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, L)
