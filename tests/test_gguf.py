@@ -619,33 +619,41 @@ def test_a_peft_copy_of_the_head_merges_into_a_gguf_model(llama_gguf, tmp_path, 
 
 
 def test_a_base_quantized_with_an_importance_matrix_is_said_so(llama_gguf, tmp_path):
-    """llama-quantize records the importance matrix it used (quantize.imatrix.*); the merge
-    re-quantizes without one and says so. Without that metadata, nothing is said."""
+    """llama-quantize records the importance matrix it used (quantize.imatrix.*): a merge
+    that re-quantizes K-quant tensors without one says so and how to pass it; a Q8_0 model
+    (which ggml quantizes without importance anyway) and a model without that metadata say
+    nothing."""
     import gguf
 
-    d = llama_gguf["dir"]
-    src = gguf.GGUFReader(str(d / "model-q8_0.gguf"))
-    w = gguf.GGUFWriter(str(tmp_path / "imatrix.gguf"), "llama")
-    for f in src.fields.values():
-        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
-            w.add_key_value(f.name, f.contents(), f.types[0],
-                            f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    w.add_string("quantize.imatrix.file", "imatrix.dat")
-    w.add_uint32("quantize.imatrix.chunks_count", 125)
-    for t in src.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    res = run_cli("merge", tmp_path / "imatrix.gguf", llama_gguf["adapter"], "-o",
-                  tmp_path / "m.gguf", "--json")
+    def with_imatrix_metadata(src_path: Path, out: Path) -> Path:
+        src = gguf.GGUFReader(str(src_path))
+        w = gguf.GGUFWriter(str(out), "llama")
+        for f in src.fields.values():
+            if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+                w.add_key_value(f.name, f.contents(), f.types[0],
+                                f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+        w.add_string("quantize.imatrix.file", "imatrix.dat")
+        w.add_uint32("quantize.imatrix.chunks_count", 125)
+        for t in src.tensors:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return out
+
+    _, k_model, adapter = _k_quant_model(tmp_path / "k")
+    base = with_imatrix_metadata(k_model, tmp_path / "k-imatrix.gguf")
+    res = run_cli("merge", base, adapter, "-o", tmp_path / "m.gguf", "--json")
     assert res.rc == 0, res.err
     note = json.loads(res.out)["imatrix"]
     assert "file imatrix.dat" in note and "chunks_count 125" in note, note
-    res = run_cli("merge", d / "model-q8_0.gguf", llama_gguf["adapter"], "-o",
-                  tmp_path / "plain.gguf", "--json")
-    assert res.rc == 0 and "imatrix" not in json.loads(res.out), res.err
+    assert "the 7 re-quantized tensor(s)" in note and "--imatrix FILE" in note, note
+    for src in (with_imatrix_metadata(llama_gguf["dir"] / "model-q8_0.gguf",
+                                      tmp_path / "q8-imatrix.gguf"), k_model):
+        res = run_cli("merge", src, llama_gguf["adapter"] if "q8" in src.name else adapter,
+                      "-o", tmp_path / "plain.gguf", "--json", "--force")
+        assert res.rc == 0 and "imatrix" not in json.loads(res.out), res.err
 
 
 @needs_llama_cpp

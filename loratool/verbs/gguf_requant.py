@@ -75,15 +75,18 @@ IMATRIX = "quantize.imatrix."  # what llama-quantize records of the importance m
 
 def imatrix_note(h: GgufHeader, types: dict[str, str]) -> str | None:
     """What to say when the base was quantized with an importance matrix (its metadata says
-    so) and changed tensors were re-quantized without one; None otherwise."""
-    quantized = sum(1 for t in types.values() if t not in ("F32", "F16", "BF16"))
+    so) and changed tensors of a type ggml weights with one were re-quantized without it;
+    None otherwise."""
+    weighted = [t for t in types.values() if t in K_QUANTS or t in WEIGHTED_ELSEWHERE]
     keys = {k[len(IMATRIX):]: v for k, v in h.kv.items() if k.startswith(IMATRIX)}
-    if not keys or not quantized:
+    if not keys or not weighted:
         return None
     what = ", ".join(f"{k} {v}" for k, v in keys.items() if k in ("file", "chunks_count"))
+    hint = ("; pass that matrix with --imatrix FILE to quantize them as the base was"
+            if all(t in K_QUANTS for t in weighted) else "")
     return (f"the base was quantized with an importance matrix ({what or 'quantize.imatrix.*'}"
-            f"); the {quantized} re-quantized tensor(s) were quantized without one, as "
-            "llama-quantize does without --imatrix")
+            f"); the {len(weighted)} re-quantized tensor(s) were quantized without one, as "
+            f"llama-quantize does without --imatrix{hint}")
 
 
 def merged_tensor(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str,
