@@ -1,0 +1,112 @@
+"""Hostile inputs on the newest surfaces: llama.cpp importance matrices (merge --imatrix),
+K-quant re-quantization, PEFT's other tuners and merge --qlora. Each bad input is one line
+(exit 1) and writes nothing; an input that is valid gives a finite result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from test_hostile import _refused
+
+# --------------------------------------------------------------------------- --imatrix, K-quants
+
+
+@pytest.fixture(scope="module")
+def k_model(tmp_path_factory):
+    """A one-layer Llama 256 wide as an F32 GGUF model (the gguf package's writer, llama.cpp's
+    names) and a PEFT LoRA on its q_proj; ``poke(path, value)`` writes a copy whose
+    blk.0.attn_q.weight holds ``value`` at one place."""
+    import gguf
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("kq")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)).eval()
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(d / "adapter")
+    sd = {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()
+          if "lora_" not in k}
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+
+    def poke(path: Path, value: float | None = None) -> Path:
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_block_count(1)
+        w.add_embedding_length(256)
+        w.add_feed_forward_length(256)
+        w.add_head_count(4)
+        w.add_head_count_kv(4)
+        w.add_context_length(32)
+        for name, t in sd.items():
+            name = name.replace(".base_layer", "")
+            arr = t.float().numpy().copy()
+            g = tmap.get_name(name, try_suffixes=(".weight",))
+            if g == "blk.0.attn_q.weight" and value is not None:
+                arr[3, 7] = value
+            w.add_tensor(g, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    return d, poke(d / "f32.gguf"), d / "adapter", poke
+
+
+def _imatrix(path: Path, values: np.ndarray, name: str = "blk.0.attn_q.weight") -> Path:
+    from test_kquants import write_imatrix_gguf
+
+    write_imatrix_gguf(path, {name: (values.reshape(1, -1), np.array([1.0]))})
+    return path
+
+
+@pytest.mark.parametrize("values, says", [
+    (np.full(256, -1.0), "negative values"),
+    (np.zeros(256), "all zeros"),
+])
+def test_an_imatrix_that_no_activations_give_is_refused(tmp_path, values, says):
+    """Means of squares are never negative; all zero they make ggml write the tensor as
+    zeros. Both used to merge, the second into a tensor of zeros."""
+    from loratool.errors import FormatError
+    from loratool.io.imatrix import read_imatrix
+
+    with pytest.raises(FormatError, match=says):
+        read_imatrix(_imatrix(tmp_path / "im.gguf", values))
+
+
+def test_an_imatrix_of_another_model_is_refused(k_model, tmp_path):
+    """No entry names a tensor of the model: it was computed for another one (it used to
+    merge, weighting nothing)."""
+    d, src, adapter, _ = k_model
+    im = _imatrix(tmp_path / "im.gguf", np.ones(256), "model.layers.0.q_proj.weight")
+    res = run_cli("merge", src, adapter, "-o", tmp_path / "m.gguf", "--quant", "Q4_K",
+                  "--imatrix", im)
+    _refused(res, "none of its 1 entries", "computed for this model")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("value, quant, imatrix", [
+    (1e30, "Q4_K", None), (1e30, "Q6_K", None), (3e6, "Q2_K", None), (1e30, "Q4_0", None),
+    (1e30, "F16", None), (None, "Q4_K", 3e38),
+])
+def test_a_quantization_that_overflows_writes_nothing(k_model, tmp_path, value, quant, imatrix):
+    """A finite value (or importance) past what the type's float16 scales hold: the tensor
+    would read back as Inf/NaN (llama-quantize's row validation refuses it too). It used to
+    be written so, with numpy's overflow warnings for Q4_0 and F16."""
+    d, _, adapter, poke = k_model
+    src = poke(tmp_path / "base.gguf", value)
+    extra = [] if imatrix is None else ["--imatrix", _imatrix(tmp_path / "im.gguf",
+                                                              np.full(256, imatrix))]
+    res = run_cli("merge", src, adapter, "-o", tmp_path / "m.gguf", "--quant", quant, *extra)
+    _refused(res, "blk.0.attn_q.weight", f"written as {quant}", "Inf or NaN")
+    assert not (tmp_path / "m.gguf").exists()
+    ok = run_cli("merge", d / "f32.gguf", adapter, "-o", tmp_path / "ok.gguf", "--quant", quant,
+                 "--json")
+    assert ok.rc == 0 and json.loads(ok.out)["changed"], ok.err
