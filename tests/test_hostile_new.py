@@ -110,3 +110,73 @@ def test_a_quantization_that_overflows_writes_nothing(k_model, tmp_path, value, 
     ok = run_cli("merge", d / "f32.gguf", adapter, "-o", tmp_path / "ok.gguf", "--quant", quant,
                  "--json")
     assert ok.rc == 0 and json.loads(ok.out)["changed"], ok.err
+
+
+# --------------------------------------------------------------------------- PEFT's other tuners
+
+
+@pytest.fixture(scope="module")
+def tuners(tmp_path_factory):
+    """A tiny Llama and PEFT's own LoHa, LoKr, OFT, BOFT and AdaLoRA adapters on it."""
+    import copy
+
+    import peft
+    from test_peft_tuners import base_model, randomise, tuner_config
+
+    d = tmp_path_factory.mktemp("tuners")
+    base = base_model("llama")
+    base.save_pretrained(d / "base")
+    for i, kind in enumerate(["loha", "lokr", "oft", "boft", "adalora"]):
+        pm = peft.get_peft_model(copy.deepcopy(base), tuner_config(kind, "llama"))
+        randomise(pm, i)
+        pm.save_pretrained(d / kind)
+    return d
+
+
+def _hostile_copy(src: Path, dst: Path, config: dict | None = None,
+                  tensor: tuple[str, object] | None = None) -> Path:
+    """A copy of a PEFT adapter folder with config keys replaced and the first tensor whose
+    name ends with ``tensor[0]`` replaced by ``tensor[1]``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensor is not None:
+        t = load_file(dst / "adapter_model.safetensors")
+        key = next(k for k in sorted(t) if k.endswith(tensor[0]))
+        t[key] = tensor[1]
+        save_file(t, dst / "adapter_model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("kind, config, says", [
+    ("oft", {"num_cayley_neumann_terms": 10**9}, "more than 1000"),  # used to run for hours
+    ("oft", {"num_cayley_neumann_terms": "five"}, "must be a positive integer"),  # ValueError
+    ("oft", {"num_cayley_neumann_terms": -3}, "must be a positive integer"),  # merged as I
+    ("oft", {"coft": True, "eps": "x"}, "eps must be a finite number"),  # ValueError
+    ("oft", {"coft": True, "eps": -1}, "eps must be 0 or more"),
+    ("oft", {"use_cayley_neumann": "no"}, "must be true or false"),  # read as true
+    ("adalora", {"init_r": -1e-5}, "init_r must be a positive integer"),  # ZeroDivisionError
+    ("adalora", {"init_r": 0}, "init_r must be a positive integer"),  # ΔW × 1e5
+    ("loha", {"r": -4, "rank_pattern": {}}, "r must be a positive integer"),  # ΔW negated
+    ("lokr", {"r": 0}, "r must be a positive integer"),  # merged as nothing
+    ("loha", {"r": 10**30, "rank_pattern": {}}, "have rank 4"),  # merged as nothing
+])
+def test_a_tuner_config_that_lies_is_one_line(tuners, tmp_path, kind, config, says):
+    """Settings PEFT's math reads that no PEFT run could have saved: refused by inspect and
+    merge alike (they used to give an internal error, a hang, or a silently wrong merge)."""
+    ad = _hostile_copy(tuners / kind, tmp_path / "ad", config)
+    _refused(run_cli("inspect", ad), says)
+    _refused(run_cli("merge", tuners / "base", ad, "-o", tmp_path / "m"), says)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_boft_adapter_of_no_factors_is_one_line(tuners, tmp_path):
+    """boft_R with 0 butterfly factors used to end merge in an IndexError."""
+    ad = _hostile_copy(tuners / "boft", tmp_path / "ad", tensor=("boft_R",
+                                                                  torch.zeros(0, 32, 4, 4)))
+    _refused(run_cli("merge", tuners / "base", ad, "-o", tmp_path / "m"), "do not fit together")
