@@ -180,3 +180,59 @@ def test_a_boft_adapter_of_no_factors_is_one_line(tuners, tmp_path):
     ad = _hostile_copy(tuners / "boft", tmp_path / "ad", tensor=("boft_R",
                                                                   torch.zeros(0, 32, 4, 4)))
     _refused(run_cli("merge", tuners / "base", ad, "-o", tmp_path / "m"), "do not fit together")
+
+
+# --------------------------------------------------------------------------- merge --qlora
+
+
+@pytest.fixture(scope="module")
+def qlora_pair(tmp_path_factory):
+    """A tiny Llama and a PEFT LoRA on it."""
+    from peft import LoraConfig, get_peft_model
+    from test_peft_tuners import base_model
+
+    d = tmp_path_factory.mktemp("qlora")
+    base = base_model("llama")
+    base.save_pretrained(d / "base")
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(d / "adapter")
+    return d / "base", d / "adapter"
+
+
+GOOD_QC = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+
+
+@pytest.mark.parametrize("content, says", [
+    ({**GOOD_QC, "llm_int8_skip_modules": [1, None]}, "not a list of module names"),
+    ({**GOOD_QC, "llm_int8_skip_modules": ["("]}, "not a valid regular expression"),
+    ({**GOOD_QC, "bnb_4bit_use_double_quant": "yes"}, "must be true or false"),  # read as no
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),  # RecursionError
+    ("fifo", "named pipe"),  # read for ever
+])
+def test_a_hostile_qlora_config_is_one_line(qlora_pair, tmp_path, content, says):
+    import os
+
+    base, adapter = qlora_pair
+    path = tmp_path / "qc.json"
+    if content == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    res = run_cli("merge", base, adapter, "-o", tmp_path / "m", "--qlora", "auto",
+                  "--qlora-config", path)
+    _refused(res, says)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_qlora_base_with_nan_names_the_tensor(qlora_pair, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = qlora_pair
+    shutil.copytree(base, tmp_path / "base")
+    t = load_file(tmp_path / "base" / "model.safetensors")
+    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(t, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    res = run_cli("merge", tmp_path / "base", adapter, "-o", tmp_path / "m", "--qlora", "nf4")
+    _refused(res, "model.layers.0.self_attn.q_proj.weight holds NaN or Inf")
