@@ -117,7 +117,7 @@ def test_a_quantization_that_overflows_writes_nothing(k_model, tmp_path, value, 
 
 @pytest.fixture(scope="module")
 def tuners(tmp_path_factory):
-    """A tiny Llama and PEFT's own LoHa, LoKr, OFT, BOFT and AdaLoRA adapters on it."""
+    """A tiny Llama and PEFT's own LoHa, LoKr, OFT, BOFT, AdaLoRA and IA³ adapters on it."""
     import copy
 
     import peft
@@ -126,7 +126,7 @@ def tuners(tmp_path_factory):
     d = tmp_path_factory.mktemp("tuners")
     base = base_model("llama")
     base.save_pretrained(d / "base")
-    for i, kind in enumerate(["loha", "lokr", "oft", "boft", "adalora"]):
+    for i, kind in enumerate(["loha", "lokr", "oft", "boft", "adalora", "ia3"]):
         pm = peft.get_peft_model(copy.deepcopy(base), tuner_config(kind, "llama"))
         randomise(pm, i)
         pm.save_pretrained(d / kind)
@@ -236,3 +236,29 @@ def test_a_qlora_base_with_nan_names_the_tensor(qlora_pair, tmp_path):
     save_file(t, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
     res = run_cli("merge", tmp_path / "base", adapter, "-o", tmp_path / "m", "--qlora", "nf4")
     _refused(res, "model.layers.0.self_attn.q_proj.weight holds NaN or Inf")
+
+
+@pytest.mark.parametrize("kind, config, tensor, says", [
+    ("adalora", {"lora_alpha": 1e308}, None, "its ΔW holds NaN or Inf"),  # LinAlgError
+    ("lokr", {}, ("lokr_w1", torch.zeros(0, 8)), "do not fit together"),  # RuntimeError
+])
+def test_convert_of_a_tuner_that_cannot_be_factored_is_one_line(tuners, tmp_path, kind, config,
+                                                                tensor, says):
+    ad = _hostile_copy(tuners / kind, tmp_path / "ad", config, tensor)
+    res = run_cli("convert", ad, "--to", "peft", "--rank", "2", "-o", tmp_path / "c")
+    _refused(res, says)
+    assert not (tmp_path / "c").exists()
+
+
+def test_convert_of_a_huge_finite_change_is_one_line(tuners, tmp_path):
+    """IA³'s l at 3e38: W·l − W is finite, but its SVD overflows (a LinAlgError before)."""
+    from safetensors.torch import load_file, save_file
+
+    ad = _hostile_copy(tuners / "ia3", tmp_path / "ad")
+    t = load_file(ad / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, 3e38) for k, v in t.items()},
+              ad / "adapter_model.safetensors")
+    res = run_cli("convert", ad, "--to", "peft", "--rank", "2", "--base", tuners / "base",
+                  "-o", tmp_path / "c")
+    _refused(res, "cannot be factored")
+    assert not (tmp_path / "c").exists()
