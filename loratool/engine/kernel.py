@@ -114,14 +114,15 @@ def is_rows_only(edit: Edit) -> bool:
             and edit.quant is None)
 
 
-def faithful_base(W: torch.Tensor, edit: Edit, dtype: torch.dtype) -> torch.Tensor:
+def faithful_base(W: torch.Tensor, edit: Edit, dtype: torch.dtype, name: str = ""
+                  ) -> torch.Tensor:
     """``W`` (float32, the stored tensor of ``dtype``) as the QLoRA model computed with it:
     bitsandbytes' dequantize(quantize(W)) in the dtype training loaded it in, as float32;
     ``W`` itself without ``edit.quant``."""
     if edit.quant is None:
         return W
     fmt, transposed = edit.quant
-    return roundtrip(W.to(dtype), fmt, transposed).to(torch.float32)
+    return roundtrip(W.to(dtype), fmt, transposed, name).to(torch.float32)
 
 
 def merged(W: torch.Tensor, edit: Edit, sign: float, device: torch.device,
@@ -136,7 +137,7 @@ def merged(W: torch.Tensor, edit: Edit, sign: float, device: torch.device,
     record, not here."""
     stats = Stats() if stats is None else stats
     if edit.quant is not None:
-        Wq = faithful_base(W, edit, dtype or W.dtype)
+        Wq = faithful_base(W, edit, dtype or W.dtype, name)
         base_norm, quant_norm = float(W.norm()), float((Wq - W).norm())
         W = Wq.clone()  # Wq is kept to measure what the adapters add
     if edit.mult is not None:  # planned alone on its tensor: nothing else changes it

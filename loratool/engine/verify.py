@@ -53,7 +53,7 @@ def verify_output(base: Checkpoint, out: Path, edits: dict[str, Edit], sign: flo
             W = base.load(e.source, dtype=torch.float64)
             if e.quant is not None:  # --qlora: the base as training dequantized it
                 stored = base.load(e.source)
-                W = kernel.faithful_base(stored.float(), e, stored.dtype).double()
+                W = kernel.faithful_base(stored.float(), e, stored.dtype, name).double()
             ref, bound_abs, r = _reference(W, e, sign, record, name)
             out_dtype = merged.load(name).dtype
             half_ulp = 2.0 ** -ops.mantissa_bits(out_dtype)

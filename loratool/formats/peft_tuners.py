@@ -38,10 +38,10 @@ def read_tuner(ckpt: Checkpoint, where: str) -> LoraAdapter:
         ad.full[rel.replace(".base_layer.", ".")] = ckpt.load(key)
     for name in sorted(modules, key=natural_key):
         keys = modules[name]
-        check_shapes(kind, name, {p: tuple(ckpt.tensors[k].shape) for p, k in keys.items()},
-                     where)
+        shapes = {p: tuple(ckpt.tensors[k].shape) for p, k in keys.items()}
+        check_shapes(kind, name, shapes, where)
         parts = {p: ckpt.load(k) for p, k in keys.items()}
-        settings = module_settings(kind, name, cfg, where)
+        settings = module_settings(kind, name, cfg, where, shapes)
         if kind in ("loha", "lokr"):
             r, alpha = settings["r"], settings["alpha"]
             ad.add(LycoModule(name, kind, parts, float(alpha), dim=int(r)))  # type: ignore

@@ -173,7 +173,10 @@ def lyco_shape(kind: str, shapes: dict[str, Shape], where: str) -> Shape:
         if len(w1) != 2:
             raise ValueError
         w1 = w1 + (1,) * (len(w2) - len(w1))
-        return tuple(a * b for a, b in zip(w1, w2)) + tuple(w2[len(w1):])
+        shape = tuple(a * b for a, b in zip(w1, w2)) + tuple(w2[len(w1):])
+        if 0 in shape:  # an empty Kronecker factor: no layer has an empty weight
+            raise ValueError
+        return shape
     except (ValueError, KeyError, IndexError):
         listed = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
         raise FormatError(f"{where}: the factors do not fit together ({listed})") from None

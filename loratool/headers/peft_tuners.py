@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 from ..errors import FormatError
 from ..reports.inspect import AdapterFacts, ModuleEntry
 from ..units import natural_key
-from .checks import pattern_match
+from .checks import check_fields, pattern_match
 from .kohya import LOHA, LOKR, lyco_factors, lyco_rank, lyco_shape
 from .safetensors import TensorInfo
 
@@ -132,7 +132,7 @@ def check_shapes(kind: str, name: str, shapes: Mapping[str, Shape], where: str) 
         ok = b > 1 and b * (b - 1) // 2 == w[1]
     elif kind == "boft":
         R, sc = s["boft_R"], s["boft_s"]
-        ok = len(R) == 4 and R[2] == R[3] and len(sc) == 2 and sc[1] == 1
+        ok = len(R) == 4 and R[2] == R[3] and min(R) > 0 and len(sc) == 2 and sc[1] == 1
     if not ok:
         listed = ", ".join(f"{n} {list(v)}" for n, v in sorted(s.items()))
         raise FormatError(f"{at}: its tensors do not fit together ({listed}); the adapter "
@@ -173,10 +173,32 @@ def factors_text(kind: str, shapes: Mapping[str, Shape], settings: Mapping[str, 
     return f"{R[0]} butterfly × {R[1]} blocks {R[2]}×{R[3]} (Cayley), s {dims('boft_s')}"
 
 
-def module_settings(kind: str, name: str, cfg: Mapping[str, object], where: str
-                    ) -> dict[str, object]:
+# the settings each tuner's math reads, and what they must be (null: PEFT's default)
+SETTINGS = {
+    "adalora": {"lora_alpha": "number", "init_r": "positive int"},
+    "loha": {"r": "positive int", "alpha": "number", "rank_pattern": "positive ints by name",
+             "alpha_pattern": "numbers by name"},
+    "oft": {"coft": "bool", "eps": "number", "block_share": "bool", "use_cayley_neumann": "bool",
+            "num_cayley_neumann_terms": "positive int"},
+}
+SETTINGS["lokr"] = SETTINGS["loha"]
+MAX_NEUMANN_TERMS = 1000  # PEFT's default is 5; each term is one product per block
+
+
+def module_settings(kind: str, name: str, cfg: Mapping[str, object], where: str,
+                    shapes: Mapping[str, Shape] | None = None) -> dict[str, object]:
     """What the config says of one module: AdaLoRA's scaling and ranknum, LoHa's and LoKr's
-    r and alpha (``rank_pattern``/``alpha_pattern``), OFT's rotation settings."""
+    r and alpha (``rank_pattern``/``alpha_pattern``; r checked against ``shapes``' rank),
+    OFT's rotation settings."""
+    check_fields(dict(cfg), SETTINGS.get(kind, {}), where)
+    if kind == "oft":
+        eps, terms = cfg.get("eps") or 0, cfg.get("num_cayley_neumann_terms") or 1
+        if float(eps) < 0:  # type: ignore[arg-type]
+            raise FormatError(f"{where}: OFT's eps must be 0 or more, not {eps}; fix it in "
+                              "adapter_config.json")
+        if int(terms) > MAX_NEUMANN_TERMS:  # type: ignore[call-overload]
+            raise FormatError(f"{where}: num_cayley_neumann_terms {terms} is more than "
+                              f"{MAX_NEUMANN_TERMS}; fix it in adapter_config.json")
     out: dict[str, object] = {"fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False))}
     if kind == "adalora":
         alpha = _number(cfg, "lora_alpha", where, 8)
@@ -187,6 +209,11 @@ def module_settings(kind: str, name: str, cfg: Mapping[str, object], where: str
         a = _pattern(cfg.get("alpha_pattern") or {}, name, _number(cfg, "alpha", where, 8),
                      where)
         out["r"], out["alpha"] = r, a
+        have = lyco_rank(kind, dict(shapes)) if shapes is not None else 0
+        if have and r != have:  # PEFT scales by alpha / r; its LoKr's whole sides have no rank
+            raise FormatError(f"{where}: module {name}: the config gives r {r} and its "
+                              f"{TUNER_NAMES[kind]} factors have rank {have}; fix r or "
+                              "rank_pattern in adapter_config.json")
     elif kind == "oft":
         for k, default in (("coft", False), ("eps", 6e-5), ("block_share", False),
                            ("use_cayley_neumann", True), ("num_cayley_neumann_terms", 5)):
@@ -223,7 +250,7 @@ def describe_tuner(tensors: Mapping[str, TensorInfo], cfg: Mapping[str, object],
         keys = modules[name]
         shapes = {p: tuple(tensors[k].shape) for p, k in keys.items()}
         check_shapes(kind, name, shapes, where)
-        settings = module_settings(kind, name, cfg, where)
+        settings = module_settings(kind, name, cfg, where, shapes)
         out.append(_entry(kind, name, shapes, settings, tensors[next(iter(keys.values()))].dtype))
     target = cfg.get("target_modules")
     facts = AdapterFacts(

@@ -70,6 +70,14 @@ def read_imatrix(path: Path) -> Imatrix:
         if not bool(torch.isfinite(e).all()):
             raise FormatError(f"{path}: the importance matrix of {name} holds non-finite "
                               "values; compute it again")
+        # means of squares are never negative, and all zero they would weight every value
+        # by 0: ggml's searches then write the tensor as zeros
+        if bool((e < 0).any()):
+            raise FormatError(f"{path}: the importance matrix of {name} holds negative values "
+                              "(means of squared activations cannot be); compute it again")
+        if not bool((e != 0).any()):
+            raise FormatError(f"{path}: the importance matrix of {name} is all zeros, which "
+                              "would quantize the tensor to zeros; compute it again")
     return im
 
 

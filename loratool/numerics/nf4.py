@@ -214,7 +214,8 @@ def dequantize(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def roundtrip(W: torch.Tensor, fmt: FourBit, transposed: bool = False) -> torch.Tensor:
+def roundtrip(W: torch.Tensor, fmt: FourBit, transposed: bool = False, name: str = ""
+              ) -> torch.Tensor:
     """dequantize(quantize(W)): the weight the QLoRA model computed with, in the dtype it
     computed in (``fmt.compute_dtype`` if set, else the quantized dtype). ``W`` is first cast
     to ``fmt.dtype`` (the dtype transformers loaded it in) when set. ``transposed``: the
@@ -224,8 +225,9 @@ def roundtrip(W: torch.Tensor, fmt: FourBit, transposed: bool = False) -> torch.
         roundtrip(torch.randn(4, 100, dtype=torch.bfloat16), FourBit("nf4")).dtype  # bf16
     """
     if not bool(torch.isfinite(W).all()):
-        raise LoraToolError("the base holds NaN or Inf: bitsandbytes' quantization of it is "
-                            "undefined")
+        raise LoraToolError(f"{name or 'the base'} holds NaN or Inf: bitsandbytes' "
+                            "quantization of it is undefined; merge into the base the "
+                            "adapter was trained on (it had none)")
     load = DTYPES[fmt.dtype] if fmt.dtype else W.dtype
     x = W.to(load)
     if transposed:

@@ -44,7 +44,8 @@ def dequantize(raw: bytes | bytearray | memoryview, info: TensorInfo) -> torch.T
     data = np.frombuffer(raw, dtype=np.uint8).reshape(
         gguf.quant_shape_to_byte_shape(info.shape, qt))
     try:
-        arr = gguf.quants.dequantize(data, qt)
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN scales: the caller refuses
+            arr = gguf.quants.dequantize(data, qt)
     except NotImplementedError:
         raise FormatError(f"{info.name}: the gguf package cannot dequantize {info.dtype} "
                           "tensors; this tensor cannot be merged") from None
@@ -63,7 +64,8 @@ def quantize(t: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
         return _q8_0(t)
     if type_name in QUANTIZERS:
         return quantize_k(t, type_name, importance)
-    arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to refuse
+        arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
     return arr.tobytes()
 
 

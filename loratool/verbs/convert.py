@@ -13,7 +13,9 @@ Example::
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -202,8 +204,25 @@ def _known_alone(m: OtherModule) -> bool:
 
 
 def _dense(m: OtherModule) -> torch.Tensor:
-    """A non-LoRA module's ΔW as a matrix [out, in·…] (float32)."""
-    return m.delta(torch.float32).reshape(m.shape[0], -1)
+    """A non-LoRA module's ΔW as a matrix [out, in·…] (float32); one that overflows float32
+    (an adapter's or the base's values past it) cannot be factored: refused by name."""
+    d = m.delta(torch.float32).reshape(m.shape[0], -1)
+    if not bool(torch.isfinite(d).all()):
+        raise FormatError(f"{m.key}: its ΔW holds NaN or Inf (its values or settings overflow "
+                          "float32); it cannot become LoRA: check the adapter (and the base)")
+    return d
+
+
+@contextmanager
+def _factoring(m: OtherModule) -> Iterator[None]:
+    """An SVD that fails (a finite ΔW whose values are so large its norms overflow float32)
+    is one line naming the module."""
+    try:
+        yield
+    except torch.linalg.LinAlgError:
+        raise FormatError(f"{m.key}: its ΔW cannot be factored (its values are so large that "
+                          "the SVD overflows float32); check the adapter (and the base)"
+                          ) from None
 
 
 def lyco_to_lora(ad: LoraAdapter, policy: RankPolicy, dtype: str, seed: int = 0,
@@ -218,8 +237,9 @@ def lyco_to_lora(ad: LoraAdapter, policy: RankPolicy, dtype: str, seed: int = 0,
     chosen = _budget_ranks(ad, mods, policy, store, seed, exact, progress)
     entries = []
     for m in progress.iterate(mods, "LyCORIS → LoRA", unit="module"):
-        f = factorize(_dense(m), policy, exact=exact, seed=module_seed(seed, m.key),
-                      store_dtype=store, rank=chosen.get(m.key), name=m.key)
+        with _factoring(m):
+            f = factorize(_dense(m), policy, exact=exact, seed=module_seed(seed, m.key),
+                          store_dtype=store, rank=chosen.get(m.key), name=m.key)
         entries.append(LycorisModule(m.key, m.kind, f.rank, f.rel_error, f.kept_energy))
         del ad.lyco[m.key]
         if not f.rank:
@@ -245,7 +265,8 @@ def _budget_ranks(ad: LoraAdapter, mods: list[OtherModule], policy: RankPolicy,
     for m in progress.iterate(mods, "spectra for the budget", unit="module"):
         D = _dense(m)
         cap = spectrum_cap(policy, min(D.shape))
-        _, S, _, _ = spectrum(D, cap, exact, module_seed(seed, m.key))
+        with _factoring(m):
+            _, S, _, _ = spectrum(D, cap, exact, module_seed(seed, m.key))
         cost = policy.budget.cost(sum(D.shape), store.itemsize)
         items.append(BudgetItem(m.key, S[:cap], cost, cap, int(m.bias is not None)))
     for lm in ad.modules.values():

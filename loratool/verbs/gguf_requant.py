@@ -23,7 +23,7 @@ import torch
 
 from ..engine import kernel
 from ..engine.plan import Edit
-from ..errors import FormatError
+from ..errors import FormatError, LoraToolError
 from ..headers.checkpoint import Checkpoint
 from ..headers.gguf import GgufHeader
 from ..headers.safetensors import TensorInfo, read_tensor_bytes
@@ -46,6 +46,10 @@ def importance_of(im: Imatrix, base: Checkpoint, types: dict[str, str]
                 ) -> dict[str, torch.Tensor]:
     """Each changed K-quant tensor's importance ([experts, 1, columns]) where the file has
     an entry, as llama-quantize passes it; a type quantized otherwise with one is refused."""
+    if not any(n in base.tensors for n in im.entries):
+        raise FormatError(f"--imatrix {im.path}: none of its {len(im.entries)} entries names a "
+                          "tensor of this model (it has e.g. "
+                          f"{next(iter(im.entries))}): was it computed for this model?")
     out = {}
     for name, t in types.items():
         entry = im.for_tensor(name, base.info(name).shape)
@@ -152,6 +156,18 @@ def merged_tensor(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str
                       change=change / (w_norm or math.inf))
 
 
+def _overflow(name: str, type_name: str, M: torch.Tensor, importance: torch.Tensor | None
+              ) -> LoraToolError:
+    """What to say when the quantized rows read back as Inf or NaN."""
+    big = float(M.abs().max())
+    why = f"its largest value ({big:.4g})"
+    if importance is not None:
+        why += f" or its importance (up to {float(importance.abs().max()):.4g})"
+    return LoraToolError(f"{name}: written as {type_name} it would hold Inf or NaN ({why} is "
+                         f"past what {type_name}'s float16 scales hold); nothing was written: "
+                         "pass --quant F32 (or check the base, the adapter and --imatrix)")
+
+
 @dataclass
 class _Squares:
     """Sums of squares over one tensor's row blocks."""
@@ -209,6 +225,8 @@ def _quantized(M: torch.Tensor, W: torch.Tensor, type_name: str, info: TensorInf
     data = quantize(M, type_name, importance)
     back = dequantize(data, type(info)(info.name, type_name, tuple(M.shape), len(data),
                                        info.file))
+    if not bool(torch.isfinite(back).all()):  # a float16 scale overflowed: llama.cpp refuses it
+        raise _overflow(info.name, type_name, M, importance)
     sq.error += sum_squares(back.float().sub_(M))
     sq.change += sum_squares(M - W)
     sq.result += sum_squares(M)

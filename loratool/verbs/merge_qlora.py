@@ -24,16 +24,18 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
 import torch
 
 from ..errors import FormatError, LoraToolError, UsageError
 from ..headers.checkpoint import Checkpoint
+from ..headers.checks import REGEX_SECONDS, parse_json
+from ..headers.paths import check_regular
 from ..numerics.nf4 import FourBit
 from ..reports.merge import QloraBase, QuantizedTensor
 from .export_check import load_config
@@ -97,8 +99,15 @@ def _dtype(value: object, what: str) -> str | None:
     return name
 
 
-def _truth(value: object) -> bool:
-    return value is True or str(value).strip().lower() == "true"
+def _truth(value: object, key: str = "load_in_4bit", where: str = "") -> bool:
+    """A flag as BitsAndBytesConfig holds it (true/false), or as a model card writes it
+    ("True"); anything else is refused rather than read as false."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise FormatError(f"{where}: {key} must be true or false, not {value!r}")
+    return text == "true"
 
 
 def from_config(qc: dict[str, object], where: str, dtype: object = None
@@ -107,19 +116,20 @@ def from_config(qc: dict[str, object], where: str, dtype: object = None
     transformers' defaults where a key is missing (fp4, no double quantization, float32
     compute)."""
     method = qc.get("quant_method", "bitsandbytes")
-    if method != "bitsandbytes" or not _truth(qc.get("load_in_4bit")):
+    if method != "bitsandbytes" or not _truth(qc.get("load_in_4bit"), "load_in_4bit", where):
         raise FormatError(f"{where}: the quantization_config is not bitsandbytes 4-bit "
                           f"(quant_method {method}, load_in_4bit {qc.get('load_in_4bit')}); "
                           "--qlora reproduces 4-bit training only")
     skip = qc.get("llm_int8_skip_modules")
     if skip in (None, "None"):
         skip = None
-    elif not isinstance(skip, list):
-        raise FormatError(f"{where}: llm_int8_skip_modules is not a list")
+    elif not isinstance(skip, list) or not all(isinstance(k, str) and k for k in skip):
+        raise FormatError(f"{where}: llm_int8_skip_modules is not a list of module names")
     compute = _dtype(qc.get("bnb_4bit_compute_dtype", "float32"), where)
-    fmt = FourBit(str(qc.get("bnb_4bit_quant_type", "fp4")), 64,
-                  _truth(qc.get("bnb_4bit_use_double_quant", False)),
-                  _dtype(dtype, where), compute)
+    double = _truth(qc.get("bnb_4bit_use_double_quant", False), "bnb_4bit_use_double_quant",
+                    where)
+    fmt = FourBit(str(qc.get("bnb_4bit_quant_type", "fp4")), 64, double, _dtype(dtype, where),
+                  compute)
     return fmt, skip
 
 
@@ -148,10 +158,11 @@ def stated(config_file: str | os.PathLike[str] | None, specs: list[str]
     (config.json, then README.md); the file they came from."""
     if config_file is not None:
         path = Path(config_file)
+        check_regular(path)  # a FIFO or /dev/zero would never end
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise LoraToolError(f"--qlora-config {path}: cannot read it as JSON ({e})") from e
+            data = parse_json(path.read_bytes(), f"--qlora-config {path}")
+        except OSError as e:
+            raise LoraToolError(f"--qlora-config {path}: cannot read it ({e})") from e
         if not isinstance(data, dict):
             raise FormatError(f"--qlora-config {path}: not a JSON object")
         qc = data.get("quantization_config", data)
@@ -164,7 +175,7 @@ def stated(config_file: str | os.PathLike[str] | None, specs: list[str]
         folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
         cfg = folder / "config.json"
         if cfg.is_file():
-            data = json.loads(cfg.read_text(encoding="utf-8"))
+            data = parse_json(cfg.read_bytes(), cfg)
             if isinstance(data, dict) and isinstance(data.get("quantization_config"), dict):
                 found.append((*from_config(data["quantization_config"], str(cfg),
                                            data.get("dtype", data.get("torch_dtype"))),
@@ -202,9 +213,22 @@ def _kept(model: torch.nn.Module, skip: list[str] | None) -> list[str]:
 
 def _converts(name: str, kept: list[str]) -> bool:
     """transformers 5's ``should_convert_module``: a kept pattern matches from the start up
-    to a module boundary, as a regex, or as a suffix."""
+    to a module boundary, as a regex, or as a suffix. The patterns come from a config file:
+    an invalid one, or one that backtracks for ever, is refused."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return not any(re.match(rf"(?:{k}){boundary}", name) or name.endswith(k) for k in kept)
+    for k in kept:
+        try:
+            if regex.match(rf"(?:{k}){boundary}", name, timeout=REGEX_SECONDS) \
+                    or name.endswith(k):
+                return False
+        except regex.error as e:
+            raise FormatError(f"llm_int8_skip_modules: {k!r} is not a valid regular "
+                              f"expression ({e}); fix the quantization config") from e
+        except TimeoutError:
+            raise FormatError(f"llm_int8_skip_modules: {k!r} takes too long to match module "
+                              f"names like {name!r}; write it without nested repetition"
+                              ) from None
+    return True
 
 
 def quantized_tensors(base: Checkpoint, spec: str, fmt: FourBit, skip: list[str] | None
