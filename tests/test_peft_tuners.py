@@ -249,6 +249,30 @@ def test_a_weight_on_a_multiplicative_tuner_is_refused(made, tmp_path: Path) -> 
                        tmp_path / "o")
 
 
+def test_an_ia3_scale_with_zeros_merges_and_says_what_cannot_be_undone(made, tmp_path: Path
+                                                                       ) -> None:
+    """PEFT merges an IA³ vector with zeros (those weights become 0); so does loratool, equal
+    to PEFT, naming the tensors no unmerge can undo; unmerge then refuses them in one line."""
+    import peft
+
+    base = base_model("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), tuner_config("ia3", "llama"))
+    randomise(pm, 7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.view(-1)[:2] = 0.0
+    pm.save_pretrained(tmp_path / "ad")
+    want = pm.merge_and_unload().state_dict()
+    report = loratool.merge(made["ia3", "llama"]["base"], [tmp_path / "ad"], tmp_path / "m")
+    for name, t in _merged_file(tmp_path / "m").items():
+        assert torch.equal(t, want[name]), name
+    assert report.exact is not None and len(report.exact.not_applied) == report.tensors_changed
+    assert "cannot be unmerged" in report.render()
+    with pytest.raises(FormatError, match="has zeros; a merge with them cannot be undone"):
+        loratool.unmerge(tmp_path / "m", [tmp_path / "ad"], tmp_path / "back")
+
+
 def test_export_merges_a_rotation(made, tmp_path: Path) -> None:
     """export goes through the same merge: OFT on the tiny Llama, the ONNX graph's logits
     against PEFT's own merged model's."""

@@ -259,8 +259,9 @@ def byte_size(shape: tuple[int, ...], type_name: str) -> int:
     not a whole number of blocks is an error naming the type's block size."""
     _, block, size = GGML_TYPES[type_id(type_name)]
     if shape and shape[-1] % block:
+        fits = [t for t in QUANTIZE if shape[-1] % GGML_TYPES[type_id(t)][1] == 0]
         raise FormatError(f"{type_name} stores rows in blocks of {block} values, and a row "
-                          f"here has {shape[-1]}: choose another --quant (F16, BF16, F32)")
+                          f"here has {shape[-1]}: choose another --quant ({', '.join(fits)})")
     return math.prod(shape) // block * size
 
 

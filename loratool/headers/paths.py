@@ -64,8 +64,7 @@ def check_regular(path: Path) -> None:
         raise InputError(f"{path}: is a folder where a file was expected")
     kind = special_kind(mode)
     if kind is not None:
-        raise InputError(f"{path}: is {kind}, not a regular file; remove it or point at the "
-                         "weights file")
+        raise InputError(f"{path}: is {kind}, not a regular file; name the file itself")
 
 
 def containment_root(folder: Path) -> Path:

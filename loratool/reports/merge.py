@@ -54,7 +54,9 @@ class ExactFixes:
     values: int  # merge: recorded; unmerge: put back
     changed_values: int  # values of the tensors the adapters change
     bytes: int  # merge: their size in the record
-    not_applied: list[str]  # unmerge: tensors whose recomputation differs from the merge's
+    # merge: tensors no unmerge can undo (IA³ or BOFT scales with zeros); unmerge: tensors
+    # whose recomputation differs from the merge's
+    not_applied: list[str]
 
 
 @dataclass
@@ -165,6 +167,10 @@ class MergeReport(Report):
             lines.append(f"  recorded {x.values:,} values ({share:.2%} of the changed tensors'"
                          f", {human_bytes(x.bytes)}) that (W + ΔW) − ΔW does not give back, so "
                          "that unmerge is exact")
+            if x.not_applied:
+                lines.append(f"  note: {len(x.not_applied)} tensor(s) cannot be unmerged (a "
+                             "scale with zeros multiplied those weights to 0): "
+                             f"{listing(x.not_applied, 3)}")
         elif x:
             lines.append(f"  put back {x.values:,} values from the merge's record: the base "
                          "bit for bit" + (f"; not in {len(x.not_applied)} tensor(s) whose "

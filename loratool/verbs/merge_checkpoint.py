@@ -288,12 +288,17 @@ def _edited(job: _Job, w: CheckpointWriter, name: str, t: torch.Tensor, odt: tor
         res = new.to(odt).cpu()
         del new
         if fixes is not None:  # unmerge's own computation on what was written
-            back = kernel.merged(res.to(job.dev, torch.float32, copy=True), e, -1.0, job.dev,
-                                 name=name)  # a copy: merged() works in place
-            got = back.to(odt).cpu().reshape(-1)
-            lost = (got != t.reshape(-1)).nonzero().reshape(-1)
-            if lost.numel():
-                fixes.append((lost, got[lost]))
+            try:
+                back = kernel.merged(res.to(job.dev, torch.float32, copy=True), e, -1.0,
+                                     job.dev, name=name)  # a copy: merged() works in place
+            except FormatError:  # a multiplicative module with zeros: nothing undoes it
+                job.fixes.not_applied.append(name)
+                fixes = None
+            else:
+                got = back.to(odt).cpu().reshape(-1)
+                lost = (got != t.reshape(-1)).nonzero().reshape(-1)
+                if lost.numel():
+                    fixes.append((lost, got[lost]))
     if job.record:
         for k, v in norms.items():
             w.add_side(RECORD, "dora_norm." + k, v)
