@@ -202,6 +202,8 @@ def test_inspect_tells_type_rank_or_block_and_parameters(made, kind: str) -> Non
         want_type, rank, block, params)
     text = cli("inspect", c["adapter"]).out
     assert "params" in text and ("block" in text) == (block is not None)
+    # a scaling or a rotation has no rank: none is shown for it
+    assert ("ranks:" in text) == (kind not in ("ia3", "oft", "boft")), text
 
 
 @pytest.mark.parametrize("kind", TUNERS)

@@ -259,17 +259,22 @@ def _adapter_lines(r: InspectReport, expand: bool) -> list[str]:
     return lines + (_module_lines(mods, expand) if mods else [])
 
 
+# PEFT tuners that scale or rotate the weight: they have no rank (OFT and BOFT a block size)
+RANKLESS = ("ia3", "oft", "boft")
+RANKLESS_KINDS = tuple(KIND[t] for t in RANKLESS)
+
+
 def _module_lines(mods: list[ModuleEntry], expand: bool) -> list[str]:
     """One row per kind of module, its layers folded (``layers.*.q_proj``) in the order they
     come; ranks, alphas and scales that differ between layers shown as ranges (``expand``:
     one row per module)."""
     lyco = any((m.type or "lora") != "lora" for m in mods)
-    ranks = Counter(m.rank for m in mods)
+    ranks = Counter(m.rank for m in mods if m.type not in RANKLESS)
     kinds = Counter(KIND[m.type or "lora"] for m in mods)
     each = (", ".join(f"{k} ×{c}" for k, c in sorted(ranks.items())) if len(ranks) <= 6
             else f"{min(ranks)}–{max(ranks)} ({len(ranks)} different)")
     lines = [f"  {len(mods)} {'LoRA ' if not lyco else ''}modules"
-             + (f" ({counts(kinds)})" if lyco else "") + f"; ranks: {each}"]
+             + (f" ({counts(kinds)})" if lyco else "") + (f"; ranks: {each}" if ranks else "")]
     blocks = any(m.block_size for m in mods)  # OFT, BOFT: a block size, not a rank
     params = any(m.params is not None for m in mods)
     rows = [["module", "count"] + (["type"] if lyco else []) +
@@ -287,7 +292,8 @@ def _module_lines(mods: list[ModuleEntry], expand: bool) -> list[str]:
         counted = sorted({m.params for m in ms if m.params is not None})
         rows.append([str(name) if len(ms) > 1 else ms[0].name,
                      f"×{len(ms)}" if len(ms) > 1 else ""] + ([str(kind)] if lyco else []) +
-                    [ranks_text(sorted({m.rank for m in ms})),
+                    [ranks_text(sorted({m.rank for m in ms})) if kind not in RANKLESS_KINDS
+                     else "-",
                      span(alphas, "g") if alphas else "-",
                      span(sorted({m.scale for m in ms}), ".4g"), str(layout),
                      f"{n_in or '?'}→{n_out or '?'}"] +

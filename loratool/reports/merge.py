@@ -165,8 +165,9 @@ class MergeReport(Report):
         if x and self.operation == "merge":
             share = x.values / x.changed_values if x.changed_values else 0.0
             lines.append(f"  recorded {x.values:,} values ({share:.2%} of the changed tensors'"
-                         f", {human_bytes(x.bytes)}) that (W + ΔW) − ΔW does not give back, so "
-                         "that unmerge is exact")
+                         f", {human_bytes(x.bytes)}) that unmerge's own arithmetic does not "
+                         "give back ((W + ΔW) − ΔW, or a scaling or rotation undone), so that "
+                         "unmerge is exact")
             if x.not_applied:
                 lines.append(f"  note: {len(x.not_applied)} tensor(s) cannot be unmerged (a "
                              "scale with zeros multiplied those weights to 0): "
