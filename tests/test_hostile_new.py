@@ -262,3 +262,19 @@ def test_convert_of_a_huge_finite_change_is_one_line(tuners, tmp_path):
                   "-o", tmp_path / "c")
     _refused(res, "cannot be factored")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_folder_or_missing_file_as_imatrix_or_qlora_config_is_one_line(tmp_path):
+    """A folder, a missing file or a FIFO given where --imatrix or --qlora-config wants a
+    file: one line, exit 1 (not click's usage error), before anything is loaded."""
+    import os
+
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for flag, extra in (("--imatrix", []), ("--qlora-config", ["--qlora", "auto"])):
+        for given, says in (("folder", "is a folder"), ("missing", "missing"),
+                            ("fifo", "named pipe")):
+            res = run_cli("merge", "base", "adapter", "-o", tmp_path / "out", flag,
+                          tmp_path / given, *extra)
+            assert res.rc == 1 and says in res.err and res.err.count("\n") <= 1, (flag, res)
+            assert not (tmp_path / "out").exists()

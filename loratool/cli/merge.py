@@ -53,7 +53,8 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
     else:
         starting(ctx, f"taking {adapters_text(adapters)} out of {base} → {out}")
     prechecks.merge(base, list(adapters), out, force=force, quant=quant, unmerge=sign < 0,
-                    imatrix=imatrix, qlora=qlora is not None or qlora_config is not None)
+                    imatrix=imatrix, qlora=qlora is not None or qlora_config is not None,
+                    qlora_config=qlora_config)
     from ..verbs import merge as verb
 
     common = dict(weights=list(weights), device=device, dtype=dtype,
@@ -80,12 +81,12 @@ def _run_merge(ctx: click.Context, sign: float, base: str, adapters: tuple[str, 
 @click.option("--no-exact-record", is_flag=True,
               help="Leave out of that record the values (W + ΔW) − ΔW does not give back "
                    "(about 1 %% of the changed ones); unmerge is then exact up to rounding.")
-@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+@click.option("--imatrix", type=click.Path(path_type=Path), metavar="FILE",
               help="GGUF bases: a llama.cpp importance matrix (llama-imatrix's .gguf or .dat); "
                    "changed K-quant tensors are quantized with it as llama-quantize --imatrix "
                    "does.")
 @click.option("--qlora", type=click.Choice(QLORA_TYPES), help=QLORA_HELP)
-@click.option("--qlora-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--qlora-config", type=click.Path(path_type=Path),
               metavar="FILE",
               help="A JSON file with the training's quantization_config (a bnb-4bit model's "
                    "config.json, a BitsAndBytesConfig): --qlora's settings.")

@@ -101,7 +101,8 @@ def qlora_gguf() -> UsageError:
 # --------------------------------------------------------------------------- per command
 
 def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str | None,
-          unmerge: bool = False, imatrix: Path | None = None, qlora: bool = False) -> None:
+          unmerge: bool = False, imatrix: Path | None = None, qlora: bool = False,
+          qlora_config: Path | None = None) -> None:
     """merge/unmerge: --quant and --imatrix only for a GGUF base (the importance matrix a
     regular file), --qlora only for a model folder's merge, the output free, and the full
     tensors that a pipeline merge cannot take."""
@@ -118,8 +119,10 @@ def merge(base: str, adapters: list[str], out: Path, *, force: bool, quant: str 
     if imatrix is not None:
         if not gguf and Path(base).exists():
             raise quant_not_gguf(pipeline, imatrix=True)
-        check_exists(imatrix)
-        check_regular(imatrix)
+    for given in (imatrix, qlora_config):  # a file, not a folder, a FIFO or a device
+        if given is not None:
+            check_exists(given)
+            check_regular(given)
     output(out, [base, *adapters], force)
     if pipeline:  # (a GGUF merge takes full tensors that are the base's own: it reads them)
         for spec in adapters:
