@@ -152,15 +152,22 @@ _SPENT: dict[str, float] = {}  # seconds each pattern has taken so far in this p
 
 def pattern_match(pattern: str, name: str, where: object) -> bool:
     """PEFT's rule for rank_pattern/alpha_pattern keys, ``(.*\\.)?(key)$`` matched against a
-    module name, on an engine with a time limit: a pathological pattern such as ``(a|a)+$``
-    is refused instead of taking exponential time, per name and over all names."""
+    module name (see :func:`limited_match`)."""
+    return limited_match(rf"(.*\.)?({pattern})$", pattern, name, f"{where}: pattern")
+
+
+def limited_match(expression: str, pattern: str, name: str, what: str) -> bool:
+    """``expression`` (built around a user's ``pattern``) matched from the start of ``name``,
+    on an engine with a time limit: a pathological pattern such as ``(a|a)+$`` is refused
+    instead of taking exponential time, per name and over all names; an invalid one in one
+    line. ``what`` starts those lines (where the pattern came from)."""
 
     spent = _SPENT.get(pattern, 0.0)
     start = time.perf_counter()
     try:
-        hit = regex.match(rf"(.*\.)?({pattern})$", name, timeout=REGEX_SECONDS) is not None
+        hit = regex.match(expression, name, timeout=REGEX_SECONDS) is not None
     except regex.error as e:
-        raise FormatError(f"{where}: pattern {pattern!r} is not a valid regular expression "
+        raise FormatError(f"{what} {pattern!r} is not a valid regular expression "
                           f"({e})") from e
     except TimeoutError:
         spent = math.inf
@@ -168,7 +175,7 @@ def pattern_match(pattern: str, name: str, where: object) -> bool:
     spent += time.perf_counter() - start
     _SPENT[pattern] = spent
     if spent > 4 * REGEX_SECONDS:
-        raise FormatError(f"{where}: pattern {pattern!r} takes too long to match module names "
+        raise FormatError(f"{what} {pattern!r} takes too long to match module names "
                           f"like {name!r} (catastrophic backtracking); write it without nested "
                           "repetition")
     return hit

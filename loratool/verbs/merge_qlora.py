@@ -29,12 +29,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import regex
 import torch
 
 from ..errors import FormatError, LoraToolError, UsageError
 from ..headers.checkpoint import Checkpoint
-from ..headers.checks import REGEX_SECONDS, parse_json
+from ..headers.checks import limited_match, parse_json
 from ..headers.paths import check_regular
 from ..numerics.nf4 import FourBit
 from ..reports.merge import QloraBase, QuantizedTensor
@@ -217,17 +216,9 @@ def _converts(name: str, kept: list[str]) -> bool:
     an invalid one, or one that backtracks for ever, is refused."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     for k in kept:
-        try:
-            if regex.match(rf"(?:{k}){boundary}", name, timeout=REGEX_SECONDS) \
-                    or name.endswith(k):
-                return False
-        except regex.error as e:
-            raise FormatError(f"llm_int8_skip_modules: {k!r} is not a valid regular "
-                              f"expression ({e}); fix the quantization config") from e
-        except TimeoutError:
-            raise FormatError(f"llm_int8_skip_modules: {k!r} takes too long to match module "
-                              f"names like {name!r}; write it without nested repetition"
-                              ) from None
+        if limited_match(rf"(?:{k}){boundary}", k, name, "llm_int8_skip_modules:") \
+                or name.endswith(k):
+            return False
     return True
 
 
