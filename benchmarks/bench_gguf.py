@@ -6,6 +6,8 @@ layers, vocab 32000) as a llama.cpp GGUF file in Q8_0 (norms F32), written with 
 package; the adapter: rank 16 on every attention and MLP matrix, as a GGUF LoRA adapter.
 Commands, each a fresh process, alternating:
   * ``cp MODEL OUT``                                        the I/O floor
+  * ``python -c "import torch, loratool.verbs.merge_gguf"``  start-up: time and memory
+                                                            before anything is read
   * ``loratool merge MODEL ADAPTER -o OUT.gguf``            re-quantized to Q8_0
   * ``loratool merge MODEL ADAPTER -o OUT.gguf --quant F16`` changed tensors as F16
   * ``llama-export-lora -m MODEL --lora ADAPTER -o OUT``    (with --export-lora PATH; it
@@ -127,6 +129,10 @@ def main() -> None:
     out = args.work / "out.gguf"
     py = sys.executable
     cmds = {"cp (I/O floor)": ["cp", str(model), str(out)],
+            # what Python, torch and the merge's modules hold before a merge reads anything:
+            # the floor of any loratool run's time and memory
+            "python -c 'import torch, loratool…' (start-up)": [
+                py, "-c", "import torch, loratool.verbs.merge_gguf"],
             f"loratool merge ({args.base_type} kept)": [py, "-m", "loratool", "merge",
                                                        str(model), str(adapter), "-o",
                                                        str(out), "--device", "cpu"],
@@ -143,7 +149,7 @@ def main() -> None:
         for name, cmd in cmds.items():
             out.unlink(missing_ok=True)
             res[name].append(run(cmd))
-            sizes[name] = out.stat().st_size
+            sizes[name] = out.stat().st_size if out.exists() else 0
     ref = statistics.median(w for w, _ in res["cp (I/O floor)"])
     print(f"model {model.stat().st_size / 2**20:.0f} MiB ({args.base_type}), adapter "
           f"{adapter.stat().st_size / 2**20:.0f} MiB; {args.repeat} run(s) each, alternating\n")
@@ -152,8 +158,8 @@ def main() -> None:
     for name in cmds:
         wall = statistics.median(w for w, _ in res[name])
         rss = max(m for _, m in res[name])
-        print(f"| {name} | {wall:.2f} | {wall / ref:.1f}× | {rss:.0f} | "
-              f"{sizes[name] / 2**20:.0f} |", flush=True)
+        size = f"{sizes[name] / 2**20:.0f}" if sizes[name] else "–"
+        print(f"| {name} | {wall:.2f} | {wall / ref:.1f}× | {rss:.0f} | {size} |", flush=True)
     out.unlink(missing_ok=True)
     shutil.rmtree(args.work / "tmp", ignore_errors=True)
 
