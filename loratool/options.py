@@ -66,7 +66,8 @@ class Options:
     ``fsync``: flush an output to disk before it is renamed into place (``--no-fsync``, for
     scratch work, at the price of a power cut's safety). ``direct_io``: write merged weights
     past the page cache (O_DIRECT) where the file system allows. ``threads``: torch's threads
-    while a merge streams (None: half the cores, at most 4; ``OMP_NUM_THREADS`` wins). The
+    while a merge streams and a GGUF merge's K-quant workers (None: half the cores, at most 4,
+    and K-quant workers for the cores those leave idle; ``OMP_NUM_THREADS`` wins). The
     defaults follow ``LORATOOL_NO_FSYNC=1`` and ``LORATOOL_NO_DIRECT_IO=1`` when set.
 
     Example: ``loratool.merge("base/", ["a/"], "out/", options=Options(fsync=False))``.

@@ -451,3 +451,25 @@ def test_merge_uses_fewer_threads_than_cores_and_restores_them(tmp_path, monkeyp
                    tmp_path / "m").rc == 0
     assert seen == [int(omp) if omp else max(1, min(4, cores // 2))]
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("cores, threads, omp, want", [
+    (2, None, None, 2),    # one streaming thread leaves a core idle: a worker for it
+    (4, None, None, 2),    # two streaming threads, two workers: every core busy
+    (16, None, None, 4),   # at most 4 streaming threads: never fewer workers than those
+    (2, 3, None, 3),       # --threads / Options.threads wins
+    (2, None, "1", 1),     # and so does OMP_NUM_THREADS
+])
+def test_k_quant_workers_fill_the_cores_the_streaming_threads_leave(monkeypatch, cores,
+                                                                    threads, omp, want):
+    """K-quant workers never wait for each other, so where torch's streaming threads leave
+    cores idle, more workers use them; a thread count the user gives is taken as it is."""
+    from loratool import Options
+    from loratool.numerics import device
+
+    monkeypatch.setattr(device, "_cores", lambda: cores)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert device.quant_workers_count(Options(threads=threads)) == want

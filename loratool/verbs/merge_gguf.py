@@ -36,7 +36,7 @@ from ..io.imatrix import read_imatrix
 from ..io.staging import Stage, check_output, output_os_error
 from ..io.tensors import Buffers
 from ..model.adapter import LoraAdapter
-from ..numerics.device import streaming_threads_count
+from ..numerics.device import quant_workers_count
 from ..numerics.quant import quantize
 from ..reports.merge import GgufChange, GgufMergeReport, GgufVerify
 from . import prechecks
@@ -160,10 +160,8 @@ def _write(base: Checkpoint, edits: dict[str, Edit], types: dict[str, str],
     h = base.gguf
     assert h is not None
     bufs = Buffers()  # the products' buffers, reused from tensor to tensor
-    # K-quant blocks quantized side by side by as many threads as torch may use while a merge
-    # streams (half the cores: beside a busy process two threads on two cores were slower
-    # than one)
-    workers = streaming_threads_count(s.options)
+    # K-quant blocks quantized side by side (numerics.device.quant_workers_count says how many)
+    workers = quant_workers_count(s.options)
     rows, total = _layout(base, types)
     stats: list[GgufChange] = []
     written: dict[str, bytes] = {}  # digests of what was meant to be written (--verify)
