@@ -81,10 +81,11 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     rows_p = prods.unbind(0)
 
     def levels(iscale: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # |iscale·(x − min)| ≤ 2·(nmax + 1) here, where ggml's nearest_int is round half to
-        # even, as adding and taking away 1.5·2²³ in float32 is
+        # |iscale·(x − min)| ≤ 2·(nmax + 1) here, where ggml's nearest_int (adding and taking
+        # away 1.5·2²³ in float32) is round half to even, as torch.round is, in one pass; the
+        # −0.0 torch.round may give where nearest_int gives 0 adds and multiplies as 0 does
         torch.sub(x, m, out=out).mul_(iscale)
-        return out.add_(12582912.0).sub_(12582912.0).clamp_(0, nmax)
+        return out.round_().clamp_(0, nmax)
 
     def total(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
         s = torch.zeros_like(rows[0])
@@ -145,8 +146,8 @@ def make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # |iscale·x| ≤ nmax + 1 (x's largest magnitude sets iscale), where nearest_int is
-        # round half to even, as adding and taking away 1.5·2²³ is
-        torch.mul(x, iscale, out=lv).add_(12582912.0).sub_(12582912.0).clamp_(-nmax, nmax - 1)
+        # round half to even, as torch.round is (see make_qkx2's levels)
+        torch.mul(x, iscale, out=lv).round_().clamp_(-nmax, nmax - 1)
         torch.mul(wx, lv, out=prods[:, 0])
         torch.mul(w, lv, out=prods[:, 1]).mul_(lv)
         s = torch.zeros_like(rows[0])
@@ -167,7 +168,7 @@ def make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
         win = torch.where(better, isc, win)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
-    torch.mul(x, win, out=lv).add_(12582912.0).sub_(12582912.0).clamp_(-nmax, nmax - 1)
+    torch.mul(x, win, out=lv).round_().clamp_(-nmax, nmax - 1)
     L = lv + nmax  # the winning step's levels, computed again as they were
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, 0.0, L)
 
