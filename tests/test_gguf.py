@@ -585,6 +585,18 @@ def test_q8_0_in_torch_is_the_gguf_packages():
         back = dequantize(ours, TensorInfo("t", "Q8_0", (64, 256), len(ours), Path("t")))
         assert np.array_equal(back.numpy(), gguf.quants.dequantize(
             np.frombuffer(ref, np.uint8).reshape(64, -1), q8)), scale
+    # every float32 within 4 ulps of each tie k + 0.5 (and of 0.5 from below, where adding
+    # a half would round up), ±, in blocks led by 127 so that each value is its own n
+    k = np.arange(128, dtype=np.float32) + np.float32(0.5)
+    ulps = np.arange(-4, 5, dtype=np.int32)
+    near = (k.view(np.int32)[:, None] + ulps[None, :]).view(np.float32).ravel()
+    under = (np.float32(0.5).view(np.int32) - np.arange(1, 40, dtype=np.int32)).view(np.float32)
+    vals = np.concatenate([near, under, -near, -under])
+    vals = vals[np.abs(vals) < 127]
+    vals = np.concatenate([vals, np.zeros(-len(vals) % (31 * 8), np.float32)]).reshape(-1, 31)
+    x = np.concatenate([np.full((len(vals), 1), 127, np.float32), vals], 1).reshape(-1, 256)
+    ref = gguf.quants.quantize(x, q8).tobytes()
+    assert quantize(torch.from_numpy(x), "Q8_0") == ref
 
 
 @pytest.mark.parametrize("model_file", ["model-q8_0.gguf", "model-f32.gguf"])
