@@ -38,8 +38,10 @@ def dequantize(raw: bytes | bytearray | memoryview, info: TensorInfo) -> torch.T
             info.shape)
     if info.dtype == "Q8_0":  # the gguf package's formula, in torch (tested bit for bit)
         blocks = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, 34)
-        d = blocks[:, :2].contiguous().view(torch.float16).float()
-        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(info.shape)
+        # views of the block's bytes as its float16 scale and int8 values (no copies: a
+        # block's 34 bytes keep the scale 2-byte aligned), converted once
+        d = blocks[:, :2].view(torch.float16).float()
+        return (blocks[:, 2:].view(torch.int8).float().mul_(d)).reshape(info.shape)
     qt = quant_type(info.dtype)
     data = np.frombuffer(raw, dtype=np.uint8).reshape(
         gguf.quant_shape_to_byte_shape(info.shape, qt))
