@@ -296,29 +296,31 @@ def _one_layer_llama(d: Path, hidden: int, intermediate: int, targets: list[str]
     return model
 
 
-def _k_quant_model(d: Path) -> tuple[Any, Path, Path]:
+def _k_quant_model(d: Path, kinds: dict[str, str] | None = None, default: str = "Q4_K",
+                   file_type: int = 15) -> tuple[Any, Path, Path]:
     """A one-layer Llama as llama.cpp's converter writes it, then its matrices quantized as a
-    Q4_K_M model's are (Q4_K, Q6_K attn_v and ffn_down, here one Q5_K too), and a PEFT
-    adapter on every projection."""
+    Q4_K_M model's are (Q4_K, Q6_K attn_v and ffn_down, here one Q5_K too; or ``kinds`` by
+    name and ``default`` for the rest), and a PEFT adapter on every projection."""
     import gguf
 
-    from loratool.numerics.kquants import quantize_k
+    from loratool.numerics.quant import quantize
 
     model = _one_layer_llama(d, 256, 512, K_TARGETS, r=4)
     llama_cpp("convert_hf_to_gguf.py", d / "base", "--outfile", d / "f32.gguf",
               "--outtype", "f32")
-    kinds = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_up": "Q5_K"}
+    if kinds is None:
+        kinds = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_up": "Q5_K"}
 
     def k_quant(name: str, arr: np.ndarray) -> tuple[np.ndarray, Any]:
         if arr.ndim != 2 or name in ("token_embd.weight", "output.weight"):
             return arr, None
-        t = next((t for k, t in kinds.items() if k in name), "Q4_K")
+        t = next((t for k, t in kinds.items() if k in name), default)
         qt = gguf.GGMLQuantizationType[t]
-        raw = np.frombuffer(quantize_k(torch.from_numpy(arr), t), dtype=np.uint8)
+        raw = np.frombuffer(quantize(torch.from_numpy(arr), t), dtype=np.uint8)
         return raw.reshape(gguf.quant_shape_to_byte_shape(arr.shape, qt)), qt
 
     _rewrite(d / "f32.gguf", d / "k.gguf", k_quant,
-             {"general.file_type": 15})  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+             {"general.file_type": file_type})  # 15: LLAMA_FTYPE_MOSTLY_Q4_K_M
     return model, d / "k.gguf", d / "adapter"
 
 
@@ -371,6 +373,37 @@ def test_a_k_quant_model_is_merged_in_its_own_types(tmp_path):
     assert "MOSTLY_Q8_0" in _ok("inspect", tmp_path / "q8.gguf")
     q8 = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors}
     assert q8["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+@needs_llama_cpp
+def test_an_iq4_model_is_merged_in_its_own_types(tmp_path):
+    """IQ4_XS and IQ4_NL tensors (an IQ4_XS model with IQ4_NL where llama.cpp puts it for rows
+    that are not whole super-blocks, here attn_v) stay in their types: each changed one is
+    ggml's quantize_iq4_* of deq(W) + ΔW (test_kquants.py holds ggml's bytes), with and
+    without an importance matrix, and the file is the base's size."""
+    import gguf
+    from test_kquants import write_imatrix_gguf
+
+    from loratool.numerics.quant import quantize
+
+    model, src, adapter = _k_quant_model(tmp_path, {"attn_v": "IQ4_NL"}, "IQ4_XS",
+                                         file_type=30)  # LLAMA_FTYPE_MOSTLY_IQ4_XS
+    sums = np.random.default_rng(5).uniform(0, 40, (1, 256)).astype(np.float32)
+    write_imatrix_gguf(tmp_path / "im.gguf", {"blk.0.attn_q.weight": (sums, np.array([37.0])),
+                                              "blk.0.attn_v.weight": (sums, np.array([37.0]))})
+    exact = _merged_exactly(model, adapter, src)
+    assert {qt.name for _, qt in exact.values()} == {"IQ4_XS", "IQ4_NL"}
+    for name, extra in [("m.gguf", []), ("weighted.gguf", ["--imatrix", tmp_path / "im.gguf"])]:
+        out = _ok("merge", src, adapter, "-o", tmp_path / name, "--verify", *extra)
+        assert "7 of 12 tensors changed and re-quantized" in out, out
+        assert (tmp_path / name).stat().st_size == src.stat().st_size
+        got = {t.name: t for t in gguf.GGUFReader(str(tmp_path / name)).tensors}
+        for g, (merged, qt) in exact.items():
+            im = torch.from_numpy(sums.reshape(-1) / np.float32(37)) if extra and g in (
+                "blk.0.attn_q.weight", "blk.0.attn_v.weight") else None
+            assert got[g].tensor_type == qt, g
+            assert np.array(got[g].data).tobytes() == quantize(merged, qt.name, im), g
+    assert (tmp_path / "m.gguf").read_bytes() != (tmp_path / "weighted.gguf").read_bytes()
 
 
 @needs_llama_cpp

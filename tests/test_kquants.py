@@ -1,7 +1,7 @@
-"""K-quants (Q2_K … Q6_K) against ggml itself: tests/ggml/kquants.npz holds fixed inputs, the
-bytes ggml's quantize_q*_K writes for them and the values its dequantize_row_q*_K reads back
-(made by tests/ggml/make_fixtures.py from llama.cpp's ggml-quants.c, as vendored by
-llama-cpp-python 0.3.36; how to remake them is written there)."""
+"""K-quants (Q2_K … Q6_K), IQ4_NL and IQ4_XS against ggml itself: tests/ggml/kquants.npz holds
+fixed inputs, the bytes ggml's quantize_q*_K / quantize_iq4_* write for them and the values its
+dequantize_row_* reads back (made by tests/ggml/make_fixtures.py from llama.cpp's
+ggml-quants.c, as vendored by llama-cpp-python 0.3.36; how to remake them is written there)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import torch
 from loratool.errors import FormatError
 from loratool.headers.gguf import byte_size
 from loratool.headers.safetensors import TensorInfo
-from loratool.numerics.kquants import BLOCK_BYTES, QK_K, nearest_int
+from loratool.numerics.iquants import QUANTIZERS as IQ_TYPES
+from loratool.numerics.kquants import BLOCK_BYTES, nearest_int
 from loratool.numerics.quant import dequantize, quantize
 
 FIXTURES = np.load(Path(__file__).parent / "ggml" / "kquants.npz")
-TYPES = list(BLOCK_BYTES)
+TYPES = [*BLOCK_BYTES, *IQ_TYPES]
+BLOCK = {t: 32 if t == "IQ4_NL" else 256 for t in TYPES}  # values per block
 
 
 def _rows(data: bytes, type_name: str, n: int) -> np.ndarray:
@@ -33,7 +35,7 @@ def test_quantize_gives_ggmls_bytes(type_name):
     x = torch.from_numpy(FIXTURES["input"])
     want = FIXTURES[type_name].reshape(x.shape[0], -1)
     got = _rows(quantize(x, type_name), type_name, x.shape[0])
-    assert got.shape[1] == x.shape[1] // QK_K * BLOCK_BYTES[type_name]
+    assert got.size == byte_size(tuple(x.shape), type_name)
     differ = [i for i in range(x.shape[0]) if not np.array_equal(got[i], want[i])]
     assert differ == []
 
@@ -52,13 +54,14 @@ def test_dequantize_gives_ggmls_values(type_name):
 @pytest.mark.parametrize("type_name", TYPES)
 def test_any_shape_of_whole_super_blocks(type_name):
     """A 3-D tensor (experts) quantizes row by row as its 2-D view does; the byte count is the
-    header's; a row of partial super-blocks is refused with the block size named."""
+    header's; a row of partial blocks is refused with the block size named."""
     x = torch.from_numpy(FIXTURES["input"][:6]).reshape(2, 3, 512)
     data = quantize(x, type_name)
     assert data == quantize(x.reshape(6, 512), type_name)
     assert len(data) == byte_size((2, 3, 512), type_name)
-    with pytest.raises(FormatError, match="blocks of 256"):
-        quantize(torch.zeros(2, 320), type_name)
+    block = BLOCK[type_name]
+    with pytest.raises(FormatError, match=f"blocks of {block}"):
+        quantize(torch.zeros(2, block + block // 4), type_name)
 
 
 def test_nearest_int_is_round_half_to_even():
@@ -69,8 +72,8 @@ def test_nearest_int_is_round_half_to_even():
 
 @pytest.mark.parametrize("type_name", TYPES)
 def test_quantize_with_an_importance_matrix_gives_ggmls_bytes(type_name):
-    """quantize_q*_K with quant_weights (what llama-quantize --imatrix calls): the same
-    importance for every row, one weight per column, some zero."""
+    """quantize_q*_K / quantize_iq4_* with quant_weights (what llama-quantize --imatrix
+    calls): the same importance for every row, one weight per column, some zero."""
     x = torch.from_numpy(FIXTURES["input"])
     im = torch.from_numpy(FIXTURES["imatrix"])
     want = FIXTURES[f"{type_name}.imatrix"].reshape(x.shape[0], -1)
@@ -161,3 +164,35 @@ def test_a_bad_imatrix_file_is_one_line(tmp_path, damage, says):
         write_imatrix_gguf(path, {"blk.0.attn_q.weight": (values[None], np.ones(1))}, False)
     with pytest.raises(FormatError, match=says):
         read_imatrix(path)
+
+
+def test_iq4_level_index_is_ggmls_binary_search():
+    """IQ4's nearest level as ggml's best_index_int8 finds it (a scalar binary search, written
+    out here as C has it): on every level, every midpoint between two (a tie goes up), just
+    either side of them, beyond both ends, ±inf and NaN."""
+    from loratool.numerics.iquants import LEVELS, best_index
+
+    val = [int(v) for v in LEVELS]
+
+    def ggml(x: float) -> int:
+        if x <= val[0]:
+            return 0
+        if x >= val[-1]:
+            return len(val) - 1
+        ml, mu = 0, len(val) - 1
+        while mu - ml > 1:
+            mav = (ml + mu) // 2
+            if x < val[mav]:
+                mu = mav
+            else:
+                ml = mav
+        a, b = np.float32(x) - np.float32(val[mu - 1]), np.float32(val[mu]) - np.float32(x)
+        return mu - 1 if a < b else mu
+
+    mids = [(a + b) / 2 for a, b in zip(val, val[1:])]
+    xs = np.array(val + mids + [-200.0, 200.0, np.inf, -np.inf], dtype=np.float32)
+    xs = np.concatenate([xs, np.nextafter(xs, np.inf), np.nextafter(xs, -np.inf),
+                         np.random.default_rng(3).uniform(-140, 140, 500).astype(np.float32)])
+    got = best_index(torch.from_numpy(xs)).tolist()
+    assert got == [ggml(float(x)) for x in xs]
+    assert best_index(torch.tensor([float("nan")])).tolist() == [15]

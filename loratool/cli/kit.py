@@ -239,7 +239,7 @@ def policy(rank: int | None, energy: float | None, max_error: float | None,
 
 
 GGUF_QUANT = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
-              "Q4_K", "Q5_K", "Q6_K")  # headers.gguf.QUANTIZE (torch-free here)
+              "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # headers.gguf.QUANTIZE (torch-free)
 
 merge_options = options(
     output("Output model folder (a .gguf file for a GGUF base)."),

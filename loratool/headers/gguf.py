@@ -23,11 +23,11 @@ from typing import Literal, Union, overload
 from ..errors import FormatError, os_input_error
 from .safetensors import TensorInfo
 
-# what loratool writes, each the bytes ggml's reference quantizer writes (the gguf package's
-# for the first eight, ggml's own for the K-quants: both checked in the tests); every type the
-# gguf package can dequantize can be read
+# what loratool writes, each the bytes ggml's quantizer writes (the gguf package's for the
+# first eight, ggml's own for the K-quants and IQ4_NL/IQ4_XS: both checked in the tests);
+# every type the gguf package can dequantize can be read
 QUANTIZE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
-            "Q4_K", "Q5_K", "Q6_K")
+            "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 PLAIN = ("F32", "F16", "BF16")  # stored as the torch dtype of the same name
 MAX_KV_ARRAY_SHOWN = 16  # longer arrays (the tokenizer's) are kept as their length
 # a metadata value as read: a number, a string, or a short array of them; a long array is the

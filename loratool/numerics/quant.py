@@ -1,6 +1,7 @@
 """GGUF tensor data: dequantized to float32 and quantized again, bit for bit as ggml does:
 Q8_0 in torch and Q4_0 … Q5_1 through the ``gguf`` package (llama.cpp's own Python code, equal
-to ggml's reference quantizer), the K-quants in torch (``kquants``: ggml's reference bytes).
+to ggml's reference quantizer), the K-quants and IQ4_NL/IQ4_XS in torch (``kquants``,
+``iquants``: the bytes of ggml's quantize_* functions).
 
 Example::
     t = dequantize(raw, info)               # float32, the tensor's shape
@@ -16,7 +17,13 @@ import torch
 from ..errors import FormatError
 from ..headers.gguf import PLAIN, QUANTIZE, byte_size
 from ..headers.safetensors import TensorInfo
+from .iquants import QUANTIZERS as IQ_QUANTIZERS
+from .iquants import quantize_iq4
 from .kquants import QUANTIZERS, quantize_k
+
+# the types ggml quantizes by a search that an importance matrix weights, which loratool does
+# as ggml does (K-quants, IQ4_NL, IQ4_XS): what --imatrix applies to
+SEARCHED = (*QUANTIZERS, *IQ_QUANTIZERS)
 
 PLAIN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -66,6 +73,8 @@ def quantize(t: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
         return _q8_0(t)
     if type_name in QUANTIZERS:
         return quantize_k(t, type_name, importance)
+    if type_name in IQ_QUANTIZERS:
+        return quantize_iq4(t, type_name, importance)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to refuse
         arr = gguf.quants.quantize(np.ascontiguousarray(t.float().numpy()), quant_type(type_name))
     return arr.tobytes()

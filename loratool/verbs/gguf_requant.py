@@ -1,5 +1,5 @@
 """One changed tensor of a GGUF merge: dequantized, merged in float32 by the kernel and quantized
-again (its own type or ``--quant``; K-quants with an importance matrix where ``--imatrix``
+again (its own type or ``--quant``; K-quants and IQ4 with an importance matrix where ``--imatrix``
 gives one), a block of rows at a time, with the error the quantization adds measured; and
 what the report says of the importance matrices.
 
@@ -29,22 +29,22 @@ from ..headers.gguf import GgufHeader
 from ..headers.safetensors import TensorInfo, read_tensor_bytes
 from ..io.imatrix import Imatrix, describe
 from ..io.tensors import Buffers
-from ..numerics.kquants import QUANTIZERS as K_QUANTS
 from ..numerics.ops import sum_squares
-from ..numerics.quant import dequantize, quantize
+from ..numerics.quant import SEARCHED, dequantize, quantize
 from ..reports.merge import GgufChange, ImatrixUse
 
 QUANT_CHUNK = 1 << 18  # values quantized at a time (1 MiB of float32: stays in cache)
 
 
 # what llama-quantize quantizes with an importance matrix by its own routine that loratool
-# does not have (Q8_0, F16, BF16 and F32 ignore the matrix in ggml; the K-quants use it here)
+# does not have (Q8_0, F16, BF16 and F32 ignore the matrix in ggml; the K-quants and IQ4_NL/
+# IQ4_XS use it here)
 WEIGHTED_ELSEWHERE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def importance_of(im: Imatrix, base: Checkpoint, types: dict[str, str]
                 ) -> dict[str, torch.Tensor]:
-    """Each changed K-quant tensor's importance ([experts, 1, columns]) where the file has
+    """Each changed K-quant or IQ4 tensor's importance ([experts, 1, columns]) where the file has
     an entry, as llama-quantize passes it; a type quantized otherwise with one is refused."""
     if not any(n in base.tensors for n in im.entries):
         raise FormatError(f"--imatrix {im.path}: none of its {len(im.entries)} entries names a "
@@ -58,9 +58,9 @@ def importance_of(im: Imatrix, base: Checkpoint, types: dict[str, str]
         if t in WEIGHTED_ELSEWHERE:
             raise FormatError(f"--imatrix: {name} is written as {t}, which llama-quantize "
                               "quantizes with an importance matrix in a way loratool does not "
-                              "(it does for the K-quants); leave out --imatrix, or pass "
-                              "--quant Q4_K (or Q8_0)")
-        if t in K_QUANTS:
+                              "(it does for the K-quants and IQ4_NL/IQ4_XS); leave out "
+                              "--imatrix, or pass --quant Q4_K (or Q8_0)")
+        if t in SEARCHED:
             out[name] = entry
     return out
 
@@ -68,10 +68,10 @@ def importance_of(im: Imatrix, base: Checkpoint, types: dict[str, str]
 def imatrix_use(im: Imatrix, types: dict[str, str], importance: dict[str, torch.Tensor]
          ) -> ImatrixUse:
     """What the report says of the importance matrix given."""
-    quantized = [n for n, t in types.items() if t in K_QUANTS]
+    quantized = [n for n, t in types.items() if t in SEARCHED]
     return ImatrixUse(file=describe(im), used=sorted(importance),
                       no_entry=sorted(n for n in quantized if n not in importance),
-                      not_weighted=sorted(n for n, t in types.items() if t not in K_QUANTS))
+                      not_weighted=sorted(n for n, t in types.items() if t not in SEARCHED))
 
 
 IMATRIX = "quantize.imatrix."  # what llama-quantize records of the importance matrix it used
@@ -81,13 +81,13 @@ def imatrix_note(h: GgufHeader, types: dict[str, str]) -> str | None:
     """What to say when the base was quantized with an importance matrix (its metadata says
     so) and changed tensors of a type ggml weights with one were re-quantized without it;
     None otherwise."""
-    weighted = [t for t in types.values() if t in K_QUANTS or t in WEIGHTED_ELSEWHERE]
+    weighted = [t for t in types.values() if t in SEARCHED or t in WEIGHTED_ELSEWHERE]
     keys = {k[len(IMATRIX):]: v for k, v in h.kv.items() if k.startswith(IMATRIX)}
     if not keys or not weighted:
         return None
     what = ", ".join(f"{k} {v}" for k, v in keys.items() if k in ("file", "chunks_count"))
     hint = ("; pass that matrix with --imatrix FILE to quantize them as the base was"
-            if all(t in K_QUANTS for t in weighted) else "")
+            if all(t in SEARCHED for t in weighted) else "")
     return (f"the base was quantized with an importance matrix ({what or 'quantize.imatrix.*'}"
             f"); the {len(weighted)} re-quantized tensor(s) were quantized without one, as "
             f"llama-quantize does without --imatrix{hint}")
@@ -144,7 +144,7 @@ def merged_tensor(base: Checkpoint, info: TensorInfo, edit: Edit, type_name: str
         part = _Squares()
         return _quantized(M, W, type_name, info, part, weights(r, r1)), part
 
-    for data, part in in_order(quantized, blocks(), workers if type_name in K_QUANTS else 1):
+    for data, part in in_order(quantized, blocks(), workers if type_name in SEARCHED else 1):
         sink(data)
         sq.add(part)
     err, change, norm, w_norm = (math.sqrt(x) for x in (sq.error, sq.change, sq.result,

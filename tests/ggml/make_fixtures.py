@@ -1,12 +1,12 @@
 """Makes tests/ggml/kquants.npz: fixed float32 inputs, the bytes ggml's own quantizer writes
-for them in each K-quant type, without and with an importance matrix (one weight per column,
-as llama-quantize passes an imatrix entry), and the values ggml's dequantizer reads back from
-those bytes — the reference tests/test_kquants.py compares with.
+for them in each K-quant type and in IQ4_NL and IQ4_XS, without and with an importance matrix
+(one weight per column, as llama-quantize passes an imatrix entry), and the values ggml's
+dequantizer reads back from those bytes — the reference tests/test_kquants.py compares with.
 
 The bytes come from ggml-quants.c of llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI
 sdist, vendor/llama.cpp/ggml/src/ggml-quants.c), compiled as ggml builds it (ggml-base: no
--march, so no fused multiply-adds) and called through quantize_q*_K, the function
-llama-quantize calls (kquants_ref.c). To remake them:
+-march, so no fused multiply-adds) and called through quantize_q*_K and quantize_iq4_nl/_xs, the
+functions llama-quantize calls (kquants_ref.c). To remake them:
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36
     tar xzf llama_cpp_python-0.3.36.tar.gz && G=llama_cpp_python-0.3.36/vendor/llama.cpp/ggml
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 COLS = 512  # two super-blocks per row
 
 
