@@ -1,18 +1,19 @@
-"""How close a merge into a Q4_K_M model stays to the exact merge, measured in llama.cpp
-itself: loratool (changed tensors re-quantized to their own Q4_K/Q6_K, the file the base's
-size) beside ``llama-export-lora`` (changed tensors written as F16), with and without an
-importance matrix.
+"""How close a merge into a Q4_K_M model (or ``--type IQ4_XS`` …) stays to the exact merge,
+measured in llama.cpp itself: loratool (changed tensors re-quantized to their own Q4_K/Q6_K,
+the file the base's size) beside ``llama-export-lora`` (changed tensors written as F16), with
+and without an importance matrix.
 
 The model: a Llama (hidden 512, intermediate 1536, 4 layers, a 128-token SentencePiece
 vocabulary) with transformers' initialisation, its head scaled so that next-token distributions are
 peaked as a trained model's are, a PEFT LoRA adapter of rank 16 on every projection whose ΔW
-is 10 % of each weight. llama.cpp's converter writes the F32 GGUF,
-``llama-quantize`` the Q4_K_M one (and with ``llama-imatrix``'s matrix, the imatrix one).
+is 10 % of each weight. llama.cpp's converter writes the F32 GGUF, ``llama-quantize`` the
+Q4_K_M (or ``--type``) one (and with ``llama-imatrix``'s matrix, the imatrix one).
 The exact merge is loratool's merge into the F32 GGUF (bit for bit the safetensors merge,
 tested). Every candidate runs through ``llama-perplexity --kl-divergence`` against the exact
 merge's logits on the same text: mean KL divergence and how often the top token agrees.
 
 Usage: python benchmarks/bench_kquant_quality.py --llama-bin PATH/TO/llama.cpp/build/bin
+       [--type Q4_K_M|IQ4_XS|IQ4_NL|Q5_K_M|…]  (the llama-quantize type of the base)
 (the folder with llama-quantize, llama-export-lora, llama-perplexity, llama-imatrix; they come
 from the llama-cpp-python 0.3.36 source: ``cmake -B build && cmake --build build --target
 llama-quantize llama-export-lora llama-perplexity llama-imatrix``)
@@ -39,7 +40,7 @@ def sh(*cmd: object, **kw: object) -> str:
     return res.stdout + res.stderr
 
 
-def build(work: Path, bins: Path) -> dict[str, Path]:
+def build(work: Path, bins: Path, qtype: str) -> dict[str, Path]:
     """The models and the adapter; returns the paths by name."""
     import torch
     import transformers as T
@@ -79,12 +80,12 @@ def build(work: Path, bins: Path) -> dict[str, Path]:
     lt = [sys.executable, "-m", "loratool"]
     sh(*lt, "convert", work / "adapter", "--to", "gguf", "--base", work / "base", "-o",
        work / "adapter.gguf", "--force")
-    sh(bins / "llama-quantize", f32, work / "q4km.gguf", "Q4_K_M")
+    sh(bins / "llama-quantize", f32, work / f"{qtype}.gguf", qtype)
     sh(bins / "llama-imatrix", "-m", f32, "-f", text, "-o", work / "imatrix.gguf", "-c", "128",
        "--chunks", "8")
-    sh(bins / "llama-quantize", "--imatrix", work / "imatrix.gguf", f32, work / "q4km-im.gguf",
-       "Q4_K_M")
-    return {"f32": f32, "q4km": work / "q4km.gguf", "q4km-im": work / "q4km-im.gguf",
+    sh(bins / "llama-quantize", "--imatrix", work / "imatrix.gguf", f32,
+       work / f"{qtype}-im.gguf", qtype)
+    return {"f32": f32, "base": work / f"{qtype}.gguf", "base-im": work / f"{qtype}-im.gguf",
             "adapter": work / "adapter", "adapter.gguf": work / "adapter.gguf", "text": text,
             "imatrix": work / "imatrix.gguf"}
 
@@ -103,17 +104,17 @@ def kld(bins: Path, model: Path, base_logits: Path, text: Path) -> tuple[float, 
 
 
 def same_as_llama_quantize(bins: Path, ours: Path, base: Path, adapter: Path,
-                           imatrix: Path | None, work: Path) -> str:
+                           imatrix: Path | None, work: Path, qtype: str) -> str:
     """Whether loratool's re-quantized tensors are llama-quantize's: the same merged float32
     weights (deq(W) + ΔW, written as F32 by ``merge --quant F32``) quantized by llama-quantize
-    to Q4_K_M (with the same imatrix), compared tensor by tensor."""
+    to the base's type (with the same imatrix), compared tensor by tensor."""
     import gguf
 
     f32, lq = work / "check-f32.gguf", work / "check-lq.gguf"
     sh(sys.executable, "-m", "loratool", "merge", base, adapter, "-o", f32, "--quant", "F32",
        "--force")
     sh(bins / "llama-quantize", "--allow-requantize",
-       *(["--imatrix", imatrix] if imatrix else []), f32, lq, "Q4_K_M")
+       *(["--imatrix", imatrix] if imatrix else []), f32, lq, qtype)
 
     def tensors(path: Path) -> dict:
         return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
@@ -131,9 +132,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-bin", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "kquant-quality")
+    ap.add_argument("--type", default="Q4_K_M", help="the base's llama-quantize type")
     args = ap.parse_args()
-    bins, work = args.llama_bin, args.work
-    p = build(work, bins)
+    bins, work, q = args.llama_bin, args.work, args.type
+    p = build(work, bins, q)
     lt = [sys.executable, "-m", "loratool"]
     exact = work / "exact.gguf"
     sh(*lt, "merge", p["f32"], p["adapter"], "-o", exact, "--force")
@@ -141,34 +143,34 @@ def main() -> None:
     sh(bins / "llama-perplexity", "-m", exact, "-f", p["text"], "-c", "128",
        "--kl-divergence-base", logits, "-t", "2")
     cands = {
-        "Q4_K_M base, adapter not merged": p["q4km"],
-        "changed tensors in F32 (the floor: unchanged ones Q4_K_M)": work / "lt-f32.gguf",
-        "loratool merge (Q4_K_M kept)": work / "lt.gguf",
+        f"{q} base, adapter not merged": p["base"],
+        f"changed tensors in F32 (the floor: unchanged ones {q})": work / "lt-f32.gguf",
+        f"loratool merge ({q} kept)": work / "lt.gguf",
         "loratool merge --quant Q8_0": work / "lt-q8.gguf",
         "llama-export-lora (changed → F16)": work / "el.gguf",
-        "imatrix Q4_K_M base, not merged": p["q4km-im"],
+        f"imatrix {q} base, not merged": p["base-im"],
         "loratool merge --imatrix": work / "lt-im.gguf",
         "loratool merge, imatrix base, no --imatrix": work / "lt-noim.gguf",
         "llama-export-lora, imatrix base": work / "el-im.gguf",
     }
-    sh(*lt, "merge", p["q4km"], p["adapter"], "-o", cands["loratool merge (Q4_K_M kept)"],
+    sh(*lt, "merge", p["base"], p["adapter"], "-o", cands[f"loratool merge ({q} kept)"],
        "--force")
-    sh(*lt, "merge", p["q4km"], p["adapter"], "-o", cands["loratool merge --quant Q8_0"],
+    sh(*lt, "merge", p["base"], p["adapter"], "-o", cands["loratool merge --quant Q8_0"],
        "--quant", "Q8_0", "--force")
-    floor = cands["changed tensors in F32 (the floor: unchanged ones Q4_K_M)"]
-    sh(*lt, "merge", p["q4km"], p["adapter"], "-o", floor, "--quant", "F32", "--force")
-    sh(bins / "llama-export-lora", "-m", p["q4km"], "--lora", p["adapter.gguf"], "-o",
+    floor = cands[f"changed tensors in F32 (the floor: unchanged ones {q})"]
+    sh(*lt, "merge", p["base"], p["adapter"], "-o", floor, "--quant", "F32", "--force")
+    sh(bins / "llama-export-lora", "-m", p["base"], "--lora", p["adapter.gguf"], "-o",
        cands["llama-export-lora (changed → F16)"])
-    sh(*lt, "merge", p["q4km-im"], p["adapter"], "-o", cands["loratool merge --imatrix"],
+    sh(*lt, "merge", p["base-im"], p["adapter"], "-o", cands["loratool merge --imatrix"],
        "--imatrix", p["imatrix"], "--force")
-    sh(*lt, "merge", p["q4km-im"], p["adapter"], "-o",
+    sh(*lt, "merge", p["base-im"], p["adapter"], "-o",
        cands["loratool merge, imatrix base, no --imatrix"], "--force")
-    sh(bins / "llama-export-lora", "-m", p["q4km-im"], "--lora", p["adapter.gguf"], "-o",
+    sh(bins / "llama-export-lora", "-m", p["base-im"], "--lora", p["adapter.gguf"], "-o",
        cands["llama-export-lora, imatrix base"])
     print(f"exact merge: {exact.name} (F32, {exact.stat().st_size / 2**20:.1f} MiB)")
-    for ours, base, im in ((cands["loratool merge (Q4_K_M kept)"], p["q4km"], None),
-                           (cands["loratool merge --imatrix"], p["q4km-im"], p["imatrix"])):
-        print(same_as_llama_quantize(bins, ours, base, p["adapter"], im, work))
+    for ours, base, im in ((cands[f"loratool merge ({q} kept)"], p["base"], None),
+                           (cands["loratool merge --imatrix"], p["base-im"], p["imatrix"])):
+        print(same_as_llama_quantize(bins, ours, base, p["adapter"], im, work, q))
     print()
     print("| model | file (MiB) | mean KLD vs exact merge | same top token |")
     print("|---|---:|---:|---:|")
