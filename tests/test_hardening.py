@@ -515,3 +515,23 @@ def test_redirects_elsewhere_never_carry_the_token(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("data", [b"\x80", b"\x80\x02", b"\x80\x02]q\x00", b"\x80\x02}q\x00(X"])
+def test_bytes_that_start_like_a_pickle(demo, tmp_path, data):
+    """A safetensors shard cut to bytes that look like a pickle's start (a header length
+    of 0x80…), and a .bin that is such a cut pickle: one line each, never torch's or
+    safetensors' own exceptions (torch hands a .safetensors path to safetensors' reader)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(demo / "base", base)
+    shard = sorted(base.glob("model-*.safetensors"))[0]
+    shard.write_bytes(data)
+    res = run_cli("inspect", base)
+    assert res.rc == 1 and shard.name in res.err and "safetensors" in res.err, res.err
+    _one_line(res.err)
+    (tmp_path / "w.bin").write_bytes(data)
+    res = run_cli("inspect", tmp_path / "w.bin")
+    assert res.rc == 1 and "not a readable PyTorch checkpoint" in res.err, res.err
+    _one_line(res.err)

@@ -185,7 +185,10 @@ def _open_file(path: Path, reader: TensorSource | None
     if kind in ("json", "text") or (kind == "unknown" and path.suffix != ".safetensors"
                                             and len(head) >= 8):
         raise FormatError(f"{path}: {NOT_WEIGHTS[kind]}")
-    if kind not in ("zip", "pickle"):  # safetensors, or a damaged one: its own messages
+    # safetensors, or a damaged one (a .safetensors file whose first bytes happen to look like
+    # a pickle's, as a header length of 0x80… does, too: torch would hand it to safetensors'
+    # own reader, whose errors are not ours): its own messages
+    if kind not in ("zip", "pickle") or path.suffix == ".safetensors":
         return read_safetensors_header(path)
     if kind == "zip":
         check_zip(path)

@@ -18,6 +18,7 @@ import ctypes
 import math
 import os
 import pickle
+import struct
 import warnings
 from pathlib import Path
 
@@ -104,9 +105,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             "tool you trust, or get a safetensors copy") from e
     except OSError as e:
         raise os_input_error(path, e) from e
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise FormatError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})"
-                          ) from e
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError, OverflowError,
+            struct.error) as e:  # what torch's unpickler raises on damaged bytes
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"{path}: not a readable PyTorch checkpoint ({first})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # Lightning-style wrapper
     if not isinstance(obj, dict):
