@@ -23,6 +23,7 @@ import click
 
 from .. import interrupts
 from ..errors import LoraToolError, UsageError
+from ..headers.gguf import QUANTIZE
 from ..options import Options, OutputLog, RankPolicy, parse_budget
 from ..progress import SILENT, Progress, TqdmProgress
 from ..reports.base import Report
@@ -238,8 +239,7 @@ def policy(rank: int | None, energy: float | None, max_error: float | None,
     return RankPolicy.from_options(rank, energy, max_error, budget, max_rank)
 
 
-GGUF_QUANT = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
-              "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # headers.gguf.QUANTIZE (torch-free)
+GGUF_QUANT = QUANTIZE  # the types a GGUF merge writes (headers.gguf: torch-free)
 
 merge_options = options(
     output("Output model folder (a .gguf file for a GGUF base)."),

@@ -34,14 +34,20 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def streaming_threads_count(options: Options | None = None) -> int:
-    """``options.threads`` when set; else half the cores this process may run on, at most 4
-    (``OMP_NUM_THREADS`` wins)."""
+def _given_threads(options: Options | None) -> int | None:
+    """The thread count the user gave: ``options.threads``, else ``OMP_NUM_THREADS``."""
     if options is not None and options.threads is not None:
         return max(1, options.threads)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, min(4, _cores() // 2))
+    return None
+
+
+def streaming_threads_count(options: Options | None = None) -> int:
+    """``options.threads`` when set; else half the cores this process may run on, at most 4
+    (``OMP_NUM_THREADS`` wins)."""
+    given = _given_threads(options)
+    return given if given is not None else max(1, min(4, _cores() // 2))
 
 
 def _cores() -> int:
@@ -59,10 +65,10 @@ def quant_workers_count(options: Options | None = None) -> int:
     (each quantizes a block of its own), so a busy core costs only its own block: on 2 cores
     a Q4_K_M merge took 9.5-10.1 s with two workers against 13.2-15.0 s with one, and beside
     a busy process 11.8-13.2 s against 14.0-15.5 s."""
+    given = _given_threads(options)
+    if given is not None:
+        return given
     streaming = streaming_threads_count(options)
-    if (options is not None and options.threads is not None) or os.environ.get(
-            "OMP_NUM_THREADS", "").isdigit():
-        return streaming
     return max(streaming, _cores() // streaming)
 
 

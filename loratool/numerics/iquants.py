@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from .ksearch import GROUP_MAX_EPS, div_once, max_first, nearest_int, seq_sum, sqrt_f32
+from .ksearch import (
+    GROUP_MAX_EPS,
+    as_blocks,
+    div_once,
+    half_bytes,
+    max_first,
+    nearest_int,
+    seq_sum,
+    sqrt_f32,
+)
 
 # ggml's kvalues_iq4nl: the sixteen levels, sorted
 LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
@@ -86,11 +95,6 @@ def _block_scales(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch
     return torch.where(zero, torch.zeros_like(d), d)
 
 
-def _half(v: torch.Tensor) -> torch.Tensor:
-    """A float32 value as ggml stores it (float16, round to nearest even): its two bytes."""
-    return v.to(torch.float16).view(torch.uint8).reshape(-1, 2)
-
-
 def _inverse(v: torch.Tensor) -> torch.Tensor:
     """``v ? 1/v : 0`` rounded once."""
     return torch.where(v != 0, div_once(1.0, v), torch.zeros_like(v))
@@ -117,7 +121,7 @@ def _iq4(x: torch.Tensor, qw: torch.Tensor | None, type_name: str) -> torch.Tens
     scales = _block_scales(xs, w, x.reshape(-1, 32))
     if type_name == "IQ4_NL":  # one block, its own float16 scale; levels against the float32 one
         L = best_index(xs * _inverse(scales)).t()
-        return torch.cat([_half(scales), _pack(L)], 1)
+        return torch.cat([half_bytes(scales)[0], _pack(L)], 1)
     per = scales.view(nb, n // 32)
     ms = max_first(per.t())
     ms = torch.where(ms.abs() > 0, ms, torch.zeros_like(ms))  # ggml's max starts at +0
@@ -131,7 +135,7 @@ def _iq4(x: torch.Tensor, qw: torch.Tensor | None, type_name: str) -> torch.Tens
     shifts = 2 * torch.arange(8, dtype=torch.int32)
     high = ((lv >> 4) << shifts).sum(1)
     scales_h = torch.stack([high & 0xFF, high >> 8], 1).to(torch.uint8)
-    return torch.cat([_half(d), scales_h, scales_l, _pack(L)], 1)
+    return torch.cat([half_bytes(d)[0], scales_h, scales_l, _pack(L)], 1)
 
 
 QUANTIZERS = ("IQ4_NL", "IQ4_XS")
@@ -141,9 +145,5 @@ def quantize_iq4(t: torch.Tensor, type_name: str, imatrix: torch.Tensor | None =
     """``t`` (rows of whole blocks) as ``type_name`` bytes, as ggml's ``quantize_iq4_nl`` /
     ``quantize_iq4_xs`` write them; ``imatrix``: the importance of each column (the last
     dimension), as llama-quantize passes an imatrix entry, or None."""
-    x = t.detach().to("cpu", torch.float32)
-    n = SUPER[type_name]
-    qw = None
-    if imatrix is not None:
-        qw = imatrix.to(torch.float32).expand_as(x).reshape(-1, n)
-    return _iq4(x.reshape(-1, n), qw, type_name).numpy().tobytes()
+    x, qw = as_blocks(t, SUPER[type_name], imatrix)
+    return _iq4(x, qw, type_name).numpy().tobytes()

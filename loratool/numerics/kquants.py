@@ -19,7 +19,9 @@ import torch
 
 from .ksearch import (
     GROUP_MAX_EPS,
+    as_blocks,
     div_once,
+    half_bytes,
     make_q3,
     make_qkx2,
     make_qp,
@@ -50,13 +52,6 @@ def _positive_max(v: torch.Tensor) -> torch.Tensor:
     (a −0.0 never replaces it)."""
     m = v.amax(1)
     return torch.where(m > 0, m, torch.zeros_like(m))
-
-
-def _half(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float32 value as ggml stores it in a block (float16, round to nearest even): its two
-    bytes and the float32 it reads back as."""
-    h = v.to(torch.float16)
-    return h.view(torch.uint8).reshape(-1, 2), h.to(torch.float32)
 
 
 def _u8(v: torch.Tensor) -> torch.Tensor:
@@ -120,8 +115,8 @@ def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int, qw: torch.Tensor
         if nmax == 31:  # Q5_K clamps, Q4_K does not
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
     L = _unsub(L, nb)
-    d_bytes, d = _half(d_block)
-    m_bytes, dmin = _half(m_block)
+    d_bytes, d = half_bytes(d_block)
+    m_bytes, dmin = half_bytes(m_block)
     packed = _pack_k4_scales(ls, lm)
     sc, m = _unpack_k4_scales(packed)
     dj, dm = d[:, None] * sc, dmin[:, None] * m
@@ -179,8 +174,8 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         ls, lm = ls.t(), lm.t()
     L = _unsub(L, nb)
     sb = _u8(ls.to(torch.int32) | (lm.to(torch.int32) << 4))
-    d_bytes, d = _half(d_block)
-    m_bytes, dmin = _half(m_block)
+    d_bytes, d = half_bytes(d_block)
+    m_bytes, dmin = half_bytes(m_block)
     dj = d[:, None] * (sb & 0xF).float()
     dm = dmin[:, None] * (sb >> 4).float()
     q = nearest_int((x.view(nb, 16, 16) + dm[..., None]) / dj[..., None]).clamp_(0, 3)
@@ -210,7 +205,7 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     sc[:, 0:8] = (l6[:, 0:8] & 0xF) | ((l6[:, 8:16] & 0xF) << 4)
     hi = (l6 >> 4).view(nb, 4, 4)  # [nb, j // 4, j % 4]
     sc[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
-    d_bytes, d = _half(d_block)
+    d_bytes, d = half_bytes(d_block)
     dj = d[:, None] * (l6 - 32).float()
     q = nearest_int(x.view(nb, 16, 16) / dj[..., None]).clamp_(-4, 3) + 4
     L = torch.where((dj != 0)[..., None], q, L).reshape(nb, 8, 32).to(torch.int32)
@@ -230,7 +225,7 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     iscale = div_once(-128.0, max_scale)
     s8 = nearest_int(iscale[:, None] * scales).clamp_(max=127)
     s8 = _u8(s8).view(torch.int8)
-    d_bytes, d = _half(div_once(1.0, iscale))
+    d_bytes, d = half_bytes(div_once(1.0, iscale))
     dj = d[:, None] * s8.float()
     q = nearest_int(x.view(nb, 16, 16) / dj[..., None]).clamp_(-32, 31) + 32
     L = torch.where((dj != 0)[..., None], q, L).reshape(nb, 2, 4, 32).to(torch.int32)
@@ -251,8 +246,4 @@ def quantize_k(t: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = N
     ``quantize_q*_K`` writes them; ``imatrix``: the importance of each column (the last
     dimension; a leading dimension per expert where ``t`` has one), as llama-quantize passes
     an imatrix entry, or None for ggml's reference quantizer."""
-    x = t.detach().to("cpu", torch.float32)
-    qw = None
-    if imatrix is not None:
-        qw = imatrix.to(torch.float32).expand_as(x).reshape(-1, QK_K)
-    return QUANTIZERS[type_name](x.reshape(-1, QK_K), qw).numpy().tobytes()
+    return QUANTIZERS[type_name](*as_blocks(t, QK_K, imatrix)).numpy().tobytes()

@@ -1,6 +1,6 @@
 """ggml's searches for the scale (and minimum) of a sub-block of 16 or 32 values, in torch,
 for N sub-blocks at once, with ggml's float32 order of operations (``kquants`` builds the
-K-quant blocks from them).
+K-quant blocks from them), and what the block quantizers (``kquants``, ``iquants``) share.
 
 Every function takes the values value-index first, ``x`` of shape ``[n, N]``: each step of a
 sum over a sub-block's n values is then one vectorised float32 add over all N sub-blocks, in
@@ -49,6 +49,25 @@ def seq_sum(parts: torch.Tensor, start: torch.Tensor | None = None) -> torch.Ten
     for p in parts[1:] if start is not None else parts:
         s.add_(p)
     return s
+
+
+def half_bytes(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 value as ggml stores it in a block (float16, round to nearest even): its two
+    bytes and the float32 it reads back as."""
+    h = v.to(torch.float16)
+    return h.view(torch.uint8).reshape(-1, 2), h.to(torch.float32)
+
+
+def as_blocks(t: torch.Tensor, n: int, imatrix: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a quantizer of blocks of ``n`` takes: ``t`` as float32 rows of one block each, and
+    the columns' importance (an imatrix entry, a leading dimension per expert where ``t`` has
+    one) laid out alike, or None."""
+    x = t.detach().to("cpu", torch.float32)
+    qw = None
+    if imatrix is not None:
+        qw = imatrix.to(torch.float32).expand_as(x).reshape(-1, n)
+    return x.reshape(-1, n), qw
 
 
 def max_first(x: torch.Tensor) -> torch.Tensor:
