@@ -38,10 +38,12 @@ from .errors import (
     UsageError,
 )
 from .options import Options, RankPolicy
-from .progress import SILENT, Progress, TqdmProgress
 
-# public name → the module that defines it, imported on first use
+# public name → the module that defines it, imported on first use (progress too: tqdm's import
+# is most of this package's, and the command line installs its Ctrl-C handler only after the
+# package is imported, so what runs before that must be short)
 _LAZY = {
+    "Progress": "progress", "TqdmProgress": "progress", "SILENT": "progress",
     "inspect": "verbs.inspect", "extract": "verbs.extract", "merge": "verbs.merge",
     "unmerge": "verbs.merge", "combine": "verbs.combine", "resize": "verbs.combine",
     "convert": "verbs.convert", "analyze": "verbs.analyze", "export": "verbs.export",
@@ -59,8 +61,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "LoraToolError", "UsageError", "InputError", "FormatError",
-           "UnsafeFileError", "OutputError", "HubError", "Options", "RankPolicy", "Progress",
-           "TqdmProgress", "SILENT", *_LAZY]
+           "UnsafeFileError", "OutputError", "HubError", "Options", "RankPolicy", *_LAZY]
 
 
 def __getattr__(name: str) -> object:
@@ -77,6 +78,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see: the same names, eagerly
+    from .progress import SILENT, Progress, TqdmProgress
     from .reports.analyze import AdapterAnalysis, CompareAnalysis, FinetuneAnalysis
     from .reports.base import Report
     from .reports.combine import CombineReport
